@@ -1,0 +1,514 @@
+//! The client session: connect, hello, register, keep alive, reconnect,
+//! observed address. Written once, sans-I/O, and driven by the agent, the
+//! connector and the benchmark alike.
+//!
+//! The caller owns the UDP socket and the clock. It feeds received packets
+//! with [`ClientSession::recv`], drains packets to send with
+//! [`ClientSession::poll_transmit`], calls [`ClientSession::handle_timeout`]
+//! at [`ClientSession::next_deadline`], and reads [`Event`]s. (quiche itself
+//! reads the monotonic clock for loss recovery; every timer of ours uses the
+//! `now` passed in.)
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::codes::Code;
+use crate::rng::SplitMix64;
+use crate::wire::{self, FrameDecoder, Message, Role, ServiceName};
+use crate::{datagram, quic};
+
+/// Stream that carries the control channel.
+pub const CONTROL_STREAM: u64 = 0;
+/// Bound on queued events; beyond it events are dropped and counted.
+pub const MAX_EVENTS: usize = 4096;
+
+/// What a session is configured with.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Relay address to connect to.
+    pub relay: SocketAddr,
+    /// Local address of the caller's socket (reported to quiche).
+    pub local: SocketAddr,
+    /// TLS server name to send and verify.
+    pub server_name: String,
+    /// Registrations to hold; re-sent after every reconnect.
+    pub registrations: Vec<(Role, ServiceName)>,
+    /// Send a PING when nothing was sent for this long.
+    pub keepalive: Duration,
+    /// Reconnect backoff bounds.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Free-form software name sent in Hello.
+    pub software: String,
+}
+
+impl ClientConfig {
+    pub fn new(relay: SocketAddr, local: SocketAddr, server_name: &str) -> Self {
+        ClientConfig {
+            relay,
+            local,
+            server_name: server_name.to_owned(),
+            registrations: Vec::new(),
+            keepalive: Duration::from_secs(10),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            software: format!("ztna-control/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// Something the session wants its driver to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Handshake done and Hello acknowledged.
+    Connected,
+    /// The relay's view of our address (first after connect, then on change).
+    ObservedAddress(SocketAddr),
+    /// A registration succeeded; for agents `flow` tags datagrams.
+    Registered { role: Role, service: ServiceName, flow: u32 },
+    /// A registration was refused.
+    RegisterFailed { role: Role, service: ServiceName, code: Code, reason: String },
+    /// Connector side: an agent flow now reaches us.
+    FlowOpened { flow: u32, service: u32, agent_addr: SocketAddr, agent_id: String },
+    /// A flow was closed by the relay.
+    FlowClosed { flow: u32, code: Code },
+    /// The relay announced it is going away.
+    Goodbye { code: Code, reason: String },
+    /// The connection ended; a new attempt follows after `retry_in`.
+    Disconnected { reason: String, retry_in: Duration },
+}
+
+/// Why a datagram could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No established connection right now.
+    NotConnected,
+    /// Larger than the path allows.
+    TooLarge,
+    /// quiche's bounded send queue is full (counted by the caller).
+    QueueFull,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RegState {
+    Unsent,
+    Pending(u32),
+    Registered(u32),
+    Failed(Code),
+}
+
+#[derive(Debug, Clone)]
+struct Registration {
+    role: Role,
+    service: ServiceName,
+    state: RegState,
+}
+
+enum Phase {
+    /// No connection; the next attempt starts at `retry_at`.
+    Waiting { retry_at: Instant },
+    /// A QUIC connection exists (handshaking or established).
+    Live { conn: Box<quiche::Connection>, hello_acked: bool, last_send: Instant },
+    /// Closed for good by [`ClientSession::close`].
+    Stopped,
+}
+
+/// Counters a driver may export.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientStats {
+    pub connects: u64,
+    pub disconnects: u64,
+    pub events_dropped: u64,
+    pub datagrams_dropped_queue_full: u64,
+}
+
+/// One client's session with a relay (sans-I/O).
+pub struct ClientSession {
+    cfg: ClientConfig,
+    quic: quiche::Config,
+    phase: Phase,
+    rng: SplitMix64,
+    backoff: Backoff,
+    regs: Vec<Registration>,
+    next_request: u32,
+    rx: FrameDecoder,
+    tx: Vec<u8>,
+    events: VecDeque<Event>,
+    observed: Option<SocketAddr>,
+    stats: ClientStats,
+    scratch: Vec<u8>,
+}
+
+impl ClientSession {
+    /// Creates a session that connects at once (on the first
+    /// `poll_transmit`). `quic` comes from [`quic::client_config`].
+    pub fn new(cfg: ClientConfig, quic: quiche::Config, seed: u64, now: Instant) -> Self {
+        let regs = cfg
+            .registrations
+            .iter()
+            .map(|(role, service)| Registration { role: *role, service: service.clone(), state: RegState::Unsent })
+            .collect();
+        let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+        ClientSession {
+            cfg,
+            quic,
+            phase: Phase::Waiting { retry_at: now },
+            rng: SplitMix64::new(seed),
+            backoff,
+            regs,
+            next_request: 1,
+            rx: FrameDecoder::default(),
+            tx: Vec::new(),
+            events: VecDeque::new(),
+            observed: None,
+            stats: ClientStats::default(),
+            scratch: Vec::with_capacity(2048),
+        }
+    }
+
+    /// Adds a registration (sent now if connected, and after each reconnect).
+    pub fn register(&mut self, role: Role, service: ServiceName) {
+        if self.regs.iter().any(|r| r.role == role && r.service == service) {
+            return;
+        }
+        self.regs.push(Registration { role, service, state: RegState::Unsent });
+        self.queue_registrations();
+    }
+
+    /// True once the relay acknowledged our Hello on the current connection.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Live { hello_acked: true, .. })
+    }
+
+    /// The last observed address the relay reported.
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    /// The flow id of an agent registration, once registered.
+    pub fn flow_for(&self, service: &ServiceName) -> Option<u32> {
+        self.regs.iter().find_map(|r| match r.state {
+            RegState::Registered(flow) if r.role == Role::Agent && &r.service == service => Some(flow),
+            _ => None,
+        })
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        self.stats
+    }
+
+    /// quiche's view of the connection, for benchmarks and diagnostics.
+    pub fn quic_stats(&self) -> Option<quiche::Stats> {
+        match &self.phase {
+            Phase::Live { conn, .. } => Some(conn.stats()),
+            _ => None,
+        }
+    }
+
+    /// Next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() >= MAX_EVENTS {
+            self.stats.events_dropped += 1;
+        } else {
+            self.events.push_back(e);
+        }
+    }
+
+    /// Feeds one received UDP payload. `buf` is decrypted in place.
+    pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        let Phase::Live { conn, .. } = &mut self.phase else {
+            return;
+        };
+        // Errors here are per-packet (undecryptable, stale): quiche drops the
+        // packet and the connection carries on, or reports itself closed.
+        let _ = conn.recv(buf, quiche::RecvInfo { from, to: self.cfg.local });
+        self.after_io(now);
+    }
+
+    /// Reads the next received datagram into `out` (flow header included,
+    /// see [`datagram::parse`]); returns its length.
+    pub fn recv_datagram(&mut self, out: &mut [u8]) -> Option<usize> {
+        let Phase::Live { conn, .. } = &mut self.phase else {
+            return None;
+        };
+        conn.dgram_recv(out).ok()
+    }
+
+    /// Queues a datagram for `flow`.
+    pub fn send_datagram(&mut self, flow: u32, payload: &[u8]) -> Result<(), SendError> {
+        let Phase::Live { conn, hello_acked: true, .. } = &mut self.phase else {
+            return Err(SendError::NotConnected);
+        };
+        let max = conn.dgram_max_writable_len().ok_or(SendError::NotConnected)?;
+        if datagram::header_len(flow) + payload.len() > max {
+            return Err(SendError::TooLarge);
+        }
+        datagram::encode_into(flow, payload, &mut self.scratch);
+        match conn.dgram_send(&self.scratch) {
+            Ok(()) => Ok(()),
+            Err(quiche::Error::Done) => {
+                self.stats.datagrams_dropped_queue_full += 1;
+                Err(SendError::QueueFull)
+            }
+            Err(quiche::Error::BufferTooShort) => Err(SendError::TooLarge),
+            Err(_) => Err(SendError::NotConnected),
+        }
+    }
+
+    /// Largest datagram payload (after the flow header of `flow`) that fits now.
+    pub fn max_datagram_payload(&self, flow: u32) -> Option<usize> {
+        match &self.phase {
+            Phase::Live { conn, .. } => {
+                conn.dgram_max_writable_len().map(|m| m.saturating_sub(datagram::header_len(flow)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes the next packet to send into `out`: `(len, destination)`.
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        if let Phase::Waiting { retry_at } = self.phase {
+            if now >= retry_at {
+                self.start_connection(now);
+            }
+        }
+        self.flush_control();
+        let Phase::Live { conn, last_send, .. } = &mut self.phase else {
+            return None;
+        };
+        match conn.send(out) {
+            Ok((n, info)) => {
+                *last_send = now;
+                Some((n, info.to))
+            }
+            Err(_) => {
+                self.after_io(now);
+                None
+            }
+        }
+    }
+
+    /// When [`ClientSession::handle_timeout`] should run next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Waiting { retry_at } => Some(*retry_at),
+            Phase::Live { conn, hello_acked, last_send } => {
+                let quic = conn.timeout_instant();
+                let keep = hello_acked.then(|| *last_send + self.cfg.keepalive);
+                match (quic, keep) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            Phase::Stopped => None,
+        }
+    }
+
+    /// Runs expired timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Waiting { retry_at } if now >= *retry_at => self.start_connection(now),
+            Phase::Live { conn, hello_acked, last_send } => {
+                if conn.timeout_instant().is_some_and(|t| t <= now) {
+                    conn.on_timeout();
+                }
+                if *hello_acked && now >= *last_send + self.cfg.keepalive {
+                    // A PING keeps NAT bindings and the relay's idle timer fresh.
+                    let _ = conn.send_ack_eliciting();
+                }
+                self.after_io(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes the connection for good (no reconnect).
+    pub fn close(&mut self) {
+        if let Phase::Live { conn, .. } = &mut self.phase {
+            let _ = conn.close(true, u64::from(Code::NO_ERROR.0), b"client closing");
+            // Keep the connection until quiche emitted the CONNECTION_CLOSE.
+        } else {
+            self.phase = Phase::Stopped;
+        }
+    }
+
+    /// True once [`ClientSession::close`] has finished.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.phase, Phase::Stopped)
+    }
+
+    fn start_connection(&mut self, now: Instant) {
+        let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+        self.rng.fill(&mut scid);
+        let scid = quiche::ConnectionId::from_ref(&scid);
+        match quiche::connect(Some(&self.cfg.server_name), &scid, self.cfg.local, self.cfg.relay, &mut self.quic) {
+            Ok(conn) => {
+                self.stats.connects += 1;
+                self.rx = FrameDecoder::default();
+                self.tx.clear();
+                for r in &mut self.regs {
+                    r.state = RegState::Unsent;
+                }
+                Message::Hello { version: wire::VERSION, software: self.cfg.software.clone() }.encode(&mut self.tx);
+                self.phase = Phase::Live { conn: Box::new(conn), hello_acked: false, last_send: now };
+            }
+            Err(e) => self.schedule_reconnect(now, format!("connect failed: {e}")),
+        }
+    }
+
+    fn schedule_reconnect(&mut self, now: Instant, reason: String) {
+        let retry_in = self.backoff.next_delay(&mut self.rng);
+        self.stats.disconnects += 1;
+        self.phase = Phase::Waiting { retry_at: now + retry_in };
+        self.push_event(Event::Disconnected { reason, retry_in });
+    }
+
+    /// Processes what a recv/timeout may have produced: control messages,
+    /// closure.
+    fn after_io(&mut self, now: Instant) {
+        self.read_control();
+        self.queue_registrations();
+        self.flush_control();
+        let Phase::Live { conn, .. } = &self.phase else {
+            return;
+        };
+        if !conn.is_closed() {
+            return;
+        }
+        let reason = match (conn.peer_error(), conn.local_error()) {
+            (Some(e), _) => format!("closed by relay: code {:#x} {}", e.error_code, String::from_utf8_lossy(&e.reason)),
+            (None, Some(e)) => {
+                format!("closed locally: code {:#x} {}", e.error_code, String::from_utf8_lossy(&e.reason))
+            }
+            (None, None) if conn.is_timed_out() => "idle timeout".to_owned(),
+            (None, None) => "closed".to_owned(),
+        };
+        let by_us = conn.local_error().is_some_and(|e| e.is_app && e.error_code == u64::from(Code::NO_ERROR.0));
+        if by_us {
+            self.phase = Phase::Stopped;
+            self.push_event(Event::Disconnected { reason, retry_in: Duration::MAX });
+        } else {
+            self.schedule_reconnect(now, reason);
+        }
+    }
+
+    fn read_control(&mut self) {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Phase::Live { conn, .. } = &mut self.phase else {
+                return;
+            };
+            let room = self.rx.room().min(buf.len());
+            if room == 0 {
+                break;
+            }
+            match conn.stream_recv(CONTROL_STREAM, &mut buf[..room]) {
+                Ok((n, _fin)) if n > 0 => self.rx.push(&buf[..n]),
+                _ => break,
+            }
+            loop {
+                match self.rx.next_message() {
+                    Ok(Some(m)) => self.on_message(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(e.code(), "bad control frame from relay");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, code: Code, reason: &str) {
+        if let Phase::Live { conn, .. } = &mut self.phase {
+            let _ = conn.close(true, u64::from(code.0), reason.as_bytes());
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match m {
+            Message::HelloAck { version } if version == wire::VERSION => {
+                if let Phase::Live { hello_acked, .. } = &mut self.phase {
+                    *hello_acked = true;
+                }
+                self.backoff.reset();
+                self.push_event(Event::Connected);
+            }
+            Message::ObservedAddress { addr } => {
+                self.observed = Some(addr);
+                self.push_event(Event::ObservedAddress(addr));
+            }
+            Message::RegisterOk { request_id, flow } => {
+                if let Some(r) = self.regs.iter_mut().find(|r| r.state == RegState::Pending(request_id)) {
+                    r.state = RegState::Registered(flow);
+                    let e = Event::Registered { role: r.role, service: r.service.clone(), flow };
+                    self.push_event(e);
+                }
+            }
+            Message::RegisterError { request_id, code, reason } => {
+                if let Some(r) = self.regs.iter_mut().find(|r| r.state == RegState::Pending(request_id)) {
+                    r.state = RegState::Failed(code);
+                    let e = Event::RegisterFailed { role: r.role, service: r.service.clone(), code, reason };
+                    self.push_event(e);
+                }
+            }
+            Message::FlowOpen { flow, service, agent_addr, agent_id } => {
+                self.push_event(Event::FlowOpened { flow, service, agent_addr, agent_id });
+            }
+            Message::FlowClose { flow, code } => {
+                for r in &mut self.regs {
+                    if r.role == Role::Agent && r.state == RegState::Registered(flow) {
+                        r.state = RegState::Failed(code);
+                    }
+                }
+                self.push_event(Event::FlowClosed { flow, code });
+            }
+            Message::Goodbye { code, reason } => {
+                // The relay closes next; reconnect promptly rather than with
+                // a grown backoff.
+                self.backoff.reset();
+                self.push_event(Event::Goodbye { code, reason });
+            }
+            Message::Error { code, reason } => {
+                self.push_event(Event::Goodbye { code, reason });
+            }
+            Message::Unknown { .. } => {}
+            Message::HelloAck { .. }
+            | Message::Hello { .. }
+            | Message::Register { .. }
+            | Message::Unregister { .. } => self.fail(Code::UNEXPECTED_MESSAGE, "unexpected message from relay"),
+        }
+    }
+
+    fn queue_registrations(&mut self) {
+        if !self.is_connected() {
+            return;
+        }
+        for r in &mut self.regs {
+            if r.state == RegState::Unsent {
+                let request_id = self.next_request;
+                self.next_request = self.next_request.wrapping_add(1).max(1);
+                Message::Register { request_id, role: r.role, service: r.service.clone() }.encode(&mut self.tx);
+                r.state = RegState::Pending(request_id);
+            }
+        }
+    }
+
+    fn flush_control(&mut self) {
+        let Phase::Live { conn, .. } = &mut self.phase else {
+            return;
+        };
+        if self.tx.is_empty() {
+            return;
+        }
+        if let Ok(n) = conn.stream_send(CONTROL_STREAM, &self.tx, false) {
+            self.tx.drain(..n);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! ZTNA protocol v1: wire formats and sans-I/O state machines.
+//!
+//! Nothing in this crate opens a socket or reads the clock: callers pass
+//! bytes and `now` in and take bytes, events and deadlines out. This crate
+//! depends on no other crate of the workspace.
+
+pub mod backoff;
+pub mod client;
+pub mod codes;
+pub mod datagram;
+pub mod quic;
+pub mod rng;
+pub mod varint;
+pub mod wire;
+
+pub use codes::Code;
+pub use wire::{Message, Role, ServiceName};
