@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::codes::Code;
+use crate::datagram;
 use crate::rng::SplitMix64;
 use crate::wire::{self, FrameDecoder, Message, Role, ServiceName};
-use crate::{datagram, quic};
 
 /// Stream that carries the control channel.
 pub const CONTROL_STREAM: u64 = 0;
@@ -143,7 +143,7 @@ pub struct ClientSession {
 
 impl ClientSession {
     /// Creates a session that connects at once (on the first
-    /// `poll_transmit`). `quic` comes from [`quic::client_config`].
+    /// `poll_transmit`). `quic` comes from [`crate::quic::client_config`].
     pub fn new(cfg: ClientConfig, quic: quiche::Config, seed: u64, now: Instant) -> Self {
         let regs = cfg
             .registrations

@@ -1,0 +1,256 @@
+//! io_uring backend on the `io-uring` crate.
+//!
+//! [`BATCH`] RecvMsg operations stay in flight, each with its own buffer and
+//! msghdr; a Read on the mesh eventfd wakes the loop for cross-worker
+//! messages; sends are SendMsg operations from a fixed pool, submitted in
+//! one `io_uring_enter` per loop turn. (tokio-uring was considered and
+//! rejected: unmaintained since 2024 and its recvmsg returns no control
+//! messages; see ARCHITECTURE.md.)
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use socket2::SockAddr;
+
+use super::{Backend, BATCH, RX_BUF};
+use crate::worker::Transmit;
+
+const KIND_SHIFT: u64 = 32;
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+const KIND_EVENTFD: u64 = 3;
+/// Send buffers in the pool (packets in flight to the kernel at once).
+const SEND_SLOTS: usize = 256;
+
+/// A receive slot. Boxed so the kernel-visible pointers stay put.
+struct RecvSlot {
+    buf: [u8; RX_BUF],
+    iov: libc::iovec,
+    name: libc::sockaddr_storage,
+    msg: libc::msghdr,
+}
+
+struct SendSlot {
+    buf: [u8; RX_BUF],
+    iov: libc::iovec,
+    name: libc::sockaddr_storage,
+    msg: libc::msghdr,
+}
+
+fn zeroed_slot<T>() -> Box<T> {
+    // SAFETY: only used for RecvSlot/SendSlot, plain C data (bytes, iovec,
+    // sockaddr_storage, msghdr) for which all-zero is a valid value.
+    Box::new(unsafe { std::mem::zeroed() })
+}
+
+pub struct Uring {
+    ring: IoUring,
+    socket: UdpSocket,
+    eventfd: RawFd,
+    eventfd_buf: Box<u64>,
+    recv: Vec<Box<RecvSlot>>,
+    send: SendPool,
+    /// Completions seen while reclaiming send slots, handled next poll.
+    deferred: Vec<(u64, i32)>,
+}
+
+struct SendPool {
+    slots: Vec<Box<SendSlot>>,
+    free: Vec<usize>,
+    /// Slot handed out by `buf()` and not yet committed.
+    current: Option<usize>,
+    /// Filled slots not yet pushed to the submission queue.
+    ready: Vec<usize>,
+    /// Packets that could not get a slot (counted, dropped).
+    dropped: u64,
+    overflow: [u8; RX_BUF],
+}
+
+impl Uring {
+    pub fn new(socket: UdpSocket, eventfd: RawFd) -> io::Result<Self> {
+        let ring = IoUring::new((BATCH + SEND_SLOTS + 8).next_power_of_two() as u32)?;
+        let mut u = Uring {
+            ring,
+            socket,
+            eventfd,
+            eventfd_buf: Box::new(0),
+            recv: (0..BATCH).map(|_| zeroed_slot()).collect(),
+            send: SendPool {
+                slots: (0..SEND_SLOTS).map(|_| zeroed_slot()).collect(),
+                free: (0..SEND_SLOTS).rev().collect(),
+                current: None,
+                ready: Vec::with_capacity(SEND_SLOTS),
+                dropped: 0,
+                overflow: [0u8; RX_BUF],
+            },
+            deferred: Vec::new(),
+        };
+        for i in 0..BATCH {
+            u.arm_recv(i)?;
+        }
+        u.arm_eventfd()?;
+        u.ring.submit()?;
+        Ok(u)
+    }
+
+    fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry we build points into boxed slots (or the
+            // boxed eventfd buffer) owned by `self`, which stay allocated
+            // and untouched until the matching completion is reaped.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_recv(&mut self, i: usize) -> io::Result<()> {
+        let fd = self.socket.as_raw_fd();
+        let Some(slot) = self.recv.get_mut(i) else { return Ok(()) };
+        let s = &mut **slot;
+        s.iov = libc::iovec { iov_base: s.buf.as_mut_ptr().cast(), iov_len: RX_BUF };
+        s.msg.msg_name = (&mut s.name as *mut libc::sockaddr_storage).cast();
+        s.msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        s.msg.msg_iov = &mut s.iov;
+        s.msg.msg_iovlen = 1;
+        s.msg.msg_control = std::ptr::null_mut();
+        s.msg.msg_controllen = 0;
+        let e = opcode::RecvMsg::new(types::Fd(fd), &mut s.msg).build().user_data(KIND_RECV << KIND_SHIFT | i as u64);
+        self.push(&e)
+    }
+
+    fn arm_eventfd(&mut self) -> io::Result<()> {
+        let e = opcode::Read::new(types::Fd(self.eventfd), (&mut *self.eventfd_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(KIND_EVENTFD << KIND_SHIFT);
+        self.push(&e)
+    }
+
+    fn reap(&mut self) -> Vec<(u64, i32)> {
+        let mut out = std::mem::take(&mut self.deferred);
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        out
+    }
+
+    fn push_ready_sends(&mut self) -> io::Result<()> {
+        let fd = self.socket.as_raw_fd();
+        let ready = std::mem::take(&mut self.send.ready);
+        for i in ready.iter().copied() {
+            let Some(slot) = self.send.slots.get_mut(i) else { continue };
+            let e =
+                opcode::SendMsg::new(types::Fd(fd), &slot.msg).build().user_data(KIND_SEND << KIND_SHIFT | i as u64);
+            self.push(&e)?;
+        }
+        self.send.ready = ready;
+        self.send.ready.clear();
+        Ok(())
+    }
+}
+
+impl Transmit for SendPool {
+    fn buf(&mut self) -> &mut [u8] {
+        match self.free.pop() {
+            Some(i) => {
+                self.current = Some(i);
+                match self.slots.get_mut(i) {
+                    Some(s) => &mut s.buf,
+                    None => &mut self.overflow,
+                }
+            }
+            None => {
+                // Pool exhausted within one turn: the packet is lost and
+                // counted; QUIC retransmits.
+                self.current = None;
+                &mut self.overflow
+            }
+        }
+    }
+
+    fn commit(&mut self, len: usize, to: SocketAddr) {
+        let Some(i) = self.current.take() else {
+            self.dropped += 1;
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(i) else { return };
+        let s = &mut **slot;
+        let addr = SockAddr::from(to);
+        let n = (addr.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: copies `n` bytes of a valid sockaddr into the slot's
+        // sockaddr_storage, which is at least that large.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                addr.as_ptr().cast::<u8>(),
+                (&mut s.name as *mut libc::sockaddr_storage).cast::<u8>(),
+                n,
+            );
+        }
+        s.iov = libc::iovec { iov_base: s.buf.as_mut_ptr().cast(), iov_len: len.min(RX_BUF) };
+        s.msg.msg_name = (&mut s.name as *mut libc::sockaddr_storage).cast();
+        s.msg.msg_namelen = n as libc::socklen_t;
+        s.msg.msg_iov = &mut s.iov;
+        s.msg.msg_iovlen = 1;
+        self.ready.push(i);
+    }
+}
+
+impl Backend for Uring {
+    fn poll(&mut self, timeout: Duration, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<()> {
+        if self.deferred.is_empty() && self.ring.completion().is_empty() {
+            let ts = types::Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (ud, res) in self.reap() {
+            let idx = (ud & 0xffff_ffff) as usize;
+            match ud >> KIND_SHIFT {
+                KIND_RECV => {
+                    if res > 0 {
+                        if let Some(slot) = self.recv.get_mut(idx) {
+                            let len = (res as usize).min(RX_BUF);
+                            if let Some(from) = super::sockaddr_to_std(&slot.name, slot.msg.msg_namelen) {
+                                on_packet(&mut slot.buf[..len], from);
+                            }
+                        }
+                    }
+                    self.arm_recv(idx)?;
+                }
+                KIND_SEND => self.send.free.push(idx),
+                KIND_EVENTFD => self.arm_eventfd()?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn transmit(&mut self) -> &mut dyn Transmit {
+        &mut self.send
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.push_ready_sends()?;
+        self.ring.submit()?;
+        // Reclaim completed sends now so the pool stays full for the next
+        // turn; other completions wait for the next poll.
+        let done = self.reap();
+        for (ud, res) in done {
+            if ud >> KIND_SHIFT == KIND_SEND {
+                self.send.free.push((ud & 0xffff_ffff) as usize);
+            } else {
+                self.deferred.push((ud, res));
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}

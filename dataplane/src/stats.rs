@@ -1,0 +1,88 @@
+//! Per-worker counters: atomics written by the owning worker only (relaxed),
+//! read by tests, the benchmark and the metrics publisher.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Counters of one worker.
+        #[derive(Debug, Default)]
+        pub struct WorkerStats { $($(#[$m])* pub $name: AtomicU64,)* }
+
+        /// A plain copy of [`WorkerStats`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct StatsSnapshot { $(pub $name: u64,)* }
+
+        impl WorkerStats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl std::ops::AddAssign for StatsSnapshot {
+            fn add_assign(&mut self, o: Self) { $(self.$name += o.$name;)* }
+        }
+
+        impl StatsSnapshot {
+            /// (name, value) pairs, for metrics export and reports.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// UDP packets received from the socket.
+    packets_rx,
+    /// UDP packets handed to the socket.
+    packets_tx,
+    /// Packets processed by this worker for connections it owns (incl. handed-in).
+    packets_processed,
+    /// Packets that failed header parsing (garbage, truncated).
+    drop_bad_packet,
+    /// Short-header packets for CIDs no connection owns.
+    drop_unknown_cid,
+    /// Initials refused (too small, unsupported version, limits).
+    drop_initial,
+    /// Packets handed to their owning worker.
+    handoff_out,
+    /// Packets received from another worker.
+    handoff_in,
+    /// Hand-offs dropped because the owner's queue was full.
+    drop_handoff_queue_full,
+    /// Connections accepted.
+    conns_accepted,
+    /// Connections closed.
+    conns_closed,
+    /// Connections currently open (gauge).
+    conns_active,
+    /// Registrations answered with RegisterOk.
+    registrations_ok,
+    /// Registrations answered with RegisterError.
+    registrations_failed,
+    /// Control-channel protocol errors (connection closed).
+    control_errors,
+    /// Datagrams forwarded (queued to the destination connection).
+    datagrams_forwarded,
+    /// Payload bytes of forwarded datagrams.
+    bytes_forwarded,
+    /// Datagrams sent to another worker.
+    datagrams_cross_worker,
+    /// Datagrams for a flow id the connection does not hold.
+    drop_unknown_flow,
+    /// Datagrams with an unparseable flow header.
+    drop_bad_datagram,
+    /// Datagrams for a service with no connector.
+    drop_no_connector,
+    /// Datagrams whose destination connection is gone.
+    drop_peer_gone,
+    /// Datagrams dropped: cross-worker data queue full.
+    drop_queue_full,
+    /// Datagrams dropped: destination's DATAGRAM send queue full.
+    drop_dgram_queue_full,
+    /// Datagrams dropped: too large for the destination path.
+    drop_too_large,
+    /// Goodbyes sent.
+    goodbyes_sent,
+}

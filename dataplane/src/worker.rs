@@ -1,0 +1,905 @@
+//! One relay worker: the QUIC connections whose CIDs it issued, its replica
+//! of the service directory and its side of the mesh. Backend-agnostic: an
+//! I/O driver (`io::uring` or `io::portable`) feeds it packets and inbox
+//! wake-ups and drains its transmits. Nothing here blocks or takes a lock.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+use ztna_control::datagram;
+use ztna_control::wire::{self, FrameDecoder, Message, Role};
+use ztna_control::Code;
+
+use crate::cid::{self, CID_LEN};
+use crate::mesh::{Ctrl, Data, Mesh};
+use crate::routing::{Binding, ConnKey, Directory, Flow, FlowTable, Serving};
+use crate::stats::WorkerStats;
+
+/// Stream carrying the control channel.
+const CONTROL_STREAM: u64 = 0;
+/// Spare CIDs each connection is offered for migration.
+const SPARE_CIDS: usize = 3;
+/// Inbox data messages handled per loop turn (keeps the socket serviced).
+const INBOX_BATCH: usize = 4096;
+/// Smallest UDP payload that may carry a client Initial (RFC 9000 §14.1).
+const MIN_INITIAL_LEN: usize = 1200;
+
+/// Per-relay limits (each counted when hit).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections per worker.
+    pub max_conns_per_worker: usize,
+    /// Registrations (agent flows + connector services) per connection.
+    pub max_registrations: usize,
+    /// Flow-table entries per connection (connector legs included).
+    pub max_flows_per_conn: usize,
+    /// Unsent control bytes the relay keeps for a client that does not read.
+    pub max_control_backlog: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns_per_worker: 50_000,
+            max_registrations: 64,
+            max_flows_per_conn: 65_536,
+            max_control_backlog: 64 * 1024,
+        }
+    }
+}
+
+/// Static configuration of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub index: usize,
+    pub workers: usize,
+    pub node_id: u16,
+    pub local_addr: SocketAddr,
+    pub limits: Limits,
+}
+
+/// Where a worker writes packets to send.
+pub trait Transmit {
+    /// A buffer for the next packet (at least the max UDP payload).
+    fn buf(&mut self) -> &mut [u8];
+    /// Sends the first `len` bytes of the last [`Transmit::buf`] to `to`.
+    fn commit(&mut self, len: usize, to: SocketAddr);
+}
+
+/// Fixed-size key for the CID map (no allocation per lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct CidKey {
+    len: u8,
+    bytes: [u8; quiche::MAX_CONN_ID_LEN],
+}
+
+impl CidKey {
+    fn new(cid: &[u8]) -> Option<CidKey> {
+        let mut bytes = [0u8; quiche::MAX_CONN_ID_LEN];
+        bytes.get_mut(..cid.len())?.copy_from_slice(cid);
+        Some(CidKey { len: cid.len() as u8, bytes })
+    }
+}
+
+struct Conn {
+    quic: quiche::Connection,
+    key: ConnKey,
+    peer: SocketAddr,
+    hello: bool,
+    rx: FrameDecoder,
+    tx: Vec<u8>,
+    flows: FlowTable,
+    cids: Vec<CidKey>,
+    timer: Option<Instant>,
+    dirty: bool,
+}
+
+/// The worker state machine.
+pub struct Worker {
+    cfg: WorkerConfig,
+    quic_cfg: quiche::Config,
+    slots: Vec<Option<Conn>>,
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    by_cid: HashMap<CidKey, u32>,
+    dir: Directory,
+    mesh: Arc<Mesh>,
+    local_ctrl: VecDeque<Ctrl>,
+    outbox: Vec<VecDeque<Ctrl>>,
+    wake: Vec<bool>,
+    timers: BTreeSet<(Instant, u32)>,
+    dirty: Vec<u32>,
+    pending_tx: Vec<(Vec<u8>, SocketAddr)>,
+    delivered_at: Vec<Instant>,
+    scratch: Vec<u8>,
+    dgram_buf: Vec<u8>,
+    stats: Arc<WorkerStats>,
+    latency: metrics::Histogram,
+    shutting_down: bool,
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // BoringSSL's CSPRNG; it cannot fail short of an aborted process.
+    let _ = boring::rand::rand_bytes(&mut b);
+    b
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig, quic_cfg: quiche::Config, mesh: Arc<Mesh>, stats: Arc<WorkerStats>) -> Self {
+        let n = mesh.len();
+        let latency = metrics::histogram!("ztna_relay_forward_latency_seconds", "worker" => cfg.index.to_string());
+        Worker {
+            cfg,
+            quic_cfg,
+            slots: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            by_cid: HashMap::new(),
+            dir: Directory::default(),
+            mesh,
+            local_ctrl: VecDeque::new(),
+            outbox: (0..n).map(|_| VecDeque::new()).collect(),
+            wake: vec![false; n],
+            timers: BTreeSet::new(),
+            dirty: Vec::new(),
+            pending_tx: Vec::new(),
+            delivered_at: Vec::new(),
+            scratch: Vec::with_capacity(2048),
+            dgram_buf: vec![0u8; 65_536],
+            stats,
+            latency,
+            shutting_down: false,
+        }
+    }
+
+    pub fn index(&self) -> usize {
+        self.cfg.index
+    }
+
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// Open connections.
+    pub fn conn_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// A packet read from this worker's socket.
+    pub fn handle_packet(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        self.stats.packets_rx.fetch_add(1, Ordering::Relaxed);
+        let Some(owner) = cid::owner(buf, self.cfg.workers) else {
+            self.stats.drop_bad_packet.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if owner != self.cfg.index {
+            // Steering missed (no BPF, or the worker count changed): hand the
+            // packet to its owner instead of dropping it.
+            let msg = Data::Packet { from, bytes: buf.to_vec() };
+            if let Some(inbox) = self.mesh.inboxes.get(owner) {
+                if inbox.data.push(msg).is_ok() {
+                    self.stats.handoff_out.fetch_add(1, Ordering::Relaxed);
+                    self.wake[owner] = true;
+                } else {
+                    self.stats.drop_handoff_queue_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        self.process_packet(buf, from, now);
+    }
+
+    fn process_packet(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        let hdr = match quiche::Header::from_slice(buf, CID_LEN) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.drop_bad_packet.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let slot = match CidKey::new(&hdr.dcid).and_then(|k| self.by_cid.get(&k)) {
+            Some(s) => *s,
+            None => {
+                if hdr.ty != quiche::Type::Initial {
+                    self.stats.drop_unknown_cid.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if !quiche::version_is_supported(hdr.version) {
+                    let mut out = vec![0u8; 256];
+                    if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
+                        out.truncate(n);
+                        self.pending_tx.push((out, from));
+                    }
+                    self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let dcid = hdr.dcid.to_vec();
+                match self.accept(&dcid, from, buf.len()) {
+                    Some(s) => s,
+                    None => {
+                        self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.stats.packets_processed.fetch_add(1, Ordering::Relaxed);
+        let info = quiche::RecvInfo { from, to: self.cfg.local_addr };
+        if let Err(e) = conn.quic.recv(buf, info) {
+            debug!(worker = self.cfg.index, error = %e, "packet rejected by connection");
+        }
+        self.after_io(&mut conn, now);
+        self.put(conn);
+    }
+
+    fn accept(&mut self, odcid: &[u8], from: SocketAddr, len: usize) -> Option<u32> {
+        if len < MIN_INITIAL_LEN || self.shutting_down || self.conn_count() >= self.cfg.limits.max_conns_per_worker {
+            return None;
+        }
+        let odcid_key = CidKey::new(odcid)?;
+        let scid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
+        let quic =
+            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, self.cfg.local_addr, from, &mut self.quic_cfg)
+                .ok()?;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.gens.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let gen = self.gens.get(slot as usize).copied().unwrap_or(0);
+        let key = ConnKey { worker: self.cfg.index as u16, slot, gen };
+        let scid_key = CidKey::new(&scid)?;
+        self.by_cid.insert(scid_key, slot);
+        self.by_cid.insert(odcid_key, slot);
+        let conn = Conn {
+            quic,
+            key,
+            peer: from,
+            hello: false,
+            rx: FrameDecoder::default(),
+            tx: Vec::new(),
+            flows: FlowTable::new(self.cfg.limits.max_flows_per_conn),
+            cids: vec![scid_key, odcid_key],
+            timer: None,
+            dirty: false,
+        };
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            *s = Some(conn);
+        }
+        self.stats.conns_accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.conns_active.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    fn put(&mut self, mut conn: Conn) {
+        let slot = conn.key.slot;
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            *s = Some(conn);
+        }
+    }
+
+    fn take(&mut self, key: ConnKey) -> Option<Conn> {
+        if usize::from(key.worker) != self.cfg.index || self.gens.get(key.slot as usize) != Some(&key.gen) {
+            return None;
+        }
+        self.slots.get_mut(key.slot as usize).and_then(Option::take)
+    }
+
+    /// Everything a received packet or timeout may have changed.
+    fn after_io(&mut self, conn: &mut Conn, now: Instant) {
+        while let Some(ev) = conn.quic.path_event_next() {
+            if let quiche::PathEvent::PeerMigrated(_, peer) = ev {
+                info!(worker = self.cfg.index, old = %conn.peer, new = %peer, "client address changed");
+                conn.peer = peer;
+                if conn.hello {
+                    self.send_msg(conn, &Message::ObservedAddress { addr: peer });
+                }
+            }
+        }
+        while let Some(retired) = conn.quic.retired_scid_next() {
+            if let Some(k) = CidKey::new(&retired) {
+                self.by_cid.remove(&k);
+                conn.cids.retain(|c| *c != k);
+            }
+        }
+        if conn.quic.is_established() {
+            while conn.quic.scids_left() > 0 && conn.cids.len() < SPARE_CIDS + 2 {
+                let cid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
+                let token = u128::from_be_bytes(random_bytes());
+                if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), token, false).is_err() {
+                    break;
+                }
+                if let Some(k) = CidKey::new(&cid) {
+                    self.by_cid.insert(k, conn.key.slot);
+                    conn.cids.push(k);
+                }
+            }
+            self.read_control(conn);
+            self.read_datagrams(conn, now);
+        }
+    }
+
+    fn read_control(&mut self, conn: &mut Conn) {
+        let mut buf = [0u8; 2048];
+        loop {
+            let room = conn.rx.room().min(buf.len());
+            if room == 0 || conn.quic.is_closed() {
+                return;
+            }
+            match conn.quic.stream_recv(CONTROL_STREAM, &mut buf[..room]) {
+                Ok((n, _)) if n > 0 => conn.rx.push(&buf[..n]),
+                _ => return,
+            }
+            loop {
+                match conn.rx.next_message() {
+                    Ok(Some(m)) => self.on_message(conn, m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(conn, e.code(), "malformed control frame");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends Error{code} and closes the connection with the same code.
+    fn fail(&mut self, conn: &mut Conn, code: Code, reason: &str) {
+        self.stats.control_errors.fetch_add(1, Ordering::Relaxed);
+        warn!(worker = self.cfg.index, peer = %conn.peer, %code, reason, "closing connection");
+        self.send_msg(conn, &Message::Error { code, reason: reason.to_owned() });
+        let _ = conn.quic.close(true, u64::from(code.0), reason.as_bytes());
+    }
+
+    fn send_msg(&mut self, conn: &mut Conn, m: &Message) {
+        m.encode(&mut conn.tx);
+        self.flush_control(conn);
+    }
+
+    fn flush_control(&mut self, conn: &mut Conn) {
+        if !conn.tx.is_empty() {
+            if let Ok(n) = conn.quic.stream_send(CONTROL_STREAM, &conn.tx, false) {
+                conn.tx.drain(..n);
+            }
+        }
+        if conn.tx.len() > self.cfg.limits.max_control_backlog {
+            // The client does not read its control stream; stop buffering.
+            conn.tx.clear();
+            self.stats.control_errors.fetch_add(1, Ordering::Relaxed);
+            let _ = conn.quic.close(true, u64::from(Code::CONTROL_BACKLOG.0), b"control backlog");
+        }
+    }
+
+    fn on_message(&mut self, conn: &mut Conn, m: Message) {
+        if !conn.hello {
+            match m {
+                Message::Hello { version, .. } if version == wire::VERSION => {
+                    conn.hello = true;
+                    self.send_msg(conn, &Message::HelloAck { version });
+                    let addr = conn.peer;
+                    self.send_msg(conn, &Message::ObservedAddress { addr });
+                }
+                Message::Hello { .. } => self.fail(conn, Code::UNSUPPORTED_VERSION, "unsupported version"),
+                _ => self.fail(conn, Code::UNEXPECTED_MESSAGE, "expected Hello"),
+            }
+            return;
+        }
+        match m {
+            Message::Register { request_id, role, service } => self.on_register(conn, request_id, role, service),
+            Message::Unregister { flow } => self.on_unregister(conn, flow),
+            Message::Unknown { .. } => {}
+            _ => self.fail(conn, Code::UNEXPECTED_MESSAGE, "unexpected message"),
+        }
+    }
+
+    fn register_error(&mut self, conn: &mut Conn, request_id: u32, code: Code, reason: &str) {
+        self.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
+        self.send_msg(conn, &Message::RegisterError { request_id, code, reason: reason.to_owned() });
+    }
+
+    fn on_register(&mut self, conn: &mut Conn, request_id: u32, role: Role, service: wire::ServiceName) {
+        if conn.flows.registrations() >= self.cfg.limits.max_registrations {
+            return self.register_error(conn, request_id, Code::LIMIT, "too many registrations");
+        }
+        let dup = match role {
+            Role::Agent => conn.flows.has_agent(&service),
+            Role::Connector => conn.flows.has_service(&service),
+        };
+        if dup {
+            return self.register_error(conn, request_id, Code::DUPLICATE, "already registered");
+        }
+        match role {
+            Role::Connector => {
+                let Some(handle) = conn.flows.insert(Flow::Service { service: service.clone() }) else {
+                    return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
+                };
+                info!(worker = self.cfg.index, peer = %conn.peer, %service, handle, "connector registered");
+                self.stats.registrations_ok.fetch_add(1, Ordering::Relaxed);
+                self.send_msg(conn, &Message::RegisterOk { request_id, flow: handle });
+                self.broadcast(Ctrl::ConnectorUp { service, conn: conn.key, handle });
+            }
+            Role::Agent => {
+                let Some(target) = self.dir.pick(&service, conn.key, None) else {
+                    return self.register_error(conn, request_id, Code::UNKNOWN_SERVICE, "no connector serves it");
+                };
+                let flow = Flow::Agent {
+                    service: service.clone(),
+                    pending_request: Some(request_id),
+                    binding: Binding::Pending(target.conn),
+                };
+                let Some(agent_flow) = conn.flows.insert(flow) else {
+                    return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
+                };
+                debug!(worker = self.cfg.index, peer = %conn.peer, %service, agent_flow, "agent registering");
+                self.send_bind(conn.key, agent_flow, conn.peer, target);
+            }
+        }
+    }
+
+    fn on_unregister(&mut self, conn: &mut Conn, flow: u32) {
+        if matches!(conn.flows.get(flow), Some(Flow::Peer { .. }) | None) {
+            // Connector legs are the relay's to close, not the client's.
+            return;
+        }
+        match conn.flows.remove(flow) {
+            Some(Flow::Agent { binding, .. }) => {
+                if let Binding::Bound { connector, flow } = binding {
+                    self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+                }
+            }
+            Some(Flow::Service { service }) => {
+                let peers: Vec<u32> = conn
+                    .flows
+                    .iter()
+                    .filter_map(|(id, f)| matches!(f, Flow::Peer { handle, .. } if *handle == flow).then_some(id))
+                    .collect();
+                for id in peers {
+                    conn.flows.remove(id);
+                }
+                self.broadcast(Ctrl::ConnectorDown { service, conn: conn.key });
+            }
+            _ => {}
+        }
+    }
+
+    fn send_bind(&mut self, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, target: Serving) {
+        let msg = Ctrl::Bind { connector: target.conn, handle: target.handle, agent, agent_flow, agent_addr };
+        self.send_ctrl(usize::from(target.conn.worker), msg);
+    }
+
+    fn send_ctrl(&mut self, worker: usize, msg: Ctrl) {
+        if worker == self.cfg.index {
+            self.local_ctrl.push_back(msg);
+        } else if let Some(q) = self.outbox.get_mut(worker) {
+            q.push_back(msg);
+        }
+    }
+
+    fn broadcast(&mut self, msg: Ctrl) {
+        for w in 0..self.cfg.workers {
+            self.send_ctrl(w, msg.clone());
+        }
+    }
+
+    fn read_datagrams(&mut self, conn: &mut Conn, now: Instant) {
+        let mut buf = std::mem::take(&mut self.dgram_buf);
+        while let Ok(n) = conn.quic.dgram_recv(&mut buf) {
+            let Some(d) = buf.get_mut(..n) else { break };
+            self.forward(conn, d, now);
+        }
+        self.dgram_buf = buf;
+    }
+
+    /// Forwards one datagram received on `conn` to the other leg of its flow.
+    fn forward(&mut self, conn: &mut Conn, d: &mut [u8], now: Instant) {
+        let (flow, payload_len) = match datagram::parse(d) {
+            Ok((f, p)) => (f, p.len()),
+            Err(_) => {
+                self.stats.drop_bad_datagram.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let (to, to_flow) = match conn.flows.get(flow) {
+            Some(Flow::Agent { binding: Binding::Bound { connector, flow }, .. }) => (*connector, *flow),
+            Some(Flow::Agent { .. }) => {
+                self.stats.drop_no_connector.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(Flow::Peer { agent, agent_flow, .. }) => (*agent, *agent_flow),
+            Some(Flow::Service { .. }) | None => {
+                self.stats.drop_unknown_flow.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let bytes: &[u8] = if datagram::rewrite_in_place(d, to_flow) {
+            d
+        } else {
+            let payload = d.get(d.len() - payload_len..).unwrap_or_default();
+            datagram::encode_into(to_flow, payload, &mut scratch);
+            &scratch
+        };
+        self.deliver(conn, to, bytes, payload_len, now);
+        self.scratch = scratch;
+    }
+
+    fn deliver(&mut self, conn: &mut Conn, to: ConnKey, bytes: &[u8], payload_len: usize, now: Instant) {
+        if usize::from(to.worker) == self.cfg.index {
+            if to == conn.key {
+                let r = conn.quic.dgram_send(bytes);
+                self.count_delivery(r, payload_len, now);
+            } else if let Some(mut dst) = self.take(to) {
+                let r = dst.quic.dgram_send(bytes);
+                self.count_delivery(r, payload_len, now);
+                self.put(dst);
+            } else {
+                self.stats.drop_peer_gone.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let w = usize::from(to.worker);
+        let msg = Data::Datagram { to, bytes: bytes.to_vec(), received: now };
+        match self.mesh.inboxes.get(w).map(|i| i.data.push(msg)) {
+            Some(Ok(())) => {
+                self.stats.datagrams_cross_worker.fetch_add(1, Ordering::Relaxed);
+                self.wake[w] = true;
+            }
+            _ => {
+                self.stats.drop_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn count_delivery(&mut self, r: quiche::Result<()>, payload_len: usize, received: Instant) {
+        match r {
+            Ok(()) => {
+                self.stats.datagrams_forwarded.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_forwarded.fetch_add(payload_len as u64, Ordering::Relaxed);
+                self.delivered_at.push(received);
+            }
+            Err(quiche::Error::Done) => {
+                self.stats.drop_dgram_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.drop_too_large.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Handles what other workers sent. Returns after a bounded batch.
+    pub fn drain_inbox(&mut self, now: Instant) {
+        let mesh = Arc::clone(&self.mesh);
+        let Some(inbox) = mesh.inboxes.get(self.cfg.index) else { return };
+        inbox.clear_notified();
+        while let Some(c) = inbox.ctrl.pop() {
+            self.on_ctrl(c);
+        }
+        for _ in 0..INBOX_BATCH {
+            let Some(d) = inbox.data.pop() else { break };
+            match d {
+                Data::Datagram { to, bytes, received } => {
+                    let payload_len = datagram::parse(&bytes).map(|(_, p)| p.len()).unwrap_or(0);
+                    if let Some(mut dst) = self.take(to) {
+                        let r = dst.quic.dgram_send(&bytes);
+                        self.count_delivery(r, payload_len, received);
+                        self.put(dst);
+                    } else {
+                        self.stats.drop_peer_gone.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Data::Packet { from, mut bytes } => {
+                    self.stats.handoff_in.fetch_add(1, Ordering::Relaxed);
+                    self.process_packet(&mut bytes, from, now);
+                }
+            }
+        }
+        if !inbox.data.is_empty() {
+            // More than one batch waiting: make sure we come back.
+            self.wake[self.cfg.index] = true;
+        }
+        self.run_local_ctrl();
+    }
+
+    fn run_local_ctrl(&mut self) {
+        while let Some(c) = self.local_ctrl.pop_front() {
+            self.on_ctrl(c);
+        }
+    }
+
+    fn on_ctrl(&mut self, c: Ctrl) {
+        match c {
+            Ctrl::ConnectorUp { service, conn, handle } => {
+                self.dir.add(service.clone(), Serving { conn, handle });
+                self.rebind_where(|s, b| s == &service && *b == Binding::Unbound, None);
+            }
+            Ctrl::ConnectorDown { service, conn } => {
+                self.dir.remove(&service, conn);
+                self.rebind_where(
+                    |s, b| {
+                        s == &service
+                            && matches!(b, Binding::Pending(c) | Binding::Bound { connector: c, .. } if *c == conn)
+                    },
+                    Some(conn),
+                );
+            }
+            Ctrl::Bind { connector, handle, agent, agent_flow, agent_addr } => {
+                let reply_to = usize::from(agent.worker);
+                let Some(mut c) = self.take(connector) else {
+                    return self.send_ctrl(reply_to, Ctrl::BindFailed { agent, agent_flow, connector });
+                };
+                let serves = matches!(c.flows.get(handle), Some(Flow::Service { .. }));
+                let flow =
+                    serves.then(|| c.flows.insert(Flow::Peer { agent, agent_flow, handle, agent_addr })).flatten();
+                match flow {
+                    Some(flow) => {
+                        let open = Message::FlowOpen { flow, service: handle, agent_addr, agent_id: String::new() };
+                        self.send_msg(&mut c, &open);
+                        self.send_ctrl(reply_to, Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow });
+                    }
+                    None => self.send_ctrl(reply_to, Ctrl::BindFailed { agent, agent_flow, connector }),
+                }
+                self.put(c);
+            }
+            Ctrl::Bound { agent, agent_flow, connector, connector_flow } => {
+                let unbind = Ctrl::Unbind { connector, connector_flow };
+                let Some(mut a) = self.take(agent) else {
+                    return self.send_ctrl(usize::from(connector.worker), unbind);
+                };
+                let mut reply = None;
+                match a.flows.get_mut(agent_flow) {
+                    Some(Flow::Agent { binding, pending_request, .. }) if *binding == Binding::Pending(connector) => {
+                        *binding = Binding::Bound { connector, flow: connector_flow };
+                        reply = pending_request.take();
+                    }
+                    _ => self.send_ctrl(usize::from(connector.worker), unbind),
+                }
+                if let Some(request_id) = reply {
+                    self.stats.registrations_ok.fetch_add(1, Ordering::Relaxed);
+                    self.send_msg(&mut a, &Message::RegisterOk { request_id, flow: agent_flow });
+                }
+                self.put(a);
+            }
+            Ctrl::BindFailed { agent, agent_flow, connector } => {
+                let Some(mut a) = self.take(agent) else { return };
+                let peer = a.peer;
+                let mut retry = None;
+                let mut refuse = None;
+                if let Some(Flow::Agent { service, binding, pending_request }) = a.flows.get_mut(agent_flow) {
+                    if *binding == Binding::Pending(connector) {
+                        match self.dir.pick(service, agent, Some(connector)) {
+                            Some(t) => {
+                                *binding = Binding::Pending(t.conn);
+                                retry = Some(t);
+                            }
+                            None => {
+                                *binding = Binding::Unbound;
+                                refuse = pending_request.take();
+                            }
+                        }
+                    }
+                }
+                if let Some(t) = retry {
+                    self.send_bind(agent, agent_flow, peer, t);
+                }
+                if let Some(request_id) = refuse {
+                    a.flows.remove(agent_flow);
+                    self.register_error(&mut a, request_id, Code::UNKNOWN_SERVICE, "no connector serves it");
+                }
+                self.put(a);
+            }
+            Ctrl::Unbind { connector, connector_flow } => {
+                let Some(mut c) = self.take(connector) else { return };
+                if let Some(Flow::Peer { .. }) = c.flows.get(connector_flow) {
+                    c.flows.remove(connector_flow);
+                    self.send_msg(&mut c, &Message::FlowClose { flow: connector_flow, code: Code::AGENT_GONE });
+                }
+                self.put(c);
+            }
+        }
+    }
+
+    /// Re-binds every local agent flow matching `pred` to a connector picked
+    /// from the directory (skipping `exclude`), or marks it unbound.
+    fn rebind_where(&mut self, pred: impl Fn(&wire::ServiceName, &Binding) -> bool, exclude: Option<ConnKey>) {
+        let mut binds = Vec::new();
+        let mut unbinds = Vec::new();
+        for conn in self.slots.iter_mut().flatten() {
+            let key = conn.key;
+            let peer = conn.peer;
+            for (id, f) in conn.flows.iter_mut() {
+                let Flow::Agent { service, binding, .. } = f else { continue };
+                if !pred(service, binding) {
+                    continue;
+                }
+                if let Binding::Bound { connector, flow } = *binding {
+                    unbinds.push(Ctrl::Unbind { connector, connector_flow: flow });
+                }
+                match self.dir.pick(service, key, exclude) {
+                    Some(t) => {
+                        *binding = Binding::Pending(t.conn);
+                        binds.push((key, id, peer, t));
+                    }
+                    None => *binding = Binding::Unbound,
+                }
+            }
+        }
+        for u in unbinds {
+            if let Ctrl::Unbind { connector, .. } = &u {
+                let w = usize::from(connector.worker);
+                self.send_ctrl(w, u);
+            }
+        }
+        for (key, id, peer, t) in binds {
+            self.send_bind(key, id, peer, t);
+        }
+    }
+
+    /// Runs connection timers that expired by `now`.
+    pub fn handle_timeouts(&mut self, now: Instant) {
+        while let Some(&(t, slot)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
+            conn.timer = None;
+            conn.quic.on_timeout();
+            self.after_io(&mut conn, now);
+            self.put(conn);
+        }
+    }
+
+    /// The earliest connection timer.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Sends what connections have to send, reaps closed ones, publishes
+    /// cross-worker messages and wakes peers. Call once per loop turn.
+    pub fn flush(&mut self, tx: &mut dyn Transmit, now: Instant) {
+        self.run_local_ctrl();
+        while let Some(slot) = self.dirty.pop() {
+            let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
+            conn.dirty = false;
+            self.flush_control(&mut conn);
+            loop {
+                match conn.quic.send(tx.buf()) {
+                    Ok((n, info)) => {
+                        tx.commit(n, info.to);
+                        self.stats.packets_tx.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(e) => {
+                        debug!(worker = self.cfg.index, error = %e, "send failed; closing");
+                        let _ = conn.quic.close(false, 0x1, b"internal");
+                        break;
+                    }
+                }
+            }
+            if conn.quic.is_closed() {
+                self.reap(conn);
+            } else {
+                self.update_timer(&mut conn);
+                if let Some(s) = self.slots.get_mut(slot as usize) {
+                    *s = Some(conn);
+                }
+            }
+            // Reaping may have queued local control work and new dirt.
+            self.run_local_ctrl();
+        }
+        for (bytes, to) in self.pending_tx.drain(..) {
+            let buf = tx.buf();
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            tx.commit(n, to);
+        }
+        self.publish();
+        for t in self.delivered_at.drain(..) {
+            self.latency.record(now.saturating_duration_since(t).as_secs_f64());
+        }
+    }
+
+    fn update_timer(&mut self, conn: &mut Conn) {
+        let next = conn.quic.timeout_instant();
+        if next != conn.timer {
+            if let Some(old) = conn.timer {
+                self.timers.remove(&(old, conn.key.slot));
+            }
+            if let Some(new) = next {
+                self.timers.insert((new, conn.key.slot));
+            }
+            conn.timer = next;
+        }
+    }
+
+    fn reap(&mut self, mut conn: Conn) {
+        let key = conn.key;
+        if let Some(t) = conn.timer {
+            self.timers.remove(&(t, key.slot));
+        }
+        for k in &conn.cids {
+            self.by_cid.remove(k);
+        }
+        for (_, f) in conn.flows.drain() {
+            match f {
+                Flow::Agent { binding: Binding::Bound { connector, flow }, .. } => {
+                    self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+                }
+                Flow::Service { service } => self.broadcast(Ctrl::ConnectorDown { service, conn: key }),
+                _ => {}
+            }
+        }
+        if let Some(g) = self.gens.get_mut(key.slot as usize) {
+            *g = g.wrapping_add(1);
+        }
+        self.free.push(key.slot);
+        self.stats.conns_closed.fetch_add(1, Ordering::Relaxed);
+        self.stats.conns_active.fetch_sub(1, Ordering::Relaxed);
+        let reason = conn.quic.peer_error().map(|e| e.error_code).or(conn.quic.local_error().map(|e| e.error_code));
+        debug!(worker = self.cfg.index, peer = %conn.peer, ?reason, timed_out = conn.quic.is_timed_out(), "connection closed");
+    }
+
+    /// Moves outboxes into peers' inboxes and wakes them.
+    fn publish(&mut self) {
+        for (w, q) in self.outbox.iter_mut().enumerate() {
+            let Some(inbox) = self.mesh.inboxes.get(w) else { continue };
+            while let Some(m) = q.pop_front() {
+                if let Err(m) = inbox.ctrl.push(m) {
+                    // Full: keep it and retry next turn; never lost.
+                    q.push_front(m);
+                    break;
+                }
+                self.wake[w] = true;
+            }
+        }
+        for (w, wake) in self.wake.iter_mut().enumerate() {
+            if std::mem::take(wake) {
+                if let Some(inbox) = self.mesh.inboxes.get(w) {
+                    inbox.wake();
+                }
+            }
+        }
+    }
+
+    /// True if some outbox still holds messages (retry soon).
+    pub fn has_backlog(&self) -> bool {
+        self.outbox.iter().any(|q| !q.is_empty())
+    }
+
+    /// Goodbye and CONNECTION_CLOSE to every client; refuse new ones.
+    pub fn begin_shutdown(&mut self, code: Code, reason: &str) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
+        for key in keys {
+            let Some(mut conn) = self.take(key) else { continue };
+            if conn.hello {
+                self.send_msg(&mut conn, &Message::Goodbye { code, reason: reason.to_owned() });
+                self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = conn.quic.close(true, u64::from(code.0), reason.as_bytes());
+            self.put(conn);
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+}
