@@ -96,8 +96,16 @@ enum RegState {
     Unsent,
     Pending(u32),
     Registered(u32),
-    Failed(Code),
+    /// Refused; retried at `retry_at` when the refusal may be temporary
+    /// (no connector yet, a limit, the flow closed).
+    Failed {
+        code: Code,
+        retry_at: Option<Instant>,
+    },
 }
+
+/// Delay before a temporarily refused registration is retried.
+pub const REGISTER_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 struct Registration {
@@ -139,6 +147,8 @@ pub struct ClientSession {
     observed: Option<SocketAddr>,
     stats: ClientStats,
     scratch: Vec<u8>,
+    /// The `now` of the current entry point.
+    now: Instant,
 }
 
 impl ClientSession {
@@ -165,6 +175,7 @@ impl ClientSession {
             observed: None,
             stats: ClientStats::default(),
             scratch: Vec::with_capacity(2048),
+            now,
         }
     }
 
@@ -222,6 +233,7 @@ impl ClientSession {
 
     /// Feeds one received UDP payload. `buf` is decrypted in place.
     pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        self.now = now;
         let Phase::Live { conn, .. } = &mut self.phase else {
             return;
         };
@@ -273,6 +285,7 @@ impl ClientSession {
 
     /// Writes the next packet to send into `out`: `(len, destination)`.
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        self.now = now;
         if let Phase::Waiting { retry_at } = self.phase {
             if now >= retry_at {
                 self.start_connection(now);
@@ -301,10 +314,15 @@ impl ClientSession {
             Phase::Live { conn, hello_acked, last_send } => {
                 let quic = conn.timeout_instant();
                 let keep = hello_acked.then(|| *last_send + self.cfg.keepalive);
-                match (quic, keep) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                let retry = self
+                    .regs
+                    .iter()
+                    .filter_map(|r| match r.state {
+                        RegState::Failed { retry_at, .. } if *hello_acked => retry_at,
+                        _ => None,
+                    })
+                    .min();
+                [quic, keep, retry].into_iter().flatten().min()
             }
             Phase::Stopped => None,
         }
@@ -312,6 +330,14 @@ impl ClientSession {
 
     /// Runs expired timers.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        for r in &mut self.regs {
+            if let RegState::Failed { retry_at: Some(t), .. } = r.state {
+                if t <= now {
+                    r.state = RegState::Unsent;
+                }
+            }
+        }
         match &mut self.phase {
             Phase::Waiting { retry_at } if now >= *retry_at => self.start_connection(now),
             Phase::Live { conn, hello_acked, last_send } => {
@@ -453,7 +479,9 @@ impl ClientSession {
             }
             Message::RegisterError { request_id, code, reason } => {
                 if let Some(r) = self.regs.iter_mut().find(|r| r.state == RegState::Pending(request_id)) {
-                    r.state = RegState::Failed(code);
+                    let temporary = matches!(code, Code::UNKNOWN_SERVICE | Code::LIMIT);
+                    let retry_at = temporary.then(|| self.now + REGISTER_RETRY.mul_f64(1.0 + self.rng.next_f64()));
+                    r.state = RegState::Failed { code, retry_at };
                     let e = Event::RegisterFailed { role: r.role, service: r.service.clone(), code, reason };
                     self.push_event(e);
                 }
@@ -464,7 +492,7 @@ impl ClientSession {
             Message::FlowClose { flow, code } => {
                 for r in &mut self.regs {
                     if r.role == Role::Agent && r.state == RegState::Registered(flow) {
-                        r.state = RegState::Failed(code);
+                        r.state = RegState::Failed { code, retry_at: Some(self.now + REGISTER_RETRY) };
                     }
                 }
                 self.push_event(Event::FlowClosed { flow, code });

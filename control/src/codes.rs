@@ -1,5 +1,5 @@
 //! Error and reason codes shared by control messages and QUIC
-//! CONNECTION_CLOSE application codes. See docs/PROTOCOL.md §6.
+//! CONNECTION_CLOSE application codes. See docs/PROTOCOL.md, "Error codes".
 
 /// A 16-bit protocol code. Unknown values are preserved, not rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

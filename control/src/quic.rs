@@ -10,14 +10,20 @@ pub const MAX_UDP_PAYLOAD: usize = 1350;
 /// Bounded DATAGRAM queues (frames), per connection and direction.
 pub const DGRAM_QUEUE_LEN: usize = 1024;
 
-/// TLS material for a client endpoint.
-#[derive(Debug, Clone, Default)]
+/// TLS material for a client endpoint. The default verifies the relay.
+#[derive(Debug, Clone)]
 pub struct TlsOptions {
     /// PEM file with the CA(s) that sign the relay's certificate.
     pub ca_file: Option<String>,
     /// Verify the relay's certificate and name. Turning this off is for
     /// local experiments only.
     pub verify_peer: bool,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        TlsOptions { ca_file: None, verify_peer: true }
+    }
 }
 
 fn common(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {

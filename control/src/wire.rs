@@ -98,7 +98,7 @@ impl std::fmt::Display for ServiceName {
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Client → relay, first message. `agent` names the client software.
+    /// Client → relay, first message. `software` names the client software.
     Hello { version: u16, software: String },
     /// Relay → client: the version in use.
     HelloAck { version: u16 },
@@ -134,13 +134,18 @@ pub enum DecodeError {
     TooLarge,
     /// A type in the core or reserved ranges (< 0x80) that v1 does not define.
     UnknownType(u8),
+    /// A well-formed Register whose service name is invalid. Recoverable:
+    /// the frame is consumed and the request answered with RegisterError.
+    BadServiceName { request_id: u32 },
 }
 
 impl DecodeError {
     /// The protocol error code to send back for this failure.
     pub fn code(self) -> Code {
         match self {
-            DecodeError::Malformed(_) | DecodeError::UnknownType(_) => Code::MALFORMED,
+            DecodeError::Malformed(_) | DecodeError::UnknownType(_) | DecodeError::BadServiceName { .. } => {
+                Code::MALFORMED
+            }
             DecodeError::TooLarge => Code::FRAME_TOO_LARGE,
         }
     }
@@ -301,7 +306,9 @@ impl Message {
             ty::REGISTER => {
                 let request_id = r.u32().ok_or(bad)?;
                 let role = Role::from_u8(r.u8().ok_or(bad)?).ok_or(bad)?;
-                let service = ServiceName::new(&r.string().ok_or(bad)?).ok_or(bad)?;
+                let name = r.string().ok_or(bad)?;
+                r.end().ok_or(bad)?;
+                let service = ServiceName::new(&name).ok_or(DecodeError::BadServiceName { request_id })?;
                 Message::Register { request_id, role, service }
             }
             ty::REGISTER_OK => Message::RegisterOk { request_id: r.u32().ok_or(bad)?, flow: r.u32().ok_or(bad)? },
@@ -371,15 +378,23 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
-    /// Next complete message, if any.
+    /// Next complete message, if any. After [`DecodeError::BadServiceName`]
+    /// the frame is consumed and decoding may continue; other errors are
+    /// fatal for the stream.
     pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
         let pending = self.buf.get(self.pos..).unwrap_or_default();
-        match decode_frame(pending)? {
-            Some((msg, n)) => {
+        match decode_frame(pending) {
+            Ok(Some((msg, n))) => {
                 self.pos += n;
                 Ok(Some(msg))
             }
-            None => Ok(None),
+            Ok(None) => Ok(None),
+            Err(e @ DecodeError::BadServiceName { .. }) => {
+                let len = pending.get(1..3).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+                self.pos += HEADER_LEN + len;
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -453,10 +468,16 @@ mod tests {
         assert_eq!(decode_frame(&[0x90, 0x00, 0x01, 0xff]), Ok(Some((Message::Unknown { ty: 0x90 }, 4))));
         // Trailing bytes inside a body are malformed.
         assert_eq!(decode_frame(&[0x02, 0x00, 0x03, 0, 1, 0]), Err(DecodeError::Malformed(0x02)));
-        // Upper-case service names are rejected.
+        // Upper-case service names are rejected, recoverably: the decoder
+        // skips the frame and goes on with the next one.
         let mut out = Vec::new();
-        Message::Register { request_id: 1, role: Role::Agent, service: ServiceName("Echo".into()) }.encode(&mut out);
-        assert_eq!(decode_frame(&out), Err(DecodeError::Malformed(0x10)));
+        Message::Register { request_id: 7, role: Role::Agent, service: ServiceName("Echo".into()) }.encode(&mut out);
+        assert_eq!(decode_frame(&out), Err(DecodeError::BadServiceName { request_id: 7 }));
+        Message::HelloAck { version: 1 }.encode(&mut out);
+        let mut d = FrameDecoder::default();
+        d.push(&out);
+        assert_eq!(d.next_message(), Err(DecodeError::BadServiceName { request_id: 7 }));
+        assert_eq!(d.next_message(), Ok(Some(Message::HelloAck { version: 1 })));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use ztna_control::datagram;
@@ -27,6 +27,15 @@ const SPARE_CIDS: usize = 3;
 const INBOX_BATCH: usize = 4096;
 /// Smallest UDP payload that may carry a client Initial (RFC 9000 §14.1).
 const MIN_INITIAL_LEN: usize = 1200;
+/// How long a connection that failed keeps running so its Error message
+/// reaches the client before CONNECTION_CLOSE (quiche sends no stream data
+/// once closing).
+const ERROR_LINGER: Duration = Duration::from_millis(100);
+
+/// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
 
 /// Per-relay limits (each counted when hit).
 #[derive(Debug, Clone)]
@@ -47,7 +56,7 @@ impl Default for Limits {
             max_conns_per_worker: 50_000,
             max_registrations: 64,
             max_flows_per_conn: 65_536,
-            max_control_backlog: 64 * 1024,
+            max_control_backlog: 256 * 1024,
         }
     }
 }
@@ -96,6 +105,8 @@ struct Conn {
     cids: Vec<CidKey>,
     timer: Option<Instant>,
     dirty: bool,
+    /// Close with this code once the instant passes (after Error/Goodbye).
+    close_at: Option<(Instant, Code)>,
 }
 
 /// The worker state machine.
@@ -120,6 +131,8 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     latency: metrics::Histogram,
     shutting_down: bool,
+    /// The `now` of the current entry point.
+    now: Instant,
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -154,6 +167,7 @@ impl Worker {
             stats,
             latency,
             shutting_down: false,
+            now: Instant::now(),
         }
     }
 
@@ -172,6 +186,7 @@ impl Worker {
 
     /// A packet read from this worker's socket.
     pub fn handle_packet(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        self.now = now;
         self.stats.packets_rx.fetch_add(1, Ordering::Relaxed);
         let Some(owner) = cid::owner(buf, self.cfg.workers) else {
             self.stats.drop_bad_packet.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +288,7 @@ impl Worker {
             cids: vec![scid_key, odcid_key],
             timer: None,
             dirty: false,
+            close_at: None,
         };
         if let Some(s) = self.slots.get_mut(slot as usize) {
             *s = Some(conn);
@@ -307,7 +323,7 @@ impl Worker {
                 info!(worker = self.cfg.index, old = %conn.peer, new = %peer, "client address changed");
                 conn.peer = peer;
                 if conn.hello {
-                    self.send_msg(conn, &Message::ObservedAddress { addr: peer });
+                    self.send_msg(conn, &Message::ObservedAddress { addr: canonical(peer) });
                 }
             }
         }
@@ -317,7 +333,7 @@ impl Worker {
                 conn.cids.retain(|c| *c != k);
             }
         }
-        if conn.quic.is_established() {
+        if conn.quic.is_established() && conn.close_at.is_none() {
             while conn.quic.scids_left() > 0 && conn.cids.len() < SPARE_CIDS + 2 {
                 let cid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
                 let token = u128::from_be_bytes(random_bytes());
@@ -346,9 +362,15 @@ impl Worker {
                 _ => return,
             }
             loop {
+                if conn.close_at.is_some() {
+                    return;
+                }
                 match conn.rx.next_message() {
                     Ok(Some(m)) => self.on_message(conn, m),
                     Ok(None) => break,
+                    Err(wire::DecodeError::BadServiceName { request_id }) if conn.hello => {
+                        self.register_error(conn, request_id, Code::MALFORMED, "invalid service name");
+                    }
                     Err(e) => {
                         self.fail(conn, e.code(), "malformed control frame");
                         return;
@@ -358,12 +380,13 @@ impl Worker {
         }
     }
 
-    /// Sends Error{code} and closes the connection with the same code.
+    /// Sends Error{code}, stops reading the connection and closes it with
+    /// the same code after [`ERROR_LINGER`].
     fn fail(&mut self, conn: &mut Conn, code: Code, reason: &str) {
         self.stats.control_errors.fetch_add(1, Ordering::Relaxed);
         warn!(worker = self.cfg.index, peer = %conn.peer, %code, reason, "closing connection");
         self.send_msg(conn, &Message::Error { code, reason: reason.to_owned() });
-        let _ = conn.quic.close(true, u64::from(code.0), reason.as_bytes());
+        conn.close_at = Some((self.now + ERROR_LINGER, code));
     }
 
     fn send_msg(&mut self, conn: &mut Conn, m: &Message) {
@@ -391,7 +414,7 @@ impl Worker {
                 Message::Hello { version, .. } if version == wire::VERSION => {
                     conn.hello = true;
                     self.send_msg(conn, &Message::HelloAck { version });
-                    let addr = conn.peer;
+                    let addr = canonical(conn.peer);
                     self.send_msg(conn, &Message::ObservedAddress { addr });
                 }
                 Message::Hello { .. } => self.fail(conn, Code::UNSUPPORTED_VERSION, "unsupported version"),
@@ -583,6 +606,7 @@ impl Worker {
 
     /// Handles what other workers sent. Returns after a bounded batch.
     pub fn drain_inbox(&mut self, now: Instant) {
+        self.now = now;
         let mesh = Arc::clone(&self.mesh);
         let Some(inbox) = mesh.inboxes.get(self.cfg.index) else { return };
         inbox.clear_notified();
@@ -647,6 +671,7 @@ impl Worker {
                     serves.then(|| c.flows.insert(Flow::Peer { agent, agent_flow, handle, agent_addr })).flatten();
                 match flow {
                     Some(flow) => {
+                        let agent_addr = canonical(agent_addr);
                         let open = Message::FlowOpen { flow, service: handle, agent_addr, agent_id: String::new() };
                         self.send_msg(&mut c, &open);
                         self.send_ctrl(reply_to, Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow });
@@ -751,6 +776,7 @@ impl Worker {
 
     /// Runs connection timers that expired by `now`.
     pub fn handle_timeouts(&mut self, now: Instant) {
+        self.now = now;
         while let Some(&(t, slot)) = self.timers.first() {
             if t > now {
                 break;
@@ -758,6 +784,12 @@ impl Worker {
             self.timers.pop_first();
             let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
             conn.timer = None;
+            if let Some((at, code)) = conn.close_at {
+                if at <= now {
+                    conn.close_at = None;
+                    let _ = conn.quic.close(true, u64::from(code.0), code.name().as_bytes());
+                }
+            }
             conn.quic.on_timeout();
             self.after_io(&mut conn, now);
             self.put(conn);
@@ -815,7 +847,8 @@ impl Worker {
     }
 
     fn update_timer(&mut self, conn: &mut Conn) {
-        let next = conn.quic.timeout_instant();
+        let close = conn.close_at.map(|(t, _)| t);
+        let next = [conn.quic.timeout_instant(), close].into_iter().flatten().min();
         if next != conn.timer {
             if let Some(old) = conn.timer {
                 self.timers.remove(&(old, conn.key.slot));
@@ -881,11 +914,13 @@ impl Worker {
         self.outbox.iter().any(|q| !q.is_empty())
     }
 
-    /// Goodbye and CONNECTION_CLOSE to every client; refuse new ones.
-    pub fn begin_shutdown(&mut self, code: Code, reason: &str) {
+    /// Goodbye to every client, CONNECTION_CLOSE `linger` later (so the
+    /// Goodbye is delivered first); refuse new connections.
+    pub fn begin_shutdown(&mut self, code: Code, reason: &str, linger: Duration, now: Instant) {
         if self.shutting_down {
             return;
         }
+        self.now = now;
         self.shutting_down = true;
         let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
         for key in keys {
@@ -894,7 +929,7 @@ impl Worker {
                 self.send_msg(&mut conn, &Message::Goodbye { code, reason: reason.to_owned() });
                 self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = conn.quic.close(true, u64::from(code.0), reason.as_bytes());
+            conn.close_at = Some((now + linger, code));
             self.put(conn);
         }
     }

@@ -1,1 +1,127 @@
-fn main() {}
+//! `ztna-relay`: the public QUIC relay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing::info;
+use ztna_dataplane::io::IoBackend;
+use ztna_dataplane::relay::{self, RelayConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "ztna-relay", version, about = "ZTNA relay: forwards service-tagged QUIC DATAGRAMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// TOML config file (flags override it).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// UDP listen address ([::]:4433 is dual-stack).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Worker threads (default: available cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Ephemeral development CA and certificate (prints the CA path).
+    #[arg(long)]
+    dev: bool,
+    /// PEM certificate chain.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Prometheus /metrics listener, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// I/O backend.
+    #[arg(long, value_enum)]
+    io_backend: Option<IoBackend>,
+    /// Disable the reuseport BPF steering program.
+    #[arg(long)]
+    no_steering: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Parse and validate the config file and flags, then exit.
+    CheckConfig,
+}
+
+fn load(cli: &Cli) -> Result<RelayConfig> {
+    let mut cfg = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            RelayConfig::from_toml(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => RelayConfig::default(),
+    };
+    if let Some(v) = cli.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = cli.workers {
+        cfg.workers = Some(v);
+    }
+    if cli.dev {
+        cfg.dev = true;
+    }
+    if let Some(v) = &cli.cert {
+        cfg.cert = Some(v.clone());
+    }
+    if let Some(v) = &cli.key {
+        cfg.key = Some(v.clone());
+    }
+    if let Some(v) = cli.metrics {
+        cfg.metrics = Some(v);
+    }
+    if let Some(v) = cli.io_backend {
+        cfg.io_backend = v;
+    }
+    if cli.no_steering {
+        cfg.steering = false;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let cfg = load(&cli)?;
+    if let Some(Cmd::CheckConfig) = cli.cmd {
+        println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
+        return Ok(());
+    }
+    if let Some(addr) = cfg.metrics {
+        ztna_dataplane::metrics::install(addr)?;
+        info!(%addr, "metrics on http://{addr}/metrics");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let handle = relay::start(&cfg)?;
+    if cfg.metrics.is_some() {
+        handle.spawn_metrics_publisher()?;
+    }
+    info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
+    if let Some(p) = &handle.dev_pki {
+        println!("dev CA: {}", p.ca.display());
+    }
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    info!("signal received: sending Goodbye and closing connections");
+    let t = std::time::Instant::now();
+    handle.shutdown();
+    info!(elapsed_ms = t.elapsed().as_millis() as u64, "relay stopped");
+    Ok(())
+}

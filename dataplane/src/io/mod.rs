@@ -104,7 +104,7 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, shutdown: &Ato
     loop {
         let now = Instant::now();
         if shutdown.load(Ordering::Acquire) && deadline.is_none() {
-            worker.begin_shutdown(Code::SHUTDOWN, "relay shutting down");
+            worker.begin_shutdown(Code::SHUTDOWN, "relay shutting down", grace / 4, now);
             deadline = Some(now + grace);
         }
         if let Some(d) = deadline {

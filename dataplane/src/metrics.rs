@@ -1,0 +1,54 @@
+//! Prometheus export. Workers count in their own atomics
+//! ([`crate::stats::WorkerStats`]); a publisher copies them into the
+//! `metrics` recorder once a second, so the per-packet path does no label
+//! lookups. The forwarding-latency histogram is recorded by the workers.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::stats::StatsSnapshot;
+
+/// Histogram buckets for forwarding latency (seconds): 1 µs … 100 ms.
+const LATENCY_BUCKETS: &[f64] =
+    &[1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1];
+
+/// Installs the Prometheus exporter with an HTTP listener on `addr`.
+pub fn install(addr: SocketAddr) -> Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install()?;
+    Ok(())
+}
+
+/// Copies one worker's counters into the recorder.
+pub fn publish(worker: usize, s: &StatsSnapshot) {
+    let w = worker.to_string();
+    for (field, value) in s.fields() {
+        if let Some(reason) = field.strip_prefix("drop_") {
+            metrics::counter!("ztna_relay_drops_total", "worker" => w.clone(), "reason" => reason).absolute(value);
+            continue;
+        }
+        match field {
+            "conns_active" => metrics::gauge!("ztna_relay_connections", "worker" => w.clone()).set(value as f64),
+            "packets_rx" => {
+                metrics::counter!("ztna_relay_packets_received_total", "worker" => w.clone()).absolute(value)
+            }
+            "packets_tx" => metrics::counter!("ztna_relay_packets_sent_total", "worker" => w.clone()).absolute(value),
+            "bytes_forwarded" => {
+                metrics::counter!("ztna_relay_forwarded_bytes_total", "worker" => w.clone()).absolute(value)
+            }
+            "registrations_ok" => {
+                metrics::counter!("ztna_relay_registrations_total", "worker" => w.clone(), "result" => "ok")
+                    .absolute(value)
+            }
+            "registrations_failed" => {
+                metrics::counter!("ztna_relay_registrations_total", "worker" => w.clone(), "result" => "error")
+                    .absolute(value)
+            }
+            other => metrics::counter!(format!("ztna_relay_{other}_total"), "worker" => w.clone()).absolute(value),
+        }
+    }
+}

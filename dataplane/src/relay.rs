@@ -1,0 +1,308 @@
+//! The relay: configuration, start-up of one worker thread per core, and a
+//! handle to observe and stop it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::io::{self, IoBackend};
+use crate::mesh::Mesh;
+use crate::pki::{self, DevPki};
+use crate::stats::{StatsSnapshot, WorkerStats};
+use crate::worker::{Limits, Worker, WorkerConfig};
+
+/// Limits as they appear in the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_conns_per_worker: usize,
+    pub max_registrations: usize,
+    pub max_flows_per_conn: usize,
+    pub max_control_backlog: usize,
+    /// Cross-worker data queue depth per worker (datagrams).
+    pub data_queue_depth: usize,
+    /// Cross-worker control queue depth per worker (messages).
+    pub ctrl_queue_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsConfig {
+            max_conns_per_worker: l.max_conns_per_worker,
+            max_registrations: l.max_registrations,
+            max_flows_per_conn: l.max_flows_per_conn,
+            max_control_backlog: l.max_control_backlog,
+            data_queue_depth: 8192,
+            ctrl_queue_depth: 65_536,
+        }
+    }
+}
+
+/// Relay configuration (TOML file; command-line flags override).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// UDP listen address; `[::]:4433` is dual-stack.
+    pub listen: SocketAddr,
+    /// Worker threads (default: available cores).
+    pub workers: Option<usize>,
+    /// PEM certificate chain and key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Ephemeral development PKI instead of cert/key.
+    pub dev: bool,
+    /// Prometheus listener (off by default).
+    pub metrics: Option<SocketAddr>,
+    pub io_backend: IoBackend,
+    /// Attach the reuseport BPF steering program.
+    pub steering: bool,
+    /// Pin each worker to a core.
+    pub pin_cores: bool,
+    /// Node id encoded in CIDs (for routing across relays later).
+    pub node_id: u16,
+    /// How long shutdown waits for clients to get their Goodbye.
+    pub shutdown_grace_ms: u64,
+    pub limits: LimitsConfig,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            listen: SocketAddr::from(([0u16; 8], 4433)),
+            workers: None,
+            cert: None,
+            key: None,
+            dev: false,
+            metrics: None,
+            io_backend: IoBackend::Auto,
+            steering: true,
+            pin_cores: true,
+            node_id: 0,
+            shutdown_grace_ms: 2000,
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Parses a TOML config (unknown keys are errors).
+    pub fn from_toml(s: &str) -> Result<Self> {
+        Ok(toml::from_str(s)?)
+    }
+
+    /// Checks what can be checked without binding sockets.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == Some(0) || self.workers.is_some_and(|w| w > 255) {
+            bail!("workers must be between 1 and 255");
+        }
+        if !self.dev && (self.cert.is_none() || self.key.is_none()) {
+            bail!("cert and key are required unless dev mode is on");
+        }
+        for p in [&self.cert, &self.key].into_iter().flatten() {
+            if !self.dev && !p.exists() {
+                bail!("{} does not exist", p.display());
+            }
+        }
+        if self.limits.max_registrations == 0 || self.limits.data_queue_depth == 0 || self.limits.ctrl_queue_depth == 0
+        {
+            bail!("limits must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, 255)
+    }
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    pub local_addr: SocketAddr,
+    pub backend: IoBackend,
+    pub steering: bool,
+    pub dev_pki: Option<DevPki>,
+    stats: Vec<Arc<WorkerStats>>,
+    tids: Vec<Arc<AtomicI32>>,
+    mesh: Arc<Mesh>,
+    shutdown: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts the relay: binds the socket group, attaches steering, spawns and
+/// pins the workers. Returns once every worker is running.
+pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
+    cfg.validate()?;
+    let n = cfg.worker_count();
+    let dev_pki = if cfg.dev {
+        let pki = pki::generate(&std::env::temp_dir()).context("generating development certificates")?;
+        warn!(ca = %pki.ca.display(), "DEV MODE: ephemeral self-made CA and certificate; clients must trust this CA");
+        Some(pki)
+    } else {
+        None
+    };
+    let (cert, key) = match &dev_pki {
+        Some(p) => (p.cert.clone(), p.key.clone()),
+        None => match (&cfg.cert, &cfg.key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => bail!("cert and key are required unless dev mode is on"),
+        },
+    };
+    let cert = cert.to_str().context("certificate path is not UTF-8")?.to_owned();
+    let key = key.to_str().context("key path is not UTF-8")?.to_owned();
+    // Fail early on unreadable TLS material.
+    ztna_control::quic::server_config(&cert, &key).map_err(|e| anyhow::anyhow!("loading {cert} / {key}: {e}"))?;
+
+    let sockets = io::bind_group(cfg.listen, n).with_context(|| format!("binding {}", cfg.listen))?;
+    let local_addr = sockets.first().context("no socket")?.local_addr()?;
+    let mut steering = false;
+    if cfg.steering {
+        match sockets.first().map(|s| crate::bpf::attach(s, n as u32)) {
+            Some(Ok(())) => steering = true,
+            Some(Err(e)) => warn!(error = %e, "BPF steering unavailable; misrouted packets are handed off in software"),
+            None => {}
+        }
+    }
+    let backend = io::resolve(cfg.io_backend);
+    info!(%local_addr, workers = n, backend = ?backend, steering, "relay starting");
+
+    let mesh = Arc::new(Mesh::new(n, cfg.limits.data_queue_depth, cfg.limits.ctrl_queue_depth)?);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let limits = Limits {
+        max_conns_per_worker: cfg.limits.max_conns_per_worker,
+        max_registrations: cfg.limits.max_registrations,
+        max_flows_per_conn: cfg.limits.max_flows_per_conn,
+        max_control_backlog: cfg.limits.max_control_backlog,
+    };
+    let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut stats = Vec::new();
+    let mut tids = Vec::new();
+    let mut threads = Vec::new();
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let st = Arc::new(WorkerStats::default());
+        let tid = Arc::new(AtomicI32::new(0));
+        stats.push(Arc::clone(&st));
+        tids.push(Arc::clone(&tid));
+        let wcfg = WorkerConfig { index, workers: n, node_id: cfg.node_id, local_addr, limits: limits.clone() };
+        let mesh = Arc::clone(&mesh);
+        let shutdown = Arc::clone(&shutdown);
+        let ready = ready_tx.clone();
+        let core = if cores.is_empty() { None } else { cores.get(index % cores.len()).copied() };
+        let (cert, key) = (cert.clone(), key.clone());
+        let t = std::thread::Builder::new().name(format!("relay-w{index}")).spawn(move || {
+            if let Some(c) = core {
+                core_affinity::set_for_current(c);
+            }
+            // SAFETY: gettid has no preconditions.
+            tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+            let setup = (|| -> Result<_, String> {
+                let quic = ztna_control::quic::server_config(&cert, &key).map_err(|e| e.to_string())?;
+                let efd = {
+                    use std::os::fd::AsRawFd;
+                    mesh.inboxes.get(index).ok_or("no inbox")?.eventfd().as_raw_fd()
+                };
+                let backend = io::make_backend(backend, socket, efd).map_err(|e| e.to_string())?;
+                Ok((quic, backend))
+            })();
+            let (quic, mut be) = match setup {
+                Ok(v) => {
+                    let _ = ready.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let mut worker = Worker::new(wcfg, quic, mesh, st);
+            io::run_worker(&mut worker, be.as_mut(), &shutdown, grace);
+        })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shutdown.store(true, Ordering::Release);
+                bail!("worker failed to start: {e}");
+            }
+            Err(_) => bail!("worker exited during start-up"),
+        }
+    }
+    Ok(RelayHandle { local_addr, backend, steering, dev_pki, stats, tids, mesh, shutdown, threads })
+}
+
+impl RelayHandle {
+    /// Per-worker counters.
+    pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Counters summed over workers.
+    pub fn totals(&self) -> StatsSnapshot {
+        let mut t = StatsSnapshot::default();
+        for s in self.worker_stats() {
+            t += s;
+        }
+        t
+    }
+
+    /// CPU time consumed by the worker threads so far (from
+    /// /proc/self/task/TID/schedstat).
+    pub fn cpu_time(&self) -> Duration {
+        let mut ns = 0u64;
+        for t in &self.tids {
+            let tid = t.load(Ordering::Relaxed);
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")) {
+                ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+        Duration::from_nanos(ns)
+    }
+
+    /// Asks the workers to shut down (Goodbye + CONNECTION_CLOSE to each
+    /// client) without waiting.
+    pub fn signal_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for inbox in &self.mesh.inboxes {
+            inbox.wake();
+        }
+    }
+
+    /// Shuts down and waits for the workers (bounded by the grace period).
+    pub fn shutdown(mut self) {
+        self.signal_shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.dev_pki {
+            let _ = std::fs::remove_dir_all(&p.dir);
+        }
+    }
+
+    /// Starts a thread that copies the counters into the `metrics`
+    /// recorder once a second (the exporter must be installed first).
+    pub fn spawn_metrics_publisher(&self) -> Result<()> {
+        let stats = self.stats.clone();
+        let shutdown = Arc::clone(&self.shutdown);
+        std::thread::Builder::new().name("relay-metrics".into()).spawn(move || {
+            while !shutdown.load(Ordering::Acquire) {
+                for (w, s) in stats.iter().enumerate() {
+                    crate::metrics::publish(w, &s.snapshot());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })?;
+        Ok(())
+    }
+}
