@@ -67,3 +67,156 @@ pub fn echo_all(c: &mut UdpClient) -> usize {
     c.pump();
     n
 }
+
+/// Pumps agents and connectors (connectors echo) until `pred` holds.
+pub fn run_until(
+    agents: &mut [UdpClient],
+    connectors: &mut [UdpClient],
+    timeout: Duration,
+    mut pred: impl FnMut(&mut [UdpClient]) -> bool,
+) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        for c in connectors.iter_mut() {
+            echo_all(c);
+        }
+        for a in agents.iter_mut() {
+            a.pump();
+        }
+        if pred(agents) {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends `payload` on `flow` and waits for the echo.
+pub fn round_trip(agent: &mut UdpClient, connectors: &mut [UdpClient], flow: u32, payload: &[u8]) -> Option<Vec<u8>> {
+    agent.session.send_datagram(flow, payload).ok()?;
+    let mut got = None;
+    let mut buf = [0u8; 2048];
+    run_until(std::slice::from_mut(agent), connectors, T, |a| {
+        if let Some(n) = a[0].session.recv_datagram(&mut buf) {
+            if let Ok((f, p)) = ztna_control::datagram::parse(&buf[..n]) {
+                if f == flow && p == payload {
+                    got = Some(p.to_vec());
+                    return true;
+                }
+            }
+        }
+        false
+    });
+    got
+}
+
+/// Collects events of a client into a Vec while pumping for `d`.
+pub fn events_for(c: &mut UdpClient, d: Duration) -> Vec<Event> {
+    let mut v = Vec::new();
+    c.wait_for(d, |_| false, |e| v.push(e));
+    v
+}
+
+/// Resident set size of this process in bytes.
+pub fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// A bare quiche client that can send arbitrary bytes on the control
+/// stream: for malformed-input tests that the real session never produces.
+pub struct RawClient {
+    pub conn: quiche::Connection,
+    sock: std::net::UdpSocket,
+    local: SocketAddr,
+    buf: Vec<u8>,
+    pub stream_rx: Vec<u8>,
+}
+
+impl RawClient {
+    pub fn connect(relay: &RelayHandle) -> RawClient {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let local = sock.local_addr().unwrap();
+        let tls = UdpClient::tls_with_ca(&relay.dev_pki.as_ref().unwrap().ca);
+        let mut cfg = ztna_control::quic::client_config(&tls).unwrap();
+        let scid = [7u8; 16];
+        let conn = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&scid),
+            local,
+            relay.local_addr,
+            &mut cfg,
+        )
+        .unwrap();
+        let mut c = RawClient { conn, sock, local, buf: vec![0; 65536], stream_rx: Vec::new() };
+        let end = std::time::Instant::now() + T;
+        while !c.conn.is_established() {
+            assert!(std::time::Instant::now() < end, "handshake timed out");
+            c.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c
+    }
+
+    pub fn pump(&mut self) {
+        let mut out = [0u8; 1500];
+        loop {
+            match self.conn.send(&mut out) {
+                Ok((n, info)) => {
+                    let _ = self.sock.send_to(&out[..n], info.to);
+                }
+                Err(_) => break,
+            }
+        }
+        while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
+            let _ = self.conn.recv(&mut self.buf[..n], quiche::RecvInfo { from, to: self.local });
+        }
+        if self.conn.timeout().is_some_and(|t| t.is_zero()) {
+            self.conn.on_timeout();
+        }
+        let mut b = [0u8; 4096];
+        while let Ok((n, _)) = self.conn.stream_recv(0, &mut b) {
+            self.stream_rx.extend_from_slice(&b[..n]);
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.conn.stream_send(0, bytes, false).unwrap();
+        self.pump();
+    }
+
+    pub fn send_msg(&mut self, m: &ztna_control::Message) {
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        self.send(&v);
+    }
+
+    /// Pumps for up to `d` or until the connection closes.
+    pub fn pump_for(&mut self, d: Duration) {
+        let end = std::time::Instant::now() + d;
+        while std::time::Instant::now() < end && !self.conn.is_closed() {
+            self.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Control messages received so far.
+    pub fn messages(&self) -> Vec<ztna_control::Message> {
+        let mut d = ztna_control::wire::FrameDecoder::default();
+        d.push(&self.stream_rx);
+        let mut v = Vec::new();
+        while let Ok(Some(m)) = d.next_message() {
+            v.push(m);
+        }
+        v
+    }
+
+    /// The application close code the relay sent, if closed.
+    pub fn close_code(&self) -> Option<u64> {
+        self.conn.peer_error().filter(|e| e.is_app).map(|e| e.error_code)
+    }
+}
