@@ -45,7 +45,7 @@ pub fn until_registered(c: &mut UdpClient, n: usize) -> Vec<u32> {
     while flows.len() < n {
         match c.wait_for(T, |e| matches!(e, Event::Registered { .. } | Event::RegisterFailed { .. }), |_| {}) {
             Some(Event::Registered { flow, .. }) => flows.push(flow),
-            other => panic!("registration failed: {other:?}"),
+            other => panic!("registration failed: {other:?} stats {:?}", c.session.stats()),
         }
     }
     flows
