@@ -10,6 +10,7 @@
 pub mod bpf;
 pub mod cid;
 pub mod client_io;
+pub mod forwarder;
 pub mod io;
 pub mod mesh;
 pub mod metrics;
