@@ -1,0 +1,256 @@
+//! Command line of `ztna-bench`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use ztna_dataplane::io::IoBackend;
+
+use crate::load::{LoadConfig, DEFAULT_WINDOW};
+use crate::relay_bench::{RelayBenchConfig, RelayTarget};
+use crate::report::{self, Report};
+use crate::{demo, relay_bench, udp_bench};
+
+#[derive(Parser, Debug)]
+#[command(name = "ztna-bench", version, about = "Load generator and demo for the ZTNA relay")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Echo load through the QUIC relay (in-process unless --relay).
+    Relay(RelayArgs),
+    /// The same load through a plain UDP forwarder (no QUIC): the I/O floor.
+    UdpForwarder(ForwarderArgs),
+    /// Runs `relay` (in-process) and `udp-forwarder` with the same load and
+    /// backend and prints the CPU-per-datagram ratio.
+    Compare(CompareArgs),
+    /// A relay, one echo connector, three agents: a short tour.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Agent clients.
+    #[arg(long, default_value_t = 4)]
+    pub agents: usize,
+    /// Echoing connector clients.
+    #[arg(long, default_value_t = 1)]
+    pub connectors: usize,
+    /// Datagram payload bytes.
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+    /// Datagrams per second over all agents; 0 = flat out.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds of sending (then up to 1 s for stragglers).
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Flat out: datagrams in flight per agent.
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
+    pub window: u64,
+    /// No progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl LoadArgs {
+    pub fn to_config(&self) -> Result<LoadConfig> {
+        if !(self.duration.is_finite() && self.duration > 0.0) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        let cfg = LoadConfig {
+            agents: self.agents,
+            connectors: self.connectors,
+            size: self.size,
+            rate: self.rate,
+            duration: Duration::from_secs_f64(self.duration),
+            window: self.window,
+            progress: !self.quiet,
+            ..LoadConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// A running relay (HOST:PORT); without it one is started in-process.
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// CA file that signs the external relay's certificate.
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Do not verify the external relay's certificate.
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS server name (default: the host of --relay).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// The external relay's process id, for CPU accounting.
+    #[arg(long)]
+    pub relay_pid: Option<u32>,
+    /// Worker threads of the in-process relay.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// I/O backend of the in-process relay.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Do not pin the in-process relay's workers to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ForwarderArgs {
+    /// I/O backend of the forwarder.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// I/O backend of both targets.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Worker threads of the relay.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// I/O backend of the relay.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Splits HOST:PORT (or [V6]:PORT) and resolves it.
+fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
+    let addr = relay
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {relay}"))?
+        .next()
+        .with_context(|| format!("{relay} resolves to nothing"))?;
+    let host = relay.rsplit_once(':').map_or(relay, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    Ok((addr, host.to_owned()))
+}
+
+fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
+    let load = a.load.to_config()?;
+    let target = match &a.relay {
+        None => {
+            if a.ca.is_some() || a.insecure || a.relay_pid.is_some() {
+                bail!("--ca, --insecure and --relay-pid apply to an external relay (--relay)");
+            }
+            RelayTarget::InProcess { workers: a.workers, io_backend: a.io_backend, pin_cores: !a.no_pin }
+        }
+        Some(r) => {
+            if a.ca.is_none() && !a.insecure {
+                bail!("an external relay needs --ca PEM or --insecure");
+            }
+            let (addr, host) = resolve(r)?;
+            RelayTarget::External {
+                addr,
+                server_name: a.server_name.clone().unwrap_or(host),
+                ca: a.ca.clone(),
+                pid: a.relay_pid,
+            }
+        }
+    };
+    Ok(RelayBenchConfig { target, load })
+}
+
+fn finish(report: &Report, json: &Option<PathBuf>) -> Result<()> {
+    report.print();
+    if let Some(p) = json {
+        report.write_json(p)?;
+    }
+    Ok(())
+}
+
+/// Both reports and the ratio, for `compare --json`.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub relay: Report,
+    pub udp_forwarder: Report,
+    /// Relay CPU per forwarded datagram over forwarder CPU per packet.
+    pub cpu_ratio: Option<f64>,
+}
+
+/// Runs `compare`.
+pub fn compare(a: &CompareArgs) -> Result<Comparison> {
+    let load = a.load.to_config()?;
+    let relay = relay_bench::run(&RelayBenchConfig {
+        target: RelayTarget::InProcess { workers: a.workers, io_backend: a.io_backend, pin_cores: true },
+        load: load.clone(),
+    })?;
+    relay.print();
+    println!();
+    let fwd = udp_bench::run(a.io_backend, &load)?;
+    fwd.print();
+    let cpu_ratio = match (relay.cpu_us_per_forwarded, fwd.cpu_us_per_forwarded) {
+        (Some(r), Some(f)) if f > 0.0 => Some(r / f),
+        _ => None,
+    };
+    println!();
+    match cpu_ratio {
+        Some(x) => println!(
+            "relay/forwarder CPU per datagram: {:.3} us / {:.3} us = {x:.1}x",
+            relay.cpu_us_per_forwarded.unwrap_or(0.0),
+            fwd.cpu_us_per_forwarded.unwrap_or(0.0)
+        ),
+        None => println!("relay/forwarder CPU ratio unavailable"),
+    }
+    Ok(Comparison { relay, udp_forwarder: fwd, cpu_ratio })
+}
+
+/// Entry point of the binary.
+pub fn main_with(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Relay(a) => {
+            let report = relay_bench::run(&relay_config(&a)?)?;
+            finish(&report, &a.load.json)?;
+        }
+        Cmd::UdpForwarder(a) => {
+            let report = udp_bench::run(a.io_backend, &a.load.to_config()?)?;
+            finish(&report, &a.load.json)?;
+        }
+        Cmd::Compare(a) => {
+            let c = compare(&a)?;
+            if let Some(p) = &a.load.json {
+                report::write_json(p, &c)?;
+            }
+        }
+        Cmd::Demo(a) => {
+            let r = demo::run(a.io_backend)?;
+            r.print();
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
+            }
+            if !r.success {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,18 @@
+//! `ztna-bench`: load generator and demo for the ZTNA relay.
+//!
+//! - [`load`]: the generator (pacing, window, RTT histogram) over a
+//!   [`load::Transport`].
+//! - [`quic_clients`]: protocol-v1 agents and echo connectors on a relay.
+//! - [`relay_bench`]: `ztna-bench relay`, in-process or external.
+//! - [`udp_bench`]: `ztna-bench udp-forwarder`, the same load without QUIC.
+//! - [`demo`]: `ztna-bench demo`, a short guided run.
+//! - [`report`]: the summary, printed and as JSON.
+
+pub mod cli;
+pub mod cpu;
+pub mod demo;
+pub mod load;
+pub mod quic_clients;
+pub mod relay_bench;
+pub mod report;
+pub mod udp_bench;

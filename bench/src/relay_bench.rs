@@ -1,0 +1,188 @@
+//! `ztna-bench relay`: the load through the QUIC relay, in-process or
+//! external.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use ztna_control::quic::TlsOptions;
+use ztna_dataplane::io::IoBackend;
+use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
+use ztna_dataplane::stats::StatsSnapshot;
+
+use crate::cpu;
+use crate::load::{self, LoadConfig, Sample};
+use crate::quic_clients::{ClientSetup, QuicClients};
+use crate::report::{Report, TargetInfo};
+
+/// Service name the bench registers.
+pub const SERVICE: &str = "bench";
+
+/// Which relay to load.
+#[derive(Debug, Clone)]
+pub enum RelayTarget {
+    /// Start one here (dev certificates, 127.0.0.1, ephemeral port).
+    InProcess { workers: usize, io_backend: IoBackend, pin_cores: bool },
+    /// A running relay.
+    External {
+        addr: SocketAddr,
+        server_name: String,
+        /// CA file, or `None` to skip verification (--insecure).
+        ca: Option<PathBuf>,
+        /// Its process, for CPU accounting.
+        pid: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayBenchConfig {
+    pub target: RelayTarget,
+    pub load: LoadConfig,
+}
+
+/// Starts an in-process development relay on 127.0.0.1.
+pub fn start_dev_relay(workers: usize, io_backend: IoBackend, pin_cores: bool) -> Result<RelayHandle> {
+    let cfg = RelayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        workers: Some(workers),
+        dev: true,
+        io_backend,
+        steering: true,
+        pin_cores,
+        shutdown_grace_ms: 500,
+        ..RelayConfig::default()
+    };
+    relay::start(&cfg)
+}
+
+/// TLS options trusting the relay's development CA.
+pub fn dev_tls(h: &RelayHandle) -> Result<TlsOptions> {
+    let Some(pki) = &h.dev_pki else { bail!("relay has no development PKI") };
+    Ok(TlsOptions { ca_file: Some(pki.ca.to_string_lossy().into_owned()), verify_peer: true })
+}
+
+/// Counter deltas `b - a`, split into non-zero drops and other non-zero
+/// counters (gauges such as conns_active are reported as their end value).
+pub fn counter_deltas(
+    a: &StatsSnapshot,
+    b: &StatsSnapshot,
+) -> (std::collections::BTreeMap<String, u64>, std::collections::BTreeMap<String, u64>) {
+    let mut drops = std::collections::BTreeMap::new();
+    let mut other = std::collections::BTreeMap::new();
+    for ((name, va), (_, vb)) in a.fields().into_iter().zip(b.fields()) {
+        let v = if name == "conns_active" { vb } else { vb.saturating_sub(va) };
+        if v == 0 {
+            continue;
+        }
+        if name.starts_with("drop_") {
+            drops.insert(name.to_owned(), v);
+        } else {
+            other.insert(name.to_owned(), v);
+        }
+    }
+    (drops, other)
+}
+
+/// Runs the relay benchmark.
+pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
+    cfg.load.validate()?;
+    match &cfg.target {
+        RelayTarget::InProcess { workers, io_backend, pin_cores } => {
+            let h = start_dev_relay(*workers, *io_backend, *pin_cores)?;
+            let r = run_in_process(&h, *workers, &cfg.load);
+            h.shutdown();
+            r
+        }
+        RelayTarget::External { addr, server_name, ca, pid } => {
+            let tls = match ca {
+                Some(p) => TlsOptions { ca_file: Some(p.to_string_lossy().into_owned()), verify_peer: true },
+                None => TlsOptions { ca_file: None, verify_peer: false },
+            };
+            let setup = setup(*addr, server_name, tls, &cfg.load);
+            let mut clients = QuicClients::connect(&setup)?;
+            check_size(&clients, cfg.load.size)?;
+            let mut probe = || Sample { forwarded: None, cpu: pid.and_then(|p| cpu::process_cpu_time(p).ok()) };
+            let (result, samples) = load::run_load(&mut clients, &cfg.load, &mut probe)?;
+            clients.close();
+            let backend = "unknown (external)".to_owned();
+            let target = TargetInfo {
+                kind: "relay".into(),
+                address: addr.to_string(),
+                in_process: false,
+                io_backend: backend,
+                workers: None,
+            };
+            let mut report = Report::new(target, &cfg.load, result, &samples);
+            add_client_notes(&mut report, &clients);
+            if pid.is_none() {
+                report.notes.push("no --relay-pid: relay CPU time unknown".into());
+            }
+            Ok(report)
+        }
+    }
+}
+
+fn setup(relay: SocketAddr, server_name: &str, tls: TlsOptions, load: &LoadConfig) -> ClientSetup {
+    ClientSetup {
+        relay,
+        server_name: server_name.to_owned(),
+        tls,
+        service: SERVICE.to_owned(),
+        connectors: load.connectors,
+        agents: load.agents,
+        timeout: Duration::from_secs(15),
+    }
+}
+
+fn check_size(clients: &QuicClients, size: usize) -> Result<()> {
+    if let Some(max) = clients.max_payload() {
+        if size > max {
+            bail!("--size {size} does not fit a DATAGRAM frame on this path (at most {max} bytes)");
+        }
+    }
+    Ok(())
+}
+
+fn add_client_notes(report: &mut Report, clients: &QuicClients) {
+    let (send_errors, udp_errors) = clients.send_errors();
+    if send_errors > 0 {
+        report.notes.push(format!("{send_errors} agent datagrams refused by the session (not connected / too large)"));
+    }
+    if udp_errors > 0 {
+        report.notes.push(format!("{udp_errors} client UDP sends failed (socket buffer full)"));
+    }
+    let disconnects: usize = clients.info.iter().map(|i| i.disconnects.len()).sum();
+    if disconnects > 0 {
+        report.notes.push(format!("{disconnects} client disconnects during the run"));
+    }
+}
+
+/// Runs the load against a relay started in this process.
+pub fn run_in_process(h: &RelayHandle, workers: usize, load: &LoadConfig) -> Result<Report> {
+    let tls = dev_tls(h)?;
+    let setup = setup(h.local_addr, "localhost", tls, load);
+    let mut clients = QuicClients::connect(&setup)?;
+    check_size(&clients, load.size)?;
+    let before = h.totals();
+    let mut probe = || Sample { forwarded: Some(h.totals().datagrams_forwarded), cpu: Some(h.cpu_time()) };
+    let (result, samples) = load::run_load(&mut clients, load, &mut probe)?;
+    let after = h.totals();
+    clients.close();
+    let target = TargetInfo {
+        kind: "relay".into(),
+        address: h.local_addr.to_string(),
+        in_process: true,
+        io_backend: format!("{:?}", h.backend).to_lowercase(),
+        workers: Some(workers),
+    };
+    let mut report = Report::new(target, load, result, &samples);
+    let (drops, counters) = counter_deltas(&before, &after);
+    report.drops = drops;
+    report.counters = counters;
+    if !h.steering {
+        report.notes.push("BPF steering unavailable: packets may be handed off between workers in software".into());
+    }
+    add_client_notes(&mut report, &clients);
+    Ok(report)
+}

@@ -1,0 +1,97 @@
+//! End-to-end checks of the benchmark commands, each a second or two.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ztna_bench::load::LoadConfig;
+use ztna_bench::relay_bench::{self, RelayBenchConfig, RelayTarget};
+use ztna_bench::{demo, udp_bench};
+use ztna_dataplane::io::IoBackend;
+
+#[test]
+fn relay_bench_moderate_rate() {
+    let cfg = RelayBenchConfig {
+        target: RelayTarget::InProcess { workers: 1, io_backend: IoBackend::Auto, pin_cores: false },
+        load: LoadConfig {
+            agents: 2,
+            connectors: 1,
+            size: 1200,
+            rate: 2000,
+            duration: Duration::from_secs(1),
+            progress: false,
+            ..LoadConfig::default()
+        },
+    };
+    let r = relay_bench::run(&cfg).expect("relay bench runs");
+    let res = &r.result;
+    assert!(res.sent >= 1500, "about 2000 sent in 1 s: {}", res.sent);
+    assert!(res.loss_pct < 1.0, "loss {:.3}% ({} of {})", res.loss_pct, res.lost, res.sent);
+    assert_eq!(res.misrouted, 0);
+    assert!(res.rtt.samples > 0 && res.rtt.p50_us > 0, "RTT histogram filled: {:?}", res.rtt);
+    assert!(
+        r.forwarded >= 2 * res.received,
+        "relay counted {} forwarded for {} round trips",
+        r.forwarded,
+        res.received
+    );
+    let cpu = r.cpu_us_per_forwarded.expect("in-process CPU known");
+    assert!(cpu > 0.0, "CPU per datagram {cpu}");
+    assert!(res.per_agent.iter().all(|a| a.received > 0));
+}
+
+#[test]
+fn forwarder_routes_each_agent_its_own_packets() {
+    let load = LoadConfig {
+        agents: 3,
+        connectors: 2,
+        size: 200,
+        rate: 5000,
+        duration: Duration::from_secs(1),
+        progress: false,
+        ..LoadConfig::default()
+    };
+    let r = udp_bench::run(IoBackend::Auto, &load).expect("forwarder bench runs");
+    let res = &r.result;
+    assert!(res.sent >= 3000, "about 5000 sent: {}", res.sent);
+    // Each agent checks the flow header and the agent index and sequence
+    // in every payload it receives: anything else counts as misrouted.
+    assert_eq!(res.misrouted, 0, "every agent received only its own sequence numbers");
+    assert_eq!(res.duplicates, 0);
+    for (a, ag) in res.per_agent.iter().enumerate() {
+        assert!(ag.received > 0, "agent {a} got its echoes");
+        assert!(ag.received <= ag.sent);
+    }
+    assert!(res.loss_pct < 1.0, "loss {:.3}%", res.loss_pct);
+    assert!(r.forwarded >= 2 * res.received);
+    assert!(r.cpu_us_per_forwarded.is_some_and(|c| c > 0.0));
+}
+
+#[test]
+fn forwarder_portable_backend_flat_out() {
+    let load = LoadConfig {
+        agents: 2,
+        connectors: 1,
+        size: 1200,
+        rate: 0,
+        window: 32,
+        duration: Duration::from_millis(500),
+        progress: false,
+        ..LoadConfig::default()
+    };
+    let r = udp_bench::run(IoBackend::Portable, &load).expect("forwarder bench runs");
+    assert_eq!(r.io_backend, "portable");
+    assert!(r.result.received > 100, "{:?}", r.result);
+    assert_eq!(r.result.misrouted, 0);
+}
+
+#[test]
+fn demo_succeeds() {
+    let r = demo::run(IoBackend::Auto).expect("demo sets up");
+    assert!(r.success, "demo failed: {:?}", r.failures);
+    assert_eq!(r.clients.len(), 1 + demo::AGENTS);
+    assert_eq!(r.echoed, demo::AGENTS as u64 * demo::DATAGRAMS_PER_AGENT);
+    assert!(r.relay_forwarded >= 2 * r.echoed);
+    assert!(r.clients.iter().all(|c| c.info.observed_addr.is_some()));
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["success"], true);
+}
