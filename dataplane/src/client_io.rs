@@ -77,16 +77,11 @@ impl UdpClient {
 
     /// Receives what is waiting, runs timers, sends what is due.
     pub fn pump(&mut self) {
-        loop {
-            match self.socket.recv_from(&mut self.buf) {
-                Ok((n, from)) => {
-                    self.packets_rx += 1;
-                    let now = Instant::now();
-                    if let Some(b) = self.buf.get_mut(..n) {
-                        self.session.recv(b, from, now);
-                    }
-                }
-                Err(_) => break,
+        while let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
+            self.packets_rx += 1;
+            let now = Instant::now();
+            if let Some(b) = self.buf.get_mut(..n) {
+                self.session.recv(b, from, now);
             }
         }
         let now = Instant::now();

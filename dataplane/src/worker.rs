@@ -480,10 +480,8 @@ impl Worker {
             return;
         }
         match conn.flows.remove(flow) {
-            Some(Flow::Agent { binding, .. }) => {
-                if let Binding::Bound { connector, flow } = binding {
-                    self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
-                }
+            Some(Flow::Agent { binding: Binding::Bound { connector, flow }, .. }) => {
+                self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
             }
             Some(Flow::Service { service }) => {
                 let peers: Vec<u32> = conn

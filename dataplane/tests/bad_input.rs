@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 //! Bad input: every case is dropped or answered as docs/PROTOCOL.md says,
 //! counted, and the relay keeps serving everyone else.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 //! Relay behaviour against real sockets on 127.0.0.1: many clients, both
 //! I/O backends, steering, cross-worker forwarding, registry semantics.
 

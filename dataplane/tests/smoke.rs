@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 mod common;
 use common::*;
 use ztna_control::client::Event;

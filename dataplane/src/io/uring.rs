@@ -51,6 +51,9 @@ pub struct Uring {
     socket: UdpSocket,
     eventfd: RawFd,
     eventfd_buf: Box<u64>,
+    // The kernel holds pointers into every slot while an operation is in
+    // flight; boxing pins each slot regardless of what happens to the Vec.
+    #[allow(clippy::vec_box)]
     recv: Vec<Box<RecvSlot>>,
     send: SendPool,
     /// Completions seen while reclaiming send slots, handled next poll.
@@ -58,6 +61,7 @@ pub struct Uring {
 }
 
 struct SendPool {
+    #[allow(clippy::vec_box)] // pinned slots, as for `Uring::recv`
     slots: Vec<Box<SendSlot>>,
     free: Vec<usize>,
     /// Slot handed out by `buf()` and not yet committed.

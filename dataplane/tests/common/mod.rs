@@ -1,6 +1,6 @@
 //! Shared helpers for the relay integration tests: a real relay on
 //! 127.0.0.1 and protocol-v1 clients on real UDP sockets.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -164,13 +164,8 @@ impl RawClient {
 
     pub fn pump(&mut self) {
         let mut out = [0u8; 1500];
-        loop {
-            match self.conn.send(&mut out) {
-                Ok((n, info)) => {
-                    let _ = self.sock.send_to(&out[..n], info.to);
-                }
-                Err(_) => break,
-            }
+        while let Ok((n, info)) = self.conn.send(&mut out) {
+            let _ = self.sock.send_to(&out[..n], info.to);
         }
         while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
             let _ = self.conn.recv(&mut self.buf[..n], quiche::RecvInfo { from, to: self.local });
