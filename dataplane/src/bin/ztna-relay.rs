@@ -21,28 +21,28 @@ struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// UDP listen address ([::]:4433 is dual-stack).
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Option<SocketAddr>,
     /// Worker threads (default: available cores).
-    #[arg(long)]
+    #[arg(long, global = true)]
     workers: Option<usize>,
     /// Ephemeral development CA and certificate (prints the CA path).
-    #[arg(long)]
+    #[arg(long, global = true)]
     dev: bool,
     /// PEM certificate chain.
-    #[arg(long)]
+    #[arg(long, global = true)]
     cert: Option<PathBuf>,
     /// PEM private key.
-    #[arg(long)]
+    #[arg(long, global = true)]
     key: Option<PathBuf>,
     /// Prometheus /metrics listener, e.g. 127.0.0.1:9090.
-    #[arg(long)]
+    #[arg(long, global = true)]
     metrics: Option<SocketAddr>,
     /// I/O backend.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     io_backend: Option<IoBackend>,
     /// Disable the reuseport BPF steering program.
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_steering: bool,
 }
 
@@ -90,6 +90,7 @@ fn load(cli: &Cli) -> Result<RelayConfig> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -113,9 +114,12 @@ fn main() -> Result<()> {
         handle.spawn_metrics_publisher()?;
     }
     info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
+    // Machine-readable lines for scripts and tests.
+    println!("listening on {}", handle.local_addr);
     if let Some(p) = &handle.dev_pki {
         println!("dev CA: {}", p.ca.display());
     }
+    std::io::Write::flush(&mut std::io::stdout())?;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -1,0 +1,83 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! The `ztna-relay` binary: config checking, flags, SIGTERM drain.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ztna_control::client::{ClientConfig, Event};
+use ztna_control::Code;
+use ztna_dataplane::client_io::UdpClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztna-relay");
+
+fn tmp(name: &str, body: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ztna-test-{}-{name}", std::process::id()));
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn check_config_accepts_good_and_rejects_unknown_keys() {
+    let good =
+        tmp("good.toml", "listen = \"127.0.0.1:4500\"\nworkers = 2\ndev = true\n[limits]\nmax_registrations = 8\n");
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers 2"));
+
+    // Flags override the file.
+    let out = Command::new(BIN).args(["check-config", "--workers", "3", "--config"]).arg(&good).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers 3"));
+
+    let bad = tmp("bad.toml", "listen = \"127.0.0.1:4500\"\ndev = true\nworkerz = 2\n");
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workerz"), "names the unknown key");
+
+    let nocert = tmp("nocert.toml", "listen = \"127.0.0.1:4500\"\n");
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&nocert).output().unwrap();
+    assert!(!out.status.success(), "cert and key are required without dev mode");
+    for p in [good, bad, nocert] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
+    for backend in ["uring", "portable"] {
+        let mut child = Command::new(BIN)
+            .args(["--dev", "--listen", "127.0.0.1:0", "--workers", "2", "--io-backend", backend])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr: SocketAddr = lines.next().unwrap().unwrap().strip_prefix("listening on ").unwrap().parse().unwrap();
+        let ca = lines.next().unwrap().unwrap().strip_prefix("dev CA: ").unwrap().to_owned();
+
+        let cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+        let tls = UdpClient::tls_with_ca(std::path::Path::new(&ca));
+        let mut c = UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).expect("connects to the binary");
+
+        // SAFETY: plain kill(2) on our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        match c.wait_for(T, |e| matches!(e, Event::Goodbye { .. }), |_| {}) {
+            Some(Event::Goodbye { code, .. }) => assert_eq!(code, Code::SHUTDOWN),
+            other => panic!("{backend}: no Goodbye: {other:?}"),
+        }
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{backend}: relay did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{backend}: exit status {status}");
+    }
+}
