@@ -108,7 +108,10 @@ pub trait Transport {
     fn next_deadline(&self) -> Option<Instant>;
     /// Receives what is waiting, runs due timers, lets connectors echo, and
     /// hands each payload an agent received to `on_echo(agent, payload)`.
-    fn receive(&mut self, on_echo: &mut dyn FnMut(usize, &[u8]));
+    /// `ready` is the result of the last wait, in [`Transport::fds`] order:
+    /// descriptors it does not mark readable need not be read (`None`:
+    /// read them all).
+    fn receive(&mut self, ready: Option<&[libc::pollfd]>, on_echo: &mut dyn FnMut(usize, &[u8]));
     /// Queues a datagram from `agent`; `false` means back-pressure (nothing
     /// was queued; try again after the next receive).
     fn send(&mut self, agent: usize, payload: &[u8]) -> bool;
@@ -118,6 +121,11 @@ pub trait Transport {
     fn echo_drops(&self) -> u64 {
         0
     }
+}
+
+/// True unless the last wait says descriptor `i` has nothing to read.
+pub fn is_ready(ready: Option<&[libc::pollfd]>, i: usize) -> bool {
+    ready.is_none_or(|r| r.get(i).is_none_or(|p| p.revents != 0))
 }
 
 /// Growable bit set indexed by sequence number.
@@ -276,6 +284,21 @@ pub struct Sample {
     pub forwarded: Option<u64>,
     /// CPU time the target used so far (if known).
     pub cpu: Option<Duration>,
+    /// CPU time of this whole process (in-process targets: target plus
+    /// load generator).
+    pub process_cpu: Option<Duration>,
+}
+
+impl Sample {
+    /// A sample of an in-process target: its counters plus this process's
+    /// CPU time.
+    pub fn in_process(forwarded: u64, cpu: Duration) -> Self {
+        Sample {
+            forwarded: Some(forwarded),
+            cpu: Some(cpu),
+            process_cpu: crate::cpu::process_cpu_time(std::process::id()).ok(),
+        }
+    }
 }
 
 /// Samples the target at the start of the send phase, at its end, and
@@ -318,6 +341,7 @@ pub fn run_load(
         t.fds().into_iter().map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let (mut backpressure, mut skipped, mut attempts) = (0u64, 0u64, 0u64);
     let mut next_agent = 0usize;
+    let mut waited = false;
 
     let mut samples = Samples { start: probe(), ..Samples::default() };
     let start = Instant::now();
@@ -335,7 +359,8 @@ pub fn run_load(
         {
             let tracks = &mut tracks;
             let hist = &mut hist;
-            t.receive(&mut |agent, p| {
+            let ready = if std::mem::take(&mut waited) { Some(&pfds[..]) } else { None };
+            t.receive(ready, &mut |agent, p| {
                 let now = ns(Instant::now());
                 let Some(track) = tracks.get_mut(agent) else { return };
                 match decode_payload(p) {
@@ -465,6 +490,7 @@ pub fn run_load(
         let timeout = until.map_or(Duration::from_millis(1), |u| u.saturating_duration_since(now));
         if !timeout.is_zero() {
             wait_readable(&mut pfds, timeout.min(Duration::from_millis(100)));
+            waited = true;
         }
     }
     samples.end = probe();
@@ -552,7 +578,7 @@ mod tests {
         fn next_deadline(&self) -> Option<Instant> {
             None
         }
-        fn receive(&mut self, on_echo: &mut dyn FnMut(usize, &[u8])) {
+        fn receive(&mut self, _: Option<&[libc::pollfd]>, on_echo: &mut dyn FnMut(usize, &[u8])) {
             for (a, p) in self.queued.drain(..) {
                 on_echo(a, &p);
             }

@@ -15,12 +15,14 @@ use ztna_control::quic::TlsOptions;
 use ztna_control::{Role, ServiceName};
 use ztna_dataplane::client_io::{self, UdpClient};
 
-use crate::load::Transport;
+use crate::load::{is_ready, Transport};
 
 /// Bound on echoes a connector holds back while its DATAGRAM queue is full.
 const ECHO_BACKLOG: usize = 4096;
 /// Socket buffer size asked for on client sockets (the kernel caps it).
 const SOCKET_BUF: usize = 4 << 20;
+/// UDP packets fed to one session before its datagrams are taken out.
+const RX_BATCH: usize = 64;
 
 /// Where and how the clients connect.
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ pub struct QuicClients {
     backlog: Vec<VecDeque<(u32, Vec<u8>)>>,
     dirty: Vec<bool>,
     buf: Vec<u8>,
+    pkt: Vec<u8>,
     out: Vec<u8>,
     echo_drops: u64,
     send_errors: u64,
@@ -128,6 +131,7 @@ impl QuicClients {
             backlog: (0..s.connectors).map(|_| VecDeque::new()).collect(),
             dirty: vec![false; n],
             buf: vec![0u8; 65_536],
+            pkt: vec![0u8; 65_536],
             out: vec![0u8; 2048],
             echo_drops: 0,
             send_errors: 0,
@@ -182,6 +186,15 @@ impl QuicClients {
         (self.send_errors, self.udp_send_errors)
     }
 
+    /// QUIC packets the clients' sessions declared lost, and of those the
+    /// ones acknowledged later (spurious).
+    pub fn quic_lost(&self) -> (u64, u64) {
+        self.clients
+            .iter()
+            .filter_map(|c| c.session.quic_stats())
+            .fold((0, 0), |(l, s), st| (l + st.lost as u64, s + st.spurious_lost as u64))
+    }
+
     /// Closes every session and pumps until the closes are sent.
     pub fn close(&mut self) {
         for c in &mut self.clients {
@@ -212,24 +225,24 @@ impl QuicClients {
         }
     }
 
-    fn echo(&mut self, i: usize, flow: u32, payload: Vec<u8>) {
+    fn echo(&mut self, i: usize, flow: u32, payload: &[u8]) {
         let Some(c) = self.clients.get_mut(i) else { return };
         let Some(backlog) = self.backlog.get_mut(i) else { return };
         if !backlog.is_empty() {
             if backlog.len() < ECHO_BACKLOG {
-                backlog.push_back((flow, payload));
+                backlog.push_back((flow, payload.to_vec()));
             } else {
                 self.echo_drops += 1;
             }
             return;
         }
-        match c.session.send_datagram(flow, &payload) {
+        match c.session.send_datagram(flow, payload) {
             Ok(()) => {}
             Err(SendError::QueueFull) => {
                 // Put what quiche holds on the wire and try once more.
                 Self::flush_one(c, &mut self.out, &mut self.udp_send_errors);
-                if c.session.send_datagram(flow, &payload).is_err() {
-                    backlog.push_back((flow, payload));
+                if c.session.send_datagram(flow, payload).is_err() {
+                    backlog.push_back((flow, payload.to_vec()));
                 }
             }
             Err(_) => self.echo_drops += 1,
@@ -265,31 +278,69 @@ impl Transport for QuicClients {
         self.clients.iter().filter_map(|c| c.session.next_deadline()).min()
     }
 
-    fn receive(&mut self, on_echo: &mut dyn FnMut(usize, &[u8])) {
-        for c in &mut self.clients {
-            c.pump();
-        }
-        for i in 0..self.connectors {
-            self.retry_backlog(i);
-            while let Some(c) = self.clients.get_mut(i) {
-                let Some(n) = c.session.recv_datagram(&mut self.buf) else { break };
-                let Some(d) = self.buf.get(..n) else { break };
-                if let Ok((flow, payload)) = datagram::parse(d) {
-                    let payload = payload.to_vec();
-                    self.echo(i, flow, payload);
+    fn receive(&mut self, ready: Option<&[libc::pollfd]>, on_echo: &mut dyn FnMut(usize, &[u8])) {
+        let mut dgram = std::mem::take(&mut self.buf);
+        for i in 0..self.clients.len() {
+            let connector = i < self.connectors;
+            if connector {
+                self.retry_backlog(i);
+            }
+            // Feed the session a bounded batch of packets, then take its
+            // datagrams out, so quiche's DATAGRAM receive queue (which
+            // drops the oldest when full) never overflows under load.
+            while is_ready(ready, i) {
+                let Some(c) = self.clients.get_mut(i) else { break };
+                let mut got = 0;
+                let now = Instant::now();
+                while got < RX_BATCH {
+                    let Ok((n, from)) = c.socket().recv_from(&mut self.pkt) else { break };
+                    got += 1;
+                    if let Some(b) = self.pkt.get_mut(..n) {
+                        c.session.recv(b, from, now);
+                    }
+                }
+                if got == 0 {
+                    break;
+                }
+                if let Some(d) = self.dirty.get_mut(i) {
+                    *d = true;
+                }
+                if connector {
+                    while let Some(c) = self.clients.get_mut(i) {
+                        let Some(n) = c.session.recv_datagram(&mut dgram) else { break };
+                        if let Some(Ok((flow, payload))) = dgram.get(..n).map(datagram::parse) {
+                            self.echo(i, flow, payload);
+                        }
+                    }
+                    // Put the echoes on the wire before reading more.
+                    if let Some(c) = self.clients.get_mut(i) {
+                        Self::flush_one(c, &mut self.out, &mut self.udp_send_errors);
+                    }
+                } else {
+                    let a = i - self.connectors;
+                    while let Some(n) = c.session.recv_datagram(&mut dgram) {
+                        match dgram.get(..n).map(datagram::parse) {
+                            Some(Ok((flow, payload))) if Some(&flow) == self.flows.get(a) => on_echo(a, payload),
+                            // Wrong flow: counted as misrouted by the generator.
+                            _ => on_echo(a, &[]),
+                        }
+                    }
+                }
+                if got < RX_BATCH {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if let Some(c) = self.clients.get_mut(i) {
+                if c.session.next_deadline().is_some_and(|d| d <= now) {
+                    c.session.handle_timeout(now);
+                    if let Some(d) = self.dirty.get_mut(i) {
+                        *d = true;
+                    }
                 }
             }
         }
-        for (a, c) in self.clients.iter_mut().skip(self.connectors).enumerate() {
-            while let Some(n) = c.session.recv_datagram(&mut self.buf) {
-                let Some(d) = self.buf.get(..n) else { break };
-                match datagram::parse(d) {
-                    Ok((flow, payload)) if Some(&flow) == self.flows.get(a) => on_echo(a, payload),
-                    // Wrong flow: counted as misrouted by the generator.
-                    _ => on_echo(a, &[]),
-                }
-            }
-        }
+        self.buf = dgram;
     }
 
     fn send(&mut self, agent: usize, payload: &[u8]) -> bool {

@@ -102,9 +102,12 @@ pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
             let setup = setup(*addr, server_name, tls, &cfg.load);
             let mut clients = QuicClients::connect(&setup)?;
             check_size(&clients, cfg.load.size)?;
-            let mut probe = || Sample { forwarded: None, cpu: pid.and_then(|p| cpu::process_cpu_time(p).ok()) };
+            let mut probe = || Sample {
+                forwarded: None,
+                cpu: pid.and_then(|p| cpu::process_cpu_time(p).ok()),
+                process_cpu: cpu::process_cpu_time(std::process::id()).ok(),
+            };
             let (result, samples) = load::run_load(&mut clients, &cfg.load, &mut probe)?;
-            clients.close();
             let backend = "unknown (external)".to_owned();
             let target = TargetInfo {
                 kind: "relay".into(),
@@ -115,6 +118,7 @@ pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
             };
             let mut report = Report::new(target, &cfg.load, result, &samples);
             add_client_notes(&mut report, &clients);
+            clients.close();
             if pid.is_none() {
                 report.notes.push("no --relay-pid: relay CPU time unknown".into());
             }
@@ -152,6 +156,10 @@ fn add_client_notes(report: &mut Report, clients: &QuicClients) {
     if udp_errors > 0 {
         report.notes.push(format!("{udp_errors} client UDP sends failed (socket buffer full)"));
     }
+    let (lost, spurious) = clients.quic_lost();
+    if lost > 0 {
+        report.notes.push(format!("client QUIC sessions declared {lost} packets lost ({spurious} spurious)"));
+    }
     let disconnects: usize = clients.info.iter().map(|i| i.disconnects.len()).sum();
     if disconnects > 0 {
         report.notes.push(format!("{disconnects} client disconnects during the run"));
@@ -165,10 +173,9 @@ pub fn run_in_process(h: &RelayHandle, workers: usize, load: &LoadConfig) -> Res
     let mut clients = QuicClients::connect(&setup)?;
     check_size(&clients, load.size)?;
     let before = h.totals();
-    let mut probe = || Sample { forwarded: Some(h.totals().datagrams_forwarded), cpu: Some(h.cpu_time()) };
+    let mut probe = || Sample::in_process(h.totals().datagrams_forwarded, h.cpu_time());
     let (result, samples) = load::run_load(&mut clients, load, &mut probe)?;
     let after = h.totals();
-    clients.close();
     let target = TargetInfo {
         kind: "relay".into(),
         address: h.local_addr.to_string(),
@@ -184,5 +191,6 @@ pub fn run_in_process(h: &RelayHandle, workers: usize, load: &LoadConfig) -> Res
         report.notes.push("BPF steering unavailable: packets may be handed off between workers in software".into());
     }
     add_client_notes(&mut report, &clients);
+    clients.close();
     Ok(report)
 }

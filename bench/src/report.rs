@@ -44,6 +44,11 @@ pub struct Report {
     pub cpu_secs: Option<f64>,
     /// Target CPU time per forwarded datagram, microseconds.
     pub cpu_us_per_forwarded: Option<f64>,
+    /// CPU time of the load generator (this process less an in-process
+    /// target; an external target's process is not ours) over the run.
+    pub generator_cpu_secs: Option<f64>,
+    /// Generator CPU per echoed round trip, microseconds.
+    pub generator_us_per_round_trip: Option<f64>,
     /// Non-zero drop counters of the target (deltas over the run).
     pub drops: BTreeMap<String, u64>,
     /// Other counters of the target (deltas over the run).
@@ -65,6 +70,15 @@ impl Report {
             (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
             _ => None,
         };
+        let process = match (samples.start.process_cpu, samples.end.process_cpu) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
+            _ => None,
+        };
+        let generator = match (process, cpu, target.in_process) {
+            (Some(p), Some(c), true) => Some((p - c).max(0.0)),
+            (Some(p), _, false) => Some(p),
+            _ => None,
+        };
         let forwarded_per_sec = send_fwd as f64 / result.send_secs.max(1e-9);
         Report {
             kind: target.kind,
@@ -79,6 +93,10 @@ impl Report {
             payload_gbps: forwarded_per_sec * load.size as f64 * 8.0 / 1e9,
             cpu_secs: cpu,
             cpu_us_per_forwarded: cpu.filter(|_| forwarded > 0).map(|c| c * 1e6 / forwarded as f64),
+            generator_cpu_secs: generator,
+            generator_us_per_round_trip: generator
+                .filter(|_| result.received > 0)
+                .map(|g| g * 1e6 / result.received as f64),
             drops: BTreeMap::new(),
             counters: BTreeMap::new(),
             notes: Vec::new(),
@@ -126,6 +144,11 @@ impl Report {
             }
             (Some(c), None) => println!("cpu:         {c:.3} s, nothing forwarded"),
             _ => println!("cpu:         unknown (pass --relay-pid for an external relay)"),
+        }
+        if let (Some(g), Some(per)) = (self.generator_cpu_secs, self.generator_us_per_round_trip) {
+            println!(
+                "generator:   {g:.3} s CPU = {per:.3} us per round trip (load generator, all clients, one thread)"
+            );
         }
         if !self.drops.is_empty() {
             let d: Vec<String> = self.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use ztna_dataplane::forwarder::{self, ForwarderHandle, HEADER_LEN, HELLO_FLOW};
 use ztna_dataplane::io::IoBackend;
 
-use crate::load::{self, LoadConfig, Sample, Transport};
+use crate::load::{self, is_ready, LoadConfig, Sample, Transport};
 use crate::report::{Report, TargetInfo};
 
 /// Socket buffer size asked for on bench sockets (the kernel caps it).
@@ -91,8 +91,11 @@ impl Transport for UdpClients {
         None
     }
 
-    fn receive(&mut self, on_echo: &mut dyn FnMut(usize, &[u8])) {
-        for s in &self.peers {
+    fn receive(&mut self, ready: Option<&[libc::pollfd]>, on_echo: &mut dyn FnMut(usize, &[u8])) {
+        for (i, s) in self.peers.iter().enumerate() {
+            if !is_ready(ready, i) {
+                continue;
+            }
             for _ in 0..RX_PER_TURN {
                 let Ok(n) = s.recv(&mut self.buf) else { break };
                 let Some(p) = self.buf.get(..n) else { break };
@@ -105,6 +108,9 @@ impl Transport for UdpClients {
             }
         }
         for (a, s) in self.agents.iter().enumerate() {
+            if !is_ready(ready, self.peers.len() + a) {
+                continue;
+            }
             for _ in 0..RX_PER_TURN {
                 let Ok(n) = s.recv(&mut self.buf) else { break };
                 let Some(p) = self.buf.get(..n) else { break };
@@ -149,7 +155,7 @@ pub fn run(io_backend: IoBackend, load: &LoadConfig) -> Result<Report> {
 pub fn run_with(fwd: &ForwarderHandle, load: &LoadConfig) -> Result<Report> {
     let mut clients = UdpClients::connect(fwd.local_addr, load.agents, load.connectors)?;
     let before = fwd.stats();
-    let mut probe = || Sample { forwarded: Some(fwd.forwarded()), cpu: Some(fwd.cpu_time()) };
+    let mut probe = || Sample::in_process(fwd.forwarded(), fwd.cpu_time());
     let (result, samples) = load::run_load(&mut clients, load, &mut probe)?;
     let after = fwd.stats();
     let target = TargetInfo {
