@@ -149,6 +149,8 @@ pub struct ClientSession {
     scratch: Vec<u8>,
     /// The `now` of the current entry point.
     now: Instant,
+    /// [`ClientSession::close`] was called: never reconnect.
+    stop_requested: bool,
 }
 
 impl ClientSession {
@@ -176,6 +178,7 @@ impl ClientSession {
             stats: ClientStats::default(),
             scratch: Vec::with_capacity(2048),
             now,
+            stop_requested: false,
         }
     }
 
@@ -356,6 +359,7 @@ impl ClientSession {
 
     /// Closes the connection for good (no reconnect).
     pub fn close(&mut self) {
+        self.stop_requested = true;
         if let Phase::Live { conn, .. } = &mut self.phase {
             let _ = conn.close(true, u64::from(Code::NO_ERROR.0), b"client closing");
             // Keep the connection until quiche emitted the CONNECTION_CLOSE.
@@ -415,8 +419,7 @@ impl ClientSession {
             (None, None) if conn.is_timed_out() => "idle timeout".to_owned(),
             (None, None) => "closed".to_owned(),
         };
-        let by_us = conn.local_error().is_some_and(|e| e.is_app && e.error_code == u64::from(Code::NO_ERROR.0));
-        if by_us {
+        if self.stop_requested {
             self.phase = Phase::Stopped;
             self.push_event(Event::Disconnected { reason, retry_in: Duration::MAX });
         } else {

@@ -5,8 +5,9 @@
 //!   a counted drop, never a block.
 //! - `ctrl`: registry messages. These must not be lost, so a sender that
 //!   finds the queue full keeps the message in its own outbox and retries on
-//!   its next loop turn (the outbox is bounded by the relay's connection and
-//!   registration limits).
+//!   its next loop turn. The outbox is bounded by what produces registry
+//!   messages: registrations per connection (limit) times the per-connection
+//!   registration rate (token bucket) times connections.
 //!
 //! Wake-ups are coalesced: a sender writes the eventfd only when it flips the
 //! destination's `notified` flag from false to true; the destination clears
@@ -40,11 +41,12 @@ pub enum Ctrl {
     /// Broadcast: `conn` no longer serves `service`.
     ConnectorDown { service: ServiceName, conn: ConnKey },
     /// To the connector's worker: open a connector-leg flow for an agent.
-    Bind { connector: ConnKey, handle: u32, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr },
+    /// `attempt` counts connectors tried for this flow (bounds retries).
+    Bind { connector: ConnKey, handle: u32, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, attempt: u8 },
     /// To the agent's worker: the bind succeeded.
     Bound { agent: ConnKey, agent_flow: u32, connector: ConnKey, connector_flow: u32 },
     /// To the agent's worker: the connector is gone or full.
-    BindFailed { agent: ConnKey, agent_flow: u32, connector: ConnKey },
+    BindFailed { agent: ConnKey, agent_flow: u32, connector: ConnKey, attempt: u8 },
     /// To the connector's worker: the agent's flow ended.
     Unbind { connector: ConnKey, connector_flow: u32 },
 }

@@ -26,6 +26,8 @@ pub struct LimitsConfig {
     pub max_registrations: usize,
     pub max_flows_per_conn: usize,
     pub max_control_backlog: usize,
+    /// Register/Unregister operations per second per connection.
+    pub registrations_per_sec: u32,
     /// Cross-worker data queue depth per worker (datagrams).
     pub data_queue_depth: usize,
     /// Cross-worker control queue depth per worker (messages).
@@ -40,6 +42,7 @@ impl Default for LimitsConfig {
             max_registrations: l.max_registrations,
             max_flows_per_conn: l.max_flows_per_conn,
             max_control_backlog: l.max_control_backlog,
+            registrations_per_sec: l.registrations_per_sec,
             data_queue_depth: 8192,
             ctrl_queue_depth: 65_536,
         }
@@ -180,6 +183,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         max_registrations: cfg.limits.max_registrations,
         max_flows_per_conn: cfg.limits.max_flows_per_conn,
         max_control_backlog: cfg.limits.max_control_backlog,
+        registrations_per_sec: cfg.limits.registrations_per_sec,
     };
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);

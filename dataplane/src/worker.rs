@@ -31,6 +31,8 @@ const MIN_INITIAL_LEN: usize = 1200;
 /// reaches the client before CONNECTION_CLOSE (quiche sends no stream data
 /// once closing).
 const ERROR_LINGER: Duration = Duration::from_millis(100);
+/// Connectors tried for one agent flow before the registration is refused.
+const MAX_BIND_ATTEMPTS: u8 = 4;
 
 /// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -48,6 +50,9 @@ pub struct Limits {
     pub max_flows_per_conn: usize,
     /// Unsent control bytes the relay keeps for a client that does not read.
     pub max_control_backlog: usize,
+    /// Register/Unregister operations per second per connection (sustained;
+    /// bursts up to `max_registrations`). Beyond it: RegisterError{limit}.
+    pub registrations_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -57,6 +62,7 @@ impl Default for Limits {
             max_registrations: 64,
             max_flows_per_conn: 65_536,
             max_control_backlog: 256 * 1024,
+            registrations_per_sec: 10,
         }
     }
 }
@@ -107,6 +113,11 @@ struct Conn {
     dirty: bool,
     /// Close with this code once the instant passes (after Error/Goodbye).
     close_at: Option<(Instant, Code)>,
+    /// Set once the relay decided to close: nothing the peer sends is
+    /// processed any more (never cleared).
+    stopped: bool,
+    /// Token bucket for Register/Unregister: (tokens, last refill).
+    reg_tokens: (f64, Instant),
 }
 
 /// The worker state machine.
@@ -181,7 +192,7 @@ impl Worker {
 
     /// Open connections.
     pub fn conn_count(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.slots.len() - self.free.len()
     }
 
     /// A packet read from this worker's socket.
@@ -289,6 +300,8 @@ impl Worker {
             timer: None,
             dirty: false,
             close_at: None,
+            stopped: false,
+            reg_tokens: (self.cfg.limits.max_registrations as f64, self.now),
         };
         if let Some(s) = self.slots.get_mut(slot as usize) {
             *s = Some(conn);
@@ -333,7 +346,7 @@ impl Worker {
                 conn.cids.retain(|c| *c != k);
             }
         }
-        if conn.quic.is_established() && conn.close_at.is_none() {
+        if conn.quic.is_established() && !conn.stopped {
             while conn.quic.scids_left() > 0 && conn.cids.len() < SPARE_CIDS + 2 {
                 let cid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
                 let token = u128::from_be_bytes(random_bytes());
@@ -362,7 +375,7 @@ impl Worker {
                 _ => return,
             }
             loop {
-                if conn.close_at.is_some() {
+                if conn.stopped {
                     return;
                 }
                 match conn.rx.next_message() {
@@ -387,6 +400,7 @@ impl Worker {
         warn!(worker = self.cfg.index, peer = %conn.peer, %code, reason, "closing connection");
         self.send_msg(conn, &Message::Error { code, reason: reason.to_owned() });
         conn.close_at = Some((self.now + ERROR_LINGER, code));
+        conn.stopped = true;
     }
 
     fn send_msg(&mut self, conn: &mut Conn, m: &Message) {
@@ -403,6 +417,7 @@ impl Worker {
         if conn.tx.len() > self.cfg.limits.max_control_backlog {
             // The client does not read its control stream; stop buffering.
             conn.tx.clear();
+            conn.stopped = true;
             self.stats.control_errors.fetch_add(1, Ordering::Relaxed);
             let _ = conn.quic.close(true, u64::from(Code::CONTROL_BACKLOG.0), b"control backlog");
         }
@@ -423,11 +438,33 @@ impl Worker {
             return;
         }
         match m {
-            Message::Register { request_id, role, service } => self.on_register(conn, request_id, role, service),
-            Message::Unregister { flow } => self.on_unregister(conn, flow),
+            Message::Register { request_id, role, service } => {
+                if self.take_reg_token(conn) {
+                    self.on_register(conn, request_id, role, service);
+                } else {
+                    self.register_error(conn, request_id, Code::LIMIT, "registration rate exceeded");
+                }
+            }
+            Message::Unregister { flow } => {
+                // Unregister is always honoured but costs a token, so
+                // register/unregister churn is bounded by the rate.
+                self.take_reg_token(conn);
+                self.on_unregister(conn, flow);
+            }
             Message::Unknown { .. } => {}
             _ => self.fail(conn, Code::UNEXPECTED_MESSAGE, "unexpected message"),
         }
+    }
+
+    /// Refills and takes one Register/Unregister token.
+    fn take_reg_token(&mut self, conn: &mut Conn) -> bool {
+        let (tokens, last) = conn.reg_tokens;
+        let rate = f64::from(self.cfg.limits.registrations_per_sec);
+        let burst = self.cfg.limits.max_registrations as f64;
+        let refilled = (tokens + self.now.saturating_duration_since(last).as_secs_f64() * rate).min(burst);
+        let ok = refilled >= 1.0;
+        conn.reg_tokens = (if ok { refilled - 1.0 } else { refilled }, self.now);
+        ok
     }
 
     fn register_error(&mut self, conn: &mut Conn, request_id: u32, code: Code, reason: &str) {
@@ -469,7 +506,7 @@ impl Worker {
                     return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
                 };
                 debug!(worker = self.cfg.index, peer = %conn.peer, %service, agent_flow, "agent registering");
-                self.send_bind(conn.key, agent_flow, conn.peer, target);
+                self.send_bind(conn.key, agent_flow, conn.peer, target, 1);
             }
         }
     }
@@ -498,8 +535,8 @@ impl Worker {
         }
     }
 
-    fn send_bind(&mut self, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, target: Serving) {
-        let msg = Ctrl::Bind { connector: target.conn, handle: target.handle, agent, agent_flow, agent_addr };
+    fn send_bind(&mut self, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, target: Serving, attempt: u8) {
+        let msg = Ctrl::Bind { connector: target.conn, handle: target.handle, agent, agent_flow, agent_addr, attempt };
         self.send_ctrl(usize::from(target.conn.worker), msg);
     }
 
@@ -659,10 +696,11 @@ impl Worker {
                     Some(conn),
                 );
             }
-            Ctrl::Bind { connector, handle, agent, agent_flow, agent_addr } => {
+            Ctrl::Bind { connector, handle, agent, agent_flow, agent_addr, attempt } => {
                 let reply_to = usize::from(agent.worker);
+                let failed = Ctrl::BindFailed { agent, agent_flow, connector, attempt };
                 let Some(mut c) = self.take(connector) else {
-                    return self.send_ctrl(reply_to, Ctrl::BindFailed { agent, agent_flow, connector });
+                    return self.send_ctrl(reply_to, failed);
                 };
                 let serves = matches!(c.flows.get(handle), Some(Flow::Service { .. }));
                 let flow =
@@ -674,7 +712,7 @@ impl Worker {
                         self.send_msg(&mut c, &open);
                         self.send_ctrl(reply_to, Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow });
                     }
-                    None => self.send_ctrl(reply_to, Ctrl::BindFailed { agent, agent_flow, connector }),
+                    None => self.send_ctrl(reply_to, failed),
                 }
                 self.put(c);
             }
@@ -697,14 +735,19 @@ impl Worker {
                 }
                 self.put(a);
             }
-            Ctrl::BindFailed { agent, agent_flow, connector } => {
+            Ctrl::BindFailed { agent, agent_flow, connector, attempt } => {
                 let Some(mut a) = self.take(agent) else { return };
                 let peer = a.peer;
                 let mut retry = None;
                 let mut refuse = None;
                 if let Some(Flow::Agent { service, binding, pending_request }) = a.flows.get_mut(agent_flow) {
                     if *binding == Binding::Pending(connector) {
-                        match self.dir.pick(service, agent, Some(connector)) {
+                        let next = if attempt < MAX_BIND_ATTEMPTS {
+                            self.dir.pick(service, agent, Some(connector))
+                        } else {
+                            None
+                        };
+                        match next {
                             Some(t) => {
                                 *binding = Binding::Pending(t.conn);
                                 retry = Some(t);
@@ -717,7 +760,7 @@ impl Worker {
                     }
                 }
                 if let Some(t) = retry {
-                    self.send_bind(agent, agent_flow, peer, t);
+                    self.send_bind(agent, agent_flow, peer, t, attempt.saturating_add(1));
                 }
                 if let Some(request_id) = refuse {
                     a.flows.remove(agent_flow);
@@ -741,34 +784,46 @@ impl Worker {
     fn rebind_where(&mut self, pred: impl Fn(&wire::ServiceName, &Binding) -> bool, exclude: Option<ConnKey>) {
         let mut binds = Vec::new();
         let mut unbinds = Vec::new();
+        let mut refusals = Vec::new();
         for conn in self.slots.iter_mut().flatten() {
             let key = conn.key;
             let peer = conn.peer;
             for (id, f) in conn.flows.iter_mut() {
-                let Flow::Agent { service, binding, .. } = f else { continue };
+                let Flow::Agent { service, binding, pending_request } = f else { continue };
                 if !pred(service, binding) {
                     continue;
                 }
                 if let Binding::Bound { connector, flow } = *binding {
-                    unbinds.push(Ctrl::Unbind { connector, connector_flow: flow });
+                    unbinds.push((connector, flow));
                 }
                 match self.dir.pick(service, key, exclude) {
                     Some(t) => {
                         *binding = Binding::Pending(t.conn);
                         binds.push((key, id, peer, t));
                     }
-                    None => *binding = Binding::Unbound,
+                    None => {
+                        *binding = Binding::Unbound;
+                        // A Register still waiting for its answer gets one
+                        // now: nobody serves the service any more.
+                        if let Some(request_id) = pending_request.take() {
+                            refusals.push((key, id, request_id));
+                        }
+                    }
                 }
             }
         }
-        for u in unbinds {
-            if let Ctrl::Unbind { connector, .. } = &u {
-                let w = usize::from(connector.worker);
-                self.send_ctrl(w, u);
-            }
+        for (connector, flow) in unbinds {
+            self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
         }
         for (key, id, peer, t) in binds {
-            self.send_bind(key, id, peer, t);
+            self.send_bind(key, id, peer, t, 1);
+        }
+        for (key, id, request_id) in refusals {
+            if let Some(mut c) = self.take(key) {
+                c.flows.remove(id);
+                self.register_error(&mut c, request_id, Code::UNKNOWN_SERVICE, "no connector serves it");
+                self.put(c);
+            }
         }
     }
 
@@ -928,6 +983,7 @@ impl Worker {
                 self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
             }
             conn.close_at = Some((now + linger, code));
+            conn.stopped = true;
             self.put(conn);
         }
     }

@@ -294,3 +294,59 @@ fn shutdown_sends_goodbye_and_is_bounded() {
     relay.shutdown();
     assert!(t.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t.elapsed());
 }
+
+#[test]
+fn register_churn_is_rate_limited() {
+    let relay = start_relay(1, IoBackend::Auto, true);
+    let mut raw = RawClient::connect(&relay);
+    raw.send_msg(&ztna_control::Message::Hello { version: 1, software: "churn".into() });
+    // 200 register/unregister pairs back to back: far beyond the burst.
+    for i in 0..200u32 {
+        raw.send_msg(&ztna_control::Message::Register { request_id: i, role: Role::Connector, service: svc("c") });
+        raw.send_msg(&ztna_control::Message::Unregister { flow: i + 1 });
+    }
+    raw.pump_for(Duration::from_millis(500));
+    let limited = raw
+        .messages()
+        .iter()
+        .filter(|m| matches!(m, ztna_control::Message::RegisterError { code, .. } if *code == Code::LIMIT))
+        .count();
+    assert!(limited > 100, "most of the churn is refused, got {limited} LIMIT errors");
+    assert!(!raw.conn.is_closed(), "rate limiting does not close the connection");
+    relay.shutdown();
+}
+
+#[test]
+fn full_connectors_refuse_instead_of_looping() {
+    let mut cfg = ztna_dataplane::relay::RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: Some(2),
+        dev: true,
+        pin_cores: false,
+        ..Default::default()
+    };
+    // Each connector holds its service handle plus one agent leg.
+    cfg.limits.max_flows_per_conn = 2;
+    let relay = ztna_dataplane::relay::start(&cfg).unwrap();
+    let mut cs = vec![client(&relay, &[(Role::Connector, "echo")], 1), client(&relay, &[(Role::Connector, "echo")], 2)];
+    until_registered(&mut cs[0], 1);
+    until_registered(&mut cs[1], 1);
+    let mut served = 0;
+    let mut refused = 0;
+    for seed in 10..13 {
+        let mut a = client(&relay, &[(Role::Agent, "echo")], seed);
+        match a.wait_for(T, |e| matches!(e, Event::Registered { .. } | Event::RegisterFailed { .. }), |_| {}) {
+            Some(Event::Registered { .. }) => served += 1,
+            Some(Event::RegisterFailed { code, .. }) => {
+                assert_eq!(code, Code::UNKNOWN_SERVICE);
+                refused += 1;
+            }
+            other => panic!("no answer: {other:?}"),
+        }
+        for c in cs.iter_mut() {
+            c.pump();
+        }
+    }
+    assert_eq!((served, refused), (2, 1), "two connectors with room for one flow each");
+    relay.shutdown();
+}

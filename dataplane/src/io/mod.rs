@@ -46,9 +46,21 @@ pub trait Backend {
     fn name(&self) -> &'static str;
 }
 
-/// True if this process may create an io_uring.
+/// True if this process may create an io_uring that supports what the
+/// backend uses: timeouts on submit (EXT_ARG, Linux 5.11) and the
+/// RecvMsg, SendMsg and Read operations.
 pub fn uring_available() -> bool {
-    io_uring::IoUring::new(4).is_ok()
+    let Ok(ring) = io_uring::IoUring::new(4) else { return false };
+    if !ring.params().is_feature_ext_arg() {
+        return false;
+    }
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_err() {
+        return false;
+    }
+    [io_uring::opcode::RecvMsg::CODE, io_uring::opcode::SendMsg::CODE, io_uring::opcode::Read::CODE]
+        .iter()
+        .all(|op| probe.is_supported(*op))
 }
 
 /// Resolves `Auto` to a concrete backend.

@@ -155,7 +155,43 @@ impl Uring {
     }
 }
 
-impl Transmit for SendPool {
+impl Uring {
+    /// Waits for in-flight sends to complete until a slot is free. Called
+    /// only when all slots are in flight, so a completion is due.
+    fn reclaim_send_slot(&mut self) -> io::Result<()> {
+        self.push_ready_sends()?;
+        loop {
+            for (ud, res) in self.ring.completion().map(|c| (c.user_data(), c.result())).collect::<Vec<_>>() {
+                if ud >> KIND_SHIFT == KIND_SEND {
+                    self.send.free.push((ud & 0xffff_ffff) as usize);
+                } else {
+                    self.deferred.push((ud, res));
+                }
+            }
+            if !self.send.free.is_empty() {
+                return Ok(());
+            }
+            self.ring.submit_and_wait(1)?;
+        }
+    }
+}
+
+impl Transmit for Uring {
+    fn buf(&mut self) -> &mut [u8] {
+        if self.send.current.is_none() && self.send.free.is_empty() {
+            // More packets this turn than slots: flush and wait for the
+            // kernel to hand slots back rather than dropping packets.
+            let _ = self.reclaim_send_slot();
+        }
+        self.send.buf()
+    }
+
+    fn commit(&mut self, len: usize, to: SocketAddr) {
+        self.send.commit(len, to);
+    }
+}
+
+impl SendPool {
     fn buf(&mut self) -> &mut [u8] {
         // A slot handed out but not committed (the caller had nothing to
         // send) is reused, not leaked.
@@ -204,6 +240,19 @@ impl Transmit for SendPool {
     }
 }
 
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // Receives (and maybe sends) are still armed. Closing the ring
+        // cancels them asynchronously, so the kernel may still write into
+        // their buffers after this point: leak the buffers instead of
+        // freeing memory the kernel might touch (a few hundred KiB, once,
+        // when a worker exits).
+        std::mem::forget(std::mem::take(&mut self.recv));
+        std::mem::forget(std::mem::take(&mut self.send.slots));
+        std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new(0)));
+    }
+}
+
 impl Backend for Uring {
     fn poll(&mut self, timeout: Duration, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<()> {
         if self.deferred.is_empty() && self.ring.completion().is_empty() {
@@ -238,7 +287,7 @@ impl Backend for Uring {
     }
 
     fn transmit(&mut self) -> &mut dyn Transmit {
-        &mut self.send
+        self
     }
 
     fn flush(&mut self) -> io::Result<()> {
