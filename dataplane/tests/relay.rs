@@ -328,7 +328,7 @@ fn full_connectors_refuse_instead_of_looping() {
     // Each connector holds its service handle plus one agent leg.
     cfg.limits.max_flows_per_conn = 2;
     let relay = ztna_dataplane::relay::start(&cfg).unwrap();
-    let mut cs = vec![client(&relay, &[(Role::Connector, "echo")], 1), client(&relay, &[(Role::Connector, "echo")], 2)];
+    let mut cs = [client(&relay, &[(Role::Connector, "echo")], 1), client(&relay, &[(Role::Connector, "echo")], 2)];
     until_registered(&mut cs[0], 1);
     until_registered(&mut cs[1], 1);
     let mut served = 0;
