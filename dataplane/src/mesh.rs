@@ -27,10 +27,11 @@ use crate::routing::ConnKey;
 /// Data-plane message.
 #[derive(Debug)]
 pub enum Data {
-    /// A datagram whose flow id is already rewritten for `to`.
-    Datagram { to: ConnKey, bytes: Vec<u8>, received: Instant },
+    /// A datagram whose flow id is already rewritten for `to`. `bytes`
+    /// goes back to the sender's recycle queue after delivery.
+    Datagram { to: ConnKey, bytes: Vec<u8>, received: Instant, sender: u16 },
     /// A QUIC packet that arrived at the wrong worker.
-    Packet { from: SocketAddr, bytes: Vec<u8> },
+    Packet { from: SocketAddr, bytes: Vec<u8>, sender: u16 },
 }
 
 /// Registry message.
@@ -55,6 +56,10 @@ pub enum Ctrl {
 pub struct Inbox {
     pub data: ArrayQueue<Data>,
     pub ctrl: ArrayQueue<Ctrl>,
+    /// Buffers this worker sent that their receivers are done with. Reusing
+    /// them keeps malloc/free (and glibc's cross-thread arena locks) off the
+    /// per-datagram path.
+    pub recycle: ArrayQueue<Vec<u8>>,
     notified: AtomicBool,
     eventfd: OwnedFd,
 }
@@ -70,6 +75,7 @@ impl Inbox {
         Ok(Inbox {
             data: ArrayQueue::new(data_depth.max(1)),
             ctrl: ArrayQueue::new(ctrl_depth.max(1)),
+            recycle: ArrayQueue::new(data_depth.max(1)),
             notified: AtomicBool::new(false),
             // SAFETY: `fd` is a fresh descriptor nobody else owns.
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -126,6 +132,23 @@ impl Mesh {
     pub fn is_empty(&self) -> bool {
         self.inboxes.is_empty()
     }
+
+    /// A buffer holding a copy of `bytes`, reused from `worker`'s recycle
+    /// queue when one is there.
+    pub fn buffer(&self, worker: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut v = self.inboxes.get(worker).and_then(|i| i.recycle.pop()).unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    /// Returns a buffer to the worker that allocated it (freed if its
+    /// recycle queue is full).
+    pub fn recycle(&self, worker: usize, buf: Vec<u8>) {
+        if let Some(i) = self.inboxes.get(worker) {
+            let _ = i.recycle.push(buf);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -136,7 +159,7 @@ mod tests {
     fn bounded_queue_and_coalesced_wake() {
         let mesh = Mesh::new(2, 2, 2).unwrap();
         let inbox = &mesh.inboxes[1];
-        let d = || Data::Packet { from: "127.0.0.1:1".parse().unwrap(), bytes: vec![1] };
+        let d = || Data::Packet { from: "127.0.0.1:1".parse().unwrap(), bytes: vec![1], sender: 0 };
         assert!(inbox.data.push(d()).is_ok());
         assert!(inbox.data.push(d()).is_ok());
         assert!(inbox.data.push(d()).is_err(), "full queue refuses, never blocks");

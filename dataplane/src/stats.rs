@@ -83,6 +83,9 @@ counters! {
     drop_dgram_queue_full,
     /// Datagrams dropped: too large for the destination path.
     drop_too_large,
+    /// Packets the socket refused (buffer full, unreachable) or no send
+    /// slot could take.
+    drop_tx,
     /// Goodbyes sent.
     goodbyes_sent,
 }

@@ -206,7 +206,8 @@ impl Worker {
         if owner != self.cfg.index {
             // Steering missed (no BPF, or the worker count changed): hand the
             // packet to its owner instead of dropping it.
-            let msg = Data::Packet { from, bytes: buf.to_vec() };
+            let msg =
+                Data::Packet { from, bytes: self.mesh.buffer(self.cfg.index, buf), sender: self.cfg.index as u16 };
             if let Some(inbox) = self.mesh.inboxes.get(owner) {
                 if inbox.data.push(msg).is_ok() {
                     self.stats.handoff_out.fetch_add(1, Ordering::Relaxed);
@@ -611,7 +612,12 @@ impl Worker {
             return;
         }
         let w = usize::from(to.worker);
-        let msg = Data::Datagram { to, bytes: bytes.to_vec(), received: now };
+        let msg = Data::Datagram {
+            to,
+            bytes: self.mesh.buffer(self.cfg.index, bytes),
+            received: now,
+            sender: self.cfg.index as u16,
+        };
         match self.mesh.inboxes.get(w).map(|i| i.data.push(msg)) {
             Some(Ok(())) => {
                 self.stats.datagrams_cross_worker.fetch_add(1, Ordering::Relaxed);
@@ -645,13 +651,14 @@ impl Worker {
         let mesh = Arc::clone(&self.mesh);
         let Some(inbox) = mesh.inboxes.get(self.cfg.index) else { return };
         inbox.clear_notified();
-        while let Some(c) = inbox.ctrl.pop() {
+        for _ in 0..INBOX_BATCH {
+            let Some(c) = inbox.ctrl.pop() else { break };
             self.on_ctrl(c);
         }
         for _ in 0..INBOX_BATCH {
             let Some(d) = inbox.data.pop() else { break };
             match d {
-                Data::Datagram { to, bytes, received } => {
+                Data::Datagram { to, bytes, received, sender } => {
                     let payload_len = datagram::parse(&bytes).map(|(_, p)| p.len()).unwrap_or(0);
                     if let Some(mut dst) = self.take(to) {
                         let r = dst.quic.dgram_send(&bytes);
@@ -660,14 +667,16 @@ impl Worker {
                     } else {
                         self.stats.drop_peer_gone.fetch_add(1, Ordering::Relaxed);
                     }
+                    mesh.recycle(usize::from(sender), bytes);
                 }
-                Data::Packet { from, mut bytes } => {
+                Data::Packet { from, mut bytes, sender } => {
                     self.stats.handoff_in.fetch_add(1, Ordering::Relaxed);
                     self.process_packet(&mut bytes, from, now);
+                    mesh.recycle(usize::from(sender), bytes);
                 }
             }
         }
-        if !inbox.data.is_empty() {
+        if !inbox.data.is_empty() || !inbox.ctrl.is_empty() {
             // More than one batch waiting: make sure we come back.
             self.wake[self.cfg.index] = true;
         }

@@ -44,6 +44,10 @@ pub trait Backend {
     fn flush(&mut self) -> io::Result<()>;
     /// Name for logs.
     fn name(&self) -> &'static str;
+    /// Packets the socket refused or no send slot could take, so far.
+    fn tx_dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// True if this process may create an io_uring that supports what the
@@ -139,8 +143,9 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, shutdown: &Ato
         worker.handle_timeouts(now);
         worker.flush(backend.transmit(), now);
         if let Err(e) = backend.flush() {
-            tracing::warn!(worker = worker.index(), error = %e, "send failed");
+            tracing::debug!(worker = worker.index(), error = %e, "send failed");
         }
+        worker.stats().drop_tx.store(backend.tx_dropped(), Ordering::Relaxed);
     }
 }
 

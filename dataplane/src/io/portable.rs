@@ -183,4 +183,8 @@ impl Backend for Portable {
     fn name(&self) -> &'static str {
         "portable"
     }
+
+    fn tx_dropped(&self) -> u64 {
+        self.tx.errors
+    }
 }

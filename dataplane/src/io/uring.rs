@@ -309,6 +309,10 @@ impl Backend for Uring {
     fn name(&self) -> &'static str {
         "io_uring"
     }
+
+    fn tx_dropped(&self) -> u64 {
+        self.send.dropped
+    }
 }
 
 #[cfg(test)]
