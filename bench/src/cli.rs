@@ -94,7 +94,8 @@ pub struct RelayArgs {
     /// Do not verify the external relay's certificate.
     #[arg(long)]
     pub insecure: bool,
-    /// TLS server name (default: the host of --relay).
+    /// TLS server name (default: the host of --relay, or "localhost" when
+    /// that is an IP address: the TLS stack verifies DNS names only).
     #[arg(long)]
     pub server_name: Option<String>,
     /// The external relay's process id, for CPU accounting.
@@ -144,7 +145,8 @@ pub struct DemoArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Splits HOST:PORT (or [V6]:PORT) and resolves it.
+/// Resolves HOST:PORT (or [V6]:PORT); returns the address and the default
+/// TLS server name.
 fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
     let addr = relay
         .to_socket_addrs()
@@ -152,7 +154,8 @@ fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
         .next()
         .with_context(|| format!("{relay} resolves to nothing"))?;
     let host = relay.rsplit_once(':').map_or(relay, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-    Ok((addr, host.to_owned()))
+    let name = if host.parse::<std::net::IpAddr>().is_ok() { "localhost" } else { host };
+    Ok((addr, name.to_owned()))
 }
 
 fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
