@@ -55,7 +55,18 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Kill the relay even if an assertion below fails.
+        struct Reap(std::process::Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let stdout = child.stdout.take().unwrap();
+        let pid = child.id();
+        let mut child = Reap(child);
+        let mut lines = BufReader::new(stdout).lines();
         let addr: SocketAddr = lines.next().unwrap().unwrap().strip_prefix("listening on ").unwrap().parse().unwrap();
         let ca = lines.next().unwrap().unwrap().strip_prefix("dev CA: ").unwrap().to_owned();
 
@@ -65,14 +76,14 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
         c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).expect("connects to the binary");
 
         // SAFETY: plain kill(2) on our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let t = Instant::now();
         match c.wait_for(T, |e| matches!(e, Event::Goodbye { .. }), |_| {}) {
             Some(Event::Goodbye { code, .. }) => assert_eq!(code, Code::SHUTDOWN),
             other => panic!("{backend}: no Goodbye: {other:?}"),
         }
         let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
+            if let Some(s) = child.0.try_wait().unwrap() {
                 break s;
             }
             assert!(t.elapsed() < Duration::from_secs(5), "{backend}: relay did not exit");
