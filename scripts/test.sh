@@ -8,4 +8,6 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The C API test links the static library; build it explicitly.
+cargo build -p ztna-agent-sys
 cargo test --workspace

@@ -1,6 +1,9 @@
-//! Agent core and C API. The edges issue builds the sans-I/O agent core, the
-//! zero-copy C API and the Linux TUN agent here; for now this crate only
-//! pins the protocol version the agent will speak.
+//! The agent: a sans-I/O core ([`core::AgentCore`]) that routes tunneled IP
+//! packets to services by destination, and a C API over it (`ffi`).
+
+pub mod core;
+pub mod ffi;
+pub mod route;
 
 /// Protocol version the agent speaks (from `ztna-control`).
 pub fn protocol_version() -> u16 {

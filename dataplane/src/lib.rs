@@ -10,6 +10,8 @@
 pub mod bpf;
 pub mod cid;
 pub mod client_io;
+pub mod connector;
+pub mod echo;
 pub mod forwarder;
 pub mod io;
 pub mod mesh;

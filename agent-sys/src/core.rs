@@ -1,0 +1,264 @@
+//! The sans-I/O agent core.
+//!
+//! The caller (the C API in a packet-tunnel extension, the Linux TUN agent,
+//! tests) feeds it received UDP datagrams, outbound IP packets from the
+//! tunnel device and the time; it yields UDP datagrams to send, inbound IP
+//! packets for the tunnel, events and its next deadline. Connection,
+//! registration, keepalive and reconnect with backoff are the shared
+//! [`ClientSession`]; this layer adds routing by destination.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
+use ztna_control::quic::{self, TlsOptions};
+use ztna_control::{datagram, Code, Role, ServiceName};
+
+use crate::route::{Cidr, RouteTable};
+
+/// What the agent is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub relay: SocketAddr,
+    pub server_name: String,
+    /// Local address of the caller's UDP socket.
+    pub local: SocketAddr,
+    pub tls: TlsOptions,
+    /// Service → destination prefixes reached through it.
+    pub routes: Vec<(ServiceName, Cidr)>,
+}
+
+/// Something the embedding application should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    Connected,
+    ObservedAddress(SocketAddr),
+    Registered {
+        service: ServiceName,
+        flow: u32,
+    },
+    RegisterFailed {
+        service: ServiceName,
+        code: Code,
+        reason: String,
+    },
+    Disconnected {
+        reason: String,
+        retry_in: Duration,
+    },
+    /// The relay is going away (drain/shutdown); a reconnect follows.
+    Goodbye {
+        code: Code,
+    },
+}
+
+/// Why an outbound packet was not sent (each is counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not an IPv4/IPv6 packet, or too short to carry a destination.
+    Malformed,
+    /// No route for the destination: never leaves the device.
+    Unmapped,
+    /// The service is mapped but not (yet) registered.
+    NoFlow,
+    /// Larger than the path to the relay allows.
+    TooLarge,
+    /// Not connected, or the send queue is full.
+    Backpressure,
+}
+
+/// Counters (all monotonically increasing).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStats {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub drop_malformed: u64,
+    pub drop_unmapped: u64,
+    pub drop_no_flow: u64,
+    pub drop_too_large: u64,
+    pub drop_backpressure: u64,
+    /// Inbound datagrams on a flow this agent does not hold.
+    pub drop_unknown_flow: u64,
+    /// Inbound packets larger than the caller's buffer.
+    pub drop_truncated: u64,
+    pub connects: u64,
+    pub disconnects: u64,
+}
+
+/// The agent core.
+pub struct AgentCore {
+    session: ClientSession,
+    routes: RouteTable,
+    /// Registered service → flow id, and the reverse.
+    flows: HashMap<ServiceName, u32>,
+    services_by_flow: HashMap<u32, ServiceName>,
+    stats: AgentStats,
+    observed: Option<SocketAddr>,
+}
+
+impl AgentCore {
+    pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Result<AgentCore, String> {
+        let routes = RouteTable::new(cfg.routes.iter().map(|(s, c)| (*c, s.clone())).collect());
+        let mut ccfg = ClientConfig::new(cfg.relay, cfg.local, &cfg.server_name);
+        ccfg.registrations = routes.services().into_iter().map(|s| (Role::Agent, s)).collect();
+        ccfg.software = format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"));
+        let qc = quic::client_config(&cfg.tls).map_err(|e| format!("TLS configuration: {e}"))?;
+        Ok(AgentCore {
+            session: ClientSession::new(ccfg, qc, seed, now),
+            routes,
+            flows: HashMap::new(),
+            services_by_flow: HashMap::new(),
+            stats: AgentStats::default(),
+            observed: None,
+        })
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        let c = self.session.stats();
+        AgentStats { connects: c.connects, disconnects: c.disconnects, ..self.stats }
+    }
+
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.session.is_connected()
+    }
+
+    /// The prefixes the tunnel device should route to the agent.
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// A UDP datagram received from the relay.
+    pub fn recv_udp(&mut self, data: &mut [u8], from: SocketAddr, now: Instant) {
+        self.session.recv(data, from, now);
+    }
+
+    /// An IP packet read from the tunnel device.
+    pub fn send_ip_packet(&mut self, pkt: &[u8]) -> Result<(), Drop> {
+        let r = self.route(pkt);
+        match r {
+            Ok(()) => {
+                self.stats.packets_out += 1;
+                self.stats.bytes_out += pkt.len() as u64;
+            }
+            Err(Drop::Malformed) => self.stats.drop_malformed += 1,
+            Err(Drop::Unmapped) => self.stats.drop_unmapped += 1,
+            Err(Drop::NoFlow) => self.stats.drop_no_flow += 1,
+            Err(Drop::TooLarge) => self.stats.drop_too_large += 1,
+            Err(Drop::Backpressure) => self.stats.drop_backpressure += 1,
+        }
+        r
+    }
+
+    fn route(&mut self, pkt: &[u8]) -> Result<(), Drop> {
+        let dst = ztna_control::packet::destination(pkt).ok_or(Drop::Malformed)?;
+        let service = self.routes.lookup(dst).ok_or(Drop::Unmapped)?;
+        let flow = *self.flows.get(service).ok_or(Drop::NoFlow)?;
+        match self.session.send_datagram(flow, pkt) {
+            Ok(()) => Ok(()),
+            Err(SendError::TooLarge) => Err(Drop::TooLarge),
+            Err(SendError::NotConnected | SendError::QueueFull) => Err(Drop::Backpressure),
+        }
+    }
+
+    /// Largest IP packet the tunnel can carry right now (for the device MTU).
+    pub fn max_packet_size(&self) -> Option<usize> {
+        // Flow ids stay below 2^14 for agents in practice; use the 4-byte
+        // worst case so the answer holds for any flow.
+        self.session.max_datagram_payload(datagram::MAX_FLOW)
+    }
+
+    /// Copies the next inbound IP packet into `out`; returns its length.
+    /// Packets larger than `out` are dropped and counted.
+    pub fn poll_ip_packet(&mut self, out: &mut [u8]) -> Option<usize> {
+        loop {
+            let n = self.session.recv_datagram(out)?;
+            let Some(d) = out.get(..n) else {
+                self.stats.drop_truncated += 1;
+                continue;
+            };
+            let Ok((flow, payload)) = datagram::parse(d) else {
+                self.stats.drop_unknown_flow += 1;
+                continue;
+            };
+            if !self.services_by_flow.contains_key(&flow) {
+                self.stats.drop_unknown_flow += 1;
+                continue;
+            }
+            let (len, start) = (payload.len(), n - payload.len());
+            // Strip the flow header in place: one copy from quiche into
+            // the caller's buffer, one memmove, no allocation.
+            out.copy_within(start..n, 0);
+            self.stats.packets_in += 1;
+            self.stats.bytes_in += len as u64;
+            return Some(len);
+        }
+    }
+
+    /// Writes the next UDP datagram to send into `out`.
+    pub fn poll_udp(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        self.session.poll_transmit(out, now)
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.session.next_deadline()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+    }
+
+    /// Next event for the application.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        loop {
+            let e = self.session.poll_event()?;
+            let mapped = match e {
+                Event::Connected => {
+                    // Flow ids from an earlier connection are void.
+                    self.flows.clear();
+                    self.services_by_flow.clear();
+                    Some(AgentEvent::Connected)
+                }
+                Event::ObservedAddress(a) => {
+                    self.observed = Some(a);
+                    Some(AgentEvent::ObservedAddress(a))
+                }
+                Event::Registered { service, flow, role: Role::Agent } => {
+                    self.flows.insert(service.clone(), flow);
+                    self.services_by_flow.insert(flow, service.clone());
+                    Some(AgentEvent::Registered { service, flow })
+                }
+                Event::RegisterFailed { service, code, reason, .. } => {
+                    Some(AgentEvent::RegisterFailed { service, code, reason })
+                }
+                Event::FlowClosed { flow, .. } => {
+                    if let Some(s) = self.services_by_flow.remove(&flow) {
+                        self.flows.remove(&s);
+                    }
+                    None
+                }
+                Event::Disconnected { reason, retry_in } => {
+                    self.flows.clear();
+                    self.services_by_flow.clear();
+                    Some(AgentEvent::Disconnected { reason, retry_in })
+                }
+                Event::Goodbye { code, .. } => Some(AgentEvent::Goodbye { code }),
+                Event::Registered { .. } | Event::FlowOpened { .. } => None,
+            };
+            if mapped.is_some() {
+                return mapped;
+            }
+        }
+    }
+
+    /// Closes the session for good.
+    pub fn close(&mut self) {
+        self.session.close();
+    }
+}

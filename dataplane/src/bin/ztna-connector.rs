@@ -1,0 +1,77 @@
+//! `ztna-connector`: serves private services through one or more relays.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ztna_dataplane::connector::{Connector, ConnectorConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "ztna-connector", version, about = "ZTNA connector: tunneled IP packets to real backends")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// TOML config file.
+    #[arg(long, global = true)]
+    config: PathBuf,
+    /// Relay address (repeatable; replaces the file's list).
+    #[arg(long, global = true)]
+    relay: Vec<SocketAddr>,
+    /// Local UDP address (default 0.0.0.0:4434).
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// CA file that signs the relays' certificates.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Do not verify relay certificates (local experiments only).
+    #[arg(long, global = true)]
+    insecure: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Validate the configuration and exit.
+    CheckConfig,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let text = std::fs::read_to_string(&cli.config).with_context(|| format!("reading {}", cli.config.display()))?;
+    let mut cfg: ConnectorConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", cli.config.display()))?;
+    if !cli.relay.is_empty() {
+        cfg.relays = cli.relay.clone();
+    }
+    if let Some(l) = cli.listen {
+        cfg.listen = l;
+    }
+    if let Some(ca) = &cli.ca {
+        cfg.ca = Some(ca.clone());
+    }
+    if cli.insecure {
+        cfg.insecure = true;
+    }
+    cfg.validate()?;
+    if let Some(Cmd::CheckConfig) = cli.cmd {
+        println!("config ok: {} relay(s), {} service(s)", cfg.relays.len(), cfg.services.len());
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let mut seed = [0u8; 8];
+    boring::rand::rand_bytes(&mut seed)?;
+    let mut c = Connector::new(cfg, u64::from_le_bytes(seed))?;
+    println!("listening on {}", c.local_addr()?);
+    c.run(&stop)
+}

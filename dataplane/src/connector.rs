@@ -1,0 +1,453 @@
+//! The connector: registers services at one or more relays from a single
+//! UDP socket with a fixed port, and turns tunneled IP packets into real
+//! traffic to the configured backends.
+//!
+//! This version handles UDP (a bounded flow table of backend sockets with
+//! idle expiry) and ICMP echo (answered by the connector). TCP packets are
+//! counted and dropped until the userspace TCP endpoint lands. Only the
+//! configured (protocol, port) → backend pairs are reachable: anything else
+//! is dropped and counted, so the connector is not an open proxy.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use ztna_control::client::{ClientConfig, ClientSession, Event};
+use ztna_control::packet::{self, Transport};
+use ztna_control::quic::{self, TlsOptions};
+use ztna_control::{datagram, Role, ServiceName};
+
+/// Transport protocol of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// One reachable backend: packets to the service on `port` go to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub protocol: Proto,
+    pub port: u16,
+    pub target: SocketAddr,
+}
+
+/// One service this connector serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Answer ICMP echo requests to the service (default on).
+    #[serde(default = "yes")]
+    pub icmp: bool,
+    #[serde(default)]
+    pub backend: Vec<Backend>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Connector configuration (TOML, unknown keys rejected).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// Relays to register at (all of them, from the same socket).
+    pub relays: Vec<SocketAddr>,
+    /// Local UDP address; the fixed port is what P2P peers will punch to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA that signs the relays' certificates.
+    pub ca: Option<PathBuf>,
+    /// Skip relay certificate verification (local experiments only; logged).
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default = "default_max_udp_flows")]
+    pub max_udp_flows: usize,
+    #[serde(default = "default_udp_idle_secs")]
+    pub udp_idle_secs: u64,
+    #[serde(rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4434))
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_max_udp_flows() -> usize {
+    4096
+}
+fn default_udp_idle_secs() -> u64 {
+    60
+}
+
+impl ConnectorConfig {
+    pub fn from_toml(s: &str) -> Result<Self> {
+        let c: ConnectorConfig = toml::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.relays.is_empty() {
+            bail!("at least one relay is required");
+        }
+        if self.services.is_empty() {
+            bail!("at least one service is required");
+        }
+        for s in &self.services {
+            if ServiceName::new(&s.name).is_none() {
+                bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters of a connector.
+#[derive(Debug, Default)]
+pub struct ConnectorStats {
+    pub packets_from_agents: AtomicU64,
+    pub packets_to_agents: AtomicU64,
+    pub udp_to_backend: AtomicU64,
+    pub udp_from_backend: AtomicU64,
+    pub icmp_echo_replies: AtomicU64,
+    pub udp_flows_opened: AtomicU64,
+    pub udp_flows_expired: AtomicU64,
+    /// Not IPv4, malformed, fragments, bad checksums.
+    pub drop_malformed: AtomicU64,
+    pub drop_ipv6: AtomicU64,
+    /// Destination (protocol, port) not configured for the service.
+    pub drop_not_allowed: AtomicU64,
+    pub drop_tcp_unsupported: AtomicU64,
+    pub drop_flow_table_full: AtomicU64,
+    pub drop_unknown_flow: AtomicU64,
+    pub drop_send_to_agent: AtomicU64,
+}
+
+impl ConnectorStats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Key of a UDP flow: which relay session and agent flow, and the inner
+/// 5-tuple's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct UdpKey {
+    session: usize,
+    flow: u32,
+    agent: SocketAddrV4,
+    service_addr: SocketAddrV4,
+}
+
+struct UdpFlow {
+    socket: UdpSocket,
+    last: Instant,
+}
+
+/// A relay session and what it learned.
+struct RelayLink {
+    relay: SocketAddr,
+    session: ClientSession,
+    /// Service handle → service.
+    handles: HashMap<u32, usize>,
+    /// Connector-leg flow → service index.
+    flows: HashMap<u32, usize>,
+}
+
+/// The running connector.
+pub struct Connector {
+    cfg: ConnectorConfig,
+    socket: UdpSocket,
+    links: Vec<RelayLink>,
+    udp: HashMap<UdpKey, UdpFlow>,
+    pub stats: Arc<ConnectorStats>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    pkt: Vec<u8>,
+}
+
+impl Connector {
+    pub fn new(cfg: ConnectorConfig, seed: u64) -> Result<Connector> {
+        cfg.validate()?;
+        let socket = UdpSocket::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        if cfg.insecure {
+            warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
+        }
+        let tls = TlsOptions {
+            ca_file: cfg.ca.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            verify_peer: !cfg.insecure,
+        };
+        let regs: Vec<(Role, ServiceName)> =
+            cfg.services.iter().filter_map(|s| ServiceName::new(&s.name)).map(|s| (Role::Connector, s)).collect();
+        let mut links = Vec::new();
+        for (i, relay) in cfg.relays.iter().enumerate() {
+            let local = if local.ip().is_unspecified() && relay.ip().is_loopback() {
+                SocketAddr::new(relay.ip(), local.port())
+            } else {
+                local
+            };
+            let mut c = ClientConfig::new(*relay, local, &cfg.server_name);
+            c.registrations = regs.clone();
+            c.software = format!("ztna-connector/{}", env!("CARGO_PKG_VERSION"));
+            let qc = quic::client_config(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+            let session = ClientSession::new(c, qc, seed.wrapping_add(i as u64), Instant::now());
+            links.push(RelayLink { relay: *relay, session, handles: HashMap::new(), flows: HashMap::new() });
+        }
+        info!(%local, relays = cfg.relays.len(), services = cfg.services.len(), "connector starting");
+        Ok(Connector {
+            cfg,
+            socket,
+            links,
+            udp: HashMap::new(),
+            stats: Arc::new(ConnectorStats::default()),
+            buf: vec![0u8; 65_536],
+            out: vec![0u8; 2048],
+            pkt: Vec::with_capacity(2048),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    /// Runs until `stop` is set.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<()> {
+        while !stop.load(Ordering::Acquire) {
+            self.turn(Duration::from_millis(50))?;
+        }
+        for l in &mut self.links {
+            l.session.close();
+        }
+        for _ in 0..10 {
+            self.transmit();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// One loop turn: wait up to `max_wait`, then process everything.
+    pub fn turn(&mut self, max_wait: Duration) -> Result<()> {
+        let now = Instant::now();
+        let deadline = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
+        let wait = deadline.map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
+        let mut fds = vec![self.socket.as_raw_fd()];
+        fds.extend(self.udp.values().map(|f| f.socket.as_raw_fd()));
+        crate::client_io::wait_readable(&fds, wait);
+
+        // From relays.
+        while let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
+            let now = Instant::now();
+            if let (Some(l), Some(b)) = (self.links.iter_mut().find(|l| l.relay == from), self.buf.get_mut(..n)) {
+                l.session.recv(b, from, now);
+            }
+        }
+        let now = Instant::now();
+        for i in 0..self.links.len() {
+            self.handle_events(i);
+            self.handle_datagrams(i, now);
+        }
+        self.backend_replies(now);
+        for l in &mut self.links {
+            if l.session.next_deadline().is_some_and(|d| d <= now) {
+                l.session.handle_timeout(now);
+            }
+        }
+        self.expire(now);
+        self.transmit();
+        Ok(())
+    }
+
+    fn transmit(&mut self) {
+        let now = Instant::now();
+        for l in &mut self.links {
+            while let Some((n, to)) = l.session.poll_transmit(&mut self.out, now) {
+                if let Some(b) = self.out.get(..n) {
+                    let _ = self.socket.send_to(b, to);
+                }
+            }
+        }
+    }
+
+    fn service_index(&self, name: &ServiceName) -> Option<usize> {
+        self.cfg.services.iter().position(|s| s.name == name.as_str())
+    }
+
+    fn handle_events(&mut self, i: usize) {
+        while let Some(e) = self.links.get_mut(i).and_then(|l| l.session.poll_event()) {
+            match e {
+                Event::Registered { service, flow, .. } => {
+                    info!(relay = i, %service, handle = flow, "registered");
+                    if let Some(si) = self.service_index(&service) {
+                        if let Some(l) = self.links.get_mut(i) {
+                            l.handles.insert(flow, si);
+                        }
+                    }
+                }
+                Event::RegisterFailed { service, code, reason, .. } => {
+                    warn!(relay = i, %service, %code, reason, "registration refused");
+                }
+                Event::FlowOpened { flow, service, agent_addr, .. } => {
+                    if let Some(l) = self.links.get_mut(i) {
+                        if let Some(si) = l.handles.get(&service).copied() {
+                            debug!(relay = i, flow, %agent_addr, "flow opened");
+                            l.flows.insert(flow, si);
+                        }
+                    }
+                }
+                Event::FlowClosed { flow, .. } => {
+                    if let Some(l) = self.links.get_mut(i) {
+                        l.flows.remove(&flow);
+                    }
+                    self.udp.retain(|k, _| !(k.session == i && k.flow == flow));
+                }
+                Event::Disconnected { reason, retry_in } => {
+                    warn!(relay = i, reason, ?retry_in, "relay connection lost");
+                    if let Some(l) = self.links.get_mut(i) {
+                        l.handles.clear();
+                        l.flows.clear();
+                    }
+                    self.udp.retain(|k, _| k.session != i);
+                }
+                Event::Connected => info!(relay = i, "connected"),
+                Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),
+                Event::Goodbye { code, reason } => info!(relay = i, %code, reason, "relay says goodbye"),
+            }
+        }
+    }
+
+    fn handle_datagrams(&mut self, i: usize, now: Instant) {
+        let mut d = std::mem::take(&mut self.buf);
+        while let Some(n) = self.links.get_mut(i).and_then(|l| l.session.recv_datagram(&mut d)) {
+            let Some(raw) = d.get(..n) else { continue };
+            let Ok((flow, ip)) = datagram::parse(raw) else {
+                ConnectorStats::inc(&self.stats.drop_malformed);
+                continue;
+            };
+            ConnectorStats::inc(&self.stats.packets_from_agents);
+            let Some(si) = self.links.get(i).and_then(|l| l.flows.get(&flow)).copied() else {
+                ConnectorStats::inc(&self.stats.drop_unknown_flow);
+                continue;
+            };
+            self.handle_ip(i, flow, si, ip, now);
+        }
+        self.buf = d;
+    }
+
+    fn handle_ip(&mut self, i: usize, flow: u32, si: usize, ip: &[u8], now: Instant) {
+        if packet::ip_version(ip) == Some(6) {
+            ConnectorStats::inc(&self.stats.drop_ipv6);
+            return;
+        }
+        let Ok(v4) = packet::parse_ipv4(ip) else {
+            ConnectorStats::inc(&self.stats.drop_malformed);
+            return;
+        };
+        let Some(svc) = self.cfg.services.get(si) else { return };
+        match packet::parse_transport(&v4) {
+            Ok(Transport::IcmpEcho { request: true, .. }) if svc.icmp => {
+                if packet::build_icmp_echo_reply(&v4, &mut self.pkt).is_ok() {
+                    ConnectorStats::inc(&self.stats.icmp_echo_replies);
+                    self.send_to_agent(i, flow);
+                }
+            }
+            Ok(Transport::Udp { src_port, dst_port, payload }) => {
+                let Some(b) = svc.backend.iter().find(|b| b.protocol == Proto::Udp && b.port == dst_port) else {
+                    ConnectorStats::inc(&self.stats.drop_not_allowed);
+                    return;
+                };
+                let key = UdpKey {
+                    session: i,
+                    flow,
+                    agent: SocketAddrV4::new(v4.src, src_port),
+                    service_addr: SocketAddrV4::new(v4.dst, dst_port),
+                };
+                if !self.udp.contains_key(&key) {
+                    if self.udp.len() >= self.cfg.max_udp_flows {
+                        ConnectorStats::inc(&self.stats.drop_flow_table_full);
+                        return;
+                    }
+                    let bind = if b.target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                    let Ok(s) = UdpSocket::bind(bind).and_then(|s| s.connect(b.target).map(|()| s)) else {
+                        ConnectorStats::inc(&self.stats.drop_flow_table_full);
+                        return;
+                    };
+                    let _ = s.set_nonblocking(true);
+                    ConnectorStats::inc(&self.stats.udp_flows_opened);
+                    self.udp.insert(key, UdpFlow { socket: s, last: now });
+                }
+                if let Some(f) = self.udp.get_mut(&key) {
+                    f.last = now;
+                    if f.socket.send(payload).is_ok() {
+                        ConnectorStats::inc(&self.stats.udp_to_backend);
+                    }
+                }
+            }
+            Ok(Transport::Tcp { .. }) => ConnectorStats::inc(&self.stats.drop_tcp_unsupported),
+            Ok(_) => ConnectorStats::inc(&self.stats.drop_not_allowed),
+            Err(_) => ConnectorStats::inc(&self.stats.drop_malformed),
+        }
+    }
+
+    fn send_to_agent(&mut self, i: usize, flow: u32) {
+        let Some(l) = self.links.get_mut(i) else { return };
+        match l.session.send_datagram(flow, &self.pkt) {
+            Ok(()) => ConnectorStats::inc(&self.stats.packets_to_agents),
+            Err(_) => ConnectorStats::inc(&self.stats.drop_send_to_agent),
+        }
+    }
+
+    fn backend_replies(&mut self, now: Instant) {
+        let keys: Vec<UdpKey> = self.udp.keys().copied().collect();
+        let mut buf = std::mem::take(&mut self.buf);
+        for k in keys {
+            while let Some(f) = self.udp.get_mut(&k) {
+                let Ok(n) = f.socket.recv(&mut buf) else { break };
+                f.last = now;
+                ConnectorStats::inc(&self.stats.udp_from_backend);
+                let payload = buf.get(..n).unwrap_or_default();
+                // Reply as the service address the agent sent to.
+                if packet::build_ipv4_udp(k.service_addr, k.agent, payload, &mut self.pkt).is_ok() {
+                    self.send_to_agent(k.session, k.flow);
+                } else {
+                    ConnectorStats::inc(&self.stats.drop_send_to_agent);
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let idle = Duration::from_secs(self.cfg.udp_idle_secs);
+        let before = self.udp.len();
+        self.udp.retain(|_, f| now.saturating_duration_since(f.last) < idle);
+        let gone = (before - self.udp.len()) as u64;
+        self.stats.udp_flows_expired.fetch_add(gone, Ordering::Relaxed);
+    }
+
+    /// Observed address per relay (None until reported).
+    pub fn observed_addresses(&self) -> Vec<Option<SocketAddr>> {
+        self.links.iter().map(|l| l.session.observed_address()).collect()
+    }
+
+    /// Whether every relay link has all its services registered.
+    pub fn is_ready(&self) -> bool {
+        self.links.iter().all(|l| l.handles.len() == self.cfg.services.len())
+    }
+}
