@@ -37,6 +37,9 @@ pub struct ClientConfig {
     pub registrations: Vec<(Role, ServiceName)>,
     /// Send a PING when nothing was sent for this long.
     pub keepalive: Duration,
+    /// Give up on a connection attempt the relay has not answered (QUIC
+    /// handshake + HelloAck) within this time, and back off.
+    pub handshake_timeout: Duration,
     /// Reconnect backoff bounds.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -52,6 +55,7 @@ impl ClientConfig {
             server_name: server_name.to_owned(),
             registrations: Vec::new(),
             keepalive: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             software: format!("ztna-control/{}", env!("CARGO_PKG_VERSION")),
@@ -118,7 +122,7 @@ enum Phase {
     /// No connection; the next attempt starts at `retry_at`.
     Waiting { retry_at: Instant },
     /// A QUIC connection exists (handshaking or established).
-    Live { conn: Box<quiche::Connection>, hello_acked: bool, last_send: Instant },
+    Live { conn: Box<quiche::Connection>, hello_acked: bool, last_send: Instant, started: Instant },
     /// Closed for good by [`ClientSession::close`].
     Stopped,
 }
@@ -314,8 +318,9 @@ impl ClientSession {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Waiting { retry_at } => Some(*retry_at),
-            Phase::Live { conn, hello_acked, last_send } => {
+            Phase::Live { conn, hello_acked, last_send, started } => {
                 let quic = conn.timeout_instant();
+                let handshake = (!hello_acked).then(|| *started + self.cfg.handshake_timeout);
                 let keep = hello_acked.then(|| *last_send + self.cfg.keepalive);
                 let retry = self
                     .regs
@@ -325,7 +330,7 @@ impl ClientSession {
                         _ => None,
                     })
                     .min();
-                [quic, keep, retry].into_iter().flatten().min()
+                [quic, keep, retry, handshake].into_iter().flatten().min()
             }
             Phase::Stopped => None,
         }
@@ -343,7 +348,14 @@ impl ClientSession {
         }
         match &mut self.phase {
             Phase::Waiting { retry_at } if now >= *retry_at => self.start_connection(now),
-            Phase::Live { conn, hello_acked, last_send } => {
+            Phase::Live { hello_acked: false, started, .. } if now >= *started + self.cfg.handshake_timeout => {
+                // The relay did not answer (down, unreachable, filtered):
+                // give up on this attempt and back off, rather than wait
+                // for the 30 s idle timeout.
+                let reason = format!("no answer from relay within {:?}", self.cfg.handshake_timeout);
+                self.schedule_reconnect(now, reason);
+            }
+            Phase::Live { conn, hello_acked, last_send, .. } => {
                 if conn.timeout_instant().is_some_and(|t| t <= now) {
                     conn.on_timeout();
                 }
@@ -386,7 +398,7 @@ impl ClientSession {
                     r.state = RegState::Unsent;
                 }
                 Message::Hello { version: wire::VERSION, software: self.cfg.software.clone() }.encode(&mut self.tx);
-                self.phase = Phase::Live { conn: Box::new(conn), hello_acked: false, last_send: now };
+                self.phase = Phase::Live { conn: Box::new(conn), hello_acked: false, last_send: now, started: now };
             }
             Err(e) => self.schedule_reconnect(now, format!("connect failed: {e}")),
         }
@@ -541,5 +553,53 @@ impl ClientSession {
         if let Ok(n) = conn.stream_send(CONTROL_STREAM, &self.tx, false) {
             self.tx.drain(..n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quic::{client_config, TlsOptions};
+
+    /// A relay that never answers: each attempt gives up after the
+    /// handshake timeout and the next one waits a jittered, doubling delay
+    /// (1 s, 2 s, 4 s, … capped at 30 s). Virtual time; no socket.
+    #[test]
+    fn unreachable_relay_backs_off_visibly() {
+        let start = Instant::now();
+        let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
+        let tls = TlsOptions { ca_file: None, verify_peer: false };
+        let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
+        let mut out = vec![0u8; 2048];
+        let mut waits = Vec::new();
+        let mut sent = 0;
+        let mut t = start;
+        while t < start + Duration::from_secs(120) {
+            while s.poll_transmit(&mut out, t).is_some() {
+                sent += 1; // into the void
+            }
+            if s.next_deadline().is_some_and(|d| d <= t) {
+                s.handle_timeout(t);
+            }
+            while let Some(e) = s.poll_event() {
+                match e {
+                    Event::Disconnected { reason, retry_in } => {
+                        assert!(reason.contains("no answer"), "{reason}");
+                        waits.push(retry_in);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            t += Duration::from_millis(50);
+        }
+        assert!(sent > 0, "Initials were sent");
+        assert!(waits.len() >= 5, "{waits:?}");
+        let nominal = [1u64, 2, 4, 8, 16, 30, 30];
+        for (w, n) in waits.iter().zip(nominal) {
+            let n = Duration::from_secs(n);
+            assert!(*w >= n / 2 && *w <= n, "wait {w:?} outside [{:?}, {n:?}]", n / 2);
+        }
+        assert_eq!(s.stats().disconnects as usize, waits.len());
+        assert!(!s.is_connected());
     }
 }

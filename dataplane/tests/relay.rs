@@ -350,3 +350,47 @@ fn full_connectors_refuse_instead_of_looping() {
     assert_eq!((served, refused), (2, 1), "two connectors with room for one flow each");
     relay.shutdown();
 }
+
+/// A connector restarts: the agent keeps its flow id; the relay rebinds
+/// the flow to the new connector and traffic resumes without the agent
+/// registering again.
+#[test]
+fn connector_restart_flows_recover() {
+    let relay = start_relay(2, IoBackend::Auto, true);
+    let mut first = client(&relay, &[(Role::Connector, "echo")], 1);
+    until_registered(&mut first, 1);
+    let mut agent = client(&relay, &[(Role::Agent, "echo")], 2);
+    let flow = until_registered(&mut agent, 1)[0];
+    let mut cs = vec![first];
+    assert!(round_trip(&mut agent, &mut cs, flow, b"before").is_some());
+    let mut gone = cs.pop().unwrap();
+    gone.session.close();
+    for _ in 0..50 {
+        gone.pump();
+        agent.pump();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // While no connector serves the service, datagrams are counted drops.
+    let before = relay.totals().drop_no_connector;
+    agent.session.send_datagram(flow, b"nobody home").unwrap();
+    let end = std::time::Instant::now() + T;
+    while relay.totals().drop_no_connector == before {
+        agent.pump();
+        assert!(std::time::Instant::now() < end, "drop not counted");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut second = client(&relay, &[(Role::Connector, "echo")], 3);
+    until_registered(&mut second, 1);
+    let mut cs = vec![second];
+    let mut back = None;
+    for i in 0..100u8 {
+        back = round_trip(&mut agent, &mut cs, flow, &[i; 16]);
+        if back.is_some() {
+            break;
+        }
+    }
+    assert!(back.is_some(), "traffic resumed on the same flow id");
+    let ev = events_for(&mut agent, Duration::from_millis(50));
+    assert!(!ev.iter().any(|e| matches!(e, Event::Registered { .. })), "no re-registration needed: {ev:?}");
+    relay.shutdown();
+}

@@ -1,0 +1,165 @@
+// A minimal NEPacketTunnelProvider driving the ztna agent through its C API.
+// Compile against ZtnaAgent.xcframework (see docs/apple.md). All calls on the
+// agent handle happen on `queue`: the handle is not thread-safe.
+
+import Foundation
+import Network
+import NetworkExtension
+import ZtnaAgent
+
+final class PacketTunnelProvider: NEPacketTunnelProvider {
+    private let queue = DispatchQueue(label: "ztna.agent")
+    private var agent: OpaquePointer?
+    private var udp: NWConnection?
+    private var timer: DispatchSourceTimer?
+    private let relayHost = "relay.example.com"
+    private let relayPort: UInt16 = 4433
+    private let serviceCIDR = ("echo", "100.100.0.10/32")
+
+    private func nowUs() -> UInt64 { DispatchTime.now().uptimeNanoseconds / 1000 }
+
+    override func startTunnel(options: [String: NSObject]?, completionHandler: @escaping (Error?) -> Void) {
+        let settings = NEPacketTunnelNetworkSettings(tunnelRemoteAddress: relayHost)
+        let ipv4 = NEIPv4Settings(addresses: ["100.64.0.1"], subnetMasks: ["255.255.255.255"])
+        ipv4.includedRoutes = [NEIPv4Route(destinationAddress: "100.100.0.10", subnetMask: "255.255.255.255")]
+        settings.ipv4Settings = ipv4
+        settings.mtu = 1280
+        setTunnelNetworkSettings(settings) { [weak self] error in
+            guard let self, error == nil else { return completionHandler(error) }
+            self.queue.async { completionHandler(self.startAgent()) }
+        }
+    }
+
+    private func startAgent() -> Error? {
+        let ca = Bundle.main.path(forResource: "ca", ofType: "pem")
+        // The relay address must be an IP:PORT; resolve relayHost beforehand in a real app.
+        let rc: Int32 = "echo".withCString { svc in
+            serviceCIDR.1.withCString { cidr in
+                var route = ZtnaRoute(service: svc, cidr: cidr)
+                return "203.0.113.10:4433".withCString { relay in
+                    relayHost.withCString { name in
+                        (ca ?? "").withCString { caPath in
+                            "0.0.0.0:0".withCString { local in
+                                withUnsafePointer(to: &route) { routes in
+                                    var cfg = ZtnaConfig(
+                                        relay_addr: relay, server_name: name,
+                                        ca_file: ca == nil ? nil : caPath, verify_peer: 1,
+                                        local_addr: local, routes: routes, routes_len: 1,
+                                        seed: UInt64.random(in: 0...UInt64.max), now_us: nowUs())
+                                    return ztna_agent_new(&cfg, &agent)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        guard rc == ZTNA_OK else {
+            return NSError(domain: "ztna", code: Int(rc),
+                           userInfo: [NSLocalizedDescriptionKey: String(cString: ztna_strerror(rc))])
+        }
+        let conn = NWConnection(host: "203.0.113.10", port: NWEndpoint.Port(rawValue: relayPort)!, using: .udp)
+        udp = conn
+        conn.start(queue: queue)
+        receiveUDP()
+        readTunnel()
+        scheduleTimer()
+        return nil
+    }
+
+    /// Relay → agent: batch what arrived into one FFI call.
+    private func receiveUDP() {
+        udp?.receiveMessage { [weak self] data, _, _, _ in
+            guard let self, let agent = self.agent, var bytes = data.map({ [UInt8]($0) }) else { return }
+            bytes.withUnsafeMutableBufferPointer { buf in
+                var d = ZtnaDatagram(data: buf.baseAddress, len: buf.count, cap: buf.count,
+                                     addr: ZtnaAddr(family: 4, ip: (203, 0, 113, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                                                    port: self.relayPort))
+                _ = ztna_agent_recv_udp(agent, &d, 1, self.nowUs())
+            }
+            self.flush()
+            self.receiveUDP()
+        }
+    }
+
+    /// Tunnel → agent: all packets of one read in one ztna_agent_send_ip call.
+    private func readTunnel() {
+        packetFlow.readPackets { [weak self] packets, _ in
+            guard let self else { return }
+            self.queue.async {
+                guard let agent = self.agent else { return }
+                var storage = packets.map { [UInt8]($0) }
+                var descs = [ZtnaPacket]()
+                for i in storage.indices {
+                    storage[i].withUnsafeMutableBufferPointer { b in
+                        descs.append(ZtnaPacket(data: b.baseAddress, len: b.count, cap: b.count))
+                    }
+                }
+                _ = ztna_agent_send_ip(agent, &descs, descs.count, nil)
+                withExtendedLifetime(storage) {}
+                self.flush()
+                self.readTunnel()
+            }
+        }
+    }
+
+    /// Agent → relay and agent → tunnel, in batches of 32.
+    private func flush() {
+        guard let agent else { return }
+        var buffers = [[UInt8]](repeating: [UInt8](repeating: 0, count: 1500), count: 32)
+        var out = [ZtnaDatagram]()
+        for i in buffers.indices {
+            buffers[i].withUnsafeMutableBufferPointer { b in
+                out.append(ZtnaDatagram(data: b.baseAddress, len: 0, cap: b.count,
+                                        addr: ZtnaAddr(family: 0, ip: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), port: 0)))
+            }
+        }
+        while true {
+            let n = ztna_agent_poll_udp(agent, &out, out.count, nowUs())
+            if n <= 0 { break }
+            for d in out.prefix(Int(n)) { udp?.send(content: Data(bytes: d.data, count: d.len), completion: .idempotent) }
+            if n < out.count { break }
+        }
+        var pk = [ZtnaPacket]()
+        for i in buffers.indices {
+            buffers[i].withUnsafeMutableBufferPointer { b in pk.append(ZtnaPacket(data: b.baseAddress, len: 0, cap: b.count)) }
+        }
+        while true {
+            let n = ztna_agent_poll_ip(agent, &pk, pk.count)
+            if n <= 0 { break }
+            let packets = pk.prefix(Int(n)).map { Data(bytes: $0.data, count: $0.len) }
+            packetFlow.writePackets(packets, withProtocols: packets.map { _ in AF_INET as NSNumber })
+            if n < pk.count { break }
+        }
+        withExtendedLifetime(buffers) {}
+        var ev = ZtnaEvent()
+        while ztna_agent_poll_event(agent, &ev) == 1 {
+            NSLog("ztna event %u code %u", ev.kind, ev.code)
+        }
+    }
+
+    private func scheduleTimer() {
+        let t = DispatchSource.makeTimerSource(queue: queue)
+        t.schedule(deadline: .now(), repeating: .milliseconds(10))
+        t.setEventHandler { [weak self] in
+            guard let self, let agent = self.agent else { return }
+            var deadline: UInt64 = 0
+            if ztna_agent_next_timeout(agent, &deadline) == 1, deadline <= self.nowUs() {
+                _ = ztna_agent_on_timeout(agent, self.nowUs())
+                self.flush()
+            }
+        }
+        t.resume()
+        timer = t
+    }
+
+    override func stopTunnel(with reason: NEProviderStopReason, completionHandler: @escaping () -> Void) {
+        queue.async {
+            self.timer?.cancel()
+            self.udp?.cancel()
+            if let agent = self.agent { ztna_agent_free(agent) }
+            self.agent = nil
+            completionHandler()
+        }
+    }
+}
