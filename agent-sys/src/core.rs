@@ -7,7 +7,7 @@
 //! registration, keepalive and reconnect with backoff are the shared
 //! [`ClientSession`]; this layer adds routing by destination.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,13 @@ pub struct AgentCore {
     services_by_flow: HashMap<u32, ServiceName>,
     stats: AgentStats,
     observed: Option<SocketAddr>,
+    /// Packets the agent itself answers toward the tunnel (ICMP
+    /// fragmentation-needed for too-big packets); bounded.
+    local_replies: VecDeque<Vec<u8>>,
 }
+
+/// Bound on locally generated replies waiting for the tunnel.
+const MAX_LOCAL_REPLIES: usize = 64;
 
 impl AgentCore {
     pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Result<AgentCore, String> {
@@ -113,6 +119,7 @@ impl AgentCore {
             services_by_flow: HashMap::new(),
             stats: AgentStats::default(),
             observed: None,
+            local_replies: VecDeque::new(),
         })
     }
 
@@ -150,10 +157,28 @@ impl AgentCore {
             Err(Drop::Malformed) => self.stats.drop_malformed += 1,
             Err(Drop::Unmapped) => self.stats.drop_unmapped += 1,
             Err(Drop::NoFlow) => self.stats.drop_no_flow += 1,
-            Err(Drop::TooLarge) => self.stats.drop_too_large += 1,
+            Err(Drop::TooLarge) => {
+                self.stats.drop_too_large += 1;
+                self.answer_too_big(pkt);
+            }
             Err(Drop::Backpressure) => self.stats.drop_backpressure += 1,
         }
         r
+    }
+
+    /// Tells the sender's TCP to use smaller segments: ICMP
+    /// fragmentation-needed (IPv4) with the MTU the tunnel carries.
+    fn answer_too_big(&mut self, pkt: &[u8]) {
+        let Some(mtu) = self.max_packet_size() else { return };
+        let Some(std::net::IpAddr::V4(router)) = ztna_control::packet::destination(pkt) else { return };
+        if self.local_replies.len() >= MAX_LOCAL_REPLIES {
+            return;
+        }
+        let mut reply = Vec::new();
+        let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+        if ztna_control::packet::build_icmp_frag_needed(pkt, router, mtu, &mut reply).is_ok() {
+            self.local_replies.push_back(reply);
+        }
     }
 
     fn route(&mut self, pkt: &[u8]) -> Result<(), Drop> {
@@ -177,6 +202,15 @@ impl AgentCore {
     /// Copies the next inbound IP packet into `out`; returns its length.
     /// Packets larger than `out` are dropped and counted.
     pub fn poll_ip_packet(&mut self, out: &mut [u8]) -> Option<usize> {
+        if let Some(r) = self.local_replies.pop_front() {
+            match out.get_mut(..r.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(&r);
+                    return Some(r.len());
+                }
+                None => self.stats.drop_truncated += 1,
+            }
+        }
         loop {
             let n = self.session.recv_datagram(out)?;
             let Some(d) = out.get(..n) else {

@@ -1,0 +1,154 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! The agent core against a real relay and an echoing connector on
+//! loopback: routing by destination and every refusal counted.
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use ztna_control::client::ClientConfig;
+use ztna_control::quic::TlsOptions;
+use ztna_control::{packet, Role, ServiceName};
+use ztna_dataplane::client_io::UdpClient;
+use ztna_dataplane::relay::{self, RelayConfig};
+
+struct Driver {
+    core: AgentCore,
+    sock: UdpSocket,
+    buf: Vec<u8>,
+}
+
+impl Driver {
+    fn pump(&mut self) {
+        while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
+            self.core.recv_udp(&mut self.buf[..n], from, Instant::now());
+        }
+        let now = Instant::now();
+        if self.core.next_deadline().is_some_and(|d| d <= now) {
+            self.core.handle_timeout(now);
+        }
+        let mut out = [0u8; 1500];
+        while let Some((n, to)) = self.core.poll_udp(&mut out, now) {
+            let _ = self.sock.send_to(&out[..n], to);
+        }
+    }
+}
+
+#[test]
+fn routing_and_refusals() {
+    let relay = relay::start(&RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: Some(2),
+        dev: true,
+        pin_cores: false,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let ca = relay.dev_pki.as_ref().unwrap().ca.clone();
+    let tls = TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), verify_peer: true };
+    // A connector that echoes IP packets back unchanged.
+    let mut ccfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+    ccfg.registrations = vec![(Role::Connector, ServiceName::new("echo").unwrap())];
+    let mut conn = UdpClient::new(ccfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let cfg = AgentConfig {
+        relay: relay.local_addr,
+        server_name: "localhost".into(),
+        local: sock.local_addr().unwrap(),
+        tls,
+        routes: vec![(ServiceName::new("echo").unwrap(), "100.100.0.0/24".parse().unwrap())],
+    };
+    let mut a = Driver { core: AgentCore::new(cfg, 2, Instant::now()).unwrap(), sock, buf: vec![0; 65536] };
+
+    let me = SocketAddrV4::new("10.7.0.2".parse().unwrap(), 4000);
+    let svc = SocketAddrV4::new("100.100.0.10".parse().unwrap(), 7);
+    let mut pkt = Vec::new();
+    packet::build_ipv4_udp(me, svc, b"early", &mut pkt).unwrap();
+    // Before registration: mapped but no flow yet.
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::NoFlow));
+
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut registered = false;
+    let mut observed = None;
+    while !(registered && observed.is_some()) {
+        conn.pump();
+        a.pump();
+        while let Some(e) = a.core.poll_event() {
+            match e {
+                AgentEvent::Registered { .. } => registered = true,
+                AgentEvent::ObservedAddress(o) => observed = Some(o),
+                _ => {}
+            }
+        }
+        assert!(Instant::now() < end, "agent did not register");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(observed, Some(a.sock.local_addr().unwrap()));
+
+    // Mapped: goes through and comes back.
+    packet::build_ipv4_udp(me, svc, b"hello", &mut pkt).unwrap();
+    a.core.send_ip_packet(&pkt).unwrap();
+    let mut back = vec![0u8; 2048];
+    let mut got = None;
+    while got.is_none() {
+        a.pump();
+        let mut b = [0u8; 2048];
+        conn.pump();
+        while let Some(n) = conn.session.recv_datagram(&mut b) {
+            let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
+            let p = p.to_vec();
+            conn.session.send_datagram(flow, &p).unwrap();
+        }
+        conn.pump();
+        a.pump();
+        if let Some(n) = a.core.poll_ip_packet(&mut back) {
+            got = Some(back[..n].to_vec());
+        }
+        assert!(Instant::now() < end, "no echo");
+    }
+    assert_eq!(got.unwrap(), pkt, "the same IP packet came back");
+
+    // Unmapped, malformed, IPv6 without a route, too large.
+    packet::build_ipv4_udp(me, SocketAddrV4::new("100.101.0.1".parse().unwrap(), 7), b"x", &mut pkt).unwrap();
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::Unmapped));
+    assert_eq!(a.core.send_ip_packet(&[0x45, 0, 0]), Err(Drop::Malformed));
+    assert_eq!(a.core.send_ip_packet(&[]), Err(Drop::Malformed));
+    let mut v6 = vec![0u8; 48];
+    v6[0] = 0x60;
+    v6[24] = 0xfd;
+    assert_eq!(a.core.send_ip_packet(&v6), Err(Drop::Unmapped));
+    packet::build_ipv4_udp(me, svc, &vec![0u8; 1400], &mut pkt).unwrap();
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::TooLarge));
+    // ...answered with ICMP fragmentation-needed carrying the tunnel MTU.
+    let n = a.core.poll_ip_packet(&mut back).expect("ICMP frag-needed for the tunnel");
+    let icmp = packet::parse_ipv4(&back[..n]).unwrap();
+    assert_eq!((icmp.protocol, icmp.dst), (packet::PROTO_ICMP, *me.ip()));
+    assert_eq!((icmp.payload[0], icmp.payload[1]), (3, 4), "type 3 code 4");
+    let mtu = u16::from_be_bytes([icmp.payload[6], icmp.payload[7]]);
+    assert_eq!(usize::from(mtu), a.core.max_packet_size().unwrap());
+    let st = a.core.stats();
+    assert_eq!(
+        (st.drop_no_flow, st.drop_unmapped, st.drop_malformed, st.drop_too_large, st.packets_out, st.packets_in),
+        (1, 2, 2, 1, 1, 1)
+    );
+    assert!(a.core.max_packet_size().unwrap() >= 1280, "a 1280-byte packet fits");
+
+    // The relay goes away: the agent reports it and stops accepting.
+    relay.shutdown();
+    let mut saw = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !saw.iter().any(|e| matches!(e, AgentEvent::Disconnected { .. })) {
+        a.pump();
+        while let Some(e) = a.core.poll_event() {
+            saw.push(e);
+        }
+        assert!(Instant::now() < end, "no disconnect event: {saw:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(saw.iter().any(|e| matches!(e, AgentEvent::Goodbye { .. })), "{saw:?}");
+    packet::build_ipv4_udp(me, svc, b"after", &mut pkt).unwrap();
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::NoFlow));
+    let _: SocketAddr = a.sock.local_addr().unwrap();
+}
