@@ -2,11 +2,19 @@
 //! UDP socket with a fixed port, and turns tunneled IP packets into real
 //! traffic to the configured backends.
 //!
-//! This version handles UDP (a bounded flow table of backend sockets with
-//! idle expiry) and ICMP echo (answered by the connector). TCP packets are
-//! counted and dropped until the userspace TCP endpoint lands. Only the
-//! configured (protocol, port) → backend pairs are reachable: anything else
-//! is dropped and counted, so the connector is not an open proxy.
+//! It handles UDP (a bounded flow table of backend sockets with idle
+//! expiry), ICMP echo (answered by the connector) and TCP (a userspace TCP
+//! endpoint in smoltcp per agent flow, proxied to real TCP connections with
+//! flow control both ways; see [`tcp`]). Only the configured (protocol,
+//! port) → backend pairs are reachable: anything else is dropped and counted
+//! (a TCP SYN is also answered with an RST, as a closed port would), so the
+//! connector is not an open proxy.
+//!
+//! IPv4 packets larger than the tunnel MTU (1280) with DF set are dropped
+//! and answered with ICMP "fragmentation needed" (next-hop MTU 1280), so the
+//! agent's path MTU discovery settles on what the tunnel carries.
+
+mod tcp;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
@@ -20,9 +28,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use ztna_control::client::{ClientConfig, ClientSession, Event};
-use ztna_control::packet::{self, Transport};
+use ztna_control::packet::{self, TcpFlags, Transport};
 use ztna_control::quic::{self, TlsOptions};
 use ztna_control::{datagram, Role, ServiceName};
+
+use self::tcp::{FlowKey, TcpEngine, TcpLimits, Tuple, TxOutcome, Verdict};
+use crate::vdev::TUNNEL_MTU;
 
 /// Transport protocol of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -77,6 +88,24 @@ pub struct ConnectorConfig {
     pub max_udp_flows: usize,
     #[serde(default = "default_udp_idle_secs")]
     pub udp_idle_secs: u64,
+    /// Agent flows with TCP state (one smoltcp interface each).
+    #[serde(default = "default_max_tcp_flows")]
+    pub max_tcp_flows: usize,
+    /// TCP connections per agent flow.
+    #[serde(default = "default_max_tcp_per_flow")]
+    pub max_tcp_per_flow: usize,
+    /// TCP connections in total. Worst-case buffer memory is
+    /// `max_tcp_connections × 2 × tcp_buffer_bytes`.
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: usize,
+    /// Size of each of the two smoltcp buffers of a TCP connection; it is
+    /// also the largest window advertised to the agent.
+    #[serde(default = "default_tcp_buffer_bytes")]
+    pub tcp_buffer_bytes: usize,
+    /// A TCP connection that moves no byte and gets no segment for this
+    /// long is reset on both sides.
+    #[serde(default = "default_tcp_idle_secs")]
+    pub tcp_idle_secs: u64,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -93,8 +122,45 @@ fn default_max_udp_flows() -> usize {
 fn default_udp_idle_secs() -> u64 {
     60
 }
+fn default_max_tcp_flows() -> usize {
+    1024
+}
+fn default_max_tcp_per_flow() -> usize {
+    64
+}
+fn default_max_tcp_connections() -> usize {
+    2048
+}
+fn default_tcp_buffer_bytes() -> usize {
+    256 * 1024
+}
+fn default_tcp_idle_secs() -> u64 {
+    600
+}
+
+/// How long a backend TCP connect may take before the agent gets an RST.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConnectorConfig {
+    /// A configuration with every optional setting at its default.
+    pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
+        ConnectorConfig {
+            relays,
+            listen: default_listen(),
+            server_name: default_server_name(),
+            ca: None,
+            insecure: false,
+            max_udp_flows: default_max_udp_flows(),
+            udp_idle_secs: default_udp_idle_secs(),
+            max_tcp_flows: default_max_tcp_flows(),
+            max_tcp_per_flow: default_max_tcp_per_flow(),
+            max_tcp_connections: default_max_tcp_connections(),
+            tcp_buffer_bytes: default_tcp_buffer_bytes(),
+            tcp_idle_secs: default_tcp_idle_secs(),
+            services,
+        }
+    }
+
     pub fn from_toml(s: &str) -> Result<Self> {
         let c: ConnectorConfig = toml::from_str(s)?;
         c.validate()?;
@@ -113,6 +179,9 @@ impl ConnectorConfig {
                 bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name);
             }
         }
+        if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
+            bail!("tcp_buffer_bytes must be between 4096 and 16 MiB");
+        }
         Ok(())
     }
 }
@@ -130,9 +199,30 @@ pub struct ConnectorStats {
     /// Not IPv4, malformed, fragments, bad checksums.
     pub drop_malformed: AtomicU64,
     pub drop_ipv6: AtomicU64,
-    /// Destination (protocol, port) not configured for the service.
+    /// Destination (protocol, port) not configured for the service (a TCP
+    /// SYN among them is answered with an RST).
     pub drop_not_allowed: AtomicU64,
-    pub drop_tcp_unsupported: AtomicU64,
+    /// IPv4 packets over 1280 bytes with DF set (answered with ICMP
+    /// fragmentation needed).
+    pub drop_too_big: AtomicU64,
+    /// TCP connections whose backend connect succeeded (the agent's SYN was
+    /// then accepted).
+    pub tcp_connections_opened: AtomicU64,
+    /// TCP connections removed (closed, reset, timed out, failed).
+    pub tcp_connections_closed: AtomicU64,
+    pub tcp_bytes_to_backend: AtomicU64,
+    pub tcp_bytes_from_backend: AtomicU64,
+    /// Backend connect refused, failed or timed out (the agent got an RST).
+    pub tcp_backend_connect_failed: AtomicU64,
+    /// Backend read or write errors on an open connection (agent got an RST).
+    pub tcp_backend_errors: AtomicU64,
+    pub tcp_idle_timeouts: AtomicU64,
+    /// SYNs dropped at max_tcp_flows, max_tcp_per_flow or max_tcp_connections.
+    pub drop_tcp_limit: AtomicU64,
+    /// Segments (not SYN) for no known connection; answered with an RST.
+    pub drop_tcp_no_connection: AtomicU64,
+    /// Segments dropped because a flow's smoltcp input queue was full.
+    pub drop_tcp_queue_full: AtomicU64,
     pub drop_flow_table_full: AtomicU64,
     pub drop_unknown_flow: AtomicU64,
     pub drop_send_to_agent: AtomicU64,
@@ -175,6 +265,7 @@ pub struct Connector {
     socket: UdpSocket,
     links: Vec<RelayLink>,
     udp: HashMap<UdpKey, UdpFlow>,
+    tcp: TcpEngine,
     pub stats: Arc<ConnectorStats>,
     buf: Vec<u8>,
     out: Vec<u8>,
@@ -211,12 +302,22 @@ impl Connector {
             links.push(RelayLink { relay: *relay, session, handles: HashMap::new(), flows: HashMap::new() });
         }
         info!(%local, relays = cfg.relays.len(), services = cfg.services.len(), "connector starting");
+        let stats = Arc::new(ConnectorStats::default());
+        let limits = TcpLimits {
+            max_flows: cfg.max_tcp_flows,
+            max_per_flow: cfg.max_tcp_per_flow,
+            max_conns: cfg.max_tcp_connections,
+            buffer: cfg.tcp_buffer_bytes,
+            idle: Duration::from_secs(cfg.tcp_idle_secs),
+            connect_timeout: TCP_CONNECT_TIMEOUT,
+        };
         Ok(Connector {
             cfg,
             socket,
             links,
             udp: HashMap::new(),
-            stats: Arc::new(ConnectorStats::default()),
+            tcp: TcpEngine::new(limits, Arc::clone(&stats), seed),
+            stats,
             buf: vec![0u8; 65_536],
             out: vec![0u8; 2048],
             pkt: Vec::with_capacity(2048),
@@ -246,10 +347,18 @@ impl Connector {
     pub fn turn(&mut self, max_wait: Duration) -> Result<()> {
         let now = Instant::now();
         let deadline = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
+        let deadline = match (deadline, self.tcp.next_deadline(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let wait = deadline.map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
-        let mut fds = vec![self.socket.as_raw_fd()];
-        fds.extend(self.udp.values().map(|f| f.socket.as_raw_fd()));
-        crate::client_io::wait_readable(&fds, wait);
+        let pollin = |fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut fds = vec![pollin(self.socket.as_raw_fd())];
+        fds.extend(self.udp.values().map(|f| pollin(f.socket.as_raw_fd())));
+        let tcp_from = fds.len();
+        self.tcp.pollfds(&mut fds);
+        tcp::poll_fds(&mut fds, wait);
+        self.tcp.set_revents(fds.get(tcp_from..).unwrap_or_default());
 
         // From relays.
         while let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
@@ -264,6 +373,19 @@ impl Connector {
             self.handle_datagrams(i, now);
         }
         self.backend_replies(now);
+        self.tcp.service(now);
+        let (links, stats) = (&mut self.links, &self.stats);
+        self.tcp.drain_tx(|k, pkt| {
+            let Some(l) = links.get_mut(k.session) else { return TxOutcome::Dropped };
+            match l.session.send_datagram(k.flow, pkt) {
+                Ok(()) => {
+                    ConnectorStats::inc(&stats.packets_to_agents);
+                    TxOutcome::Sent
+                }
+                Err(ztna_control::client::SendError::QueueFull) => TxOutcome::Blocked,
+                Err(_) => TxOutcome::Dropped,
+            }
+        });
         for l in &mut self.links {
             if l.session.next_deadline().is_some_and(|d| d <= now) {
                 l.session.handle_timeout(now);
@@ -316,6 +438,7 @@ impl Connector {
                         l.flows.remove(&flow);
                     }
                     self.udp.retain(|k, _| !(k.session == i && k.flow == flow));
+                    self.tcp.remove_flow(FlowKey { session: i, flow });
                 }
                 Event::Disconnected { reason, retry_in } => {
                     warn!(relay = i, reason, ?retry_in, "relay connection lost");
@@ -324,6 +447,7 @@ impl Connector {
                         l.flows.clear();
                     }
                     self.udp.retain(|k, _| k.session != i);
+                    self.tcp.remove_session(i);
                 }
                 Event::Connected => info!(relay = i, "connected"),
                 Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),
@@ -359,6 +483,15 @@ impl Connector {
             ConnectorStats::inc(&self.stats.drop_malformed);
             return;
         };
+        if v4.total_len() > TUNNEL_MTU && v4.dont_fragment {
+            ConnectorStats::inc(&self.stats.drop_too_big);
+            // From the address the agent sent to, as the hop that cannot
+            // carry the packet; the MTU is what the tunnel carries safely.
+            if packet::build_icmp_frag_needed(ip, v4.dst, TUNNEL_MTU as u16, &mut self.pkt).is_ok() {
+                self.send_to_agent(i, flow);
+            }
+            return;
+        }
         let Some(svc) = self.cfg.services.get(si) else { return };
         match packet::parse_transport(&v4) {
             Ok(Transport::IcmpEcho { request: true, .. }) if svc.icmp => {
@@ -399,7 +532,30 @@ impl Connector {
                     }
                 }
             }
-            Ok(Transport::Tcp { .. }) => ConnectorStats::inc(&self.stats.drop_tcp_unsupported),
+            Ok(Transport::Tcp { src_port, dst_port, header, payload }) => {
+                let t =
+                    Tuple { agent: SocketAddrV4::new(v4.src, src_port), service: SocketAddrV4::new(v4.dst, dst_port) };
+                let backend = svc.backend.iter().find(|b| b.protocol == Proto::Tcp && b.port == dst_port);
+                let verdict = match backend {
+                    Some(b) => {
+                        let whole = ip.get(..v4.total_len()).unwrap_or(ip);
+                        self.tcp.input(FlowKey { session: i, flow }, t, &header, whole, b.target, now)
+                    }
+                    None => {
+                        ConnectorStats::inc(&self.stats.drop_not_allowed);
+                        // Refuse connection attempts as a closed port does.
+                        let syn = header.flags.contains(TcpFlags::SYN) && !header.flags.contains(TcpFlags::ACK);
+                        if syn {
+                            Verdict::Reset
+                        } else {
+                            Verdict::Dropped
+                        }
+                    }
+                };
+                if verdict == Verdict::Reset && tcp::build_rst(&t, &header, payload.len(), &mut self.pkt) {
+                    self.send_to_agent(i, flow);
+                }
+            }
             Ok(_) => ConnectorStats::inc(&self.stats.drop_not_allowed),
             Err(_) => ConnectorStats::inc(&self.stats.drop_malformed),
         }

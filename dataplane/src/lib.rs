@@ -20,4 +20,5 @@ pub mod pki;
 pub mod relay;
 pub mod routing;
 pub mod stats;
+pub mod vdev;
 pub mod worker;

@@ -1,0 +1,726 @@
+//! The connector's userspace TCP endpoint: terminates the agent's TCP
+//! connections in smoltcp and proxies each one to a real TCP connection to
+//! its configured backend.
+//!
+//! # State
+//!
+//! Everything is keyed by (relay session index, connector-leg flow id): many
+//! agents may use the same inner addresses (every agent a 10.x source, one
+//! service VIP), and a flow is one agent's traffic to one service. Each flow
+//! with TCP traffic gets its own smoltcp [`Interface`] (any-IP, so it accepts
+//! whatever service address the agent used) over a [`QueueDevice`], created
+//! on the first SYN and dropped when its last connection is gone. Within a
+//! flow a connection is keyed by its 4-tuple.
+//!
+//! # Connection life
+//!
+//! 1. A SYN to a configured (port → backend) starts a non-blocking connect
+//!    to the backend and is held; retransmitted SYNs are absorbed.
+//! 2. Backend connected: a smoltcp socket listens on the exact service
+//!    endpoint and the held SYN is fed to it, so the agent gets its SYN-ACK
+//!    only when the backend is really there. Backend refused or connect
+//!    timeout: the agent gets an RST (as from a closed port).
+//! 3. Proxying, with flow control both ways and no buffer of our own:
+//!    agent → backend moves bytes out of the smoltcp receive buffer only as
+//!    far as the backend's `write` accepts; what stays shrinks the window
+//!    advertised to the agent. Backend → agent reads from the backend only
+//!    as much as the smoltcp send buffer has room for, so the backend's own
+//!    TCP window closes when the agent does not read.
+//! 4. FIN either way is passed on as a half-close (`shutdown(Write)` on the
+//!    backend, `close()` on the smoltcp socket). An RST from the agent, a
+//!    backend error, or the idle timeout aborts both sides (RST to the agent
+//!    through smoltcp, SO_LINGER 0 close to the backend).
+//!
+//! Memory is bounded by the limits: at most `max_flows` interfaces, at most
+//! `max_per_flow` connections per flow and `max_conns` in total, each with
+//! two smoltcp buffers of `buffer` bytes; device queues are bounded in
+//! packets. Segments beyond a limit are dropped and counted.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl, State};
+use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+use socket2::{Domain, Protocol, Socket, Type};
+use ztna_control::packet::{self, TcpFlags, TcpHeader};
+use ztna_control::rng::SplitMix64;
+
+use super::ConnectorStats;
+use crate::vdev::{smol_instant, std_instant, QueueDevice};
+
+/// Received packets queued per flow before smoltcp runs (the connector's
+/// loop runs smoltcp after every batch of datagrams, so this only needs to
+/// hold one batch).
+const RX_QUEUE: usize = 1024;
+/// Packets smoltcp may queue per flow for the relay before it must wait.
+const TX_QUEUE: usize = 256;
+/// The interface's own address; with any-IP and a default route through it,
+/// the interface accepts every unicast destination and can answer any source.
+const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
+/// How long to wait after the relay refused a datagram (queue full) before
+/// smoltcp is run again for that flow.
+const TX_BLOCKED_RETRY: Duration = Duration::from_millis(5);
+
+/// Limits of the TCP endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TcpLimits {
+    pub max_flows: usize,
+    pub max_per_flow: usize,
+    pub max_conns: usize,
+    /// Size of each smoltcp socket buffer (receive and send).
+    pub buffer: usize,
+    pub idle: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// (relay session index, connector-leg flow id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FlowKey {
+    pub session: usize,
+    pub flow: u32,
+}
+
+/// A connection's addresses as the agent sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Tuple {
+    pub agent: SocketAddrV4,
+    pub service: SocketAddrV4,
+}
+
+/// What the caller does with a segment it handed to [`TcpEngine::input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Taken (queued for smoltcp, held, or absorbed).
+    Taken,
+    /// Answer with an RST (see [`build_rst`]); already counted.
+    Reset,
+    /// Dropped silently; already counted where it matters.
+    Dropped,
+}
+
+/// Outcome of handing one packet to the relay session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxOutcome {
+    Sent,
+    /// Lost for good (too large, not connected); TCP retransmits.
+    Dropped,
+    /// The session's DATAGRAM queue is full: keep the packet, try later.
+    Blocked,
+}
+
+enum Phase {
+    /// Backend connect in progress; the agent's SYN waits.
+    Connecting { syn: Vec<u8>, syn_header: TcpHeader, since: Instant },
+    /// Proxying through the smoltcp socket `handle`.
+    Open { handle: SocketHandle },
+}
+
+struct Conn {
+    backend: Socket,
+    phase: Phase,
+    /// Last segment from the agent or byte moved either way.
+    last: Instant,
+    /// poll(2) result of the last wait.
+    revents: i16,
+    /// A backend write would block: wait for POLLOUT.
+    want_write: bool,
+    /// The backend sent FIN (read returned 0).
+    backend_eof: bool,
+    /// The agent's FIN has been seen by smoltcp.
+    agent_fin: bool,
+    /// The agent's FIN has been passed on (shutdown(Write) on the backend).
+    backend_shut: bool,
+    /// Ends at the next cleanup (after smoltcp sent the RST if aborted).
+    dead: bool,
+}
+
+impl Conn {
+    fn poll_events(&self, sockets: &SocketSet<'_>) -> i16 {
+        match &self.phase {
+            Phase::Connecting { .. } => libc::POLLOUT,
+            Phase::Open { handle } => {
+                if self.dead {
+                    return 0;
+                }
+                let s = sockets.get::<tcp::Socket>(*handle);
+                let mut ev = 0;
+                if !self.backend_eof && s.may_send() && s.send_queue() < s.send_capacity() {
+                    ev |= libc::POLLIN;
+                }
+                if self.want_write {
+                    ev |= libc::POLLOUT;
+                }
+                ev
+            }
+        }
+    }
+
+    /// Closes the backend with an RST rather than a FIN.
+    fn abort_backend(&self) {
+        let _ = self.backend.set_linger(Some(Duration::ZERO));
+    }
+}
+
+struct Flow {
+    iface: Interface,
+    dev: QueueDevice,
+    sockets: SocketSet<'static>,
+    conns: HashMap<Tuple, Conn>,
+    /// Packets were queued for smoltcp, or a backend is ready.
+    dirty: bool,
+    /// The relay refused a datagram of this flow (queue full).
+    tx_blocked: bool,
+    /// When this flow needs service at the latest.
+    deadline: Option<Instant>,
+}
+
+/// All TCP state of a connector.
+pub(crate) struct TcpEngine {
+    flows: HashMap<FlowKey, Flow>,
+    limits: TcpLimits,
+    stats: Arc<ConnectorStats>,
+    epoch: Instant,
+    rng: SplitMix64,
+    /// pollfd index (from the offset given to `set_revents`) → connection.
+    poll_map: Vec<(FlowKey, Tuple)>,
+    scratch: Vec<u8>,
+}
+
+fn inc(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn add(c: &std::sync::atomic::AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Builds the RST answering `header` (a segment from `t.agent` to
+/// `t.service` with `payload_len` data bytes) into `out`, per RFC 9293
+/// §3.10.7.1. False (and `out` empty) when `header` is itself an RST.
+pub(crate) fn build_rst(t: &Tuple, header: &TcpHeader, payload_len: usize, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if header.flags.contains(TcpFlags::RST) {
+        return false;
+    }
+    let rst = if header.flags.contains(TcpFlags::ACK) {
+        TcpHeader { seq: header.ack, ack: 0, flags: TcpFlags::RST, window: 0, mss: None }
+    } else {
+        let syn_fin = u32::from(header.flags.contains(TcpFlags::SYN)) + u32::from(header.flags.contains(TcpFlags::FIN));
+        let len = u32::try_from(payload_len).unwrap_or(0);
+        TcpHeader {
+            seq: 0,
+            ack: header.seq.wrapping_add(len).wrapping_add(syn_fin),
+            flags: TcpFlags::RST | TcpFlags::ACK,
+            window: 0,
+            mss: None,
+        }
+    };
+    packet::build_ipv4_tcp(t.service, t.agent, &rst, &[], out).is_ok()
+}
+
+/// Starts a non-blocking connect to `target`.
+fn start_connect(target: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    match s.connect(&target.into()) {
+        Ok(()) => Ok(s),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether smoltcp has seen the agent's FIN.
+fn fin_received(state: State) -> bool {
+    matches!(state, State::CloseWait | State::LastAck | State::Closing | State::TimeWait)
+}
+
+impl TcpEngine {
+    pub(crate) fn new(limits: TcpLimits, stats: Arc<ConnectorStats>, seed: u64) -> TcpEngine {
+        TcpEngine {
+            flows: HashMap::new(),
+            limits,
+            stats,
+            epoch: Instant::now(),
+            rng: SplitMix64::new(seed ^ 0x7463_705f_7365_6564),
+            poll_map: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Open connections (including those whose backend is connecting).
+    pub(crate) fn connections(&self) -> usize {
+        self.flows.values().map(|f| f.conns.len()).sum()
+    }
+
+    fn new_flow(&mut self, now: Instant) -> Flow {
+        let mut dev = QueueDevice::new(RX_QUEUE, TX_QUEUE, false);
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = self.rng.next_u64();
+        let mut iface = Interface::new(cfg, &mut dev, smol_instant(self.epoch, now));
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IFACE_ADDR.into(), 32));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_ADDR);
+        Flow {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            dirty: false,
+            tx_blocked: false,
+            deadline: None,
+        }
+    }
+
+    /// Takes a TCP segment from the agent on `key`, already parsed and
+    /// checked: `t.service` is an allowed (address, port) whose backend is
+    /// `target`. `ip` is the whole IP packet.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn input(
+        &mut self,
+        key: FlowKey,
+        t: Tuple,
+        header: &TcpHeader,
+        ip: &[u8],
+        target: SocketAddr,
+        now: Instant,
+    ) -> Verdict {
+        let f = header.flags;
+        if let Some(flow) = self.flows.get_mut(&key) {
+            if let Some(c) = flow.conns.get_mut(&t) {
+                match c.phase {
+                    Phase::Connecting { .. } => {
+                        // Retransmitted SYNs wait with the first; an RST
+                        // cancels the attempt.
+                        if f.contains(TcpFlags::RST) {
+                            c.dead = true;
+                            flow.dirty = true;
+                        }
+                        return Verdict::Taken;
+                    }
+                    Phase::Open { .. } => {
+                        c.last = now;
+                        if !flow.dev.push_rx(ip) {
+                            inc(&self.stats.drop_tcp_queue_full);
+                            return Verdict::Dropped;
+                        }
+                        flow.dirty = true;
+                        return Verdict::Taken;
+                    }
+                }
+            }
+        }
+        let syn = f.contains(TcpFlags::SYN) && !f.contains(TcpFlags::ACK) && !f.contains(TcpFlags::RST);
+        if !syn {
+            if f.contains(TcpFlags::RST) {
+                return Verdict::Dropped;
+            }
+            inc(&self.stats.drop_tcp_no_connection);
+            return Verdict::Reset;
+        }
+        let flow_conns = self.flows.get(&key).map(|f| f.conns.len());
+        let over = match flow_conns {
+            None => self.flows.len() >= self.limits.max_flows,
+            Some(n) => n >= self.limits.max_per_flow,
+        } || self.connections() >= self.limits.max_conns;
+        if over {
+            inc(&self.stats.drop_tcp_limit);
+            return Verdict::Dropped;
+        }
+        let backend = match start_connect(target) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "backend connect failed");
+                inc(&self.stats.tcp_backend_connect_failed);
+                return Verdict::Reset;
+            }
+        };
+        if flow_conns.is_none() {
+            let flow = self.new_flow(now);
+            self.flows.insert(key, flow);
+        }
+        let Some(flow) = self.flows.get_mut(&key) else { return Verdict::Dropped };
+        flow.conns.insert(
+            t,
+            Conn {
+                backend,
+                phase: Phase::Connecting { syn: ip.to_vec(), syn_header: *header, since: now },
+                last: now,
+                revents: 0,
+                want_write: false,
+                backend_eof: false,
+                agent_fin: false,
+                backend_shut: false,
+                dead: false,
+            },
+        );
+        flow.deadline = Some(now);
+        Verdict::Taken
+    }
+
+    /// Appends a pollfd for every backend socket that waits for something.
+    /// Call [`TcpEngine::set_revents`] with the same slice after poll(2).
+    pub(crate) fn pollfds(&mut self, out: &mut Vec<libc::pollfd>) {
+        self.poll_map.clear();
+        for (k, flow) in &self.flows {
+            for (t, c) in &flow.conns {
+                let events = c.poll_events(&flow.sockets);
+                if events != 0 {
+                    out.push(libc::pollfd { fd: c.backend.as_raw_fd(), events, revents: 0 });
+                    self.poll_map.push((*k, *t));
+                }
+            }
+        }
+    }
+
+    /// Records poll(2) results; `fds` is the part `pollfds` appended.
+    pub(crate) fn set_revents(&mut self, fds: &[libc::pollfd]) {
+        for (p, (k, t)) in fds.iter().zip(&self.poll_map) {
+            if p.revents == 0 {
+                continue;
+            }
+            if let Some(flow) = self.flows.get_mut(k) {
+                if let Some(c) = flow.conns.get_mut(t) {
+                    c.revents = p.revents;
+                    flow.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// When the engine needs [`TcpEngine::service`] at the latest.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        self.flows.values().filter_map(|f| if f.dirty { Some(now) } else { f.deadline }).min()
+    }
+
+    /// Runs smoltcp and the proxies of every flow that has input, ready
+    /// backends or due timers.
+    pub(crate) fn service(&mut self, now: Instant) {
+        let limits = self.limits;
+        let epoch = self.epoch;
+        for flow in self.flows.values_mut() {
+            let due = flow.dirty || flow.deadline.is_some_and(|d| d <= now);
+            if due {
+                service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
+            }
+        }
+        self.flows.retain(|_, f| !f.conns.is_empty() || f.dev.tx_len() > 0);
+    }
+
+    /// Hands every packet smoltcp (or the engine) wants to send to `send`,
+    /// until the relay session of a flow refuses more.
+    pub(crate) fn drain_tx(&mut self, mut send: impl FnMut(FlowKey, &[u8]) -> TxOutcome) {
+        let mut blocked: Vec<usize> = Vec::new();
+        let now = Instant::now();
+        for (k, flow) in self.flows.iter_mut() {
+            if blocked.contains(&k.session) {
+                flow.tx_blocked = flow.dev.tx_len() > 0;
+                continue;
+            }
+            flow.tx_blocked = false;
+            while let Some(p) = flow.dev.pop_tx() {
+                match send(*k, &p) {
+                    TxOutcome::Sent => {}
+                    TxOutcome::Dropped => inc(&self.stats.drop_send_to_agent),
+                    TxOutcome::Blocked => {
+                        flow.dev.unpop_tx(p);
+                        flow.tx_blocked = true;
+                        blocked.push(k.session);
+                        break;
+                    }
+                }
+            }
+            if flow.tx_blocked {
+                let retry = now + TX_BLOCKED_RETRY;
+                flow.deadline = Some(flow.deadline.map_or(retry, |d| d.max(retry)));
+            }
+        }
+    }
+
+    /// Drops a flow's connections (the relay closed the flow).
+    pub(crate) fn remove_flow(&mut self, key: FlowKey) {
+        if let Some(f) = self.flows.remove(&key) {
+            self.close_all(f);
+        }
+    }
+
+    /// Drops every flow of a relay session (the connection was lost).
+    pub(crate) fn remove_session(&mut self, session: usize) {
+        let keys: Vec<FlowKey> = self.flows.keys().filter(|k| k.session == session).copied().collect();
+        for k in keys {
+            self.remove_flow(k);
+        }
+    }
+
+    fn close_all(&self, f: Flow) {
+        for c in f.conns.values() {
+            c.abort_backend();
+            inc(&self.stats.tcp_connections_closed);
+        }
+    }
+}
+
+/// One service pass over a flow: finish backend connects, run smoltcp,
+/// move bytes, run smoltcp again to send what moved, clean up.
+fn service_flow(
+    flow: &mut Flow,
+    now: Instant,
+    epoch: Instant,
+    limits: &TcpLimits,
+    stats: &ConnectorStats,
+    scratch: &mut Vec<u8>,
+) {
+    let Flow { iface, dev, sockets, conns, dirty, deadline, .. } = flow;
+    let snow = smol_instant(epoch, now);
+
+    // Backend connects that finished or timed out.
+    for (t, c) in conns.iter_mut() {
+        let Phase::Connecting { since, .. } = &c.phase else { continue };
+        if c.dead {
+            continue;
+        }
+        let timed_out = now.saturating_duration_since(*since) >= limits.connect_timeout;
+        if c.revents == 0 && !timed_out {
+            continue;
+        }
+        let connected = c.revents != 0 && matches!(c.backend.take_error(), Ok(None)) && c.backend.peer_addr().is_ok();
+        c.revents = 0;
+        let placeholder = Phase::Connecting { syn: Vec::new(), syn_header: TcpHeader::default(), since: now };
+        let Phase::Connecting { syn, syn_header, .. } = std::mem::replace(&mut c.phase, placeholder) else {
+            continue;
+        };
+        if connected && dev.push_rx(&syn) {
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0u8; limits.buffer]),
+                tcp::SocketBuffer::new(vec![0u8; limits.buffer]),
+            );
+            s.set_nagle_enabled(false);
+            s.set_congestion_control(CongestionControl::Reno);
+            if s.listen(IpListenEndpoint::from(t.service)).is_ok() {
+                c.phase = Phase::Open { handle: sockets.add(s) };
+                c.last = now;
+                inc(&stats.tcp_connections_opened);
+                continue;
+            }
+        }
+        // Refused, unreachable or timed out: the agent sees a closed port.
+        tracing::debug!(agent = %t.agent, service = %t.service, timed_out, "backend connect failed");
+        inc(&stats.tcp_backend_connect_failed);
+        if build_rst(t, &syn_header, 0, scratch) {
+            dev.push_tx(scratch.clone());
+        }
+        c.dead = true;
+    }
+
+    iface.poll(snow, dev, sockets);
+
+    for c in conns.values_mut() {
+        let Phase::Open { handle } = c.phase else { continue };
+        let s = sockets.get_mut::<tcp::Socket>(handle);
+        if !c.dead {
+            proxy(c, s, now, stats);
+        }
+        // A handshake the agent never completes ends like a connect timeout.
+        let limit = if s.state() == State::SynReceived { limits.connect_timeout } else { limits.idle };
+        if !c.dead && now.saturating_duration_since(c.last) >= limit {
+            inc(&stats.tcp_idle_timeouts);
+            s.abort();
+            c.dead = true;
+        }
+        c.revents = 0;
+    }
+
+    iface.poll(snow, dev, sockets);
+
+    // Cleanup: aborted connections (their RST is out), closed ones whose
+    // data all reached the backend, and listeners that did not take the SYN.
+    conns.retain(|_, c| {
+        let finished = match c.phase {
+            Phase::Connecting { .. } => c.dead,
+            Phase::Open { handle } => {
+                let s = sockets.get::<tcp::Socket>(handle);
+                let state = s.state();
+                // Closed without the agent's FIN: reset by the agent (what
+                // smoltcp still holds must not reach the backend).
+                let reset = state == State::Closed && !c.agent_fin;
+                // Closed after the agent's FIN: done once its data is out.
+                let done = matches!(state, State::Closed | State::TimeWait) && c.agent_fin && s.recv_queue() == 0;
+                // A listener that did not take the SYN.
+                let unused = state == State::Listen;
+                c.dead || reset || done || unused
+            }
+        };
+        if finished {
+            if let Phase::Open { handle } = c.phase {
+                sockets.remove(handle);
+            }
+            if c.dead || !(c.agent_fin && c.backend_eof) {
+                c.abort_backend();
+            }
+            inc(&stats.tcp_connections_closed);
+        }
+        !finished
+    });
+
+    *dirty = dev.has_rx();
+    let mut next = iface.poll_at(snow, sockets).map(|t| std_instant(epoch, t));
+    for c in conns.values() {
+        let d = match &c.phase {
+            Phase::Connecting { since, .. } => *since + limits.connect_timeout,
+            Phase::Open { .. } => c.last + limits.idle,
+        };
+        next = Some(next.map_or(d, |n| n.min(d)));
+    }
+    *deadline = next;
+}
+
+enum ReadResult {
+    Data(usize),
+    Eof,
+    Err(io::Error),
+}
+
+/// Moves bytes between a smoltcp socket and its backend, within what both
+/// sides accept right now; passes FINs on.
+fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorStats) {
+    // Agent → backend: only what the backend's write takes leaves smoltcp.
+    while s.can_recv() {
+        let backend = &c.backend;
+        let r = s.recv(|buf| match (&*backend).write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => {
+                add(&stats.tcp_bytes_to_backend, n);
+                c.last = now;
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.want_write = true;
+                break;
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => {
+                inc(&stats.tcp_backend_errors);
+                s.abort();
+                c.dead = true;
+                return;
+            }
+            Err(_) => break,
+        }
+    }
+    if s.recv_queue() == 0 {
+        c.want_write = false;
+    }
+    if fin_received(s.state()) {
+        c.agent_fin = true;
+    }
+    if c.agent_fin && !c.backend_shut && s.recv_queue() == 0 {
+        let _ = c.backend.shutdown(Shutdown::Write);
+        c.backend_shut = true;
+    }
+
+    // Backend → agent: read only into free space of the send buffer.
+    while !c.backend_eof && s.can_send() {
+        let backend = &c.backend;
+        let r = s.send(|buf| match (&*backend).read(buf) {
+            Ok(0) => (0, ReadResult::Eof),
+            Ok(n) => (n, ReadResult::Data(n)),
+            Err(e) => (0, ReadResult::Err(e)),
+        });
+        match r {
+            Ok(ReadResult::Data(n)) => {
+                add(&stats.tcp_bytes_from_backend, n);
+                c.last = now;
+            }
+            Ok(ReadResult::Eof) => {
+                c.backend_eof = true;
+                s.close();
+            }
+            Ok(ReadResult::Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Ok(ReadResult::Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(ReadResult::Err(_)) => {
+                inc(&stats.tcp_backend_errors);
+                s.abort();
+                c.dead = true;
+                return;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// poll(2) on `fds` for up to `timeout`; fills in `revents`.
+pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // Round a sub-millisecond wait up so a near deadline does not spin.
+    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
+    // SAFETY: `fds` is a live, exclusively borrowed slice of pollfd and
+    // its length is passed with it.
+    unsafe {
+        libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+    use super::*;
+    use ztna_control::packet::{parse_ipv4, parse_transport, Transport};
+
+    fn tuple() -> Tuple {
+        Tuple { agent: "10.0.0.2:40000".parse().unwrap(), service: "100.64.0.1:80".parse().unwrap() }
+    }
+
+    fn rst_of(out: &[u8]) -> (TcpHeader, u16, u16) {
+        let ip = parse_ipv4(out).unwrap();
+        assert_eq!(ip.src, Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(ip.dst, Ipv4Addr::new(10, 0, 0, 2));
+        match parse_transport(&ip).unwrap() {
+            Transport::Tcp { src_port, dst_port, header, payload } => {
+                assert!(payload.is_empty());
+                (header, src_port, dst_port)
+            }
+            other => panic!("not TCP: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rst_for_syn_acks_it() {
+        let syn = TcpHeader { seq: 1000, ack: 0, flags: TcpFlags::SYN, window: 65535, mss: Some(1240) };
+        let mut out = Vec::new();
+        assert!(build_rst(&tuple(), &syn, 0, &mut out));
+        let (h, sp, dp) = rst_of(&out);
+        assert_eq!((sp, dp), (80, 40000));
+        assert_eq!(h.flags, TcpFlags::RST | TcpFlags::ACK);
+        assert_eq!(h.ack, 1001);
+        assert_eq!(h.seq, 0);
+    }
+
+    #[test]
+    fn rst_for_ack_uses_its_ack_number() {
+        let seg = TcpHeader { seq: 5, ack: 77, flags: TcpFlags::ACK | TcpFlags::PSH, window: 100, mss: None };
+        let mut out = Vec::new();
+        assert!(build_rst(&tuple(), &seg, 10, &mut out));
+        let (h, _, _) = rst_of(&out);
+        assert_eq!(h.flags, TcpFlags::RST);
+        assert_eq!(h.seq, 77);
+    }
+
+    #[test]
+    fn no_rst_for_rst() {
+        let seg = TcpHeader { seq: 5, ack: 0, flags: TcpFlags::RST, window: 0, mss: None };
+        let mut out = Vec::new();
+        assert!(!build_rst(&tuple(), &seg, 0, &mut out));
+        assert!(out.is_empty());
+    }
+}
