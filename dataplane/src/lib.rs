@@ -20,5 +20,6 @@ pub mod pki;
 pub mod relay;
 pub mod routing;
 pub mod stats;
+pub mod tunnel_tcp;
 pub mod vdev;
 pub mod worker;
