@@ -61,20 +61,16 @@ fn c_program_against_real_relay_and_connector() {
     .unwrap();
     let ca = relay.dev_pki.as_ref().unwrap().ca.clone();
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let cfg = ConnectorConfig {
-        relays: vec![relay.local_addr],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        server_name: "localhost".into(),
-        ca: Some(ca.clone()),
-        insecure: false,
-        max_udp_flows: 64,
-        udp_idle_secs: 30,
-        services: vec![ServiceConfig {
+    let mut cfg = ConnectorConfig::new(
+        vec![relay.local_addr],
+        vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
             backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
         }],
-    };
+    );
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.ca = Some(ca.clone());
     let mut connector = Connector::new(cfg, 7).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let end = Instant::now() + Duration::from_secs(10);
