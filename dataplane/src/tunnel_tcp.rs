@@ -1,7 +1,8 @@
 //! Agent-side TCP through the tunnel, without a TUN device: a smoltcp
-//! interface whose "wire" is one agent flow of a [`UdpClient`] (each
-//! DATAGRAM payload is one IP packet). Used by the tests, and by the demo and
-//! benchmark for TCP traffic to a service behind a connector.
+//! interface whose "wire" is an [`IpLink`] that carries IP packets: one
+//! agent flow of a [`UdpClient`] ([`FlowLink`]), or the agent core (in the
+//! bench crate). Used by the tests, and by the demo and benchmark for TCP
+//! traffic to a service behind a connector.
 //!
 //! Everything runs on the caller's thread: [`TunnelTcp::pump`] moves packets
 //! between the QUIC session and smoltcp; the blocking-ish helpers
@@ -11,8 +12,8 @@
 //! ```no_run
 //! # use std::time::Duration;
 //! # fn demo(client: ztna_dataplane::client_io::UdpClient, flow: u32) -> std::io::Result<()> {
-//! use ztna_dataplane::tunnel_tcp::TunnelTcp;
-//! let mut t = TunnelTcp::new(client, flow, "10.0.0.2".parse().unwrap(), 1);
+//! use ztna_dataplane::tunnel_tcp::{FlowLink, TunnelTcp};
+//! let mut t = TunnelTcp::new(FlowLink::new(client, flow), "10.0.0.2".parse().unwrap(), 1);
 //! let c = t.connect("100.64.0.1:7".parse().unwrap())?;
 //! t.wait_connected(c, Duration::from_secs(5))?;
 //! t.send_all(c, b"hello", Duration::from_secs(5))?;
@@ -22,7 +23,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -41,6 +42,84 @@ const QUEUE: usize = 1024;
 /// Datagrams read per smoltcp run inside one pump.
 const BATCH: usize = 128;
 
+/// Why an [`IpLink`] did not take a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRefused {
+    /// Queue full: keep the packet and retry later.
+    Full,
+    /// Refused for good (too large, not connected, no route).
+    Dropped,
+}
+
+/// Something that carries IP packets to and from the tunnel.
+pub trait IpLink {
+    /// Moves traffic between the link's socket and its protocol state.
+    fn pump(&mut self);
+    /// The next inbound IP packet, copied into `buf`.
+    fn recv_packet(&mut self, buf: &mut [u8]) -> Option<usize>;
+    /// Sends one outbound IP packet.
+    fn send_packet(&mut self, pkt: &[u8]) -> Result<(), LinkRefused>;
+    /// Descriptor to wait on for inbound traffic.
+    fn fd(&self) -> RawFd;
+    /// The link's next timer.
+    fn next_deadline(&self) -> Option<Instant>;
+}
+
+/// One agent flow of a [`UdpClient`] as an [`IpLink`].
+pub struct FlowLink {
+    pub client: UdpClient,
+    flow: u32,
+    buf: Vec<u8>,
+    /// Datagrams of another flow or malformed.
+    pub foreign: u64,
+}
+
+impl FlowLink {
+    pub fn new(client: UdpClient, flow: u32) -> FlowLink {
+        FlowLink { client, flow, buf: vec![0u8; 65_536], foreign: 0 }
+    }
+
+    pub fn flow(&self) -> u32 {
+        self.flow
+    }
+}
+
+impl IpLink for FlowLink {
+    fn pump(&mut self) {
+        self.client.pump();
+    }
+
+    fn recv_packet(&mut self, out: &mut [u8]) -> Option<usize> {
+        loop {
+            let len = self.client.session.recv_datagram(&mut self.buf)?;
+            match self.buf.get(..len).map(datagram::parse) {
+                Some(Ok((flow, ip))) if flow == self.flow => {
+                    let dst = out.get_mut(..ip.len())?;
+                    dst.copy_from_slice(ip);
+                    return Some(ip.len());
+                }
+                _ => self.foreign += 1,
+            }
+        }
+    }
+
+    fn send_packet(&mut self, pkt: &[u8]) -> Result<(), LinkRefused> {
+        match self.client.session.send_datagram(self.flow, pkt) {
+            Ok(()) => Ok(()),
+            Err(SendError::QueueFull) => Err(LinkRefused::Full),
+            Err(_) => Err(LinkRefused::Dropped),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.client.socket().as_raw_fd()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.client.session.next_deadline()
+    }
+}
+
 /// A TCP connection through the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TcpConn(SocketHandle);
@@ -58,10 +137,9 @@ pub struct TunnelTcpStats {
     pub dropped_out: u64,
 }
 
-/// smoltcp TCP over one agent flow.
-pub struct TunnelTcp {
-    pub client: UdpClient,
-    flow: u32,
+/// smoltcp TCP over an [`IpLink`].
+pub struct TunnelTcp<L: IpLink> {
+    pub link: L,
     iface: Interface,
     dev: QueueDevice,
     sockets: SocketSet<'static>,
@@ -76,11 +154,10 @@ fn reset() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, "connection reset")
 }
 
-impl TunnelTcp {
-    /// TCP over agent flow `flow` of `client`, with inner source address
-    /// `local` (the agent's tunnel address). `seed` seeds initial sequence
-    /// numbers.
-    pub fn new(client: UdpClient, flow: u32, local: Ipv4Addr, seed: u64) -> TunnelTcp {
+impl<L: IpLink> TunnelTcp<L> {
+    /// TCP over `link`, with inner source address `local` (the agent's
+    /// tunnel address). `seed` seeds initial sequence numbers.
+    pub fn new(link: L, local: Ipv4Addr, seed: u64) -> TunnelTcp<L> {
         let epoch = Instant::now();
         let mut dev = QueueDevice::new(QUEUE, QUEUE, true);
         let mut cfg = Config::new(HardwareAddress::Ip);
@@ -91,8 +168,7 @@ impl TunnelTcp {
         });
         let _ = iface.routes_mut().add_default_ipv4_route(local);
         TunnelTcp {
-            client,
-            flow,
+            link,
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
@@ -107,11 +183,6 @@ impl TunnelTcp {
     /// Sets the socket buffer size of connections opened from now on.
     pub fn set_buffer(&mut self, bytes: usize) {
         self.buffer = bytes;
-    }
-
-    /// The agent flow id.
-    pub fn flow(&self) -> u32 {
-        self.flow
     }
 
     /// Starts connecting to `dst` (a service address behind the connector).
@@ -168,14 +239,14 @@ impl TunnelTcp {
     /// Moves packets both ways: reads the UDP socket, feeds this flow's
     /// datagrams to smoltcp, runs it, and sends what it produced.
     pub fn pump(&mut self) {
-        self.client.pump();
+        self.link.pump();
         loop {
             let mut n = 0;
             while n < BATCH {
-                let Some(len) = self.client.session.recv_datagram(&mut self.buf) else { break };
+                let Some(len) = self.link.recv_packet(&mut self.buf) else { break };
                 n += 1;
-                match self.buf.get(..len).map(datagram::parse) {
-                    Some(Ok((flow, ip))) if flow == self.flow && self.dev.push_rx(ip) => self.stats.packets_in += 1,
+                match self.buf.get(..len) {
+                    Some(ip) if self.dev.push_rx(ip) => self.stats.packets_in += 1,
                     _ => self.stats.dropped_in += 1,
                 }
             }
@@ -184,7 +255,7 @@ impl TunnelTcp {
                 break;
             }
         }
-        self.client.pump();
+        self.link.pump();
     }
 
     fn poll_iface(&mut self) {
@@ -200,13 +271,13 @@ impl TunnelTcp {
 
     fn flush(&mut self) {
         while let Some(p) = self.dev.pop_tx() {
-            match self.client.session.send_datagram(self.flow, &p) {
+            match self.link.send_packet(&p) {
                 Ok(()) => self.stats.packets_out += 1,
-                Err(SendError::QueueFull) => {
+                Err(LinkRefused::Full) => {
                     self.dev.unpop_tx(p);
                     break;
                 }
-                Err(_) => self.stats.dropped_out += 1,
+                Err(LinkRefused::Dropped) => self.stats.dropped_out += 1,
             }
         }
     }
@@ -223,11 +294,11 @@ impl TunnelTcp {
             // The session's queue was full: retry soon.
             d = d.min(Duration::from_millis(2));
         }
-        if let Some(t) = self.client.session.next_deadline() {
+        if let Some(t) = self.link.next_deadline() {
             d = d.min(t.saturating_duration_since(now));
         }
         if !d.is_zero() {
-            wait_readable(&[self.client.socket().as_raw_fd()], d);
+            wait_readable(&[self.link.fd()], d);
         }
         self.pump();
     }

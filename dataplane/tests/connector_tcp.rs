@@ -20,7 +20,7 @@ use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, ConnectorSt
 use ztna_dataplane::echo::EchoServer;
 use ztna_dataplane::io::IoBackend;
 use ztna_dataplane::relay::RelayHandle;
-use ztna_dataplane::tunnel_tcp::TunnelTcp;
+use ztna_dataplane::tunnel_tcp::{FlowLink, TunnelTcp};
 
 const AGENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -179,10 +179,10 @@ impl Setup {
         Setup { relay, stats, stop, connector: Some(t), connector_tid, echo, source, _sink: sink }
     }
 
-    fn agent(&self, seed: u64) -> TunnelTcp {
+    fn agent(&self, seed: u64) -> TunnelTcp<FlowLink> {
         let mut c = client(&self.relay, &[(Role::Agent, "web")], seed);
         let flow = until_registered(&mut c, 1)[0];
-        TunnelTcp::new(c, flow, AGENT_IP, seed)
+        TunnelTcp::new(FlowLink::new(c, flow), AGENT_IP, seed)
     }
 
     /// CPU time the connector's thread has used.
@@ -195,7 +195,7 @@ impl Setup {
     }
 
     /// Waits (pumping `agent`) until `pred` holds on the connector stats.
-    fn until(&self, agent: &mut TunnelTcp, what: &str, pred: impl Fn(&ConnectorStats) -> bool) {
+    fn until(&self, agent: &mut TunnelTcp<FlowLink>, what: &str, pred: impl Fn(&ConnectorStats) -> bool) {
         let end = Instant::now() + T;
         while !pred(&self.stats) {
             assert!(Instant::now() < end, "timed out waiting for {what}: {:?}", self.stats);
@@ -333,7 +333,7 @@ fn flow_control_bounds_buffering_both_ways() {
     // backend's writes stall.
     let c = a.connect(vip(SOURCE)).unwrap();
     a.wait_connected(c, T).unwrap();
-    let settle = |a: &mut TunnelTcp, d: Duration| {
+    let settle = |a: &mut TunnelTcp<FlowLink>, d: Duration| {
         let end = Instant::now() + d;
         while Instant::now() < end {
             a.wait(Duration::from_millis(10));
