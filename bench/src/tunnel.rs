@@ -1,0 +1,373 @@
+//! Traffic through the whole tunnel: the agent core (in-process, as the
+//! packet-tunnel extension would run it) → relay → connector → echo
+//! service, for UDP and TCP. Used by `ztna-bench demo` and
+//! `ztna-bench tunnel`.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use ztna_control::packet::{self, Transport};
+use ztna_control::quic::TlsOptions;
+use ztna_control::ServiceName;
+use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_dataplane::echo::EchoServer;
+use ztna_dataplane::io::IoBackend;
+use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
+use ztna_dataplane::tunnel_tcp::{IpLink, LinkRefused, TunnelTcp};
+
+/// The service, its address as agents see it, and the echo port.
+pub const SERVICE: &str = "echo";
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(100, 100, 0, 10);
+pub const ECHO_PORT: u16 = 7;
+/// The agent's own tunnel address (source of its inner packets).
+pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+
+/// The agent core on a real UDP socket, as an [`IpLink`].
+pub struct AgentLink {
+    pub core: AgentCore,
+    sock: UdpSocket,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl AgentLink {
+    pub fn new(relay: SocketAddr, ca: &std::path::Path, seed: u64) -> Result<AgentLink> {
+        let sock = UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?;
+        sock.set_nonblocking(true)?;
+        let cfg = AgentConfig {
+            relay,
+            server_name: "localhost".into(),
+            local: sock.local_addr()?,
+            tls: TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), verify_peer: true },
+            routes: vec![(
+                ServiceName::new(SERVICE).context("service name")?,
+                ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,
+            )],
+        };
+        let core = AgentCore::new(cfg, seed, Instant::now()).map_err(anyhow::Error::msg)?;
+        Ok(AgentLink { core, sock, buf: vec![0u8; 65_536], out: vec![0u8; 2048] })
+    }
+
+    /// Pumps until registered and the observed address is known.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<SocketAddr> {
+        let end = Instant::now() + timeout;
+        let mut registered = false;
+        loop {
+            self.pump();
+            while let Some(e) = self.core.poll_event() {
+                match e {
+                    AgentEvent::Registered { .. } => registered = true,
+                    AgentEvent::RegisterFailed { service, code, reason } => {
+                        bail!("registration of {service} refused: {code} {reason}")
+                    }
+                    _ => {}
+                }
+            }
+            if let (true, Some(o)) = (registered, self.core.observed_address()) {
+                return Ok(o);
+            }
+            if Instant::now() > end {
+                bail!("agent did not register within {timeout:?}");
+            }
+            ztna_dataplane::client_io::wait_readable(&[self.sock.as_raw_fd()], Duration::from_millis(5));
+        }
+    }
+}
+
+impl IpLink for AgentLink {
+    fn pump(&mut self) {
+        while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
+            if let Some(b) = self.buf.get_mut(..n) {
+                self.core.recv_udp(b, from, Instant::now());
+            }
+        }
+        let now = Instant::now();
+        if self.core.next_deadline().is_some_and(|d| d <= now) {
+            self.core.handle_timeout(now);
+        }
+        while let Some((n, to)) = self.core.poll_udp(&mut self.out, now) {
+            if let Some(b) = self.out.get(..n) {
+                let _ = self.sock.send_to(b, to);
+            }
+        }
+    }
+
+    fn recv_packet(&mut self, buf: &mut [u8]) -> Option<usize> {
+        self.core.poll_ip_packet(buf)
+    }
+
+    fn send_packet(&mut self, pkt: &[u8]) -> Result<(), LinkRefused> {
+        match self.core.send_ip_packet(pkt) {
+            Ok(()) => Ok(()),
+            Err(Drop::Backpressure) => Err(LinkRefused::Full),
+            Err(_) => Err(LinkRefused::Dropped),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.core.next_deadline()
+    }
+}
+
+/// Relay, echo service and connector, all in-process on loopback.
+pub struct TunnelEnv {
+    pub relay: RelayHandle,
+    pub echo: EchoServer,
+    stop: Arc<AtomicBool>,
+    connector: Option<JoinHandle<Result<()>>>,
+}
+
+impl TunnelEnv {
+    pub fn start(workers: usize, io_backend: IoBackend) -> Result<TunnelEnv> {
+        let relay = relay::start(&RelayConfig {
+            listen: "127.0.0.1:0".parse()?,
+            workers: Some(workers),
+            dev: true,
+            io_backend,
+            pin_cores: false,
+            ..RelayConfig::default()
+        })?;
+        let ca = relay.dev_pki.as_ref().context("dev PKI")?.ca.clone();
+        let echo = EchoServer::start("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)?;
+        let mut cfg = ConnectorConfig::new(
+            vec![relay.local_addr],
+            vec![ServiceConfig {
+                name: SERVICE.into(),
+                icmp: true,
+                backend: vec![
+                    Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr },
+                    Backend { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr },
+                ],
+            }],
+        );
+        cfg.listen = "127.0.0.1:0".parse()?;
+        cfg.ca = Some(ca);
+        let mut connector = Connector::new(cfg, 11)?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while !connector.is_ready() {
+            connector.turn(Duration::from_millis(10))?;
+            if Instant::now() > end {
+                bail!("connector did not register");
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let t = std::thread::Builder::new().name("connector".into()).spawn(move || connector.run(&s))?;
+        Ok(TunnelEnv { relay, echo, stop, connector: Some(t) })
+    }
+
+    pub fn ca(&self) -> Result<std::path::PathBuf> {
+        Ok(self.relay.dev_pki.as_ref().context("dev PKI")?.ca.clone())
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.connector.take() {
+            let _ = t.join();
+        }
+        self.relay.shutdown();
+    }
+}
+
+/// Percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Rtt {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// What a tunnel run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelReport {
+    pub observed_address: SocketAddr,
+    pub relay_addr: SocketAddr,
+    pub relay_workers: usize,
+    pub io_backend: String,
+    pub services: Vec<String>,
+    /// UDP datagrams sent through the tunnel and echoes received.
+    pub sent: u64,
+    pub received: u64,
+    pub rtt_us: Rtt,
+    pub udp_seconds: f64,
+    pub udp_echoes_per_sec: f64,
+    /// TCP bytes sent and echoed back intact.
+    pub tcp_bytes_echoed: u64,
+    pub tcp_seconds: f64,
+    pub tcp_goodput_mbit_s: f64,
+    /// CPU time of the thread running the agent core (and the generator)
+    /// per IP packet through the core.
+    pub agent_cpu_us_per_packet: f64,
+    pub agent_packets: u64,
+    pub agent_drops: u64,
+    pub relay_forwarded: u64,
+    pub relay_cross_worker: u64,
+}
+
+fn thread_cpu() -> Duration {
+    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
+}
+
+/// UDP echoes (`udp_count` datagrams, at most `window` in flight) then a
+/// TCP echo of `tcp_bytes`, both through the agent core.
+pub fn run(
+    workers: usize,
+    io_backend: IoBackend,
+    udp_count: u64,
+    window: u64,
+    tcp_bytes: usize,
+) -> Result<TunnelReport> {
+    let env = TunnelEnv::start(workers, io_backend)?;
+    let r = run_in(&env, workers, udp_count, window, tcp_bytes);
+    env.stop();
+    r
+}
+
+fn run_in(
+    env: &TunnelEnv,
+    workers: usize,
+    udp_count: u64,
+    window: u64,
+    tcp_bytes: usize,
+) -> Result<TunnelReport> {
+    let mut link = AgentLink::new(env.relay.local_addr, &env.ca()?, 5)?;
+    let observed = link.wait_ready(Duration::from_secs(10))?;
+    let relay_before = env.relay.totals();
+    let cpu0 = thread_cpu();
+
+    // UDP: sequence number + send time in each payload.
+    let epoch = Instant::now();
+    let mut hist = Histogram::<u64>::new(3).context("histogram")?;
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut pkt = Vec::with_capacity(2048);
+    let mut buf = vec![0u8; 2048];
+    let me = SocketAddrV4::new(AGENT_IP, 40_000);
+    let svc = SocketAddrV4::new(SERVICE_IP, ECHO_PORT);
+    let udp_end = Instant::now() + Duration::from_secs(30);
+    let t_udp = Instant::now();
+    while received < udp_count && Instant::now() < udp_end {
+        while sent < udp_count && sent - received < window {
+            let mut payload = [0u8; 64];
+            payload[..8].copy_from_slice(&sent.to_be_bytes());
+            let at = epoch.elapsed().as_nanos() as u64;
+            payload[8..16].copy_from_slice(&at.to_be_bytes());
+            packet::build_ipv4_udp(me, svc, &payload, &mut pkt)?;
+            if link.send_packet(&pkt).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        link.pump();
+        while let Some(n) = link.recv_packet(&mut buf) {
+            let Some(b) = buf.get(..n) else { continue };
+            let Ok(ip) = packet::parse_ipv4(b) else { continue };
+            if let Ok(Transport::Udp { payload, .. }) = packet::parse_transport(&ip) {
+                if let Some(t) = payload.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                    let rtt = epoch.elapsed().as_nanos() as u64 - u64::from_be_bytes(t);
+                    let _ = hist.record((rtt / 1000).max(1));
+                    received += 1;
+                }
+            }
+        }
+        if sent - received >= window || sent == udp_count {
+            ztna_dataplane::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
+        }
+    }
+    let udp_seconds = t_udp.elapsed().as_secs_f64();
+
+    // TCP: echo `tcp_bytes` through smoltcp over the agent core.
+    let mut tcp = TunnelTcp::new(link, AGENT_IP, 9);
+    let t_tcp = Instant::now();
+    let mut tcp_bytes_echoed = 0u64;
+    if tcp_bytes > 0 {
+        let c = tcp.connect(svc)?;
+        tcp.wait_connected(c, Duration::from_secs(10))?;
+        let data: Vec<u8> = (0..tcp_bytes).map(|i| (i * 31 % 251) as u8).collect();
+        let (mut off, mut back) = (0usize, Vec::with_capacity(tcp_bytes));
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut chunk = vec![0u8; 65_536];
+        while back.len() < tcp_bytes {
+            if off < tcp_bytes {
+                off += tcp.send(c, data.get(off..).unwrap_or_default())?;
+            }
+            match tcp.recv(c, &mut chunk) {
+                Ok(0) => bail!("TCP echo closed early at {} of {tcp_bytes} bytes", back.len()),
+                Ok(n) => back.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tcp.wait(Duration::from_millis(5)),
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() > end {
+                bail!("TCP echo stalled at {} of {tcp_bytes} bytes", back.len());
+            }
+        }
+        if back != data {
+            bail!("TCP echo corrupted");
+        }
+        tcp.close(c);
+        tcp_bytes_echoed = back.len() as u64;
+    }
+    let tcp_seconds = t_tcp.elapsed().as_secs_f64();
+    let cpu = thread_cpu().saturating_sub(cpu0);
+    let st = tcp.link.core.stats();
+    let agent_packets = st.packets_out + st.packets_in;
+    let relay_after = env.relay.totals();
+    let q = |p: f64| hist.value_at_quantile(p);
+    Ok(TunnelReport {
+        observed_address: observed,
+        relay_addr: env.relay.local_addr,
+        relay_workers: workers,
+        io_backend: format!("{:?}", env.relay.backend).to_lowercase(),
+        services: vec![SERVICE.into()],
+        sent,
+        received,
+        rtt_us: Rtt { p50: q(0.5), p90: q(0.9), p99: q(0.99), max: hist.max() },
+        udp_seconds,
+        udp_echoes_per_sec: received as f64 / udp_seconds.max(1e-9),
+        tcp_bytes_echoed,
+        tcp_seconds,
+        tcp_goodput_mbit_s: tcp_bytes_echoed as f64 * 8.0 / 1e6 / tcp_seconds.max(1e-9),
+        agent_cpu_us_per_packet: cpu.as_secs_f64() * 1e6 / (agent_packets.max(1) as f64),
+        agent_packets,
+        agent_drops: st.drop_malformed + st.drop_unmapped + st.drop_no_flow + st.drop_too_large,
+        relay_forwarded: relay_after.datagrams_forwarded - relay_before.datagrams_forwarded,
+        relay_cross_worker: relay_after.datagrams_cross_worker - relay_before.datagrams_cross_worker,
+    })
+}
+
+/// The human summary of a run.
+pub fn print_summary(r: &TunnelReport) {
+    println!("relay      {} ({} workers, io {})", r.relay_addr, r.relay_workers, r.io_backend);
+    println!("agent      observed address {} (QUIC address discovery)", r.observed_address);
+    println!("service    \"{SERVICE}\" at {SERVICE_IP}:{ECHO_PORT} via the connector's echo backend");
+    println!(
+        "udp        {} sent, {} echoed, rtt p50 {} us p99 {} us ({:.0} echoes/s)",
+        r.sent, r.received, r.rtt_us.p50, r.rtt_us.p99, r.udp_echoes_per_sec
+    );
+    println!(
+        "tcp        {} bytes echoed intact in {:.2} s ({:.1} Mbit/s)",
+        r.tcp_bytes_echoed, r.tcp_seconds, r.tcp_goodput_mbit_s
+    );
+    println!(
+        "agent      {:.1} us CPU per packet through the core ({} packets)",
+        r.agent_cpu_us_per_packet, r.agent_packets
+    );
+    println!("relay      forwarded {} datagrams, {} across workers", r.relay_forwarded, r.relay_cross_worker);
+    println!("metrics    run `ztna-relay --dev --metrics 127.0.0.1:9090` and open http://127.0.0.1:9090/metrics");
+}
