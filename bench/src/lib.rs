@@ -6,6 +6,8 @@
 //! - [`relay_bench`]: `ztna-bench relay`, in-process or external.
 //! - [`udp_bench`]: `ztna-bench udp-forwarder`, the same load without QUIC.
 //! - [`demo`]: `ztna-bench demo`, a short guided run.
+//! - [`tunnel`]: traffic through agent core → relay → connector → echo
+//!   (UDP and TCP), for the demo and `ztna-bench tunnel`.
 //! - [`report`]: the summary, printed and as JSON.
 
 pub mod cli;
@@ -14,5 +16,6 @@ pub mod demo;
 pub mod load;
 pub mod quic_clients;
 pub mod relay_bench;
+pub mod tunnel;
 pub mod report;
 pub mod udp_bench;
