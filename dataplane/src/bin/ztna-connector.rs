@@ -14,9 +14,9 @@ use ztna_dataplane::connector::{Connector, ConnectorConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// TOML config file.
+    /// TOML config file (required; clap cannot make a global flag required).
     #[arg(long, global = true)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Relay address (repeatable; replaces the file's list).
     #[arg(long, global = true)]
     relay: Vec<SocketAddr>,
@@ -46,9 +46,9 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let text = std::fs::read_to_string(&cli.config).with_context(|| format!("reading {}", cli.config.display()))?;
-    let mut cfg: ConnectorConfig =
-        toml::from_str(&text).with_context(|| format!("parsing {}", cli.config.display()))?;
+    let Some(path) = &cli.config else { anyhow::bail!("--config FILE is required") };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cfg: ConnectorConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     if !cli.relay.is_empty() {
         cfg.relays = cli.relay.clone();
     }
