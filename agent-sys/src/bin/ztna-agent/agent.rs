@@ -1,0 +1,359 @@
+//! The event loop: one thread, poll(2) over the TUN device, the UDP socket
+//! to the relay and a signal self-pipe, driving the sans-I/O `AgentCore`.
+//!
+//! Each turn reads up to `TUN_BUDGET` packets from the device and up to
+//! `UDP_BATCHES` × `BATCH` datagrams from the relay (`recvmmsg`), runs
+//! timers, writes inbound packets to the device and sends what the core
+//! has (`sendmmsg`). All buffers are allocated once, at start-up; the
+//! packet path does not allocate (quiche's own datagram queues aside).
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tracing::{debug, info, warn};
+use tun_rs::SyncDevice;
+use ztna_agent::core::{AgentCore, AgentEvent};
+
+use crate::udp::{Batch, BATCH};
+
+/// Packets read from the TUN device per loop turn.
+const TUN_BUDGET: usize = 64;
+/// `recvmmsg` calls per loop turn.
+const UDP_BATCHES: usize = 4;
+/// Longest poll(2) sleep, so a lost wake-up costs at most this.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Largest IP packet the device can hand us (MTU is at most 9000).
+const PKT_BUF: usize = 65_536;
+
+/// Signals the loop reacts to: SIGTERM/SIGINT set `stop`, SIGUSR1 sets
+/// `dump`; each also writes to `wake` so poll(2) returns.
+pub struct Signals {
+    pub stop: Arc<AtomicBool>,
+    pub dump: Arc<AtomicBool>,
+    wake: UnixStream,
+}
+
+impl Signals {
+    pub fn install() -> io::Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+        let (wake, notify) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        notify.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let dump = Arc::new(AtomicBool::new(false));
+        for sig in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&stop))?;
+            signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
+        }
+        signal_hook::flag::register(SIGUSR1, Arc::clone(&dump))?;
+        signal_hook::low_level::pipe::register(SIGUSR1, notify)?;
+        Ok(Signals { stop, dump, wake })
+    }
+
+    fn drain(&self) {
+        let mut b = [0u8; 64];
+        while matches!((&self.wake).read(&mut b), Ok(n) if n > 0) {}
+    }
+}
+
+/// I/O counters of the loop (the core counts the rest).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IoStats {
+    pub udp_rx: u64,
+    pub udp_tx: u64,
+    pub udp_send_errors: u64,
+    pub udp_recv_errors: u64,
+    pub tun_rx: u64,
+    pub tun_tx: u64,
+    pub tun_write_errors: u64,
+}
+
+pub struct Agent {
+    core: AgentCore,
+    tun: SyncDevice,
+    sock: UdpSocket,
+    relay: SocketAddr,
+    mtu: usize,
+    rx: Batch,
+    tx: Batch,
+    tun_buf: Box<[u8]>,
+    in_buf: Box<[u8]>,
+    io: IoStats,
+}
+
+fn out(line: std::fmt::Arguments<'_>) {
+    // Machine-readable progress on stdout (tests and scripts read it).
+    let mut o = io::stdout().lock();
+    let _ = o.write_fmt(line);
+    let _ = o.write_all(b"\n");
+    let _ = o.flush();
+}
+
+impl Agent {
+    pub fn new(core: AgentCore, tun: SyncDevice, sock: UdpSocket, relay: SocketAddr, mtu: u16) -> Agent {
+        Agent {
+            core,
+            tun,
+            sock,
+            relay,
+            mtu: usize::from(mtu),
+            rx: Batch::new(),
+            tx: Batch::new(),
+            tun_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
+            in_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
+            io: IoStats::default(),
+        }
+    }
+
+    /// Runs until SIGTERM/SIGINT, then closes the session.
+    pub fn run(&mut self, sig: &Signals) -> Result<()> {
+        // Initial handshake packets.
+        self.transmit(Instant::now());
+        while !sig.stop.load(Ordering::Acquire) {
+            if sig.dump.swap(false, Ordering::AcqRel) {
+                self.print_stats();
+            }
+            let (udp_in, tun_in) = self.wait(sig);
+            let now = Instant::now();
+            if udp_in {
+                self.read_udp(now);
+            }
+            if tun_in {
+                self.read_tun();
+            }
+            if self.core.next_deadline().is_some_and(|d| d <= now) {
+                self.core.handle_timeout(now);
+            }
+            self.events();
+            self.deliver();
+            self.transmit(now);
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// poll(2) until something is readable or the core's deadline.
+    fn wait(&mut self, sig: &Signals) -> (bool, bool) {
+        let now = Instant::now();
+        let wait = match self.core.next_deadline() {
+            // Round up: a sub-millisecond deadline must not spin at 0 ms.
+            Some(d) => d.saturating_duration_since(now).min(MAX_WAIT),
+            None => MAX_WAIT,
+        };
+        let ms = wait.as_micros().div_ceil(1000) as libc::c_int;
+        let udp_events = if self.tx.pending() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
+        let mut fds = [
+            libc::pollfd { fd: self.sock.as_raw_fd(), events: udp_events, revents: 0 },
+            libc::pollfd { fd: self.tun.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: sig.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a live array of 3 initialised pollfd for the
+        // duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n <= 0 {
+            // Timeout, or EINTR from a signal: the caller re-checks flags.
+            return (false, false);
+        }
+        let [u, t, w] = fds;
+        if w.revents != 0 {
+            sig.drain();
+        }
+        let ready = libc::POLLIN | libc::POLLERR | libc::POLLHUP;
+        (u.revents & ready != 0, t.revents & ready != 0)
+    }
+
+    fn read_udp(&mut self, now: Instant) {
+        for _ in 0..UDP_BATCHES {
+            let n = match self.rx.recv(&self.sock) {
+                Ok(n) => n,
+                Err(e) => {
+                    // ECONNREFUSED: an ICMP port unreachable from the relay
+                    // host (relay down); QUIC's timers handle it.
+                    self.io.udp_recv_errors += 1;
+                    debug!(error = %e, "UDP receive");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                if let Some(d) = self.rx.received(i) {
+                    self.core.recv_udp(d, self.relay, now);
+                }
+            }
+            self.io.udp_rx += n as u64;
+            // Hand what arrived to the device before reading more, so the
+            // core's inbound queue stays short.
+            self.deliver();
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+
+    fn read_tun(&mut self) {
+        for _ in 0..TUN_BUDGET {
+            match self.tun.recv(&mut self.tun_buf) {
+                Ok(n) => {
+                    self.io.tun_rx += 1;
+                    if let Some(p) = self.tun_buf.get(..n) {
+                        // Drops are counted by the core (unmapped, no flow, …).
+                        let _ = self.core.send_ip_packet(p);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(error = %e, "TUN read");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Inbound IP packets from the relay → the device.
+    fn deliver(&mut self) {
+        while let Some(n) = self.core.poll_ip_packet(&mut self.in_buf) {
+            let Some(p) = self.in_buf.get(..n) else { continue };
+            match self.tun.send(p) {
+                Ok(_) => self.io.tun_tx += 1,
+                Err(e) => {
+                    self.io.tun_write_errors += 1;
+                    debug!(error = %e, "TUN write");
+                }
+            }
+        }
+    }
+
+    /// QUIC packets from the core → the relay, in `sendmmsg` batches.
+    fn transmit(&mut self, now: Instant) {
+        loop {
+            if self.tx.pending() && !self.flush() {
+                return; // socket full: POLLOUT next turn
+            }
+            while !self.tx.is_full() {
+                let Some(slot) = self.tx.slot() else { break };
+                match self.core.poll_udp(slot, now) {
+                    Some((n, to)) if to == self.relay => self.tx.commit(n),
+                    // The socket is connected to the relay; the core never
+                    // addresses anyone else.
+                    Some((_, to)) => debug!(%to, "datagram for another address dropped"),
+                    None => break,
+                }
+            }
+            if !self.tx.pending() {
+                return; // nothing produced
+            }
+            let full = self.tx.is_full();
+            if !self.flush() || !full {
+                return; // would block, or the core has no more
+            }
+        }
+    }
+
+    /// Sends the batch; false when the socket would block.
+    fn flush(&mut self) -> bool {
+        let before = self.tx.unsent();
+        match self.tx.flush(&self.sock) {
+            Ok(done) => {
+                self.io.udp_tx += (before - self.tx.unsent()) as u64;
+                done
+            }
+            Err(e) => {
+                // The batch is dropped (QUIC retransmits what mattered).
+                self.io.udp_send_errors += 1;
+                debug!(error = %e, "UDP send");
+                true
+            }
+        }
+    }
+
+    fn events(&mut self) {
+        while let Some(e) = self.core.poll_event() {
+            match e {
+                AgentEvent::Connected => {
+                    info!(relay = %self.relay, "connected");
+                    out(format_args!("connected"));
+                    if let Some(max) = self.core.max_packet_size() {
+                        if max < self.mtu {
+                            warn!(max, mtu = self.mtu, "the tunnel carries smaller packets than the device MTU");
+                        }
+                    }
+                }
+                AgentEvent::ObservedAddress(a) => {
+                    info!(observed = %a, "observed address");
+                    out(format_args!("observed address {a}"));
+                }
+                AgentEvent::Registered { service, flow } => {
+                    info!(%service, flow, "registered");
+                    out(format_args!("registered {service} flow {flow}"));
+                }
+                AgentEvent::RegisterFailed { service, code, reason } => {
+                    warn!(%service, %code, reason, "registration refused");
+                    out(format_args!("register failed {service} {code}"));
+                }
+                AgentEvent::Disconnected { reason, retry_in } => {
+                    if retry_in == Duration::MAX {
+                        info!(reason, "disconnected");
+                    } else {
+                        warn!(reason, retry_in_ms = retry_in.as_millis() as u64, "disconnected; reconnecting");
+                        out(format_args!("disconnected retry_in_ms={}", retry_in.as_millis()));
+                    }
+                }
+                AgentEvent::Goodbye { code } => {
+                    info!(%code, "relay says goodbye");
+                    out(format_args!("goodbye {code}"));
+                }
+            }
+        }
+    }
+
+    fn print_stats(&self) {
+        let s = self.core.stats();
+        let io = self.io;
+        info!(?s, ?io, "stats");
+        out(format_args!(
+            "stats packets_out={} bytes_out={} packets_in={} bytes_in={} drop_malformed={} drop_unmapped={} \
+             drop_no_flow={} drop_too_large={} drop_backpressure={} drop_unknown_flow={} drop_truncated={} \
+             connects={} disconnects={} udp_rx={} udp_tx={} udp_send_errors={} udp_recv_errors={} tun_rx={} \
+             tun_tx={} tun_write_errors={}",
+            s.packets_out,
+            s.bytes_out,
+            s.packets_in,
+            s.bytes_in,
+            s.drop_malformed,
+            s.drop_unmapped,
+            s.drop_no_flow,
+            s.drop_too_large,
+            s.drop_backpressure,
+            s.drop_unknown_flow,
+            s.drop_truncated,
+            s.connects,
+            s.disconnects,
+            io.udp_rx,
+            io.udp_tx,
+            io.udp_send_errors,
+            io.udp_recv_errors,
+            io.tun_rx,
+            io.tun_tx,
+            io.tun_write_errors,
+        ));
+    }
+
+    /// CONNECTION_CLOSE to the relay (best effort, ~100 ms), final stats.
+    fn shutdown(&mut self) {
+        info!("shutting down");
+        self.core.close();
+        let until = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < until {
+            self.transmit(Instant::now());
+            self.events();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.print_stats();
+    }
+}

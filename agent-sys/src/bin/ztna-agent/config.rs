@@ -1,0 +1,330 @@
+//! Configuration of the Linux agent: a TOML file (unknown keys rejected)
+//! that command-line flags override.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use ztna_agent::core::AgentConfig;
+use ztna_agent::route::Cidr;
+use ztna_control::quic::TlsOptions;
+use ztna_control::ServiceName;
+
+/// The TUN device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunConfig {
+    /// Interface name (at most 15 bytes).
+    #[serde(default = "default_tun_name")]
+    pub name: String,
+    /// Address of the device, e.g. `100.64.0.1/32`: the source address of
+    /// tunneled packets.
+    #[serde(default = "default_tun_address")]
+    pub address: String,
+    /// Device MTU. 1280 fits in one QUIC DATAGRAM on any path the relay
+    /// accepts (1350-byte UDP payloads, see PROTOCOL.md).
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+impl Default for TunConfig {
+    fn default() -> Self {
+        TunConfig { name: default_tun_name(), address: default_tun_address(), mtu: default_mtu() }
+    }
+}
+
+/// A service and the destination prefixes reached through it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub cidrs: Vec<String>,
+}
+
+/// Agent configuration (TOML, unknown keys rejected).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Relay address (IP:PORT); may come from `--relay` instead.
+    pub relay: Option<SocketAddr>,
+    /// TLS server name of the relay (its certificate must cover it).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA file that signs the relay's certificate (default: none, so
+    /// verification fails unless `insecure`).
+    pub ca: Option<PathBuf>,
+    /// Skip relay certificate verification (local experiments only; logged).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Local UDP address (default: any address, ephemeral port).
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub tun: TunConfig,
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+fn default_tun_name() -> String {
+    "ztna0".into()
+}
+fn default_tun_address() -> String {
+    "100.64.0.1/32".into()
+}
+fn default_mtu() -> u16 {
+    1280
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub relay: Option<SocketAddr>,
+    pub server_name: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+    pub listen: Option<SocketAddr>,
+    pub tun_name: Option<String>,
+    pub tun_address: Option<String>,
+    pub mtu: Option<u16>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub relay: SocketAddr,
+    pub server_name: String,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+    pub listen: SocketAddr,
+    pub tun_name: String,
+    pub tun_address: Cidr,
+    pub mtu: u16,
+    pub routes: Vec<(ServiceName, Cidr)>,
+}
+
+/// Smallest MTU we accept (the IPv4 minimum datagram every host takes).
+pub const MIN_MTU: u16 = 576;
+/// Largest MTU we accept; the tunnel itself carries about 1300 bytes.
+pub const MAX_MTU: u16 = 9000;
+
+impl FileConfig {
+    pub fn from_toml(s: &str) -> Result<FileConfig> {
+        Ok(toml::from_str(s)?)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.relay {
+            self.relay = Some(v);
+        }
+        if let Some(v) = &o.server_name {
+            self.server_name = v.clone();
+        }
+        if let Some(v) = &o.ca {
+            self.ca = Some(v.clone());
+        }
+        if o.insecure {
+            self.insecure = true;
+        }
+        if let Some(v) = o.listen {
+            self.listen = Some(v);
+        }
+        if let Some(v) = &o.tun_name {
+            self.tun.name = v.clone();
+        }
+        if let Some(v) = &o.tun_address {
+            self.tun.address = v.clone();
+        }
+        if let Some(v) = o.mtu {
+            self.tun.mtu = v;
+        }
+    }
+
+    /// Checks everything that can be checked without touching the system.
+    pub fn validate(&self) -> Result<Config> {
+        let Some(relay) = self.relay else { bail!("no relay: set `relay` in the file or pass --relay") };
+        if self.server_name.is_empty() {
+            bail!("server_name is empty");
+        }
+        if !self.insecure && self.ca.is_none() {
+            bail!("no CA: set `ca` (or --ca) to the file that signs the relay's certificate");
+        }
+        let name = &self.tun.name;
+        if name.is_empty() || name.len() > 15 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            bail!("invalid TUN name {name:?} (1-15 of [A-Za-z0-9._-])");
+        }
+        let tun_address: Cidr = self.tun.address.parse().map_err(|e| anyhow::anyhow!("tun.address: {e}"))?;
+        if !(MIN_MTU..=MAX_MTU).contains(&self.tun.mtu) {
+            bail!("tun.mtu {} out of range {MIN_MTU}..={MAX_MTU}", self.tun.mtu);
+        }
+        if tun_address.addr().is_ipv6() && self.tun.mtu < 1280 {
+            bail!("tun.mtu {} is below the IPv6 minimum of 1280", self.tun.mtu);
+        }
+        if self.services.is_empty() {
+            bail!("at least one [[service]] is required");
+        }
+        let mut routes = Vec::new();
+        for s in &self.services {
+            let Some(svc) = ServiceName::new(&s.name) else {
+                bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name)
+            };
+            if s.cidrs.is_empty() {
+                bail!("service {:?} has no cidrs", s.name);
+            }
+            for c in &s.cidrs {
+                let cidr: Cidr = c.parse().map_err(|e| anyhow::anyhow!("service {:?}: {e}", s.name))?;
+                // Routing the relay into the tunnel would loop every packet.
+                if cidr.contains(relay.ip()) {
+                    bail!("service {:?}: {cidr} contains the relay address {}", s.name, relay.ip());
+                }
+                if let Some((other, _)) = routes.iter().find(|(_, r): &&(ServiceName, Cidr)| *r == cidr) {
+                    bail!("{cidr} is listed twice (services {:?} and {:?})", other.as_str(), s.name);
+                }
+                routes.push((svc.clone(), cidr));
+            }
+        }
+        let listen = match self.listen {
+            Some(l) => {
+                if l.is_ipv4() != relay.is_ipv4() {
+                    bail!("listen address {l} and relay {relay} are of different families");
+                }
+                l
+            }
+            None if relay.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => SocketAddr::from(([0u16; 8], 0)),
+        };
+        Ok(Config {
+            relay,
+            server_name: self.server_name.clone(),
+            ca: self.ca.clone(),
+            insecure: self.insecure,
+            listen,
+            tun_name: name.clone(),
+            tun_address,
+            mtu: self.tun.mtu,
+            routes,
+        })
+    }
+}
+
+impl Config {
+    /// Reads the file, applies the flags and validates.
+    pub fn load(path: &std::path::Path, o: &Overrides) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut f = FileConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?;
+        f.apply(o);
+        f.validate()
+    }
+
+    /// The agent core's configuration, for a UDP socket bound to `local`.
+    pub fn agent_config(&self, local: SocketAddr) -> AgentConfig {
+        AgentConfig {
+            relay: self.relay,
+            server_name: self.server_name.clone(),
+            local,
+            tls: TlsOptions {
+                ca_file: self.ca.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                verify_peer: !self.insecure,
+            },
+            routes: self.routes.clone(),
+        }
+    }
+
+    /// Whether any address or route is IPv6.
+    pub fn uses_ipv6(&self) -> bool {
+        self.tun_address.addr().is_ipv6() || self.routes.iter().any(|(_, c)| c.addr().is_ipv6())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        relay = "192.0.2.1:4433"
+        server_name = "relay.example"
+        ca = "/etc/ztna/ca.pem"
+
+        [tun]
+        name = "zt0"
+        address = "100.64.0.7/32"
+        mtu = 1280
+
+        [[service]]
+        name = "echo"
+        cidrs = ["100.100.0.10/32", "100.100.1.0/24"]
+
+        [[service]]
+        name = "db"
+        cidrs = ["fd00:64::/64"]
+    "#;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = FileConfig::from_toml(GOOD).unwrap().validate().unwrap();
+        assert_eq!(c.relay, "192.0.2.1:4433".parse().unwrap());
+        assert_eq!(c.server_name, "relay.example");
+        assert_eq!(c.tun_name, "zt0");
+        assert_eq!(c.tun_address.to_string(), "100.64.0.7/32");
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.listen, "0.0.0.0:0".parse().unwrap());
+        assert!(c.uses_ipv6());
+        let a = c.agent_config("10.0.0.2:5000".parse().unwrap());
+        assert!(a.tls.verify_peer);
+        assert_eq!(a.tls.ca_file.as_deref(), Some("/etc/ztna/ca.pem"));
+    }
+
+    #[test]
+    fn defaults() {
+        let f = FileConfig::from_toml(
+            "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
+        )
+        .unwrap();
+        let c = f.validate().unwrap();
+        assert_eq!((c.tun_name.as_str(), c.mtu, c.server_name.as_str()), ("ztna0", 1280, "localhost"));
+        assert_eq!(c.tun_address.to_string(), "100.64.0.1/32");
+        assert_eq!(c.routes[0].1.to_string(), "100.100.0.10/32");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut f = FileConfig::from_toml(GOOD).unwrap();
+        f.apply(&Overrides {
+            relay: Some("198.51.100.1:443".parse().unwrap()),
+            ca: Some("/tmp/other.pem".into()),
+            tun_name: Some("zt9".into()),
+            mtu: Some(1400),
+            ..Overrides::default()
+        });
+        let c = f.validate().unwrap();
+        assert_eq!(c.relay.port(), 443);
+        assert_eq!(c.ca.unwrap(), PathBuf::from("/tmp/other.pem"));
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("zt9", 1400));
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let err = |s: &str| FileConfig::from_toml(s).and_then(|f| f.validate()).unwrap_err().to_string();
+        let svc = "[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10/32\"]\n";
+        let head = "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n";
+        assert!(err(&format!("{head}bogus = 1\n{svc}")).contains("unknown field"));
+        assert!(err(&format!("{head}[tun]\nnmae = \"x\"\n{svc}")).contains("unknown field"));
+        assert!(err(&format!("ca = \"ca.pem\"\n{svc}")).contains("no relay"));
+        assert!(err(&format!("relay = \"192.0.2.1:4433\"\n{svc}")).contains("no CA"));
+        assert!(err(head).contains("at least one"));
+        assert!(err(&format!("{head}[tun]\nmtu = 100\n{svc}")).contains("out of range"));
+        assert!(err(&format!("{head}[tun]\nname = \"a-very-long-tun-name\"\n{svc}")).contains("TUN name"));
+        assert!(err(&format!("{head}[tun]\naddress = \"nope\"\n{svc}")).contains("tun.address"));
+        assert!(err(&format!("{head}[[service]]\nname = \"Bad Name\"\ncidrs = [\"1.2.3.4\"]\n")).contains("invalid"));
+        assert!(err(&format!("{head}[[service]]\nname = \"e\"\ncidrs = []\n")).contains("no cidrs"));
+        assert!(err(&format!("{head}[[service]]\nname = \"e\"\ncidrs = [\"1.2.3.4/40\"]\n")).contains("prefix"));
+        // The relay must stay outside the tunnel.
+        assert!(err(&format!("{head}[[service]]\nname = \"all\"\ncidrs = [\"0.0.0.0/0\"]\n")).contains("relay"));
+        assert!(
+            err(&format!("{head}{svc}[[service]]\nname = \"b\"\ncidrs = [\"100.100.0.10/32\"]\n")).contains("twice")
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! `ztna-agent`: the Linux agent. Creates a TUN device, routes the
+//! configured service prefixes through it and tunnels what arrives there
+//! to the relay, driving the sans-I/O `AgentCore` from a poll(2) loop.
+//!
+//! stdout carries one line per event for scripts and tests (`connected`,
+//! `observed address ADDR`, `registered SERVICE flow N`, `disconnected
+//! retry_in_ms=N`, `stats k=v …` on SIGUSR1 and at exit); logs go to
+//! stderr (`RUST_LOG`, default info).
+//!
+//! ```toml
+//! relay = "203.0.113.7:4433"
+//! server_name = "relay.example.com"   # default "localhost"
+//! ca = "/etc/ztna/ca.pem"
+//! # insecure = false                  # skip certificate verification
+//! # listen = "0.0.0.0:0"              # local UDP address
+//!
+//! [tun]                               # all optional
+//! name = "ztna0"
+//! address = "100.64.0.1/32"
+//! mtu = 1280
+//!
+//! [[service]]
+//! name = "echo"
+//! cidrs = ["100.100.0.10/32"]
+//! ```
+//!
+//! Flags (`--relay`, `--server-name`, `--ca`, `--insecure`, `--listen`,
+//! `--tun-name`, `--tun-address`, `--mtu`) override the file;
+//! `ztna-agent check-config --config FILE` validates without touching the
+//! system. Needs CAP_NET_ADMIN (TUN device, routes) and iproute2.
+
+#[cfg(target_os = "linux")]
+mod agent;
+mod config;
+#[cfg(target_os = "linux")]
+mod tun;
+#[cfg(target_os = "linux")]
+mod udp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(name = "ztna-agent", version, about = "ZTNA agent: a TUN device whose service prefixes go through the relay")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// TOML config file (required; flags override it).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Relay address (IP:PORT).
+    #[arg(long, global = true)]
+    relay: Option<SocketAddr>,
+    /// TLS server name the relay's certificate must cover.
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    /// CA file that signs the relay's certificate.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Do not verify the relay's certificate (local experiments only).
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// Local UDP address (default: any, ephemeral port).
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// TUN device name.
+    #[arg(long, global = true)]
+    tun_name: Option<String>,
+    /// TUN device address, e.g. 100.64.0.1/32.
+    #[arg(long, global = true)]
+    tun_address: Option<String>,
+    /// TUN device MTU.
+    #[arg(long, global = true)]
+    mtu: Option<u16>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Parse and validate the config file and flags, then exit.
+    CheckConfig,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let o = Overrides {
+        relay: cli.relay,
+        server_name: cli.server_name.clone(),
+        ca: cli.ca.clone(),
+        insecure: cli.insecure,
+        listen: cli.listen,
+        tun_name: cli.tun_name.clone(),
+        tun_address: cli.tun_address.clone(),
+        mtu: cli.mtu,
+    };
+    // Global flags cannot be `required` in clap; check by hand.
+    let Some(path) = &cli.config else { anyhow::bail!("--config FILE is required") };
+    let cfg = Config::load(path, &o)?;
+    if let Some(Cmd::CheckConfig) = cli.cmd {
+        println!(
+            "config ok: relay {} ({}), tun {} {} mtu {}, {} service(s), {} route(s)",
+            cfg.relay,
+            cfg.server_name,
+            cfg.tun_name,
+            cfg.tun_address,
+            cfg.mtu,
+            cfg.routes.iter().map(|(s, _)| s).collect::<std::collections::BTreeSet<_>>().len(),
+            cfg.routes.len()
+        );
+        return Ok(());
+    }
+    run(&cfg)
+}
+
+#[cfg(target_os = "linux")]
+fn run(cfg: &Config) -> Result<()> {
+    use anyhow::Context;
+    use std::time::Instant;
+    use tracing::{info, warn};
+    use ztna_agent::core::AgentCore;
+
+    if cfg.insecure {
+        warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
+    }
+    // Signals first, so a SIGTERM during set-up still tears down cleanly.
+    let signals = agent::Signals::install().context("installing signal handlers")?;
+    let dev = tun::create(cfg)?;
+    for (service, cidr) in &cfg.routes {
+        tun::add_route(&cfg.tun_name, cidr)?;
+        info!(%service, %cidr, dev = %cfg.tun_name, "route");
+    }
+    info!(dev = %cfg.tun_name, address = %cfg.tun_address, mtu = cfg.mtu, "TUN device up");
+    println!("tun {} address {} mtu {}", cfg.tun_name, cfg.tun_address, cfg.mtu);
+    let (sock, local) = udp::connect(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
+    info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
+    let core = AgentCore::new(cfg.agent_config(local), seed()?, Instant::now()).map_err(anyhow::Error::msg)?;
+    let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.mtu);
+    a.run(&signals)?;
+    // Dropping the device (end of `a`) deletes it and its routes.
+    info!("stopped");
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run(_cfg: &Config) -> Result<()> {
+    anyhow::bail!("ztna-agent runs on Linux only (other platforms embed the agent through the C API)")
+}
+
+/// Random seed for the session (connection IDs, backoff jitter).
+#[cfg(target_os = "linux")]
+fn seed() -> Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b))?;
+    Ok(u64::from_le_bytes(b))
+}
