@@ -3,6 +3,8 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +15,7 @@ use ztna_dataplane::io::IoBackend;
 use crate::load::{LoadConfig, DEFAULT_WINDOW};
 use crate::relay_bench::{RelayBenchConfig, RelayTarget};
 use crate::report::{self, Report};
-use crate::{demo, relay_bench, udp_bench};
+use crate::{demo, probe, relay_bench, udp_bench};
 
 #[derive(Parser, Debug)]
 #[command(name = "ztna-bench", version, about = "Load generator and demo for the ZTNA relay")]
@@ -33,6 +35,13 @@ pub enum Cmd {
     Compare(CompareArgs),
     /// A relay, one echo connector, three agents: a short tour.
     Demo(DemoArgs),
+    /// UDP and TCP echo servers until SIGTERM/SIGINT (a service for
+    /// end-to-end tests).
+    Echo(EchoArgs),
+    /// Datagrams to a UDP echo service; prints how many came back.
+    UdpProbe(UdpProbeArgs),
+    /// A byte stream through a TCP echo service, verified byte for byte.
+    TcpProbe(TcpProbeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -145,6 +154,51 @@ pub struct DemoArgs {
     pub json: Option<PathBuf>,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct EchoArgs {
+    /// UDP echo address.
+    #[arg(long, default_value = "0.0.0.0:7")]
+    pub udp: SocketAddr,
+    /// TCP echo address.
+    #[arg(long, default_value = "0.0.0.0:7")]
+    pub tcp: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UdpProbeArgs {
+    /// Echo service address.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Datagrams to send.
+    #[arg(long, default_value_t = 10)]
+    pub count: u32,
+    /// Payload bytes (at least 8).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Milliseconds between datagrams.
+    #[arg(long, default_value_t = 10)]
+    pub interval_ms: u64,
+    /// Milliseconds to wait for echoes after the last datagram.
+    #[arg(long, default_value_t = 2000)]
+    pub wait_ms: u64,
+    /// Echoes needed for success (default: all).
+    #[arg(long)]
+    pub min: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TcpProbeArgs {
+    /// Echo service address.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Bytes to send (and get back).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub bytes: u64,
+    /// Seconds before giving up.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+}
+
 /// Resolves HOST:PORT (or [V6]:PORT); returns the address and the default
 /// TLS server name.
 fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
@@ -251,6 +305,35 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
                 report::write_json(p, &r)?;
             }
             if !r.success {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Echo(a) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+            probe::echo(a.udp, a.tcp, &stop)?;
+        }
+        Cmd::UdpProbe(a) => {
+            let r = probe::udp_probe(
+                a.to,
+                a.count,
+                a.size,
+                Duration::from_millis(a.interval_ms),
+                Duration::from_millis(a.wait_ms),
+            )?;
+            println!("{}", r.line());
+            if probe::check_udp(&r, a.min.unwrap_or(u64::from(a.count))).is_err() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::TcpProbe(a) => {
+            if !(a.timeout.is_finite() && a.timeout > 0.0) {
+                bail!("--timeout must be a positive number of seconds");
+            }
+            let r = probe::tcp_probe(a.to, a.bytes, Duration::from_secs_f64(a.timeout))?;
+            println!("{}", r.line());
+            if !r.verified {
                 return Ok(ExitCode::FAILURE);
             }
         }

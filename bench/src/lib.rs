@@ -9,13 +9,16 @@
 //! - [`tunnel`]: traffic through agent core → relay → connector → echo
 //!   (UDP and TCP), for the demo and `ztna-bench tunnel`.
 //! - [`report`]: the summary, printed and as JSON.
+//! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
+//!   tests through a tunnel.
 
 pub mod cli;
 pub mod cpu;
 pub mod demo;
 pub mod load;
+pub mod probe;
 pub mod quic_clients;
 pub mod relay_bench;
-pub mod tunnel;
 pub mod report;
+pub mod tunnel;
 pub mod udp_bench;
