@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to build and test the
 # project: cmake + clang/libclang (BoringSSL via boring-sys), pkg-config,
-# iproute2 and nftables/iptables (network-namespace tests), and checks for a
+# iproute2, nftables/iptables and ping (network-namespace tests), and checks for a
 # Rust toolchain new enough for quiche (>= 1.88). Idempotent; uses sudo
 # when not root.
 set -euo pipefail
@@ -10,7 +10,7 @@ need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
-for p in build-essential cmake clang libclang-dev pkg-config iproute2 nftables iptables procps; do
+for p in build-essential cmake clang libclang-dev pkg-config iproute2 nftables iptables iputils-ping procps; do
   have_pkg "$p" || need+=("$p")
 done
 

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The C API test links the static library; build it explicitly.
+# The C API test links the static library, and the network-namespace tests
+# (agent-sys/tests/netns.rs, run as root) start ztna-relay, ztna-connector
+# and ztna-bench from the target directory: build them explicitly.
 cargo build -p ztna-agent-sys
+cargo build --workspace --bins
 cargo test --workspace
