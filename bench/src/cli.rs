@@ -35,6 +35,9 @@ pub enum Cmd {
     Compare(CompareArgs),
     /// A relay, one echo connector, three agents: a short tour.
     Demo(DemoArgs),
+    /// UDP echo rate and TCP goodput through agent core → relay →
+    /// connector → echo (in-process, loopback).
+    Tunnel(TunnelArgs),
     /// UDP and TCP echo servers until SIGTERM/SIGINT (a service for
     /// end-to-end tests).
     Echo(EchoArgs),
@@ -149,6 +152,29 @@ pub struct DemoArgs {
     /// I/O backend of the relay.
     #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
     pub io_backend: IoBackend,
+    /// Print a JSON summary on stdout instead of the human one (or write it
+    /// to FILE).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TunnelArgs {
+    /// I/O backend of the in-process relay.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Relay worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// UDP datagrams to echo through the tunnel.
+    #[arg(long, default_value_t = 100_000)]
+    pub udp: u64,
+    /// UDP datagrams in flight.
+    #[arg(long, default_value_t = 64)]
+    pub window: u64,
+    /// TCP bytes to echo through the tunnel.
+    #[arg(long, default_value_t = 100 << 20)]
+    pub tcp_bytes: usize,
     /// Write a JSON summary here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -300,12 +326,23 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Demo(a) => {
             let r = demo::run(a.io_backend)?;
-            r.print();
-            if let Some(p) = &a.json {
-                report::write_json(p, &r)?;
+            match a.json.as_deref() {
+                Some(p) if p == std::path::Path::new("-") => println!("{}", serde_json::to_string_pretty(&r)?),
+                Some(p) => {
+                    r.print();
+                    report::write_json(p, &r)?;
+                }
+                None => r.print(),
             }
             if !r.success {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Tunnel(a) => {
+            let r = crate::tunnel::run(a.workers, a.io_backend, a.udp, a.window, a.tcp_bytes)?;
+            crate::tunnel::print_summary(&r);
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
             }
         }
         Cmd::Echo(a) => {

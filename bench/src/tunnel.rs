@@ -240,13 +240,7 @@ pub fn run(
     r
 }
 
-fn run_in(
-    env: &TunnelEnv,
-    workers: usize,
-    udp_count: u64,
-    window: u64,
-    tcp_bytes: usize,
-) -> Result<TunnelReport> {
+fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_bytes: usize) -> Result<TunnelReport> {
     let mut link = AgentLink::new(env.relay.local_addr, &env.ca()?, 5)?;
     let observed = link.wait_ready(Duration::from_secs(10))?;
     let relay_before = env.relay.totals();
