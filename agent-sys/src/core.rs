@@ -125,7 +125,12 @@ impl AgentCore {
 
     pub fn stats(&self) -> AgentStats {
         let c = self.session.stats();
-        AgentStats { connects: c.connects, disconnects: c.disconnects, ..self.stats }
+        AgentStats {
+            connects: c.connects,
+            disconnects: c.disconnects,
+            drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
+            ..self.stats
+        }
     }
 
     pub fn observed_address(&self) -> Option<SocketAddr> {

@@ -110,6 +110,26 @@ fn routing_and_refusals() {
     }
     assert_eq!(got.unwrap(), pkt, "the same IP packet came back");
 
+    // An inbound packet larger than the caller's buffer is dropped and
+    // counted, not truncated.
+    a.core.send_ip_packet(&pkt).unwrap();
+    let mut tiny = [0u8; 8];
+    let end = Instant::now() + Duration::from_secs(10);
+    while a.core.stats().drop_truncated == 0 {
+        a.pump();
+        let mut b = [0u8; 2048];
+        conn.pump();
+        while let Some(n) = conn.session.recv_datagram(&mut b) {
+            let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
+            let p = p.to_vec();
+            conn.session.send_datagram(flow, &p).unwrap();
+        }
+        conn.pump();
+        a.pump();
+        assert_eq!(a.core.poll_ip_packet(&mut tiny), None);
+        assert!(Instant::now() < end, "no truncation counted");
+    }
+
     // Unmapped, malformed, IPv6 without a route, too large.
     packet::build_ipv4_udp(me, SocketAddrV4::new("100.101.0.1".parse().unwrap(), 7), b"x", &mut pkt).unwrap();
     assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::Unmapped));
@@ -131,7 +151,7 @@ fn routing_and_refusals() {
     let st = a.core.stats();
     assert_eq!(
         (st.drop_no_flow, st.drop_unmapped, st.drop_malformed, st.drop_too_large, st.packets_out, st.packets_in),
-        (1, 2, 2, 1, 1, 1)
+        (1, 2, 2, 1, 2, 1)
     );
     assert!(a.core.max_packet_size().unwrap() >= 1280, "a 1280-byte packet fits");
 

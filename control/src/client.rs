@@ -134,6 +134,8 @@ pub struct ClientStats {
     pub disconnects: u64,
     pub events_dropped: u64,
     pub datagrams_dropped_queue_full: u64,
+    /// Received datagrams larger than the caller's buffer (dropped).
+    pub datagrams_dropped_too_large: u64,
 }
 
 /// One client's session with a relay (sans-I/O).
@@ -252,11 +254,21 @@ impl ClientSession {
 
     /// Reads the next received datagram into `out` (flow header included,
     /// see [`datagram::parse`]); returns its length.
+    /// Datagrams longer than `out` are dropped and counted
+    /// (`datagrams_dropped_too_large`), and the next one is returned.
     pub fn recv_datagram(&mut self, out: &mut [u8]) -> Option<usize> {
         let Phase::Live { conn, .. } = &mut self.phase else {
             return None;
         };
-        conn.dgram_recv(out).ok()
+        loop {
+            let len = conn.dgram_recv_front_len()?;
+            if len <= out.len() {
+                return conn.dgram_recv(out).ok();
+            }
+            // quiche pops the datagram before it reports the short buffer.
+            let _ = conn.dgram_recv(&mut []);
+            self.stats.datagrams_dropped_too_large += 1;
+        }
     }
 
     /// Queues a datagram for `flow`.
