@@ -168,7 +168,9 @@ typedef struct ZtnaStats {
   uint64_t disconnects;
   // 1 while connected to the relay.
   uint64_t connected;
-  uint64_t reserved[18];
+  // Inbound packets whose source is outside their flow's service.
+  uint64_t drop_spoofed;
+  uint64_t reserved[17];
 } ZtnaStats;
 
 #ifdef __cplusplus

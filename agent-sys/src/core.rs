@@ -84,8 +84,27 @@ pub struct AgentStats {
     pub drop_unknown_flow: u64,
     /// Inbound packets larger than the caller's buffer.
     pub drop_truncated: u64,
+    /// Inbound packets whose source address is not in the prefixes of the
+    /// service their flow belongs to (a connector speaking for another
+    /// service, or for the agent's own host).
+    pub drop_spoofed: u64,
     pub connects: u64,
     pub disconnects: u64,
+}
+
+/// Source address of an IPv4/IPv6 packet (no validation beyond length).
+fn packet_source(pkt: &[u8]) -> Option<std::net::IpAddr> {
+    match ztna_control::packet::ip_version(pkt)? {
+        4 => {
+            let b: [u8; 4] = pkt.get(12..16)?.try_into().ok()?;
+            Some(std::net::IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = pkt.get(8..24)?.try_into().ok()?;
+            Some(std::net::IpAddr::from(b))
+        }
+        _ => None,
+    }
 }
 
 /// The agent core.
@@ -226,8 +245,14 @@ impl AgentCore {
                 self.stats.drop_unknown_flow += 1;
                 continue;
             };
-            if !self.services_by_flow.contains_key(&flow) {
+            let Some(service) = self.services_by_flow.get(&flow) else {
                 self.stats.drop_unknown_flow += 1;
+                continue;
+            };
+            // A connector may only answer for its own service.
+            let src = packet_source(payload);
+            if src.and_then(|a| self.routes.lookup(a)) != Some(service) {
+                self.stats.drop_spoofed += 1;
                 continue;
             }
             let (len, start) = (payload.len(), n - payload.len());

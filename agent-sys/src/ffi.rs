@@ -158,7 +158,9 @@ pub struct ZtnaStats {
     pub disconnects: u64,
     /// 1 while connected to the relay.
     pub connected: u64,
-    pub reserved: [u64; 18],
+    /// Inbound packets whose source is outside their flow's service.
+    pub drop_spoofed: u64,
+    pub reserved: [u64; 17],
 }
 
 /// Opaque agent handle.
@@ -343,11 +345,16 @@ pub unsafe extern "C" fn ztna_agent_recv_udp(
             return ZTNA_OK;
         }
         // SAFETY: `count` entries per the contract.
-        for d in unsafe { std::slice::from_raw_parts(dgrams, count) } {
+        let all = unsafe { std::slice::from_raw_parts(dgrams, count) };
+        // Check the whole batch first, so an error means nothing was fed.
+        if all.iter().any(|d| d.data.is_null()) {
+            return ZTNA_ERR_NULL;
+        }
+        if all.iter().any(|d| addr_from_c(&d.addr).is_none()) {
+            return ZTNA_ERR_INVALID;
+        }
+        for d in all {
             let Some(from) = addr_from_c(&d.addr) else { return ZTNA_ERR_INVALID };
-            if d.data.is_null() {
-                return ZTNA_ERR_NULL;
-            }
             // SAFETY: `data` holds `len` writable bytes per the contract.
             let buf = unsafe { std::slice::from_raw_parts_mut(d.data, d.len) };
             a.core.recv_udp(buf, from, now);
@@ -433,11 +440,15 @@ pub unsafe extern "C" fn ztna_agent_poll_udp(
             Ok(t) => t,
             Err(e) => return e,
         };
+        if count == 0 {
+            return 0;
+        }
         let mut n = 0;
-        // SAFETY: `count` entries per the contract.
+        // SAFETY: `count` entries per the contract (non-NULL, count > 0).
         for d in unsafe { std::slice::from_raw_parts_mut(out, count) } {
             if d.data.is_null() {
-                return ZTNA_ERR_NULL;
+                // Entries already filled stay valid: report them.
+                return if n > 0 { n } else { ZTNA_ERR_NULL };
             }
             // SAFETY: `cap` writable bytes per the contract.
             let buf = unsafe { std::slice::from_raw_parts_mut(d.data, d.cap) };
@@ -469,11 +480,15 @@ pub unsafe extern "C" fn ztna_agent_poll_ip(agent: *mut ZtnaAgent, out: *mut Ztn
         }
         // SAFETY: checked non-NULL.
         let a = unsafe { &mut *agent };
+        if count == 0 {
+            return 0;
+        }
         let mut n = 0;
-        // SAFETY: `count` entries per the contract.
+        // SAFETY: `count` entries per the contract (non-NULL, count > 0).
         for p in unsafe { std::slice::from_raw_parts_mut(out, count) } {
             if p.data.is_null() {
-                return ZTNA_ERR_NULL;
+                // Entries already filled stay valid: report them.
+                return if n > 0 { n } else { ZTNA_ERR_NULL };
             }
             // SAFETY: `cap` writable bytes per the contract.
             let buf = unsafe { std::slice::from_raw_parts_mut(p.data, p.cap) };
@@ -621,7 +636,8 @@ pub unsafe extern "C" fn ztna_agent_stats(agent: *const ZtnaAgent, out: *mut Ztn
             connects: s.connects,
             disconnects: s.disconnects,
             connected: u64::from(a.core.is_connected()),
-            reserved: [0; 18],
+            drop_spoofed: s.drop_spoofed,
+            reserved: [0; 17],
         };
         // SAFETY: checked non-NULL.
         unsafe { *out = st };

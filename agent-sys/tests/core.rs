@@ -12,6 +12,19 @@ use ztna_control::{packet, Role, ServiceName};
 use ztna_dataplane::client_io::UdpClient;
 use ztna_dataplane::relay::{self, RelayConfig};
 
+/// What a connector's UDP echo sends back: the same payload, from the
+/// service address to the agent.
+fn answer(ip: &[u8]) -> Vec<u8> {
+    let v4 = packet::parse_ipv4(ip).unwrap();
+    let packet::Transport::Udp { src_port, dst_port, payload } = packet::parse_transport(&v4).unwrap() else {
+        panic!("not UDP")
+    };
+    let mut out = Vec::new();
+    packet::build_ipv4_udp(SocketAddrV4::new(v4.dst, dst_port), SocketAddrV4::new(v4.src, src_port), payload, &mut out)
+        .unwrap();
+    out
+}
+
 struct Driver {
     core: AgentCore,
     sock: UdpSocket,
@@ -98,7 +111,7 @@ fn routing_and_refusals() {
         conn.pump();
         while let Some(n) = conn.session.recv_datagram(&mut b) {
             let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
-            let p = p.to_vec();
+            let p = answer(p);
             conn.session.send_datagram(flow, &p).unwrap();
         }
         conn.pump();
@@ -108,7 +121,7 @@ fn routing_and_refusals() {
         }
         assert!(Instant::now() < end, "no echo");
     }
-    assert_eq!(got.unwrap(), pkt, "the same IP packet came back");
+    assert_eq!(got.unwrap(), answer(&pkt), "the service's answer came back");
 
     // An inbound packet larger than the caller's buffer is dropped and
     // counted, not truncated.
@@ -121,13 +134,41 @@ fn routing_and_refusals() {
         conn.pump();
         while let Some(n) = conn.session.recv_datagram(&mut b) {
             let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
-            let p = p.to_vec();
+            let p = answer(p);
             conn.session.send_datagram(flow, &p).unwrap();
         }
         conn.pump();
         a.pump();
         assert_eq!(a.core.poll_ip_packet(&mut tiny), None);
         assert!(Instant::now() < end, "no truncation counted");
+    }
+
+    // A connector may only speak for its service: a packet on the flow
+    // whose source is outside the service's prefixes (here: pretending to be
+    // some other host) is dropped and counted, never delivered.
+    let flow = {
+        let mut b = [0u8; 2048];
+        a.core.send_ip_packet(&pkt).unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            a.pump();
+            conn.pump();
+            if let Some(n) = conn.session.recv_datagram(&mut b) {
+                break ztna_control::datagram::parse(&b[..n]).unwrap().0;
+            }
+            assert!(Instant::now() < end, "connector got nothing");
+        }
+    };
+    let mut spoof = Vec::new();
+    packet::build_ipv4_udp(SocketAddrV4::new("8.8.8.8".parse().unwrap(), 53), me, b"forged", &mut spoof).unwrap();
+    conn.session.send_datagram(flow, &spoof).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while a.core.stats().drop_spoofed == 0 {
+        conn.pump();
+        a.pump();
+        assert_eq!(a.core.poll_ip_packet(&mut back), None, "a forged packet was delivered");
+        assert!(Instant::now() < end, "spoofed packet not counted");
+        std::thread::sleep(Duration::from_millis(2));
     }
 
     // Unmapped, malformed, IPv6 without a route, too large.
@@ -151,7 +192,7 @@ fn routing_and_refusals() {
     let st = a.core.stats();
     assert_eq!(
         (st.drop_no_flow, st.drop_unmapped, st.drop_malformed, st.drop_too_large, st.packets_out, st.packets_in),
-        (1, 2, 2, 1, 2, 1)
+        (1, 2, 2, 1, 3, 1)
     );
     assert!(a.core.max_packet_size().unwrap() >= 1280, "a 1280-byte packet fits");
 

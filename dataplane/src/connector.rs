@@ -86,6 +86,10 @@ pub struct ConnectorConfig {
     pub insecure: bool,
     #[serde(default = "default_max_udp_flows")]
     pub max_udp_flows: usize,
+    /// UDP flows one agent flow may hold, so one agent cannot use up the
+    /// table for everyone.
+    #[serde(default = "default_max_udp_flows_per_agent")]
+    pub max_udp_flows_per_agent: usize,
     #[serde(default = "default_udp_idle_secs")]
     pub udp_idle_secs: u64,
     /// Agent flows with TCP state (one smoltcp interface each).
@@ -119,6 +123,9 @@ fn default_server_name() -> String {
 fn default_max_udp_flows() -> usize {
     4096
 }
+fn default_max_udp_flows_per_agent() -> usize {
+    256
+}
 fn default_udp_idle_secs() -> u64 {
     60
 }
@@ -151,6 +158,7 @@ impl ConnectorConfig {
             ca: None,
             insecure: false,
             max_udp_flows: default_max_udp_flows(),
+            max_udp_flows_per_agent: default_max_udp_flows_per_agent(),
             udp_idle_secs: default_udp_idle_secs(),
             max_tcp_flows: default_max_tcp_flows(),
             max_tcp_per_flow: default_max_tcp_per_flow(),
@@ -181,6 +189,14 @@ impl ConnectorConfig {
         }
         if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
             bail!("tcp_buffer_bytes must be between 4096 and 16 MiB");
+        }
+        // Bounded so that `last + idle` can never overflow an Instant.
+        const WEEK: u64 = 7 * 24 * 3600;
+        if !(1..=WEEK).contains(&self.tcp_idle_secs) || !(1..=WEEK).contains(&self.udp_idle_secs) {
+            bail!("tcp_idle_secs and udp_idle_secs must be between 1 s and one week");
+        }
+        if self.max_udp_flows_per_agent == 0 {
+            bail!("max_udp_flows_per_agent must be positive");
         }
         Ok(())
     }
@@ -512,7 +528,8 @@ impl Connector {
                     service_addr: SocketAddrV4::new(v4.dst, dst_port),
                 };
                 if !self.udp.contains_key(&key) {
-                    if self.udp.len() >= self.cfg.max_udp_flows {
+                    let mine = self.udp.keys().filter(|k| k.session == i && k.flow == flow).count();
+                    if self.udp.len() >= self.cfg.max_udp_flows || mine >= self.cfg.max_udp_flows_per_agent {
                         ConnectorStats::inc(&self.stats.drop_flow_table_full);
                         return;
                     }

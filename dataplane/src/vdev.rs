@@ -120,8 +120,11 @@ impl phy::Device for QueueDevice {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _now: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
-        // A reply to a received packet may go over `tx_cap` by one: the
-        // receive queue is what bounds it.
+        // No room for a reply: leave the packet in the (bounded, counted)
+        // receive queue until the transmit side drains.
+        if self.tx.len() >= self.tx_cap {
+            return None;
+        }
         let pkt = self.rx.pop_front()?;
         Some((RxToken(pkt), TxToken(&mut self.tx)))
     }

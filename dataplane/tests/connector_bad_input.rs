@@ -29,6 +29,7 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.ca = Some(relay.dev_pki.as_ref().unwrap().ca.clone());
+    cfg.max_udp_flows_per_agent = 2;
     let mut connector = Connector::new(cfg, 3).unwrap();
     let end = Instant::now() + T;
     while !connector.is_ready() {
@@ -102,6 +103,13 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
         }
         other => panic!("{other:?}"),
     }
+    // One agent cannot use up the UDP flow table: its third flow is refused.
+    for port in [5001, 5002] {
+        packet::build_ipv4_udp(SocketAddrV4::new(*me.ip(), port), svc, b"more", &mut pkt).unwrap();
+        send(&mut agent, &pkt);
+    }
+    wait(&mut agent, "per-agent flow limit", &|s| get(&s.drop_flow_table_full) == 1);
+    assert_eq!(get(&stats.udp_flows_opened), 2);
     stop.store(true, Ordering::Release);
     t.join().unwrap();
     relay.shutdown();

@@ -125,7 +125,7 @@ impl Agent {
                 self.read_udp(now);
             }
             if tun_in {
-                self.read_tun();
+                self.read_tun()?;
             }
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.handle_timeout(now);
@@ -195,7 +195,9 @@ impl Agent {
         }
     }
 
-    fn read_tun(&mut self) {
+    /// Reads the TUN device; an error other than WouldBlock/Interrupted
+    /// (device deleted, EBADFD) is fatal instead of a busy loop.
+    fn read_tun(&mut self) -> Result<()> {
         for _ in 0..TUN_BUDGET {
             match self.tun.recv(&mut self.tun_buf) {
                 Ok(n) => {
@@ -208,11 +210,12 @@ impl Agent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    warn!(error = %e, "TUN read");
-                    break;
+                    warn!(error = %e, "TUN read failed; stopping");
+                    return Err(anyhow::anyhow!("reading the TUN device: {e}"));
                 }
             }
         }
+        Ok(())
     }
 
     /// Inbound IP packets from the relay → the device.

@@ -1,5 +1,6 @@
 //! The TUN device: created with tun-rs (name, address, MTU, up, IFF_NO_PI,
-//! non-blocking), routes installed with `ip route replace … dev TUN`.
+//! non-blocking), routes installed with `ip route add … dev TUN` (an
+//! existing route for the same prefix is an error, never silently replaced).
 //!
 //! Routes go through iproute2 rather than netlink: tun-rs manages routes on
 //! the BSDs and macOS only, the netlink crates (rtnetlink, neli) bring an
@@ -42,11 +43,14 @@ pub fn add_route(dev: &str, cidr: &Cidr) -> Result<()> {
     let family = if cidr.addr().is_ipv4() { "-4" } else { "-6" };
     let net = Cidr::new(network(cidr.addr(), cidr.prefix()), cidr.prefix()).unwrap_or(*cidr);
     let out = Command::new("ip")
-        .args([family, "route", "replace", &net.to_string(), "dev", dev])
+        .args([family, "route", "add", &net.to_string(), "dev", dev])
         .output()
-        .context("running `ip route replace` (is iproute2 installed?)")?;
+        .context("running `ip route add` (is iproute2 installed?)")?;
     if !out.status.success() {
-        bail!("ip route replace {net} dev {dev}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip route add {net} dev {dev}: {} (a route for this prefix already exists? the agent does not replace routes it does not own)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
