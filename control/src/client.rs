@@ -372,8 +372,12 @@ impl ClientSession {
                     conn.on_timeout();
                 }
                 if *hello_acked && now >= *last_send + self.cfg.keepalive {
-                    // A PING keeps NAT bindings and the relay's idle timer fresh.
+                    // A PING keeps NAT bindings and the relay's idle timer
+                    // fresh. Re-arm the timer now: if congestion control
+                    // holds the PING back, the deadline must not stay in the
+                    // past (a busy loop for the driver).
                     let _ = conn.send_ack_eliciting();
+                    *last_send = now;
                 }
                 self.after_io(now);
             }
