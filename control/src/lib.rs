@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod client;
 pub mod codes;
 pub mod datagram;
+pub mod identity;
 pub mod packet;
 pub mod quic;
 pub mod rng;

@@ -87,3 +87,198 @@ pub fn generate(base: &Path) -> Result<DevPki> {
     std::fs::write(&pki.key, key.private_key_to_pem_pkcs8()?)?;
     Ok(pki)
 }
+
+/// A certificate authority on disk: `ca.pem` and `ca.key` in one directory.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CaFiles {
+    pub fn in_dir(dir: &Path) -> CaFiles {
+        CaFiles { dir: dir.to_path_buf(), cert: dir.join("ca.pem"), key: dir.join("ca.key") }
+    }
+}
+
+fn write_private(path: &Path, pem: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (refusing to overwrite a key)", path.display()))?;
+    f.write_all(pem)?;
+    Ok(())
+}
+
+/// Creates an organisation CA for `trust_domain` in `dir` (valid `days`).
+/// Refuses to overwrite an existing key.
+pub fn init_ca(dir: &Path, trust_domain: &str, days: u32) -> Result<CaFiles> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let files = CaFiles::in_dir(dir);
+    let key = new_key()?;
+    let name = name(&format!("ztna CA for {trust_domain}"))?;
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    b.set_serial_number(&*serial()?)?;
+    b.set_subject_name(&name)?;
+    b.set_issuer_name(&name)?;
+    b.set_pubkey(&key)?;
+    b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
+    b.set_not_after(&*Asn1Time::days_from_now(days)?)?;
+    b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
+    b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    b.sign(&key, MessageDigest::sha256())?;
+    write_private(&files.key, &key.private_key_to_pem_pkcs8()?)?;
+    std::fs::write(&files.cert, b.build().to_pem()?)?;
+    Ok(files)
+}
+
+/// Issues a certificate for `id` signed by the CA in `ca`, with exactly one
+/// URI SAN (the SPIFFE ID) plus optional DNS/IP SANs (relays), valid
+/// `days`. Writes `<kind>-<name>.pem` and `.key` into `out`.
+pub fn issue(
+    ca: &CaFiles,
+    id: &ztna_control::identity::Identity,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+    days: u32,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let ca_cert = X509::from_pem(&std::fs::read(&ca.cert).with_context(|| format!("reading {}", ca.cert.display()))?)?;
+    let ca_key =
+        PKey::private_key_from_pem(&std::fs::read(&ca.key).with_context(|| format!("reading {}", ca.key.display()))?)?;
+    let key = new_key()?;
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    b.set_serial_number(&*serial()?)?;
+    b.set_subject_name(&*name(&id.name)?)?;
+    b.set_issuer_name(ca_cert.subject_name())?;
+    b.set_pubkey(&key)?;
+    b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
+    b.set_not_after(&*Asn1Time::days_from_now(days)?)?;
+    let mut san = SubjectAlternativeName::new();
+    san.uri(&id.uri());
+    for d in dns {
+        san.dns(d);
+    }
+    for ip in ips {
+        san.ip(&ip.to_string());
+    }
+    let san = san.build(&b.x509v3_context(Some(&ca_cert), None))?;
+    b.append_extension(&san)?;
+    b.append_extension(&*boring::x509::extension::ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
+    b.sign(&ca_key, MessageDigest::sha256())?;
+    std::fs::create_dir_all(out)?;
+    let stem = format!("{}-{}", id.kind.as_str(), id.name);
+    let (cert_path, key_path) = (out.join(format!("{stem}.pem")), out.join(format!("{stem}.key")));
+    write_private(&key_path, &key.private_key_to_pem_pkcs8()?)?;
+    std::fs::write(&cert_path, b.build().to_pem()?)?;
+    Ok((cert_path, key_path))
+}
+
+/// Why a peer certificate carries no acceptable identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertIdentityError {
+    /// Not a parseable X.509 certificate.
+    Unparseable,
+    /// No URI SAN at all.
+    NoUri,
+    /// More than one URI SAN (ambiguous identity).
+    SeveralUris(usize),
+    /// The URI SAN is not an acceptable SPIFFE ID.
+    Invalid(ztna_control::identity::IdentityError),
+}
+
+/// The identity in a (DER) peer certificate: exactly one URI SAN, a SPIFFE
+/// ID in `trust_domain`. Chain and validity are checked by TLS; this is the
+/// identity rule on top.
+pub fn identity_from_der(
+    der: &[u8],
+    trust_domain: &str,
+) -> std::result::Result<ztna_control::identity::Identity, CertIdentityError> {
+    let cert = X509::from_der(der).map_err(|_| CertIdentityError::Unparseable)?;
+    let uris: Vec<String> = cert
+        .subject_alt_names()
+        .map(|names| names.iter().filter_map(|n| n.uri().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [] => Err(CertIdentityError::NoUri),
+        [one] => ztna_control::identity::Identity::parse_in(one, trust_domain).map_err(CertIdentityError::Invalid),
+        many => Err(CertIdentityError::SeveralUris(many.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztna_control::identity::{Identity, IdentityError, Kind};
+
+    fn tmp(tag: &str) -> PathBuf {
+        let mut r = [0u8; 8];
+        boring::rand::rand_bytes(&mut r).unwrap();
+        std::env::temp_dir().join(format!("ztna-pki-{tag}-{:016x}", u64::from_le_bytes(r)))
+    }
+
+    fn der(pem_path: &Path) -> Vec<u8> {
+        X509::from_pem(&std::fs::read(pem_path).unwrap()).unwrap().to_der().unwrap()
+    }
+
+    #[test]
+    fn issued_certificates_carry_exactly_their_identity() {
+        let dir = tmp("ca");
+        let ca = init_ca(&dir, "corp.example", 30).unwrap();
+        assert!(init_ca(&dir, "corp.example", 30).is_err(), "never overwrites a CA key");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ca.key).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "keys are private");
+        let alice = Identity { trust_domain: "corp.example".into(), kind: Kind::Agent, name: "alice".into() };
+        let (cert, key) = issue(&ca, &alice, &[], &[], 7, &dir.join("out")).unwrap();
+        assert!(key.exists());
+        assert_eq!(identity_from_der(&der(&cert), "corp.example"), Ok(alice));
+        assert_eq!(
+            identity_from_der(&der(&cert), "other.example"),
+            Err(CertIdentityError::Invalid(IdentityError::WrongTrustDomain))
+        );
+        // A relay certificate also names its host.
+        let relay = Identity { trust_domain: "corp.example".into(), kind: Kind::Relay, name: "relay-1".into() };
+        let (rc, _) =
+            issue(&ca, &relay, &["localhost".into()], &["127.0.0.1".parse().unwrap()], 7, &dir.join("out")).unwrap();
+        assert_eq!(identity_from_der(&der(&rc), "corp.example").unwrap().kind, Kind::Relay);
+        // The dev relay certificate has DNS/IP SANs but no URI: no identity.
+        let dev = generate(&dir).unwrap();
+        assert_eq!(identity_from_der(&der(&dev.cert), "corp.example"), Err(CertIdentityError::NoUri));
+        assert_eq!(identity_from_der(b"not a certificate", "corp.example"), Err(CertIdentityError::Unparseable));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn two_uri_sans_are_refused() {
+        let dir = tmp("two");
+        let ca = init_ca(&dir, "corp", 30).unwrap();
+        let ca_cert = X509::from_pem(&std::fs::read(&ca.cert).unwrap()).unwrap();
+        let ca_key = PKey::private_key_from_pem(&std::fs::read(&ca.key).unwrap()).unwrap();
+        let key = new_key().unwrap();
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_serial_number(&*serial().unwrap()).unwrap();
+        b.set_subject_name(&*name("x").unwrap()).unwrap();
+        b.set_issuer_name(ca_cert.subject_name()).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&*Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&*Asn1Time::days_from_now(1).unwrap()).unwrap();
+        let san = SubjectAlternativeName::new()
+            .uri("spiffe://corp/agent/a")
+            .uri("spiffe://corp/connector/b")
+            .build(&b.x509v3_context(Some(&ca_cert), None))
+            .unwrap();
+        b.append_extension(&san).unwrap();
+        b.sign(&ca_key, MessageDigest::sha256()).unwrap();
+        let der = b.build().to_der().unwrap();
+        assert_eq!(identity_from_der(&der, "corp"), Err(CertIdentityError::SeveralUris(2)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -50,6 +50,72 @@ struct Cli {
 enum Cmd {
     /// Parse and validate the config file and flags, then exit.
     CheckConfig,
+    /// A small certificate authority for the organisation's identities.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create ca.pem and ca.key (mode 0600) in DIR; never overwrites a key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate whose only URI SAN is
+    /// spiffe://<trust-domain>/<kind>/<name>.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        /// agent, connector or relay.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        /// DNS names (relays).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses (relays).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Where to write <kind>-<name>.pem/.key (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn run_ca(cmd: &CaCmd) -> Result<()> {
+    use ztna_control::identity::{Identity, Kind};
+    use ztna_dataplane::pki;
+    match cmd {
+        CaCmd::Init { dir, trust_domain, days } => {
+            Identity::parse(&format!("spiffe://{trust_domain}/relay/x"))
+                .map_err(|e| anyhow::anyhow!("trust domain {trust_domain:?}: {e}"))?;
+            let ca = pki::init_ca(dir, trust_domain, *days)?;
+            println!("CA certificate {}", ca.cert.display());
+            println!("CA key         {} (keep it offline)", ca.key.display());
+        }
+        CaCmd::Issue { dir, trust_domain, kind, name, dns, ip, days, out } => {
+            let kind = Kind::parse(kind).context("kind must be agent, connector or relay")?;
+            let id = Identity::parse(&format!("spiffe://{trust_domain}/{}/{name}", kind.as_str()))
+                .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
+            let (cert, key) =
+                pki::issue(&pki::CaFiles::in_dir(dir), &id, dns, ip, *days, out.as_deref().unwrap_or(dir))?;
+            println!("{id}");
+            println!("certificate {}", cert.display());
+            println!("key         {}", key.display());
+        }
+    }
+    Ok(())
 }
 
 fn load(cli: &Cli) -> Result<RelayConfig> {
@@ -97,6 +163,9 @@ fn main() -> Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(Cmd::Ca(c)) = &cli.cmd {
+        return run_ca(c);
+    }
     let cfg = load(&cli)?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
         println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
