@@ -264,12 +264,12 @@ mod tests {
         let key = new_key().unwrap();
         let mut b = X509::builder().unwrap();
         b.set_version(2).unwrap();
-        b.set_serial_number(&*serial().unwrap()).unwrap();
-        b.set_subject_name(&*name("x").unwrap()).unwrap();
+        b.set_serial_number(&serial().unwrap()).unwrap();
+        b.set_subject_name(&name("x").unwrap()).unwrap();
         b.set_issuer_name(ca_cert.subject_name()).unwrap();
         b.set_pubkey(&key).unwrap();
-        b.set_not_before(&*Asn1Time::days_from_now(0).unwrap()).unwrap();
-        b.set_not_after(&*Asn1Time::days_from_now(1).unwrap()).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
         let san = SubjectAlternativeName::new()
             .uri("spiffe://corp/agent/a")
             .uri("spiffe://corp/connector/b")
