@@ -92,21 +92,6 @@ pub struct AgentStats {
     pub disconnects: u64,
 }
 
-/// Source address of an IPv4/IPv6 packet (no validation beyond length).
-fn packet_source(pkt: &[u8]) -> Option<std::net::IpAddr> {
-    match ztna_control::packet::ip_version(pkt)? {
-        4 => {
-            let b: [u8; 4] = pkt.get(12..16)?.try_into().ok()?;
-            Some(std::net::IpAddr::from(b))
-        }
-        6 => {
-            let b: [u8; 16] = pkt.get(8..24)?.try_into().ok()?;
-            Some(std::net::IpAddr::from(b))
-        }
-        _ => None,
-    }
-}
-
 /// The agent core.
 pub struct AgentCore {
     session: ClientSession,
@@ -250,7 +235,7 @@ impl AgentCore {
                 continue;
             };
             // A connector may only answer for its own service.
-            let src = packet_source(payload);
+            let src = ztna_control::packet::source(payload);
             if src.and_then(|a| self.routes.lookup(a)) != Some(service) {
                 self.stats.drop_spoofed += 1;
                 continue;

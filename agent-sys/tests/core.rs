@@ -25,6 +25,18 @@ fn answer(ip: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One turn of the connector: answer every datagram as the service.
+fn serve(conn: &mut UdpClient) {
+    let mut b = [0u8; 2048];
+    conn.pump();
+    while let Some(n) = conn.session.recv_datagram(&mut b) {
+        let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
+        let p = answer(p);
+        conn.session.send_datagram(flow, &p).unwrap();
+    }
+    conn.pump();
+}
+
 struct Driver {
     core: AgentCore,
     sock: UdpSocket,
@@ -107,14 +119,7 @@ fn routing_and_refusals() {
     let mut got = None;
     while got.is_none() {
         a.pump();
-        let mut b = [0u8; 2048];
-        conn.pump();
-        while let Some(n) = conn.session.recv_datagram(&mut b) {
-            let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
-            let p = answer(p);
-            conn.session.send_datagram(flow, &p).unwrap();
-        }
-        conn.pump();
+        serve(&mut conn);
         a.pump();
         if let Some(n) = a.core.poll_ip_packet(&mut back) {
             got = Some(back[..n].to_vec());
@@ -130,14 +135,7 @@ fn routing_and_refusals() {
     let end = Instant::now() + Duration::from_secs(10);
     while a.core.stats().drop_truncated == 0 {
         a.pump();
-        let mut b = [0u8; 2048];
-        conn.pump();
-        while let Some(n) = conn.session.recv_datagram(&mut b) {
-            let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
-            let p = answer(p);
-            conn.session.send_datagram(flow, &p).unwrap();
-        }
-        conn.pump();
+        serve(&mut conn);
         a.pump();
         assert_eq!(a.core.poll_ip_packet(&mut tiny), None);
         assert!(Instant::now() < end, "no truncation counted");

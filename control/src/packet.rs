@@ -224,22 +224,37 @@ pub fn ip_version(pkt: &[u8]) -> Option<u8> {
     pkt.first().map(|b| b >> 4)
 }
 
-/// The destination address of an IPv4 or IPv6 packet, read without further
-/// checks (for routing by destination); `None` if the version is neither or
-/// the buffer is shorter than the fixed header.
-pub fn destination(pkt: &[u8]) -> Option<IpAddr> {
+/// The (source, destination) addresses of an IPv4 or IPv6 packet, read
+/// without further checks; `None` if the version is neither or the buffer is
+/// shorter than the fixed header.
+fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
     match ip_version(pkt)? {
         4 => {
             let h: &[u8; IPV4_HEADER_LEN] = pkt.first_chunk()?;
-            Some(IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])))
+            let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+            let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+            Some((IpAddr::V4(src), IpAddr::V4(dst)))
         }
         6 => {
             let h: &[u8; IPV6_HEADER_LEN] = pkt.first_chunk()?;
+            let src: [u8; 16] = h.get(8..24)?.try_into().ok()?;
             let dst: &[u8; 16] = h.last_chunk()?;
-            Some(IpAddr::V6(Ipv6Addr::from(*dst)))
+            Some((IpAddr::V6(Ipv6Addr::from(src)), IpAddr::V6(Ipv6Addr::from(*dst))))
         }
         _ => None,
     }
+}
+
+/// The destination address of an IPv4 or IPv6 packet (for routing by
+/// destination); see [`addresses`] for what is checked.
+pub fn destination(pkt: &[u8]) -> Option<IpAddr> {
+    addresses(pkt).map(|(_, dst)| dst)
+}
+
+/// The source address of an IPv4 or IPv6 packet (to check who may speak on
+/// a flow); see [`addresses`] for what is checked.
+pub fn source(pkt: &[u8]) -> Option<IpAddr> {
+    addresses(pkt).map(|(src, _)| src)
 }
 
 /// A parsed IPv4 packet, borrowing from the buffer it was parsed from.
@@ -794,6 +809,7 @@ mod tests {
             Transport::Udp { src_port: 40000, dst_port: 5353, payload: b"hello tunnel\n" }
         );
         assert_eq!(destination(&pkt), Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53))));
+        assert_eq!(source(&pkt), Some(IpAddr::V4(ip.src)));
         assert_eq!(ip_version(&pkt), Some(4));
 
         // Our builder differs only in the IP id (0) and hence the checksums.
@@ -1079,6 +1095,8 @@ mod tests {
         assert_eq!(parse_ipv4(&pkt), Err(PacketError::Ipv6Unsupported));
         assert_eq!(ip_version(&pkt), Some(6));
         assert_eq!(destination(&pkt), Some("2001:db8::2".parse().unwrap()));
+        assert_eq!(source(&pkt), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(source(&pkt[..39]), None);
         assert_eq!(destination(&pkt[..39]), None);
         assert_eq!(destination(&hex(UDP)[..19]), None);
         assert_eq!(destination(&[0x55; 40]), None);
@@ -1156,6 +1174,7 @@ mod tests {
             build_ipv4_udp(SocketAddrV4::new(src, sp), SocketAddrV4::new(dst, dp), &data, &mut out).unwrap();
             prop_assert_eq!(out.len(), 28 + data.len());
             prop_assert_eq!(destination(&out), Some(IpAddr::V4(dst)));
+            prop_assert_eq!(source(&out), Some(IpAddr::V4(src)));
             let ip = parse_ipv4(&out).unwrap();
             prop_assert_eq!((ip.src, ip.dst, ip.protocol, ip.ttl, ip.dont_fragment), (src, dst, PROTO_UDP, TTL, true));
             prop_assert_eq!(
