@@ -64,7 +64,7 @@
 #define ZTNA_ERR_INVALID -11
 
 // API version: major << 16 | minor. Bumped on any ABI change.
-#define ZTNA_API_VERSION (1 << 16)
+#define ZTNA_API_VERSION (2 << 16)
 
 // Event kinds reported by `ztna_agent_poll_event`.
 #define ZTNA_EVENT_CONNECTED 1
@@ -98,6 +98,12 @@ typedef struct ZtnaConfig {
   const char *server_name;
   // PEM file of the CA that signs the relay (NULL: system store).
   const char *ca_file;
+  // PEM certificate of this agent: one URI SAN
+  // `spiffe://<trust-domain>/agent/<name>`. The relay refuses agents
+  // without one (mutual TLS).
+  const char *cert_file;
+  // PEM private key of `cert_file`.
+  const char *key_file;
   // 0 disables certificate verification (local experiments only).
   int32_t verify_peer;
   // Local address of the caller's UDP socket, "IP:PORT".

@@ -50,7 +50,7 @@ pub const ZTNA_ERR_PANIC: i32 = -10;
 pub const ZTNA_ERR_INVALID: i32 = -11;
 
 /// API version: major << 16 | minor. Bumped on any ABI change.
-pub const ZTNA_API_VERSION: u32 = 1 << 16;
+pub const ZTNA_API_VERSION: u32 = 2 << 16;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of
 /// `ip` are used.
@@ -102,6 +102,12 @@ pub struct ZtnaConfig {
     pub server_name: *const c_char,
     /// PEM file of the CA that signs the relay (NULL: system store).
     pub ca_file: *const c_char,
+    /// PEM certificate of this agent: one URI SAN
+    /// `spiffe://<trust-domain>/agent/<name>`. The relay refuses agents
+    /// without one (mutual TLS).
+    pub cert_file: *const c_char,
+    /// PEM private key of `cert_file`.
+    pub key_file: *const c_char,
     /// 0 disables certificate verification (local experiments only).
     pub verify_peer: i32,
     /// Local address of the caller's UDP socket, "IP:PORT".
@@ -272,6 +278,8 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                 opt_str(c.local_addr)?.ok_or(ZTNA_ERR_NULL)?.parse().map_err(|_| ZTNA_ERR_CONFIG)?;
             let server_name = opt_str(c.server_name)?.unwrap_or("localhost").to_owned();
             let ca_file = opt_str(c.ca_file)?.map(str::to_owned);
+            let cert_file = opt_str(c.cert_file)?.map(str::to_owned);
+            let key_file = opt_str(c.key_file)?.map(str::to_owned);
             let mut routes = Vec::new();
             if c.routes_len > 0 {
                 if c.routes.is_null() {
@@ -284,7 +292,7 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                     routes.push((service, cidr));
                 }
             }
-            let tls = TlsOptions { ca_file, verify_peer: c.verify_peer != 0 };
+            let tls = TlsOptions { ca_file, cert_file, key_file, verify_peer: c.verify_peer != 0 };
             Ok(AgentConfig { relay, server_name, local, tls, routes })
         })();
         let acfg = match parsed {

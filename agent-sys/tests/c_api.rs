@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ztna_control::identity::Kind;
 use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_dataplane::echo::EchoServer;
 use ztna_dataplane::relay::{self, RelayConfig};
@@ -56,10 +57,14 @@ fn c_program_against_real_relay_and_connector() {
         workers: Some(2),
         dev: true,
         pin_cores: false,
+        policy_toml: Some("[services.echo]\nconnectors = [\"echo-connector\"]\nagents = [\"c-agent\"]\n".into()),
         ..RelayConfig::default()
     })
     .unwrap();
-    let ca = relay.dev_pki.as_ref().unwrap().ca.clone();
+    let pki = relay.dev_pki.as_ref().unwrap();
+    let ca = pki.ca.clone();
+    let (agent_cert, agent_key) = pki.issue(Kind::Agent, "c-agent").unwrap();
+    let (conn_cert, conn_key) = pki.issue(Kind::Connector, "echo-connector").unwrap();
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let mut cfg = ConnectorConfig::new(
         vec![relay.local_addr],
@@ -67,10 +72,13 @@ fn c_program_against_real_relay_and_connector() {
             name: "echo".into(),
             icmp: true,
             backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
+            allow_agents: None,
         }],
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.ca = Some(ca.clone());
+    cfg.cert = Some(conn_cert);
+    cfg.key = Some(conn_key);
     let mut connector = Connector::new(cfg, 7).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let end = Instant::now() + Duration::from_secs(10);
@@ -88,6 +96,8 @@ fn c_program_against_real_relay_and_connector() {
         let out = Command::new(exe)
             .arg(relay.local_addr.to_string())
             .arg(&ca)
+            .arg(&agent_cert)
+            .arg(&agent_key)
             .arg(load_secs)
             .arg(rss_limit_kb.to_string())
             .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")

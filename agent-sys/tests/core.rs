@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
 use ztna_control::client::ClientConfig;
-use ztna_control::quic::TlsOptions;
+use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
 use ztna_dataplane::client_io::UdpClient;
 use ztna_dataplane::relay::{self, RelayConfig};
@@ -66,15 +66,17 @@ fn routing_and_refusals() {
         workers: Some(2),
         dev: true,
         pin_cores: false,
+        policy_toml: Some("[services.echo]\nconnectors = [\"echo\"]\nagents = [\"laptop\"]\n".into()),
         ..RelayConfig::default()
     })
     .unwrap();
-    let ca = relay.dev_pki.as_ref().unwrap().ca.clone();
-    let tls = TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), verify_peer: true };
+    let pki = relay.dev_pki.as_ref().unwrap();
     // A connector that echoes IP packets back unchanged.
     let mut ccfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
     ccfg.registrations = vec![(Role::Connector, ServiceName::new("echo").unwrap())];
-    let mut conn = UdpClient::new(ccfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let ctls = pki.client_tls(Kind::Connector, "echo").unwrap();
+    let mut conn = UdpClient::new(ccfg, &ctls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let tls = pki.client_tls(Kind::Agent, "laptop").unwrap();
 
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_nonblocking(true).unwrap();

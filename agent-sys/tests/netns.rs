@@ -380,8 +380,11 @@ fn bins() -> Bins {
 }
 
 /// The relay with a fixed certificate (so a restart keeps the CA the
-/// clients trust), one worker, metrics on the wan address.
+/// clients trust), mutual TLS against the same CA, a policy letting
+/// connector `site` serve `echo` to agent `laptop`, one worker, metrics on
+/// the wan address.
 fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki) -> Proc {
+    let policy = lab.write("policy.toml", "[services.echo]\nconnectors = [\"site\"]\nagents = [\"laptop\"]\n");
     let mut relay = Proc::spawn(
         &lab.relay,
         "relay",
@@ -393,6 +396,12 @@ fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki) -> Proc {
             pki.cert.to_str().unwrap(),
             "--key",
             pki.key.to_str().unwrap(),
+            "--client-ca",
+            pki.ca.to_str().unwrap(),
+            "--trust-domain",
+            ztna_dataplane::pki::DEV_TRUST_DOMAIN,
+            "--policy",
+            policy.to_str().unwrap(),
             "--workers",
             "1",
             "--metrics",
@@ -414,6 +423,8 @@ struct Running {
 
 fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let pki = ztna_dataplane::pki::generate(&lab.dir).unwrap();
+    let (ccert, ckey) = pki.issue(ztna_control::identity::Kind::Connector, "site").unwrap();
+    let (acert, akey) = pki.issue(ztna_control::identity::Kind::Agent, "laptop").unwrap();
     let relay = start_relay(lab, b, &pki);
 
     let mut echo =
@@ -423,11 +434,14 @@ fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let ccfg = lab.write(
         "connector.toml",
         &format!(
-            "relays = [\"{RELAY_IP}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nserver_name = \"localhost\"\nca = \"{}\"\n\n\
+            "relays = [\"{RELAY_IP}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nserver_name = \"localhost\"\nca = \"{}\"\n\
+             cert = \"{}\"\nkey = \"{}\"\n\n\
              [[service]]\nname = \"echo\"\nicmp = true\n\n\
              [[service.backend]]\nprotocol = \"udp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n\n\
              [[service.backend]]\nprotocol = \"tcp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n",
-            pki.ca.display()
+            pki.ca.display(),
+            ccert.display(),
+            ckey.display()
         ),
     );
     let mut connector = Proc::spawn(&lab.site, "connector", &b.connector, &["--config", ccfg.to_str().unwrap()]);
@@ -436,10 +450,12 @@ fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let acfg = lab.write(
         "agent.toml",
         &format!(
-            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"localhost\"\nca = \"{}\"\n\n\
+            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n\
              [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\n",
-            pki.ca.display()
+            pki.ca.display(),
+            acert.display(),
+            akey.display()
         ),
     );
     ok(Command::new(&b.agent).args(["check-config", "--config", acfg.to_str().unwrap()]));

@@ -106,6 +106,11 @@ pub struct RelayArgs {
     /// Do not verify the external relay's certificate.
     #[arg(long)]
     pub insecure: bool,
+    /// Directory with the clients' certificates, as `ztna-relay ca issue`
+    /// names them: agent-bench-agent.pem/.key and
+    /// connector-bench-connector.pem/.key (external relay only).
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
     /// TLS server name (default: the host of --relay, or "localhost" when
     /// that is an IP address: the TLS stack verifies DNS names only).
     #[arg(long)]
@@ -242,8 +247,8 @@ fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
     let load = a.load.to_config()?;
     let target = match &a.relay {
         None => {
-            if a.ca.is_some() || a.insecure || a.relay_pid.is_some() {
-                bail!("--ca, --insecure and --relay-pid apply to an external relay (--relay)");
+            if a.ca.is_some() || a.insecure || a.relay_pid.is_some() || a.certs.is_some() {
+                bail!("--ca, --insecure, --certs and --relay-pid apply to an external relay (--relay)");
             }
             RelayTarget::InProcess { workers: a.workers, io_backend: a.io_backend, pin_cores: !a.no_pin }
         }
@@ -251,11 +256,17 @@ fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
             if a.ca.is_none() && !a.insecure {
                 bail!("an external relay needs --ca PEM or --insecure");
             }
+            let Some(dir) = &a.certs else {
+                bail!("an external relay needs --certs DIR (client certificates: the relay authenticates every client)")
+            };
+            let pair = |stem: &str| (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
             let (addr, host) = resolve(r)?;
             RelayTarget::External {
                 addr,
                 server_name: a.server_name.clone().unwrap_or(host),
                 ca: a.ca.clone(),
+                agent_id: pair(&format!("agent-{}", crate::relay_bench::BENCH_AGENT)),
+                connector_id: pair(&format!("connector-{}", crate::relay_bench::BENCH_CONNECTOR)),
                 pid: a.relay_pid,
             }
         }

@@ -29,7 +29,10 @@ const RX_BATCH: usize = 64;
 pub struct ClientSetup {
     pub relay: SocketAddr,
     pub server_name: String,
-    pub tls: TlsOptions,
+    /// Agents' TLS (certificate of an agent identity).
+    pub agent_tls: TlsOptions,
+    /// Connectors' TLS (certificate of a connector identity).
+    pub connector_tls: TlsOptions,
     pub service: String,
     pub connectors: usize,
     pub agents: usize,
@@ -99,7 +102,8 @@ impl QuicClients {
             let mut cfg = ClientConfig::new(s.relay, local, &s.server_name);
             cfg.registrations = vec![(role, service.clone())];
             cfg.software = format!("ztna-bench/{}", env!("CARGO_PKG_VERSION"));
-            let c = UdpClient::new(cfg, &s.tls, local, seed).context("binding a client socket")?;
+            let tls = if role == Role::Connector { &s.connector_tls } else { &s.agent_tls };
+            let c = UdpClient::new(cfg, tls, local, seed).context("binding a client socket")?;
             let sock = socket2::SockRef::from(c.socket());
             let _ = sock.set_recv_buffer_size(SOCKET_BUF);
             let _ = sock.set_send_buffer_size(SOCKET_BUF);

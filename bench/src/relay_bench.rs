@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use ztna_control::identity::Kind;
 use ztna_control::quic::TlsOptions;
 use ztna_dataplane::io::IoBackend;
 use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
@@ -30,6 +31,9 @@ pub enum RelayTarget {
         server_name: String,
         /// CA file, or `None` to skip verification (--insecure).
         ca: Option<PathBuf>,
+        /// Certificate and key of the agents' and the connectors' identity.
+        agent_id: (PathBuf, PathBuf),
+        connector_id: (PathBuf, PathBuf),
         /// Its process, for CPU accounting.
         pid: Option<u32>,
     },
@@ -51,15 +55,28 @@ pub fn start_dev_relay(workers: usize, io_backend: IoBackend, pin_cores: bool) -
         steering: true,
         pin_cores,
         shutdown_grace_ms: 500,
+        policy_toml: Some(bench_policy(SERVICE)),
         ..RelayConfig::default()
     };
     relay::start(&cfg)
 }
 
-/// TLS options trusting the relay's development CA.
-pub fn dev_tls(h: &RelayHandle) -> Result<TlsOptions> {
+/// Identity of every benchmark agent (dev trust domain).
+pub const BENCH_AGENT: &str = "bench-agent";
+/// Identity of every benchmark connector.
+pub const BENCH_CONNECTOR: &str = "bench-connector";
+
+/// A policy letting [`BENCH_CONNECTOR`] serve `service` and every agent
+/// reach it.
+pub fn bench_policy(service: &str) -> String {
+    format!("[services.{service}]\nconnectors = [\"{BENCH_CONNECTOR}\"]\nagents = [\"*\"]\n")
+}
+
+/// TLS options for benchmark agents and connectors: trust the relay's
+/// development CA and present a certificate it issued.
+pub fn dev_tls(h: &RelayHandle) -> Result<(TlsOptions, TlsOptions)> {
     let Some(pki) = &h.dev_pki else { bail!("relay has no development PKI") };
-    Ok(TlsOptions { ca_file: Some(pki.ca.to_string_lossy().into_owned()), verify_peer: true })
+    Ok((pki.client_tls(Kind::Agent, BENCH_AGENT)?, pki.client_tls(Kind::Connector, BENCH_CONNECTOR)?))
 }
 
 /// Counter deltas `b - a`, split into non-zero drops and other non-zero
@@ -94,12 +111,15 @@ pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
             h.shutdown();
             r
         }
-        RelayTarget::External { addr, server_name, ca, pid } => {
-            let tls = match ca {
-                Some(p) => TlsOptions { ca_file: Some(p.to_string_lossy().into_owned()), verify_peer: true },
-                None => TlsOptions { ca_file: None, verify_peer: false },
+        RelayTarget::External { addr, server_name, ca, agent_id, connector_id, pid } => {
+            let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+            let tls = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| TlsOptions {
+                ca_file: path(ca),
+                cert_file: Some(cert.to_string_lossy().into_owned()),
+                key_file: Some(key.to_string_lossy().into_owned()),
+                verify_peer: ca.is_some(),
             };
-            let setup = setup(*addr, server_name, tls, &cfg.load);
+            let setup = setup(*addr, server_name, (tls(agent_id), tls(connector_id)), &cfg.load);
             let mut clients = QuicClients::connect(&setup)?;
             check_size(&clients, cfg.load.size)?;
             let mut probe = || Sample {
@@ -127,11 +147,12 @@ pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
     }
 }
 
-fn setup(relay: SocketAddr, server_name: &str, tls: TlsOptions, load: &LoadConfig) -> ClientSetup {
+fn setup(relay: SocketAddr, server_name: &str, tls: (TlsOptions, TlsOptions), load: &LoadConfig) -> ClientSetup {
     ClientSetup {
         relay,
         server_name: server_name.to_owned(),
-        tls,
+        agent_tls: tls.0,
+        connector_tls: tls.1,
         service: SERVICE.to_owned(),
         connectors: load.connectors,
         agents: load.agents,

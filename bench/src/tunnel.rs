@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
@@ -39,14 +40,14 @@ pub struct AgentLink {
 }
 
 impl AgentLink {
-    pub fn new(relay: SocketAddr, ca: &std::path::Path, seed: u64) -> Result<AgentLink> {
+    pub fn new(relay: SocketAddr, tls: TlsOptions, seed: u64) -> Result<AgentLink> {
         let sock = UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?;
         sock.set_nonblocking(true)?;
         let cfg = AgentConfig {
             relay,
             server_name: "localhost".into(),
             local: sock.local_addr()?,
-            tls: TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), verify_peer: true },
+            tls,
             routes: vec![(
                 ServiceName::new(SERVICE).context("service name")?,
                 ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,
@@ -137,9 +138,12 @@ impl TunnelEnv {
             dev: true,
             io_backend,
             pin_cores: false,
+            policy_toml: Some(format!("[services.{SERVICE}]\nconnectors = [\"tunnel-connector\"]\nagents = [\"*\"]\n")),
             ..RelayConfig::default()
         })?;
-        let ca = relay.dev_pki.as_ref().context("dev PKI")?.ca.clone();
+        let pki = relay.dev_pki.as_ref().context("dev PKI")?;
+        let ca = pki.ca.clone();
+        let (cert, key) = pki.issue(Kind::Connector, "tunnel-connector")?;
         let echo = EchoServer::start("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)?;
         let mut cfg = ConnectorConfig::new(
             vec![relay.local_addr],
@@ -150,10 +154,13 @@ impl TunnelEnv {
                     Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr },
                     Backend { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr },
                 ],
+                allow_agents: None,
             }],
         );
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.ca = Some(ca);
+        cfg.cert = Some(cert);
+        cfg.key = Some(key);
         let mut connector = Connector::new(cfg, 11)?;
         let end = Instant::now() + Duration::from_secs(10);
         while !connector.is_ready() {
@@ -168,8 +175,9 @@ impl TunnelEnv {
         Ok(TunnelEnv { relay, echo, stop, connector: Some(t) })
     }
 
-    pub fn ca(&self) -> Result<std::path::PathBuf> {
-        Ok(self.relay.dev_pki.as_ref().context("dev PKI")?.ca.clone())
+    /// TLS options for an agent called `name` (dev trust domain).
+    pub fn agent_tls(&self, name: &str) -> Result<TlsOptions> {
+        self.relay.dev_pki.as_ref().context("dev PKI")?.client_tls(Kind::Agent, name)
     }
 
     pub fn stop(mut self) {
@@ -241,7 +249,7 @@ pub fn run(
 }
 
 fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_bytes: usize) -> Result<TunnelReport> {
-    let mut link = AgentLink::new(env.relay.local_addr, &env.ca()?, 5)?;
+    let mut link = AgentLink::new(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
     let observed = link.wait_ready(Duration::from_secs(10))?;
     let relay_before = env.relay.totals();
     let cpu0 = thread_cpu();

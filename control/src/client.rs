@@ -198,6 +198,14 @@ impl ClientSession {
     }
 
     /// True once the relay acknowledged our Hello on the current connection.
+    /// Refuses a flow the relay opened (a connector's own allow-list):
+    /// sends FlowClose{flow, code}; the relay closes the agent's side.
+    pub fn refuse_flow(&mut self, flow: u32, code: Code) {
+        if self.is_connected() {
+            Message::FlowClose { flow, code }.encode(&mut self.tx);
+        }
+    }
+
     pub fn is_connected(&self) -> bool {
         matches!(self.phase, Phase::Live { hello_acked: true, .. })
     }
@@ -521,9 +529,13 @@ impl ClientSession {
                 self.push_event(Event::FlowOpened { flow, service, agent_addr, agent_id });
             }
             Message::FlowClose { flow, code } => {
+                // An agent flow whose connector left is re-registered soon;
+                // a registration the policy revoked (denied) is not retried
+                // on this connection.
+                let retry_at = (code != Code::DENIED).then(|| self.now + REGISTER_RETRY);
                 for r in &mut self.regs {
-                    if r.role == Role::Agent && r.state == RegState::Registered(flow) {
-                        r.state = RegState::Failed { code, retry_at: Some(self.now + REGISTER_RETRY) };
+                    if r.state == RegState::Registered(flow) && (r.role == Role::Agent || code == Code::DENIED) {
+                        r.state = RegState::Failed { code, retry_at };
                     }
                 }
                 self.push_event(Event::FlowClosed { flow, code });
@@ -584,7 +596,7 @@ mod tests {
     fn unreachable_relay_backs_off_visibly() {
         let start = Instant::now();
         let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
-        let tls = TlsOptions { ca_file: None, verify_peer: false };
+        let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
         let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
         let mut out = vec![0u8; 2048];
         let mut waits = Vec::new();

@@ -10,11 +10,17 @@ pub const MAX_UDP_PAYLOAD: usize = 1350;
 /// Bounded DATAGRAM queues (frames), per connection and direction.
 pub const DGRAM_QUEUE_LEN: usize = 1024;
 
-/// TLS material for a client endpoint. The default verifies the relay.
+/// TLS material for a client endpoint. The default verifies the relay and
+/// presents no certificate (which the relay refuses: see
+/// docs/PROTOCOL.md, "Authentication").
 #[derive(Debug, Clone)]
 pub struct TlsOptions {
     /// PEM file with the CA(s) that sign the relay's certificate.
     pub ca_file: Option<String>,
+    /// PEM certificate chain this client presents (its SPIFFE identity).
+    pub cert_file: Option<String>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<String>,
     /// Verify the relay's certificate and name. Turning this off is for
     /// local experiments only.
     pub verify_peer: bool,
@@ -22,11 +28,30 @@ pub struct TlsOptions {
 
 impl Default for TlsOptions {
     fn default() -> Self {
-        TlsOptions { ca_file: None, verify_peer: true }
+        TlsOptions { ca_file: None, cert_file: None, key_file: None, verify_peer: true }
     }
 }
 
-fn common(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
+impl TlsOptions {
+    /// Verifies the relay against `ca` and presents `cert`/`key`.
+    pub fn mutual(
+        ca: impl AsRef<std::path::Path>,
+        cert: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> Self {
+        let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        TlsOptions {
+            ca_file: Some(s(ca.as_ref())),
+            cert_file: Some(s(cert.as_ref())),
+            key_file: Some(s(key.as_ref())),
+            verify_peer: true,
+        }
+    }
+}
+
+/// Transport parameters every endpoint of protocol v1 uses (the relay
+/// builds its TLS context itself and then applies these).
+pub fn apply_transport(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
     cfg.set_application_protos(&[ALPN])?;
     cfg.set_max_idle_timeout(IDLE_TIMEOUT_MS);
     cfg.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
@@ -44,7 +69,7 @@ fn common(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
 /// Client-side quiche config.
 pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, quiche::Error> {
     let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-    common(&mut cfg)?;
+    apply_transport(&mut cfg)?;
     // The client opens exactly one bidirectional stream (control); the
     // relay opens none.
     cfg.set_initial_max_streams_bidi(0);
@@ -52,16 +77,11 @@ pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, quiche::Error> 
     if let Some(ca) = &tls.ca_file {
         cfg.load_verify_locations_from_file(ca)?;
     }
-    Ok(cfg)
-}
-
-/// Server-side quiche config with the given certificate chain and key.
-pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<quiche::Config, quiche::Error> {
-    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-    common(&mut cfg)?;
-    cfg.set_initial_max_streams_bidi(1);
-    cfg.load_cert_chain_from_pem_file(cert_pem)?;
-    cfg.load_priv_key_from_pem_file(key_pem)?;
-    cfg.verify_peer(false);
+    if let Some(cert) = &tls.cert_file {
+        cfg.load_cert_chain_from_pem_file(cert)?;
+    }
+    if let Some(key) = &tls.key_file {
+        cfg.load_priv_key_from_pem_file(key)?;
+    }
     Ok(cfg)
 }

@@ -51,9 +51,10 @@ impl UdpClient {
         Ok(UdpClient { session, socket, buf: vec![0u8; 65_536], out: vec![0u8; 2048], packets_rx: 0, packets_tx: 0 })
     }
 
-    /// Convenience: TLS options trusting `ca` (verification on).
+    /// Convenience: TLS options trusting `ca` (verification on), without
+    /// a client certificate (the relay refuses such clients).
     pub fn tls_with_ca(ca: &Path) -> TlsOptions {
-        TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), verify_peer: true }
+        TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), ..TlsOptions::default() }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -62,6 +62,11 @@ pub struct ServiceConfig {
     pub icmp: bool,
     #[serde(default)]
     pub backend: Vec<Backend>,
+    /// Defence in depth: when set, only these agent identities (full
+    /// SPIFFE IDs) may use the service, whatever the relay's policy says.
+    /// Flows of other agents are refused with FlowClose{denied}.
+    #[serde(default)]
+    pub allow_agents: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -81,6 +86,11 @@ pub struct ConnectorConfig {
     pub server_name: String,
     /// CA that signs the relays' certificates.
     pub ca: Option<PathBuf>,
+    /// This connector's certificate (one URI SAN:
+    /// `spiffe://<trust-domain>/connector/<name>`) and key. Required: the
+    /// relay authenticates every client.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     /// Skip relay certificate verification (local experiments only; logged).
     #[serde(default)]
     pub insecure: bool,
@@ -156,6 +166,8 @@ impl ConnectorConfig {
             listen: default_listen(),
             server_name: default_server_name(),
             ca: None,
+            cert: None,
+            key: None,
             insecure: false,
             max_udp_flows: default_max_udp_flows(),
             max_udp_flows_per_agent: default_max_udp_flows_per_agent(),
@@ -182,9 +194,18 @@ impl ConnectorConfig {
         if self.services.is_empty() {
             bail!("at least one service is required");
         }
+        if self.cert.is_none() || self.key.is_none() {
+            bail!("cert and key are required: the relay authenticates every connector");
+        }
         for s in &self.services {
             if ServiceName::new(&s.name).is_none() {
                 bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name);
+            }
+            for a in s.allow_agents.iter().flatten() {
+                match ztna_control::identity::Identity::parse(a) {
+                    Ok(id) if id.kind == ztna_control::identity::Kind::Agent => {}
+                    _ => bail!("service {}: allow_agents entry {a:?} is not an agent SPIFFE ID", s.name),
+                }
             }
         }
         if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
@@ -206,6 +227,8 @@ impl ConnectorConfig {
 #[derive(Debug, Default)]
 pub struct ConnectorStats {
     pub packets_from_agents: AtomicU64,
+    /// Flows refused by a service's `allow_agents` (FlowClose{denied}).
+    pub flows_refused: AtomicU64,
     pub packets_to_agents: AtomicU64,
     pub udp_to_backend: AtomicU64,
     pub udp_from_backend: AtomicU64,
@@ -297,8 +320,11 @@ impl Connector {
         if cfg.insecure {
             warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
         }
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
         let tls = TlsOptions {
-            ca_file: cfg.ca.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            ca_file: path(&cfg.ca),
+            cert_file: path(&cfg.cert),
+            key_file: path(&cfg.key),
             verify_peer: !cfg.insecure,
         };
         let regs: Vec<(Role, ServiceName)> =
@@ -441,12 +467,19 @@ impl Connector {
                 Event::RegisterFailed { service, code, reason, .. } => {
                     warn!(relay = i, %service, %code, reason, "registration refused");
                 }
-                Event::FlowOpened { flow, service, agent_addr, .. } => {
-                    if let Some(l) = self.links.get_mut(i) {
-                        if let Some(si) = l.handles.get(&service).copied() {
-                            debug!(relay = i, flow, %agent_addr, "flow opened");
-                            l.flows.insert(flow, si);
-                        }
+                Event::FlowOpened { flow, service, agent_addr, agent_id } => {
+                    let Some(l) = self.links.get_mut(i) else { continue };
+                    let Some(si) = l.handles.get(&service).copied() else { continue };
+                    let svc = self.cfg.services.get(si);
+                    let allowed = svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.contains(&agent_id));
+                    if allowed {
+                        debug!(relay = i, flow, %agent_addr, agent = %agent_id, "flow opened");
+                        l.flows.insert(flow, si);
+                    } else {
+                        warn!(relay = i, flow, agent = %agent_id, service = svc.map_or("", |s| s.name.as_str()),
+                              "flow refused: agent not in allow_agents");
+                        self.stats.flows_refused.fetch_add(1, Ordering::Relaxed);
+                        l.session.refuse_flow(flow, ztna_control::Code::DENIED);
                     }
                 }
                 Event::FlowClosed { flow, .. } => {

@@ -17,10 +17,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
-use ztna_control::ServiceName;
+use ztna_control::{Code, ServiceName};
 
 use crate::routing::ConnKey;
 
@@ -43,13 +44,25 @@ pub enum Ctrl {
     ConnectorDown { service: ServiceName, conn: ConnKey },
     /// To the connector's worker: open a connector-leg flow for an agent.
     /// `attempt` counts connectors tried for this flow (bounds retries).
-    Bind { connector: ConnKey, handle: u32, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, attempt: u8 },
+    /// `agent_id` is the agent's SPIFFE ID, told to the connector in FlowOpen.
+    Bind {
+        connector: ConnKey,
+        handle: u32,
+        agent: ConnKey,
+        agent_flow: u32,
+        agent_addr: SocketAddr,
+        agent_id: Arc<str>,
+        attempt: u8,
+    },
     /// To the agent's worker: the bind succeeded.
     Bound { agent: ConnKey, agent_flow: u32, connector: ConnKey, connector_flow: u32 },
     /// To the agent's worker: the connector is gone or full.
     BindFailed { agent: ConnKey, agent_flow: u32, connector: ConnKey, attempt: u8 },
     /// To the connector's worker: the agent's flow ended.
     Unbind { connector: ConnKey, connector_flow: u32 },
+    /// To the agent's worker: the connector refused the flow (its own
+    /// allow-list); close the agent's flow with `code`.
+    Refused { agent: ConnKey, agent_flow: u32, connector: ConnKey, code: Code },
 }
 
 /// One worker's inbox.

@@ -31,6 +31,11 @@ pub fn publish(worker: usize, s: &StatsSnapshot) {
             metrics::counter!("ztna_relay_drops_total", "worker" => w.clone(), "reason" => reason).absolute(value);
             continue;
         }
+        if let Some(reason) = field.strip_prefix("auth_rejected_") {
+            metrics::counter!("ztna_relay_auth_rejected_total", "worker" => w.clone(), "reason" => reason)
+                .absolute(value);
+            continue;
+        }
         match field {
             "conns_active" => metrics::gauge!("ztna_relay_connections", "worker" => w.clone()).set(value as f64),
             "packets_rx" => {

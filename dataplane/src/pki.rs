@@ -14,13 +14,42 @@ use boring::pkey::{PKey, Private};
 use boring::x509::extension::{BasicConstraints, KeyUsage, SubjectAlternativeName};
 use boring::x509::{X509NameBuilder, X509};
 
-/// Paths of a generated development PKI.
+/// Trust domain of the development PKI.
+pub const DEV_TRUST_DOMAIN: &str = "dev.ztna";
+
+/// A generated development PKI: an organisation CA for
+/// [`DEV_TRUST_DOMAIN`] (key kept, so it can issue client certificates)
+/// and a relay certificate for `localhost`, 127.0.0.1 and ::1.
 #[derive(Debug, Clone)]
 pub struct DevPki {
     pub dir: PathBuf,
+    /// CA certificate (what clients verify the relay with, and what the
+    /// relay verifies clients with).
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub ca_files: CaFiles,
+}
+
+impl DevPki {
+    /// Issues (or reuses) a certificate for `kind`/`name` in the dev trust
+    /// domain; returns (cert, key).
+    pub fn issue(&self, kind: ztna_control::identity::Kind, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let id = ztna_control::identity::Identity { trust_domain: DEV_TRUST_DOMAIN.into(), kind, name: name.into() };
+        let stem = self.dir.join(format!("{}-{}", kind.as_str(), name));
+        let (cert, key) = (stem.with_extension("pem"), stem.with_extension("key"));
+        if cert.exists() && key.exists() {
+            return Ok((cert, key));
+        }
+        issue(&self.ca_files, &id, &[], &[], 7, &self.dir)
+    }
+
+    /// Client TLS options: verify the relay with the dev CA, present a
+    /// certificate for `kind`/`name`.
+    pub fn client_tls(&self, kind: ztna_control::identity::Kind, name: &str) -> Result<ztna_control::quic::TlsOptions> {
+        let (cert, key) = self.issue(kind, name)?;
+        Ok(ztna_control::quic::TlsOptions::mutual(&self.ca, cert, key))
+    }
 }
 
 fn new_key() -> Result<PKey<Private>> {
@@ -40,52 +69,21 @@ fn serial() -> Result<boring::asn1::Asn1Integer> {
     Ok(bn.to_asn1_integer()?)
 }
 
-/// Creates a CA and a certificate for `localhost`, 127.0.0.1 and ::1 in a
-/// new directory under `base` (7-day validity).
+/// Creates a dev organisation CA and a relay certificate in a new directory
+/// under `base` (7-day validity).
 pub fn generate(base: &Path) -> Result<DevPki> {
     let mut rnd = [0u8; 8];
     boring::rand::rand_bytes(&mut rnd)?;
     let dir = base.join(format!("ztna-dev-{}-{:016x}", std::process::id(), u64::from_le_bytes(rnd)));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-
-    let ca_key = new_key()?;
-    let ca_name = name("ztna dev CA (ephemeral)")?;
-    let mut b = X509::builder()?;
-    b.set_version(2)?;
-    b.set_serial_number(&*serial()?)?;
-    b.set_subject_name(&ca_name)?;
-    b.set_issuer_name(&ca_name)?;
-    b.set_pubkey(&ca_key)?;
-    b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
-    b.set_not_after(&*Asn1Time::days_from_now(7)?)?;
-    b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-    b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
-    b.sign(&ca_key, MessageDigest::sha256())?;
-    let ca = b.build();
-
-    let key = new_key()?;
-    let mut b = X509::builder()?;
-    b.set_version(2)?;
-    b.set_serial_number(&*serial()?)?;
-    b.set_subject_name(&*name("localhost")?)?;
-    b.set_issuer_name(&ca_name)?;
-    b.set_pubkey(&key)?;
-    b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
-    b.set_not_after(&*Asn1Time::days_from_now(7)?)?;
-    let san = SubjectAlternativeName::new()
-        .dns("localhost")
-        .ip("127.0.0.1")
-        .ip("::1")
-        .build(&b.x509v3_context(Some(&ca), None))?;
-    b.append_extension(&san)?;
-    b.sign(&ca_key, MessageDigest::sha256())?;
-    let cert = b.build();
-
-    let pki = DevPki { ca: dir.join("ca.pem"), cert: dir.join("relay.pem"), key: dir.join("relay.key"), dir };
-    std::fs::write(&pki.ca, ca.to_pem()?)?;
-    std::fs::write(&pki.cert, cert.to_pem()?)?;
-    std::fs::write(&pki.key, key.private_key_to_pem_pkcs8()?)?;
-    Ok(pki)
+    let ca_files = init_ca(&dir, DEV_TRUST_DOMAIN, 7)?;
+    let relay = ztna_control::identity::Identity {
+        trust_domain: DEV_TRUST_DOMAIN.into(),
+        kind: ztna_control::identity::Kind::Relay,
+        name: "dev-relay".into(),
+    };
+    let ips: [std::net::IpAddr; 2] = [std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()];
+    let (cert, key) = issue(&ca_files, &relay, &["localhost".to_owned()], &ips, 7, &dir)?;
+    Ok(DevPki { ca: ca_files.cert.clone(), cert, key, dir, ca_files })
 }
 
 /// A certificate authority on disk: `ca.pem` and `ca.key` in one directory.
@@ -181,6 +179,36 @@ pub fn issue(
     Ok((cert_path, key_path))
 }
 
+/// Issues a certificate with arbitrary URI SANs and validity (Unix
+/// seconds), written to `cert`/`key`. For negative tests and tools: the
+/// normal path is [`issue`], which enforces one SPIFFE ID.
+pub fn issue_raw(ca: &CaFiles, uris: &[&str], valid: (i64, i64), cert: &Path, key_path: &Path) -> Result<()> {
+    let ca_cert = X509::from_pem(&std::fs::read(&ca.cert)?)?;
+    let ca_key = PKey::private_key_from_pem(&std::fs::read(&ca.key)?)?;
+    let key = new_key()?;
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    b.set_serial_number(&*serial()?)?;
+    b.set_subject_name(&*name("test")?)?;
+    b.set_issuer_name(ca_cert.subject_name())?;
+    b.set_pubkey(&key)?;
+    b.set_not_before(&*Asn1Time::from_unix(valid.0 as _)?)?;
+    b.set_not_after(&*Asn1Time::from_unix(valid.1 as _)?)?;
+    if !uris.is_empty() {
+        let mut san = SubjectAlternativeName::new();
+        for u in uris {
+            san.uri(u);
+        }
+        let san = san.build(&b.x509v3_context(Some(&ca_cert), None))?;
+        b.append_extension(&san)?;
+    }
+    b.append_extension(&*boring::x509::extension::ExtendedKeyUsage::new().client_auth().build()?)?;
+    b.sign(&ca_key, MessageDigest::sha256())?;
+    write_private(key_path, &key.private_key_to_pem_pkcs8()?)?;
+    std::fs::write(cert, b.build().to_pem()?)?;
+    Ok(())
+}
+
 /// Why a peer certificate carries no acceptable identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertIdentityError {
@@ -248,9 +276,16 @@ mod tests {
         let (rc, _) =
             issue(&ca, &relay, &["localhost".into()], &["127.0.0.1".parse().unwrap()], 7, &dir.join("out")).unwrap();
         assert_eq!(identity_from_der(&der(&rc), "corp.example").unwrap().kind, Kind::Relay);
-        // The dev relay certificate has DNS/IP SANs but no URI: no identity.
+        // The dev PKI issues relay and client identities in its own domain.
         let dev = generate(&dir).unwrap();
-        assert_eq!(identity_from_der(&der(&dev.cert), "corp.example"), Err(CertIdentityError::NoUri));
+        assert_eq!(identity_from_der(&der(&dev.cert), DEV_TRUST_DOMAIN).unwrap().kind, Kind::Relay);
+        let (c, _) = dev.issue(Kind::Connector, "c1").unwrap();
+        assert_eq!(dev.issue(Kind::Connector, "c1").unwrap().0, c, "reused");
+        assert_eq!(identity_from_der(&der(&c), DEV_TRUST_DOMAIN).unwrap().name, "c1");
+        // No URI SAN at all.
+        let (nc, nk) = (dir.join("none.pem"), dir.join("none.key"));
+        issue_raw(&ca, &[], (0, 4_000_000_000), &nc, &nk).unwrap();
+        assert_eq!(identity_from_der(&der(&nc), "corp.example"), Err(CertIdentityError::NoUri));
         assert_eq!(identity_from_der(b"not a certificate", "corp.example"), Err(CertIdentityError::Unparseable));
         std::fs::remove_dir_all(&dir).unwrap();
     }

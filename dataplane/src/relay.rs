@@ -15,8 +15,15 @@ use tracing::{info, warn};
 use crate::io::{self, IoBackend};
 use crate::mesh::Mesh;
 use crate::pki::{self, DevPki};
+use crate::policy::Policy;
+use crate::ratelimit::PerIp;
+use crate::security::{RetryMode, Security, Shared};
 use crate::stats::{StatsSnapshot, WorkerStats};
+use crate::tls::TlsMaterial;
 use crate::worker::{Limits, Worker, WorkerConfig};
+
+/// Slots of the per-source-IP table (fixed memory: 12 bytes each).
+const PER_IP_SLOTS: usize = 1 << 16;
 
 /// Limits as they appear in the config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +39,24 @@ pub struct LimitsConfig {
     pub data_queue_depth: usize,
     /// Cross-worker control queue depth per worker (messages).
     pub ctrl_queue_depth: usize,
+    /// Open connections over all workers.
+    pub max_conns: usize,
+    /// Open connections per source IP (IPv6: per /64). 0 = unlimited.
+    pub max_conns_per_ip: u32,
+    /// New handshakes per second per source IP. 0 = unlimited.
+    pub handshakes_per_sec_per_ip: u32,
+    /// Retry: "always", "auto" (above `retry_above_handshakes_per_sec` new
+    /// handshakes per second per worker) or "off".
+    pub retry: RetryMode,
+    pub retry_above_handshakes_per_sec: u32,
+    /// Datagrams and payload bytes per second an agent connection may send.
+    pub agent_datagrams_per_sec: u32,
+    pub agent_bytes_per_sec: u64,
+    /// The same for connector connections.
+    pub connector_datagrams_per_sec: u32,
+    pub connector_bytes_per_sec: u64,
+    /// Stateless resets per second per worker.
+    pub stateless_resets_per_sec: u32,
 }
 
 impl Default for LimitsConfig {
@@ -45,6 +70,16 @@ impl Default for LimitsConfig {
             registrations_per_sec: l.registrations_per_sec,
             data_queue_depth: 8192,
             ctrl_queue_depth: 65_536,
+            max_conns: l.max_conns,
+            max_conns_per_ip: 1000,
+            handshakes_per_sec_per_ip: 100,
+            retry: l.retry,
+            retry_above_handshakes_per_sec: l.retry_above_handshakes_per_sec,
+            agent_datagrams_per_sec: l.agent_datagrams_per_sec,
+            agent_bytes_per_sec: l.agent_bytes_per_sec,
+            connector_datagrams_per_sec: l.connector_datagrams_per_sec,
+            connector_bytes_per_sec: l.connector_bytes_per_sec,
+            stateless_resets_per_sec: l.stateless_resets_per_sec,
         }
     }
 }
@@ -60,8 +95,19 @@ pub struct RelayConfig {
     /// PEM certificate chain and key.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// Ephemeral development PKI instead of cert/key.
+    /// Ephemeral development PKI (CA, relay certificate, trust domain
+    /// `dev.ztna`) instead of cert/key/client_ca/trust_domain.
     pub dev: bool,
+    /// Trust domain of client identities (`spiffe://<it>/...`).
+    pub trust_domain: Option<String>,
+    /// PEM bundle of the CA(s) that sign agent and connector certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Policy file (see `policy.rs`). Without one nothing may register.
+    pub policy: Option<PathBuf>,
+    /// In-process users (tests, the benchmark) may give the policy text
+    /// instead of a file; `policy` wins when both are set.
+    #[serde(skip)]
+    pub policy_toml: Option<String>,
     /// Prometheus listener (off by default).
     pub metrics: Option<SocketAddr>,
     pub io_backend: IoBackend,
@@ -84,6 +130,10 @@ impl Default for RelayConfig {
             cert: None,
             key: None,
             dev: false,
+            trust_domain: None,
+            client_ca: None,
+            policy: None,
+            policy_toml: None,
             metrics: None,
             io_backend: IoBackend::Auto,
             steering: true,
@@ -109,7 +159,10 @@ impl RelayConfig {
         if !self.dev && (self.cert.is_none() || self.key.is_none()) {
             bail!("cert and key are required unless dev mode is on");
         }
-        for p in [&self.cert, &self.key].into_iter().flatten() {
+        if !self.dev && (self.client_ca.is_none() || self.trust_domain.is_none()) {
+            bail!("client_ca and trust_domain are required unless dev mode is on (every client is authenticated)");
+        }
+        for p in [&self.cert, &self.key, &self.client_ca, &self.policy].into_iter().flatten() {
             if !self.dev && !p.exists() {
                 bail!("{} does not exist", p.display());
             }
@@ -118,11 +171,70 @@ impl RelayConfig {
         {
             bail!("limits must be positive");
         }
+        if self.limits.max_conns == 0 {
+            bail!("limits.max_conns must be positive");
+        }
         Ok(())
+    }
+
+    /// Where the security settings come from (dev PKI when in dev mode).
+    fn sources(&self, dev: Option<&DevPki>) -> Result<SecuritySources> {
+        let (cert, key, client_ca, trust_domain) = match dev {
+            Some(p) => (p.cert.clone(), p.key.clone(), p.ca.clone(), pki::DEV_TRUST_DOMAIN.to_owned()),
+            None => (
+                self.cert.clone().context("cert is required")?,
+                self.key.clone().context("key is required")?,
+                self.client_ca.clone().context("client_ca is required")?,
+                self.trust_domain.clone().context("trust_domain is required")?,
+            ),
+        };
+        Ok(SecuritySources {
+            cert,
+            key,
+            client_ca,
+            trust_domain,
+            policy: self.policy.clone(),
+            policy_toml: self.policy_toml.clone(),
+        })
     }
 
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, 255)
+    }
+
+    /// Loads and checks certificate, key, client CA and policy exactly as
+    /// `start` would (for `check-config`).
+    pub fn check_security(&self) -> Result<()> {
+        if self.dev {
+            return Ok(());
+        }
+        self.sources(None)?.load().map(|_| ())
+    }
+}
+
+/// Files a reload re-reads.
+#[derive(Debug, Clone)]
+struct SecuritySources {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    trust_domain: String,
+    policy: Option<PathBuf>,
+    policy_toml: Option<String>,
+}
+
+impl SecuritySources {
+    fn load(&self) -> Result<Security> {
+        let tls = TlsMaterial::load(&self.cert, &self.key, &self.client_ca, &self.trust_domain)?;
+        let policy = match (&self.policy, &self.policy_toml) {
+            (Some(p), _) => Policy::load(p, &self.trust_domain)?,
+            (None, Some(text)) => Policy::from_toml(text, &self.trust_domain)?,
+            (None, None) => {
+                warn!("no policy file: default deny, no registration will be accepted");
+                Policy::deny_all(&self.trust_domain)
+            }
+        };
+        Security::new(tls, policy)
     }
 }
 
@@ -132,6 +244,8 @@ pub struct RelayHandle {
     pub backend: IoBackend,
     pub steering: bool,
     pub dev_pki: Option<DevPki>,
+    shared: Arc<Shared>,
+    sources: SecuritySources,
     stats: Vec<Arc<WorkerStats>>,
     tids: Vec<Arc<AtomicI32>>,
     mesh: Arc<Mesh>,
@@ -151,17 +265,13 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
     } else {
         None
     };
-    let (cert, key) = match &dev_pki {
-        Some(p) => (p.cert.clone(), p.key.clone()),
-        None => match (&cfg.cert, &cfg.key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => bail!("cert and key are required unless dev mode is on"),
-        },
-    };
-    let cert = cert.to_str().context("certificate path is not UTF-8")?.to_owned();
-    let key = key.to_str().context("key path is not UTF-8")?.to_owned();
-    // Fail early on unreadable TLS material.
-    ztna_control::quic::server_config(&cert, &key).map_err(|e| anyhow::anyhow!("loading {cert} / {key}: {e}"))?;
+    let sources = cfg.sources(dev_pki.as_ref())?;
+    // Fail early on unreadable TLS material or a broken policy.
+    let security = sources.load()?;
+    info!(trust_domain = %sources.trust_domain, services = security.policy.service_count(), retry = ?cfg.limits.retry,
+          "mutual TLS: every client must present a certificate of the organisation CA");
+    let per_ip = PerIp::new(PER_IP_SLOTS, cfg.limits.max_conns_per_ip, cfg.limits.handshakes_per_sec_per_ip);
+    let shared = Arc::new(Shared::new(security, per_ip, std::time::Instant::now()));
 
     let sockets = io::bind_group(cfg.listen, n).with_context(|| format!("binding {}", cfg.listen))?;
     let local_addr = sockets.first().context("no socket")?.local_addr()?;
@@ -184,6 +294,14 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         max_flows_per_conn: cfg.limits.max_flows_per_conn,
         max_control_backlog: cfg.limits.max_control_backlog,
         registrations_per_sec: cfg.limits.registrations_per_sec,
+        max_conns: cfg.limits.max_conns,
+        retry: cfg.limits.retry,
+        retry_above_handshakes_per_sec: cfg.limits.retry_above_handshakes_per_sec,
+        agent_datagrams_per_sec: cfg.limits.agent_datagrams_per_sec,
+        agent_bytes_per_sec: cfg.limits.agent_bytes_per_sec,
+        connector_datagrams_per_sec: cfg.limits.connector_datagrams_per_sec,
+        connector_bytes_per_sec: cfg.limits.connector_bytes_per_sec,
+        stateless_resets_per_sec: cfg.limits.stateless_resets_per_sec,
     };
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
@@ -201,7 +319,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         let shutdown = Arc::clone(&shutdown);
         let ready = ready_tx.clone();
         let core = if cores.is_empty() { None } else { cores.get(index % cores.len()).copied() };
-        let (cert, key) = (cert.clone(), key.clone());
+        let shared = Arc::clone(&shared);
         let t = std::thread::Builder::new().name(format!("relay-w{index}")).spawn(move || {
             if let Some(c) = core {
                 core_affinity::set_for_current(c);
@@ -209,15 +327,15 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
             // SAFETY: gettid has no preconditions.
             tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
             let setup = (|| -> Result<_, String> {
-                let quic = ztna_control::quic::server_config(&cert, &key).map_err(|e| e.to_string())?;
+                let worker = Worker::new(wcfg, shared, Arc::clone(&mesh), st).map_err(|e| e.to_string())?;
                 let efd = {
                     use std::os::fd::AsRawFd;
                     mesh.inboxes.get(index).ok_or("no inbox")?.eventfd().as_raw_fd()
                 };
                 let backend = io::make_backend(backend, socket, efd).map_err(|e| e.to_string())?;
-                Ok((quic, backend))
+                Ok((worker, backend))
             })();
-            let (quic, mut be) = match setup {
+            let (mut worker, mut be) = match setup {
                 Ok(v) => {
                     let _ = ready.send(Ok(()));
                     v
@@ -227,7 +345,6 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
                     return;
                 }
             };
-            let mut worker = Worker::new(wcfg, quic, mesh, st);
             io::run_worker(&mut worker, be.as_mut(), &shutdown, grace);
         })?;
         threads.push(t);
@@ -243,10 +360,25 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
             Err(_) => bail!("worker exited during start-up"),
         }
     }
-    Ok(RelayHandle { local_addr, backend, steering, dev_pki, stats, tids, mesh, shutdown, threads })
+    Ok(RelayHandle { local_addr, backend, steering, dev_pki, shared, sources, stats, tids, mesh, shutdown, threads })
 }
 
 impl RelayHandle {
+    /// Re-reads certificate, key, client CA and policy (SIGHUP). All or
+    /// nothing: on any error the running settings stay and the error is
+    /// returned. Established connections stay up; registrations the new
+    /// policy forbids are closed with FlowClose{denied}.
+    pub fn reload(&self) -> Result<()> {
+        let security = self.sources.load()?;
+        let services = security.policy.service_count();
+        self.shared.security.replace(security);
+        for inbox in &self.mesh.inboxes {
+            inbox.wake();
+        }
+        info!(services, "reloaded certificate, key, client CA and policy");
+        Ok(())
+    }
+
     /// Per-worker counters.
     pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
         self.stats.iter().map(|s| s.snapshot()).collect()

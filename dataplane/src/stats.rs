@@ -88,4 +88,39 @@ counters! {
     drop_tx,
     /// Goodbyes sent.
     goodbyes_sent,
+    /// Client certificates refused: not signed by the organisation CA.
+    auth_rejected_unknown_ca,
+    /// Client certificates refused: expired or not yet valid.
+    auth_rejected_validity,
+    /// Client certificates refused: not exactly one acceptable SPIFFE ID.
+    auth_rejected_identity,
+    /// Client certificates refused for another chain error.
+    auth_rejected_other,
+    /// Handshakes that failed in TLS (no certificate, bad certificate,
+    /// client refused ours), counted when the connection is reaped.
+    handshakes_failed,
+    /// Registrations refused by policy (RegisterError{denied}).
+    registrations_denied,
+    /// Flows and registrations closed because a policy reload revoked them.
+    revoked,
+    /// Policy/certificate reloads applied by this worker.
+    reloads,
+    /// Retry packets sent (address validation).
+    retries_sent,
+    /// Initials with a Retry token that was forged, expired or minted for
+    /// another address or connection ID.
+    drop_bad_token,
+    /// Initials refused: the source IP has too many connections.
+    drop_ip_conn_limit,
+    /// Initials refused: the source IP exceeds its handshake rate.
+    drop_ip_handshake_rate,
+    /// Initials refused: the relay's total connection limit.
+    drop_conn_limit,
+    /// Stateless resets sent for packets with unknown CIDs.
+    resets_sent,
+    /// Stateless resets not sent because of their rate limit.
+    drop_reset_rate,
+    /// Datagrams dropped: the sending connection exceeded its datagram or
+    /// byte rate.
+    drop_dgram_rate,
 }

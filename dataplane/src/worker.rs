@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use ztna_control::datagram;
+use ztna_control::identity::Identity;
 use ztna_control::wire::{self, FrameDecoder, Message, Role};
 use ztna_control::Code;
 
 use crate::cid::{self, CID_LEN};
 use crate::mesh::{Ctrl, Data, Mesh};
+use crate::ratelimit::TokenBucket;
 use crate::routing::{Binding, ConnKey, Directory, Flow, FlowTable, Serving};
+use crate::security::{RetryMode, Security, Shared};
 use crate::stats::WorkerStats;
 
 /// Stream carrying the control channel.
@@ -53,6 +56,24 @@ pub struct Limits {
     /// Register/Unregister operations per second per connection (sustained;
     /// bursts up to `max_registrations`). Beyond it: RegisterError{limit}.
     pub registrations_per_sec: u32,
+    /// Open connections over all workers.
+    pub max_conns: usize,
+    /// When new connections must first prove their address with Retry.
+    pub retry: RetryMode,
+    /// `RetryMode::Auto`: new handshakes per second per worker above which
+    /// Retry is required.
+    pub retry_above_handshakes_per_sec: u32,
+    /// Datagrams per second (sustained, one second of burst) a connection
+    /// without connector registrations may send. 0 = unlimited.
+    pub agent_datagrams_per_sec: u32,
+    /// Payload bytes per second for the same.
+    pub agent_bytes_per_sec: u64,
+    /// Datagrams per second a connector connection may send.
+    pub connector_datagrams_per_sec: u32,
+    /// Payload bytes per second for the same.
+    pub connector_bytes_per_sec: u64,
+    /// Stateless resets per second per worker.
+    pub stateless_resets_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -63,7 +84,26 @@ impl Default for Limits {
             max_flows_per_conn: 65_536,
             max_control_backlog: 256 * 1024,
             registrations_per_sec: 10,
+            max_conns: 100_000,
+            retry: RetryMode::Auto,
+            retry_above_handshakes_per_sec: 200,
+            agent_datagrams_per_sec: 100_000,
+            agent_bytes_per_sec: 125_000_000,
+            connector_datagrams_per_sec: 1_000_000,
+            connector_bytes_per_sec: 1_250_000_000,
+            stateless_resets_per_sec: 100,
         }
+    }
+}
+
+impl Limits {
+    fn dgram_buckets(&self, connector: bool, now: Instant) -> (TokenBucket, TokenBucket) {
+        let (n, b) = if connector {
+            (self.connector_datagrams_per_sec, self.connector_bytes_per_sec)
+        } else {
+            (self.agent_datagrams_per_sec, self.agent_bytes_per_sec)
+        };
+        (TokenBucket::new(f64::from(n), f64::from(n), now), TokenBucket::new(b as f64, b as f64, now))
     }
 }
 
@@ -100,6 +140,14 @@ impl CidKey {
     }
 }
 
+/// What `accept` needs of a client Initial's header.
+struct Initial {
+    dcid: Vec<u8>,
+    scid: Vec<u8>,
+    token: Vec<u8>,
+    version: u32,
+}
+
 struct Conn {
     quic: quiche::Connection,
     key: ConnKey,
@@ -118,12 +166,28 @@ struct Conn {
     stopped: bool,
     /// Token bucket for Register/Unregister: (tokens, last refill).
     reg_tokens: (f64, Instant),
+    /// The SPIFFE ID of the client certificate (set once established).
+    identity: Option<Identity>,
+    /// `identity` as a URI, shared with FlowOpen messages.
+    identity_uri: Arc<str>,
+    /// Holds connector registrations (selects the datagram limits).
+    is_connector: bool,
+    /// Datagram count and byte buckets.
+    dgram_rate: (TokenBucket, TokenBucket),
+    /// Source IP counted in the per-IP table (released on reap).
+    ip: std::net::IpAddr,
 }
 
 /// The worker state machine.
 pub struct Worker {
     cfg: WorkerConfig,
     quic_cfg: quiche::Config,
+    shared: Arc<Shared>,
+    security: Arc<Security>,
+    generation: u64,
+    /// New handshakes per second (RetryMode::Auto).
+    handshake_rate: TokenBucket,
+    reset_rate: TokenBucket,
     slots: Vec<Option<Conn>>,
     gens: Vec<u32>,
     free: Vec<u32>,
@@ -154,12 +218,29 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 impl Worker {
-    pub fn new(cfg: WorkerConfig, quic_cfg: quiche::Config, mesh: Arc<Mesh>, stats: Arc<WorkerStats>) -> Self {
+    /// A worker with its quiche config built from the current security
+    /// snapshot (fails only on TLS material BoringSSL refuses).
+    pub fn new(
+        cfg: WorkerConfig,
+        shared: Arc<Shared>,
+        mesh: Arc<Mesh>,
+        stats: Arc<WorkerStats>,
+    ) -> anyhow::Result<Self> {
         let n = mesh.len();
         let latency = metrics::histogram!("ztna_relay_forward_latency_seconds", "worker" => cfg.index.to_string());
-        Worker {
+        let (generation, security) = shared.security.current();
+        let quic_cfg = security.tls.server_config(Arc::clone(&stats))?;
+        let now = Instant::now();
+        let hs = f64::from(cfg.limits.retry_above_handshakes_per_sec);
+        let resets = f64::from(cfg.limits.stateless_resets_per_sec.max(1));
+        Ok(Worker {
+            handshake_rate: TokenBucket::new(hs.max(1.0), hs.max(1.0), now),
+            reset_rate: TokenBucket::new(resets, resets, now),
             cfg,
             quic_cfg,
+            shared,
+            security,
+            generation,
             slots: Vec::new(),
             gens: Vec::new(),
             free: Vec::new(),
@@ -178,8 +259,8 @@ impl Worker {
             stats,
             latency,
             shutting_down: false,
-            now: Instant::now(),
-        }
+            now,
+        })
     }
 
     pub fn index(&self) -> usize {
@@ -234,6 +315,10 @@ impl Worker {
             None => {
                 if hdr.ty != quiche::Type::Initial {
                     self.stats.drop_unknown_cid.fetch_add(1, Ordering::Relaxed);
+                    if hdr.ty == quiche::Type::Short {
+                        let dcid = hdr.dcid.to_vec();
+                        self.stateless_reset(&dcid, buf.len(), from, now);
+                    }
                     return;
                 }
                 if !quiche::version_is_supported(hdr.version) {
@@ -245,13 +330,15 @@ impl Worker {
                     self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                let dcid = hdr.dcid.to_vec();
-                match self.accept(&dcid, from, buf.len()) {
+                let initial = Initial {
+                    dcid: hdr.dcid.to_vec(),
+                    scid: hdr.scid.to_vec(),
+                    token: hdr.token.clone().unwrap_or_default(),
+                    version: hdr.version,
+                };
+                match self.accept(&initial, from, buf.len(), now) {
                     Some(s) => s,
-                    None => {
-                        self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
+                    None => return,
                 }
             }
         };
@@ -267,15 +354,117 @@ impl Worker {
         self.put(conn);
     }
 
-    fn accept(&mut self, odcid: &[u8], from: SocketAddr, len: usize) -> Option<u32> {
-        if len < MIN_INITIAL_LEN || self.shutting_down || self.conn_count() >= self.cfg.limits.max_conns_per_worker {
+    /// Answers a short-header packet for an unknown CID with a stateless
+    /// reset (rate-limited), so a client of a relay that restarted or lost
+    /// the connection learns it at once instead of after the idle timeout.
+    fn stateless_reset(&mut self, dcid: &[u8], len: usize, from: SocketAddr, now: Instant) {
+        if cid::owner(dcid, self.cfg.workers).is_none() {
+            return;
+        }
+        if !self.reset_rate.take(1.0, now) {
+            self.stats.drop_reset_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut out = [0u8; 64];
+        if let Some(n) = self.security.reset.write_reset(dcid, len, &mut out) {
+            self.pending_tx.push((out[..n].to_vec(), from));
+            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a Retry carrying a token bound to the client's address.
+    fn send_retry(&mut self, initial: &Initial, from: SocketAddr, now: Instant) {
+        let new_scid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
+        let token = self.shared.retry_keys.mint(from, &initial.dcid, &new_scid, now);
+        let mut out = vec![0u8; 256];
+        let r = quiche::retry(
+            &quiche::ConnectionId::from_ref(&initial.scid),
+            &quiche::ConnectionId::from_ref(&initial.dcid),
+            &quiche::ConnectionId::from_ref(&new_scid),
+            &token,
+            initial.version,
+            &mut out,
+        );
+        if let Ok(n) = r {
+            out.truncate(n);
+            self.pending_tx.push((out, from));
+            self.stats.retries_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A new connection for an Initial with an unknown CID, after the
+    /// limits, the per-IP limits and (when required) address validation.
+    fn accept(&mut self, initial: &Initial, from: SocketAddr, len: usize, now: Instant) -> Option<u32> {
+        let limits = &self.cfg.limits;
+        if len < MIN_INITIAL_LEN || self.shutting_down || self.conn_count() >= limits.max_conns_per_worker {
+            self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let odcid_key = CidKey::new(odcid)?;
-        let scid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
-        let quic =
-            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, self.cfg.local_addr, from, &mut self.quic_cfg)
-                .ok()?;
+        if self.shared.conns.load(Ordering::Relaxed) >= limits.max_conns {
+            self.stats.drop_conn_limit.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // Address validation. A token is only ever present in answer to our
+        // Retry, so it is checked whatever the mode.
+        let (scid, odcid) = if initial.token.is_empty() {
+            let retry = match limits.retry {
+                RetryMode::Always => true,
+                RetryMode::Off => false,
+                RetryMode::Auto => !self.handshake_rate.take(1.0, now),
+            };
+            if retry {
+                self.send_retry(initial, from, now);
+                return None;
+            }
+            (cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes()), None)
+        } else {
+            match self.shared.retry_keys.validate(&initial.token, from, &initial.dcid, now) {
+                Ok(odcid) => {
+                    // The MAC covers the DCID, so it is the CID our Retry
+                    // minted (this worker's).
+                    let mut scid = [0u8; CID_LEN];
+                    if initial.dcid.len() != CID_LEN {
+                        self.stats.drop_bad_token.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                    scid.copy_from_slice(&initial.dcid);
+                    (scid, Some(odcid.to_vec()))
+                }
+                Err(e) => {
+                    debug!(worker = self.cfg.index, %from, error = ?e, "Retry token refused");
+                    self.stats.drop_bad_token.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        };
+        let ip = from.ip();
+        let per_ip = &self.shared.per_ip;
+        let secs = u32::try_from(now.saturating_duration_since(self.shared.started).as_secs()).unwrap_or(u32::MAX);
+        if !per_ip.allow_handshake(ip, secs) {
+            self.stats.drop_ip_handshake_rate.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if !per_ip.try_open(ip) {
+            self.stats.drop_ip_conn_limit.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.quic_cfg.set_stateless_reset_token(Some(self.security.reset.token(&scid)));
+        let odcid_ref = odcid.as_deref().map(quiche::ConnectionId::from_ref);
+        let quic = match quiche::accept(
+            &quiche::ConnectionId::from_ref(&scid),
+            odcid_ref.as_ref(),
+            self.cfg.local_addr,
+            from,
+            &mut self.quic_cfg,
+        ) {
+            Ok(q) => q,
+            Err(_) => {
+                per_ip.close(ip);
+                self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        self.shared.conns.fetch_add(1, Ordering::Relaxed);
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -288,7 +477,15 @@ impl Worker {
         let key = ConnKey { worker: self.cfg.index as u16, slot, gen };
         let scid_key = CidKey::new(&scid)?;
         self.by_cid.insert(scid_key, slot);
-        self.by_cid.insert(odcid_key, slot);
+        let mut cids = vec![scid_key];
+        if odcid.is_none() {
+            // Without Retry the client keeps using the DCID it chose until
+            // our first packet reaches it.
+            if let Some(k) = CidKey::new(&initial.dcid) {
+                self.by_cid.insert(k, slot);
+                cids.push(k);
+            }
+        }
         let conn = Conn {
             quic,
             key,
@@ -297,12 +494,17 @@ impl Worker {
             rx: FrameDecoder::default(),
             tx: Vec::new(),
             flows: FlowTable::new(self.cfg.limits.max_flows_per_conn),
-            cids: vec![scid_key, odcid_key],
+            cids,
             timer: None,
             dirty: false,
             close_at: None,
             stopped: false,
             reg_tokens: (self.cfg.limits.max_registrations as f64, self.now),
+            identity: None,
+            identity_uri: Arc::from(""),
+            ip,
+            is_connector: false,
+            dgram_rate: self.cfg.limits.dgram_buckets(false, now),
         };
         if let Some(s) = self.slots.get_mut(slot as usize) {
             *s = Some(conn);
@@ -347,10 +549,13 @@ impl Worker {
                 conn.cids.retain(|c| *c != k);
             }
         }
+        if conn.quic.is_established() && !conn.stopped && conn.identity.is_none() {
+            self.authenticate(conn);
+        }
         if conn.quic.is_established() && !conn.stopped {
             while conn.quic.scids_left() > 0 && conn.cids.len() < SPARE_CIDS + 2 {
                 let cid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
-                let token = u128::from_be_bytes(random_bytes());
+                let token = self.security.reset.token(&cid);
                 if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), token, false).is_err() {
                     break;
                 }
@@ -361,6 +566,21 @@ impl Worker {
             }
             self.read_control(conn);
             self.read_datagrams(conn, now);
+        }
+    }
+
+    /// Reads the identity of an established connection. TLS has already
+    /// verified the chain and the identity rule (`tls::verify`); this only
+    /// fails if the certificate vanished, which closes the connection.
+    fn authenticate(&mut self, conn: &mut Conn) {
+        let td = &self.security.tls.trust_domain;
+        match conn.quic.peer_cert().map(|der| crate::pki::identity_from_der(der, td)) {
+            Some(Ok(id)) => {
+                debug!(worker = self.cfg.index, peer = %conn.peer, identity = %id.uri(), "client authenticated");
+                conn.identity_uri = Arc::from(id.uri());
+                conn.identity = Some(id);
+            }
+            _ => self.fail(conn, Code::DENIED, "no acceptable client certificate"),
         }
     }
 
@@ -452,9 +672,20 @@ impl Worker {
                 self.take_reg_token(conn);
                 self.on_unregister(conn, flow);
             }
+            Message::FlowClose { flow, code } => self.on_flow_refused(conn, flow, code),
             Message::Unknown { .. } => {}
             _ => self.fail(conn, Code::UNEXPECTED_MESSAGE, "unexpected message"),
         }
+    }
+
+    /// A connector closes one of its flows (its own allow-list refused the
+    /// agent). Anything but a connector leg of this connection is ignored.
+    fn on_flow_refused(&mut self, conn: &mut Conn, flow: u32, code: Code) {
+        let Some(Flow::Peer { agent, agent_flow, .. }) = conn.flows.get(flow) else { return };
+        let (agent, agent_flow) = (*agent, *agent_flow);
+        conn.flows.remove(flow);
+        info!(worker = self.cfg.index, connector = %conn.identity_uri, flow, %code, "connector refused a flow");
+        self.send_ctrl(usize::from(agent.worker), Ctrl::Refused { agent, agent_flow, connector: conn.key, code });
     }
 
     /// Refills and takes one Register/Unregister token.
@@ -473,7 +704,24 @@ impl Worker {
         self.send_msg(conn, &Message::RegisterError { request_id, code, reason: reason.to_owned() });
     }
 
+    /// May this connection hold `role` for `service` under the current
+    /// policy? (An agent certificate can never register as a connector, and
+    /// the reverse: the policy checks the identity's kind.)
+    fn allowed(&self, conn: &Conn, role: Role, service: &str) -> bool {
+        let Some(id) = &conn.identity else { return false };
+        match role {
+            Role::Connector => self.security.policy.may_serve(id, service),
+            Role::Agent => self.security.policy.may_reach(id, service),
+        }
+    }
+
     fn on_register(&mut self, conn: &mut Conn, request_id: u32, role: Role, service: wire::ServiceName) {
+        if !self.allowed(conn, role, service.as_str()) {
+            self.stats.registrations_denied.fetch_add(1, Ordering::Relaxed);
+            warn!(worker = self.cfg.index, peer = %conn.peer, identity = %conn.identity_uri, role = role.as_str(),
+                  %service, "registration denied by policy");
+            return self.register_error(conn, request_id, Code::DENIED, "denied by policy");
+        }
         if conn.flows.registrations() >= self.cfg.limits.max_registrations {
             return self.register_error(conn, request_id, Code::LIMIT, "too many registrations");
         }
@@ -489,7 +737,12 @@ impl Worker {
                 let Some(handle) = conn.flows.insert(Flow::Service { service: service.clone() }) else {
                     return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
                 };
-                info!(worker = self.cfg.index, peer = %conn.peer, %service, handle, "connector registered");
+                info!(worker = self.cfg.index, peer = %conn.peer, identity = %conn.identity_uri, %service, handle,
+                      "connector registered");
+                if !conn.is_connector {
+                    conn.is_connector = true;
+                    conn.dgram_rate = self.cfg.limits.dgram_buckets(true, self.now);
+                }
                 self.stats.registrations_ok.fetch_add(1, Ordering::Relaxed);
                 self.send_msg(conn, &Message::RegisterOk { request_id, flow: handle });
                 self.broadcast(Ctrl::ConnectorUp { service, conn: conn.key, handle });
@@ -507,7 +760,8 @@ impl Worker {
                     return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
                 };
                 debug!(worker = self.cfg.index, peer = %conn.peer, %service, agent_flow, "agent registering");
-                self.send_bind(conn.key, agent_flow, conn.peer, target, 1);
+                let id = Arc::clone(&conn.identity_uri);
+                self.send_bind(conn.key, agent_flow, conn.peer, id, target, 1);
             }
         }
     }
@@ -517,6 +771,12 @@ impl Worker {
             // Connector legs are the relay's to close, not the client's.
             return;
         }
+        self.drop_registration(conn, flow);
+    }
+
+    /// Removes an agent flow or a connector's service registration and
+    /// tells the other side (Unbind, ConnectorDown).
+    fn drop_registration(&mut self, conn: &mut Conn, flow: u32) {
         match conn.flows.remove(flow) {
             Some(Flow::Agent { binding: Binding::Bound { connector, flow }, .. }) => {
                 self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
@@ -536,8 +796,24 @@ impl Worker {
         }
     }
 
-    fn send_bind(&mut self, agent: ConnKey, agent_flow: u32, agent_addr: SocketAddr, target: Serving, attempt: u8) {
-        let msg = Ctrl::Bind { connector: target.conn, handle: target.handle, agent, agent_flow, agent_addr, attempt };
+    fn send_bind(
+        &mut self,
+        agent: ConnKey,
+        agent_flow: u32,
+        agent_addr: SocketAddr,
+        agent_id: Arc<str>,
+        target: Serving,
+        attempt: u8,
+    ) {
+        let msg = Ctrl::Bind {
+            connector: target.conn,
+            handle: target.handle,
+            agent,
+            agent_flow,
+            agent_addr,
+            agent_id,
+            attempt,
+        };
         self.send_ctrl(usize::from(target.conn.worker), msg);
     }
 
@@ -573,6 +849,10 @@ impl Worker {
                 return;
             }
         };
+        if !conn.dgram_rate.0.take(1.0, now) || !conn.dgram_rate.1.take(payload_len as f64, now) {
+            self.stats.drop_dgram_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let (to, to_flow) = match conn.flows.get(flow) {
             Some(Flow::Agent { binding: Binding::Bound { connector, flow }, .. }) => (*connector, *flow),
             Some(Flow::Agent { .. }) => {
@@ -705,7 +985,7 @@ impl Worker {
                     Some(conn),
                 );
             }
-            Ctrl::Bind { connector, handle, agent, agent_flow, agent_addr, attempt } => {
+            Ctrl::Bind { connector, handle, agent, agent_flow, agent_addr, agent_id, attempt } => {
                 let reply_to = usize::from(agent.worker);
                 let failed = Ctrl::BindFailed { agent, agent_flow, connector, attempt };
                 let Some(mut c) = self.take(connector) else {
@@ -717,7 +997,8 @@ impl Worker {
                 match flow {
                     Some(flow) => {
                         let agent_addr = canonical(agent_addr);
-                        let open = Message::FlowOpen { flow, service: handle, agent_addr, agent_id: String::new() };
+                        let open =
+                            Message::FlowOpen { flow, service: handle, agent_addr, agent_id: agent_id.to_string() };
                         self.send_msg(&mut c, &open);
                         self.send_ctrl(reply_to, Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow });
                     }
@@ -747,6 +1028,7 @@ impl Worker {
             Ctrl::BindFailed { agent, agent_flow, connector, attempt } => {
                 let Some(mut a) = self.take(agent) else { return };
                 let peer = a.peer;
+                let id = Arc::clone(&a.identity_uri);
                 let mut retry = None;
                 let mut refuse = None;
                 if let Some(Flow::Agent { service, binding, pending_request }) = a.flows.get_mut(agent_flow) {
@@ -769,7 +1051,7 @@ impl Worker {
                     }
                 }
                 if let Some(t) = retry {
-                    self.send_bind(agent, agent_flow, peer, t, attempt.saturating_add(1));
+                    self.send_bind(agent, agent_flow, peer, id, t, attempt.saturating_add(1));
                 }
                 if let Some(request_id) = refuse {
                     a.flows.remove(agent_flow);
@@ -785,6 +1067,55 @@ impl Worker {
                 }
                 self.put(c);
             }
+            Ctrl::Refused { agent, agent_flow, connector, code } => {
+                let Some(mut a) = self.take(agent) else { return };
+                let bound_here = matches!(
+                    a.flows.get(agent_flow),
+                    Some(Flow::Agent { binding: Binding::Bound { connector: c, .. } | Binding::Pending(c), .. })
+                        if *c == connector
+                );
+                if bound_here {
+                    a.flows.remove(agent_flow);
+                    self.send_msg(&mut a, &Message::FlowClose { flow: agent_flow, code });
+                }
+                self.put(a);
+            }
+        }
+    }
+
+    /// Applies a new security snapshot: new TLS config for new handshakes
+    /// (established connections keep theirs), and every registration the
+    /// new policy no longer allows is closed with FlowClose{denied}.
+    fn reload(&mut self) {
+        let (generation, security) = self.shared.security.current();
+        self.generation = generation;
+        match security.tls.server_config(Arc::clone(&self.stats)) {
+            Ok(cfg) => self.quic_cfg = cfg,
+            Err(e) => warn!(worker = self.cfg.index, error = %e, "new TLS material refused; keeping the old"),
+        }
+        self.security = security;
+        self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        let mut revoked = Vec::new();
+        for conn in self.slots.iter().flatten() {
+            for (id, f) in conn.flows.iter() {
+                let (role, service) = match f {
+                    Flow::Agent { service, .. } => (Role::Agent, service),
+                    Flow::Service { service } => (Role::Connector, service),
+                    Flow::Peer { .. } => continue,
+                };
+                if !self.allowed(conn, role, service.as_str()) {
+                    revoked.push((conn.key, id, role, service.clone()));
+                }
+            }
+        }
+        for (key, flow, role, service) in revoked {
+            let Some(mut conn) = self.take(key) else { continue };
+            warn!(worker = self.cfg.index, identity = %conn.identity_uri, role = role.as_str(), %service,
+                  "policy reload revoked a registration");
+            self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+            self.drop_registration(&mut conn, flow);
+            self.send_msg(&mut conn, &Message::FlowClose { flow, code: Code::DENIED });
+            self.put(conn);
         }
     }
 
@@ -797,6 +1128,7 @@ impl Worker {
         for conn in self.slots.iter_mut().flatten() {
             let key = conn.key;
             let peer = conn.peer;
+            let agent_id = Arc::clone(&conn.identity_uri);
             for (id, f) in conn.flows.iter_mut() {
                 let Flow::Agent { service, binding, pending_request } = f else { continue };
                 if !pred(service, binding) {
@@ -808,7 +1140,7 @@ impl Worker {
                 match self.dir.pick(service, key, exclude) {
                     Some(t) => {
                         *binding = Binding::Pending(t.conn);
-                        binds.push((key, id, peer, t));
+                        binds.push((key, id, peer, Arc::clone(&agent_id), t));
                     }
                     None => {
                         *binding = Binding::Unbound;
@@ -824,8 +1156,8 @@ impl Worker {
         for (connector, flow) in unbinds {
             self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
         }
-        for (key, id, peer, t) in binds {
-            self.send_bind(key, id, peer, t, 1);
+        for (key, id, peer, agent_id, t) in binds {
+            self.send_bind(key, id, peer, agent_id, t, 1);
         }
         for (key, id, request_id) in refusals {
             if let Some(mut c) = self.take(key) {
@@ -866,6 +1198,10 @@ impl Worker {
     /// Sends what connections have to send, reaps closed ones, publishes
     /// cross-worker messages and wakes peers. Call once per loop turn.
     pub fn flush(&mut self, tx: &mut dyn Transmit, now: Instant) {
+        self.now = now;
+        if self.shared.security.generation() != self.generation {
+            self.reload();
+        }
         self.run_local_ctrl();
         while let Some(slot) = self.dirty.pop() {
             let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
@@ -941,6 +1277,12 @@ impl Worker {
         }
         if let Some(g) = self.gens.get_mut(key.slot as usize) {
             *g = g.wrapping_add(1);
+        }
+        self.shared.per_ip.close(conn.ip);
+        self.shared.conns.fetch_sub(1, Ordering::Relaxed);
+        if !conn.quic.is_established() && conn.quic.local_error().is_some_and(|e| !e.is_app) {
+            self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            debug!(worker = self.cfg.index, peer = %conn.peer, error = ?conn.quic.local_error(), "handshake failed");
         }
         self.free.push(key.slot);
         self.stats.conns_closed.fetch_add(1, Ordering::Relaxed);

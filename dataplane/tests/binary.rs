@@ -41,7 +41,28 @@ fn check_config_accepts_good_and_rejects_unknown_keys() {
     let nocert = tmp("nocert.toml", "listen = \"127.0.0.1:4500\"\n");
     let out = Command::new(BIN).args(["check-config", "--config"]).arg(&nocert).output().unwrap();
     assert!(!out.status.success(), "cert and key are required without dev mode");
-    for p in [good, bad, nocert] {
+
+    // Real certificates but no client CA: refused (mutual TLS is not optional).
+    let pki = ztna_dataplane::pki::generate(&std::env::temp_dir()).unwrap();
+    let body = format!("cert = {:?}\nkey = {:?}\n", pki.cert, pki.key);
+    let noca = tmp("noca.toml", &body);
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&noca).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client_ca"), "{}", String::from_utf8_lossy(&out.stderr));
+    // With client CA and trust domain, a broken policy file is named.
+    let broken = tmp("broken-policy.toml", "[services.echo]\nconnectors = [\"*\"]\n");
+    let full = tmp(
+        "full.toml",
+        &format!("{body}client_ca = {:?}\ntrust_domain = \"dev.ztna\"\npolicy = {:?}\n", pki.ca, broken),
+    );
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&full).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wildcard"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&broken, "[services.echo]\nconnectors = [\"c1\"]\nagents = [\"*\"]\n").unwrap();
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&full).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+    for p in [good, bad, nocert, noca, broken, full] {
         let _ = std::fs::remove_file(p);
     }
 }
@@ -71,7 +92,12 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
         let ca = lines.next().unwrap().unwrap().strip_prefix("dev CA: ").unwrap().to_owned();
 
         let cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
-        let tls = UdpClient::tls_with_ca(std::path::Path::new(&ca));
+        // The dev CA's key sits next to its certificate: issue a client.
+        let ca_dir = std::path::Path::new(&ca).parent().unwrap();
+        let ca_files = ztna_dataplane::pki::CaFiles::in_dir(ca_dir);
+        let id = ztna_control::identity::Identity::parse("spiffe://dev.ztna/agent/sigterm").unwrap();
+        let (cert, key) = ztna_dataplane::pki::issue(&ca_files, &id, &[], &[], 1, ca_dir).unwrap();
+        let tls = ztna_control::quic::TlsOptions::mutual(&ca, cert, key);
         let mut c = UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
         c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).expect("connects to the binary");
 
@@ -132,12 +158,20 @@ fn ca_tool_issues_a_relay_certificate_clients_verify() {
         workers: Some(1),
         cert: Some(dir.join("relay-r1.pem")),
         key: Some(dir.join("relay-r1.key")),
+        client_ca: Some(dir.join("ca.pem")),
+        trust_domain: Some("corp.example".into()),
         pin_cores: false,
         ..Default::default()
     })
     .unwrap();
     let cfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
-    let tls = UdpClient::tls_with_ca(&dir.join("ca.pem"));
+    let out = run(&["issue", "--dir", d, "--trust-domain", "corp.example", "--kind", "agent", "--name", "alice"]);
+    assert!(out.contains("spiffe://corp.example/agent/alice"));
+    let tls = ztna_control::quic::TlsOptions::mutual(
+        dir.join("ca.pem"),
+        dir.join("agent-alice.pem"),
+        dir.join("agent-alice.key"),
+    );
     let mut c = UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     assert!(c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).is_some(), "client verifies the relay");
     relay.shutdown();

@@ -25,10 +25,11 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
             name: "echo".into(),
             icmp: true,
             backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
+            allow_agents: None,
         }],
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ca = Some(relay.dev_pki.as_ref().unwrap().ca.clone());
+    connector_tls(&relay, &mut cfg, 0);
     cfg.max_udp_flows_per_agent = 2;
     let mut connector = Connector::new(cfg, 3).unwrap();
     let end = Instant::now() + T;

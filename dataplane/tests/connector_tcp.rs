@@ -154,10 +154,11 @@ impl Setup {
                     tcp(SINK, sink.addr),
                     Backend { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr },
                 ],
+                allow_agents: None,
             }],
         );
         cfg.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.ca = Some(relay.dev_pki.as_ref().unwrap().ca.clone());
+        connector_tls(&relay, &mut cfg, 0);
         tweak(&mut cfg);
         let mut connector = Connector::new(cfg, 11).unwrap();
         let end = Instant::now() + T;
@@ -463,12 +464,22 @@ fn tcp_config_defaults_and_validation() {
     let cfg = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]
+        cert = "connector.pem"
+        key = "connector.key"
         [[service]]
         name = "web"
         backend = [{ protocol = "tcp", port = 80, target = "127.0.0.1:8080" }]
+        allow_agents = ["spiffe://corp/agent/alice"]
         "#,
     )
     .unwrap();
+    assert_eq!(cfg.services[0].allow_agents.as_deref(), Some(&["spiffe://corp/agent/alice".to_owned()][..]));
+    let no_cert = ConnectorConfig::from_toml("relays = [\"127.0.0.1:4433\"]\n[[service]]\nname = \"web\"\n");
+    assert!(no_cert.unwrap_err().to_string().contains("cert and key are required"));
+    let bad_allow = ConnectorConfig::from_toml(
+        "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\nallow_agents = [\"alice\"]\n",
+    );
+    assert!(bad_allow.unwrap_err().to_string().contains("not an agent SPIFFE ID"));
     assert_eq!(cfg.max_tcp_flows, 1024);
     assert_eq!(cfg.tcp_buffer_bytes, 256 * 1024);
     let bad = ConnectorConfig::from_toml(

@@ -21,15 +21,20 @@ fn dual_stack_listener_serves_v4_and_v6() {
         dev: true,
         io_backend: IoBackend::Auto,
         pin_cores: false,
+        policy_toml: Some(test_policy()),
         ..RelayConfig::default()
     })
     .unwrap();
     let port = relay.local_addr.port();
-    let ca = relay.dev_pki.as_ref().unwrap().ca.clone();
     let mk = |relay_addr: SocketAddr, local: SocketAddr, regs: Vec<(Role, ztna_control::ServiceName)>, seed| {
+        let tls = if regs.iter().any(|(r, _)| *r == Role::Connector) {
+            tls_for(&relay, ztna_control::identity::Kind::Connector, "c1")
+        } else {
+            tls_for(&relay, ztna_control::identity::Kind::Agent, "a2")
+        };
         let mut cfg = ClientConfig::new(relay_addr, local, "localhost");
         cfg.registrations = regs;
-        UdpClient::new(cfg, &UdpClient::tls_with_ca(&ca), local, seed).unwrap()
+        UdpClient::new(cfg, &tls, local, seed).unwrap()
     };
     let v4 = SocketAddr::from(([127, 0, 0, 1], port));
     let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();

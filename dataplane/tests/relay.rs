@@ -318,13 +318,7 @@ fn register_churn_is_rate_limited() {
 
 #[test]
 fn full_connectors_refuse_instead_of_looping() {
-    let mut cfg = ztna_dataplane::relay::RelayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers: Some(2),
-        dev: true,
-        pin_cores: false,
-        ..Default::default()
-    };
+    let mut cfg = relay_config(2, IoBackend::Auto, true);
     // Each connector holds its service handle plus one agent leg.
     cfg.limits.max_flows_per_conn = 2;
     let relay = ztna_dataplane::relay::start(&cfg).unwrap();

@@ -10,11 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ztna_control::client::{ClientConfig, ClientSession, Event};
-use ztna_control::quic::{self, TlsOptions};
+use ztna_control::identity::Kind;
+use ztna_control::quic;
 use ztna_control::rng::SplitMix64;
 use ztna_control::{Role, ServiceName};
 use ztna_dataplane::mesh::Mesh;
+use ztna_dataplane::policy::Policy;
+use ztna_dataplane::ratelimit::PerIp;
+use ztna_dataplane::security::{Security, Shared};
 use ztna_dataplane::stats::WorkerStats;
+use ztna_dataplane::tls::TlsMaterial;
 use ztna_dataplane::worker::{Limits, Transmit, Worker, WorkerConfig};
 
 struct Packet {
@@ -68,24 +73,37 @@ impl Transmit for Collect {
     }
 }
 
+/// An echo crosses four lossy hops (agent→relay→connector→relay→agent) at
+/// 5 % loss each: about 81 % come back on average; 65 % leaves room for
+/// the variance of 200 samples without hiding a real loss in the relay
+/// (whose drop counters are printed on failure).
+const MIN_ECHOES: u32 = 130;
+
 #[test]
 fn registration_and_echo_survive_delay_reordering_and_loss() {
     let pki = ztna_dataplane::pki::generate(&std::env::temp_dir()).unwrap();
     let relay: SocketAddr = "127.0.0.1:4433".parse().unwrap();
     let mesh = Arc::new(Mesh::new(2, 1024, 1024).unwrap());
+    let td = ztna_dataplane::pki::DEV_TRUST_DOMAIN;
+    let material = TlsMaterial::load(&pki.cert, &pki.key, &pki.ca, td).unwrap();
+    let policy = Policy::from_toml("[services.echo]\nconnectors = [\"c\"]\nagents = [\"*\"]\n", td).unwrap();
+    let shared =
+        Arc::new(Shared::new(Security::new(material, policy).unwrap(), PerIp::new(1024, 0, 0), Instant::now()));
     let mut workers: Vec<Worker> = (0..2)
         .map(|i| {
             let cfg = WorkerConfig { index: i, workers: 2, node_id: 0, local_addr: relay, limits: Limits::default() };
-            let q = quic::server_config(pki.cert.to_str().unwrap(), pki.key.to_str().unwrap()).unwrap();
-            Worker::new(cfg, q, Arc::clone(&mesh), Arc::new(WorkerStats::default()))
+            Worker::new(cfg, Arc::clone(&shared), Arc::clone(&mesh), Arc::new(WorkerStats::default())).unwrap()
         })
         .collect();
 
-    let tls = TlsOptions { ca_file: Some(pki.ca.to_string_lossy().into_owned()), verify_peer: true };
     let mk = |port: u16, role: Role, seed: u64| {
         let local: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
         let mut cfg = ClientConfig::new(relay, local, "localhost");
         cfg.registrations = vec![(role, ServiceName::new("echo").unwrap())];
+        let tls = match role {
+            Role::Connector => pki.client_tls(Kind::Connector, "c").unwrap(),
+            Role::Agent => pki.client_tls(Kind::Agent, &format!("a{seed}")).unwrap(),
+        };
         (local, ClientSession::new(cfg, quic::client_config(&tls).unwrap(), seed, Instant::now()))
     };
     let mut clients: HashMap<SocketAddr, (ClientSession, Role)> = HashMap::new();
@@ -165,7 +183,7 @@ fn registration_and_echo_survive_delay_reordering_and_loss() {
                 net.send(*addr, to, &out[..n], now);
             }
         }
-        if echoed_to.len() == 3 && echoed_to.values().all(|&n| n >= 150) {
+        if echoed_to.len() == 3 && echoed_to.values().all(|&n| n >= MIN_ECHOES) {
             break;
         }
         std::thread::sleep(Duration::from_micros(200));
@@ -175,7 +193,8 @@ fn registration_and_echo_survive_delay_reordering_and_loss() {
     for (a, n) in &echoed_to {
         // Datagrams are unreliable: with 5% loss each way most, not all,
         // come back.
-        assert!(*n >= 150, "agent {a} got {n} of 200 echoes");
+        let stats: Vec<_> = workers.iter().map(|w| w.stats().snapshot()).collect();
+        assert!(*n >= MIN_ECHOES, "agent {a} got {n} of 200 echoes; workers {stats:?}");
     }
     assert_eq!(echoed_to.len(), 3);
     let handoffs: u64 = workers.iter().map(|w| w.stats().handoff_out.load(std::sync::atomic::Ordering::Relaxed)).sum();

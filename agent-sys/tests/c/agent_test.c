@@ -225,11 +225,11 @@ static int drain_ip(struct ctx *c, uint64_t *echoes, uint64_t *pongs, uint64_t *
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s RELAY CA LOAD_SECONDS RSS_LIMIT_KB\n", argv[0]);
+    if (argc != 7) {
+        fprintf(stderr, "usage: %s RELAY CA CERT KEY LOAD_SECONDS RSS_LIMIT_KB\n", argv[0]);
         return 2;
     }
-    if (ztna_version() >> 16 != 1) die("version", -1);
+    if (ztna_version() >> 16 != 2) die("version", -1);
     struct ctx c;
     memset(&c, 0, sizeof c);
     c.fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -246,6 +246,8 @@ int main(int argc, char **argv) {
         .relay_addr = argv[1],
         .server_name = "localhost",
         .ca_file = argv[2],
+        .cert_file = argv[3],
+        .key_file = argv[4],
         .verify_peer = 1,
         .local_addr = local_str,
         .routes = routes,
@@ -304,7 +306,7 @@ int main(int argc, char **argv) {
     }
 
     /* Sustained load: batches of 32 packets, watch RSS. */
-    long load_s = atol(argv[3]), limit_kb = atol(argv[4]), rss_max = 0;
+    long load_s = atol(argv[5]), limit_kb = atol(argv[6]), rss_max = 0;
     uint64_t sent = 0, echoed = 0, refused = 0, calls_before = c.ffi_calls;
     ZtnaPacket batch[BATCH];
     static uint8_t load_bufs[BATCH][256];

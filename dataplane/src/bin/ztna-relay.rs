@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 use ztna_dataplane::io::IoBackend;
 use ztna_dataplane::relay::{self, RelayConfig};
 
@@ -35,6 +35,15 @@ struct Cli {
     /// PEM private key.
     #[arg(long, global = true)]
     key: Option<PathBuf>,
+    /// PEM bundle of the organisation CA that signs client certificates.
+    #[arg(long, global = true)]
+    client_ca: Option<PathBuf>,
+    /// Trust domain of client identities (spiffe://<trust-domain>/...).
+    #[arg(long, global = true)]
+    trust_domain: Option<String>,
+    /// Policy file (default deny; reloaded on SIGHUP).
+    #[arg(long, global = true)]
+    policy: Option<PathBuf>,
     /// Prometheus /metrics listener, e.g. 127.0.0.1:9090.
     #[arg(long, global = true)]
     metrics: Option<SocketAddr>,
@@ -141,6 +150,15 @@ fn load(cli: &Cli) -> Result<RelayConfig> {
     if let Some(v) = &cli.key {
         cfg.key = Some(v.clone());
     }
+    if let Some(v) = &cli.client_ca {
+        cfg.client_ca = Some(v.clone());
+    }
+    if let Some(v) = &cli.trust_domain {
+        cfg.trust_domain = Some(v.clone());
+    }
+    if let Some(v) = &cli.policy {
+        cfg.policy = Some(v.clone());
+    }
     if let Some(v) = cli.metrics {
         cfg.metrics = Some(v);
     }
@@ -168,6 +186,7 @@ fn main() -> Result<()> {
     }
     let cfg = load(&cli)?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
+        cfg.check_security()?;
         println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
         return Ok(());
     }
@@ -178,6 +197,8 @@ fn main() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
     let handle = relay::start(&cfg)?;
     if cfg.metrics.is_some() {
         handle.spawn_metrics_publisher()?;
@@ -190,6 +211,12 @@ fn main() -> Result<()> {
     }
     std::io::Write::flush(&mut std::io::stdout())?;
     while !stop.load(Ordering::Acquire) {
+        if hup.swap(false, Ordering::AcqRel) {
+            // All or nothing: a broken file leaves the running settings.
+            if let Err(e) = handle.reload() {
+                warn!(error = format!("{e:#}"), "reload refused; keeping the current certificate, key and policy");
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     info!("signal received: sending Goodbye and closing connections");

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ztna_control::client::{ClientConfig, Event};
+use ztna_control::identity::Kind;
+use ztna_control::quic::TlsOptions;
 use ztna_control::{Role, ServiceName};
 use ztna_dataplane::client_io::UdpClient;
 use ztna_dataplane::io::IoBackend;
@@ -13,8 +15,30 @@ use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
 
 pub const T: Duration = Duration::from_secs(10);
 
-pub fn start_relay(workers: usize, backend: IoBackend, steering: bool) -> RelayHandle {
-    let cfg = RelayConfig {
+/// Services the functional tests use; [`test_policy`] opens them to every
+/// agent and to the connectors [`client`] names.
+pub const TEST_SERVICES: &[&str] =
+    &["echo", "web", "db", "stuck", "healthy", "nothing", "nobody-serves-this", "x", "good", "c"];
+/// Connector identities `c0`..`c{N-1}` (a connector client with seed `s`
+/// is `c{s % N}`).
+pub const TEST_CONNECTORS: u64 = 64;
+
+/// The policy of the functional tests: [`TEST_SERVICES`] served by the
+/// test connectors, reachable by every agent. (The zero-trust tests use
+/// their own, narrower policies.)
+pub fn test_policy() -> String {
+    let connectors: Vec<String> = (0..TEST_CONNECTORS).map(|i| format!("\"c{i}\"")).collect();
+    let numbered: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
+    TEST_SERVICES
+        .iter()
+        .copied()
+        .chain(numbered.iter().map(String::as_str))
+        .map(|s| format!("[services.{s}]\nconnectors = [{}]\nagents = [\"*\"]\n", connectors.join(", ")))
+        .collect()
+}
+
+pub fn relay_config(workers: usize, backend: IoBackend, steering: bool) -> RelayConfig {
+    RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: Some(workers),
         dev: true,
@@ -22,20 +46,50 @@ pub fn start_relay(workers: usize, backend: IoBackend, steering: bool) -> RelayH
         steering,
         pin_cores: false,
         shutdown_grace_ms: 1000,
+        policy_toml: Some(test_policy()),
         ..RelayConfig::default()
-    };
-    relay::start(&cfg).expect("relay starts")
+    }
+}
+
+pub fn start_relay(workers: usize, backend: IoBackend, steering: bool) -> RelayHandle {
+    relay::start(&relay_config(workers, backend, steering)).expect("relay starts")
+}
+
+/// Client TLS for identity `kind`/`name`, issued by the relay's dev CA.
+pub fn tls_for(relay: &RelayHandle, kind: Kind, name: &str) -> TlsOptions {
+    relay.dev_pki.as_ref().unwrap().client_tls(kind, name).unwrap()
+}
+
+/// Points a connector config at the relay's dev CA with the identity of
+/// test connector `c{n}`.
+pub fn connector_tls(relay: &RelayHandle, cfg: &mut ztna_dataplane::connector::ConnectorConfig, n: u64) {
+    let pki = relay.dev_pki.as_ref().unwrap();
+    let (cert, key) = pki.issue(Kind::Connector, &format!("c{}", n % TEST_CONNECTORS)).unwrap();
+    cfg.ca = Some(pki.ca.clone());
+    cfg.cert = Some(cert);
+    cfg.key = Some(key);
+}
+
+/// A client with its own UDP socket.
+pub fn client_as(relay: &RelayHandle, tls: &TlsOptions, regs: &[(Role, &str)], seed: u64) -> UdpClient {
+    let mut cfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+    cfg.registrations = regs.iter().map(|(r, s)| (*r, svc(s))).collect();
+    UdpClient::new(cfg, tls, "127.0.0.1:0".parse::<SocketAddr>().unwrap(), seed).unwrap()
 }
 
 pub fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
 }
 
+/// A client whose identity follows its role: connector `c{seed % 64}` if
+/// it registers any service as a connector, else agent `a{seed}`.
 pub fn client(relay: &RelayHandle, regs: &[(Role, &str)], seed: u64) -> UdpClient {
-    let mut cfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
-    cfg.registrations = regs.iter().map(|(r, s)| (*r, svc(s))).collect();
-    let tls = UdpClient::tls_with_ca(&relay.dev_pki.as_ref().unwrap().ca);
-    UdpClient::new(cfg, &tls, "127.0.0.1:0".parse::<SocketAddr>().unwrap(), seed).unwrap()
+    let tls = if regs.iter().any(|(r, _)| *r == Role::Connector) {
+        tls_for(relay, Kind::Connector, &format!("c{}", seed % TEST_CONNECTORS))
+    } else {
+        tls_for(relay, Kind::Agent, &format!("a{seed}"))
+    };
+    client_as(relay, &tls, regs, seed)
 }
 
 /// Pumps `c` until it is registered for every registration it holds;
@@ -138,12 +192,17 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(relay: &RelayHandle) -> RawClient {
+        RawClient::connect_as(relay, &tls_for(relay, Kind::Connector, "c0"))
+    }
+
+    /// Connects with `tls`; panics unless the handshake completes.
+    pub fn connect_as(relay: &RelayHandle, tls: &TlsOptions) -> RawClient {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_nonblocking(true).unwrap();
         let local = sock.local_addr().unwrap();
-        let tls = UdpClient::tls_with_ca(&relay.dev_pki.as_ref().unwrap().ca);
-        let mut cfg = ztna_control::quic::client_config(&tls).unwrap();
-        let scid = [7u8; 16];
+        let mut cfg = ztna_control::quic::client_config(tls).unwrap();
+        let mut scid = [0u8; 16];
+        boring::rand::rand_bytes(&mut scid).unwrap();
         let conn = quiche::connect(
             Some("localhost"),
             &quiche::ConnectionId::from_ref(&scid),

@@ -54,6 +54,11 @@ pub struct FileConfig {
     /// CA file that signs the relay's certificate (default: none, so
     /// verification fails unless `insecure`).
     pub ca: Option<PathBuf>,
+    /// This agent's certificate (one URI SAN
+    /// `spiffe://<trust-domain>/agent/<name>`) and key; the relay refuses
+    /// clients without one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     /// Skip relay certificate verification (local experiments only; logged).
     #[serde(default)]
     pub insecure: bool,
@@ -84,6 +89,8 @@ pub struct Overrides {
     pub relay: Option<SocketAddr>,
     pub server_name: Option<String>,
     pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     pub insecure: bool,
     pub listen: Option<SocketAddr>,
     pub tun_name: Option<String>,
@@ -97,6 +104,8 @@ pub struct Config {
     pub relay: SocketAddr,
     pub server_name: String,
     pub ca: Option<PathBuf>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
     pub insecure: bool,
     pub listen: SocketAddr,
     pub tun_name: String,
@@ -125,6 +134,12 @@ impl FileConfig {
         if let Some(v) = &o.ca {
             self.ca = Some(v.clone());
         }
+        if let Some(v) = &o.cert {
+            self.cert = Some(v.clone());
+        }
+        if let Some(v) = &o.key {
+            self.key = Some(v.clone());
+        }
         if o.insecure {
             self.insecure = true;
         }
@@ -151,6 +166,9 @@ impl FileConfig {
         if !self.insecure && self.ca.is_none() {
             bail!("no CA: set `ca` (or --ca) to the file that signs the relay's certificate");
         }
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            bail!("no certificate: set `cert` and `key` (or --cert/--key); the relay authenticates every agent")
+        };
         let name = &self.tun.name;
         if name.is_empty() || name.len() > 15 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
@@ -200,6 +218,8 @@ impl FileConfig {
             relay,
             server_name: self.server_name.clone(),
             ca: self.ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
             insecure: self.insecure,
             listen,
             tun_name: name.clone(),
@@ -227,6 +247,8 @@ impl Config {
             local,
             tls: TlsOptions {
                 ca_file: self.ca.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                cert_file: Some(self.cert.to_string_lossy().into_owned()),
+                key_file: Some(self.key.to_string_lossy().into_owned()),
                 verify_peer: !self.insecure,
             },
             routes: self.routes.clone(),
@@ -247,6 +269,8 @@ mod tests {
         relay = "192.0.2.1:4433"
         server_name = "relay.example"
         ca = "/etc/ztna/ca.pem"
+        cert = "/etc/ztna/agent.pem"
+        key = "/etc/ztna/agent.key"
 
         [tun]
         name = "zt0"
@@ -275,12 +299,14 @@ mod tests {
         let a = c.agent_config("10.0.0.2:5000".parse().unwrap());
         assert!(a.tls.verify_peer);
         assert_eq!(a.tls.ca_file.as_deref(), Some("/etc/ztna/ca.pem"));
+        assert_eq!(a.tls.cert_file.as_deref(), Some("/etc/ztna/agent.pem"));
+        assert_eq!(a.tls.key_file.as_deref(), Some("/etc/ztna/agent.key"));
     }
 
     #[test]
     fn defaults() {
         let f = FileConfig::from_toml(
-            "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
+            "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
         )
         .unwrap();
         let c = f.validate().unwrap();
@@ -309,11 +335,12 @@ mod tests {
     fn rejects_bad_configs() {
         let err = |s: &str| FileConfig::from_toml(s).and_then(|f| f.validate()).unwrap_err().to_string();
         let svc = "[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10/32\"]\n";
-        let head = "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n";
+        let head = "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+        assert!(err(&format!("relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n{svc}")).contains("no certificate"));
         assert!(err(&format!("{head}bogus = 1\n{svc}")).contains("unknown field"));
         assert!(err(&format!("{head}[tun]\nnmae = \"x\"\n{svc}")).contains("unknown field"));
         assert!(err(&format!("ca = \"ca.pem\"\n{svc}")).contains("no relay"));
-        assert!(err(&format!("relay = \"192.0.2.1:4433\"\n{svc}")).contains("no CA"));
+        assert!(err(&format!("relay = \"192.0.2.1:4433\"\ncert = \"a\"\nkey = \"k\"\n{svc}")).contains("no CA"));
         assert!(err(head).contains("at least one"));
         assert!(err(&format!("{head}[tun]\nmtu = 100\n{svc}")).contains("out of range"));
         assert!(err(&format!("{head}[tun]\nname = \"a-very-long-tun-name\"\n{svc}")).contains("TUN name"));

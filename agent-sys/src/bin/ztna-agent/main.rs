@@ -11,6 +11,8 @@
 //! relay = "203.0.113.7:4433"
 //! server_name = "relay.example.com"   # default "localhost"
 //! ca = "/etc/ztna/ca.pem"
+//! cert = "/etc/ztna/agent.pem"         # spiffe://<trust-domain>/agent/<name>
+//! key = "/etc/ztna/agent.key"
 //! # insecure = false                  # skip certificate verification
 //! # listen = "0.0.0.0:0"              # local UDP address
 //!
@@ -24,7 +26,7 @@
 //! cidrs = ["100.100.0.10/32"]
 //! ```
 //!
-//! Flags (`--relay`, `--server-name`, `--ca`, `--insecure`, `--listen`,
+//! Flags (`--relay`, `--server-name`, `--ca`, `--cert`, `--key`, `--insecure`, `--listen`,
 //! `--tun-name`, `--tun-address`, `--mtu`) override the file;
 //! `ztna-agent check-config --config FILE` validates without touching the
 //! system. Needs CAP_NET_ADMIN (TUN device, routes) and iproute2.
@@ -62,6 +64,12 @@ struct Cli {
     /// CA file that signs the relay's certificate.
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
+    /// This agent's certificate (its SPIFFE identity).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
     /// Do not verify the relay's certificate (local experiments only).
     #[arg(long, global = true)]
     insecure: bool,
@@ -98,6 +106,8 @@ fn main() -> Result<()> {
         relay: cli.relay,
         server_name: cli.server_name.clone(),
         ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
         insecure: cli.insecure,
         listen: cli.listen,
         tun_name: cli.tun_name.clone(),

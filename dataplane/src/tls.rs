@@ -1,0 +1,193 @@
+//! The relay's side of TLS: its certificate and key, and mutual
+//! authentication of every client against the organisation CA with exactly
+//! one SPIFFE identity (docs/PROTOCOL.md, "Authentication").
+//!
+//! The material is read into memory once ([`TlsMaterial::load`]) and every
+//! worker builds its quiche config from those same bytes, so a reload
+//! (SIGHUP) is atomic: either every worker gets the new certificate, key and
+//! CA, or (broken files) nobody does.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use boring::pkey::{PKey, Private};
+use boring::ssl::{SslContextBuilder, SslMethod, SslVerifyMode};
+use boring::x509::store::X509StoreBuilder;
+use boring::x509::{X509StoreContextRef, X509VerifyError, X509};
+use tracing::warn;
+use ztna_control::identity::Kind;
+
+use crate::pki::{identity_from_der, CertIdentityError};
+use crate::stats::WorkerStats;
+
+/// Certificate chain, key and client CA of the relay, parsed.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// Leaf first.
+    pub chain: Vec<X509>,
+    pub key: PKey<Private>,
+    /// CAs whose certificates clients must present (the organisation CA).
+    pub client_cas: Vec<X509>,
+    /// Trust domain every client identity must be in.
+    pub trust_domain: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("chain", &self.chain.len())
+            .field("client_cas", &self.client_cas.len())
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+impl TlsMaterial {
+    /// Reads and checks certificate chain, key and client CA bundle. Fails
+    /// (changing nothing) on anything unreadable or inconsistent.
+    pub fn load(cert: &Path, key: &Path, client_ca: &Path, trust_domain: &str) -> Result<TlsMaterial> {
+        let chain = X509::stack_from_pem(&read(cert)?).with_context(|| format!("parsing {}", cert.display()))?;
+        if chain.is_empty() {
+            bail!("{} holds no certificate", cert.display());
+        }
+        let key = PKey::private_key_from_pem(&read(key)?).with_context(|| format!("parsing {}", key.display()))?;
+        let client_cas =
+            X509::stack_from_pem(&read(client_ca)?).with_context(|| format!("parsing {}", client_ca.display()))?;
+        if client_cas.is_empty() {
+            bail!("{} holds no CA certificate", client_ca.display());
+        }
+        if ztna_control::identity::Identity::parse(&format!("spiffe://{trust_domain}/agent/x")).is_err() {
+            bail!("invalid trust domain {trust_domain:?}");
+        }
+        let m = TlsMaterial { chain, key, client_cas, trust_domain: trust_domain.to_owned() };
+        // Building a context checks that the key belongs to the certificate.
+        m.context(None)?;
+        Ok(m)
+    }
+
+    fn context(&self, stats: Option<Arc<WorkerStats>>) -> Result<SslContextBuilder> {
+        let mut b = SslContextBuilder::new(SslMethod::tls())?;
+        let mut chain = self.chain.iter();
+        let leaf = chain.next().context("empty certificate chain")?;
+        b.set_certificate(leaf)?;
+        for c in chain {
+            b.add_extra_chain_cert(c.clone())?;
+        }
+        b.set_private_key(&self.key)?;
+        b.check_private_key().context("the private key does not belong to the certificate")?;
+        let mut store = X509StoreBuilder::new()?;
+        for ca in &self.client_cas {
+            store.add_cert(ca.clone())?;
+        }
+        b.set_verify_cert_store(store.build())?;
+        let trust_domain = self.trust_domain.clone();
+        b.set_verify_callback(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT, move |ok, ctx| {
+            verify(ok, ctx, &trust_domain, stats.as_deref())
+        });
+        Ok(b)
+    }
+
+    /// The relay's quiche config: this material, mutual TLS, and the
+    /// protocol's transport parameters. Rejections are counted in `stats`.
+    pub fn server_config(&self, stats: Arc<WorkerStats>) -> Result<quiche::Config> {
+        let b = self.context(Some(stats))?;
+        let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b)
+            .map_err(|e| anyhow::anyhow!("TLS context: {e}"))?;
+        ztna_control::quic::apply_transport(&mut cfg).map_err(|e| anyhow::anyhow!("transport parameters: {e}"))?;
+        // One bidirectional stream per client: the control stream.
+        cfg.set_initial_max_streams_bidi(1);
+        // Note: never call `cfg.verify_peer()` here; quiche would replace
+        // the callback installed above and stop requiring a certificate.
+        Ok(cfg)
+    }
+}
+
+/// Why a client certificate was refused (a counter each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Not signed by the organisation CA (or the chain is incomplete).
+    UnknownCa,
+    /// Outside its validity period.
+    Validity,
+    /// Zero or several URI SANs, wrong trust domain, or not an agent or
+    /// connector identity.
+    Identity,
+    /// Anything else the chain check reported.
+    Other,
+}
+
+fn classify(err: X509VerifyError) -> Rejection {
+    match err {
+        X509VerifyError::CERT_HAS_EXPIRED | X509VerifyError::CERT_NOT_YET_VALID => Rejection::Validity,
+        X509VerifyError::UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        | X509VerifyError::UNABLE_TO_GET_ISSUER_CERT
+        | X509VerifyError::DEPTH_ZERO_SELF_SIGNED_CERT
+        | X509VerifyError::SELF_SIGNED_CERT_IN_CHAIN
+        | X509VerifyError::UNABLE_TO_VERIFY_LEAF_SIGNATURE
+        | X509VerifyError::CERT_SIGNATURE_FAILURE => Rejection::UnknownCa,
+        _ => Rejection::Other,
+    }
+}
+
+fn count(stats: Option<&WorkerStats>, r: Rejection) {
+    if let Some(s) = stats {
+        let c = match r {
+            Rejection::UnknownCa => &s.auth_rejected_unknown_ca,
+            Rejection::Validity => &s.auth_rejected_validity,
+            Rejection::Identity => &s.auth_rejected_identity,
+            Rejection::Other => &s.auth_rejected_other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn subject(ctx: &X509StoreContextRef) -> String {
+    ctx.current_cert()
+        .and_then(|c| c.subject_name().entries().next().and_then(|e| e.data().as_utf8().ok()).map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// BoringSSL's per-certificate verification hook: the chain check's verdict
+/// (`ok`) plus, for the leaf, the identity rule.
+fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Option<&WorkerStats>) -> bool {
+    if !ok {
+        let err = ctx.verify_result().err().unwrap_or(X509VerifyError::UNSPECIFIED);
+        let why = classify(err);
+        warn!(reason = ?why, detail = err.error_string(), depth = ctx.error_depth(), subject = %subject(ctx),
+              "client certificate rejected");
+        count(stats, why);
+        return false;
+    }
+    if ctx.error_depth() != 0 {
+        return true;
+    }
+    let Some(der) = ctx.current_cert().and_then(|c| c.to_der().ok()) else {
+        count(stats, Rejection::Other);
+        return false;
+    };
+    match identity_from_der(&der, trust_domain) {
+        Ok(id) if matches!(id.kind, Kind::Agent | Kind::Connector) => true,
+        Ok(id) => {
+            warn!(identity = %id.uri(), "client certificate rejected: only agents and connectors may connect");
+            count(stats, Rejection::Identity);
+            false
+        }
+        Err(e) => {
+            let detail = match e {
+                CertIdentityError::Unparseable => "unparseable certificate".to_owned(),
+                CertIdentityError::NoUri => "no URI SAN".to_owned(),
+                CertIdentityError::SeveralUris(n) => format!("{n} URI SANs (exactly one allowed)"),
+                CertIdentityError::Invalid(i) => format!("URI SAN: {i}"),
+            };
+            warn!(subject = %subject(ctx), %trust_domain, detail, "client certificate rejected: identity");
+            count(stats, Rejection::Identity);
+            false
+        }
+    }
+}
