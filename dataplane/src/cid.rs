@@ -36,6 +36,12 @@ pub fn make(node: u16, worker: u8, random: [u8; 12]) -> [u8; CID_LEN] {
     cid
 }
 
+/// Whether `cid` has the layout of a CID issued by relay `node` (what a
+/// stateless reset may answer: never a client-chosen Initial DCID).
+pub fn is_ours(cid: &[u8], node: u16) -> bool {
+    cid.len() == CID_LEN && cid.first() == Some(&FIRST_OCTET) && cid.get(1..3) == Some(&node.to_be_bytes()[..])
+}
+
 /// The worker that owns a received UDP payload, or `None` when the packet is
 /// too short to carry a DCID byte at the steering offset.
 pub fn owner(packet: &[u8], workers: usize) -> Option<usize> {
@@ -65,5 +71,9 @@ mod tests {
         assert_eq!(owner(&short, 2), Some(1));
         assert_eq!(owner(&[0x40, 1, 2], 4), None);
         assert_eq!(owner(&[], 4), None);
+        assert!(is_ours(&cid, 0x0102));
+        assert!(!is_ours(&cid, 0x0103), "another relay's node id");
+        assert!(!is_ours(&cid[..8], 0x0102));
+        assert!(!is_ours(&[0u8; CID_LEN], 0x0102));
     }
 }

@@ -358,7 +358,7 @@ impl Worker {
     /// reset (rate-limited), so a client of a relay that restarted or lost
     /// the connection learns it at once instead of after the idle timeout.
     fn stateless_reset(&mut self, dcid: &[u8], len: usize, from: SocketAddr, now: Instant) {
-        if cid::owner(dcid, self.cfg.workers).is_none() {
+        if !cid::is_ours(dcid, self.cfg.node_id) {
             return;
         }
         if !self.reset_rate.take(1.0, now) {
