@@ -177,3 +177,85 @@ fn ca_tool_issues_a_relay_certificate_clients_verify() {
     relay.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// SIGHUP reloads the policy from disk: a broken file is refused (logged,
+/// old policy kept), a valid one that drops a permission closes the
+/// agent's flow with FlowClose{denied} while its connection stays up.
+#[test]
+fn sighup_reloads_policy_and_refuses_broken_files() {
+    let pki = ztna_dataplane::pki::generate(&std::env::temp_dir()).unwrap();
+    let policy = pki.dir.join("policy.toml");
+    std::fs::write(&policy, "[services.echo]\nconnectors = [\"c\"]\nagents = [\"a\"]\n").unwrap();
+    let log = pki.dir.join("relay.log");
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
+        .arg("--cert")
+        .arg(&pki.cert)
+        .arg("--key")
+        .arg(&pki.key)
+        .arg("--client-ca")
+        .arg(&pki.ca)
+        .args(["--trust-domain", ztna_dataplane::pki::DEV_TRUST_DOMAIN])
+        .arg("--policy")
+        .arg(&policy)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let pid = child.id() as i32;
+    let _child = Reap(child);
+    let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
+    let addr: SocketAddr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+    let mk = |kind, name: &str, role| {
+        let (cert, key) = pki.issue(kind, name).unwrap();
+        let mut cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+        cfg.registrations = vec![(role, svc("echo"))];
+        let tls = ztna_control::quic::TlsOptions::mutual(&pki.ca, cert, key);
+        UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap()
+    };
+    use ztna_control::identity::Kind;
+    use ztna_control::Role;
+    let mut conn = mk(Kind::Connector, "c", Role::Connector);
+    until_registered(&mut conn, 1);
+    let mut agent = mk(Kind::Agent, "a", Role::Agent);
+    let flow = until_registered(&mut agent, 1)[0];
+
+    let hup = || {
+        // SAFETY: plain kill(2) on our own child process.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    };
+    let log_has = |needle: &str| {
+        let end = Instant::now() + T;
+        loop {
+            if std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::fs::write(&policy, "[services.echo]\nconnectors = [\"*\"]\n").unwrap();
+    hup();
+    assert!(log_has("reload refused"), "a broken policy is refused and logged");
+    assert!(round_trip(&mut agent, std::slice::from_mut(&mut conn), flow, b"kept").is_some(), "old policy kept");
+
+    std::fs::write(&policy, "[services.echo]\nconnectors = [\"c\"]\n").unwrap();
+    hup();
+    match agent.wait_for(T, |e| matches!(e, Event::FlowClosed { .. }), |_| {}) {
+        Some(Event::FlowClosed { flow: f, code }) => assert_eq!((f, code), (flow, Code::DENIED)),
+        other => panic!("{other:?}"),
+    }
+    assert!(log_has("reloaded certificate, key, client CA and policy"));
+    assert!(agent.session.is_connected(), "the connection survives the reload");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
