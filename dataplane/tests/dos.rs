@@ -330,3 +330,61 @@ fn scrape(port: u16) -> String {
     let _ = s.read_to_string(&mut body);
     body
 }
+
+#[test]
+fn byte_rate_per_connection_is_capped() {
+    let relay = start_with(2, |c| c.limits.agent_bytes_per_sec = 20_000);
+    let mut b = bystander(&relay);
+    let mut flooder = agent_from(&relay, "127.0.0.5", 61);
+    let flow = until_registered(&mut flooder, 1)[0];
+    let before = relay.totals();
+    let t = Instant::now();
+    let payload = [0x77u8; 1000];
+    for i in 0..500 {
+        let _ = flooder.session.send_datagram(flow, &payload);
+        if i % 20 == 0 {
+            flooder.pump();
+            echo_all(&mut b.0);
+        }
+    }
+    flooder.pump();
+    std::thread::sleep(Duration::from_millis(200));
+    let after = relay.totals();
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = after.bytes_forwarded - before.bytes_forwarded;
+    // One second of burst plus the rate (the client's own congestion
+    // control holds back much of the 500 kB).
+    assert!((bytes as f64) <= 20_000.0 * (1.0 + secs) + 1000.0, "{bytes} bytes in {secs:.2}s");
+    assert!(after.drop_dgram_rate - before.drop_dgram_rate > 50, "{after:?}");
+    assert_bystander_ok(&mut b, "byte rate");
+    relay.shutdown();
+}
+
+/// A client that never reads its control stream while provoking replies:
+/// the relay buffers at most `max_control_backlog` for it, then closes it
+/// with CONTROL_BACKLOG.
+#[test]
+fn unread_control_replies_are_bounded() {
+    let relay = start_with(1, |c| c.limits.max_control_backlog = 16 * 1024);
+    let mut b = bystander(&relay);
+    let mut raw = RawClient::connect(&relay);
+    raw.send_msg(&Message::Hello { version: 1, software: "deaf".into() });
+    let end = Instant::now() + T;
+    let mut i = 0u32;
+    while !raw.conn.is_closed() {
+        assert!(Instant::now() < end, "never closed: {:?}", relay.totals());
+        // Unknown-service registrations: each gets a RegisterError reply.
+        let mut f = Vec::new();
+        for _ in 0..50 {
+            i += 1;
+            Message::Register { request_id: i, role: Role::Agent, service: svc("nothing") }.encode(&mut f);
+        }
+        let _ = raw.conn.stream_send(0, &f, false);
+        raw.pump_unread();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(raw.close_code(), Some(u64::from(ztna_control::Code::CONTROL_BACKLOG.0)));
+    assert!(relay.totals().control_errors >= 1);
+    assert_bystander_ok(&mut b, "control backlog");
+    relay.shutdown();
+}

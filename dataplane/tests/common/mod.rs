@@ -238,6 +238,21 @@ impl RawClient {
         }
     }
 
+    /// Moves packets without reading the control stream (a client that
+    /// never reads what the relay sends it).
+    pub fn pump_unread(&mut self) {
+        let mut out = [0u8; 1500];
+        while let Ok((n, info)) = self.conn.send(&mut out) {
+            let _ = self.sock.send_to(&out[..n], info.to);
+        }
+        while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
+            let _ = self.conn.recv(&mut self.buf[..n], quiche::RecvInfo { from, to: self.local });
+        }
+        if self.conn.timeout().is_some_and(|t| t.is_zero()) {
+            self.conn.on_timeout();
+        }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         self.conn.stream_send(0, bytes, false).unwrap();
         self.pump();
