@@ -116,6 +116,12 @@ impl AgentCore {
         ccfg.registrations = routes.services().into_iter().map(|s| (Role::Agent, s)).collect();
         ccfg.software = format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"));
         let qc = quic::client_config(&cfg.tls).map_err(|e| format!("TLS configuration: {e}"))?;
+        if !cfg.tls.verify_peer {
+            tracing::warn!("relay certificate verification is OFF: anyone on the path can impersonate the relay");
+        }
+        if cfg.tls.cert_file.is_none() {
+            tracing::warn!("no client certificate configured: the relay will refuse this agent");
+        }
         Ok(AgentCore {
             session: ClientSession::new(ccfg, qc, seed, now),
             routes,

@@ -37,6 +37,24 @@ const ERROR_LINGER: Duration = Duration::from_millis(100);
 /// Connectors tried for one agent flow before the registration is refused.
 const MAX_BIND_ATTEMPTS: u8 = 4;
 
+/// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.
+fn tls_alert_name(code: u64) -> &'static str {
+    match code.checked_sub(0x100) {
+        Some(40) => "handshake_failure",
+        Some(42) => "bad_certificate",
+        Some(43) => "unsupported_certificate",
+        Some(44) => "certificate_revoked",
+        Some(45) => "certificate_expired",
+        Some(46) => "certificate_unknown",
+        Some(48) => "unknown_ca",
+        Some(51) => "decrypt_error",
+        Some(116) => "certificate_required (no client certificate)",
+        Some(120) => "no_application_protocol",
+        Some(0..=255) => "other TLS alert",
+        _ => "transport error",
+    }
+}
+
 /// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
@@ -1280,9 +1298,10 @@ impl Worker {
         }
         self.shared.per_ip.close(conn.ip);
         self.shared.conns.fetch_sub(1, Ordering::Relaxed);
-        if !conn.quic.is_established() && conn.quic.local_error().is_some_and(|e| !e.is_app) {
+        if let Some(e) = conn.quic.local_error().filter(|e| !e.is_app && !conn.quic.is_established()) {
             self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            debug!(worker = self.cfg.index, peer = %conn.peer, error = ?conn.quic.local_error(), "handshake failed");
+            warn!(worker = self.cfg.index, peer = %conn.peer, code = format!("{:#x}", e.error_code),
+                  reason = tls_alert_name(e.error_code), "TLS handshake failed; connection refused");
         }
         self.free.push(key.slot);
         self.stats.conns_closed.fetch_add(1, Ordering::Relaxed);

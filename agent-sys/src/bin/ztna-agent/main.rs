@@ -117,6 +117,11 @@ fn main() -> Result<()> {
     // Global flags cannot be `required` in clap; check by hand.
     let Some(path) = &cli.config else { anyhow::bail!("--config FILE is required") };
     let cfg = Config::load(path, &o)?;
+    if cfg.insecure {
+        tracing::warn!(
+            "relay certificate verification is OFF (insecure): anyone on the path can impersonate the relay"
+        );
+    }
     if let Some(Cmd::CheckConfig) = cli.cmd {
         println!(
             "config ok: relay {} ({}), tun {} {} mtu {}, {} service(s), {} route(s)",
