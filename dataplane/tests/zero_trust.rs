@@ -374,3 +374,42 @@ fn clients_refuse_a_relay_they_cannot_verify() {
     relay.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_reload_swaps_the_relay_certificate_without_dropping_connections() {
+    let (relay, _) = start(POLICY);
+    let pki = relay.dev_pki.clone().unwrap();
+    let mut old = RawClient::connect(&relay);
+    let name_of =
+        |raw: &RawClient| pki::identity_from_der(raw.conn.peer_cert().unwrap(), DEV_TRUST_DOMAIN).unwrap().name;
+    assert_eq!(name_of(&old), "dev-relay");
+
+    // A key that does not belong to the certificate: refused, nothing changes.
+    let dir = tmpdir("relay-cert");
+    let id = Identity { trust_domain: DEV_TRUST_DOMAIN.into(), kind: Kind::Relay, name: "relay-2".into() };
+    let ips = ["127.0.0.1".parse().unwrap()];
+    let (cert2, key2) = pki::issue(&pki.ca_files, &id, &["localhost".into()], &ips, 1, &dir).unwrap();
+    std::fs::copy(&cert2, &pki.cert).unwrap();
+    assert!(relay.reload().is_err(), "mismatched key refused");
+    assert_eq!(name_of(&RawClient::connect(&relay)), "dev-relay", "old certificate still served");
+
+    // Certificate and key together: new handshakes get the new certificate.
+    std::fs::copy(&key2, &pki.key).unwrap();
+    relay.reload().unwrap();
+    let end = Instant::now() + T;
+    loop {
+        // Workers pick the new snapshot up on their next loop turn.
+        if name_of(&RawClient::connect(&relay)) == "relay-2" {
+            break;
+        }
+        assert!(Instant::now() < end, "new certificate never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection made before the reload still works.
+    old.send_msg(&ztna_control::Message::Hello { version: 1, software: "old".into() });
+    old.pump_for(Duration::from_millis(200));
+    assert!(old.messages().iter().any(|m| matches!(m, ztna_control::Message::HelloAck { .. })));
+    assert!(!old.conn.is_closed());
+    relay.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
