@@ -32,6 +32,10 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
 
     private func startAgent() -> Error? {
         let ca = Bundle.main.path(forResource: "ca", ofType: "pem")
+        // The agent's identity (spiffe://<trust-domain>/agent/<name>). In a real app, keep the key in the
+        // keychain and export it to the extension's container only as long as needed.
+        let cert = Bundle.main.path(forResource: "agent", ofType: "pem") ?? ""
+        let key = Bundle.main.path(forResource: "agent", ofType: "key") ?? ""
         // The relay address must be an IP:PORT; resolve relayHost beforehand in a real app.
         let rc: Int32 = "echo".withCString { svc in
             serviceCIDR.1.withCString { cidr in
@@ -39,15 +43,21 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
                 return "203.0.113.10:4433".withCString { relay in
                     relayHost.withCString { name in
                         (ca ?? "").withCString { caPath in
-                            "0.0.0.0:0".withCString { local in
+                          cert.withCString { certPath in
+                            key.withCString { keyPath in
+                              "0.0.0.0:0".withCString { local in
                                 withUnsafePointer(to: &route) { routes in
                                     var cfg = ZtnaConfig(
                                         relay_addr: relay, server_name: name,
-                                        ca_file: ca == nil ? nil : caPath, verify_peer: 1,
+                                        ca_file: ca == nil ? nil : caPath,
+                                        cert_file: certPath, key_file: keyPath, insecure_skip_verify: 0,
                                         local_addr: local, routes: routes, routes_len: 1,
                                         seed: UInt64.random(in: 0...UInt64.max), now_us: nowUs())
                                     return ztna_agent_new(&cfg, &agent)
                                 }
+                              }
+                            }
+                          }
                             }
                         }
                     }

@@ -104,8 +104,10 @@ typedef struct ZtnaConfig {
   const char *cert_file;
   // PEM private key of `cert_file`.
   const char *key_file;
-  // 0 disables certificate verification (local experiments only).
-  int32_t verify_peer;
+  // Nonzero DISABLES verification of the relay's certificate (local
+  // experiments only; logged). Zero, the value of a zero-initialised
+  // struct, verifies.
+  int32_t insecure_skip_verify;
   // Local address of the caller's UDP socket, "IP:PORT".
   const char *local_addr;
   const struct ZtnaRoute *routes;

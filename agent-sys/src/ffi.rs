@@ -108,8 +108,10 @@ pub struct ZtnaConfig {
     pub cert_file: *const c_char,
     /// PEM private key of `cert_file`.
     pub key_file: *const c_char,
-    /// 0 disables certificate verification (local experiments only).
-    pub verify_peer: i32,
+    /// Nonzero DISABLES verification of the relay's certificate (local
+    /// experiments only; logged). Zero, the value of a zero-initialised
+    /// struct, verifies.
+    pub insecure_skip_verify: i32,
     /// Local address of the caller's UDP socket, "IP:PORT".
     pub local_addr: *const c_char,
     pub routes: *const ZtnaRoute,
@@ -292,7 +294,7 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                     routes.push((service, cidr));
                 }
             }
-            let tls = TlsOptions { ca_file, cert_file, key_file, verify_peer: c.verify_peer != 0 };
+            let tls = TlsOptions { ca_file, cert_file, key_file, verify_peer: c.insecure_skip_verify == 0 };
             Ok(AgentConfig { relay, server_name, local, tls, routes })
         })();
         let acfg = match parsed {

@@ -50,7 +50,13 @@ pub enum IdentityError {
     BadKind,
     BadName,
     WrongTrustDomain,
+    /// Longer than [`MAX_URI_LEN`] (it must fit FlowOpen's agent_id).
+    TooLong,
 }
+
+/// Longest accepted SPIFFE ID, in bytes: FlowOpen carries it in a string
+/// with a one-byte length.
+pub const MAX_URI_LEN: usize = 255;
 
 impl fmt::Display for IdentityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -60,6 +66,7 @@ impl fmt::Display for IdentityError {
             IdentityError::BadKind => "path must start with /agent/, /connector/ or /relay/",
             IdentityError::BadName => "invalid name (1-64 of [a-z0-9._-])",
             IdentityError::WrongTrustDomain => "trust domain does not match",
+            IdentityError::TooLong => "longer than 255 bytes",
         })
     }
 }
@@ -77,13 +84,16 @@ impl Identity {
     /// port, user info or extra path segments).
     pub fn parse(uri: &str) -> Result<Identity, IdentityError> {
         let rest = uri.strip_prefix("spiffe://").ok_or(IdentityError::NotSpiffe)?;
+        if uri.len() > MAX_URI_LEN {
+            return Err(IdentityError::TooLong);
+        }
         let (td, path) = rest.split_once('/').ok_or(IdentityError::BadKind)?;
         if !valid_label(td, 255, b".-") || td.starts_with('.') || td.ends_with('.') {
             return Err(IdentityError::BadTrustDomain);
         }
         let (kind, name) = path.split_once('/').ok_or(IdentityError::BadKind)?;
         let kind = Kind::parse(kind).ok_or(IdentityError::BadKind)?;
-        if !valid_label(name, 64, b"._-") {
+        if !valid_label(name, 64, b"._-") || name == "." || name == ".." {
             return Err(IdentityError::BadName);
         }
         Ok(Identity { trust_domain: td.to_owned(), kind, name: name.to_owned() })
@@ -127,6 +137,14 @@ mod tests {
         assert_eq!(Identity::parse("spiffe://corp/admin/a"), Err(IdentityError::BadKind));
         assert_eq!(Identity::parse("spiffe://corp/agent/a/b"), Err(IdentityError::BadName));
         assert_eq!(Identity::parse("spiffe://corp/agent/"), Err(IdentityError::BadName));
+        assert_eq!(Identity::parse("spiffe://corp/agent/.."), Err(IdentityError::BadName));
+        assert_eq!(Identity::parse("spiffe://corp/agent/."), Err(IdentityError::BadName));
+        let long_td = "a".repeat(200);
+        let name = "n".repeat(60);
+        assert_eq!(Identity::parse(&format!("spiffe://{long_td}/agent/{name}")), Err(IdentityError::TooLong));
+        let fits = format!("spiffe://{}/agent/{name}", "a".repeat(255 - 9 - 7 - 60));
+        assert_eq!(fits.len(), MAX_URI_LEN);
+        assert!(Identity::parse(&fits).is_ok());
         assert_eq!(Identity::parse("spiffe://corp:443/agent/a"), Err(IdentityError::BadTrustDomain));
         assert_eq!(Identity::parse("spiffe://corp/agent/a?x=1"), Err(IdentityError::BadName));
         assert_eq!(Identity::parse_in("spiffe://other/agent/a", "corp"), Err(IdentityError::WrongTrustDomain));
@@ -137,8 +155,13 @@ mod tests {
         #[test]
         fn roundtrip(td in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,2}", k in 0..3usize, name in "[a-z0-9._-]{1,64}") {
             let kind = [Kind::Agent, Kind::Connector, Kind::Relay][k];
+            let dots = name == "." || name == "..";
             let id = Identity { trust_domain: td, kind, name };
-            prop_assert_eq!(Identity::parse(&id.uri()), Ok(id));
+            if dots {
+                prop_assert_eq!(Identity::parse(&id.uri()), Err(IdentityError::BadName));
+            } else {
+                prop_assert_eq!(Identity::parse(&id.uri()), Ok(id));
+            }
         }
 
         #[test]

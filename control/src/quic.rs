@@ -66,22 +66,36 @@ pub fn apply_transport(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
     Ok(())
 }
 
-/// Client-side quiche config.
+/// Client-side quiche config. With `ca_file` the relay must chain to that
+/// CA alone (the system store is not consulted: a public CA cannot vouch
+/// for a relay); without it, the system store is used.
 pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, quiche::Error> {
-    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    use boring::ssl::{SslContextBuilder, SslFiletype, SslMethod};
+    let fail = |_| quiche::Error::TlsFail;
+    let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(fail)?;
+    match &tls.ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|_| quiche::Error::TlsFail)?;
+            let mut store = boring::x509::store::X509StoreBuilder::new().map_err(fail)?;
+            for c in boring::x509::X509::stack_from_pem(&pem).map_err(fail)? {
+                store.add_cert(c).map_err(fail)?;
+            }
+            b.set_verify_cert_store(store.build()).map_err(fail)?;
+        }
+        None => b.set_default_verify_paths().map_err(fail)?,
+    }
+    if let Some(cert) = &tls.cert_file {
+        b.set_certificate_chain_file(cert).map_err(fail)?;
+    }
+    if let Some(key) = &tls.key_file {
+        b.set_private_key_file(key, SslFiletype::PEM).map_err(fail)?;
+        b.check_private_key().map_err(fail)?;
+    }
+    let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b)?;
     apply_transport(&mut cfg)?;
     // The client opens exactly one bidirectional stream (control); the
     // relay opens none.
     cfg.set_initial_max_streams_bidi(0);
     cfg.verify_peer(tls.verify_peer);
-    if let Some(ca) = &tls.ca_file {
-        cfg.load_verify_locations_from_file(ca)?;
-    }
-    if let Some(cert) = &tls.cert_file {
-        cfg.load_cert_chain_from_pem_file(cert)?;
-    }
-    if let Some(key) = &tls.key_file {
-        cfg.load_priv_key_from_pem_file(key)?;
-    }
     Ok(cfg)
 }

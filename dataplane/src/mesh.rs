@@ -62,7 +62,7 @@ pub enum Ctrl {
     Unbind { connector: ConnKey, connector_flow: u32 },
     /// To the agent's worker: the connector refused the flow (its own
     /// allow-list); close the agent's flow with `code`.
-    Refused { agent: ConnKey, agent_flow: u32, connector: ConnKey, code: Code },
+    Refused { agent: ConnKey, agent_flow: u32, connector: ConnKey, connector_flow: u32, code: Code },
 }
 
 /// One worker's inbox.

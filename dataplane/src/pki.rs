@@ -150,6 +150,9 @@ pub fn issue(
     let ca_cert = X509::from_pem(&std::fs::read(&ca.cert).with_context(|| format!("reading {}", ca.cert.display()))?)?;
     let ca_key =
         PKey::private_key_from_pem(&std::fs::read(&ca.key).with_context(|| format!("reading {}", ca.key.display()))?)?;
+    if id.kind != ztna_control::identity::Kind::Relay && !(dns.is_empty() && ips.is_empty()) {
+        anyhow::bail!("DNS and IP names are for relay certificates only");
+    }
     let key = new_key()?;
     let mut b = X509::builder()?;
     b.set_version(2)?;
@@ -169,7 +172,14 @@ pub fn issue(
     }
     let san = san.build(&b.x509v3_context(Some(&ca_cert), None))?;
     b.append_extension(&san)?;
-    b.append_extension(&*boring::x509::extension::ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
+    // Only relays may act as TLS servers: an agent or connector certificate
+    // must never pass as the relay (clients check serverAuth).
+    let mut eku = boring::x509::extension::ExtendedKeyUsage::new();
+    eku.client_auth();
+    if id.kind == ztna_control::identity::Kind::Relay {
+        eku.server_auth();
+    }
+    b.append_extension(&*eku.build()?)?;
     b.sign(&ca_key, MessageDigest::sha256())?;
     std::fs::create_dir_all(out)?;
     let stem = format!("{}-{}", id.kind.as_str(), id.name);

@@ -171,8 +171,8 @@ impl RelayConfig {
         {
             bail!("limits must be positive");
         }
-        if self.limits.max_conns == 0 {
-            bail!("limits.max_conns must be positive");
+        if self.limits.max_conns == 0 || self.limits.max_conns_per_worker == 0 {
+            bail!("limits.max_conns and limits.max_conns_per_worker must be positive");
         }
         Ok(())
     }

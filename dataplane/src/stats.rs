@@ -96,8 +96,9 @@ counters! {
     auth_rejected_identity,
     /// Client certificates refused for another chain error.
     auth_rejected_other,
-    /// Handshakes that failed in TLS (no certificate, bad certificate,
-    /// client refused ours), counted when the connection is reaped.
+    /// Handshakes the relay itself failed in TLS (no or bad client
+    /// certificate), counted when the connection is reaped. A client that
+    /// refuses the relay's certificate is not counted here.
     handshakes_failed,
     /// Registrations refused by policy (RegisterError{denied}).
     registrations_denied,

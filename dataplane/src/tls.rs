@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use boring::pkey::{PKey, Private};
-use boring::ssl::{SslContextBuilder, SslMethod, SslVerifyMode};
+use boring::ssl::{SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode};
 use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509StoreContextRef, X509VerifyError, X509};
 use tracing::warn;
@@ -86,6 +86,10 @@ impl TlsMaterial {
             store.add_cert(ca.clone())?;
         }
         b.set_verify_cert_store(store.build())?;
+        // No resumption: a resumed session would skip the client
+        // certificate (and its validity and identity checks).
+        b.set_options(SslOptions::NO_TICKET);
+        b.set_session_cache_mode(SslSessionCacheMode::OFF);
         let trust_domain = self.trust_domain.clone();
         b.set_verify_callback(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT, move |ok, ctx| {
             verify(ok, ctx, &trust_domain, stats.as_deref())
@@ -171,12 +175,18 @@ fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Op
         count(stats, Rejection::Other);
         return false;
     };
+    // An identity refusal is an application verification error, so the
+    // client gets a certificate alert rather than internal_error.
+    let refuse = |ctx: &mut X509StoreContextRef| {
+        ctx.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+        count(stats, Rejection::Identity);
+        false
+    };
     match identity_from_der(&der, trust_domain) {
         Ok(id) if matches!(id.kind, Kind::Agent | Kind::Connector) => true,
         Ok(id) => {
             warn!(identity = %id.uri(), "client certificate rejected: only agents and connectors may connect");
-            count(stats, Rejection::Identity);
-            false
+            refuse(ctx)
         }
         Err(e) => {
             let detail = match e {
@@ -186,8 +196,7 @@ fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Op
                 CertIdentityError::Invalid(i) => format!("URI SAN: {i}"),
             };
             warn!(subject = %subject(ctx), %trust_domain, detail, "client certificate rejected: identity");
-            count(stats, Rejection::Identity);
-            false
+            refuse(ctx)
         }
     }
 }

@@ -339,6 +339,12 @@ impl Worker {
                     }
                     return;
                 }
+                if buf.len() < MIN_INITIAL_LEN {
+                    // RFC 9000 §14.1: drop short Initials (no Version
+                    // Negotiation either: it would amplify).
+                    self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 if !quiche::version_is_supported(hdr.version) {
                     let mut out = vec![0u8; 256];
                     if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
@@ -703,7 +709,9 @@ impl Worker {
         let (agent, agent_flow) = (*agent, *agent_flow);
         conn.flows.remove(flow);
         info!(worker = self.cfg.index, connector = %conn.identity_uri, flow, %code, "connector refused a flow");
-        self.send_ctrl(usize::from(agent.worker), Ctrl::Refused { agent, agent_flow, connector: conn.key, code });
+        // Whatever code the connector gave, the agent learns "denied".
+        let msg = Ctrl::Refused { agent, agent_flow, connector: conn.key, connector_flow: flow, code: Code::DENIED };
+        self.send_ctrl(usize::from(agent.worker), msg);
     }
 
     /// Refills and takes one Register/Unregister token.
@@ -1085,12 +1093,14 @@ impl Worker {
                 }
                 self.put(c);
             }
-            Ctrl::Refused { agent, agent_flow, connector, code } => {
+            Ctrl::Refused { agent, agent_flow, connector, connector_flow, code } => {
                 let Some(mut a) = self.take(agent) else { return };
+                // Only the binding the refusal is about (not a newer one to
+                // the same connector).
                 let bound_here = matches!(
                     a.flows.get(agent_flow),
-                    Some(Flow::Agent { binding: Binding::Bound { connector: c, .. } | Binding::Pending(c), .. })
-                        if *c == connector
+                    Some(Flow::Agent { binding: Binding::Bound { connector: c, flow }, .. })
+                        if *c == connector && *flow == connector_flow
                 );
                 if bound_here {
                     a.flows.remove(agent_flow);
@@ -1116,23 +1126,41 @@ impl Worker {
         let mut revoked = Vec::new();
         for conn in self.slots.iter().flatten() {
             for (id, f) in conn.flows.iter() {
-                let (role, service) = match f {
-                    Flow::Agent { service, .. } => (Role::Agent, service),
-                    Flow::Service { service } => (Role::Connector, service),
+                let (role, service, pending) = match f {
+                    Flow::Agent { service, pending_request, .. } => (Role::Agent, service, *pending_request),
+                    Flow::Service { service } => (Role::Connector, service, None),
                     Flow::Peer { .. } => continue,
                 };
                 if !self.allowed(conn, role, service.as_str()) {
-                    revoked.push((conn.key, id, role, service.clone()));
+                    revoked.push((conn.key, id, role, service.clone(), pending));
                 }
             }
         }
-        for (key, flow, role, service) in revoked {
+        for (key, flow, role, service, pending) in revoked {
             let Some(mut conn) = self.take(key) else { continue };
             warn!(worker = self.cfg.index, identity = %conn.identity_uri, role = role.as_str(), %service,
                   "policy reload revoked a registration");
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+            if role == Role::Connector {
+                // Tell the connector about each agent leg it loses, then
+                // about the service handle itself.
+                let legs: Vec<u32> = conn
+                    .flows
+                    .iter()
+                    .filter_map(|(id, f)| matches!(f, Flow::Peer { handle, .. } if *handle == flow).then_some(id))
+                    .collect();
+                for leg in legs {
+                    self.send_msg(&mut conn, &Message::FlowClose { flow: leg, code: Code::DENIED });
+                }
+            }
             self.drop_registration(&mut conn, flow);
-            self.send_msg(&mut conn, &Message::FlowClose { flow, code: Code::DENIED });
+            match pending {
+                // Still waiting for its answer: the answer is "denied".
+                Some(request_id) => {
+                    self.register_error(&mut conn, request_id, Code::DENIED, "denied by policy");
+                }
+                None => self.send_msg(&mut conn, &Message::FlowClose { flow, code: Code::DENIED }),
+            }
             self.put(conn);
         }
     }

@@ -413,3 +413,39 @@ fn a_reload_swaps_the_relay_certificate_without_dropping_connections() {
     relay.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The TLS alert each refusal carries (docs/PROTOCOL.md §2.3): a client
+/// completes its TLS 1.3 handshake before the relay checks its
+/// certificate, then receives CONNECTION_CLOSE with CRYPTO_ERROR 0x100+alert.
+#[test]
+fn refusals_carry_the_documented_tls_alerts() {
+    let (relay, _) = start(POLICY);
+    let pki = relay.dev_pki.clone().unwrap();
+    let dir = tmpdir("alerts");
+    let now = unix_now();
+    let raw = |name: &str, uris: &[&str], valid: (i64, i64)| {
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        pki::issue_raw(&pki.ca_files, uris, valid, &cert, &key).unwrap();
+        TlsOptions::mutual(&pki.ca, cert, key)
+    };
+    let close_code = |tls: &TlsOptions| {
+        let mut c = RawClient::connect_as(&relay, tls);
+        c.pump_for(Duration::from_secs(2));
+        c.conn.peer_error().map(|e| (e.is_app, e.error_code))
+    };
+    let alice = "spiffe://dev.ztna/agent/alice";
+    let expired = raw("expired", &[alice], (now - 7200, now - 3600));
+    assert_eq!(close_code(&expired), Some((false, 0x12d)), "certificate_expired");
+    let two = raw("two", &[alice, "spiffe://dev.ztna/agent/bob"], (now - 60, now + 3600));
+    assert_eq!(close_code(&two), Some((false, 0x128)), "identity rule: handshake_failure");
+    let other = pki::init_ca(&dir.join("other"), DEV_TRUST_DOMAIN, 1).unwrap();
+    let id = Identity { trust_domain: DEV_TRUST_DOMAIN.into(), kind: Kind::Agent, name: "alice".into() };
+    let (c, k) = pki::issue(&other, &id, &[], &[], 1, &dir.join("o")).unwrap();
+    // The impostor CA has the same subject as the real one, so the chain
+    // builds and the signature check fails: decrypt_error.
+    assert_eq!(close_code(&TlsOptions::mutual(&pki.ca, c, k)), Some((false, 0x133)), "decrypt_error");
+    let none = TlsOptions { ca_file: Some(pki.ca.to_string_lossy().into_owned()), ..TlsOptions::default() };
+    assert_eq!(close_code(&none), Some((false, 0x174)), "certificate_required");
+    relay.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -248,7 +248,7 @@ int main(int argc, char **argv) {
         .ca_file = argv[2],
         .cert_file = argv[3],
         .key_file = argv[4],
-        .verify_peer = 1,
+        .insecure_skip_verify = 0,
         .local_addr = local_str,
         .routes = routes,
         .routes_len = 1,
