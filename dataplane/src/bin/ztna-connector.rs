@@ -26,6 +26,12 @@ struct Cli {
     /// CA file that signs the relays' certificates.
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
+    /// This connector's certificate (spiffe://<trust-domain>/connector/<name>).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
     /// Do not verify relay certificates (local experiments only).
     #[arg(long, global = true)]
     insecure: bool,
@@ -54,6 +60,12 @@ fn main() -> Result<()> {
     }
     if let Some(l) = cli.listen {
         cfg.listen = l;
+    }
+    if let Some(v) = &cli.cert {
+        cfg.cert = Some(v.clone());
+    }
+    if let Some(v) = &cli.key {
+        cfg.key = Some(v.clone());
     }
     if let Some(ca) = &cli.ca {
         cfg.ca = Some(ca.clone());
