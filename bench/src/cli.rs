@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use ztna_dataplane::io::IoBackend;
 
+use crate::handshakes::{FloodSource, HandshakeConfig, RetryModeName};
 use crate::load::{LoadConfig, DEFAULT_WINDOW};
 use crate::relay_bench::{RelayBenchConfig, RelayTarget};
 use crate::report::{self, Report};
@@ -45,6 +46,9 @@ pub enum Cmd {
     UdpProbe(UdpProbeArgs),
     /// A byte stream through a TCP echo service, verified byte for byte.
     TcpProbe(TcpProbeArgs),
+    /// Handshake rate of an in-process relay with Retry on and off, and
+    /// (--flood) its memory under a flood of Initials.
+    Handshakes(HandshakesArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -230,6 +234,78 @@ pub struct TcpProbeArgs {
     pub timeout: f64,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct HandshakesArgs {
+    /// Retry mode of the relay (default: run `always`, then `off`).
+    #[arg(long, value_enum)]
+    pub retry: Option<RetryModeName>,
+    /// Seconds of each phase (handshakes; flood).
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Client handshakes in flight.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Relay worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// I/O backend of the relay.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Also flood the relay with Initials that never complete.
+    #[arg(long)]
+    pub flood: bool,
+    /// Flood packets: a pool generated up front and replayed, or a new
+    /// connection per packet.
+    #[arg(long, value_enum, default_value_t = FloodSource::Pool)]
+    pub flood_source: FloodSource,
+    /// Distinct Initials in the flood pool.
+    #[arg(long, default_value_t = 20_000)]
+    pub flood_initials: usize,
+    /// UDP sockets (source ports) of the flood.
+    #[arg(long, default_value_t = 64)]
+    pub flood_sockets: usize,
+    /// Longest wait after the flood for the relay to drop half-open
+    /// connections, seconds (default: idle timeout + 5 s).
+    #[arg(long)]
+    pub flood_wait: Option<f64>,
+    /// No progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Write a JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl HandshakesArgs {
+    pub fn to_config(&self) -> Result<HandshakeConfig> {
+        let secs = |v: f64, flag: &str| -> Result<Duration> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{flag} must be a non-negative number of seconds");
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        let d = HandshakeConfig::default();
+        let cfg = HandshakeConfig {
+            modes: self.retry.map_or(d.modes.clone(), |m| vec![m]),
+            duration: secs(self.duration, "--duration")?,
+            concurrency: self.concurrency,
+            workers: self.workers,
+            io_backend: self.io_backend,
+            flood: self.flood,
+            flood_source: self.flood_source,
+            flood_initials: self.flood_initials,
+            flood_sockets: self.flood_sockets,
+            flood_wait: match self.flood_wait {
+                Some(w) => secs(w, "--flood-wait")?,
+                None => d.flood_wait,
+            },
+            progress: !self.quiet,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 /// Resolves HOST:PORT (or [V6]:PORT); returns the address and the default
 /// TLS server name.
 fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
@@ -383,6 +459,13 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
             println!("{}", r.line());
             if !r.verified {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Handshakes(a) => {
+            let r = crate::handshakes::run(&a.to_config()?)?;
+            r.print();
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
             }
         }
     }

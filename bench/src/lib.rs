@@ -8,6 +8,8 @@
 //! - [`demo`]: `ztna-bench demo`, a short guided run.
 //! - [`tunnel`]: traffic through agent core → relay → connector → echo
 //!   (UDP and TCP), for the demo and `ztna-bench tunnel`.
+//! - [`handshakes`]: `ztna-bench handshakes`, handshake rate with Retry on
+//!   and off and the relay's memory under an Initial flood.
 //! - [`report`]: the summary, printed and as JSON.
 //! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
 //!   tests through a tunnel.
@@ -15,6 +17,7 @@
 pub mod cli;
 pub mod cpu;
 pub mod demo;
+pub mod handshakes;
 pub mod load;
 pub mod probe;
 pub mod quic_clients;
