@@ -388,3 +388,22 @@ fn unread_control_replies_are_bounded() {
     assert_bystander_ok(&mut b, "control backlog");
     relay.shutdown();
 }
+
+#[test]
+fn retry_auto_turns_on_above_the_handshake_rate() {
+    let relay = start_with(1, |c| {
+        c.limits.retry = RetryMode::Auto;
+        c.limits.retry_above_handshakes_per_sec = 4;
+    });
+    // Below the rate: no Retry.
+    let mut calm: Vec<UdpClient> = (0..2).map(|i| agent_from(&relay, "127.0.0.6", 70 + i)).collect();
+    assert_eq!(connected_within(&mut calm, Duration::from_millis(500)), 2);
+    assert_eq!(relay.totals().retries_sent, 0);
+    // A burst above it: the excess proves its address first; all get in.
+    let mut burst: Vec<UdpClient> = (0..12).map(|i| agent_from(&relay, "127.0.0.6", 80 + i)).collect();
+    assert_eq!(connected_within(&mut burst, Duration::from_secs(3)), 12, "everyone gets in");
+    let t = relay.totals();
+    assert!(t.retries_sent >= 6, "{t:?}");
+    assert_eq!(t.conns_accepted, 14);
+    relay.shutdown();
+}
