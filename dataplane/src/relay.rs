@@ -57,6 +57,8 @@ pub struct LimitsConfig {
     pub connector_bytes_per_sec: u64,
     /// Stateless resets per second per worker.
     pub stateless_resets_per_sec: u32,
+    /// Half-open connections are dropped after this long.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +82,7 @@ impl Default for LimitsConfig {
             connector_datagrams_per_sec: l.connector_datagrams_per_sec,
             connector_bytes_per_sec: l.connector_bytes_per_sec,
             stateless_resets_per_sec: l.stateless_resets_per_sec,
+            handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
         }
     }
 }
@@ -170,6 +173,9 @@ impl RelayConfig {
         if self.limits.max_registrations == 0 || self.limits.data_queue_depth == 0 || self.limits.ctrl_queue_depth == 0
         {
             bail!("limits must be positive");
+        }
+        if !(100..=60_000).contains(&self.limits.handshake_timeout_ms) {
+            bail!("limits.handshake_timeout_ms must be between 100 and 60000");
         }
         if self.limits.max_conns == 0 || self.limits.max_conns_per_worker == 0 {
             bail!("limits.max_conns and limits.max_conns_per_worker must be positive");
@@ -302,6 +308,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         connector_datagrams_per_sec: cfg.limits.connector_datagrams_per_sec,
         connector_bytes_per_sec: cfg.limits.connector_bytes_per_sec,
         stateless_resets_per_sec: cfg.limits.stateless_resets_per_sec,
+        handshake_timeout: Duration::from_millis(cfg.limits.handshake_timeout_ms),
     };
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);

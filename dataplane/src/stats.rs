@@ -115,8 +115,11 @@ counters! {
     drop_ip_conn_limit,
     /// Initials refused: the source IP exceeds its handshake rate.
     drop_ip_handshake_rate,
-    /// Initials refused: the relay's total connection limit.
+    /// Initials refused: the relay's total or this worker's connection limit.
     drop_conn_limit,
+    /// Connections dropped because their handshake did not complete in
+    /// time (half-open).
+    handshakes_timed_out,
     /// Stateless resets sent for packets with unknown CIDs.
     resets_sent,
     /// Stateless resets not sent because of their rate limit.

@@ -92,6 +92,10 @@ pub struct Limits {
     pub connector_bytes_per_sec: u64,
     /// Stateless resets per second per worker.
     pub stateless_resets_per_sec: u32,
+    /// A connection that has not completed its handshake this long after
+    /// its first Initial is dropped silently (half-open flood protection;
+    /// the QUIC idle timeout alone would keep it 30 s).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -110,6 +114,7 @@ impl Default for Limits {
             connector_datagrams_per_sec: 1_000_000,
             connector_bytes_per_sec: 1_250_000_000,
             stateless_resets_per_sec: 100,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -194,6 +199,8 @@ struct Conn {
     dgram_rate: (TokenBucket, TokenBucket),
     /// Source IP counted in the per-IP table (released on reap).
     ip: std::net::IpAddr,
+    /// Until established: when the handshake must be done.
+    handshake_deadline: Option<Instant>,
 }
 
 /// The worker state machine.
@@ -206,7 +213,11 @@ pub struct Worker {
     /// New handshakes per second (RetryMode::Auto).
     handshake_rate: TokenBucket,
     reset_rate: TokenBucket,
-    slots: Vec<Option<Conn>>,
+    /// RetryMode::Auto: Retry stays on until then.
+    retry_until: Instant,
+    /// Boxed: a `quiche::Connection` is ~8 KB, and the slot vector keeps
+    /// its largest length, so inline slots would pin a flood's peak memory.
+    slots: Vec<Option<Box<Conn>>>,
     gens: Vec<u32>,
     free: Vec<u32>,
     by_cid: HashMap<CidKey, u32>,
@@ -254,6 +265,7 @@ impl Worker {
         Ok(Worker {
             handshake_rate: TokenBucket::new(hs.max(1.0), hs.max(1.0), now),
             reset_rate: TokenBucket::new(resets, resets, now),
+            retry_until: now,
             cfg,
             quic_cfg,
             shared,
@@ -420,11 +432,13 @@ impl Worker {
     /// limits, the per-IP limits and (when required) address validation.
     fn accept(&mut self, initial: &Initial, from: SocketAddr, len: usize, now: Instant) -> Option<u32> {
         let limits = &self.cfg.limits;
-        if len < MIN_INITIAL_LEN || self.shutting_down || self.conn_count() >= limits.max_conns_per_worker {
+        if len < MIN_INITIAL_LEN || self.shutting_down {
             self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if self.shared.conns.load(Ordering::Relaxed) >= limits.max_conns {
+        if self.conn_count() >= limits.max_conns_per_worker
+            || self.shared.conns.load(Ordering::Relaxed) >= limits.max_conns
+        {
             self.stats.drop_conn_limit.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -434,7 +448,16 @@ impl Worker {
             let retry = match limits.retry {
                 RetryMode::Always => true,
                 RetryMode::Off => false,
-                RetryMode::Auto => !self.handshake_rate.take(1.0, now),
+                RetryMode::Auto => {
+                    // Once over the rate, stay on for a second: a client's
+                    // first flight may span two Initial datagrams, and the
+                    // second must not open a connection its first was
+                    // refused (it would hold a ClientHello fragment).
+                    if !self.handshake_rate.take(1.0, now) {
+                        self.retry_until = now + Duration::from_secs(1);
+                    }
+                    now < self.retry_until
+                }
             };
             if retry {
                 self.send_retry(initial, from, now);
@@ -529,16 +552,17 @@ impl Worker {
             ip,
             is_connector: false,
             dgram_rate: self.cfg.limits.dgram_buckets(false, now),
+            handshake_deadline: Some(now + self.cfg.limits.handshake_timeout),
         };
         if let Some(s) = self.slots.get_mut(slot as usize) {
-            *s = Some(conn);
+            *s = Some(Box::new(conn));
         }
         self.stats.conns_accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.conns_active.fetch_add(1, Ordering::Relaxed);
         Some(slot)
     }
 
-    fn put(&mut self, mut conn: Conn) {
+    fn put(&mut self, mut conn: Box<Conn>) {
         let slot = conn.key.slot;
         if !conn.dirty {
             conn.dirty = true;
@@ -549,7 +573,7 @@ impl Worker {
         }
     }
 
-    fn take(&mut self, key: ConnKey) -> Option<Conn> {
+    fn take(&mut self, key: ConnKey) -> Option<Box<Conn>> {
         if usize::from(key.worker) != self.cfg.index || self.gens.get(key.slot as usize) != Some(&key.gen) {
             return None;
         }
@@ -572,6 +596,9 @@ impl Worker {
                 self.by_cid.remove(&k);
                 conn.cids.retain(|c| *c != k);
             }
+        }
+        if conn.quic.is_established() {
+            conn.handshake_deadline = None;
         }
         if conn.quic.is_established() && !conn.stopped && conn.identity.is_none() {
             self.authenticate(conn);
@@ -1224,6 +1251,13 @@ impl Worker {
             self.timers.pop_first();
             let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
             conn.timer = None;
+            if conn.handshake_deadline.is_some_and(|d| d <= now) && !conn.quic.is_established() {
+                // Half-open: drop it without a word (the source may be
+                // spoofed); frees the slot, CIDs and per-IP count now.
+                self.stats.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
+                self.reap(conn);
+                continue;
+            }
             if let Some((at, code)) = conn.close_at {
                 if at <= now {
                     conn.close_at = None;
@@ -1292,7 +1326,7 @@ impl Worker {
 
     fn update_timer(&mut self, conn: &mut Conn) {
         let close = conn.close_at.map(|(t, _)| t);
-        let next = [conn.quic.timeout_instant(), close].into_iter().flatten().min();
+        let next = [conn.quic.timeout_instant(), close, conn.handshake_deadline].into_iter().flatten().min();
         if next != conn.timer {
             if let Some(old) = conn.timer {
                 self.timers.remove(&(old, conn.key.slot));
@@ -1304,7 +1338,7 @@ impl Worker {
         }
     }
 
-    fn reap(&mut self, mut conn: Conn) {
+    fn reap(&mut self, mut conn: Box<Conn>) {
         let key = conn.key;
         if let Some(t) = conn.timer {
             self.timers.remove(&(t, key.slot));

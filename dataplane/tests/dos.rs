@@ -407,3 +407,43 @@ fn retry_auto_turns_on_above_the_handshake_rate() {
     assert_eq!(t.conns_accepted, 14);
     relay.shutdown();
 }
+
+/// A half-open connection (one Initial, never completed) is dropped after
+/// the handshake timeout, not kept for the 30 s idle timeout.
+#[test]
+fn half_open_connections_expire_after_the_handshake_timeout() {
+    let relay = start_with(1, |c| {
+        c.limits.retry = RetryMode::Off;
+        c.limits.handshake_timeout_ms = 300;
+    });
+    let tls = tls_for(&relay, Kind::Agent, "half");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = sock.local_addr().unwrap();
+    for i in 0..5u8 {
+        let mut cfg = ztna_control::quic::client_config(&tls).unwrap();
+        let scid = [i; 16];
+        let mut conn = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&scid),
+            local,
+            relay.local_addr,
+            &mut cfg,
+        )
+        .unwrap();
+        let mut out = [0u8; 1500];
+        let (n, _) = conn.send(&mut out).unwrap();
+        sock.send_to(&out[..n], relay.local_addr).unwrap();
+    }
+    let end = Instant::now() + T;
+    while relay.totals().conns_accepted < 5 {
+        assert!(Instant::now() < end, "{:?}", relay.totals());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    while relay.totals().conns_active > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(3), "half-open connections kept: {:?}", relay.totals());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(relay.totals().handshakes_timed_out, 5);
+    relay.shutdown();
+}
