@@ -2,7 +2,8 @@
 # Quick start, command 2: install prerequisites, then the whole test suite:
 # formatting, clippy with warnings denied, and every test of the workspace
 # (unit, property, and integration tests against real relays on 127.0.0.1
-# with both I/O backends).
+# with both I/O backends), then a bounded fuzzing run of every parser a peer
+# reaches (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
@@ -14,3 +15,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build -p ztna-agent-sys
 cargo build --workspace --bins
 cargo test --workspace
+# Coverage-guided fuzzing (fuzz/README.md): replay the committed seed corpus
+# and crash regressions, then 20 s of fuzzing per target; any crash fails.
+./scripts/fuzz.sh 20
