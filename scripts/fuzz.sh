@@ -78,7 +78,7 @@ for t in $(cd fuzz && cargo fuzz list); do
   fi
   runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
   rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
-  cov="$(grep -E '^#[0-9]+ +DONE' "$log" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')"
+  cov="$(sed -n 's/^#[0-9]*[[:space:]]*DONE .*cov: \([0-9]*\).*/\1/p' "$log")"
   echo "fuzz: $t ok: ${runs:-?} runs in ${secs}s (${rate:-?} exec/s), coverage ${cov:-?} edges, corpus $(ls "fuzz/corpus/$t" | wc -l) -> $(ls "$work/$t" | wc -l)"
 done
 
