@@ -389,6 +389,33 @@ fn relay_worker() {
     let mut b = vec![3];
     b.extend(records(&[(1, &b_ctrl), (0, &a_ctrl), (7, b""), (5, &[0, 150]), (0, &enc(&[hello("late")]))]));
     o.put("shutdown", &b);
+
+    // Retry before every connection, then the same forwarding.
+    let mut b = vec![3 | 4];
+    b.extend(records(&[(1, &b_ctrl), (0, &a_ctrl), (2, &dg(1, &req)), (3, &dg(2, &reply))]));
+    o.put("retry_forwarding", &b);
+
+    // B is agent mallory: no policy rule names it.
+    let mut b = vec![3 | 8];
+    let m_ctrl = enc(&[
+        hello("ztna-agent/0.1.0"),
+        Message::Register { request_id: 1, role: Role::Connector, service: svc("echo") },
+        Message::Register { request_id: 2, role: Role::Agent, service: svc("web") },
+        Message::Register { request_id: 3, role: Role::Agent, service: svc("echo") },
+    ]);
+    b.extend(records(&[(0, &a_ctrl), (1, &m_ctrl), (3, &dg(1, &req))]));
+    o.put("policy_denials", &b);
+
+    // A connector refuses a flow (its allow-list): FlowClose from B.
+    let mut b = vec![3];
+    b.extend(records(&[
+        (1, &b_ctrl),
+        (0, &a_ctrl),
+        (1, &enc(&[Message::FlowClose { flow: 2, code: Code::DENIED }])),
+        (2, &dg(1, &req)),
+        (1, &enc(&[Message::FlowClose { flow: 1, code: Code::DENIED }])),
+    ]));
+    o.put("connector_refuses_flow", &b);
 }
 
 fn config_files() {
@@ -401,6 +428,9 @@ workers = 4
 cert = "/etc/ztna/relay.pem"
 key = "/etc/ztna/relay.key"
 dev = false
+trust_domain = "corp.example"
+client_ca = "/etc/ztna/ca.pem"
+policy = "/etc/ztna/policy.toml"
 metrics = "127.0.0.1:9100"
 io_backend = "auto"
 steering = true
@@ -416,6 +446,16 @@ max_control_backlog = 262144
 registrations_per_sec = 10
 data_queue_depth = 8192
 ctrl_queue_depth = 65536
+max_conns = 100000
+max_conns_per_ip = 1000
+handshakes_per_sec_per_ip = 100
+retry = "auto"
+retry_above_handshakes_per_sec = 200
+agent_datagrams_per_sec = 100000
+agent_bytes_per_sec = 125000000
+connector_datagrams_per_sec = 1000000
+connector_bytes_per_sec = 1250000000
+stateless_resets_per_sec = 100
 "#,
     );
     o.put("relay_bad_key.toml", b"listen = \"127.0.0.1:4500\"\ndev = true\nworkerz = 2\n");
@@ -425,6 +465,8 @@ ctrl_queue_depth = 65536
 listen = "0.0.0.0:4434"
 server_name = "relay.example"
 ca = "/etc/ztna/ca.pem"
+cert = "/etc/ztna/connector.pem"
+key = "/etc/ztna/connector.key"
 insecure = false
 max_udp_flows = 4096
 max_udp_flows_per_agent = 256
@@ -446,14 +488,17 @@ backend = [
 [[service]]
 name = "web"
 backend = [{ protocol = "tcp", port = 80, target = "[::1]:8080" }]
+allow_agents = ["spiffe://corp.example/agent/alice"]
 "#,
     );
-    o.put("connector_bad.toml", b"relays = [\"127.0.0.1:4433\"]\ntcp_buffer_bytes = 10\n[[service]]\nname = \"web\"\n");
+    o.put("connector_bad.toml", b"relays = [\"127.0.0.1:4433\"]\ncert = \"c.pem\"\nkey = \"c.key\"\ntcp_buffer_bytes = 10\n[[service]]\nname = \"web\"\n");
     o.put(
         "agent.toml",
         br#"relay = "192.0.2.1:4433"
 server_name = "relay.example"
 ca = "/etc/ztna/ca.pem"
+cert = "/etc/ztna/agent.pem"
+key = "/etc/ztna/agent.key"
 
 [tun]
 name = "zt0"
@@ -471,12 +516,59 @@ cidrs = ["fd00:64::/64"]
     );
     o.put(
         "agent_minimal.toml",
-        b"relay = \"192.0.2.1:4433\"\ninsecure = true\nlisten = \"0.0.0.0:0\"\n[[service]]\nname = \"all\"\ncidrs = [\"0.0.0.0/0\"]\n",
+        b"relay = \"192.0.2.1:4433\"\ninsecure = true\ncert = \"a.pem\"\nkey = \"a.key\"\nlisten = \"0.0.0.0:0\"\n[[service]]\nname = \"all\"\ncidrs = [\"0.0.0.0/0\"]\n",
     );
+    o.put(
+        "policy.toml",
+        br#"[groups]
+engineering = ["alice", "spiffe://corp.example/agent/bob"]
+
+[services.echo]
+connectors = ["echo-1"]
+agents = ["carol"]
+groups = ["engineering"]
+
+[services.web]
+connectors = ["spiffe://corp.example/connector/wiki-1"]
+agents = ["*"]
+"#,
+    );
+    o.put("policy_unknown_group.toml", b"[services.echo]\nconnectors = [\"echo-1\"]\ngroups = [\"nobody\"]\n");
     o.put(
         "values.txt",
         b"100.100.0.10/32\nfd00::/64\n10.0.0.0/8\n::ffff:1.2.3.4/128\necho\nweb.internal-1_x\nspiffe://corp.example/agent/alice-laptop\nspiffe://corp.example/relay/r1\n",
     );
+}
+
+/// Seeds for retry_token: `[family][16 ip][port][dcid len][dcid][odcid
+/// len][odcid][age][flip][trigger][token]` (see the target's doc).
+fn retry_token() {
+    let o = Out::target("retry_token");
+    let seed =
+        |family: u8, ip: &[u8], port: u16, dcid: &[u8], odcid: &[u8], age: u16, flip: u16, trig: u16, tok: &[u8]| {
+            let mut b = vec![family];
+            let mut a = [0u8; 16];
+            a[..ip.len()].copy_from_slice(ip);
+            b.extend_from_slice(&a);
+            b.extend_from_slice(&port.to_be_bytes());
+            b.push(dcid.len() as u8);
+            b.extend_from_slice(dcid);
+            b.push(odcid.len() as u8);
+            b.extend_from_slice(odcid);
+            b.extend_from_slice(&age.to_be_bytes());
+            b.extend_from_slice(&flip.to_be_bytes());
+            b.extend_from_slice(&trig.to_be_bytes());
+            b.extend_from_slice(tok);
+            b
+        };
+    let relay_cid = [0x0f, 0, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    // A token-shaped forgery: version 1, issued 5, 8-byte ODCID, zero MAC.
+    let mut forged = vec![1, 0, 0, 0, 5, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+    forged.extend_from_slice(&[0; 16]);
+    o.put("v4_fresh", &seed(0, &[127, 0, 0, 1], 50000, &relay_cid, &[0xaa; 8], 3, 7, 1200, &forged));
+    o.put("v6_expired", &seed(1, &[0x20, 0x01, 0x0d, 0xb8], 443, &relay_cid, &[0xbb; 20], 11, 40, 60, b""));
+    o.put("long_cids", &seed(0, &[10, 0, 0, 1], 1, &[0xcc; 20], &[0xdd; 23], 0, 0, 22, &[1; 60]));
+    o.put("empty_cids_small_trigger", &seed(0, &[10, 0, 0, 1], 65535, b"", b"", 10, 5, 21, &[1]));
 }
 
 fn peer_identity() {
@@ -504,6 +596,7 @@ fn main() {
     let pkts = ip_packet();
     agent_c_api(&pkts);
     relay_worker();
+    retry_token();
     config_files();
     peer_identity();
     println!("corpus written to {}/corpus", env!("CARGO_MANIFEST_DIR"));

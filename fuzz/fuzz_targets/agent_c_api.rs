@@ -9,8 +9,9 @@
 //! - UDP datagrams "from the relay" (`ztna_agent_recv_udp`): raw bytes into
 //!   quiche, from the relay's or any other address (including bad address
 //!   families);
-//! - with the input's first bit set, a real QUIC connection to an in-process
-//!   relay stand-in (quiche server, dev certificate) that answers Hello and
+//! - with the input's first bit set, a real QUIC connection (the agent
+//!   verifies the server with the dev CA and presents its own certificate)
+//!   to an in-process relay stand-in (quiche server) that answers Hello and
 //!   Register like the relay, then sends fuzzer bytes on the control stream
 //!   and fuzzer DATAGRAMs (flow header + IP packet), which the agent parses
 //!   (`FrameDecoder`, `datagram::parse`, `packet::source` spoofing check)
@@ -43,6 +44,7 @@ use std::ptr;
 use libfuzzer_sys::fuzz_target;
 use ztna_agent::ffi::*;
 use ztna_agent::route::Cidr;
+use ztna_control::identity::Kind;
 use ztna_control::wire::{FrameDecoder, Message, Role, HEADER_LEN, MAX_BODY};
 use ztna_control::{datagram, packet, wire};
 use ztna_fuzz::peer;
@@ -97,6 +99,11 @@ impl Agent {
     fn new(seed: u64, now_us: u64) -> Agent {
         let relay = CString::new(RELAY).unwrap();
         let local = CString::new(LOCAL).unwrap();
+        // Verifies the stand-in with the dev CA and presents a client
+        // certificate, as a deployed agent does.
+        let tls = peer::client_tls(Kind::Agent, "alice");
+        let path = |p: Option<String>| CString::new(p.unwrap()).unwrap();
+        let (ca, cert, key) = (path(tls.ca_file), path(tls.cert_file), path(tls.key_file));
         let strings: Vec<(CString, CString)> =
             ROUTES.iter().map(|(s, c)| (CString::new(*s).unwrap(), CString::new(*c).unwrap())).collect();
         let routes: Vec<ZtnaRoute> =
@@ -104,8 +111,10 @@ impl Agent {
         let cfg = ZtnaConfig {
             relay_addr: relay.as_ptr(),
             server_name: ptr::null(),
-            ca_file: ptr::null(),
-            verify_peer: 0,
+            ca_file: ca.as_ptr(),
+            cert_file: cert.as_ptr(),
+            key_file: key.as_ptr(),
+            verify_peer: 1,
             local_addr: local.as_ptr(),
             routes: routes.as_ptr(),
             routes_len: routes.len(),
@@ -291,7 +300,7 @@ struct Relay {
 impl Relay {
     fn new() -> Relay {
         Relay {
-            cfg: peer::server_config(),
+            cfg: peer::stand_in_server_config(),
             conn: None,
             rx: FrameDecoder::default(),
             tx: Vec::new(),
@@ -435,6 +444,8 @@ fn config_strings(bytes: &[u8]) {
         relay_addr: p(0),
         server_name: p(2),
         ca_file: ptr::null::<c_char>(),
+        cert_file: ptr::null(),
+        key_file: ptr::null(),
         verify_peer: 0,
         local_addr: p(1),
         routes: if routes.is_empty() { ptr::null() } else { routes.as_ptr() },

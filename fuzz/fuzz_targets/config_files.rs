@@ -2,21 +2,22 @@
 //! Configuration files and the strings inside them: `RelayConfig::from_toml`
 //! + `validate`, `ConnectorConfig::from_toml` (validates), the Linux agent's
 //! `FileConfig::from_toml` + `validate` (agent-sys/src/bin/ztna-agent/
-//! config.rs, included as a module since it lives in a binary), and the
-//! value parsers they and the C API use: `Cidr`, `ServiceName`,
-//! `Identity` (SPIFFE URI).
-//!
-//! TODO: add `ztna_dataplane::policy::Policy::from_toml(&str)` once it
-//! exists (being written on main).
+//! config.rs, included as a module since it lives in a binary), the
+//! relay's policy file (`Policy::from_toml`, checked against a few
+//! identities), and the value parsers they and the C API use: `Cidr`,
+//! `ServiceName`, `Identity` (SPIFFE URI).
 //!
 //! Input: UTF-8 text (anything else is skipped).
 
 use libfuzzer_sys::fuzz_target;
 use ztna_agent::route::Cidr;
-use ztna_control::identity::Identity;
+use ztna_control::identity::{Identity, Kind};
 use ztna_control::ServiceName;
 use ztna_dataplane::connector::ConnectorConfig;
+use ztna_dataplane::policy::Policy;
 use ztna_dataplane::relay::RelayConfig;
+
+const TRUST_DOMAIN: &str = "corp.example";
 
 #[allow(dead_code)]
 #[path = "../../agent-sys/src/bin/ztna-agent/config.rs"]
@@ -47,6 +48,21 @@ fuzz_target!(|data: &[u8]| {
             let _ = c.agent_config(c.listen);
             let _ = c.uses_ipv6();
         }
+    }
+
+    if let Ok(p) = Policy::from_toml(s, TRUST_DOMAIN) {
+        let id = |kind, name: &str| Identity { trust_domain: TRUST_DOMAIN.into(), kind, name: name.into() };
+        let stranger = Identity { trust_domain: "other.example".into(), kind: Kind::Agent, name: "alice".into() };
+        for svc in ["echo", "web", "db"] {
+            let _ = p.may_serve(&id(Kind::Connector, "echo-1"), svc);
+            let _ = p.may_reach(&id(Kind::Agent, "alice"), svc);
+            // Identities of the wrong kind or trust domain never match.
+            assert!(!p.may_serve(&id(Kind::Agent, "echo-1"), svc));
+            assert!(!p.may_reach(&id(Kind::Connector, "alice"), svc));
+            assert!(!p.may_reach(&id(Kind::Relay, "alice"), svc));
+            assert!(!p.may_reach(&stranger, svc));
+        }
+        assert_eq!(Policy::from_toml(s, TRUST_DOMAIN).ok(), Some(p));
     }
 
     // Single values, on every line.

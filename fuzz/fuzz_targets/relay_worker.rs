@@ -2,23 +2,27 @@
 //! The relay's per-core engine (`dataplane/src/worker.rs` `Worker`), fed
 //! by in-process QUIC clients whose every control-stream byte and DATAGRAM
 //! comes from the fuzzer, plus raw UDP packets from anywhere: packet
-//! steering (`cid::owner`), QUIC header parsing and version negotiation,
-//! accept, the control channel (`FrameDecoder`, Hello, Register,
-//! Unregister, rate limits, agent ↔ connector binding) and datagram
+//! steering (`cid::owner`), QUIC header parsing, version negotiation, Retry
+//! tokens, stateless resets, accept with the client certificate's identity,
+//! the control channel (`FrameDecoder`, Hello, Register, Unregister,
+//! FlowClose, policy, rate limits, agent ↔ connector binding) and datagram
 //! forwarding (`datagram::parse`, `rewrite_in_place`).
 //!
-//! What the relay sends back must be well-formed: control frames that
-//! decode, only relay → client message types, and forwarded datagrams on
-//! flows the relay announced to that client.
+//! The worker runs as the relay does: mutual TLS against the dev CA (the
+//! clients present SPIFFE certificates), a policy, Retry when asked. What
+//! it sends back must be well-formed: control frames that decode, only
+//! relay → client message types, and forwarded datagrams on flows the relay
+//! announced to that client.
 //!
 //! Input: `[flags]` then records `[tag][len: u16 BE][bytes]` (see
 //! `ztna_fuzz::records`). flags bit 0 / bit 1: client A / B completes the
-//! QUIC handshake first (A plays the agent, B the connector, but either may
-//! send anything). Record tag % 8: 0/1 control-stream bytes from A/B,
-//! 2/3 DATAGRAM from A/B, 4 raw UDP packet `[port BE][packet]` from
-//! 127.0.0.9 (tag bit 3: from A's address), 5 time passes (`[ms: u16 BE]`)
-//! and timers run, 6 client closes (tag bit 3: B, else A), 7 the worker
-//! begins its shutdown.
+//! QUIC handshake first; bit 2: Retry for every new connection; bit 3: B is
+//! agent `mallory` (in no policy rule) instead of connector `echo-1`. A is
+//! agent `alice`; either may send anything. Record tag % 8: 0/1
+//! control-stream bytes from A/B, 2/3 DATAGRAM from A/B, 4 raw UDP packet
+//! `[port BE][packet]` from 127.0.0.9 (tag bit 3: from A's address), 5 time
+//! passes (`[ms: u16 BE]`) and timers run, 6 client closes (tag bit 3: B,
+//! else A), 7 the worker begins its shutdown.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -26,9 +30,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use ztna_control::identity::Kind;
 use ztna_control::wire::{FrameDecoder, Message, HEADER_LEN, MAX_BODY};
 use ztna_control::{datagram, Code};
 use ztna_dataplane::mesh::Mesh;
+use ztna_dataplane::pki;
+use ztna_dataplane::policy::Policy;
+use ztna_dataplane::ratelimit::PerIp;
+use ztna_dataplane::security::{RetryMode, Security, Shared};
 use ztna_dataplane::stats::WorkerStats;
 use ztna_dataplane::worker::{Limits, Transmit, Worker, WorkerConfig};
 use ztna_fuzz::peer;
@@ -37,6 +46,20 @@ use ztna_fuzz::records::records;
 const RELAY: &str = "127.0.0.1:4433";
 const CLIENT_A: &str = "127.0.0.1:6000";
 const CLIENT_B: &str = "127.0.0.1:6001";
+/// The relay's policy: agent alice (via a group) may reach echo, every
+/// agent web; connector echo-1 serves both.
+const POLICY: &str = r#"
+[groups]
+staff = ["alice"]
+
+[services.echo]
+connectors = ["echo-1"]
+groups = ["staff"]
+
+[services.web]
+connectors = ["echo-1"]
+agents = ["*"]
+"#;
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -67,11 +90,12 @@ struct Client {
 }
 
 impl Client {
-    fn new(addr: &str, scid: u8, cfg: &mut quiche::Config) -> Client {
+    fn new(addr: &str, scid: u8, kind: Kind, name: &str) -> Client {
         let addr = sock(addr);
         let scid = [scid; 16];
-        let conn = quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), addr, sock(RELAY), cfg)
-            .expect("quiche::connect");
+        let mut cfg = peer::client_config(kind, name);
+        let id = quiche::ConnectionId::from_ref(&scid);
+        let conn = quiche::connect(Some("localhost"), &id, addr, sock(RELAY), &mut cfg).expect("quiche::connect");
         Client { addr, conn, rx: FrameDecoder::default(), flows: HashSet::new() }
     }
 
@@ -124,14 +148,19 @@ struct World {
 }
 
 impl World {
-    fn new() -> World {
-        let limits = Limits { max_registrations: 8, max_control_backlog: 64 * 1024, ..Limits::default() };
+    fn new(flags: u8) -> World {
+        let now = Instant::now();
+        let retry = if flags & 4 == 4 { RetryMode::Always } else { RetryMode::Off };
+        let limits = Limits { max_registrations: 8, max_control_backlog: 64 * 1024, retry, ..Limits::default() };
         let cfg = WorkerConfig { index: 0, workers: 1, node_id: 7, local_addr: sock(RELAY), limits };
+        let policy = Policy::from_toml(POLICY, pki::DEV_TRUST_DOMAIN).expect("policy");
+        let security = Security::new(peer::relay_tls(), policy).expect("security");
+        let shared = Arc::new(Shared::new(security, PerIp::new(64, 100, 1000), now));
         let mesh = Arc::new(Mesh::new(1, 1024, 1024).expect("mesh"));
-        let worker = Worker::new(cfg, peer::server_config(), mesh, Arc::new(WorkerStats::default()));
-        let mut ccfg = peer::client_config();
-        let clients = vec![Client::new(CLIENT_A, 0xa0, &mut ccfg), Client::new(CLIENT_B, 0xb0, &mut ccfg)];
-        World { now: Instant::now(), worker, tx: Tx { buf: vec![0u8; 2048], out: Vec::new() }, clients }
+        let worker = Worker::new(cfg, shared, mesh, Arc::new(WorkerStats::default())).expect("worker");
+        let b = if flags & 8 == 8 { (Kind::Agent, "mallory") } else { (Kind::Connector, "echo-1") };
+        let clients = vec![Client::new(CLIENT_A, 0xa0, Kind::Agent, "alice"), Client::new(CLIENT_B, 0xb0, b.0, b.1)];
+        World { now, worker, tx: Tx { buf: vec![0u8; 2048], out: Vec::new() }, clients }
     }
 
     /// Moves packets until quiet. `active[i]`: client i may send.
@@ -177,7 +206,7 @@ impl World {
 
 fuzz_target!(init: peer::init(), |data: &[u8]| {
     let (flags, rest) = data.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
-    let mut w = World::new();
+    let mut w = World::new(flags);
     // Handshakes first, for the clients the flags select.
     let mut active = [flags & 1 == 1, flags & 2 == 2];
     w.pump(active);

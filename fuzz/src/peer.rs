@@ -1,31 +1,34 @@
-//! In-process QUIC peers for the targets that drive a real session: the
-//! server side (a relay stand-in for the agent, the relay worker itself)
-//! needs a certificate; clients skip verification.
+//! In-process QUIC peers for the targets that drive a real session, with a
+//! development PKI (`ztna_dataplane::pki::generate`: an organisation CA for
+//! the `dev.ztna` trust domain and a relay certificate for localhost).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use ztna_control::identity::Kind;
 use ztna_control::quic::{self, TlsOptions};
+use ztna_dataplane::pki::{self, DevPki};
+use ztna_dataplane::tls::TlsMaterial;
 
 /// Call once before any quiche config is made (the targets' `init`).
 ///
 /// quiche loads the system CA bundle into every new config (OpenSSL-style
 /// default paths), which costs tens of milliseconds and is never used here
-/// (clients do not verify the in-process server): point BoringSSL at an
-/// empty bundle instead. Without this the QUIC targets run at ~20 exec/s.
+/// (clients verify the in-process relay against the dev CA): point
+/// BoringSSL at an empty bundle instead. Without this the QUIC targets run
+/// at ~20 exec/s.
 pub fn init() {
     std::env::set_var("SSL_CERT_FILE", "/dev/null");
     std::env::set_var("SSL_CERT_DIR", "/nonexistent");
 }
 
-/// Certificate and key files of a development PKI, generated once per
-/// process (`ztna_dataplane::pki::generate`) in the temp directory and
-/// removed at exit.
-pub fn cert_files() -> &'static (String, String) {
-    static FILES: OnceLock<(String, String)> = OnceLock::new();
+/// The development PKI, generated once per process in the temp directory
+/// and removed at exit.
+pub fn dev_pki() -> &'static DevPki {
+    static PKI: OnceLock<DevPki> = OnceLock::new();
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    FILES.get_or_init(|| {
-        let pki = ztna_dataplane::pki::generate(&std::env::temp_dir()).expect("development PKI");
+    PKI.get_or_init(|| {
+        let pki = pki::generate(&std::env::temp_dir()).expect("development PKI");
         let _ = DIR.set(pki.dir.clone());
         extern "C" fn cleanup() {
             if let Some(d) = DIR.get() {
@@ -35,18 +38,42 @@ pub fn cert_files() -> &'static (String, String) {
         // SAFETY: registers a plain `extern "C" fn()` with no captured
         // state; it only removes a directory this process created.
         unsafe { libc::atexit(cleanup) };
-        (pki.cert.to_string_lossy().into_owned(), pki.key.to_string_lossy().into_owned())
+        pki
     })
 }
 
-/// A quiche server config exactly as the relay builds it.
-pub fn server_config() -> quiche::Config {
-    let (cert, key) = cert_files();
-    quic::server_config(cert, key).expect("server config")
+/// Client TLS options: verify the relay with the dev CA and present a
+/// certificate for `kind`/`name` (issued once per process).
+pub fn client_tls(kind: Kind, name: &str) -> TlsOptions {
+    dev_pki().client_tls(kind, name).expect("client certificate")
 }
 
-/// A quiche client config as agents and connectors build it, without
-/// certificate verification (the in-process server's CA is throwaway).
-pub fn client_config() -> quiche::Config {
-    quic::client_config(&TlsOptions { ca_file: None, verify_peer: false }).expect("client config")
+/// A client quiche config as agents and connectors build it.
+pub fn client_config(kind: Kind, name: &str) -> quiche::Config {
+    quic::client_config(&client_tls(kind, name)).expect("client config")
+}
+
+/// The relay's TLS material (relay certificate, dev CA as client CA),
+/// loaded once per process.
+pub fn relay_tls() -> TlsMaterial {
+    static TLS: OnceLock<TlsMaterial> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let p = dev_pki();
+        TlsMaterial::load(&p.cert, &p.key, &p.ca, pki::DEV_TRUST_DOMAIN).expect("relay TLS material")
+    })
+    .clone()
+}
+
+/// A plain quiche server config with the relay certificate and the
+/// protocol's transport parameters, without client authentication: the
+/// relay stand-in of the agent target.
+pub fn stand_in_server_config() -> quiche::Config {
+    let p = dev_pki();
+    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("quiche config");
+    quic::apply_transport(&mut cfg).expect("transport parameters");
+    cfg.set_initial_max_streams_bidi(1);
+    cfg.load_cert_chain_from_pem_file(&p.cert.to_string_lossy()).expect("relay certificate");
+    cfg.load_priv_key_from_pem_file(&p.key.to_string_lossy()).expect("relay key");
+    cfg.verify_peer(false);
+    cfg
 }
