@@ -222,7 +222,7 @@ fn ip_packet() -> Vec<(String, Vec<u8>)> {
     let ack = tcp(80, 1001, 0, TcpFlags::ACK, &[], None);
     let data = tcp(80, 1001, 0, TcpFlags::ACK | TcpFlags::PSH, b"GET / HTTP/1.0\r\n\r\n", None);
     let fin = tcp(80, 1019, 0, TcpFlags::ACK | TcpFlags::FIN, &[], None);
-    let conv = records(&[(0, &syn), (2, &ack), (2, &data), (2 | 4 * 20, &fin), (2 | 4 * 50, &ack)]);
+    let conv = records(&[(0, &syn), (2, &ack), (2, &data), (2 | (4 * 20), &fin), (2 | (4 * 50), &ack)]);
     o.put("tcp_conversation", &conv);
     let rst_mid = records(&[(0, &syn), (2, &ack), (0, &tcp(80, 1001, 0, TcpFlags::RST, &[], None))]);
     o.put("tcp_reset_by_agent", &rst_mid);

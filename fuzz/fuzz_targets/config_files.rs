@@ -1,9 +1,9 @@
 #![no_main]
 //! Configuration files and the strings inside them: `RelayConfig::from_toml`
-//! + `validate`, `ConnectorConfig::from_toml` (validates), the Linux agent's
-//! `FileConfig::from_toml` + `validate` (agent-sys/src/bin/ztna-agent/
-//! config.rs, included as a module since it lives in a binary), the
-//! relay's policy file (`Policy::from_toml`, checked against a few
+//! and `validate`, `ConnectorConfig::from_toml` (validates), the Linux
+//! agent's `FileConfig::from_toml` and `validate` (agent-sys/src/bin/
+//! ztna-agent/config.rs, included as a module since it lives in a binary),
+//! the relay's policy file (`Policy::from_toml`, checked against a few
 //! identities), and the value parsers they and the C API use: `Cidr`,
 //! `ServiceName`, `Identity` (SPIFFE URI).
 //!
