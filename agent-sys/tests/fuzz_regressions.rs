@@ -18,7 +18,7 @@ fn agent(now_us: u64) -> *mut ZtnaAgent {
         ca_file: ptr::null(),
         cert_file: ptr::null(),
         key_file: ptr::null(),
-        verify_peer: 0,
+        insecure_skip_verify: 1,
         local_addr: local.as_ptr(),
         routes: routes.as_ptr(),
         routes_len: routes.len(),
