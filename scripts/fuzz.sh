@@ -3,9 +3,11 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]      (default 20)
 #
-# Builds every fuzz target once (cargo-fuzz, libFuzzer + AddressSanitizer;
-# on the stable toolchain through RUSTC_BOOTSTRAP=1, since cargo-fuzz passes
-# -Z flags), then for each target:
+# Builds every fuzz target once (cargo-fuzz, libFuzzer + AddressSanitizer,
+# optimised but with debug assertions and overflow checks, so an integer
+# overflow in a parser is a crash rather than a silent wrap; on the stable
+# toolchain through RUSTC_BOOTSTRAP=1, since cargo-fuzz passes -Z flags),
+# then for each target:
 #   1. replays the committed seed corpus fuzz/corpus/<target>/ and the crash
 #      regressions fuzz/regressions/<target>/ once (-runs=0), so every known
 #      crash is re-checked even when no fuzzing time is left;
@@ -26,7 +28,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-(cd fuzz && cargo fuzz build -O)
+(cd fuzz && cargo fuzz build -O --debug-assertions)
 built=$(date +%s)
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 bin="fuzz/target/$triple/release"
@@ -35,7 +37,7 @@ bin="fuzz/target/$triple/release"
 max_len() {
   case "$1" in
     datagram) echo 2048 ;;
-    control_frames | config_files | peer_identity) echo 4096 ;;
+    control_frames | config_files | peer_identity | retry_token) echo 4096 ;;
     *) echo 8192 ;;
   esac
 }
