@@ -189,7 +189,10 @@ impl ZtnaAgent {
     }
 
     fn micros(&self, t: Instant) -> u64 {
-        self.base_us + t.saturating_duration_since(self.base).as_micros() as u64
+        // Saturating: a caller's clock near the end of u64 must not wrap a
+        // deadline into the past (found by the agent_c_api fuzz target).
+        let elapsed = u64::try_from(t.saturating_duration_since(self.base).as_micros()).unwrap_or(u64::MAX);
+        self.base_us.saturating_add(elapsed)
     }
 }
 

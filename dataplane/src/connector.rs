@@ -235,7 +235,8 @@ pub struct ConnectorStats {
     pub icmp_echo_replies: AtomicU64,
     pub udp_flows_opened: AtomicU64,
     pub udp_flows_expired: AtomicU64,
-    /// Not IPv4, malformed, fragments, bad checksums.
+    /// Not IPv4, malformed, fragments, bad checksums, non-unicast source or
+    /// destination.
     pub drop_malformed: AtomicU64,
     pub drop_ipv6: AtomicU64,
     /// Destination (protocol, port) not configured for the service (a TCP
@@ -532,6 +533,14 @@ impl Connector {
             ConnectorStats::inc(&self.stats.drop_malformed);
             return;
         };
+        // Both ends must be unicast hosts: smoltcp asserts on answering
+        // 0.0.0.0 (found by the ip_packet fuzz target), and nothing good
+        // comes of tunneled broadcast or multicast.
+        let host = |a: std::net::Ipv4Addr| !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
+        if !host(v4.src) || !host(v4.dst) {
+            ConnectorStats::inc(&self.stats.drop_malformed);
+            return;
+        }
         if v4.total_len() > TUNNEL_MTU && v4.dont_fragment {
             ConnectorStats::inc(&self.stats.drop_too_big);
             // From the address the agent sent to, as the hop that cannot

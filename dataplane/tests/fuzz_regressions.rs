@@ -32,7 +32,6 @@ const SYN_FROM_UNSPECIFIED: [u8; 44] = [
 /// (a source that is not a unicast host address is malformed) and the
 /// connector keeps serving.
 #[test]
-#[ignore = "known bug found by fuzz target ip_packet: the connector panics (smoltcp assert) on a TCP SYN from 0.0.0.0"]
 fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
     let ip = packet::parse_ipv4(&SYN_FROM_UNSPECIFIED).unwrap();
     assert!(matches!(packet::parse_transport(&ip), Ok(packet::Transport::Tcp { dst_port: 80, .. })));
