@@ -52,8 +52,14 @@ report() { # target log phase
   grep -E "panicked at|ERROR: |SUMMARY: " "$2" | head -n 5 >&2 || true
   local input
   input="$(sed -n 's/.*Test unit written to \(.*\)$/\1/p; s/^Running: \(.*\)$/\1/p' "$2" | tail -n 1)"
-  echo "fuzz: crashing input: ${input:-see $2}" >&2
-  echo "fuzz: reproduce with: RUSTC_BOOTSTRAP=1 cargo fuzz run $1 ${input:-<input>}  (in fuzz/)" >&2
+  local same=""
+  if [ -n "$input" ] && [ -f "$input" ]; then
+    for f in "fuzz/regressions/$1"/* "fuzz/corpus/$1"/*; do
+      if [ -f "$f" ] && cmp -s "$input" "$f"; then same=" (same bytes as $f)"; break; fi
+    done
+  fi
+  echo "fuzz: crashing input: ${input:-see $2}$same" >&2
+  echo "fuzz: reproduce: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a $1 ../${input:-<input>})" >&2
 }
 
 for t in $(cd fuzz && cargo fuzz list); do
