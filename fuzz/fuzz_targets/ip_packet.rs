@@ -173,6 +173,12 @@ impl Flow {
             return;
         }
         let Ok(v4) = packet::parse_ipv4(ip) else { return };
+        // Both ends must be unicast hosts (connector.rs; a SYN from 0.0.0.0
+        // made smoltcp assert: fuzz/regressions/ip_packet/).
+        let host = |a: Ipv4Addr| !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
+        if !host(v4.src) || !host(v4.dst) {
+            return;
+        }
         let mut out = Vec::new();
         if v4.total_len() > TUNNEL_MTU && v4.dont_fragment {
             if packet::build_icmp_frag_needed(ip, v4.dst, TUNNEL_MTU as u16, &mut out).is_ok() {
