@@ -301,27 +301,19 @@ pub struct HandshakeReport {
     pub notes: Vec<String>,
 }
 
-/// A small non-cryptographic generator for client CIDs (splitmix64).
-pub struct Rng(u64);
+/// A small non-cryptographic generator for client CIDs (control's
+/// SplitMix64, seeded from the clock and pid).
+pub struct Rng(ztna_control::rng::SplitMix64);
 
 impl Rng {
     pub fn seeded() -> Rng {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        Rng(t ^ (u64::from(std::process::id()) << 32))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        Rng(ztna_control::rng::SplitMix64::new(t ^ (u64::from(std::process::id()) << 32)))
     }
 
     pub fn cid(&mut self) -> [u8; 16] {
         let mut c = [0u8; 16];
-        c[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-        c[8..].copy_from_slice(&self.next_u64().to_le_bytes());
+        self.0.fill(&mut c);
         c
     }
 }

@@ -76,14 +76,6 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Kill the relay even if an assertion below fails.
-        struct Reap(std::process::Child);
-        impl Drop for Reap {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
         let stdout = child.stdout.take().unwrap();
         let pid = child.id();
         let mut child = Reap(child);
@@ -202,13 +194,6 @@ fn sighup_reloads_policy_and_refuses_broken_files() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stdout = child.stdout.take().unwrap();
     let pid = child.id() as i32;
     let _child = Reap(child);

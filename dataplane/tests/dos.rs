@@ -279,13 +279,6 @@ fn a_restarted_relay_resets_old_connections() {
         assert!(line.starts_with("listening on"), "{line}");
         child
     };
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut first = Reap(spawn());
     let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cfg = ClientConfig::new(relay, "127.0.0.1:0".parse().unwrap(), "localhost");

@@ -174,6 +174,17 @@ pub fn events_for(c: &mut UdpClient, d: Duration) -> Vec<Event> {
 }
 
 /// Resident set size of this process in bytes.
+/// A child process killed and reaped when dropped, even if an assertion
+/// fails first.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
