@@ -27,8 +27,17 @@ pub const MAX_EVENTS: usize = 4096;
 /// What a session is configured with.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Relay address to connect to.
+    /// Relay address to connect to first.
     pub relay: SocketAddr,
+    /// Other relays (replicas) to fail over to: each reconnect after a lost
+    /// connection or a Goodbye moves to the next address of
+    /// `[relay, fallbacks...]`, round robin.
+    pub fallbacks: Vec<SocketAddr>,
+    /// On Goodbye{DRAINING} or Goodbye{SHUTDOWN}: close at once and
+    /// reconnect (to the next relay) after a short jitter. Agents want this;
+    /// a connector pinned to one relay keeps serving the agents still on a
+    /// draining relay and waits for its close instead.
+    pub leave_on_goodbye: bool,
     /// Local address of the caller's socket (reported to quiche).
     pub local: SocketAddr,
     /// TLS server name to send and verify.
@@ -51,6 +60,8 @@ impl ClientConfig {
     pub fn new(relay: SocketAddr, local: SocketAddr, server_name: &str) -> Self {
         ClientConfig {
             relay,
+            fallbacks: Vec::new(),
+            leave_on_goodbye: true,
             local,
             server_name: server_name.to_owned(),
             registrations: Vec::new(),
@@ -108,6 +119,10 @@ enum RegState {
     },
 }
 
+/// Upper bound of the random wait before reconnecting after a Goodbye:
+/// spreads a relay's clients over this window when they all move at once.
+pub const GOODBYE_JITTER: Duration = Duration::from_millis(250);
+
 /// Delay before a temporarily refused registration is retried.
 pub const REGISTER_RETRY: Duration = Duration::from_secs(2);
 
@@ -157,6 +172,11 @@ pub struct ClientSession {
     now: Instant,
     /// [`ClientSession::close`] was called: never reconnect.
     stop_requested: bool,
+    /// Index into `[relay, fallbacks...]` of the current/next attempt.
+    relay_index: usize,
+    /// A Goodbye arrived and we are leaving: the next attempt goes to the
+    /// next relay after at most [`GOODBYE_JITTER`].
+    leaving: bool,
 }
 
 impl ClientSession {
@@ -185,6 +205,16 @@ impl ClientSession {
             scratch: Vec::with_capacity(2048),
             now,
             stop_requested: false,
+            relay_index: 0,
+            leaving: false,
+        }
+    }
+
+    /// The relay of the current (or next) connection attempt.
+    pub fn relay(&self) -> SocketAddr {
+        match self.relay_index {
+            0 => self.cfg.relay,
+            i => self.cfg.fallbacks.get(i - 1).copied().unwrap_or(self.cfg.relay),
         }
     }
 
@@ -413,9 +443,11 @@ impl ClientSession {
         let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
         self.rng.fill(&mut scid);
         let scid = quiche::ConnectionId::from_ref(&scid);
-        match quiche::connect(Some(&self.cfg.server_name), &scid, self.cfg.local, self.cfg.relay, &mut self.quic) {
+        let relay = self.relay();
+        match quiche::connect(Some(&self.cfg.server_name), &scid, self.cfg.local, relay, &mut self.quic) {
             Ok(conn) => {
                 self.stats.connects += 1;
+                self.leaving = false;
                 self.rx = FrameDecoder::default();
                 self.tx.clear();
                 for r in &mut self.regs {
@@ -429,7 +461,13 @@ impl ClientSession {
     }
 
     fn schedule_reconnect(&mut self, now: Instant, reason: String) {
-        let retry_in = self.backoff.next_delay(&mut self.rng);
+        let retry_in = if self.leaving {
+            GOODBYE_JITTER.mul_f64(self.rng.next_f64())
+        } else {
+            self.backoff.next_delay(&mut self.rng)
+        };
+        // Every lost connection moves on to the next replica, if any.
+        self.relay_index = (self.relay_index + 1) % (self.cfg.fallbacks.len() + 1);
         self.stats.disconnects += 1;
         self.phase = Phase::Waiting { retry_at: now + retry_in };
         self.push_event(Event::Disconnected { reason, retry_in });
@@ -444,7 +482,9 @@ impl ClientSession {
         let Phase::Live { conn, .. } = &self.phase else {
             return;
         };
-        if !conn.is_closed() {
+        // Leaving after a Goodbye: once our CONNECTION_CLOSE is out
+        // (draining), nothing more is needed from this connection.
+        if !(conn.is_closed() || (self.leaving && conn.is_draining())) {
             return;
         }
         let reason = match (conn.peer_error(), conn.local_error()) {
@@ -541,9 +581,16 @@ impl ClientSession {
                 self.push_event(Event::FlowClosed { flow, code });
             }
             Message::Goodbye { code, reason } => {
-                // The relay closes next; reconnect promptly rather than with
-                // a grown backoff.
+                // The relay goes away: reconnect promptly rather than with a
+                // grown backoff. Leaving at once (to the next relay) keeps
+                // the gap to one handshake; otherwise wait for its close.
                 self.backoff.reset();
+                if self.cfg.leave_on_goodbye && !self.stop_requested {
+                    self.leaving = true;
+                    if let Phase::Live { conn, .. } = &mut self.phase {
+                        let _ = conn.close(true, u64::from(Code::NO_ERROR.0), b"leaving: relay said goodbye");
+                    }
+                }
                 self.push_event(Event::Goodbye { code, reason });
             }
             Message::Error { code, reason } => {
@@ -629,5 +676,37 @@ mod tests {
         }
         assert_eq!(s.stats().disconnects as usize, waits.len());
         assert!(!s.is_connected());
+    }
+
+    /// Each failed attempt moves to the next relay of `[relay, fallbacks]`,
+    /// round robin: the Initials of successive attempts go to r0, r1, r2,
+    /// r0, …
+    #[test]
+    fn failed_attempts_rotate_through_the_fallback_relays() {
+        let start = Instant::now();
+        let relays: Vec<SocketAddr> =
+            ["127.0.0.1:9", "127.0.0.2:9", "127.0.0.3:9"].iter().map(|a| a.parse().unwrap()).collect();
+        let mut cfg = ClientConfig::new(relays[0], "127.0.0.1:5000".parse().unwrap(), "localhost");
+        cfg.fallbacks = relays[1..].to_vec();
+        let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
+        let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 7, start);
+        let mut out = vec![0u8; 2048];
+        let mut attempts: Vec<SocketAddr> = Vec::new();
+        let mut t = start;
+        while attempts.len() < 5 && t < start + Duration::from_secs(120) {
+            while let Some((_, to)) = s.poll_transmit(&mut out, t) {
+                if attempts.last() != Some(&to) {
+                    attempts.push(to);
+                }
+                assert_eq!(to, s.relay(), "sent to the relay the session reports");
+            }
+            if s.next_deadline().is_some_and(|d| d <= t) {
+                s.handle_timeout(t);
+            }
+            while s.poll_event().is_some() {}
+            t += Duration::from_millis(50);
+        }
+        let expected: Vec<SocketAddr> = relays.iter().cycle().take(5).copied().collect();
+        assert_eq!(attempts, expected);
     }
 }
