@@ -13,6 +13,7 @@ pub mod client_io;
 pub mod connector;
 pub mod echo;
 pub mod forwarder;
+pub mod http;
 pub mod io;
 pub mod mesh;
 pub mod metrics;

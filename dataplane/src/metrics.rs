@@ -4,23 +4,44 @@
 //! lookups. The forwarding-latency histogram is recorded by the workers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::http::{self, Handler, Response};
+use crate::io::Lifecycle;
 use crate::stats::StatsSnapshot;
 
 /// Histogram buckets for forwarding latency (seconds): 1 µs … 100 ms.
 const LATENCY_BUCKETS: &[f64] =
     &[1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1];
 
-/// Installs the Prometheus exporter with an HTTP listener on `addr`.
-pub fn install(addr: SocketAddr) -> Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the process-wide Prometheus recorder.
+pub fn install_recorder() -> Result<PrometheusHandle> {
+    Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
-        .install()?;
-    Ok(())
+        .install_recorder()?)
+}
+
+/// `GET /metrics` from a recorder handle.
+pub fn metrics_route(prom: &PrometheusHandle, path: &str) -> Option<Response> {
+    (path == "/metrics").then(|| {
+        prom.run_upkeep();
+        Response { status: 200, content_type: "text/plain; version=0.0.4", body: prom.render() }
+    })
+}
+
+/// Serves `/metrics` (from `prom`), `/healthz` (every worker loop turned
+/// within 5 s) and `/readyz` (healthy and not draining) on `addr`. Returns
+/// the bound address. Install the recorder before starting the relay: the
+/// workers register their histograms when they start.
+pub fn serve_relay(addr: SocketAddr, prom: PrometheusHandle, life: Arc<Lifecycle>) -> Result<SocketAddr> {
+    let handler: Arc<Handler> = Arc::new(move |path: &str| {
+        metrics_route(&prom, path).or_else(|| http::probe(path, life.all_alive(Instant::now()), !life.is_draining()))
+    });
+    http::serve(addr, "relay", handler)
 }
 
 /// Copies one worker's counters into the recorder.

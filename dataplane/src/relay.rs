@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::io::{self, IoBackend};
+use crate::io::{self, IoBackend, Lifecycle};
 use crate::mesh::Mesh;
 use crate::pki::{self, DevPki};
 use crate::policy::Policy;
@@ -120,7 +120,8 @@ pub struct RelayConfig {
     pub pin_cores: bool,
     /// Node id encoded in CIDs (for routing across relays later).
     pub node_id: u16,
-    /// How long shutdown waits for clients to get their Goodbye.
+    /// Bound on a drain (SIGTERM) or shutdown: how long the relay waits
+    /// for clients to move away before it closes what is left and exits.
     pub shutdown_grace_ms: u64,
     pub limits: LimitsConfig,
 }
@@ -142,7 +143,7 @@ impl Default for RelayConfig {
             steering: true,
             pin_cores: true,
             node_id: 0,
-            shutdown_grace_ms: 2000,
+            shutdown_grace_ms: 10_000,
             limits: LimitsConfig::default(),
         }
     }
@@ -255,7 +256,7 @@ pub struct RelayHandle {
     stats: Vec<Arc<WorkerStats>>,
     tids: Vec<Arc<AtomicI32>>,
     mesh: Arc<Mesh>,
-    shutdown: Arc<AtomicBool>,
+    life: Arc<Lifecycle>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -293,7 +294,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
     info!(%local_addr, workers = n, backend = ?backend, steering, "relay starting");
 
     let mesh = Arc::new(Mesh::new(n, cfg.limits.data_queue_depth, cfg.limits.ctrl_queue_depth)?);
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let life = Arc::new(Lifecycle::new(n));
     let limits = Limits {
         max_conns_per_worker: cfg.limits.max_conns_per_worker,
         max_registrations: cfg.limits.max_registrations,
@@ -323,7 +324,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         tids.push(Arc::clone(&tid));
         let wcfg = WorkerConfig { index, workers: n, node_id: cfg.node_id, local_addr, limits: limits.clone() };
         let mesh = Arc::clone(&mesh);
-        let shutdown = Arc::clone(&shutdown);
+        let life = Arc::clone(&life);
         let ready = ready_tx.clone();
         let core = if cores.is_empty() { None } else { cores.get(index % cores.len()).copied() };
         let shared = Arc::clone(&shared);
@@ -352,7 +353,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
                     return;
                 }
             };
-            io::run_worker(&mut worker, be.as_mut(), &shutdown, grace);
+            io::run_worker(&mut worker, be.as_mut(), &life, grace);
         })?;
         threads.push(t);
     }
@@ -361,13 +362,13 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                shutdown.store(true, Ordering::Release);
+                life.shutdown.store(true, Ordering::Release);
                 bail!("worker failed to start: {e}");
             }
             Err(_) => bail!("worker exited during start-up"),
         }
     }
-    Ok(RelayHandle { local_addr, backend, steering, dev_pki, shared, sources, stats, tids, mesh, shutdown, threads })
+    Ok(RelayHandle { local_addr, backend, steering, dev_pki, shared, sources, stats, tids, mesh, life, threads })
 }
 
 impl RelayHandle {
@@ -416,15 +417,51 @@ impl RelayHandle {
     /// Asks the workers to shut down (Goodbye + CONNECTION_CLOSE to each
     /// client) without waiting.
     pub fn signal_shutdown(&self) {
-        self.shutdown.store(true, Ordering::Release);
+        self.life.shutdown.store(true, Ordering::Release);
+        self.wake_workers();
+    }
+
+    /// Starts a drain without waiting (SIGTERM): readiness turns false,
+    /// every client gets Goodbye{DRAINING} and new connections are refused,
+    /// while established ones stay served. Once every agent has left, or
+    /// when the grace period nearly ends, the workers close the remaining
+    /// connections (connectors, stragglers) and exit; [`RelayHandle::join`]
+    /// waits for that.
+    pub fn drain(&self) {
+        self.life.drain.store(true, Ordering::Release);
+        self.wake_workers();
+    }
+
+    /// True once a drain or shutdown has started (`/readyz` answers 503).
+    pub fn is_draining(&self) -> bool {
+        self.life.is_draining()
+    }
+
+    /// The workers' lifecycle, for health endpoints that outlive a borrow.
+    pub fn lifecycle(&self) -> Arc<Lifecycle> {
+        Arc::clone(&self.life)
+    }
+
+    /// Authenticated agent connections, all workers.
+    pub fn agents(&self) -> usize {
+        self.shared.agents.load(Ordering::Relaxed)
+    }
+
+    fn wake_workers(&self) {
         for inbox in &self.mesh.inboxes {
             inbox.wake();
         }
     }
 
     /// Shuts down and waits for the workers (bounded by the grace period).
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.signal_shutdown();
+        self.join();
+    }
+
+    /// Waits for the workers to exit (after [`RelayHandle::drain`] or
+    /// [`RelayHandle::signal_shutdown`]) and removes dev certificates.
+    pub fn join(mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -437,12 +474,13 @@ impl RelayHandle {
     /// recorder once a second (the exporter must be installed first).
     pub fn spawn_metrics_publisher(&self) -> Result<()> {
         let stats = self.stats.clone();
-        let shutdown = Arc::clone(&self.shutdown);
+        let life = Arc::clone(&self.life);
         std::thread::Builder::new().name("relay-metrics".into()).spawn(move || {
-            while !shutdown.load(Ordering::Acquire) {
+            while !life.shutdown.load(Ordering::Acquire) {
                 for (w, s) in stats.iter().enumerate() {
                     crate::metrics::publish(w, &s.snapshot());
                 }
+                metrics::gauge!("ztna_relay_draining").set(if life.drain.load(Ordering::Acquire) { 1.0 } else { 0.0 });
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;

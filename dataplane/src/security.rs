@@ -84,6 +84,9 @@ pub struct Shared {
     pub per_ip: PerIp,
     /// Open connections over all workers.
     pub conns: AtomicUsize,
+    /// Authenticated agent connections over all workers: a drain ends early
+    /// once they have all moved to another relay.
+    pub agents: AtomicUsize,
     /// The relay's start (Retry token clock, per-IP rate windows).
     pub started: Instant,
 }
@@ -95,6 +98,7 @@ impl Shared {
             retry_keys: RetryKeys::new(start),
             per_ip,
             conns: AtomicUsize::new(0),
+            agents: AtomicUsize::new(0),
             started: start,
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use ztna_control::datagram;
-use ztna_control::identity::Identity;
+use ztna_control::identity::{Identity, Kind};
 use ztna_control::wire::{self, FrameDecoder, Message, Role};
 use ztna_control::Code;
 
@@ -235,6 +235,9 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     latency: metrics::Histogram,
     shutting_down: bool,
+    /// Draining: Goodbye{DRAINING} sent, no new connections, forwarding
+    /// goes on for the clients that have not left yet.
+    draining: bool,
     /// The `now` of the current entry point.
     now: Instant,
 }
@@ -289,6 +292,7 @@ impl Worker {
             stats,
             latency,
             shutting_down: false,
+            draining: false,
             now,
         })
     }
@@ -432,7 +436,7 @@ impl Worker {
     /// limits, the per-IP limits and (when required) address validation.
     fn accept(&mut self, initial: &Initial, from: SocketAddr, len: usize, now: Instant) -> Option<u32> {
         let limits = &self.cfg.limits;
-        if len < MIN_INITIAL_LEN || self.shutting_down {
+        if len < MIN_INITIAL_LEN || self.shutting_down || self.draining {
             self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -629,6 +633,9 @@ impl Worker {
             Some(Ok(id)) => {
                 debug!(worker = self.cfg.index, peer = %conn.peer, identity = %id.uri(), "client authenticated");
                 conn.identity_uri = Arc::from(id.uri());
+                if id.kind == Kind::Agent {
+                    self.shared.agents.fetch_add(1, Ordering::Relaxed);
+                }
                 conn.identity = Some(id);
             }
             _ => self.fail(conn, Code::DENIED, "no acceptable client certificate"),
@@ -703,6 +710,11 @@ impl Worker {
                     self.send_msg(conn, &Message::HelloAck { version });
                     let addr = canonical(conn.peer);
                     self.send_msg(conn, &Message::ObservedAddress { addr });
+                    if self.draining {
+                        // Handshaking when the drain began: tell it now.
+                        self.send_msg(conn, &drain_goodbye());
+                        self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Message::Hello { .. } => self.fail(conn, Code::UNSUPPORTED_VERSION, "unsupported version"),
                 _ => self.fail(conn, Code::UNEXPECTED_MESSAGE, "expected Hello"),
@@ -1360,6 +1372,9 @@ impl Worker {
         }
         self.shared.per_ip.close(conn.ip);
         self.shared.conns.fetch_sub(1, Ordering::Relaxed);
+        if conn.identity.as_ref().is_some_and(|id| id.kind == Kind::Agent) {
+            self.shared.agents.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(e) = conn.quic.local_error().filter(|e| !e.is_app && !conn.quic.is_established()) {
             self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
             warn!(worker = self.cfg.index, peer = %conn.peer, code = format!("{:#x}", e.error_code),
@@ -1399,6 +1414,37 @@ impl Worker {
         self.outbox.iter().any(|q| !q.is_empty())
     }
 
+    /// Starts a drain: Goodbye{DRAINING} to every client, no new
+    /// connections. Unlike a shutdown, connections stay fully served, so
+    /// clients can move to another relay at their own pace and connectors
+    /// keep serving the agents that have not moved yet; the driver ends the
+    /// drain with [`Worker::begin_shutdown`].
+    pub fn begin_drain(&mut self, now: Instant) {
+        if self.draining || self.shutting_down {
+            return;
+        }
+        self.now = now;
+        self.draining = true;
+        let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
+        for key in keys {
+            let Some(mut conn) = self.take(key) else { continue };
+            if conn.hello && !conn.stopped {
+                self.send_msg(&mut conn, &drain_goodbye());
+                self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            self.put(conn);
+        }
+    }
+
+    /// Authenticated agent connections over all workers.
+    pub fn agents_relay_wide(&self) -> usize {
+        self.shared.agents.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
     /// Goodbye to every client, CONNECTION_CLOSE `linger` later (so the
     /// Goodbye is delivered first); refuse new connections.
     pub fn begin_shutdown(&mut self, code: Code, reason: &str, linger: Duration, now: Instant) {
@@ -1410,7 +1456,7 @@ impl Worker {
         let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
         for key in keys {
             let Some(mut conn) = self.take(key) else { continue };
-            if conn.hello {
+            if conn.hello && !conn.stopped {
                 self.send_msg(&mut conn, &Message::Goodbye { code, reason: reason.to_owned() });
                 self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -1423,4 +1469,9 @@ impl Worker {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
     }
+}
+
+/// The Goodbye a draining relay sends.
+fn drain_goodbye() -> Message {
+    Message::Goodbye { code: Code::DRAINING, reason: "relay draining; reconnect to another relay".to_owned() }
 }

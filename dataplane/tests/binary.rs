@@ -67,11 +67,19 @@ fn check_config_accepts_good_and_rejects_unknown_keys() {
     }
 }
 
+/// SIGTERM drains: /readyz turns 503 (/healthz stays 200), every client
+/// gets Goodbye{DRAINING}, and the relay exits as soon as the last agent
+/// has left, well before its grace period.
 #[test]
-fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
+fn sigterm_drains_readiness_goodbye_and_early_exit() {
     for backend in ["uring", "portable"] {
+        let http: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
         let mut child = Command::new(BIN)
-            .args(["--dev", "--listen", "127.0.0.1:0", "--workers", "2", "--io-backend", backend])
+            .args(["--dev", "--listen", "127.0.0.1:0", "--workers", "2", "--io-backend", backend, "--metrics"])
+            .arg(http.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -82,8 +90,15 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
         let mut lines = BufReader::new(stdout).lines();
         let addr: SocketAddr = lines.next().unwrap().unwrap().strip_prefix("listening on ").unwrap().parse().unwrap();
         let ca = lines.next().unwrap().unwrap().strip_prefix("dev CA: ").unwrap().to_owned();
+        let get = |path: &str| ztna_dataplane::http::get(http, path).map(|(s, _)| s).unwrap_or(0);
+        assert_eq!((get("/healthz"), get("/readyz")), (200, 200), "{backend}: healthy and ready");
+        let (_, metrics) = ztna_dataplane::http::get(http, "/metrics").unwrap();
+        assert!(metrics.contains("ztna_relay_packets_received_total"), "{backend}: {metrics}");
 
-        let cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+        // An agent that stays on Goodbye keeps the drain going, so the
+        // probes can be read during it.
+        let mut cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
+        cfg.leave_on_goodbye = false;
         // The dev CA's key sits next to its certificate: issue a client.
         let ca_dir = std::path::Path::new(&ca).parent().unwrap();
         let ca_files = ztna_dataplane::pki::CaFiles::in_dir(ca_dir);
@@ -95,12 +110,25 @@ fn sigterm_sends_goodbye_and_exits_in_bounded_time() {
 
         // SAFETY: plain kill(2) on our own child process.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let t = Instant::now();
         match c.wait_for(T, |e| matches!(e, Event::Goodbye { .. }), |_| {}) {
-            Some(Event::Goodbye { code, .. }) => assert_eq!(code, Code::SHUTDOWN),
+            Some(Event::Goodbye { code, .. }) => assert_eq!(code, Code::DRAINING),
             other => panic!("{backend}: no Goodbye: {other:?}"),
         }
+        assert_eq!((get("/healthz"), get("/readyz")), (200, 503), "{backend}: alive but not ready while draining");
+        let (_, metrics) = ztna_dataplane::http::get(http, "/metrics").unwrap();
+        let draining = metrics.lines().any(|l| l == "ztna_relay_draining 1");
+        // The publisher copies once a second: give it one turn.
+        let draining = draining || {
+            std::thread::sleep(Duration::from_millis(1100));
+            let (_, m) = ztna_dataplane::http::get(http, "/metrics").unwrap();
+            m.lines().any(|l| l == "ztna_relay_draining 1")
+        };
+        assert!(draining, "{backend}: ztna_relay_draining gauge");
+        // The agent leaves: the relay exits well before its 10 s grace.
+        c.session.close();
+        let t = Instant::now();
         let status = loop {
+            c.pump();
             if let Some(s) = child.0.try_wait().unwrap() {
                 break s;
             }

@@ -22,9 +22,9 @@ fn scrape(addr: std::net::SocketAddr) -> String {
 
 #[test]
 fn metrics_endpoint_serves_counters_and_latency_histogram() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    ztna_dataplane::metrics::install(port).unwrap();
+    let prom = ztna_dataplane::metrics::install_recorder().unwrap();
     let relay = start_relay(2, IoBackend::Auto, true);
+    let port = ztna_dataplane::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
     relay.spawn_metrics_publisher().unwrap();
     let mut c = client(&relay, &[(Role::Connector, "echo")], 1);
     until_registered(&mut c, 1);

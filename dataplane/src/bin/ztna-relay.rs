@@ -190,18 +190,18 @@ fn main() -> Result<()> {
         println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
         return Ok(());
     }
-    if let Some(addr) = cfg.metrics {
-        ztna_dataplane::metrics::install(addr)?;
-        info!(%addr, "metrics on http://{addr}/metrics");
-    }
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
+    // Before the workers start: they register their histograms then.
+    let prom = cfg.metrics.map(|_| ztna_dataplane::metrics::install_recorder()).transpose()?;
     let handle = relay::start(&cfg)?;
-    if cfg.metrics.is_some() {
+    if let (Some(addr), Some(prom)) = (cfg.metrics, prom) {
+        let addr = ztna_dataplane::metrics::serve_relay(addr, prom, handle.lifecycle())?;
         handle.spawn_metrics_publisher()?;
+        info!(%addr, "http://{addr}/metrics, /healthz and /readyz");
     }
     info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
     // Machine-readable lines for scripts and tests.
@@ -219,9 +219,13 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    info!("signal received: sending Goodbye and closing connections");
+    // Drain: /readyz turns 503, clients get Goodbye{DRAINING} and move to
+    // another relay while their traffic still flows here; then the
+    // connectors and stragglers are closed. Bounded by shutdown_grace_ms.
     let t = std::time::Instant::now();
-    handle.shutdown();
+    info!(agents = handle.agents(), grace_ms = cfg.shutdown_grace_ms, "signal received: draining");
+    handle.drain();
+    handle.join();
     info!(elapsed_ms = t.elapsed().as_millis() as u64, "relay stopped");
     Ok(())
 }

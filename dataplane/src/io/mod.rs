@@ -12,7 +12,7 @@ pub mod uring;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ztna_control::Code;
@@ -113,15 +113,77 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
     Ok(out)
 }
 
-/// Runs one worker until `shutdown` is set and its connections are closed
-/// or `grace` has passed.
-pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, shutdown: &AtomicBool, grace: Duration) {
+/// What the relay handle asks of its workers, and their heartbeats.
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// Shut down now: Goodbye{SHUTDOWN}, close a quarter of the grace
+    /// period later, exit when closed or after the grace period.
+    pub shutdown: AtomicBool,
+    /// Drain: Goodbye{DRAINING}, keep serving until every agent has left
+    /// (relay-wide) or the grace period nearly ends, then shut down.
+    pub drain: AtomicBool,
+    epoch: Instant,
+    /// Per worker: milliseconds since `epoch` at its last loop turn.
+    heartbeats: Vec<AtomicU64>,
+}
+
+/// A worker loop turns at least every 500 ms; one silent for this long is
+/// stuck or gone.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
+
+impl Lifecycle {
+    pub fn new(workers: usize) -> Lifecycle {
+        Lifecycle {
+            shutdown: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
+            epoch: Instant::now(),
+            heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn beat(&self, worker: usize, now: Instant) {
+        if let Some(h) = self.heartbeats.get(worker) {
+            h.store(now.saturating_duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// True while every worker loop has turned within [`HEARTBEAT_STALE`].
+    pub fn all_alive(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let stale = HEARTBEAT_STALE.as_millis() as u64;
+        self.heartbeats.iter().all(|h| now_ms.saturating_sub(h.load(Ordering::Relaxed)) < stale)
+    }
+
+    /// True once a drain or a shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        self.drain.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire)
+    }
+}
+
+/// Runs one worker until it is shut down (directly, or at the end of a
+/// drain) and its connections are closed, bounded by `grace`.
+pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecycle, grace: Duration) {
+    // Final phase of a drain: close the connectors and stragglers.
+    let linger = (grace / 4).min(Duration::from_millis(500));
+    let mut drain_end: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        if shutdown.load(Ordering::Acquire) && deadline.is_none() {
-            worker.begin_shutdown(Code::SHUTDOWN, "relay shutting down", grace / 4, now);
-            deadline = Some(now + grace);
+        life.beat(worker.index(), now);
+        if deadline.is_none() {
+            if drain_end.is_none() && life.drain.load(Ordering::Acquire) {
+                worker.begin_drain(now);
+                drain_end = Some(now + grace.saturating_sub(linger * 2));
+            }
+            if life.shutdown.load(Ordering::Acquire) {
+                worker.begin_shutdown(Code::SHUTDOWN, "relay shutting down", grace / 4, now);
+                deadline = Some(now + grace);
+            } else if let Some(end) = drain_end {
+                if now >= end || worker.agents_relay_wide() == 0 {
+                    worker.begin_shutdown(Code::SHUTDOWN, "relay shutting down", linger, now);
+                    deadline = Some(now + linger * 2);
+                }
+            }
         }
         if let Some(d) = deadline {
             if worker.conn_count() == 0 || now >= d {
@@ -130,7 +192,7 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, shutdown: &Ato
         }
         let mut timeout =
             worker.next_timeout().map_or(Duration::from_millis(500), |t| t.saturating_duration_since(now));
-        timeout = timeout.min(Duration::from_millis(500));
+        timeout = timeout.min(Duration::from_millis(if drain_end.is_some() { 50 } else { 500 }));
         if worker.has_backlog() {
             timeout = timeout.min(Duration::from_millis(1));
         }
