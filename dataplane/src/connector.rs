@@ -21,7 +21,7 @@ use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -77,8 +77,15 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
-    /// Relays to register at (all of them, from the same socket).
-    pub relays: Vec<SocketAddr>,
+    /// Relays to register at, each `host:port` (all of them, from the same
+    /// socket). A DNS name stands for every address it resolves to and is
+    /// re-resolved every [`RESOLVE_EVERY`], so a Kubernetes headless Service
+    /// connects the connector to every relay replica.
+    pub relays: Vec<String>,
+    /// HTTP `/healthz`, `/readyz` (every service registered at one relay
+    /// or more) and `/metrics`, e.g. `0.0.0.0:9091`.
+    #[serde(default)]
+    pub health: Option<SocketAddr>,
     /// Local UDP address; the fixed port is what P2P peers will punch to.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -162,7 +169,8 @@ impl ConnectorConfig {
     /// A configuration with every optional setting at its default.
     pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
         ConnectorConfig {
-            relays,
+            relays: relays.iter().map(SocketAddr::to_string).collect(),
+            health: None,
             listen: default_listen(),
             server_name: default_server_name(),
             ca: None,
@@ -190,6 +198,12 @@ impl ConnectorConfig {
     pub fn validate(&self) -> Result<()> {
         if self.relays.is_empty() {
             bail!("at least one relay is required");
+        }
+        for r in &self.relays {
+            let port = r.rsplit_once(':').and_then(|(host, p)| (!host.is_empty()).then_some(p));
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+                bail!("relay {r:?} is not host:port");
+            }
         }
         if self.services.is_empty() {
             bail!("at least one service is required");
@@ -272,6 +286,38 @@ impl ConnectorStats {
     fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// (name, value) of every counter, for `/metrics`.
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        let all: [(&'static str, &AtomicU64); 25] = [
+            ("packets_from_agents", &self.packets_from_agents),
+            ("flows_refused", &self.flows_refused),
+            ("packets_to_agents", &self.packets_to_agents),
+            ("udp_to_backend", &self.udp_to_backend),
+            ("udp_from_backend", &self.udp_from_backend),
+            ("icmp_echo_replies", &self.icmp_echo_replies),
+            ("udp_flows_opened", &self.udp_flows_opened),
+            ("udp_flows_expired", &self.udp_flows_expired),
+            ("drop_malformed", &self.drop_malformed),
+            ("drop_ipv6", &self.drop_ipv6),
+            ("drop_not_allowed", &self.drop_not_allowed),
+            ("drop_too_big", &self.drop_too_big),
+            ("tcp_connections_opened", &self.tcp_connections_opened),
+            ("tcp_connections_closed", &self.tcp_connections_closed),
+            ("tcp_bytes_to_backend", &self.tcp_bytes_to_backend),
+            ("tcp_bytes_from_backend", &self.tcp_bytes_from_backend),
+            ("tcp_backend_connect_failed", &self.tcp_backend_connect_failed),
+            ("tcp_backend_errors", &self.tcp_backend_errors),
+            ("tcp_idle_timeouts", &self.tcp_idle_timeouts),
+            ("drop_tcp_limit", &self.drop_tcp_limit),
+            ("drop_tcp_no_connection", &self.drop_tcp_no_connection),
+            ("drop_tcp_queue_full", &self.drop_tcp_queue_full),
+            ("drop_flow_table_full", &self.drop_flow_table_full),
+            ("drop_unknown_flow", &self.drop_unknown_flow),
+            ("drop_send_to_agent", &self.drop_send_to_agent),
+        ];
+        all.iter().map(|(n, v)| (*n, v.load(Ordering::Relaxed))).collect()
+    }
 }
 
 /// Key of a UDP flow: which relay session and agent flow, and the inner
@@ -289,9 +335,119 @@ struct UdpFlow {
     last: Instant,
 }
 
+/// How often relay names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// Resolves every `host:port` entry to all its addresses (deduplicated, in
+/// order). Entries that fail to resolve are logged and skipped.
+pub fn resolve_relays(entries: &[String]) -> Vec<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for e in entries {
+        match e.to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs {
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+            }
+            Err(err) => warn!(relay = %e, error = %err, "cannot resolve relay"),
+        }
+    }
+    out
+}
+
+/// Resolves `entries` every [`RESOLVE_EVERY`] on a thread of its own; the
+/// thread ends when the receiver is dropped.
+fn spawn_resolver(entries: &[String]) -> mpsc::Receiver<Vec<SocketAddr>> {
+    let (tx, rx) = mpsc::channel();
+    let entries = entries.to_vec();
+    let spawned = std::thread::Builder::new().name("connector-dns".into()).spawn(move || loop {
+        std::thread::sleep(RESOLVE_EVERY);
+        if tx.send(resolve_relays(&entries)).is_err() {
+            return;
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the relay resolver; relay addresses stay as first resolved");
+    }
+    rx
+}
+
+/// Liveness and readiness of a running connector, shared with its HTTP
+/// endpoint.
+#[derive(Debug)]
+pub struct ConnectorHealth {
+    epoch: Instant,
+    /// Milliseconds since `epoch` at the last loop turn.
+    heartbeat_ms: AtomicU64,
+    /// Every service registered at one relay or more.
+    serving: AtomicBool,
+    relays: AtomicU64,
+    relays_connected: AtomicU64,
+}
+
+impl ConnectorHealth {
+    fn new() -> ConnectorHealth {
+        ConnectorHealth {
+            epoch: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
+            relays: AtomicU64::new(0),
+            relays_connected: AtomicU64::new(0),
+        }
+    }
+
+    /// The loop turned within the last 5 s.
+    pub fn alive(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        now_ms.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)) < 5000
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` of a connector on `addr`.
+pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<ConnectorStats>) -> Result<SocketAddr> {
+    let handler: Arc<crate::http::Handler> = Arc::new(move |path: &str| {
+        if path == "/metrics" {
+            return Some(crate::http::Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: render_metrics(&health, &stats),
+            });
+        }
+        crate::http::probe(path, health.alive(Instant::now()), health.serving())
+    });
+    crate::http::serve(addr, "connector", handler)
+}
+
+fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let gauges = [
+        ("ztna_connector_relays", h.relays.load(Ordering::Relaxed)),
+        ("ztna_connector_relays_connected", h.relays_connected.load(Ordering::Relaxed)),
+        ("ztna_connector_ready", u64::from(h.serving())),
+    ];
+    for (name, v) in gauges {
+        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
+    }
+    for (field, v) in s.fields() {
+        let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");
+    }
+    out
+}
+
 /// A relay session and what it learned.
 struct RelayLink {
     relay: SocketAddr,
+    /// Its address left DNS while it was disconnected: closed, and its
+    /// slot reusable (slots are never removed: flow keys hold the index).
+    retired: bool,
     session: ClientSession,
     /// Service handle → service.
     handles: HashMap<u32, usize>,
@@ -304,6 +460,11 @@ pub struct Connector {
     cfg: ConnectorConfig,
     socket: UdpSocket,
     links: Vec<RelayLink>,
+    tls: TlsOptions,
+    seed: u64,
+    /// Fresh resolutions of the relay names (None: IP literals only).
+    resolver: Option<mpsc::Receiver<Vec<SocketAddr>>>,
+    health: Arc<ConnectorHealth>,
     udp: HashMap<UdpKey, UdpFlow>,
     tcp: TcpEngine,
     pub stats: Arc<ConnectorStats>,
@@ -328,23 +489,11 @@ impl Connector {
             key_file: path(&cfg.key),
             verify_peer: !cfg.insecure,
         };
-        let regs: Vec<(Role, ServiceName)> =
-            cfg.services.iter().filter_map(|s| ServiceName::new(&s.name)).map(|s| (Role::Connector, s)).collect();
-        let mut links = Vec::new();
-        for (i, relay) in cfg.relays.iter().enumerate() {
-            let local = if local.ip().is_unspecified() && relay.ip().is_loopback() {
-                SocketAddr::new(relay.ip(), local.port())
-            } else {
-                local
-            };
-            let mut c = ClientConfig::new(*relay, local, &cfg.server_name);
-            c.registrations = regs.clone();
-            c.software = format!("ztna-connector/{}", env!("CARGO_PKG_VERSION"));
-            let qc = quic::client_config(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
-            let session = ClientSession::new(c, qc, seed.wrapping_add(i as u64), Instant::now());
-            links.push(RelayLink { relay: *relay, session, handles: HashMap::new(), flows: HashMap::new() });
-        }
-        info!(%local, relays = cfg.relays.len(), services = cfg.services.len(), "connector starting");
+        let addrs = resolve_relays(&cfg.relays);
+        // IP literals need no resolver; names are resolved again in the
+        // background (getaddrinfo blocks), so new replicas are picked up.
+        let resolver = cfg.relays.iter().any(|r| r.parse::<SocketAddr>().is_err()).then(|| spawn_resolver(&cfg.relays));
+        info!(%local, relays = ?addrs, services = cfg.services.len(), "connector starting");
         let stats = Arc::new(ConnectorStats::default());
         let limits = TcpLimits {
             max_flows: cfg.max_tcp_flows,
@@ -354,17 +503,92 @@ impl Connector {
             idle: Duration::from_secs(cfg.tcp_idle_secs),
             connect_timeout: TCP_CONNECT_TIMEOUT,
         };
-        Ok(Connector {
+        let mut c = Connector {
             cfg,
             socket,
-            links,
+            links: Vec::new(),
+            tls,
+            seed,
+            resolver,
+            health: Arc::new(ConnectorHealth::new()),
             udp: HashMap::new(),
             tcp: TcpEngine::new(limits, Arc::clone(&stats), seed),
             stats,
             buf: vec![0u8; 65_536],
             out: vec![0u8; 2048],
             pkt: Vec::with_capacity(2048),
-        })
+        };
+        c.reconcile(&addrs)?;
+        Ok(c)
+    }
+
+    /// Liveness and readiness, for [`serve_health`].
+    pub fn health(&self) -> Arc<ConnectorHealth> {
+        Arc::clone(&self.health)
+    }
+
+    /// Relays this connector currently holds a session with (not retired).
+    pub fn relays(&self) -> Vec<SocketAddr> {
+        self.links.iter().filter(|l| !l.retired).map(|l| l.relay).collect()
+    }
+
+    /// Brings the links in line with the resolved relay addresses: a new
+    /// address gets a session; a link whose address is gone is retired once
+    /// it is disconnected, never while connected (a draining relay leaves
+    /// DNS first but still serves agents through us until it closes).
+    fn reconcile(&mut self, addrs: &[SocketAddr]) -> Result<()> {
+        if addrs.is_empty() {
+            return Ok(()); // a DNS hiccup: keep what we have
+        }
+        for i in 0..self.links.len() {
+            let Some(l) = self.links.get_mut(i) else { continue };
+            if !l.retired && !addrs.contains(&l.relay) && !l.session.is_connected() {
+                info!(relay = %l.relay, "relay left DNS; closing its session");
+                l.retired = true;
+                l.session.close();
+                l.handles.clear();
+                l.flows.clear();
+                self.udp.retain(|k, _| k.session != i);
+                self.tcp.remove_session(i);
+            }
+        }
+        for &relay in addrs {
+            if self.links.iter().any(|l| !l.retired && l.relay == relay) {
+                continue;
+            }
+            let link = self.new_link(relay)?;
+            info!(%relay, "new relay");
+            match self.links.iter().position(|l| l.retired && l.session.is_stopped()) {
+                Some(i) => {
+                    if let Some(slot) = self.links.get_mut(i) {
+                        *slot = link;
+                    }
+                }
+                None => self.links.push(link),
+            }
+        }
+        self.health.relays.store(self.relays().len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn new_link(&mut self, relay: SocketAddr) -> Result<RelayLink> {
+        let local = self.socket.local_addr()?;
+        let local = if local.ip().is_unspecified() && relay.ip().is_loopback() {
+            SocketAddr::new(relay.ip(), local.port())
+        } else {
+            local
+        };
+        let mut c = ClientConfig::new(relay, local, &self.cfg.server_name);
+        c.registrations =
+            self.cfg.services.iter().filter_map(|s| ServiceName::new(&s.name)).map(|s| (Role::Connector, s)).collect();
+        c.software = format!("ztna-connector/{}", env!("CARGO_PKG_VERSION"));
+        // Pinned to this relay: on Goodbye{DRAINING} keep serving the agents
+        // still there until the relay closes us.
+        c.leave_on_goodbye = false;
+        let qc = quic::client_config(&self.tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+        self.seed = self.seed.wrapping_add(1);
+        let session = ClientSession::new(c, qc, self.seed, Instant::now());
+        Ok(RelayLink { relay, retired: false, session, handles: HashMap::new(), flows: HashMap::new() })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -389,6 +613,10 @@ impl Connector {
     /// One loop turn: wait up to `max_wait`, then process everything.
     pub fn turn(&mut self, max_wait: Duration) -> Result<()> {
         let now = Instant::now();
+        self.update_health(now);
+        if let Some(addrs) = self.resolver.as_ref().and_then(|r| r.try_iter().last()) {
+            self.reconcile(&addrs)?;
+        }
         let deadline = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
         let deadline = match (deadline, self.tcp.next_deadline(now)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -406,7 +634,8 @@ impl Connector {
         // From relays.
         while let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
             let now = Instant::now();
-            if let (Some(l), Some(b)) = (self.links.iter_mut().find(|l| l.relay == from), self.buf.get_mut(..n)) {
+            let link = self.links.iter_mut().find(|l| l.relay == from && !l.retired);
+            if let (Some(l), Some(b)) = (link, self.buf.get_mut(..n)) {
                 l.session.recv(b, from, now);
             }
         }
@@ -663,6 +892,19 @@ impl Connector {
 
     /// Whether every relay link has all its services registered.
     pub fn is_ready(&self) -> bool {
-        self.links.iter().all(|l| l.handles.len() == self.cfg.services.len())
+        self.links.iter().filter(|l| !l.retired).all(|l| l.handles.len() == self.cfg.services.len())
+    }
+
+    /// Whether some relay link has all its services registered (`/readyz`).
+    pub fn is_serving(&self) -> bool {
+        self.links.iter().any(|l| !l.retired && l.handles.len() == self.cfg.services.len())
+    }
+
+    fn update_health(&self, now: Instant) {
+        let h = &self.health;
+        h.heartbeat_ms.store(now.saturating_duration_since(h.epoch).as_millis() as u64, Ordering::Relaxed);
+        h.serving.store(self.is_serving(), Ordering::Relaxed);
+        let connected = self.links.iter().filter(|l| !l.retired && l.session.is_connected()).count();
+        h.relays_connected.store(connected as u64, Ordering::Relaxed);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ztna_dataplane::connector::{Connector, ConnectorConfig};
+use ztna_dataplane::connector::{self, Connector, ConnectorConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "ztna-connector", version, about = "ZTNA connector: tunneled IP packets to real backends")]
@@ -17,9 +17,13 @@ struct Cli {
     /// TOML config file (required; clap cannot make a global flag required).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Relay address (repeatable; replaces the file's list).
+    /// Relay as host:port (repeatable; replaces the file's list). A DNS
+    /// name means every address it resolves to (a headless Service).
     #[arg(long, global = true)]
-    relay: Vec<SocketAddr>,
+    relay: Vec<String>,
+    /// HTTP /healthz, /readyz and /metrics, e.g. 0.0.0.0:9091.
+    #[arg(long, global = true)]
+    health: Option<SocketAddr>,
     /// Local UDP address (default 0.0.0.0:4434).
     #[arg(long, global = true)]
     listen: Option<SocketAddr>,
@@ -58,6 +62,9 @@ fn main() -> Result<()> {
     if !cli.relay.is_empty() {
         cfg.relays = cli.relay.clone();
     }
+    if let Some(h) = cli.health {
+        cfg.health = Some(h);
+    }
     if let Some(l) = cli.listen {
         cfg.listen = l;
     }
@@ -83,7 +90,12 @@ fn main() -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     let mut seed = [0u8; 8];
     boring::rand::rand_bytes(&mut seed)?;
+    let health = cfg.health;
     let mut c = Connector::new(cfg, u64::from_le_bytes(seed))?;
+    if let Some(addr) = health {
+        let addr = connector::serve_health(addr, c.health(), Arc::clone(&c.stats))?;
+        tracing::info!(%addr, "http://{addr}/healthz, /readyz and /metrics");
+    }
     println!("listening on {}", c.local_addr()?);
     c.run(&stop)
 }
