@@ -21,6 +21,9 @@ use crate::route::{Cidr, RouteTable};
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub relay: SocketAddr,
+    /// Other relay replicas: after a Goodbye or a lost connection the agent
+    /// moves to the next one, round robin (empty: always `relay`).
+    pub fallback_relays: Vec<SocketAddr>,
     pub server_name: String,
     /// Local address of the caller's UDP socket.
     pub local: SocketAddr,
@@ -113,6 +116,7 @@ impl AgentCore {
     pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Result<AgentCore, String> {
         let routes = RouteTable::new(cfg.routes.iter().map(|(s, c)| (*c, s.clone())).collect());
         let mut ccfg = ClientConfig::new(cfg.relay, cfg.local, &cfg.server_name);
+        ccfg.fallbacks = cfg.fallback_relays.clone();
         ccfg.registrations = routes.services().into_iter().map(|s| (Role::Agent, s)).collect();
         ccfg.software = format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"));
         let qc = quic::client_config(&cfg.tls).map_err(|e| format!("TLS configuration: {e}"))?;
@@ -141,6 +145,12 @@ impl AgentCore {
             drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
             ..self.stats
         }
+    }
+
+    /// The relay of the current (or next) connection attempt: changes on
+    /// failover to a fallback relay.
+    pub fn relay(&self) -> SocketAddr {
+        self.session.relay()
     }
 
     pub fn observed_address(&self) -> Option<SocketAddr> {

@@ -298,7 +298,7 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                 }
             }
             let tls = TlsOptions { ca_file, cert_file, key_file, verify_peer: c.insecure_skip_verify == 0 };
-            Ok(AgentConfig { relay, server_name, local, tls, routes })
+            Ok(AgentConfig { relay, fallback_relays: Vec::new(), server_name, local, tls, routes })
         })();
         let acfg = match parsed {
             Ok(a) => a,

@@ -82,6 +82,7 @@ fn routing_and_refusals() {
     sock.set_nonblocking(true).unwrap();
     let cfg = AgentConfig {
         relay: relay.local_addr,
+        fallback_relays: Vec::new(),
         server_name: "localhost".into(),
         local: sock.local_addr().unwrap(),
         tls,

@@ -45,6 +45,7 @@ impl AgentLink {
         sock.set_nonblocking(true)?;
         let cfg = AgentConfig {
             relay,
+            fallback_relays: Vec::new(),
             server_name: "localhost".into(),
             local: sock.local_addr()?,
             tls,

@@ -234,6 +234,10 @@ impl Agent {
 
     /// QUIC packets from the core → the relay, in `sendmmsg` batches.
     fn transmit(&mut self, now: Instant) {
+        let target = self.core.relay();
+        if target != self.relay {
+            self.switch_relay(target);
+        }
         loop {
             if self.tx.pending() && !self.flush() {
                 return; // socket full: POLLOUT next turn
@@ -255,6 +259,22 @@ impl Agent {
             if !self.flush() || !full {
                 return; // would block, or the core has no more
             }
+        }
+    }
+
+    /// The core moved to another relay (drain or failover): point the
+    /// connected socket there. The old connection is over (the core only
+    /// moves after it closed), so its unsent packets may go.
+    fn switch_relay(&mut self, to: SocketAddr) {
+        if self.tx.pending() && !self.flush() {
+            self.tx.clear();
+        }
+        match self.sock.connect(to) {
+            Ok(()) => {
+                info!(from = %self.relay, %to, "switching relay");
+                self.relay = to;
+            }
+            Err(e) => warn!(%to, error = %e, "cannot connect the UDP socket to the next relay"),
         }
     }
 

@@ -48,6 +48,10 @@ pub struct ServiceConfig {
 pub struct FileConfig {
     /// Relay address (IP:PORT); may come from `--relay` instead.
     pub relay: Option<SocketAddr>,
+    /// Other relay replicas (IP:PORT) to move to when the relay drains or
+    /// is lost, round robin.
+    #[serde(default)]
+    pub fallback_relays: Vec<SocketAddr>,
     /// TLS server name of the relay (its certificate must cover it).
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -102,6 +106,7 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub relay: SocketAddr,
+    pub fallback_relays: Vec<SocketAddr>,
     pub server_name: String,
     pub ca: Option<PathBuf>,
     pub cert: PathBuf,
@@ -194,15 +199,18 @@ impl FileConfig {
             }
             for c in &s.cidrs {
                 let cidr: Cidr = c.parse().map_err(|e| anyhow::anyhow!("service {:?}: {e}", s.name))?;
-                // Routing the relay into the tunnel would loop every packet.
-                if cidr.contains(relay.ip()) {
-                    bail!("service {:?}: {cidr} contains the relay address {}", s.name, relay.ip());
+                // Routing a relay into the tunnel would loop every packet.
+                if let Some(r) = std::iter::once(&relay).chain(&self.fallback_relays).find(|r| cidr.contains(r.ip())) {
+                    bail!("service {:?}: {cidr} contains the relay address {}", s.name, r.ip());
                 }
                 if let Some((other, _)) = routes.iter().find(|(_, r): &&(ServiceName, Cidr)| *r == cidr) {
                     bail!("{cidr} is listed twice (services {:?} and {:?})", other.as_str(), s.name);
                 }
                 routes.push((svc.clone(), cidr));
             }
+        }
+        if let Some(f) = self.fallback_relays.iter().find(|f| f.is_ipv4() != relay.is_ipv4()) {
+            bail!("fallback relay {f} and relay {relay} are of different families (one socket serves both)");
         }
         let listen = match self.listen {
             Some(l) => {
@@ -216,6 +224,7 @@ impl FileConfig {
         };
         Ok(Config {
             relay,
+            fallback_relays: self.fallback_relays.clone(),
             server_name: self.server_name.clone(),
             ca: self.ca.clone(),
             cert: cert.clone(),
@@ -243,6 +252,7 @@ impl Config {
     pub fn agent_config(&self, local: SocketAddr) -> AgentConfig {
         AgentConfig {
             relay: self.relay,
+            fallback_relays: self.fallback_relays.clone(),
             server_name: self.server_name.clone(),
             local,
             tls: TlsOptions {

@@ -113,6 +113,12 @@ impl Batch {
         }
     }
 
+    /// Forgets what is filled and not yet sent.
+    pub fn clear(&mut self) {
+        self.filled = 0;
+        self.sent = 0;
+    }
+
     pub fn is_full(&self) -> bool {
         self.filled >= BATCH
     }
