@@ -71,7 +71,7 @@ fn c_program_against_real_relay_and_connector() {
         vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
+            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: None,
         }],
     );

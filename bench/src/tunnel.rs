@@ -152,8 +152,8 @@ impl TunnelEnv {
                 name: SERVICE.into(),
                 icmp: true,
                 backend: vec![
-                    Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr },
-                    Backend { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr },
+                    Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() },
+                    Backend { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr.into() },
                 ],
                 allow_agents: None,
             }],

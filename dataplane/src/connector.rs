@@ -49,7 +49,52 @@ pub enum Proto {
 pub struct Backend {
     pub protocol: Proto,
     pub port: u16,
-    pub target: SocketAddr,
+    pub target: Target,
+}
+
+/// A backend address: `ip:port`, or `host:port` resolved (first address)
+/// when the connector starts, e.g. a Kubernetes Service name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Target(String);
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The address, resolving a name (blocking).
+    pub fn resolve(&self) -> Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        self.0
+            .to_socket_addrs()
+            .with_context(|| format!("resolving backend {}", self.0))?
+            .next()
+            .with_context(|| format!("backend {} resolves to no address", self.0))
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+    fn try_from(s: String) -> Result<Target, String> {
+        let port = s.rsplit_once(':').and_then(|(host, p)| (!host.is_empty()).then_some(p));
+        match port.and_then(|p| p.parse::<u16>().ok()) {
+            Some(p) if p != 0 => Ok(Target(s)),
+            _ => Err(format!("backend target {s:?} is not host:port")),
+        }
+    }
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> String {
+        t.0
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(a: SocketAddr) -> Target {
+        Target(a.to_string())
+    }
 }
 
 /// One service this connector serves.
@@ -465,6 +510,8 @@ pub struct Connector {
     /// Fresh resolutions of the relay names (None: IP literals only).
     resolver: Option<mpsc::Receiver<Vec<SocketAddr>>>,
     health: Arc<ConnectorHealth>,
+    /// Backend targets as resolved at start.
+    targets: HashMap<Target, SocketAddr>,
     udp: HashMap<UdpKey, UdpFlow>,
     tcp: TcpEngine,
     pub stats: Arc<ConnectorStats>,
@@ -503,7 +550,16 @@ impl Connector {
             idle: Duration::from_secs(cfg.tcp_idle_secs),
             connect_timeout: TCP_CONNECT_TIMEOUT,
         };
+        let mut targets = HashMap::new();
+        for b in cfg.services.iter().flat_map(|s| &s.backend) {
+            if !targets.contains_key(&b.target) {
+                let addr = b.target.resolve()?;
+                info!(target = b.target.as_str(), %addr, "backend");
+                targets.insert(b.target.clone(), addr);
+            }
+        }
         let mut c = Connector {
+            targets,
             cfg,
             socket,
             links: Vec::new(),
@@ -788,7 +844,12 @@ impl Connector {
                 }
             }
             Ok(Transport::Udp { src_port, dst_port, payload }) => {
-                let Some(b) = svc.backend.iter().find(|b| b.protocol == Proto::Udp && b.port == dst_port) else {
+                let Some(target) = svc
+                    .backend
+                    .iter()
+                    .find(|b| b.protocol == Proto::Udp && b.port == dst_port)
+                    .and_then(|b| self.targets.get(&b.target).copied())
+                else {
                     ConnectorStats::inc(&self.stats.drop_not_allowed);
                     return;
                 };
@@ -804,8 +865,8 @@ impl Connector {
                         ConnectorStats::inc(&self.stats.drop_flow_table_full);
                         return;
                     }
-                    let bind = if b.target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-                    let Ok(s) = UdpSocket::bind(bind).and_then(|s| s.connect(b.target).map(|()| s)) else {
+                    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                    let Ok(s) = UdpSocket::bind(bind).and_then(|s| s.connect(target).map(|()| s)) else {
                         ConnectorStats::inc(&self.stats.drop_flow_table_full);
                         return;
                     };
@@ -823,11 +884,15 @@ impl Connector {
             Ok(Transport::Tcp { src_port, dst_port, header, payload }) => {
                 let t =
                     Tuple { agent: SocketAddrV4::new(v4.src, src_port), service: SocketAddrV4::new(v4.dst, dst_port) };
-                let backend = svc.backend.iter().find(|b| b.protocol == Proto::Tcp && b.port == dst_port);
+                let backend = svc
+                    .backend
+                    .iter()
+                    .find(|b| b.protocol == Proto::Tcp && b.port == dst_port)
+                    .and_then(|b| self.targets.get(&b.target).copied());
                 let verdict = match backend {
-                    Some(b) => {
+                    Some(target) => {
                         let whole = ip.get(..v4.total_len()).unwrap_or(ip);
-                        self.tcp.input(FlowKey { session: i, flow }, t, &header, whole, b.target, now)
+                        self.tcp.input(FlowKey { session: i, flow }, t, &header, whole, target, now)
                     }
                     None => {
                         ConnectorStats::inc(&self.stats.drop_not_allowed);

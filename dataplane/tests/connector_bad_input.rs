@@ -24,7 +24,7 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
         vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
+            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: None,
         }],
     );

@@ -141,7 +141,7 @@ impl Setup {
         };
         let source = Source::start();
         let sink = Sink::start();
-        let tcp = |port, target| Backend { protocol: Proto::Tcp, port, target };
+        let tcp = |port, target: SocketAddr| Backend { protocol: Proto::Tcp, port, target: target.into() };
         let mut cfg = ConnectorConfig::new(
             vec![relay.local_addr],
             vec![ServiceConfig {
@@ -152,7 +152,7 @@ impl Setup {
                     tcp(DOWN, down),
                     tcp(SOURCE, source.addr),
                     tcp(SINK, sink.addr),
-                    Backend { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr },
+                    Backend { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr.into() },
                 ],
                 allow_agents: None,
             }],
@@ -491,6 +491,31 @@ fn tcp_config_defaults_and_validation() {
         "#,
     );
     assert!(bad.is_err());
+}
+
+/// Relays and backend targets may be DNS names (Kubernetes Services);
+/// the format is checked offline, the names resolved when the connector
+/// starts.
+#[test]
+fn relay_and_backend_names() {
+    let text = |relay: &str, target: &str| {
+        format!(
+            "relays = [\"{relay}\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n\
+             backend = [{{ protocol = \"tcp\", port = 80, target = \"{target}\" }}]\n"
+        )
+    };
+    let cfg = ConnectorConfig::from_toml(&text("ztna-relay-headless.ztna.svc:4433", "web.default.svc:8080")).unwrap();
+    assert_eq!(cfg.relays, vec!["ztna-relay-headless.ztna.svc:4433".to_owned()]);
+    assert_eq!(cfg.services[0].backend[0].target.as_str(), "web.default.svc:8080");
+    for (relay, target) in [("relay", "web:80"), (":4433", "web:80"), ("r:0", "web:80"), ("r:1", "web"), ("r:1", "w:x")]
+    {
+        assert!(ConnectorConfig::from_toml(&text(relay, target)).is_err(), "{relay} {target}");
+    }
+    let t: ztna_dataplane::connector::Target = "localhost:8080".to_owned().try_into().unwrap();
+    assert_eq!(t.resolve().unwrap().port(), 8080);
+    assert!(t.resolve().unwrap().ip().is_loopback());
+    let unknown: ztna_dataplane::connector::Target = "no-such-host.invalid:1".to_owned().try_into().unwrap();
+    assert!(unknown.resolve().is_err());
 }
 
 #[test]

@@ -44,8 +44,8 @@ fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
             name: "echo".into(),
             icmp: true,
             backend: vec![
-                Backend { protocol: Proto::Tcp, port: 80, target: echo.tcp_addr },
-                Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr },
+                Backend { protocol: Proto::Tcp, port: 80, target: echo.tcp_addr.into() },
+                Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() },
             ],
             allow_agents: None,
         }],

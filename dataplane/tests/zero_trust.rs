@@ -297,7 +297,7 @@ fn a_connector_allow_list_refuses_other_agents() {
         vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr }],
+            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: Some(vec!["spiffe://dev.ztna/agent/alice".into()]),
         }],
     );
