@@ -359,6 +359,22 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems) -> dict:
                      f"Service {RELAY_LB}: targetPort {p.get('targetPort')} is not the relay's UDP {QUIC_PORT}")
         facts["etp"] = etp
 
+    # Only the relay is exposed outside the cluster.
+    for s in by_kind(docs, "Service"):
+        if s["metadata"]["name"] != RELAY_LB:
+            pr.check(s["spec"].get("type", "ClusterIP") == "ClusterIP",
+                     f"Service/{s['metadata']['name']}: type {s['spec'].get('type')} exposes it outside the cluster")
+
+    # The echo backend admits the connector only (NetworkPolicy).
+    echo = named(docs, "Deployment", "ztna-echo")
+    if echo is not None:
+        conn_labels = pod_labels(named(docs, "Deployment", CONNECTOR) or {"spec": {"template": {"metadata": {}}}})
+        pols = [p for p in by_kind(docs, "NetworkPolicy") if selects(p["spec"].get("podSelector"), pod_labels(echo))]
+        ok = bool(pols) and all(
+            all(r.get("from") and all(selects(f.get("podSelector"), conn_labels) for f in r["from"])
+                for r in p["spec"].get("ingress") or []) for p in pols)
+        pr.check(ok, "NetworkPolicy: the echo backend must admit ingress from the connector pods only")
+
     # --- the headless Service the connectors resolve
     hl = named(docs, "Service", RELAY_HEADLESS)
     if pr.check(hl is not None, f"no Service {RELAY_HEADLESS}"):
@@ -731,6 +747,10 @@ def self_test(kustomize, k8s_version: str, crds, workdir: Path) -> list[str]:
          lambda ds: next(d for d in ds if d["kind"] == "CiliumLoadBalancerIPPool")["spec"].__setitem__("bloks", [])),
         ("L2 announcers not confined to relay nodes", "must also confine",
          lambda ds: next(d for d in ds if d["kind"] == "CiliumL2AnnouncementPolicy")["spec"].pop("nodeSelector")),
+        ("echo Service exposed as NodePort", "exposes it outside the cluster",
+         lambda ds: next(d for d in ds if d["kind"] == "Service" and d["metadata"]["name"] == "ztna-echo")["spec"].__setitem__("type", "NodePort")),
+        ("echo open to every pod", "admit ingress from the connector pods only",
+         lambda ds: next(d for d in ds if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "ztna-echo")["spec"]["ingress"][0].pop("from")),
         ("a committed Secret", "must not be in the repository",
          lambda ds: ds.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ztna-relay-tls", "namespace": NAMESPACE},
                                "stringData": {"relay.key": "x"}})),
