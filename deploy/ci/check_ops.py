@@ -9,6 +9,7 @@
     check_ops.py metric-names [EXTRA.yml ...]      every metric used by dashboard and alerts is in metrics.txt
     check_ops.py live-metrics METRICS.txt          every family in metrics.txt is in a /metrics dump
     check_ops.py unit-diff RENDERED                the unit embedded in the rendered user data is the repo's unit
+    check_ops.py sync-unit                         copy deploy/systemd/ztna-relay.service into relay.yaml
 
 Exit status 0 = passed; otherwise a message on stderr says what is wrong.
 """
@@ -211,7 +212,8 @@ def cmd_template(out, values_json=None):
                  f"{p}: want owner root:ztna, permissions 0640, defer: true (written after the user exists)")
     unit = files["/etc/systemd/system/ztna-relay.service"]["content"]
     need(unit == open(RELAY_UNIT).read(),
-         "the unit embedded in relay.yaml differs from deploy/systemd/ztna-relay.service; copy it over")
+         "the unit embedded in relay.yaml differs from deploy/systemd/ztna-relay.service; "
+         "run: python3 deploy/ci/check_ops.py sync-unit")
     boot = files["/usr/local/lib/ztna/bootstrap.sh"]["content"]
     for must in ("ztna-tune apply --profile cloud", "sysctl --system", "systemctl enable ztna-relay.service",
                  "sha256sum -c"):
@@ -239,6 +241,16 @@ def cmd_extract(rendered, outdir):
         with open(dst, "wb") as f:
             f.write(data)
         os.chmod(dst, int(w.get("permissions", "0644"), 8))
+
+
+def cmd_sync_unit():
+    """Rewrites the unit embedded in relay.yaml from deploy/systemd (a maintainer's helper)."""
+    text = open(TEMPLATE).read()
+    m = re.search(r"(  - path: /etc/systemd/system/ztna-relay\.service\n(?:    .*\n)*?    content: \|\n)((?:      .*\n|\n)*?)(?=  - path: )",
+                  text)
+    need(m, "relay.yaml: cannot find the embedded ztna-relay.service")
+    unit = "".join(("      " + l) if l.strip() else l for l in open(RELAY_UNIT).read().splitlines(True))
+    open(TEMPLATE, "w").write(text[: m.start(2)] + unit + text[m.end(2):])
 
 
 def cmd_unit_diff(rendered):
@@ -414,7 +426,7 @@ def main(argv):
     cmds = {
         "terraform": cmd_terraform, "hcl-parse": cmd_hcl_parse, "template": cmd_template,
         "extract": cmd_extract, "dashboard": cmd_dashboard, "metric-names": cmd_metric_names,
-        "live-metrics": cmd_live_metrics, "unit-diff": cmd_unit_diff,
+        "live-metrics": cmd_live_metrics, "unit-diff": cmd_unit_diff, "sync-unit": cmd_sync_unit,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__, file=sys.stderr)
