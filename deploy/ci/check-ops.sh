@@ -74,14 +74,18 @@ SUDO=
 APT_OPTS=(-qq)
 [ "$(id -u)" -ne 0 ] || APT_OPTS+=(-o APT::Sandbox::User=root)
 apt_updated=
+# logged CMD...: runs CMD quietly; shows its output only when it fails.
+logged() {
+  "$@" >"$TMP/tool.log" 2>&1 || { cat "$TMP/tool.log" >&2; return 1; }
+}
 apt_update() {
   [ -n "$apt_updated" ] && return 0
-  $SUDO apt-get update -qq >/dev/null
+  logged $SUDO apt-get update -qq
   apt_updated=1
 }
 apt_install() {
   apt_update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  logged $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 # deb_unpack PKG DIR: the package's files under DIR, without installing it.
 deb_unpack() {
@@ -91,7 +95,7 @@ deb_unpack() {
   mkdir -p "$CACHE/deb-$pkg"
   if ! (cd "$CACHE/deb-$pkg" && apt-get download "${APT_OPTS[@]}" "$pkg" >/dev/null 2>&1); then
     apt_update
-    (cd "$CACHE/deb-$pkg" && apt-get download "${APT_OPTS[@]}" "$pkg" >/dev/null)
+    (cd "$CACHE/deb-$pkg" && logged apt-get download "${APT_OPTS[@]}" "$pkg")
   fi
   dpkg-deb -x "$CACHE"/deb-"$pkg"/"$pkg"_*.deb "$dir"
   rm -rf "$CACHE/deb-$pkg"
@@ -121,10 +125,10 @@ setup_tools() {
     if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
       apt_install python3-venv
       rm -rf "$VENV"
-      python3 -m venv "$VENV" >/dev/null
+      logged python3 -m venv "$VENV"
     fi
     # shellcheck disable=SC2086
-    "$VENV/bin/pip" install -q --disable-pip-version-check $reqs >/dev/null
+    logged "$VENV/bin/pip" install -q --disable-pip-version-check $reqs
     echo "$reqs" >"$VENV/.reqs"
   fi
 
@@ -274,8 +278,7 @@ except Exception as e:
 EOF
 }
 wait_status() { # URL STATUS SECONDS
-  local i
-  for i in $(seq 1 $(($3 * 10))); do
+  for _ in $(seq 1 $(($3 * 10))); do
     [ "$(http_get "$1" | cut -d' ' -f1)" = "$2" ] && return 0
     sleep 0.1
   done
@@ -290,8 +293,7 @@ make_pki() { # RELAY DIR
     "$1" ca issue --dir "$2" --trust-domain corp.example --kind agent --name bench-agent
 }
 gone_within() { # SECONDS PID
-  local i
-  for i in $(seq 1 $(($1 * 10))); do
+  for _ in $(seq 1 $(($1 * 10))); do
     # A child that exited stays a zombie until waited for: look at its state.
     case $(sed 's/.*) //' "/proc/$2/stat" 2>/dev/null | cut -c1) in "" | Z) return 0 ;; esac
     sleep 0.1

@@ -93,12 +93,22 @@ resource "aws_security_group" "relay" {
     ipv6_cidr_blocks = local.admin_v6
   }
 
+  # Path MTU discovery: ICMP type 3 code 4 (fragmentation needed) and
+  # ICMPv6 type 2 (packet too big).
   ingress {
-    description = "ICMP fragmentation-needed (path MTU discovery)"
+    description = "ICMP fragmentation needed"
     protocol    = "icmp"
     from_port   = 3
     to_port     = 4
     cidr_blocks = ["0.0.0.0/0"]
+  }
+
+  ingress {
+    description      = "ICMPv6 packet too big"
+    protocol         = "58"
+    from_port        = 2
+    to_port          = 0
+    ipv6_cidr_blocks = ["::/0"]
   }
 
   egress {
