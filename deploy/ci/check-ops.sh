@@ -286,6 +286,9 @@ wait_status() { # URL STATUS SECONDS
   return 1
 }
 
+relay_ready() { # URL
+  wait_status "$1" 200 15 || { echo "relay log:"; cat "$TMP/relay.log"; return 1; }
+}
 make_pki() { # RELAY DIR
   "$1" ca init --dir "$2" --trust-domain corp.example &&
     "$1" ca issue --dir "$2" --trust-domain corp.example --kind relay --name relay --dns relay &&
@@ -366,7 +369,7 @@ print(u.getsockname()[1], t.getsockname()[1])')
 
   "$relay" --config "$etc/relay-local.toml" >"$TMP/relay.log" 2>&1 &
   RELAY_PID=$!
-  run "relay /readyz 200 after start" wait_status "http://127.0.0.1:$tcp/readyz" 200 15
+  run "relay /readyz 200 after start" relay_ready "http://127.0.0.1:$tcp/readyz"
   run "relay /healthz 200" wait_status "http://127.0.0.1:$tcp/healthz" 200 5
   run "ztna-bench: 1 s of traffic through the relay" "$bench" relay --relay "127.0.0.1:$udp" --ca "$pki/ca.pem" \
     --certs "$pki" --server-name relay --agents 1 --duration 1 --rate 200 --quiet
@@ -374,7 +377,7 @@ print(u.getsockname()[1], t.getsockname()[1])')
   http_get "http://127.0.0.1:$tcp/metrics" | sed '1s/^200 //' >"$TMP/metrics.txt"
   run "every family of metrics.txt is exported (histogram: _bucket/_sum/_count), label values used exist" \
     check_py live-metrics "$TMP/metrics.txt"
-  kill -TERM "$RELAY_PID"
+  kill -TERM "$RELAY_PID" 2>/dev/null || true
   run "relay exits within shutdown_grace_ms after SIGTERM" gone_within 25 "$RELAY_PID"
   local rc=0
   wait "$RELAY_PID" || rc=$?
