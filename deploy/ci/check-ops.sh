@@ -113,6 +113,7 @@ setup_tools() {
     PROMTOOL=$(command -v promtool)
   else
     deb_unpack prometheus "$CACHE/prometheus"
+    rm -rf "$CACHE/prometheus/usr/bin/prometheus" "$CACHE/prometheus/usr/share" # 100 MB we do not use
     PROMTOOL=$CACHE/prometheus/usr/bin/promtool
   fi
   deb_unpack cloud-init "$CACHE/cloud-init"
