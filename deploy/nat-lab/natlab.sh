@@ -16,7 +16,7 @@
 #   natlab.sh probe-all             probe every NAT type
 #   natlab.sh probe-site [SITE]     classify the NAT of a site of the running lab
 #   natlab.sh punch TYPE_A TYPE_B   build A and B, try a UDP hole punch, tear down
-#   natlab.sh punch-matrix          punch every unordered pair of NAT types
+#   natlab.sh punch-matrix          punch every ordered pair of NAT types
 #
 # TYPE: full-cone (fc), restricted-cone (rc), port-restricted (prc),
 #       symmetric (sym), double[:OUTER[:INNER]] (two NATs, default both
@@ -297,10 +297,10 @@ cmd_probe_all() {
 punch_run() {
     local pa pb rc=0
     in_ns a "$PYTHON" "$HERE/probe.py" punch --server "$S1_IP:$PORT1" --name a --local-port 40000 \
-        --duration "${NATLAB_PUNCH_SECS:-3}" > "$1" &
+        --duration "${NATLAB_PUNCH_SECS:-2}" > "$1" &
     pa=$!
     in_ns b "$PYTHON" "$HERE/probe.py" punch --server "$S1_IP:$PORT1" --name b --local-port 40000 \
-        --duration "${NATLAB_PUNCH_SECS:-3}" --delay "${NATLAB_B_DELAY:-0.5}" > "$2" &
+        --duration "${NATLAB_PUNCH_SECS:-2}" --delay "${NATLAB_B_DELAY:-0.5}" > "$2" &
     pb=$!
     wait "$pa" || rc=1
     wait "$pb" || rc=1
@@ -334,12 +334,21 @@ print(f"punch {ta} <-> {tb}: {'direct' if ok else 'FAILED (relay needed)'}"
 EOF
 }
 
+# Every ordered pair (a starts punching first, b NATLAB_B_DELAY later):
+# the kernel's result can depend on who is early, see RESULTS.md.
 cmd_punch_matrix() {
-    local types=(${NATLAB_PUNCH_TYPES:-$ALL_TYPES}) i j
-    for ((i = 0; i < ${#types[@]}; i++)); do
-        for ((j = i; j < ${#types[@]}; j++)); do
-            "$0" punch "${types[i]}" "${types[j]}" | tail -n 1
+    local types=(${NATLAB_PUNCH_TYPES:-$ALL_TYPES}) ta tb line
+    printf '%-16s' "a \\ b (late)"
+    for tb in "${types[@]}"; do printf ' %-16s' "$tb"; done
+    echo
+    for ta in "${types[@]}"; do
+        printf '%-16s' "$ta"
+        for tb in "${types[@]}"; do
+            line=$("$0" punch "$ta" "$tb" | tail -n 1)
+            case $line in *": direct "*) printf ' %-16s' direct ;; *) printf ' %-16s' FAIL ;; esac
+            [ -z "${NATLAB_VERBOSE:-}" ] || echo "$line" >&2
         done
+        echo
     done
 }
 

@@ -278,6 +278,7 @@ def run_punch(args: argparse.Namespace) -> int:
     if args.delay:
         time.sleep(args.delay)
     received_from: set[str] = set()
+    learnt: list[str] = []
     acked_by: set[str] = set()
     peer_acked = False
     seq = 0
@@ -300,6 +301,12 @@ def run_punch(args: argparse.Namespace) -> int:
             continue
         if m.get("op") == "punch":
             received_from.add(addr_str(src))
+            if src != peer and addr_str(peer) not in received_from:
+                # A peer-reflexive address (as in ICE): the peer's NAT gave it
+                # another mapping towards us than towards the rendezvous. Aim
+                # there from now on.
+                learnt.append(addr_str(src))
+                peer = src
             peer_acked = peer_acked or bool(m.get("acked"))
             sock.sendto(encode({"op": "punch-ack", "name": args.name}), src)
         elif m.get("op") == "punch-ack":
@@ -311,6 +318,7 @@ def run_punch(args: argparse.Namespace) -> int:
     result["sent"] = seq
     result["received_from"] = sorted(received_from)
     result["acked_by"] = sorted(acked_by)
+    result["peer_reflexive"] = learnt
     result["success"] = bool(acked_by) and bool(received_from)
     result["elapsed_s"] = round((done_at or time.monotonic()) - start, 3)
     print(json.dumps(result))
