@@ -12,6 +12,7 @@
 #   natlab.sh shell NODE            interactive shell in a node
 #   natlab.sh rules NODE            the nftables ruleset of a router
 #   natlab.sh conntrack NODE        the conntrack table of a router
+#   natlab.sh servers start|stop    probe servers (STUN-like, rendezvous) on s1, s2
 #   natlab.sh probe TYPE            build TYPE, classify it, tear it down
 #   natlab.sh probe-all             probe every NAT type
 #   natlab.sh probe-site [SITE]     classify the NAT of a site of the running lab
@@ -198,7 +199,7 @@ cmd_status() {
     local n node
     for n in $(lab_namespaces); do
         node=${n#"$P"}
-        printf '%-8s %s\n' "$node" "$(ip -n "$n" -4 -br addr show | awk '$1 != "lo" {print $1"="$3}' | tr '\n' ' ')"
+        printf '%-8s %s\n' "$node" "$(ip -n "$n" -4 -br addr show | awk '$1 != "lo" {sub(/@.*/, "", $1); print $1"="$3}' | tr '\n' ' ')"
     done
     echo "public: relay $RELAY_IP, s1 $S1_IP, s2 $S2_IP (probe ports $PORT1,$PORT2)"
 }
@@ -329,7 +330,7 @@ def load(f):
 a, b = load(fa), load(fb)
 ok = bool(a.get("success") and b.get("success"))
 print(json.dumps({"a": ta, "b": tb, "success": ok, "side_a": a, "side_b": b}))
-print(f"punch {ta} <-> {tb}: {'direct' if ok else 'FAILED (relay needed)'}"
+print(f"punch a={ta} (first) b={tb} (late): {'direct' if ok else 'FAILED (relay needed)'}"
       f" (a {a.get('mapped')} saw {a.get('received_from')}; b {b.get('mapped')} saw {b.get('received_from')})")
 EOF
 }
@@ -375,6 +376,13 @@ main() {
         probe-site) cmd_probe_site "$@" ;;
         punch) cmd_punch "$@" ;;
         punch-matrix) cmd_punch_matrix ;;
+        servers)
+            lab_is_up || die "no lab is up"
+            case ${1:-} in
+                start) servers_start; log "probe servers on $S1_IP and $S2_IP, UDP $PORT1,$PORT2 (logs in $STATE)" ;;
+                stop) servers_stop ;;
+                *) die "usage: servers start|stop" ;;
+            esac ;;
         -h|--help|help) main ;;
         *) die "unknown command '$cmd' (run without arguments for help)" ;;
     esac
