@@ -119,6 +119,40 @@ expect_punch fail   port-restricted restricted-cone
 expect_punch direct restricted-cone port-restricted
 unset NATLAB_WAN_INPUT
 
+# ---------------------------------------------------------------- the project's binaries
+# Relay in the public namespace, connector (fixed port 4434) behind a
+# symmetric NAT, agent behind a port-restricted one: what the relay observes
+# is each NAT's public side, and traffic flows. Needs built binaries
+# (target/release or target/debug, or NATLAB_BIN); skipped without them.
+strip() { sed 's/\x1b\[[0-9;]*m//g' "$@"; }
+if out=$("$LAB" up port-restricted symmetric 2>&1 && "$LAB" ztna-start 2>&1); then
+    echo "$out" | sed 's/^/  /'
+    d=${NATLAB_STATE:-/run/natlab}/ztna
+    agent_local=$(strip "$d/agent.log" | sed -n 's/.*connecting local=\([0-9.:]*\).*/\1/p' | head -n 1)
+    agent_obs=$(sed -n 's/^observed address //p' "$d/agent.log" | head -n 1)
+    conn_obs=$(strip "$d/connector.log" | sed -n 's/.*observed address.*observed=\([0-9.:]*\).*/\1/p' | head -n 1)
+    # port-restricted keeps the agent's port; symmetric replaces 4434.
+    if [ "${agent_obs%:*}" = 198.51.100.101 ] && [ -n "$agent_local" ] && [ "${agent_obs##*:}" = "${agent_local##*:}" ]; then
+        ok "ztna: agent $agent_local observed as $agent_obs (port-restricted keeps the port)"
+    else
+        ko "ztna: agent $agent_local observed as '$agent_obs', expected 198.51.100.101 with the same port"
+    fi
+    if [ "${conn_obs%:*}" = 198.51.100.102 ] && [ "${conn_obs##*:}" != 4434 ]; then
+        ok "ztna: connector 192.168.2.2:4434 observed as $conn_obs (symmetric: a random port)"
+    else
+        ko "ztna: connector observed as '$conn_obs', expected 198.51.100.102 with a port other than 4434"
+    fi
+    replies=$("$LAB" exec a ping -n -q -c 3 -i 0.2 -W 1 100.100.0.10 | sed -n 's/.* \([0-9]*\) received.*/\1/p')
+    if [ "$replies" = 3 ]; then ok "ztna: ping 100.100.0.10 through NAT, relay, NAT, connector: 3/3"; else ko "ztna: ping got ${replies:-0}/3"; fi
+    "$LAB" down
+else
+    case $out in
+        *"no ztna binaries"*) echo "SKIP ztna: no built ztna-relay/connector/agent/bench (cargo build --bins)" ;;
+        *) ko "ztna: could not start: $(echo "$out" | tail -n 5)" ;;
+    esac
+    "$LAB" down
+fi
+
 elapsed=$(( $(date +%s) - start ))
 echo "nat-lab: ${elapsed}s"
 [ "$elapsed" -lt 120 ] || ko "took ${elapsed}s (budget 120 s)"

@@ -18,6 +18,9 @@
 #   natlab.sh probe-site [SITE]     classify the NAT of a site of the running lab
 #   natlab.sh punch TYPE_A TYPE_B   build A and B, try a UDP hole punch, tear down
 #   natlab.sh punch-matrix          punch every ordered pair of NAT types
+#   natlab.sh ztna-start            relay, connector (site b), agent (site a) in the
+#                                   running lab, from target/release (or NATLAB_BIN)
+#   natlab.sh ztna-stop             stop them
 #
 # TYPE: full-cone (fc), restricted-cone (rc), port-restricted (prc),
 #       symmetric (sym), double[:OUTER[:INNER]] (two NATs, default both
@@ -353,6 +356,121 @@ cmd_punch_matrix() {
     done
 }
 
+# ------------------------------------------------------------------ ztna
+
+# The project's binaries: NATLAB_BIN, else target/release, else target/debug.
+ztna_bin_dir() {
+    local root d
+    root=$(cd "$HERE/../.." && pwd)
+    for d in ${NATLAB_BIN:-} "$root/target/release" "$root/target/debug"; do
+        if [ -x "$d/ztna-relay" ] && [ -x "$d/ztna-connector" ] && [ -x "$d/ztna-agent" ] && [ -x "$d/ztna-bench" ]; then
+            echo "$d"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# wait_line FILE PATTERN SECONDS
+wait_line() {
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "natlab: timed out waiting for '$2' in $1:" >&2
+    tail -n 5 "$1" >&2
+    return 1
+}
+
+# Relay on 198.51.100.10:4433 (lab CA, mutual TLS, policy: connector
+# "site" serves "echo" to agent "laptop"), an echo backend and the connector
+# (fixed port 4434) on site b, the agent (TUN zt0, service 100.100.0.10/32)
+# on site a. They run until 'ztna-stop' or 'down'; files in $STATE/ztna.
+cmd_ztna_start() {
+    lab_is_up || die "no lab is up"
+    node_exists b || die "needs two sites: natlab.sh up TYPE_A TYPE_B"
+    local bin d=$STATE/ztna
+    bin=$(ztna_bin_dir) || die "no ztna binaries (cargo build --release, or NATLAB_BIN=DIR)"
+    [ ! -f "$d/relay.pid" ] || die "already started (natlab.sh ztna-stop)"
+    mkdir -p "$d"
+    [ -f "$d/ca.pem" ] || "$bin/ztna-relay" ca init --dir "$d" --trust-domain lab.ztna >/dev/null
+    "$bin/ztna-relay" ca issue --dir "$d" --trust-domain lab.ztna --kind relay --name relay \
+        --dns relay.natlab --ip "$RELAY_IP" >/dev/null
+    "$bin/ztna-relay" ca issue --dir "$d" --trust-domain lab.ztna --kind connector --name site >/dev/null
+    "$bin/ztna-relay" ca issue --dir "$d" --trust-domain lab.ztna --kind agent --name laptop >/dev/null
+    printf '[services.echo]\nconnectors = ["site"]\nagents = ["laptop"]\n' > "$d/policy.toml"
+    cat > "$d/connector.toml" <<EOF
+relays = ["$RELAY_IP:4433"]
+listen = "0.0.0.0:4434"
+server_name = "relay.natlab"
+ca = "$d/ca.pem"
+cert = "$d/connector-site.pem"
+key = "$d/connector-site.key"
+
+[[service]]
+name = "echo"
+icmp = true
+
+[[service.backend]]
+protocol = "udp"
+port = 7
+target = "127.0.0.1:7007"
+
+[[service.backend]]
+protocol = "tcp"
+port = 7
+target = "127.0.0.1:7007"
+EOF
+    cat > "$d/agent.toml" <<EOF
+relay = "$RELAY_IP:4433"
+server_name = "relay.natlab"
+ca = "$d/ca.pem"
+cert = "$d/agent-laptop.pem"
+key = "$d/agent-laptop.key"
+
+[tun]
+name = "zt0"
+address = "100.64.0.1/32"
+mtu = 1280
+
+[[service]]
+name = "echo"
+cidrs = ["100.100.0.10/32"]
+EOF
+    in_ns relay "$bin/ztna-relay" --listen "$RELAY_IP:4433" --cert "$d/relay-relay.pem" --key "$d/relay-relay.key" \
+        --client-ca "$d/ca.pem" --trust-domain lab.ztna --policy "$d/policy.toml" --workers 1 \
+        </dev/null >"$d/relay.log" 2>&1 &
+    echo $! > "$d/relay.pid"
+    in_ns b "$bin/ztna-bench" echo --udp 127.0.0.1:7007 --tcp 127.0.0.1:7007 </dev/null >"$d/echo.log" 2>&1 &
+    echo $! > "$d/echo.pid"
+    wait_line "$d/relay.log" "^listening on" 10
+    wait_line "$d/echo.log" "^echo udp" 10
+    in_ns b "$bin/ztna-connector" --config "$d/connector.toml" </dev/null >"$d/connector.log" 2>&1 &
+    echo $! > "$d/connector.pid"
+    wait_line "$d/connector.log" "registered" 15
+    in_ns a "$bin/ztna-agent" --config "$d/agent.toml" </dev/null >"$d/agent.log" 2>&1 &
+    echo $! > "$d/agent.pid"
+    wait_line "$d/agent.log" "^registered echo" 15
+    local conn_obs agent_obs
+    conn_obs=$(grep -m1 "observed address" "$d/connector.log" | sed 's/\x1b\[[0-9;]*m//g' | sed -n 's/.*observed=\([0-9.:]*\).*/\1/p')
+    agent_obs=$(sed -n 's/^observed address //p' "$d/agent.log" | head -n 1)
+    echo "connector (site b, 192.168.2.2:4434) observed by the relay as $conn_obs"
+    echo "agent (site a) observed by the relay as $agent_obs"
+    echo "try: natlab.sh exec a ping 100.100.0.10   (configs and logs in $d)"
+}
+
+cmd_ztna_stop() {
+    local d=$STATE/ztna p pid
+    for p in agent connector echo relay; do
+        [ -f "$d/$p.pid" ] || continue
+        pid=$(cat "$d/$p.pid")
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        rm -f "$d/$p.pid"
+    done
+}
+
 check_env() {
     [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, nftables)"
     command -v ip >/dev/null || die "needs iproute2 (ip)"
@@ -376,6 +494,8 @@ main() {
         probe-site) cmd_probe_site "$@" ;;
         punch) cmd_punch "$@" ;;
         punch-matrix) cmd_punch_matrix ;;
+        ztna-start) cmd_ztna_start ;;
+        ztna-stop) cmd_ztna_stop ;;
         servers)
             lab_is_up || die "no lab is up"
             case ${1:-} in
