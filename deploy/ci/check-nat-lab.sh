@@ -10,7 +10,7 @@
 #
 # Last line: "nat-lab: N passed, N failed".
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 LAB=deploy/nat-lab/natlab.sh
 
 skip() { echo "nat-lab: SKIPPED: $*"; exit 0; }
@@ -126,7 +126,7 @@ unset NATLAB_WAN_INPUT
 # (target/release or target/debug, or NATLAB_BIN); skipped without them.
 strip() { sed 's/\x1b\[[0-9;]*m//g' "$@"; }
 if out=$("$LAB" up port-restricted symmetric 2>&1 && "$LAB" ztna-start 2>&1); then
-    echo "$out" | sed 's/^/  /'
+    printf '  %s\n' "${out//$'\n'/$'\n'  }"
     d=${NATLAB_STATE:-/run/natlab}/ztna
     agent_local=$(strip "$d/agent.log" | sed -n 's/.*connecting local=\([0-9.:]*\).*/\1/p' | head -n 1)
     agent_obs=$(sed -n 's/^observed address //p' "$d/agent.log" | head -n 1)

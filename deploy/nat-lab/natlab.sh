@@ -180,7 +180,7 @@ cmd_down() {
 }
 
 cmd_up() {
-    [ $# -ge 1 ] && [ $# -le 2 ] || die "usage: up TYPE_A [TYPE_B]"
+    if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: up TYPE_A [TYPE_B]"; fi
     local ta tb=""
     ta=$(canon_type "$1")
     [ $# -lt 2 ] || tb=$(canon_type "$2")
@@ -341,7 +341,8 @@ EOF
 # Every ordered pair (a starts punching first, b NATLAB_B_DELAY later):
 # the kernel's result can depend on who is early, see RESULTS.md.
 cmd_punch_matrix() {
-    local types=(${NATLAB_PUNCH_TYPES:-$ALL_TYPES}) ta tb line
+    local types ta tb line
+    read -ra types <<< "${NATLAB_PUNCH_TYPES:-$ALL_TYPES}"
     printf '%-16s' "a \\ b (late)"
     for tb in "${types[@]}"; do printf ' %-16s' "$tb"; done
     echo
