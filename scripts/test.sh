@@ -14,6 +14,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 # and ztna-bench from the target directory: build them explicitly.
 cargo build -p ztna-agent-sys
 cargo build --workspace --bins
+# Deployment material, validated offline (deploy/README.md): Kubernetes
+# overlays rendered and schema-checked, systemd units, Terraform and
+# cloud-init, Prometheus rules and the Grafana dashboard against a live
+# relay, and the NAT lab's classification of each NAT type.
+./deploy/ci/check-k8s.sh
+./deploy/ci/check-ops.sh
+./deploy/ci/check-nat-lab.sh
 cargo test --workspace
 # Coverage-guided fuzzing (fuzz/README.md): replay the committed seed corpus
 # and crash regressions, then 20 s of fuzzing per target; any crash fails.

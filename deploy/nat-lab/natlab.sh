@@ -359,17 +359,20 @@ cmd_punch_matrix() {
 
 # ------------------------------------------------------------------ ztna
 
-# The project's binaries: NATLAB_BIN, else target/release, else target/debug.
+# The project's binaries: NATLAB_BIN, else the newer build of
+# target/release and target/debug (a stale release build must not win).
 ztna_bin_dir() {
-    local root d
+    local root d best=""
     root=$(cd "$HERE/../.." && pwd)
     for d in ${NATLAB_BIN:-} "$root/target/release" "$root/target/debug"; do
         if [ -x "$d/ztna-relay" ] && [ -x "$d/ztna-connector" ] && [ -x "$d/ztna-agent" ] && [ -x "$d/ztna-bench" ]; then
-            echo "$d"
-            return 0
+            [ -n "${NATLAB_BIN:-}" ] && [ "$d" = "$NATLAB_BIN" ] && { echo "$d"; return 0; }
+            if [ -z "$best" ] || [ "$d/ztna-relay" -nt "$best/ztna-relay" ]; then
+                best=$d
+            fi
         fi
     done
-    return 1
+    [ -n "$best" ] && echo "$best"
 }
 
 # wait_line FILE PATTERN SECONDS
