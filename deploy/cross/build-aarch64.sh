@@ -29,7 +29,7 @@ for a in "$@"; do
         --no-install) install=0 ;;
         --smoke) smoke=1 ;;
         --no-dist) dist=0 ;;
-        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build-aarch64.sh: unknown argument $a (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -138,8 +138,12 @@ if [ "$smoke" -eq 1 ]; then
     mkdir -p "$fake/proc/sys/net/core" "$fake/proc/sys/kernel"
     echo 212992 >"$fake/proc/sys/net/core/rmem_max"
     echo 0 >"$fake/proc/sys/kernel/io_uring_disabled"
+    mkdir -p "$fake/sys/class/net/eth0/device" "$fake/sys/class/net/eth0/queues/rx-0"
+    echo 0 >"$fake/sys/class/net/eth0/queues/rx-0/rps_cpus"
+    printf '      CPU0   CPU1\n 27:  50000  10  GICv2 189 Level  eth0\n' >"$fake/proc/interrupts"
     report=$("${qemu[@]}" "$OUT/ztna-tune" check --profile pi --root "$fake") ||
         die "ztna-tune check failed under qemu"
-    grep -q "^WARN net/core/rmem_max" <<<"$report" || die "unexpected ztna-tune report under qemu: $report"
+    grep -q "^WARN net/core/rmem_max" <<<"$report" && grep -q "^WARN eth0 interrupts: CPU0 takes 99%" <<<"$report" ||
+        die "unexpected ztna-tune report under qemu: $report"
     say "qemu: ztna-tune check --profile pi on a fake root ran ($(grep -c '^WARN' <<<"$report") warnings)"
 fi
