@@ -2,9 +2,13 @@
 //! them with the values recommended for a deployment profile (`pi`: a
 //! Raspberry Pi class node; `cloud`: a cloud VM), and writes a sysctl.d
 //! file with those values. Reads and writes go through a root directory so
-//! tests run against a fake `/proc` and `/etc`.
+//! tests run against a fake `/proc`, `/sys` and `/etc`. Per-NIC checks
+//! (offloads, interrupt spread, RPS) are in [`nic`] and [`irq`].
 
 use std::path::{Path, PathBuf};
+
+pub mod irq;
+pub mod nic;
 
 /// Where the relay runs; sets the recommended values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +157,7 @@ pub fn apply(root: &Path, profile: Profile) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-fn read_u64(p: &Path) -> Option<u64> {
+pub(crate) fn read_u64(p: &Path) -> Option<u64> {
     std::fs::read_to_string(p).ok()?.split_whitespace().next()?.parse().ok()
 }
 
