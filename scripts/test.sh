@@ -22,6 +22,9 @@ cargo build --workspace --bins
 ./deploy/ci/check-ops.sh
 ./deploy/ci/check-nat-lab.sh
 cargo test --workspace
+# The Raspberry Pi binaries must keep building: cross-compile for aarch64
+# (build only, plus a --version/--check smoke run under qemu-user).
+./deploy/cross/build-aarch64.sh --no-dist --smoke
 # Coverage-guided fuzzing (fuzz/README.md): replay the committed seed corpus
 # and crash regressions, then 20 s of fuzzing per target; any crash fails.
 ./scripts/fuzz.sh 20
