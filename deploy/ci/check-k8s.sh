@@ -13,12 +13,19 @@
 # 3. Runs deploy/ci/check_k8s.py: renders every overlay and variant, validates
 #    each object (Kubernetes $ZTNA_K8S_VERSION schemas, strict; custom
 #    resources against deploy/ci/schemas), asserts what the data plane needs,
-#    and runs a self-test that breaks the manifests on purpose.
+#    runs the built ztna-relay and ztna-connector `check-config` on the
+#    rendered configs (target/debug or target/release of this repository; a
+#    printed "skip" line when not built: run it after
+#    `cargo build --workspace --bins`), and runs a self-test that breaks the
+#    manifests on purpose.
 #
 # The network is needed only the first time, for PyPI. Environment:
 #   ZTNA_CI_CACHE      cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/ztna-ci)
 #   ZTNA_K8S_VERSION   Kubernetes schema version (default 1.30.0)
 #   ZTNA_KUSTOMIZE     render command to use instead of searching, e.g. "kustomize build"
+#   ZTNA_BIN_DIR       directory with ztna-relay and ztna-connector (a failure if they
+#                      are not there); default: the newest build among debug/ and
+#                      release/ under $CARGO_TARGET_DIR and target/
 #   ZTNA_ALLOW_SKIP=1  exit 0 with a loud SKIPPED line when no Kustomize v5 or no
 #                      kubernetes-validate can be had (otherwise that is a failure)
 set -euo pipefail
