@@ -604,15 +604,17 @@ fn agent_through_nat_relay_restart_and_loss() {
 /// `ztna-bench tcp-probe` from the agent namespace: `bytes` through the
 /// VIP's TCP echo port, verified byte for byte. Returns (verified, line).
 fn tcp_probe(lab: &Lab, b: &Bins, bytes: u64, timeout_s: u32) -> (bool, String) {
-    let out = run(in_ns(&lab.agent, &b.bench).args([
-        "tcp-probe",
-        "--to",
-        &format!("{VIP}:7"),
-        "--bytes",
-        &bytes.to_string(),
-        "--timeout",
-        &timeout_s.to_string(),
-    ]));
+    tcp_probe_from(&lab.agent, &b.bench, bytes, None, timeout_s)
+}
+
+fn tcp_probe_from(ns: &str, bench: &Path, bytes: u64, rate_kbps: Option<u64>, timeout_s: u32) -> (bool, String) {
+    let rate = rate_kbps.map(|r| r.to_string());
+    let mut args = vec!["tcp-probe", "--to", &format!("{VIP}:7")].into_iter().map(str::to_owned).collect::<Vec<_>>();
+    args.extend(["--bytes".into(), bytes.to_string(), "--timeout".into(), timeout_s.to_string()]);
+    if let Some(r) = rate {
+        args.extend(["--rate-kbps".into(), r]);
+    }
+    let out = run(in_ns(ns, bench).args(&args));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let line = text
         .lines()
@@ -782,7 +784,8 @@ fn two_relays_connector_on_both_drain_and_failover() {
             "relays = [\"{RELAYS_NAME}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nhealth = \"{SITE_IP}:9091\"\n\
              server_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [[service]]\nname = \"echo\"\nicmp = true\n\n\
-             [[service.backend]]\nprotocol = \"udp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n",
+             [[service.backend]]\nprotocol = \"udp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n\n\
+             [[service.backend]]\nprotocol = \"tcp\"\nport = 7\ntarget = \"localhost:7007\"\n",
             pki.ca.display(),
             ccert.display(),
             ckey.display()
@@ -810,10 +813,13 @@ fn two_relays_connector_on_both_drain_and_failover() {
     assert_eq!(http_get_in(&lab.relay, m1, "/readyz").0, 200);
     eprintln!("two relays up after {:?}", t0.elapsed());
 
-    // Drain relay 1 while the laptop sends 100 datagrams a second.
+    // Drain relay 1 while the laptop sends 100 datagrams a second and
+    // streams 1.2 MB over one TCP connection at 400 kB/s.
     let (ns, bench) = (lab.agent.clone(), b.bench.clone());
     let probe = std::thread::spawn(move || udp_probe_from(&ns, &bench, 300, 10));
-    std::thread::sleep(Duration::from_millis(500));
+    let (ns, bench) = (lab.agent.clone(), b.bench.clone());
+    let stream = std::thread::spawn(move || tcp_probe_from(&ns, &bench, 1_200_000, Some(400), 30));
+    std::thread::sleep(Duration::from_millis(1000));
     let mark = laptop.out_len();
     let drain = Instant::now();
     relay1.signal(libc::SIGTERM);
@@ -834,6 +840,13 @@ fn two_relays_connector_on_both_drain_and_failover() {
          UDP echo during the drain {got}/{sent} at 10 ms spacing"
     );
     assert!(got + 30 >= sent, "at most 300 ms of datagrams lost while moving: {got}/{sent}");
+    // The TCP connection survives the move: the connector parked its state
+    // when the laptop left relay 1 and adopted it for the laptop's new flow.
+    let (ok, line) = stream.join().unwrap();
+    eprintln!("drain: TCP stream across the move: {line}");
+    assert!(ok, "the TCP stream survives the drain: {line}");
+    let (_, m) = http_get_in(&lab.site, health, "/metrics");
+    assert!(m.lines().any(|l| l == "ztna_connector_flows_adopted_total 1"), "{m}");
     assert_eq!(ping_from(&lab.agent, VIP, 3), 3, "laptop through relay 2");
     assert_eq!(ping_from(&phone.0, VIP, 3), 3, "phone unaffected");
     std::thread::sleep(Duration::from_millis(1100)); // metrics publish once a second

@@ -229,6 +229,10 @@ pub struct TcpProbeArgs {
     /// Bytes to send (and get back).
     #[arg(long, default_value_t = 1_000_000)]
     pub bytes: u64,
+    /// Pace the sender to this many kilobytes per second (default: as fast
+    /// as TCP goes).
+    #[arg(long)]
+    pub rate_kbps: Option<u64>,
     /// Seconds before giving up.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
@@ -455,7 +459,7 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
             if !(a.timeout.is_finite() && a.timeout > 0.0) {
                 bail!("--timeout must be a positive number of seconds");
             }
-            let r = probe::tcp_probe(a.to, a.bytes, Duration::from_secs_f64(a.timeout))?;
+            let r = probe::tcp_probe(a.to, a.bytes, a.rate_kbps.map(|k| k * 1000), Duration::from_secs_f64(a.timeout))?;
             println!("{}", r.line());
             if !r.verified {
                 return Ok(ExitCode::FAILURE);

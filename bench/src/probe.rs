@@ -147,9 +147,11 @@ fn pattern(i: u64) -> u8 {
 }
 
 /// Connects to a TCP echo service, writes `bytes` bytes of a known pattern
-/// while reading the echo back, and verifies every byte. Gives up after
-/// `timeout` (the report then says how far it got).
-pub fn tcp_probe(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<TcpProbeReport> {
+/// (at most `rate` bytes per second when given, so the stream can span an
+/// event such as a relay drain) while reading the echo back, and verifies
+/// every byte. Gives up after `timeout` (the report then says how far it
+/// got).
+pub fn tcp_probe(to: SocketAddr, bytes: u64, rate: Option<u64>, timeout: Duration) -> Result<TcpProbeReport> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&to, timeout.min(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {to}"))?;
@@ -157,9 +159,13 @@ pub fn tcp_probe(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<TcpPro
     let mut w = s.try_clone()?;
     w.set_write_timeout(Some(timeout))?;
     let writer = std::thread::Builder::new().name("tcp-probe-tx".into()).spawn(move || -> std::io::Result<()> {
-        let mut chunk = vec![0u8; 64 * 1024];
+        let mut chunk = vec![0u8; if rate.is_some() { 8 * 1024 } else { 64 * 1024 }];
         let mut off = 0u64;
         while off < bytes {
+            if let Some(r) = rate.filter(|r| *r > 0) {
+                let due = start + Duration::from_secs_f64(off as f64 / r as f64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
             let n = (bytes - off).min(chunk.len() as u64) as usize;
             for (k, b) in chunk.iter_mut().take(n).enumerate() {
                 *b = pattern(off + k as u64);
@@ -216,7 +222,7 @@ mod tests {
         let r = udp_probe(e.udp_addr, 20, 200, Duration::from_millis(1), Duration::from_secs(2)).unwrap();
         assert_eq!((r.sent, r.received), (20, 20), "{}", r.line());
         assert!(check_udp(&r, 20).is_ok());
-        let t = tcp_probe(e.tcp_addr, 3_000_000, Duration::from_secs(20)).unwrap();
+        let t = tcp_probe(e.tcp_addr, 3_000_000, None, Duration::from_secs(20)).unwrap();
         assert!(t.verified, "{}", t.line());
         assert_eq!(t.echoed, 3_000_000);
     }

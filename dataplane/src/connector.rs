@@ -282,86 +282,75 @@ impl ConnectorConfig {
     }
 }
 
-/// Counters of a connector.
-#[derive(Debug, Default)]
-pub struct ConnectorStats {
-    pub packets_from_agents: AtomicU64,
+/// Declares [`ConnectorStats`] and its `fields()` from one list, so the
+/// `/metrics` output cannot miss a counter.
+macro_rules! connector_counters {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Counters of a connector.
+        #[derive(Debug, Default)]
+        pub struct ConnectorStats { $($(#[$m])* pub $name: AtomicU64,)* }
+
+        impl ConnectorStats {
+            /// (name, value) of every counter, for `/metrics`.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+connector_counters! {
+    packets_from_agents,
     /// Flows refused by a service's `allow_agents` (FlowClose{denied}).
-    pub flows_refused: AtomicU64,
-    pub packets_to_agents: AtomicU64,
-    pub udp_to_backend: AtomicU64,
-    pub udp_from_backend: AtomicU64,
-    pub icmp_echo_replies: AtomicU64,
-    pub udp_flows_opened: AtomicU64,
-    pub udp_flows_expired: AtomicU64,
+    flows_refused,
+    packets_to_agents,
+    udp_to_backend,
+    udp_from_backend,
+    icmp_echo_replies,
+    udp_flows_opened,
+    udp_flows_expired,
     /// Not IPv4, malformed, fragments, bad checksums, non-unicast source or
     /// destination.
-    pub drop_malformed: AtomicU64,
-    pub drop_ipv6: AtomicU64,
+    drop_malformed,
+    drop_ipv6,
     /// Destination (protocol, port) not configured for the service (a TCP
     /// SYN among them is answered with an RST).
-    pub drop_not_allowed: AtomicU64,
+    drop_not_allowed,
     /// IPv4 packets over 1280 bytes with DF set (answered with ICMP
     /// fragmentation needed).
-    pub drop_too_big: AtomicU64,
+    drop_too_big,
     /// TCP connections whose backend connect succeeded (the agent's SYN was
     /// then accepted).
-    pub tcp_connections_opened: AtomicU64,
+    tcp_connections_opened,
     /// TCP connections removed (closed, reset, timed out, failed).
-    pub tcp_connections_closed: AtomicU64,
-    pub tcp_bytes_to_backend: AtomicU64,
-    pub tcp_bytes_from_backend: AtomicU64,
+    tcp_connections_closed,
+    tcp_bytes_to_backend,
+    tcp_bytes_from_backend,
     /// Backend connect refused, failed or timed out (the agent got an RST).
-    pub tcp_backend_connect_failed: AtomicU64,
+    tcp_backend_connect_failed,
     /// Backend read or write errors on an open connection (agent got an RST).
-    pub tcp_backend_errors: AtomicU64,
-    pub tcp_idle_timeouts: AtomicU64,
+    tcp_backend_errors,
+    tcp_idle_timeouts,
     /// SYNs dropped at max_tcp_flows, max_tcp_per_flow or max_tcp_connections.
-    pub drop_tcp_limit: AtomicU64,
+    drop_tcp_limit,
     /// Segments (not SYN) for no known connection; answered with an RST.
-    pub drop_tcp_no_connection: AtomicU64,
+    drop_tcp_no_connection,
     /// Segments dropped because a flow's smoltcp input queue was full.
-    pub drop_tcp_queue_full: AtomicU64,
-    pub drop_flow_table_full: AtomicU64,
-    pub drop_unknown_flow: AtomicU64,
-    pub drop_send_to_agent: AtomicU64,
+    drop_tcp_queue_full,
+    drop_flow_table_full,
+    drop_unknown_flow,
+    drop_send_to_agent,
+    /// Agent flows whose state was kept after their relay leg ended, and
+    /// how many of them a new flow of the same agent took over (TCP
+    /// connections survive a relay drain or failover) or expired.
+    flows_parked,
+    flows_adopted,
+    flows_park_expired,
 }
 
 impl ConnectorStats {
     fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// (name, value) of every counter, for `/metrics`.
-    pub fn fields(&self) -> Vec<(&'static str, u64)> {
-        let all: [(&'static str, &AtomicU64); 25] = [
-            ("packets_from_agents", &self.packets_from_agents),
-            ("flows_refused", &self.flows_refused),
-            ("packets_to_agents", &self.packets_to_agents),
-            ("udp_to_backend", &self.udp_to_backend),
-            ("udp_from_backend", &self.udp_from_backend),
-            ("icmp_echo_replies", &self.icmp_echo_replies),
-            ("udp_flows_opened", &self.udp_flows_opened),
-            ("udp_flows_expired", &self.udp_flows_expired),
-            ("drop_malformed", &self.drop_malformed),
-            ("drop_ipv6", &self.drop_ipv6),
-            ("drop_not_allowed", &self.drop_not_allowed),
-            ("drop_too_big", &self.drop_too_big),
-            ("tcp_connections_opened", &self.tcp_connections_opened),
-            ("tcp_connections_closed", &self.tcp_connections_closed),
-            ("tcp_bytes_to_backend", &self.tcp_bytes_to_backend),
-            ("tcp_bytes_from_backend", &self.tcp_bytes_from_backend),
-            ("tcp_backend_connect_failed", &self.tcp_backend_connect_failed),
-            ("tcp_backend_errors", &self.tcp_backend_errors),
-            ("tcp_idle_timeouts", &self.tcp_idle_timeouts),
-            ("drop_tcp_limit", &self.drop_tcp_limit),
-            ("drop_tcp_no_connection", &self.drop_tcp_no_connection),
-            ("drop_tcp_queue_full", &self.drop_tcp_queue_full),
-            ("drop_flow_table_full", &self.drop_flow_table_full),
-            ("drop_unknown_flow", &self.drop_unknown_flow),
-            ("drop_send_to_agent", &self.drop_send_to_agent),
-        ];
-        all.iter().map(|(n, v)| (*n, v.load(Ordering::Relaxed))).collect()
     }
 }
 
@@ -378,6 +367,29 @@ struct UdpKey {
 struct UdpFlow {
     socket: UdpSocket,
     last: Instant,
+}
+
+/// How long the state of an agent's flow (its TCP connections to backends,
+/// its UDP flows) is kept after the flow closed because the agent left its
+/// relay or the relay was lost: if the same agent opens a flow for the same
+/// service from the same address within this time (through another relay,
+/// after a drain or a failover), the state is adopted and its connections
+/// carry on. Longer than the QUIC idle timeout, so a hard relay failure that
+/// both sides notice at the idle timeout is covered too.
+pub const PARK_TTL: Duration = Duration::from_secs(60);
+
+/// `FlowKey::session` of parked flows (no relay link has this index).
+const PARKED: usize = usize::MAX;
+
+/// Who a parked flow belongs to: agent identity, service, agent IP.
+type ParkKey = (Arc<str>, usize, std::net::IpAddr);
+
+/// An agent flow on a relay link.
+#[derive(Debug, Clone)]
+struct AgentFlow {
+    service: usize,
+    agent_id: Arc<str>,
+    agent_ip: std::net::IpAddr,
 }
 
 /// How often relay names are resolved again.
@@ -496,8 +508,8 @@ struct RelayLink {
     session: ClientSession,
     /// Service handle → service.
     handles: HashMap<u32, usize>,
-    /// Connector-leg flow → service index.
-    flows: HashMap<u32, usize>,
+    /// Connector-leg flow → service and agent.
+    flows: HashMap<u32, AgentFlow>,
 }
 
 /// The running connector.
@@ -512,6 +524,10 @@ pub struct Connector {
     health: Arc<ConnectorHealth>,
     /// Backend targets as resolved at start.
     targets: HashMap<Target, SocketAddr>,
+    /// State of agent flows whose relay leg ended, waiting to be adopted:
+    /// key → (parked id, expiry).
+    parked: HashMap<ParkKey, (u32, Instant)>,
+    next_park: u32,
     udp: HashMap<UdpKey, UdpFlow>,
     tcp: TcpEngine,
     pub stats: Arc<ConnectorStats>,
@@ -560,6 +576,8 @@ impl Connector {
         }
         let mut c = Connector {
             targets,
+            parked: HashMap::new(),
+            next_park: 0,
             cfg,
             socket,
             links: Vec::new(),
@@ -760,7 +778,17 @@ impl Connector {
                     let allowed = svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.contains(&agent_id));
                     if allowed {
                         debug!(relay = i, flow, %agent_addr, agent = %agent_id, "flow opened");
-                        l.flows.insert(flow, si);
+                        let f = AgentFlow {
+                            service: si,
+                            agent_id: Arc::from(agent_id.as_str()),
+                            agent_ip: agent_addr.ip(),
+                        };
+                        let park = (Arc::clone(&f.agent_id), si, f.agent_ip);
+                        l.flows.insert(flow, f);
+                        if let Some((pid, _)) = self.parked.remove(&park) {
+                            self.adopt(pid, FlowKey { session: i, flow });
+                            info!(relay = i, flow, agent = %agent_id, "flow adopted: its connections carry on");
+                        }
                     } else {
                         warn!(relay = i, flow, agent = %agent_id, service = svc.map_or("", |s| s.name.as_str()),
                               "flow refused: agent not in allow_agents");
@@ -768,18 +796,28 @@ impl Connector {
                         l.session.refuse_flow(flow, ztna_control::Code::DENIED);
                     }
                 }
-                Event::FlowClosed { flow, .. } => {
-                    if let Some(l) = self.links.get_mut(i) {
-                        l.flows.remove(&flow);
+                Event::FlowClosed { flow, code } => {
+                    let f = self.links.get_mut(i).and_then(|l| l.flows.remove(&flow));
+                    let key = FlowKey { session: i, flow };
+                    match f {
+                        // The agent left this relay (drain, failover, or
+                        // for good): keep its state a while.
+                        Some(f) if code == ztna_control::Code::AGENT_GONE => self.park(key, f, Instant::now()),
+                        _ => self.drop_flow_state(key),
                     }
-                    self.udp.retain(|k, _| !(k.session == i && k.flow == flow));
-                    self.tcp.remove_flow(FlowKey { session: i, flow });
                 }
                 Event::Disconnected { reason, retry_in } => {
                     warn!(relay = i, reason, ?retry_in, "relay connection lost");
-                    if let Some(l) = self.links.get_mut(i) {
-                        l.handles.clear();
-                        l.flows.clear();
+                    let flows: Vec<(u32, AgentFlow)> = match self.links.get_mut(i) {
+                        Some(l) => {
+                            l.handles.clear();
+                            l.flows.drain().collect()
+                        }
+                        None => Vec::new(),
+                    };
+                    let now = Instant::now();
+                    for (flow, f) in flows {
+                        self.park(FlowKey { session: i, flow }, f, now);
                     }
                     self.udp.retain(|k, _| k.session != i);
                     self.tcp.remove_session(i);
@@ -800,7 +838,7 @@ impl Connector {
                 continue;
             };
             ConnectorStats::inc(&self.stats.packets_from_agents);
-            let Some(si) = self.links.get(i).and_then(|l| l.flows.get(&flow)).copied() else {
+            let Some(si) = self.links.get(i).and_then(|l| l.flows.get(&flow)).map(|f| f.service) else {
                 ConnectorStats::inc(&self.stats.drop_unknown_flow);
                 continue;
             };
@@ -942,7 +980,60 @@ impl Connector {
         self.buf = buf;
     }
 
+    /// Moves a closed flow's TCP and UDP state aside for [`PARK_TTL`].
+    fn park(&mut self, key: FlowKey, f: AgentFlow, now: Instant) {
+        let pid = self.next_park;
+        self.next_park = self.next_park.wrapping_add(1);
+        let to = FlowKey { session: PARKED, flow: pid };
+        let had_tcp = self.tcp.rekey(key, to);
+        let mut had_udp = false;
+        for (k, v) in std::mem::take(&mut self.udp) {
+            let k = if k.session == key.session && k.flow == key.flow {
+                had_udp = true;
+                UdpKey { session: PARKED, flow: pid, ..k }
+            } else {
+                k
+            };
+            self.udp.insert(k, v);
+        }
+        if !(had_tcp || had_udp) {
+            return;
+        }
+        ConnectorStats::inc(&self.stats.flows_parked);
+        // One parked flow per (agent, service, address): a newer one wins.
+        if let Some((old, _)) = self.parked.insert((f.agent_id, f.service, f.agent_ip), (pid, now + PARK_TTL)) {
+            self.drop_flow_state(FlowKey { session: PARKED, flow: old });
+        }
+    }
+
+    /// A new flow takes over parked state.
+    fn adopt(&mut self, pid: u32, to: FlowKey) {
+        let from = FlowKey { session: PARKED, flow: pid };
+        self.tcp.rekey(from, to);
+        for (k, v) in std::mem::take(&mut self.udp) {
+            let k = if k.session == PARKED && k.flow == pid {
+                UdpKey { session: to.session, flow: to.flow, ..k }
+            } else {
+                k
+            };
+            self.udp.insert(k, v);
+        }
+        ConnectorStats::inc(&self.stats.flows_adopted);
+    }
+
+    fn drop_flow_state(&mut self, key: FlowKey) {
+        self.udp.retain(|k, _| !(k.session == key.session && k.flow == key.flow));
+        self.tcp.remove_flow(key);
+    }
+
     fn expire(&mut self, now: Instant) {
+        let gone: Vec<(ParkKey, u32)> =
+            self.parked.iter().filter(|(_, (_, until))| *until <= now).map(|(k, (pid, _))| (k.clone(), *pid)).collect();
+        for (k, pid) in gone {
+            self.parked.remove(&k);
+            self.drop_flow_state(FlowKey { session: PARKED, flow: pid });
+            ConnectorStats::inc(&self.stats.flows_park_expired);
+        }
         let idle = Duration::from_secs(self.cfg.udp_idle_secs);
         let before = self.udp.len();
         self.udp.retain(|_, f| now.saturating_duration_since(f.last) < idle);

@@ -445,6 +445,22 @@ impl TcpEngine {
         }
     }
 
+    /// Moves a flow's connections to another key (parking an agent's flow
+    /// while it moves to another relay, and adopting it there). False if
+    /// there is nothing under `from` or `to` is taken.
+    pub(crate) fn rekey(&mut self, from: FlowKey, to: FlowKey) -> bool {
+        if self.flows.contains_key(&to) {
+            return false;
+        }
+        match self.flows.remove(&from) {
+            Some(f) => {
+                self.flows.insert(to, f);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Drops a flow's connections (the relay closed the flow).
     pub(crate) fn remove_flow(&mut self, key: FlowKey) {
         if let Some(f) = self.flows.remove(&key) {
