@@ -1425,13 +1425,20 @@ impl Worker {
         }
         self.now = now;
         self.draining = true;
+        self.goodbye_all(&drain_goodbye(), |_| {});
+    }
+
+    /// Sends `goodbye` to every client past Hello that no Error stopped,
+    /// then runs `then` on every connection.
+    fn goodbye_all(&mut self, goodbye: &Message, mut then: impl FnMut(&mut Conn)) {
         let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
         for key in keys {
             let Some(mut conn) = self.take(key) else { continue };
             if conn.hello && !conn.stopped {
-                self.send_msg(&mut conn, &drain_goodbye());
+                self.send_msg(&mut conn, goodbye);
                 self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
             }
+            then(&mut conn);
             self.put(conn);
         }
     }
@@ -1453,17 +1460,10 @@ impl Worker {
         }
         self.now = now;
         self.shutting_down = true;
-        let keys: Vec<ConnKey> = self.slots.iter().flatten().map(|c| c.key).collect();
-        for key in keys {
-            let Some(mut conn) = self.take(key) else { continue };
-            if conn.hello && !conn.stopped {
-                self.send_msg(&mut conn, &Message::Goodbye { code, reason: reason.to_owned() });
-                self.stats.goodbyes_sent.fetch_add(1, Ordering::Relaxed);
-            }
+        self.goodbye_all(&Message::Goodbye { code, reason: reason.to_owned() }, |conn| {
             conn.close_at = Some((now + linger, code));
             conn.stopped = true;
-            self.put(conn);
-        }
+        });
     }
 
     pub fn is_shutting_down(&self) -> bool {
