@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod retry;
 pub mod routing;
+pub mod sdnotify;
 pub mod security;
 pub mod stats;
 pub mod tls;

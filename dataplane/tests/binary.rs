@@ -272,3 +272,45 @@ fn sighup_reloads_policy_and_refuses_broken_files() {
     assert!(agent.session.is_connected(), "the connection survives the reload");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+/// systemd's notify protocol: READY=1 once running, WATCHDOG=1 at half the
+/// interval while the workers turn, STOPPING=1 when SIGTERM starts the
+/// drain (a Unix datagram socket stands in for systemd).
+#[test]
+fn sd_notify_ready_watchdog_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("ztna-test-{}-notify", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let child = Command::new(BIN)
+        .args(["--dev", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut child = Reap(child);
+    // The child's WATCHDOG_PID is unset, so the watchdog applies to it.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(got.contains(&"READY=1".to_owned()) && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2) {
+        let n = sock.recv(&mut buf).expect("notification within 10 s");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(got.first().map(String::as_str), Some("READY=1"), "{got:?}");
+    // SAFETY: plain kill(2) on our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+    assert!(child.0.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

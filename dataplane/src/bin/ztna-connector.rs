@@ -97,5 +97,10 @@ fn main() -> Result<()> {
         tracing::info!(%addr, "http://{addr}/healthz, /readyz and /metrics");
     }
     println!("listening on {}", c.local_addr()?);
-    c.run(&stop)
+    // systemd Type=notify: ready now; watchdog pings while the loop turns.
+    let health = c.health();
+    ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || health.alive(std::time::Instant::now())))?;
+    let r = c.run(&stop);
+    ztna_dataplane::sdnotify::stopping();
+    r
 }

@@ -204,6 +204,9 @@ fn main() -> Result<()> {
         info!(%addr, "http://{addr}/metrics, /healthz and /readyz");
     }
     info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
+    // systemd Type=notify: ready now; watchdog pings while every worker loop turns.
+    let life = handle.lifecycle();
+    ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || life.all_alive(std::time::Instant::now())))?;
     // Machine-readable lines for scripts and tests.
     println!("listening on {}", handle.local_addr);
     if let Some(p) = &handle.dev_pki {
@@ -224,6 +227,7 @@ fn main() -> Result<()> {
     // connectors and stragglers are closed. Bounded by shutdown_grace_ms.
     let t = std::time::Instant::now();
     info!(agents = handle.agents(), grace_ms = cfg.shutdown_grace_ms, "signal received: draining");
+    ztna_dataplane::sdnotify::stopping();
     handle.drain();
     handle.join();
     info!(elapsed_ms = t.elapsed().as_millis() as u64, "relay stopped");
