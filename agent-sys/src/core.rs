@@ -147,6 +147,12 @@ impl AgentCore {
         }
     }
 
+    /// The driver rebound its UDP socket: the next connection attempt uses
+    /// this local address.
+    pub fn set_local(&mut self, local: SocketAddr) {
+        self.session.set_local(local);
+    }
+
     /// The relay of the current (or next) connection attempt: changes on
     /// failover to a fallback relay.
     pub fn relay(&self) -> SocketAddr {

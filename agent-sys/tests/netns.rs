@@ -825,6 +825,10 @@ fn two_relays_connector_on_both_drain_and_failover() {
     relay1.signal(libc::SIGTERM);
     laptop.wait_out(mark, Duration::from_secs(10), reg).expect("laptop re-registered at relay 2");
     let moved = drain.elapsed();
+    assert!(
+        laptop.wait_err(0, Duration::from_secs(1), |l| l.contains("new UDP socket")).is_some(),
+        "after the Goodbye the laptop reconnects from a new source port"
+    );
     let exit = loop {
         if let Ok(Some(st)) = relay1.child.try_wait() {
             break st;

@@ -210,6 +210,12 @@ impl ClientSession {
         }
     }
 
+    /// Sets the local address reported to quiche for the next connection
+    /// attempt (the driver rebound its socket).
+    pub fn set_local(&mut self, local: SocketAddr) {
+        self.cfg.local = local;
+    }
+
     /// The relay of the current (or next) connection attempt.
     pub fn relay(&self) -> SocketAddr {
         match self.relay_index {

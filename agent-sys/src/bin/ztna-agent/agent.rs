@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use tun_rs::SyncDevice;
 use ztna_agent::core::{AgentCore, AgentEvent};
 
-use crate::udp::{Batch, BATCH};
+use crate::udp::{self, Batch, BATCH};
 
 /// Packets read from the TUN device per loop turn.
 const TUN_BUDGET: usize = 64;
@@ -79,6 +79,10 @@ pub struct Agent {
     tun: SyncDevice,
     sock: UdpSocket,
     relay: SocketAddr,
+    /// Where the UDP socket binds (a new socket after a Goodbye).
+    listen: SocketAddr,
+    /// A Goodbye arrived: take a new socket once the old connection is over.
+    rebind: bool,
     mtu: usize,
     rx: Batch,
     tx: Batch,
@@ -96,12 +100,21 @@ fn out(line: std::fmt::Arguments<'_>) {
 }
 
 impl Agent {
-    pub fn new(core: AgentCore, tun: SyncDevice, sock: UdpSocket, relay: SocketAddr, mtu: u16) -> Agent {
+    pub fn new(
+        core: AgentCore,
+        tun: SyncDevice,
+        sock: UdpSocket,
+        relay: SocketAddr,
+        listen: SocketAddr,
+        mtu: u16,
+    ) -> Agent {
         Agent {
             core,
             tun,
             sock,
             relay,
+            listen,
+            rebind: false,
             mtu: usize::from(mtu),
             rx: Batch::new(),
             tx: Batch::new(),
@@ -278,6 +291,24 @@ impl Agent {
         }
     }
 
+    /// After a Goodbye: a new UDP socket (a new source port unless `listen`
+    /// fixes one) for the next attempt, so a load balancer that keys on the
+    /// 5-tuple picks a ready relay instead of following a stale conntrack
+    /// entry to the one that is draining.
+    fn new_socket(&mut self) {
+        let to = self.core.relay();
+        match udp::connect(self.listen, to) {
+            Ok((sock, local)) => {
+                self.tx.clear();
+                self.sock = sock;
+                self.relay = to;
+                self.core.set_local(local);
+                info!(%local, relay = %to, "new UDP socket for the next relay connection");
+            }
+            Err(e) => warn!(error = %e, "cannot open a new UDP socket; keeping the old one"),
+        }
+    }
+
     /// Sends the batch; false when the socket would block.
     fn flush(&mut self) -> bool {
         let before = self.tx.unsent();
@@ -320,6 +351,10 @@ impl Agent {
                     out(format_args!("register failed {service} {code}"));
                 }
                 AgentEvent::Disconnected { reason, retry_in } => {
+                    if self.rebind && retry_in != Duration::MAX {
+                        self.rebind = false;
+                        self.new_socket();
+                    }
                     if retry_in == Duration::MAX {
                         info!(reason, "disconnected");
                     } else {
@@ -328,6 +363,7 @@ impl Agent {
                     }
                 }
                 AgentEvent::Goodbye { code } => {
+                    self.rebind = true;
                     info!(%code, "relay says goodbye");
                     out(format_args!("goodbye {code}"));
                 }

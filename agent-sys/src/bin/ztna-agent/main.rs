@@ -160,7 +160,7 @@ fn run(cfg: &Config) -> Result<()> {
     let (sock, local) = udp::connect(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
     info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
     let core = AgentCore::new(cfg.agent_config(local), seed()?, Instant::now()).map_err(anyhow::Error::msg)?;
-    let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.mtu);
+    let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.listen, cfg.mtu);
     a.run(&signals)?;
     // Dropping the device (end of `a`) deletes it and its routes.
     info!("stopped");
