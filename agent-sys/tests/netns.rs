@@ -745,9 +745,9 @@ fn http_get_in(ns: &str, addr: SocketAddr, path: &'static str) -> (u16, String) 
 /// file) and registers at each; agent `laptop` starts on relay 1 and agent
 /// `phone` on relay 2, each with the other relay as fallback. SIGTERM on
 /// relay 1 drains it: the laptop moves to relay 2 (the loss during the
-/// move is measured), relay 1 exits early. After relay 1 is back, SIGKILL
-/// on relay 2: both agents notice at the idle timeout and resume through
-/// relay 1.
+/// move is measured) and its TCP stream carries on, relay 1 exits early.
+/// After relay 1 is back, SIGKILL on relay 2: both agents notice when the
+/// relay stays silent (15 s) and resume through relay 1.
 #[test]
 fn two_relays_connector_on_both_drain_and_failover() {
     if !can_run() {
@@ -863,17 +863,34 @@ fn two_relays_connector_on_both_drain_and_failover() {
         wait_count(&connector.err, before + 1, Duration::from_secs(30), registered),
         "connector registered at the restarted relay 1"
     );
-    // Hard failure of relay 2: no Goodbye; the agents notice at the QUIC
-    // idle timeout and move to their next relay.
+    // Hard failure of relay 2: no Goodbye; the agents notice when nothing
+    // (not even an ACK of a keepalive PING) arrived for the silence timeout
+    // and move to their next relay, before the QUIC idle timeout.
     let (lm, pm) = (laptop.out_len(), phone_agent.out_len());
+    // A TCP stream that must survive the failure (stalled until the move).
+    let (ns, bench) = (lab.agent.clone(), b.bench.clone());
+    let stream = std::thread::spawn(move || tcp_probe_from(&ns, &bench, 400_000, Some(100), 90));
+    std::thread::sleep(Duration::from_millis(1000));
     let kill = Instant::now();
     relay2.signal(libc::SIGKILL);
+    let silence = ztna_control::client::ClientConfig::new(
+        RELAY_IP.parse::<std::net::IpAddr>().map(|i| SocketAddr::new(i, 1)).unwrap(),
+        "0.0.0.0:0".parse().unwrap(),
+        "x",
+    )
+    .silence_timeout;
     let idle = Duration::from_millis(ztna_control::quic::IDLE_TIMEOUT_MS);
     laptop.wait_out(lm, idle + Duration::from_secs(15), reg).expect("laptop resumed through relay 1");
     phone_agent.wait_out(pm, idle + Duration::from_secs(15), reg).expect("phone resumed through relay 1");
     let failover = kill.elapsed();
+    assert!(failover < idle, "noticed by the silence timeout ({silence:?}), not the idle timeout: {failover:?}");
     assert_eq!(ping_from(&lab.agent, VIP, 3), 3, "laptop through relay 1 after the failure");
     assert_eq!(ping_from(&phone.0, VIP, 3), 3, "phone through relay 1 after the failure");
-    eprintln!("hard failure: both agents resumed through relay 1 after {failover:?}; total {:?}", t0.elapsed());
+    let (ok, line) = stream.join().unwrap();
+    eprintln!("hard failure: both agents resumed through relay 1 after {failover:?}; TCP stream: {line}");
+    assert!(ok, "the TCP stream survives the relay failure: {line}");
+    let (_, m) = http_get_in(&lab.site, health, "/metrics");
+    assert!(m.lines().any(|l| l == "ztna_connector_flows_adopted_total 2"), "{m}");
+    eprintln!("total {:?}", t0.elapsed());
     drop(relay1);
 }

@@ -46,6 +46,11 @@ pub struct ClientConfig {
     pub registrations: Vec<(Role, ServiceName)>,
     /// Send a PING when nothing was sent for this long.
     pub keepalive: Duration,
+    /// Give up on an established connection when nothing at all arrived
+    /// from the relay for this long (a live relay acknowledges the keepalive
+    /// PINGs within a round trip), and move on to the next relay, well
+    /// before the 30 s QUIC idle timeout. Must exceed `keepalive`.
+    pub silence_timeout: Duration,
     /// Give up on a connection attempt the relay has not answered (QUIC
     /// handshake + HelloAck) within this time, and back off.
     pub handshake_timeout: Duration,
@@ -66,6 +71,7 @@ impl ClientConfig {
             server_name: server_name.to_owned(),
             registrations: Vec::new(),
             keepalive: Duration::from_secs(10),
+            silence_timeout: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
@@ -137,7 +143,7 @@ enum Phase {
     /// No connection; the next attempt starts at `retry_at`.
     Waiting { retry_at: Instant },
     /// A QUIC connection exists (handshaking or established).
-    Live { conn: Box<quiche::Connection>, hello_acked: bool, last_send: Instant, started: Instant },
+    Live { conn: Box<quiche::Connection>, hello_acked: bool, last_send: Instant, last_recv: Instant, started: Instant },
     /// Closed for good by [`ClientSession::close`].
     Stopped,
 }
@@ -287,12 +293,14 @@ impl ClientSession {
     /// Feeds one received UDP payload. `buf` is decrypted in place.
     pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
         self.now = now;
-        let Phase::Live { conn, .. } = &mut self.phase else {
+        let Phase::Live { conn, last_recv, .. } = &mut self.phase else {
             return;
         };
         // Errors here are per-packet (undecryptable, stale): quiche drops the
         // packet and the connection carries on, or reports itself closed.
-        let _ = conn.recv(buf, quiche::RecvInfo { from, to: self.cfg.local });
+        if conn.recv(buf, quiche::RecvInfo { from, to: self.cfg.local }).is_ok() {
+            *last_recv = now;
+        }
         self.after_io(now);
     }
 
@@ -374,10 +382,11 @@ impl ClientSession {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Waiting { retry_at } => Some(*retry_at),
-            Phase::Live { conn, hello_acked, last_send, started } => {
+            Phase::Live { conn, hello_acked, last_send, last_recv, started } => {
                 let quic = conn.timeout_instant();
                 let handshake = (!hello_acked).then(|| *started + self.cfg.handshake_timeout);
-                let keep = hello_acked.then(|| *last_send + self.cfg.keepalive);
+                let keep =
+                    hello_acked.then(|| (*last_send + self.cfg.keepalive).min(*last_recv + self.cfg.silence_timeout));
                 let retry = self
                     .regs
                     .iter()
@@ -409,6 +418,13 @@ impl ClientSession {
                 // give up on this attempt and back off, rather than wait
                 // for the 30 s idle timeout.
                 let reason = format!("no answer from relay within {:?}", self.cfg.handshake_timeout);
+                self.schedule_reconnect(now, reason);
+            }
+            Phase::Live { hello_acked: true, last_recv, .. } if now >= *last_recv + self.cfg.silence_timeout => {
+                // Nothing from the relay, not even ACKs of our PINGs: it is
+                // gone or unreachable. Move on without waiting for the idle
+                // timeout (nothing to send it: just drop the connection).
+                let reason = format!("relay silent for {:?}", self.cfg.silence_timeout);
                 self.schedule_reconnect(now, reason);
             }
             Phase::Live { conn, hello_acked, last_send, .. } => {
@@ -460,7 +476,13 @@ impl ClientSession {
                     r.state = RegState::Unsent;
                 }
                 Message::Hello { version: wire::VERSION, software: self.cfg.software.clone() }.encode(&mut self.tx);
-                self.phase = Phase::Live { conn: Box::new(conn), hello_acked: false, last_send: now, started: now };
+                self.phase = Phase::Live {
+                    conn: Box::new(conn),
+                    hello_acked: false,
+                    last_send: now,
+                    last_recv: now,
+                    started: now,
+                };
             }
             Err(e) => self.schedule_reconnect(now, format!("connect failed: {e}")),
         }

@@ -785,9 +785,17 @@ impl Connector {
                         };
                         let park = (Arc::clone(&f.agent_id), si, f.agent_ip);
                         l.flows.insert(flow, f);
+                        let to = FlowKey { session: i, flow };
                         if let Some((pid, _)) = self.parked.remove(&park) {
-                            self.adopt(pid, FlowKey { session: i, flow });
+                            self.adopt(FlowKey { session: PARKED, flow: pid }, to);
                             info!(relay = i, flow, agent = %agent_id, "flow adopted: its connections carry on");
+                        } else if let Some(from) = self.live_flow_elsewhere(&park, i) {
+                            // The agent moved before this connector heard that
+                            // its old relay leg ended (a relay that died, or a
+                            // FlowClose still in flight): take the state over.
+                            self.adopt(from, to);
+                            info!(relay = i, flow, agent = %agent_id, from_relay = from.session,
+                                  "flow adopted from another relay: its connections carry on");
                         }
                     } else {
                         warn!(relay = i, flow, agent = %agent_id, service = svc.map_or("", |s| s.name.as_str()),
@@ -1006,19 +1014,42 @@ impl Connector {
         }
     }
 
-    /// A new flow takes over parked state.
-    fn adopt(&mut self, pid: u32, to: FlowKey) {
-        let from = FlowKey { session: PARKED, flow: pid };
-        self.tcp.rekey(from, to);
+    /// The flow of the same agent, service and address on another relay
+    /// link, if any: it is removed from that link (its state is about to
+    /// move).
+    fn live_flow_elsewhere(&mut self, park: &ParkKey, except: usize) -> Option<FlowKey> {
+        for (j, l) in self.links.iter_mut().enumerate() {
+            if j == except {
+                continue;
+            }
+            let found = l
+                .flows
+                .iter()
+                .find(|(_, f)| f.agent_id == park.0 && f.service == park.1 && f.agent_ip == park.2)
+                .map(|(flow, _)| *flow);
+            if let Some(flow) = found {
+                l.flows.remove(&flow);
+                return Some(FlowKey { session: j, flow });
+            }
+        }
+        None
+    }
+
+    /// A new flow takes over the state under `from` (parked or live).
+    fn adopt(&mut self, from: FlowKey, to: FlowKey) {
+        let mut moved = self.tcp.rekey(from, to);
         for (k, v) in std::mem::take(&mut self.udp) {
-            let k = if k.session == PARKED && k.flow == pid {
+            let k = if k.session == from.session && k.flow == from.flow {
+                moved = true;
                 UdpKey { session: to.session, flow: to.flow, ..k }
             } else {
                 k
             };
             self.udp.insert(k, v);
         }
-        ConnectorStats::inc(&self.stats.flows_adopted);
+        if moved {
+            ConnectorStats::inc(&self.stats.flows_adopted);
+        }
     }
 
     fn drop_flow_state(&mut self, key: FlowKey) {
