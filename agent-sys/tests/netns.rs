@@ -843,7 +843,8 @@ fn two_relays_connector_on_both_drain_and_failover() {
         "drain: laptop registered at relay 2 after {moved:?}; relay 1 exited after {exited:?}; \
          UDP echo during the drain {got}/{sent} at 10 ms spacing"
     );
-    assert!(got + 30 >= sent, "at most 300 ms of datagrams lost while moving: {got}/{sent}");
+    // Typically 3-22 lost (30-220 ms); the bound leaves room for a loaded CI machine.
+    assert!(got + 100 >= sent, "at most 1 s of datagrams lost while moving: {got}/{sent}");
     // The TCP connection survives the move: the connector parked its state
     // when the laptop left relay 1 and adopted it for the laptop's new flow.
     let (ok, line) = stream.join().unwrap();
