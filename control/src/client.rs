@@ -489,11 +489,19 @@ impl ClientSession {
     }
 
     fn schedule_reconnect(&mut self, now: Instant, reason: String) {
+        if self.stop_requested {
+            // Closed for good while the attempt timed out: no new attempt.
+            self.phase = Phase::Stopped;
+            self.push_event(Event::Disconnected { reason, retry_in: Duration::MAX });
+            return;
+        }
         let retry_in = if self.leaving {
             GOODBYE_JITTER.mul_f64(self.rng.next_f64())
         } else {
             self.backoff.next_delay(&mut self.rng)
         };
+        // One prompt attempt per Goodbye; failures after it back off.
+        self.leaving = false;
         // Every lost connection moves on to the next replica, if any.
         self.relay_index = (self.relay_index + 1) % (self.cfg.fallbacks.len() + 1);
         self.stats.disconnects += 1;

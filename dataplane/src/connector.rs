@@ -611,6 +611,9 @@ impl Connector {
     /// it is disconnected, never while connected (a draining relay leaves
     /// DNS first but still serves agents through us until it closes).
     fn reconcile(&mut self, addrs: &[SocketAddr]) -> Result<()> {
+        // One socket serves every relay: only addresses of its family.
+        let v4 = self.socket.local_addr()?.is_ipv4();
+        let addrs: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv4() == v4).collect();
         if addrs.is_empty() {
             return Ok(()); // a DNS hiccup: keep what we have
         }
@@ -626,7 +629,7 @@ impl Connector {
                 self.tcp.remove_session(i);
             }
         }
-        for &relay in addrs {
+        for &relay in &addrs {
             if self.links.iter().any(|l| !l.retired && l.relay == relay) {
                 continue;
             }
@@ -689,7 +692,11 @@ impl Connector {
         let now = Instant::now();
         self.update_health(now);
         if let Some(addrs) = self.resolver.as_ref().and_then(|r| r.try_iter().last()) {
-            self.reconcile(&addrs)?;
+            // A link that cannot be set up now (unreadable TLS files during a
+            // rotation) is retried at the next resolution.
+            if let Err(e) = self.reconcile(&addrs) {
+                warn!(error = format!("{e:#}"), "cannot add a relay; retrying at the next resolution");
+            }
         }
         let deadline = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
         let deadline = match (deadline, self.tcp.next_deadline(now)) {
@@ -789,7 +796,7 @@ impl Connector {
                         if let Some((pid, _)) = self.parked.remove(&park) {
                             self.adopt(FlowKey { session: PARKED, flow: pid }, to);
                             info!(relay = i, flow, agent = %agent_id, "flow adopted: its connections carry on");
-                        } else if let Some(from) = self.live_flow_elsewhere(&park, i) {
+                        } else if let Some(from) = self.live_flow_elsewhere(&park, to) {
                             // The agent moved before this connector heard that
                             // its old relay leg ended (a relay that died, or a
                             // FlowClose still in flight): take the state over.
@@ -1014,25 +1021,24 @@ impl Connector {
         }
     }
 
-    /// The flow of the same agent, service and address on another relay
-    /// link, if any: it is removed from that link (its state is about to
-    /// move).
-    fn live_flow_elsewhere(&mut self, park: &ParkKey, except: usize) -> Option<FlowKey> {
-        for (j, l) in self.links.iter_mut().enumerate() {
-            if j == except {
-                continue;
-            }
-            let found = l
-                .flows
+    /// Another open flow (on any relay link, this one included) of the same
+    /// agent, service and address: the agent reconnected before its old leg
+    /// was closed (a relay that died, a FlowClose still in flight, or a
+    /// reconnect to the same relay after a silence). The old leg keeps its
+    /// mapping, so a second device under the same identity is not cut off;
+    /// only the connection state moves.
+    fn live_flow_elsewhere(&self, park: &ParkKey, new: FlowKey) -> Option<FlowKey> {
+        self.links.iter().enumerate().find_map(|(j, l)| {
+            l.flows
                 .iter()
-                .find(|(_, f)| f.agent_id == park.0 && f.service == park.1 && f.agent_ip == park.2)
-                .map(|(flow, _)| *flow);
-            if let Some(flow) = found {
-                l.flows.remove(&flow);
-                return Some(FlowKey { session: j, flow });
-            }
-        }
-        None
+                .find(|(flow, f)| {
+                    (j, **flow) != (new.session, new.flow)
+                        && f.agent_id == park.0
+                        && f.service == park.1
+                        && f.agent_ip == park.2
+                })
+                .map(|(flow, _)| FlowKey { session: j, flow: *flow })
+        })
     }
 
     /// A new flow takes over the state under `from` (parked or live).

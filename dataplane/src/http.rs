@@ -44,7 +44,11 @@ pub fn serve(addr: SocketAddr, name: &str, handler: Arc<Handler>) -> Result<Sock
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name(format!("{name}-http")).spawn(move || {
         for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
+            let Ok(stream) = stream else {
+                // EMFILE and friends: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
             if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                 active.fetch_sub(1, Ordering::AcqRel);
                 continue; // dropped: closes the connection
@@ -68,7 +72,15 @@ fn handle(mut s: TcpStream, handler: &Handler) -> std::io::Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    // One deadline for the whole head, not per read: a client trickling
+    // bytes cannot hold a slot for long.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        s.set_read_timeout(Some(left))?;
         let n = s.read(&mut buf)?;
         if n == 0 {
             return Ok(());
@@ -184,6 +196,30 @@ mod tests {
         let mut big = b"GET /hello HTTP/1.1\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
         assert!(raw(&big).starts_with("HTTP/1.1 431"));
+    }
+
+    /// A client trickling its request head is cut off at one deadline for
+    /// the whole head, not kept alive by each byte.
+    #[test]
+    fn a_trickling_client_is_closed_at_the_head_deadline() {
+        let a = start();
+        let mut s = TcpStream::connect(a).unwrap();
+        let t = std::time::Instant::now();
+        let mut closed = false;
+        for b in b"GET /healthz HTTP/1.1\r\nX: ".iter().cycle().take(40) {
+            if s.write_all(&[*b]).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let mut rest = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_end(&mut rest);
+        assert!(closed || rest.is_empty(), "no answer to an unfinished head");
+        // 40 bytes at 150 ms would take 6 s: the 2 s deadline ends it first.
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(get(a, "/healthz").unwrap().0, 200);
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub fn metrics_route(prom: &PrometheusHandle, path: &str) -> Option<Response> {
 /// the bound address. Install the recorder before starting the relay: the
 /// workers register their histograms when they start.
 pub fn serve_relay(addr: SocketAddr, prom: PrometheusHandle, life: Arc<Lifecycle>) -> Result<SocketAddr> {
+    // Histogram samples are buffered until upkeep drains them: do it once a
+    // second, not only when someone scrapes (or memory grows with traffic).
+    let upkeep = prom.clone();
+    std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        upkeep.run_upkeep();
+    })?;
     let handler: Arc<Handler> = Arc::new(move |path: &str| {
         metrics_route(&prom, path).or_else(|| http::probe(path, life.all_alive(Instant::now()), !life.is_draining()))
     });

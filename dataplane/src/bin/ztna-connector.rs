@@ -99,7 +99,11 @@ fn main() -> Result<()> {
     println!("listening on {}", c.local_addr()?);
     // systemd Type=notify: ready now; watchdog pings while the loop turns.
     let health = c.health();
-    ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || health.alive(std::time::Instant::now())))?;
+    if let Err(e) =
+        ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || health.alive(std::time::Instant::now())))
+    {
+        tracing::warn!(error = format!("{e:#}"), "sd_notify failed");
+    }
     let r = c.run(&stop);
     ztna_dataplane::sdnotify::stopping();
     r

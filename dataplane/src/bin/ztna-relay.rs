@@ -206,7 +206,11 @@ fn main() -> Result<()> {
     info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
     // systemd Type=notify: ready now; watchdog pings while every worker loop turns.
     let life = handle.lifecycle();
-    ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || life.all_alive(std::time::Instant::now())))?;
+    if let Err(e) =
+        ztna_dataplane::sdnotify::ready_with_watchdog(Arc::new(move || life.all_alive(std::time::Instant::now())))
+    {
+        warn!(error = format!("{e:#}"), "sd_notify failed");
+    }
     // Machine-readable lines for scripts and tests.
     println!("listening on {}", handle.local_addr);
     if let Some(p) = &handle.dev_pki {

@@ -140,6 +140,9 @@ impl Agent {
             if tun_in {
                 self.read_tun()?;
             }
+            // Events first: a Disconnected after a Goodbye takes a new socket
+            // before the timer starts the next connection attempt.
+            self.events();
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.handle_timeout(now);
             }
