@@ -33,6 +33,7 @@ use ztna_control::quic::{self, TlsOptions};
 use ztna_control::{datagram, Role, ServiceName};
 
 use self::tcp::{FlowKey, TcpEngine, TcpLimits, Tuple, TxOutcome, Verdict};
+use crate::io::Heartbeat;
 use crate::vdev::TUNNEL_MTU;
 
 /// Transport protocol of a backend.
@@ -77,12 +78,18 @@ impl Target {
 impl TryFrom<String> for Target {
     type Error = String;
     fn try_from(s: String) -> Result<Target, String> {
-        let port = s.rsplit_once(':').and_then(|(host, p)| (!host.is_empty()).then_some(p));
-        match port.and_then(|p| p.parse::<u16>().ok()) {
-            Some(p) if p != 0 => Ok(Target(s)),
-            _ => Err(format!("backend target {s:?} is not host:port")),
+        if is_host_port(&s) {
+            Ok(Target(s))
+        } else {
+            Err(format!("backend target {s:?} is not host:port"))
         }
     }
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535 (the form
+/// of relay entries and backend targets; names are resolved later).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
 impl From<Target> for String {
@@ -244,11 +251,8 @@ impl ConnectorConfig {
         if self.relays.is_empty() {
             bail!("at least one relay is required");
         }
-        for r in &self.relays {
-            let port = r.rsplit_once(':').and_then(|(host, p)| (!host.is_empty()).then_some(p));
-            if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
-                bail!("relay {r:?} is not host:port");
-            }
+        if let Some(r) = self.relays.iter().find(|r| !is_host_port(r)) {
+            bail!("relay {r:?} is not host:port");
         }
         if self.services.is_empty() {
             bail!("at least one service is required");
@@ -282,24 +286,9 @@ impl ConnectorConfig {
     }
 }
 
-/// Declares [`ConnectorStats`] and its `fields()` from one list, so the
-/// `/metrics` output cannot miss a counter.
-macro_rules! connector_counters {
-    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
-        /// Counters of a connector.
-        #[derive(Debug, Default)]
-        pub struct ConnectorStats { $($(#[$m])* pub $name: AtomicU64,)* }
-
-        impl ConnectorStats {
-            /// (name, value) of every counter, for `/metrics`.
-            pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
-            }
-        }
-    };
-}
-
-connector_counters! {
+crate::stats::counters! {
+    /// Counters of a connector.
+    ConnectorStats, ConnectorStatsSnapshot {
     packets_from_agents,
     /// Flows refused by a service's `allow_agents` (FlowClose{denied}).
     flows_refused,
@@ -346,6 +335,7 @@ connector_counters! {
     flows_parked,
     flows_adopted,
     flows_park_expired,
+    }
 }
 
 impl ConnectorStats {
@@ -436,9 +426,8 @@ fn spawn_resolver(entries: &[String]) -> mpsc::Receiver<Vec<SocketAddr>> {
 /// endpoint.
 #[derive(Debug)]
 pub struct ConnectorHealth {
-    epoch: Instant,
-    /// Milliseconds since `epoch` at the last loop turn.
-    heartbeat_ms: AtomicU64,
+    /// The connector loop's.
+    heartbeat: Heartbeat,
     /// Every service registered at one relay or more.
     serving: AtomicBool,
     relays: AtomicU64,
@@ -448,18 +437,16 @@ pub struct ConnectorHealth {
 impl ConnectorHealth {
     fn new() -> ConnectorHealth {
         ConnectorHealth {
-            epoch: Instant::now(),
-            heartbeat_ms: AtomicU64::new(0),
+            heartbeat: Heartbeat::new(),
             serving: AtomicBool::new(false),
             relays: AtomicU64::new(0),
             relays_connected: AtomicU64::new(0),
         }
     }
 
-    /// The loop turned within the last 5 s.
+    /// The loop turned within [`crate::io::HEARTBEAT_STALE`].
     pub fn alive(&self, now: Instant) -> bool {
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        now_ms.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)) < 5000
+        self.heartbeat.fresh(now)
     }
 
     pub fn serving(&self) -> bool {
@@ -493,7 +480,7 @@ fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     for (name, v) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
     }
-    for (field, v) in s.fields() {
+    for (field, v) in s.snapshot().fields() {
         let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");
     }
     out
@@ -625,8 +612,7 @@ impl Connector {
                 l.session.close();
                 l.handles.clear();
                 l.flows.clear();
-                self.udp.retain(|k, _| k.session != i);
-                self.tcp.remove_session(i);
+                self.drop_session_state(i);
             }
         }
         for &relay in &addrs {
@@ -834,8 +820,7 @@ impl Connector {
                     for (flow, f) in flows {
                         self.park(FlowKey { session: i, flow }, f, now);
                     }
-                    self.udp.retain(|k, _| k.session != i);
-                    self.tcp.remove_session(i);
+                    self.drop_session_state(i);
                 }
                 Event::Connected => info!(relay = i, "connected"),
                 Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),
@@ -999,19 +984,7 @@ impl Connector {
     fn park(&mut self, key: FlowKey, f: AgentFlow, now: Instant) {
         let pid = self.next_park;
         self.next_park = self.next_park.wrapping_add(1);
-        let to = FlowKey { session: PARKED, flow: pid };
-        let had_tcp = self.tcp.rekey(key, to);
-        let mut had_udp = false;
-        for (k, v) in std::mem::take(&mut self.udp) {
-            let k = if k.session == key.session && k.flow == key.flow {
-                had_udp = true;
-                UdpKey { session: PARKED, flow: pid, ..k }
-            } else {
-                k
-            };
-            self.udp.insert(k, v);
-        }
-        if !(had_tcp || had_udp) {
+        if !self.move_flow_state(key, FlowKey { session: PARKED, flow: pid }) {
             return;
         }
         ConnectorStats::inc(&self.stats.flows_parked);
@@ -1043,24 +1016,34 @@ impl Connector {
 
     /// A new flow takes over the state under `from` (parked or live).
     fn adopt(&mut self, from: FlowKey, to: FlowKey) {
-        let mut moved = self.tcp.rekey(from, to);
-        for (k, v) in std::mem::take(&mut self.udp) {
-            let k = if k.session == from.session && k.flow == from.flow {
-                moved = true;
-                UdpKey { session: to.session, flow: to.flow, ..k }
-            } else {
-                k
-            };
-            self.udp.insert(k, v);
-        }
-        if moved {
+        if self.move_flow_state(from, to) {
             ConnectorStats::inc(&self.stats.flows_adopted);
         }
+    }
+
+    /// Moves a flow's TCP connections and UDP sockets to another key (used
+    /// to park and to adopt); false if there was nothing to move.
+    fn move_flow_state(&mut self, from: FlowKey, to: FlowKey) -> bool {
+        let tcp = self.tcp.rekey(from, to);
+        let udp: Vec<UdpKey> =
+            self.udp.keys().filter(|k| k.session == from.session && k.flow == from.flow).copied().collect();
+        for k in &udp {
+            if let Some(v) = self.udp.remove(k) {
+                self.udp.insert(UdpKey { session: to.session, flow: to.flow, ..*k }, v);
+            }
+        }
+        tcp || !udp.is_empty()
     }
 
     fn drop_flow_state(&mut self, key: FlowKey) {
         self.udp.retain(|k, _| !(k.session == key.session && k.flow == key.flow));
         self.tcp.remove_flow(key);
+    }
+
+    /// Drops every flow's state of relay link `i` (its session is gone).
+    fn drop_session_state(&mut self, i: usize) {
+        self.udp.retain(|k, _| k.session != i);
+        self.tcp.remove_session(i);
     }
 
     fn expire(&mut self, now: Instant) {
@@ -1095,7 +1078,7 @@ impl Connector {
 
     fn update_health(&self, now: Instant) {
         let h = &self.health;
-        h.heartbeat_ms.store(now.saturating_duration_since(h.epoch).as_millis() as u64, Ordering::Relaxed);
+        h.heartbeat.beat(now);
         h.serving.store(self.is_serving(), Ordering::Relaxed);
         let connected = self.links.iter().filter(|l| !l.retired && l.session.is_connected()).count();
         h.relays_connected.store(connected as u64, Ordering::Relaxed);

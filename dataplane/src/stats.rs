@@ -1,29 +1,29 @@
 //! Per-worker counters: atomics written by the owning worker only (relaxed),
 //! read by tests, the benchmark and the metrics publisher.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+/// Declares a struct of relaxed `AtomicU64` counters and its plain
+/// snapshot from one list, so exports and reports cannot miss a field.
 macro_rules! counters {
-    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
-        /// Counters of one worker.
+    ($(#[$sm:meta])* $stats:ident, $snap:ident { $($(#[$m:meta])* $name:ident),* $(,)? }) => {
+        $(#[$sm])*
         #[derive(Debug, Default)]
-        pub struct WorkerStats { $($(#[$m])* pub $name: AtomicU64,)* }
+        pub struct $stats { $($(#[$m])* pub $name: ::std::sync::atomic::AtomicU64,)* }
 
-        /// A plain copy of [`WorkerStats`].
+        #[doc = concat!("A plain copy of [`", stringify!($stats), "`].")]
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct StatsSnapshot { $(pub $name: u64,)* }
+        pub struct $snap { $(pub $name: u64,)* }
 
-        impl WorkerStats {
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+        impl $stats {
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($name: self.$name.load(::std::sync::atomic::Ordering::Relaxed),)* }
             }
         }
 
-        impl std::ops::AddAssign for StatsSnapshot {
+        impl std::ops::AddAssign for $snap {
             fn add_assign(&mut self, o: Self) { $(self.$name += o.$name;)* }
         }
 
-        impl StatsSnapshot {
+        impl $snap {
             /// (name, value) pairs, for metrics export and reports.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
@@ -31,8 +31,11 @@ macro_rules! counters {
         }
     };
 }
+pub(crate) use counters;
 
 counters! {
+    /// Counters of one worker.
+    WorkerStats, StatsSnapshot {
     /// UDP packets received from the socket.
     packets_rx,
     /// UDP packets handed to the socket.
@@ -127,4 +130,5 @@ counters! {
     /// Datagrams dropped: the sending connection exceeded its datagram or
     /// byte rate.
     drop_dgram_rate,
+    }
 }

@@ -1448,10 +1448,6 @@ impl Worker {
         self.shared.agents.load(Ordering::Relaxed)
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining
-    }
-
     /// Goodbye to every client, CONNECTION_CLOSE `linger` later (so the
     /// Goodbye is delivered first); refuse new connections.
     pub fn begin_shutdown(&mut self, code: Code, reason: &str, linger: Duration, now: Instant) {

@@ -122,36 +122,64 @@ pub struct Lifecycle {
     /// Drain: Goodbye{DRAINING}, keep serving until every agent has left
     /// (relay-wide) or the grace period nearly ends, then shut down.
     pub drain: AtomicBool,
-    epoch: Instant,
-    /// Per worker: milliseconds since `epoch` at its last loop turn.
-    heartbeats: Vec<AtomicU64>,
+    /// One per worker.
+    heartbeats: Vec<Heartbeat>,
 }
 
-/// A worker loop turns at least every 500 ms; one silent for this long is
+/// An event loop turns at least every 500 ms; one silent for this long is
 /// stuck or gone.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
+
+/// When an event loop last turned, readable from other threads (health
+/// endpoints, the systemd watchdog).
+#[derive(Debug)]
+pub struct Heartbeat {
+    epoch: Instant,
+    /// Milliseconds since `epoch` at the last beat.
+    ms: AtomicU64,
+}
+
+impl Heartbeat {
+    /// Counts as a beat now.
+    pub fn new() -> Heartbeat {
+        Heartbeat { epoch: Instant::now(), ms: AtomicU64::new(0) }
+    }
+
+    pub fn beat(&self, now: Instant) {
+        self.ms.store(now.saturating_duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The loop turned within [`HEARTBEAT_STALE`].
+    pub fn fresh(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        now_ms.saturating_sub(self.ms.load(Ordering::Relaxed)) < HEARTBEAT_STALE.as_millis() as u64
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Heartbeat {
+        Heartbeat::new()
+    }
+}
 
 impl Lifecycle {
     pub fn new(workers: usize) -> Lifecycle {
         Lifecycle {
             shutdown: AtomicBool::new(false),
             drain: AtomicBool::new(false),
-            epoch: Instant::now(),
-            heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            heartbeats: (0..workers).map(|_| Heartbeat::new()).collect(),
         }
     }
 
     fn beat(&self, worker: usize, now: Instant) {
         if let Some(h) = self.heartbeats.get(worker) {
-            h.store(now.saturating_duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
+            h.beat(now);
         }
     }
 
     /// True while every worker loop has turned within [`HEARTBEAT_STALE`].
     pub fn all_alive(&self, now: Instant) -> bool {
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let stale = HEARTBEAT_STALE.as_millis() as u64;
-        self.heartbeats.iter().all(|h| now_ms.saturating_sub(h.load(Ordering::Relaxed)) < stale)
+        self.heartbeats.iter().all(|h| h.fresh(now))
     }
 
     /// True once a drain or a shutdown has started.
