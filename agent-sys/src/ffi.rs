@@ -210,28 +210,33 @@ unsafe fn opt_str<'a>(p: *const c_char) -> Result<Option<&'a str>, i32> {
     unsafe { CStr::from_ptr(p) }.to_str().map(Some).map_err(|_| ZTNA_ERR_CONFIG)
 }
 
-fn addr_to_c(a: SocketAddr) -> ZtnaAddr {
-    let mut ip = [0u8; 16];
-    let family = match a.ip() {
-        IpAddr::V4(v4) => {
-            ip[..4].copy_from_slice(&v4.octets());
-            4
-        }
-        IpAddr::V6(v6) => {
-            ip = v6.octets();
-            6
-        }
-    };
-    ZtnaAddr { family, ip, port: a.port() }
+impl From<SocketAddr> for ZtnaAddr {
+    fn from(a: SocketAddr) -> ZtnaAddr {
+        let mut ip = [0u8; 16];
+        let family = match a.ip() {
+            IpAddr::V4(v4) => {
+                ip[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                6
+            }
+        };
+        ZtnaAddr { family, ip, port: a.port() }
+    }
 }
 
-fn addr_from_c(a: &ZtnaAddr) -> Option<SocketAddr> {
-    let ip = match a.family {
-        4 => IpAddr::V4(Ipv4Addr::new(a.ip[0], a.ip[1], a.ip[2], a.ip[3])),
-        6 => IpAddr::V6(Ipv6Addr::from(a.ip)),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, a.port))
+impl ZtnaAddr {
+    /// The address, or None for a family other than 4 and 6.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip = match self.family {
+            4 => IpAddr::V4(Ipv4Addr::new(self.ip[0], self.ip[1], self.ip[2], self.ip[3])),
+            6 => IpAddr::V6(Ipv6Addr::from(self.ip)),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, self.port))
+    }
 }
 
 /// The API version (`ZTNA_API_VERSION`).
@@ -363,11 +368,11 @@ pub unsafe extern "C" fn ztna_agent_recv_udp(
         if all.iter().any(|d| d.data.is_null()) {
             return ZTNA_ERR_NULL;
         }
-        if all.iter().any(|d| addr_from_c(&d.addr).is_none()) {
+        if all.iter().any(|d| d.addr.socket_addr().is_none()) {
             return ZTNA_ERR_INVALID;
         }
         for d in all {
-            let Some(from) = addr_from_c(&d.addr) else { return ZTNA_ERR_INVALID };
+            let Some(from) = d.addr.socket_addr() else { return ZTNA_ERR_INVALID };
             // SAFETY: `data` holds `len` writable bytes per the contract.
             let buf = unsafe { std::slice::from_raw_parts_mut(d.data, d.len) };
             a.core.recv_udp(buf, from, now);
@@ -468,7 +473,7 @@ pub unsafe extern "C" fn ztna_agent_poll_udp(
             match a.core.poll_udp(buf, now) {
                 Some((len, to)) => {
                     d.len = len;
-                    d.addr = addr_to_c(to);
+                    d.addr = ZtnaAddr::from(to);
                     n += 1;
                 }
                 None => break,
@@ -547,7 +552,7 @@ pub unsafe extern "C" fn ztna_agent_poll_event(agent: *mut ZtnaAgent, out: *mut 
             AgentEvent::Connected => ev.kind = ZTNA_EVENT_CONNECTED,
             AgentEvent::ObservedAddress(addr) => {
                 ev.kind = ZTNA_EVENT_OBSERVED_ADDRESS;
-                ev.addr = addr_to_c(addr);
+                ev.addr = ZtnaAddr::from(addr);
             }
             AgentEvent::Registered { service, flow } => {
                 ev.kind = ZTNA_EVENT_REGISTERED;

@@ -38,7 +38,7 @@
 //! server name, (service, cidr)*`.
 
 use std::ffi::{c_char, CString};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::ptr;
 
 use libfuzzer_sys::fuzz_target;
@@ -58,30 +58,6 @@ const ROUTES: [(&str, &str); 3] = [("echo", "100.100.0.10/32"), ("db", "100.100.
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn addr_to_c(a: SocketAddr) -> ZtnaAddr {
-    let mut ip = [0u8; 16];
-    let family = match a.ip() {
-        IpAddr::V4(v4) => {
-            ip[..4].copy_from_slice(&v4.octets());
-            4
-        }
-        IpAddr::V6(v6) => {
-            ip = v6.octets();
-            6
-        }
-    };
-    ZtnaAddr { family, ip, port: a.port() }
-}
-
-fn addr_from_c(a: &ZtnaAddr) -> SocketAddr {
-    let ip = match a.family {
-        4 => IpAddr::V4(Ipv4Addr::new(a.ip[0], a.ip[1], a.ip[2], a.ip[3])),
-        6 => IpAddr::V6(Ipv6Addr::from(a.ip)),
-        f => panic!("poll_udp returned address family {f}"),
-    };
-    SocketAddr::new(ip, a.port)
 }
 
 fn check(rc: i32) -> i32 {
@@ -158,7 +134,7 @@ impl Agent {
                 // SAFETY: the agent wrote `d.len` bytes at `d.data`, which
                 // still points into `bufs`.
                 let bytes = unsafe { std::slice::from_raw_parts(d.data, d.len) }.to_vec();
-                out.push((bytes, addr_from_c(&d.addr)));
+                out.push((bytes, d.addr.socket_addr().expect("poll_udp returned address family 4 or 6")));
             }
             if (n as usize) < ds.len() {
                 return out;
@@ -425,7 +401,7 @@ fn pump(agent: &mut Agent, relay: &mut Relay) {
         }
         relay.flush();
         while let Some(n) = relay.send(&mut out) {
-            agent.recv_udp(&out[..n], addr_to_c(sock(RELAY)));
+            agent.recv_udp(&out[..n], ZtnaAddr::from(sock(RELAY)));
             moved = true;
         }
         if !moved {
@@ -480,7 +456,7 @@ fuzz_target!(init: peer::init(), |data: &[u8]| {
         match tag % 8 {
             0 => agent.send_ip(bytes, tag & 8 == 0),
             1 => {
-                agent.recv_udp(bytes, addr_to_c(sock(RELAY)));
+                agent.recv_udp(bytes, ZtnaAddr::from(sock(RELAY)));
             }
             2 => {
                 let mut a = ZtnaAddr { family: 0, ip: [0; 16], port: 0 };
