@@ -8,6 +8,7 @@
 //! - [`routing`] holds the directory and flow tables, pure and tested in memory.
 
 pub mod bpf;
+pub mod budget;
 pub mod cid;
 pub mod client_io;
 pub mod connector;

@@ -1,6 +1,6 @@
-//! Rate and count limits: a token bucket (one owner, no atomics) and a
-//! relay-wide, lock-free table of per-source-IP connection counts and
-//! handshake rates.
+//! Rate and count limits: a token bucket (one owner, no atomics) and
+//! relay-wide, lock-free tables of connection counts per source IP (with
+//! handshake rates) and per client identity.
 //!
 //! The per-IP table is a fixed array of counters indexed by a keyed hash of
 //! the address (IPv4, or the /64 of an IPv6 address, since one IPv6 host
@@ -8,7 +8,7 @@
 //! sources; two addresses that share a slot share its limit, and the random
 //! hash key keeps an attacker from choosing whom they collide with.
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
@@ -45,21 +45,70 @@ impl TokenBucket {
     }
 }
 
+/// A fixed table of connection counts per key (hashed into slots with a
+/// random key; colliding keys share a slot and its limit). Lock-free.
+pub struct ConnCounts {
+    counts: Box<[AtomicU32]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// 0 = unlimited.
+    max: u32,
+}
+
+impl std::fmt::Debug for ConnCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnCounts").field("slots", &self.counts.len()).field("max", &self.max).finish()
+    }
+}
+
+impl ConnCounts {
+    /// `slots` counters (rounded up to a power of two).
+    pub fn new(slots: usize, max: u32) -> ConnCounts {
+        let n = slots.max(1).next_power_of_two();
+        ConnCounts {
+            counts: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            max,
+        }
+    }
+
+    fn slot(&self, key: impl Hash) -> Option<&AtomicU32> {
+        self.counts.get((self.hasher.hash_one(key) as usize) & (self.counts.len() - 1))
+    }
+
+    /// Counts one more connection for `key` unless it has the maximum.
+    pub fn try_open(&self, key: impl Hash) -> bool {
+        let Some(c) = self.slot(key) else { return false };
+        let max = if self.max == 0 { u32::MAX } else { self.max };
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// Releases a connection counted by [`ConnCounts::try_open`] (never
+    /// below zero).
+    pub fn close(&self, key: impl Hash) {
+        if let Some(c) = self.slot(key) {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Connections counted in `key`'s slot.
+    pub fn count(&self, key: impl Hash) -> u32 {
+        self.slot(key).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+}
+
 /// Relay-wide per-source-IP limits, shared by every worker.
 pub struct PerIp {
-    conns: Box<[AtomicU32]>,
+    conns: ConnCounts,
     /// (second << 32) | handshakes in that second.
     handshakes: Box<[AtomicU64]>,
     hasher: std::collections::hash_map::RandomState,
-    max_conns: u32,
     max_handshakes_per_sec: u32,
 }
 
 impl std::fmt::Debug for PerIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PerIp")
-            .field("slots", &self.conns.len())
-            .field("max_conns", &self.max_conns)
+            .field("conns", &self.conns)
             .field("max_handshakes_per_sec", &self.max_handshakes_per_sec)
             .finish()
     }
@@ -85,35 +134,30 @@ impl PerIp {
     pub fn new(slots: usize, max_conns: u32, max_handshakes_per_sec: u32) -> PerIp {
         let n = slots.max(1).next_power_of_two();
         PerIp {
-            conns: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            conns: ConnCounts::new(n, max_conns),
             handshakes: (0..n).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
-            max_conns,
             max_handshakes_per_sec,
         }
     }
 
     fn slot(&self, ip: IpAddr) -> usize {
-        (self.hasher.hash_one(source_key(ip)) as usize) & (self.conns.len() - 1)
+        (self.hasher.hash_one(source_key(ip)) as usize) & (self.handshakes.len() - 1)
     }
 
     /// Counts a new connection from `ip` unless it already has the maximum.
     pub fn try_open(&self, ip: IpAddr) -> bool {
-        let Some(c) = self.conns.get(self.slot(ip)) else { return false };
-        let max = if self.max_conns == 0 { u32::MAX } else { self.max_conns };
-        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+        self.conns.try_open(source_key(ip))
     }
 
     /// Releases a connection counted by [`PerIp::try_open`].
     pub fn close(&self, ip: IpAddr) {
-        if let Some(c) = self.conns.get(self.slot(ip)) {
-            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        }
+        self.conns.close(source_key(ip));
     }
 
     /// Connections counted for `ip`'s slot.
     pub fn open_count(&self, ip: IpAddr) -> u32 {
-        self.conns.get(self.slot(ip)).map_or(0, |c| c.load(Ordering::Acquire))
+        self.conns.count(source_key(ip))
     }
 
     /// Counts a handshake from `ip` in second `now_sec` unless the source
@@ -172,6 +216,18 @@ mod tests {
         let c: IpAddr = "198.51.100.7".parse().unwrap();
         t.close(c);
         assert_eq!(t.open_count(c), 0);
+    }
+
+    #[test]
+    fn connections_per_identity_are_capped_and_released() {
+        let t = ConnCounts::new(1 << 16, 2);
+        let (a, b) = ("spiffe://td/agent/a", "spiffe://td/agent/b");
+        assert!(t.try_open(a) && t.try_open(a));
+        assert!(!t.try_open(a), "third connection of one identity refused");
+        assert!(t.try_open(b), "another identity has its own count");
+        t.close(a);
+        assert!(t.try_open(a));
+        assert_eq!(t.count(a), 2);
     }
 
     #[test]

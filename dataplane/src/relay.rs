@@ -59,6 +59,15 @@ pub struct LimitsConfig {
     pub stateless_resets_per_sec: u32,
     /// Half-open connections are dropped after this long.
     pub handshake_timeout_ms: u64,
+    /// Memory budget in MiB over everything peers make the relay hold
+    /// (`budget.rs`). 0 = 60 % of the cgroup memory limit when there is
+    /// one, else 1024.
+    pub memory_budget_mib: u64,
+    /// Authenticated connections per client identity, relay-wide. 0 =
+    /// unlimited.
+    pub max_conns_per_identity: u32,
+    /// Bytes one connection's DATAGRAM send queue may hold.
+    pub max_dgram_queue_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -83,6 +92,9 @@ impl Default for LimitsConfig {
             connector_bytes_per_sec: l.connector_bytes_per_sec,
             stateless_resets_per_sec: l.stateless_resets_per_sec,
             handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
+            memory_budget_mib: 0,
+            max_conns_per_identity: crate::security::DEFAULT_MAX_CONNS_PER_IDENTITY,
+            max_dgram_queue_bytes: l.max_dgram_queue_bytes,
         }
     }
 }
@@ -181,6 +193,9 @@ impl RelayConfig {
         if self.limits.max_conns == 0 || self.limits.max_conns_per_worker == 0 {
             bail!("limits.max_conns and limits.max_conns_per_worker must be positive");
         }
+        if self.limits.max_dgram_queue_bytes < 2048 {
+            bail!("limits.max_dgram_queue_bytes must be at least 2048 (one datagram)");
+        }
         Ok(())
     }
 
@@ -278,7 +293,18 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
     info!(trust_domain = %sources.trust_domain, services = security.policy.service_count(), retry = ?cfg.limits.retry,
           "mutual TLS: every client must present a certificate of the organisation CA");
     let per_ip = PerIp::new(PER_IP_SLOTS, cfg.limits.max_conns_per_ip, cfg.limits.handshakes_per_sec_per_ip);
-    let shared = Arc::new(Shared::new(security, per_ip, std::time::Instant::now()));
+    let mut shared = Shared::new(security, per_ip, std::time::Instant::now());
+    let (budget, source) = crate::budget::resolve(cfg.limits.memory_budget_mib);
+    shared.budget = crate::budget::MemoryBudget::new(budget);
+    shared.per_identity =
+        crate::ratelimit::ConnCounts::new(crate::security::PER_IDENTITY_SLOTS, cfg.limits.max_conns_per_identity);
+    info!(
+        memory_budget_mib = budget >> 20,
+        source,
+        max_conns_per_identity = cfg.limits.max_conns_per_identity,
+        "memory budget over connections, queues and backlogs"
+    );
+    let shared = Arc::new(shared);
 
     let sockets = io::bind_group(cfg.listen, n).with_context(|| format!("binding {}", cfg.listen))?;
     let local_addr = sockets.first().context("no socket")?.local_addr()?;
@@ -310,6 +336,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         connector_bytes_per_sec: cfg.limits.connector_bytes_per_sec,
         stateless_resets_per_sec: cfg.limits.stateless_resets_per_sec,
         handshake_timeout: Duration::from_millis(cfg.limits.handshake_timeout_ms),
+        max_dgram_queue_bytes: cfg.limits.max_dgram_queue_bytes,
     };
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
@@ -447,6 +474,11 @@ impl RelayHandle {
         self.shared.agents.load(Ordering::Relaxed)
     }
 
+    /// The memory budget: (bytes charged relay-wide, limit).
+    pub fn memory_budget(&self) -> (u64, u64) {
+        (self.shared.budget.used(), self.shared.budget.limit())
+    }
+
     fn wake_workers(&self) {
         for inbox in &self.mesh.inboxes {
             inbox.wake();
@@ -475,12 +507,15 @@ impl RelayHandle {
     pub fn spawn_metrics_publisher(&self) -> Result<()> {
         let stats = self.stats.clone();
         let life = Arc::clone(&self.life);
+        let shared = Arc::clone(&self.shared);
         std::thread::Builder::new().name("relay-metrics".into()).spawn(move || {
             while !life.shutdown.load(Ordering::Acquire) {
                 for (w, s) in stats.iter().enumerate() {
                     crate::metrics::publish(w, &s.snapshot());
                 }
                 metrics::gauge!("ztna_relay_draining").set(if life.drain.load(Ordering::Acquire) { 1.0 } else { 0.0 });
+                metrics::gauge!("ztna_relay_memory_budget_bytes").set(shared.budget.limit() as f64);
+                metrics::gauge!("ztna_relay_memory_budget_used_bytes").set(shared.budget.used() as f64);
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;

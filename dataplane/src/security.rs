@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::budget::MemoryBudget;
 use crate::policy::Policy;
-use crate::ratelimit::PerIp;
+use crate::ratelimit::{ConnCounts, PerIp};
 use crate::retry::{ResetKey, RetryKeys};
 use crate::tls::TlsMaterial;
 
@@ -76,12 +77,21 @@ pub enum RetryMode {
     Off,
 }
 
+/// Slots of the per-identity connection table (fixed memory: 4 bytes each).
+pub const PER_IDENTITY_SLOTS: usize = 1 << 16;
+/// Default `limits.max_conns_per_identity`.
+pub const DEFAULT_MAX_CONNS_PER_IDENTITY: u32 = 64;
+
 /// Shared by all workers of one relay.
 #[derive(Debug)]
 pub struct Shared {
     pub security: SecurityCell,
     pub retry_keys: RetryKeys,
     pub per_ip: PerIp,
+    /// Authenticated connections per client identity (SPIFFE ID).
+    pub per_identity: ConnCounts,
+    /// Everything peers can make the relay hold, relay-wide.
+    pub budget: MemoryBudget,
     /// Open connections over all workers.
     pub conns: AtomicUsize,
     /// Authenticated agent connections over all workers: a drain ends early
@@ -97,6 +107,8 @@ impl Shared {
             security: SecurityCell::new(security),
             retry_keys: RetryKeys::new(start),
             per_ip,
+            per_identity: ConnCounts::new(PER_IDENTITY_SLOTS, DEFAULT_MAX_CONNS_PER_IDENTITY),
+            budget: MemoryBudget::new(crate::budget::DEFAULT_BUDGET),
             conns: AtomicUsize::new(0),
             agents: AtomicUsize::new(0),
             started: start,

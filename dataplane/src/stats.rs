@@ -130,5 +130,14 @@ counters! {
     /// Datagrams dropped: the sending connection exceeded its datagram or
     /// byte rate.
     drop_dgram_rate,
+    /// Initials and datagrams refused because the relay-wide memory budget
+    /// is exhausted (`limits.memory_budget_mib`).
+    drop_memory_budget,
+    /// Connections closed with Error{LIMIT} after authentication: their
+    /// identity already has `max_conns_per_identity` connections.
+    drop_identity_conn_limit,
+    /// Connections whose sending stopped at 3× the bytes received before
+    /// their address was validated (counted once per connection).
+    amplification_limited,
     }
 }

@@ -15,6 +15,7 @@ use ztna_control::identity::{Identity, Kind};
 use ztna_control::wire::{self, FrameDecoder, Message, Role};
 use ztna_control::Code;
 
+use crate::budget::{self, BudgetShare};
 use crate::cid::{self, CID_LEN};
 use crate::mesh::{Ctrl, Data, Mesh};
 use crate::ratelimit::TokenBucket;
@@ -36,6 +37,27 @@ const MIN_INITIAL_LEN: usize = 1200;
 const ERROR_LINGER: Duration = Duration::from_millis(100);
 /// Connectors tried for one agent flow before the registration is refused.
 const MAX_BIND_ATTEMPTS: u8 = 4;
+/// What one connection is charged to the memory budget for its own state
+/// (quiche connection, TLS, flow table), from its first Initial on. A
+/// half-open connection was measured at 30.5 KiB (issue 10, finding 7).
+pub const CONN_CHARGE: u64 = 32 * 1024;
+/// A destination whose DATAGRAM send queue holds less than this still
+/// gets datagrams when the budget is exhausted: receivers that acknowledge
+/// keep short queues and keep working; the ones that let their queue grow
+/// (they stop acknowledging) are the ones refused.
+const DGRAM_QUEUE_FLOOR: usize = 16 * 1024;
+/// New connections are refused once the budget is this full (the rest is
+/// left to established sessions).
+const NEW_CONN_PERCENT: u64 = 90;
+/// `retry = "auto"` demands Retry from every new connection once the
+/// budget is this full, whatever the handshake rate.
+const RETRY_PRESSURE_PERCENT: u64 = 50;
+/// Amplification limit before an address is validated (RFC 9000 §8.1).
+const AMPLIFICATION_FACTOR: u64 = 3;
+/// Budget released since the last trim after which freed heap is given
+/// back to the system (at most once per [`TRIM_INTERVAL`]).
+const TRIM_AFTER_BYTES: u64 = 8 << 20;
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.
 fn tls_alert_name(code: u64) -> &'static str {
@@ -96,6 +118,10 @@ pub struct Limits {
     /// its first Initial is dropped silently (half-open flood protection;
     /// the QUIC idle timeout alone would keep it 30 s).
     pub handshake_timeout: Duration,
+    /// Bytes a connection's DATAGRAM send queue may hold; a datagram that
+    /// would exceed it is dropped (`drop_dgram_queue_full`), so a receiver
+    /// that stops acknowledging loses only its own datagrams.
+    pub max_dgram_queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +141,7 @@ impl Default for Limits {
             connector_bytes_per_sec: 1_250_000_000,
             stateless_resets_per_sec: 100,
             handshake_timeout: Duration::from_secs(10),
+            max_dgram_queue_bytes: 256 * 1024,
         }
     }
 }
@@ -201,6 +228,16 @@ struct Conn {
     ip: std::net::IpAddr,
     /// Until established: when the handshake must be done.
     handshake_deadline: Option<Instant>,
+    /// Until the peer's address is validated (Retry token or completed
+    /// handshake): bytes received from and sent to it, for the 3× limit.
+    amplification: Option<(u64, u64)>,
+    /// Counted once in `amplification_limited`.
+    amplification_hit: bool,
+    /// DATAGRAM send-queue and control-backlog bytes last charged to the
+    /// memory budget.
+    charged_queues: u64,
+    /// Counted in the per-identity connection table (released on reap).
+    identity_counted: bool,
 }
 
 /// The worker state machine.
@@ -240,6 +277,11 @@ pub struct Worker {
     draining: bool,
     /// The `now` of the current entry point.
     now: Instant,
+    /// This worker's part of the relay-wide memory budget.
+    budget: BudgetShare,
+    /// Budget released since freed heap was last given back.
+    released: u64,
+    last_trim: Instant,
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -294,6 +336,9 @@ impl Worker {
             shutting_down: false,
             draining: false,
             now,
+            budget: BudgetShare::default(),
+            released: 0,
+            last_trim: now,
         })
     }
 
@@ -325,6 +370,7 @@ impl Worker {
                 Data::Packet { from, bytes: self.mesh.buffer(self.cfg.index, buf), sender: self.cfg.index as u16 };
             if let Some(inbox) = self.mesh.inboxes.get(owner) {
                 if inbox.data.push(msg).is_ok() {
+                    self.charge(buf.len() as i64);
                     self.stats.handoff_out.fetch_add(1, Ordering::Relaxed);
                     self.wake[owner] = true;
                 } else {
@@ -386,6 +432,9 @@ impl Worker {
             return;
         };
         self.stats.packets_processed.fetch_add(1, Ordering::Relaxed);
+        if let Some((rx, _)) = conn.amplification.as_mut() {
+            *rx += buf.len() as u64;
+        }
         let info = quiche::RecvInfo { from, to: self.cfg.local_addr };
         if let Err(e) = conn.quic.recv(buf, info) {
             debug!(worker = self.cfg.index, error = %e, "packet rejected by connection");
@@ -446,6 +495,13 @@ impl Worker {
             self.stats.drop_conn_limit.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        let budget = &self.shared.budget;
+        if budget.used().saturating_add(CONN_CHARGE) > budget.limit() / 100 * NEW_CONN_PERCENT {
+            // The rest of the budget belongs to established sessions.
+            self.stats.drop_memory_budget.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let pressure = budget.percent_used() >= RETRY_PRESSURE_PERCENT;
         // Address validation. A token is only ever present in answer to our
         // Retry, so it is checked whatever the mode.
         let (scid, odcid) = if initial.token.is_empty() {
@@ -457,7 +513,9 @@ impl Worker {
                     // first flight may span two Initial datagrams, and the
                     // second must not open a connection its first was
                     // refused (it would hold a ClientHello fragment).
-                    if !self.handshake_rate.take(1.0, now) {
+                    // Under memory pressure, too: a half-open connection
+                    // costs [`CONN_CHARGE`], a Retry nothing.
+                    if !self.handshake_rate.take(1.0, now) || pressure {
                         self.retry_until = now + Duration::from_secs(1);
                     }
                     now < self.retry_until
@@ -557,7 +615,13 @@ impl Worker {
             is_connector: false,
             dgram_rate: self.cfg.limits.dgram_buckets(false, now),
             handshake_deadline: Some(now + self.cfg.limits.handshake_timeout),
+            // A valid Retry token proves the address.
+            amplification: if odcid.is_some() { None } else { Some((0, 0)) },
+            amplification_hit: false,
+            charged_queues: 0,
+            identity_counted: false,
         };
+        self.charge(CONN_CHARGE as i64);
         if let Some(s) = self.slots.get_mut(slot as usize) {
             *s = Some(Box::new(conn));
         }
@@ -566,7 +630,43 @@ impl Worker {
         Some(slot)
     }
 
+    /// Adjusts this worker's budget share by `delta` bytes.
+    fn charge(&mut self, delta: i64) {
+        self.budget.adjust(&self.shared.budget, delta);
+        if delta < 0 {
+            self.released = self.released.saturating_add(delta.unsigned_abs());
+        }
+    }
+
+    /// Charges what `conn` now holds in its DATAGRAM send queue and control
+    /// backlog (called whenever a connection goes back into its slot).
+    fn recharge(&mut self, conn: &mut Conn) {
+        let now_held = (conn.quic.dgram_send_queue_byte_size() + conn.tx.len()) as u64;
+        if now_held != conn.charged_queues {
+            let delta = now_held as i64 - conn.charged_queues as i64;
+            conn.charged_queues = now_held;
+            self.charge(delta);
+        }
+    }
+
+    /// Whether a datagram of `len` bytes may join `dst`'s send queue:
+    /// within the per-connection byte cap, and, once the memory budget is
+    /// exhausted, only while the queue is short (counted when refused).
+    fn admit(&self, dst: &Conn, len: usize) -> bool {
+        let queued = dst.quic.dgram_send_queue_byte_size();
+        if queued + len > self.cfg.limits.max_dgram_queue_bytes {
+            self.stats.drop_dgram_queue_full.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if queued >= DGRAM_QUEUE_FLOOR && !self.shared.budget.fits(len as u64) {
+            self.stats.drop_memory_budget.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
     fn put(&mut self, mut conn: Box<Conn>) {
+        self.recharge(&mut conn);
         let slot = conn.key.slot;
         if !conn.dirty {
             conn.dirty = true;
@@ -602,7 +702,9 @@ impl Worker {
             }
         }
         if conn.quic.is_established() {
+            // The client's Handshake packets proved its address.
             conn.handshake_deadline = None;
+            conn.amplification = None;
         }
         if conn.quic.is_established() && !conn.stopped && conn.identity.is_none() {
             self.authenticate(conn);
@@ -631,6 +733,11 @@ impl Worker {
         let td = &self.security.tls.trust_domain;
         match conn.quic.peer_cert().map(|der| crate::pki::identity_from_der(der, td)) {
             Some(Ok(id)) => {
+                if !self.shared.per_identity.try_open(id.uri()) {
+                    self.stats.drop_identity_conn_limit.fetch_add(1, Ordering::Relaxed);
+                    return self.fail(conn, Code::LIMIT, "too many connections for this identity");
+                }
+                conn.identity_counted = true;
                 debug!(worker = self.cfg.index, peer = %conn.peer, identity = %id.uri(), "client authenticated");
                 conn.identity_uri = Arc::from(id.uri());
                 if id.kind == Kind::Agent {
@@ -945,11 +1052,15 @@ impl Worker {
     fn deliver(&mut self, conn: &mut Conn, to: ConnKey, bytes: &[u8], payload_len: usize, now: Instant) {
         if usize::from(to.worker) == self.cfg.index {
             if to == conn.key {
-                let r = conn.quic.dgram_send(bytes);
-                self.count_delivery(r, payload_len, now);
+                if self.admit(conn, bytes.len()) {
+                    let r = conn.quic.dgram_send(bytes);
+                    self.count_delivery(r, payload_len, now);
+                }
             } else if let Some(mut dst) = self.take(to) {
-                let r = dst.quic.dgram_send(bytes);
-                self.count_delivery(r, payload_len, now);
+                if self.admit(&dst, bytes.len()) {
+                    let r = dst.quic.dgram_send(bytes);
+                    self.count_delivery(r, payload_len, now);
+                }
                 self.put(dst);
             } else {
                 self.stats.drop_peer_gone.fetch_add(1, Ordering::Relaxed);
@@ -957,6 +1068,11 @@ impl Worker {
             return;
         }
         let w = usize::from(to.worker);
+        if !self.shared.budget.fits(bytes.len() as u64) {
+            self.stats.drop_memory_budget.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let charged = bytes.len() as i64;
         let msg = Data::Datagram {
             to,
             bytes: self.mesh.buffer(self.cfg.index, bytes),
@@ -965,6 +1081,8 @@ impl Worker {
         };
         match self.mesh.inboxes.get(w).map(|i| i.data.push(msg)) {
             Some(Ok(())) => {
+                // Released by the receiving worker when it pops it.
+                self.charge(charged);
                 self.stats.datagrams_cross_worker.fetch_add(1, Ordering::Relaxed);
                 self.wake[w] = true;
             }
@@ -1004,10 +1122,13 @@ impl Worker {
             let Some(d) = inbox.data.pop() else { break };
             match d {
                 Data::Datagram { to, bytes, received, sender } => {
+                    self.charge(-(bytes.len() as i64));
                     let payload_len = datagram::parse(&bytes).map(|(_, p)| p.len()).unwrap_or(0);
                     if let Some(mut dst) = self.take(to) {
-                        let r = dst.quic.dgram_send(&bytes);
-                        self.count_delivery(r, payload_len, received);
+                        if self.admit(&dst, bytes.len()) {
+                            let r = dst.quic.dgram_send(&bytes);
+                            self.count_delivery(r, payload_len, received);
+                        }
                         self.put(dst);
                     } else {
                         self.stats.drop_peer_gone.fetch_add(1, Ordering::Relaxed);
@@ -1015,6 +1136,7 @@ impl Worker {
                     mesh.recycle(usize::from(sender), bytes);
                 }
                 Data::Packet { from, mut bytes, sender } => {
+                    self.charge(-(bytes.len() as i64));
                     self.stats.handoff_in.fetch_add(1, Ordering::Relaxed);
                     self.process_packet(&mut bytes, from, now);
                     mesh.recycle(usize::from(sender), bytes);
@@ -1300,12 +1422,30 @@ impl Worker {
             conn.dirty = false;
             self.flush_control(&mut conn);
             loop {
-                match conn.quic.send(tx.buf()) {
+                let buf = tx.buf();
+                let room = match conn.amplification {
+                    // Enforced here, at the I/O boundary, because quiche's
+                    // own limit leaks: see [`amplification_room`].
+                    Some((rx, sent)) => amplification_room(rx, sent),
+                    None => buf.len(),
+                };
+                if room < MIN_INITIAL_LEN {
+                    if !conn.amplification_hit {
+                        conn.amplification_hit = true;
+                        self.stats.amplification_limited.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                let len = buf.len().min(room);
+                match conn.quic.send(&mut buf[..len]) {
                     Ok((n, info)) => {
                         tx.commit(n, info.to);
+                        if let Some((_, sent)) = conn.amplification.as_mut() {
+                            *sent += n as u64;
+                        }
                         self.stats.packets_tx.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(quiche::Error::Done) => break,
+                    Err(quiche::Error::Done | quiche::Error::BufferTooShort) => break,
                     Err(e) => {
                         debug!(worker = self.cfg.index, error = %e, "send failed; closing");
                         let _ = conn.quic.close(false, 0x1, b"internal");
@@ -1316,6 +1456,7 @@ impl Worker {
             if conn.quic.is_closed() {
                 self.reap(conn);
             } else {
+                self.recharge(&mut conn);
                 self.update_timer(&mut conn);
                 if let Some(s) = self.slots.get_mut(slot as usize) {
                     *s = Some(conn);
@@ -1331,6 +1472,13 @@ impl Worker {
             tx.commit(n, to);
         }
         self.publish();
+        if self.released >= TRIM_AFTER_BYTES && now.saturating_duration_since(self.last_trim) >= TRIM_INTERVAL {
+            // A flood ended: give its memory back instead of keeping the
+            // peak for the process's lifetime.
+            budget::give_back_memory();
+            self.released = 0;
+            self.last_trim = now;
+        }
         for t in self.delivered_at.drain(..) {
             self.latency.record(now.saturating_duration_since(t).as_secs_f64());
         }
@@ -1371,6 +1519,10 @@ impl Worker {
             *g = g.wrapping_add(1);
         }
         self.shared.per_ip.close(conn.ip);
+        if conn.identity_counted {
+            self.shared.per_identity.close(&*conn.identity_uri);
+        }
+        self.charge(-((CONN_CHARGE + conn.charged_queues) as i64));
         self.shared.conns.fetch_sub(1, Ordering::Relaxed);
         if conn.identity.as_ref().is_some_and(|id| id.kind == Kind::Agent) {
             self.shared.agents.fetch_sub(1, Ordering::Relaxed);
@@ -1465,6 +1617,25 @@ impl Worker {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
     }
+}
+
+/// Bytes that may still be sent to an address not yet validated, after
+/// `rx` bytes came from it and `sent` went to it (RFC 9000 §8.1: 3×).
+///
+/// quiche 0.30 has the same limit (`max_send_bytes`), but it leaks: in
+/// `Connection::send_on_path` it caps the datagram at the remaining
+/// allowance, lets `send_single` subtract the bytes it wrote, and then pads
+/// datagrams that carry an Initial packet up to 1200 bytes *without*
+/// subtracting the padding. Reproduction (server side, no I/O needed):
+/// `quiche::accept`, `recv` one 1200-byte client Initial, then repeatedly
+/// `send` into a 1350-byte buffer and call `on_timeout` at each
+/// `timeout_instant` without ever delivering a client packet: the server
+/// sends its first flight and then one padded Initial PTO probe after
+/// another, ~6.4 kB in all (5.3×) instead of at most 3600 bytes. We
+/// therefore count the bytes ourselves and hand quiche a buffer no larger
+/// than what is left.
+fn amplification_room(rx: u64, sent: u64) -> usize {
+    usize::try_from(rx.saturating_mul(AMPLIFICATION_FACTOR).saturating_sub(sent)).unwrap_or(usize::MAX)
 }
 
 /// The Goodbye a draining relay sends.
