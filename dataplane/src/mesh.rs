@@ -25,6 +25,10 @@ use ztna_control::{Code, ServiceName};
 
 use crate::routing::ConnKey;
 
+/// Buffers kept for reuse per worker (bounded: after a burst the pool must
+/// not pin a queue's worth of memory; about 1.5 MiB of datagrams).
+const RECYCLE_DEPTH: usize = 1024;
+
 /// Data-plane message.
 #[derive(Debug)]
 pub enum Data {
@@ -88,7 +92,7 @@ impl Inbox {
         Ok(Inbox {
             data: ArrayQueue::new(data_depth.max(1)),
             ctrl: ArrayQueue::new(ctrl_depth.max(1)),
-            recycle: ArrayQueue::new(data_depth.max(1)),
+            recycle: ArrayQueue::new(data_depth.clamp(1, RECYCLE_DEPTH)),
             notified: AtomicBool::new(false),
             // SAFETY: `fd` is a fresh descriptor nobody else owns.
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },

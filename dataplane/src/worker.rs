@@ -56,7 +56,7 @@ const RETRY_PRESSURE_PERCENT: u64 = 50;
 const AMPLIFICATION_FACTOR: u64 = 3;
 /// Budget released since the last trim after which freed heap is given
 /// back to the system (at most once per [`TRIM_INTERVAL`]).
-const TRIM_AFTER_BYTES: u64 = 8 << 20;
+const TRIM_AFTER_BYTES: u64 = 4 << 20;
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.

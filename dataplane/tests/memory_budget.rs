@@ -1,0 +1,254 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! The relay-wide memory budget against one identity's flood: hundreds of
+//! connections of one agent identity that stop acknowledging while the
+//! connector keeps answering. The relay runs as its own process (the
+//! `ztna-relay` binary) so that its resident set is measured alone.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ztna_control::client::{ClientConfig, Event};
+use ztna_control::identity::Kind;
+use ztna_control::{Code, Role};
+use ztna_dataplane::client_io::UdpClient;
+use ztna_dataplane::pki::{self, DevPki};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztna-relay");
+
+/// (VmRSS, VmHWM) of `pid` in bytes.
+fn rss_of(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = s.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Relay {
+    child: Reap,
+    addr: SocketAddr,
+    pki: DevPki,
+}
+
+fn start_relay(limits: &str) -> Relay {
+    let pki = pki::generate(&std::env::temp_dir()).unwrap();
+    let policy = pki.dir.join("policy.toml");
+    std::fs::write(&policy, "[services.echo]\nconnectors = [\"site\"]\nagents = [\"*\"]\n").unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let cfg = pki.dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{addr}\"\nworkers = 2\npin_cores = false\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+             trust_domain = \"{}\"\npolicy = {:?}\n[limits]\nhandshakes_per_sec_per_ip = 0\nmax_conns_per_ip = 0\n{limits}",
+            pki.cert,
+            pki.key,
+            pki.ca,
+            pki::DEV_TRUST_DOMAIN,
+            policy
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(pki.dir.join("relay.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Relay { child: Reap(child), addr, pki }
+}
+
+fn client_of(r: &Relay, kind: Kind, name: &str, from: &str, role: Role, seed: u64) -> UdpClient {
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    let mut cfg = ClientConfig::new(r.addr, local, "localhost");
+    cfg.registrations = vec![(role, svc("echo"))];
+    UdpClient::new(cfg, &r.pki.client_tls(kind, name).unwrap(), local, seed).unwrap()
+}
+
+/// An attacker's turn: send `n` datagrams, read everything, but hand
+/// quiche only the small packets (the relay's ACKs of what we sent), so
+/// the relay's datagram-carrying packets are never acknowledged.
+fn attack_turn(c: &mut UdpClient, flow: u32, n: usize, buf: &mut [u8], out: &mut [u8]) {
+    let payload = [0x45u8; 1100];
+    for _ in 0..n {
+        let _ = c.session.send_datagram(flow, &payload);
+    }
+    let now = Instant::now();
+    while let Ok((len, from)) = c.socket().recv_from(buf) {
+        if len < 200 {
+            c.session.recv(&mut buf[..len], from, now);
+        }
+    }
+    if c.session.next_deadline().is_some_and(|d| d <= now) {
+        c.session.handle_timeout(now);
+    }
+    while let Some((len, to)) = c.session.poll_transmit(out, now) {
+        let _ = c.socket().send_to(&out[..len], to);
+    }
+}
+
+/// One bystander round trip during the flood, as an application would
+/// try it: up to three sends, 400 ms apart. Returns (answered, answered
+/// at the first attempt).
+fn probe(alice: &mut UdpClient, connector: &mut UdpClient, flow: u32, n: usize) -> (bool, bool) {
+    let payload = format!("still here {n}");
+    let mut buf = [0u8; 2048];
+    for attempt in 0..3 {
+        if alice.session.send_datagram(flow, payload.as_bytes()).is_err() {
+            continue;
+        }
+        let end = Instant::now() + Duration::from_millis(400);
+        while Instant::now() < end {
+            echo_all(connector);
+            alice.pump();
+            while let Some(len) = alice.session.recv_datagram(&mut buf) {
+                if ztna_control::datagram::parse(&buf[..len]).is_ok_and(|(_, p)| p == payload.as_bytes()) {
+                    return (true, attempt == 0);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    (false, false)
+}
+
+#[test]
+fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
+    const BUDGET_MIB: u64 = 48;
+    const ATTACKERS: usize = 300;
+    let relay = start_relay(&format!("memory_budget_mib = {BUDGET_MIB}\nmax_conns_per_identity = 1000\n"));
+    let pid = relay.child.0.id();
+    let mut connector = client_of(&relay, Kind::Connector, "site", "127.0.0.1", Role::Connector, 1);
+    until_registered(&mut connector, 1);
+    let mut alice = client_of(&relay, Kind::Agent, "alice", "127.0.0.9", Role::Agent, 2);
+    let alice_flow = until_registered(&mut alice, 1)[0];
+    assert!(round_trip(&mut alice, std::slice::from_mut(&mut connector), alice_flow, b"before").is_some());
+    let (baseline, _) = rss_of(pid);
+
+    // Hundreds of connections of one identity, all registered for echo.
+    let mut mallory: Vec<UdpClient> = (0..ATTACKERS)
+        .map(|i| client_of(&relay, Kind::Agent, "mallory", "127.0.0.2", Role::Agent, 100 + i as u64))
+        .collect();
+    let mut flows: Vec<Option<u32>> = vec![None; ATTACKERS];
+    let end = Instant::now() + Duration::from_secs(40);
+    while flows.iter().any(Option::is_none) && Instant::now() < end {
+        for (c, f) in mallory.iter_mut().zip(flows.iter_mut()) {
+            c.pump();
+            while let Some(e) = c.session.poll_event() {
+                if let Event::Registered { flow, .. } = e {
+                    *f = Some(flow);
+                }
+            }
+        }
+        connector.pump();
+        alice.pump();
+    }
+    let registered = flows.iter().filter(|f| f.is_some()).count();
+    assert!(registered >= ATTACKERS * 9 / 10, "attackers registered: {registered}");
+
+    // The flood: they send, the connector answers, they never ACK.
+    let (mut buf, mut out) = (vec![0u8; 65_536], vec![0u8; 2048]);
+    let mut peak = 0u64;
+    let mut bystander = (0, 0);
+    let mut first_try = 0;
+    let flood_end = Instant::now() + Duration::from_secs(15);
+    let mut last_probe = Instant::now();
+    while Instant::now() < flood_end {
+        for (c, f) in mallory.iter_mut().zip(&flows) {
+            if let Some(flow) = f {
+                attack_turn(c, *flow, 8, &mut buf, &mut out);
+            }
+        }
+        echo_all(&mut connector);
+        alice.pump();
+        if last_probe.elapsed() > Duration::from_millis(500) {
+            last_probe = Instant::now();
+            bystander.0 += 1;
+            let (ok, first) = probe(&mut alice, &mut connector, alice_flow, bystander.0);
+            bystander.1 += usize::from(ok);
+            first_try += usize::from(first);
+        }
+        peak = peak.max(rss_of(pid).0);
+    }
+    let (_, hwm) = rss_of(pid);
+    eprintln!(
+        "relay RSS: baseline {} MiB, peak {} MiB (VmHWM {} MiB), budget {BUDGET_MIB} MiB; bystander {}/{} round trips \
+         ({first_try} at the first attempt)",
+        baseline >> 20,
+        peak >> 20,
+        hwm >> 20,
+        bystander.1,
+        bystander.0
+    );
+    assert!(
+        hwm <= baseline + ((BUDGET_MIB + 16) << 20),
+        "relay peak RSS {} MiB exceeds baseline {} MiB + budget {BUDGET_MIB} MiB + 16 MiB slack",
+        hwm >> 20,
+        baseline >> 20
+    );
+    assert_eq!(bystander.1, bystander.0, "another identity round-trips throughout the flood");
+
+    // The flood ends: the memory goes back.
+    for c in &mut mallory {
+        c.session.close();
+        c.pump();
+    }
+    drop(mallory);
+    let settle = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < settle {
+        echo_all(&mut connector);
+        alice.pump();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (after, _) = rss_of(pid);
+    eprintln!("relay RSS after the flood: {} MiB", after >> 20);
+    assert!(after <= baseline + (16 << 20), "RSS after the flood {} MiB, baseline {} MiB", after >> 20, baseline >> 20);
+    assert!(round_trip(&mut alice, std::slice::from_mut(&mut connector), alice_flow, b"after").is_some());
+    let _ = std::fs::remove_dir_all(&relay.pki.dir);
+}
+
+#[test]
+fn connections_per_identity_are_capped() {
+    let relay = start_relay("max_conns_per_identity = 4\n");
+    let mut clients: Vec<UdpClient> =
+        (0..6).map(|i| client_of(&relay, Kind::Agent, "mallory", "127.0.0.3", Role::Agent, 10 + i)).collect();
+    let mut other = client_of(&relay, Kind::Agent, "alice", "127.0.0.3", Role::Agent, 99);
+    // Connected (the relay's HelloAck) comes before authentication is
+    // checked by the relay's identity table, so count who stays up.
+    let mut registered = vec![false; clients.len()];
+    let mut limited = vec![false; clients.len()];
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.pump();
+            while let Some(e) = c.session.poll_event() {
+                match e {
+                    Event::Connected => registered[i] = true,
+                    Event::Goodbye { code: Code::LIMIT, reason } if reason.contains("identity") => limited[i] = true,
+                    _ => {}
+                }
+            }
+        }
+        other.pump();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ok = registered.iter().filter(|b| **b).count();
+    let told = limited.iter().filter(|b| **b).count();
+    eprintln!("connected {ok} of 6; refused with the identity limit: {told}");
+    assert!(told >= 2, "the connections past the cap were told why");
+    let held = registered.iter().zip(&limited).filter(|(r, l)| **r && !**l).count();
+    assert_eq!(held, 4, "exactly max_conns_per_identity connections of one identity stay up");
+    assert!(other.session.is_connected(), "another identity from the same address still gets in");
+    let _ = std::fs::remove_dir_all(&relay.pki.dir);
+}
