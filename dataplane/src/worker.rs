@@ -52,12 +52,17 @@ const NEW_CONN_PERCENT: u64 = 90;
 /// `retry = "auto"` demands Retry from every new connection once the
 /// budget is this full, whatever the handshake rate.
 const RETRY_PRESSURE_PERCENT: u64 = 50;
+/// Below this, releases are not worth a trim.
+const PAGE_BYTES: u64 = 64 * 1024;
 /// Amplification limit before an address is validated (RFC 9000 §8.1).
 const AMPLIFICATION_FACTOR: u64 = 3;
 /// Budget released since the last trim after which freed heap is given
 /// back to the system (at most once per [`TRIM_INTERVAL`]).
 const TRIM_AFTER_BYTES: u64 = 4 << 20;
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Anything released is given back at least this often (the tail of a
+/// flood that ended below [`TRIM_AFTER_BYTES`]).
+const TRIM_IDLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.
 fn tls_alert_name(code: u64) -> &'static str {
@@ -1472,7 +1477,10 @@ impl Worker {
             tx.commit(n, to);
         }
         self.publish();
-        if self.released >= TRIM_AFTER_BYTES && now.saturating_duration_since(self.last_trim) >= TRIM_INTERVAL {
+        let since = now.saturating_duration_since(self.last_trim);
+        if (self.released >= TRIM_AFTER_BYTES && since >= TRIM_INTERVAL)
+            || (self.released >= PAGE_BYTES && since >= TRIM_IDLE_INTERVAL)
+        {
             // A flood ended: give its memory back instead of keeping the
             // peak for the process's lifetime.
             budget::give_back_memory();
