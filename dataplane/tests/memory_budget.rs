@@ -258,3 +258,63 @@ fn connections_per_identity_are_capped() {
     assert!(other.session.is_connected(), "another identity from the same address still gets in");
     let _ = std::fs::remove_dir_all(&relay.pki.dir);
 }
+
+/// Half-open connections are charged to the budget: `retry = "auto"`
+/// demands Retry once the budget is half used, whatever the handshake
+/// rate, and new connections stop well before the budget is gone.
+#[test]
+fn half_open_handshakes_turn_on_retry_before_the_budget_is_at_risk() {
+    use ztna_dataplane::io::IoBackend;
+    let mut cfg = relay_config(1, IoBackend::Auto, true);
+    cfg.limits.memory_budget_mib = 16;
+    cfg.limits.retry_above_handshakes_per_sec = 1_000_000; // the rate alone never asks for Retry
+    cfg.limits.handshakes_per_sec_per_ip = 0;
+    cfg.limits.max_conns_per_ip = 0;
+    cfg.limits.handshake_timeout_ms = 60_000;
+    let relay = ztna_dataplane::relay::start(&cfg).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = sock.local_addr().unwrap();
+    let mut qcfg =
+        ztna_control::quic::client_config(&ztna_control::quic::TlsOptions { verify_peer: false, ..Default::default() })
+            .unwrap();
+    let mut out = vec![0u8; 2048];
+    const INITIALS: usize = 800; // 800 × 32 KiB = 25 MiB of half-open state
+    for i in 0..INITIALS {
+        let mut scid = [0u8; 16];
+        scid[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let mut c = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&scid),
+            local,
+            relay.local_addr,
+            &mut qcfg,
+        )
+        .unwrap();
+        while let Ok((n, _)) = c.send(&mut out) {
+            sock.send_to(&out[..n], relay.local_addr).unwrap();
+        }
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = relay.totals();
+    let (used, limit) = relay.memory_budget();
+    eprintln!(
+        "{INITIALS} silent first flights: {} connections accepted, {} Retries, {} refused at the budget; budget {} of {} MiB",
+        t.conns_accepted,
+        t.retries_sent,
+        t.drop_memory_budget,
+        used >> 20,
+        limit >> 20
+    );
+    let per_conn = ztna_dataplane::worker::CONN_CHARGE;
+    assert!(t.retries_sent > 0, "Retry switched on under memory pressure: {t:?}");
+    assert!(
+        t.conns_accepted * per_conn <= limit / 2 + 8 * per_conn,
+        "half-open state stopped near half the budget: {} accepted",
+        t.conns_accepted
+    );
+    assert!(used <= limit, "within the budget");
+    relay.shutdown();
+}
