@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! byte 0      first octet: config rotation (3 bits, 0) | length-1 (5 bits, 15) = 0x0f
-//! bytes 1..3  node id (u16 BE), room for a load balancer across relays
+//! bytes 1..3  node id (u16 BE) of the relay process: see [`Instance`]
 //! byte 3      worker index
 //! bytes 4..16 random
 //! ```
@@ -14,6 +14,86 @@
 //! applied to it picks the worker that accepts the connection, and that
 //! worker issues CIDs with its own index, so every later packet maps to it
 //! too. [`owner`] is the software twin of the BPF program in `bpf.rs`.
+
+/// This relay process, as its CIDs and stateless resets name it.
+///
+/// Relay replicas usually share one private key (one Kubernetes Secret), so
+/// the key alone cannot tell them apart, and a replica that answered
+/// another's CIDs with stateless resets keyed by the shared key alone would
+/// end that replica's connections (RFC 9000 §10.3, §21.11). An instance is
+/// therefore mixed into the reset key and checked before any reset:
+///
+/// * `node_id` unset (the default): a random non-zero node id and a random
+///   32-byte nonce drawn at every start. Replicas from one key and one
+///   config never produce a valid reset for each other's CIDs (if their
+///   node ids collide, 1 in 65 535, the nonce still makes the other's
+///   tokens wrong). The price: a restarted relay cannot reset its
+///   predecessor's connections; their clients notice by the idle timeout.
+/// * `node_id` configured: no nonce, so the reset key is stable across
+///   restarts and a restarted relay resets its predecessor's connections at
+///   once. Every replica sharing a key must then get its own node id (for
+///   example a StatefulSet ordinal); two with the same one reset each other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Instance {
+    node_id: u16,
+    nonce: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance").field("node_id", &self.node_id).field("stable", &self.is_stable()).finish()
+    }
+}
+
+impl Instance {
+    /// The operator's node id (stable across restarts).
+    pub fn configured(node_id: u16) -> Instance {
+        Instance { node_id, nonce: None }
+    }
+
+    /// A random non-zero node id and nonce for this start.
+    pub fn random() -> anyhow::Result<Instance> {
+        let mut nonce = [0u8; 32];
+        boring::rand::rand_bytes(&mut nonce)?;
+        let mut id = [0u8; 2];
+        let node_id = loop {
+            boring::rand::rand_bytes(&mut id)?;
+            match u16::from_be_bytes(id) {
+                0 => continue,
+                n => break n,
+            }
+        };
+        Ok(Instance { node_id, nonce: Some(nonce) })
+    }
+
+    /// `configured` when set, else [`Instance::random`].
+    pub fn new(node_id: Option<u16>) -> anyhow::Result<Instance> {
+        node_id.map_or_else(Instance::random, |n| Ok(Instance::configured(n)))
+    }
+
+    /// Bytes 1..3 of every CID this instance issues.
+    pub fn node_id(&self) -> u16 {
+        self.node_id
+    }
+
+    /// Whether a restart with the same config is the same instance (its
+    /// reset key survives, so it resets its predecessor's connections).
+    pub fn is_stable(&self) -> bool {
+        self.nonce.is_none()
+    }
+
+    /// What the reset key derivation mixes in: a kind byte, the node id
+    /// and, for a random instance, its nonce (the kind fixes the length).
+    pub fn reset_label(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(35);
+        v.push(u8::from(self.nonce.is_some()));
+        v.extend_from_slice(&self.node_id.to_be_bytes());
+        if let Some(n) = &self.nonce {
+            v.extend_from_slice(n);
+        }
+        v
+    }
+}
 
 /// Length of every relay-issued connection ID.
 pub const CID_LEN: usize = 16;
@@ -75,5 +155,19 @@ mod tests {
         assert!(!is_ours(&cid, 0x0103), "another relay's node id");
         assert!(!is_ours(&cid[..8], 0x0102));
         assert!(!is_ours(&[0u8; CID_LEN], 0x0102));
+    }
+
+    #[test]
+    fn random_instances_differ_and_configured_ones_are_stable() {
+        let a = Instance::random().unwrap();
+        let b = Instance::random().unwrap();
+        assert_ne!(a.node_id(), 0);
+        assert!(!a.is_stable());
+        assert_ne!(a.reset_label(), b.reset_label(), "the nonce differs even if node ids collide");
+        assert_eq!(Instance::new(Some(7)).unwrap(), Instance::configured(7));
+        assert!(Instance::configured(7).is_stable());
+        assert_eq!(Instance::configured(7).reset_label(), Instance::configured(7).reset_label());
+        assert_ne!(Instance::configured(7).reset_label(), Instance::configured(8).reset_label());
+        assert!(!Instance::new(None).unwrap().is_stable());
     }
 }

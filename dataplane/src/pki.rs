@@ -193,6 +193,14 @@ pub fn issue(
 /// seconds), written to `cert`/`key`. For negative tests and tools: the
 /// normal path is [`issue`], which enforces one SPIFFE ID.
 pub fn issue_raw(ca: &CaFiles, uris: &[&str], valid: (i64, i64), cert: &Path, key_path: &Path) -> Result<()> {
+    let uris: Vec<&[u8]> = uris.iter().map(|u| u.as_bytes()).collect();
+    issue_raw_bytes(ca, &uris, valid, cert, key_path)
+}
+
+/// [`issue_raw`] with URI SANs given as raw bytes, so a test can make a
+/// certificate whose URI SAN is not ASCII (not a valid IA5String). The SAN
+/// extension is DER-encoded here, since the X.509 builder takes only text.
+pub fn issue_raw_bytes(ca: &CaFiles, uris: &[&[u8]], valid: (i64, i64), cert: &Path, key_path: &Path) -> Result<()> {
     let ca_cert = X509::from_pem(&std::fs::read(&ca.cert)?)?;
     let ca_key = PKey::private_key_from_pem(&std::fs::read(&ca.key)?)?;
     let key = new_key()?;
@@ -205,11 +213,14 @@ pub fn issue_raw(ca: &CaFiles, uris: &[&str], valid: (i64, i64), cert: &Path, ke
     b.set_not_before(&*Asn1Time::from_unix(valid.0 as _)?)?;
     b.set_not_after(&*Asn1Time::from_unix(valid.1 as _)?)?;
     if !uris.is_empty() {
-        let mut san = SubjectAlternativeName::new();
-        for u in uris {
-            san.uri(u);
-        }
-        let san = san.build(&b.x509v3_context(Some(&ca_cert), None))?;
+        let names: Vec<u8> = uris.iter().flat_map(|u| der_tlv(URI_TAG, u)).collect();
+        let hex: Vec<String> = der_tlv(0x30, &names).iter().map(|b| format!("{b:02x}")).collect();
+        let san = boring::x509::X509Extension::new_nid(
+            None,
+            Some(&b.x509v3_context(Some(&ca_cert), None)),
+            Nid::SUBJECT_ALT_NAME,
+            &format!("DER:{}", hex.join(":")),
+        )?;
         b.append_extension(&san)?;
     }
     b.append_extension(&*boring::x509::extension::ExtendedKeyUsage::new().client_auth().build()?)?;
@@ -219,6 +230,24 @@ pub fn issue_raw(ca: &CaFiles, uris: &[&str], valid: (i64, i64), cert: &Path, ke
     Ok(())
 }
 
+/// A DER element with a definite length.
+fn der_tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    if body.len() < 0x80 {
+        v.push(body.len() as u8);
+    } else {
+        let len = body.len().to_be_bytes();
+        let significant = len.iter().skip_while(|b| **b == 0).count();
+        v.push(0x80 | significant as u8);
+        v.extend_from_slice(len.get(len.len() - significant..).unwrap_or_default());
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+/// GeneralName `uniformResourceIdentifier`: `[6] IMPLICIT IA5String`.
+const URI_TAG: u8 = 0x86;
+
 /// Why a peer certificate carries no acceptable identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertIdentityError {
@@ -226,8 +255,10 @@ pub enum CertIdentityError {
     Unparseable,
     /// No URI SAN at all.
     NoUri,
-    /// More than one URI SAN (ambiguous identity).
+    /// More than one URI SAN (ambiguous identity), readable or not.
     SeveralUris(usize),
+    /// The only URI SAN is not ASCII (an IA5String must be).
+    UnreadableUri,
     /// The URI SAN is not an acceptable SPIFFE ID.
     Invalid(ztna_control::identity::IdentityError),
 }
@@ -235,20 +266,104 @@ pub enum CertIdentityError {
 /// The identity in a (DER) peer certificate: exactly one URI SAN, a SPIFFE
 /// ID in `trust_domain`. Chain and validity are checked by TLS; this is the
 /// identity rule on top.
+///
+/// Every URI SAN counts, whatever its bytes: the count comes from the DER
+/// itself ([`uri_sans`]), not from the names a string accessor can read, so
+/// a second URI that is not ASCII cannot make the first look like the only
+/// one. The one URI must be ASCII (an IA5String), and BoringSSL's own
+/// reading of the SAN extension must agree with ours.
 pub fn identity_from_der(
     der: &[u8],
     trust_domain: &str,
 ) -> std::result::Result<ztna_control::identity::Identity, CertIdentityError> {
     let cert = X509::from_der(der).map_err(|_| CertIdentityError::Unparseable)?;
-    let uris: Vec<String> = cert
+    let uris = uri_sans(der).ok_or(CertIdentityError::Unparseable)?;
+    let one = match uris.as_slice() {
+        [] => return Err(CertIdentityError::NoUri),
+        [one] => *one,
+        many => return Err(CertIdentityError::SeveralUris(many.len())),
+    };
+    let uri = std::str::from_utf8(one).ok().filter(|u| u.is_ascii()).ok_or(CertIdentityError::UnreadableUri)?;
+    let readable: Vec<String> = cert
         .subject_alt_names()
         .map(|names| names.iter().filter_map(|n| n.uri().map(str::to_owned)).collect())
         .unwrap_or_default();
-    match uris.as_slice() {
-        [] => Err(CertIdentityError::NoUri),
-        [one] => ztna_control::identity::Identity::parse_in(one, trust_domain).map_err(CertIdentityError::Invalid),
-        many => Err(CertIdentityError::SeveralUris(many.len())),
+    if readable != [uri] {
+        return Err(CertIdentityError::Unparseable);
     }
+    ztna_control::identity::Identity::parse_in(uri, trust_domain).map_err(CertIdentityError::Invalid)
+}
+
+/// subjectAltName, OID 2.5.29.17 (the contents of its DER encoding).
+const SAN_OID: [u8; 3] = [0x55, 0x1d, 0x11];
+
+/// Splits one DER element off `input`: (tag, contents, the rest). `None`
+/// for what DER does not allow or a certificate does not use: indefinite
+/// lengths, high tag numbers, lengths over 4 bytes or past the input.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at_checked(n)?;
+        (bytes.iter().fold(0usize, |len, b| (len << 8) | usize::from(*b)), rest)
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    Some((tag, contents, rest))
+}
+
+/// The contents of every URI SAN of a DER certificate, in order, whatever
+/// their bytes (a constructed `[6]` counts too). `None` when the structure
+/// cannot be walked, or the certificate has more than one subjectAltName
+/// extension (RFC 5280 §4.2 forbids it, and which one counts is ambiguous).
+fn uri_sans(cert: &[u8]) -> Option<Vec<&[u8]>> {
+    let (0x30, cert, _) = der_element(cert)? else { return None };
+    let (0x30, mut tbs, _) = der_element(cert)? else { return None };
+    let mut uris = Vec::new();
+    let mut sans = 0;
+    while !tbs.is_empty() {
+        let (tag, field, rest) = der_element(tbs)?;
+        tbs = rest;
+        // extensions [3] EXPLICIT SEQUENCE OF Extension
+        if tag != 0xa3 {
+            continue;
+        }
+        let (0x30, mut exts, _) = der_element(field)? else { return None };
+        while !exts.is_empty() {
+            let (0x30, ext, rest) = der_element(exts)? else { return None };
+            exts = rest;
+            let (0x06, oid, ext) = der_element(ext)? else { return None };
+            if oid != SAN_OID {
+                continue;
+            }
+            sans += 1;
+            // critical BOOLEAN DEFAULT FALSE, then extnValue OCTET STRING.
+            let (mut tag, mut value, ext) = der_element(ext)?;
+            if tag == 0x01 {
+                (tag, value, _) = der_element(ext)?;
+            }
+            if tag != 0x04 {
+                return None;
+            }
+            let (0x30, mut names, _) = der_element(value)? else { return None };
+            while !names.is_empty() {
+                let (tag, name, rest) = der_element(names)?;
+                names = rest;
+                if tag == URI_TAG || tag == URI_TAG | 0x20 {
+                    uris.push(name);
+                }
+            }
+        }
+    }
+    (sans <= 1).then_some(uris)
 }
 
 #[cfg(test)]
@@ -297,6 +412,59 @@ mod tests {
         issue_raw(&ca, &[], (0, 4_000_000_000), &nc, &nk).unwrap();
         assert_eq!(identity_from_der(&der(&nc), "corp.example"), Err(CertIdentityError::NoUri));
         assert_eq!(identity_from_der(b"not a certificate", "corp.example"), Err(CertIdentityError::Unparseable));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A URI SAN that is not ASCII (IA5String) still counts: a second,
+    /// unreadable URI must not leave the first as "the only one", and a
+    /// lone unreadable one is refused, not skipped.
+    #[test]
+    fn unreadable_uri_sans_are_counted_and_refused() {
+        let dir = tmp("bytes");
+        let ca = init_ca(&dir, "corp", 30).unwrap();
+        let make = |tag: &str, uris: &[&[u8]]| {
+            let (c, k) = (dir.join(format!("{tag}.pem")), dir.join(format!("{tag}.key")));
+            issue_raw_bytes(&ca, uris, (0, 4_000_000_000), &c, &k).unwrap();
+            der(&c)
+        };
+        let good: &[u8] = b"spiffe://corp/agent/alice";
+        // The control: the same builder with one readable URI gives its identity.
+        assert_eq!(identity_from_der(&make("one", &[good]), "corp").unwrap().name, "alice");
+        // Not UTF-8; UTF-8 but not ASCII (IA5String is ASCII).
+        for (i, bad) in [&b"spiffe://corp/agent/\xff\xfe"[..], b"spiffe://corp/agent/caf\xc3\xa9"].iter().enumerate() {
+            let two = make(&format!("two{i}"), &[good, bad]);
+            assert_eq!(identity_from_der(&two, "corp"), Err(CertIdentityError::SeveralUris(2)), "bad URI {i} second");
+            let rev = make(&format!("rev{i}"), &[bad, good]);
+            assert_eq!(identity_from_der(&rev, "corp"), Err(CertIdentityError::SeveralUris(2)), "bad URI {i} first");
+            let lone = make(&format!("lone{i}"), &[bad]);
+            assert_eq!(identity_from_der(&lone, "corp"), Err(CertIdentityError::UnreadableUri), "bad URI {i} alone");
+        }
+        // The DER walk never panics and never accepts a damaged certificate.
+        let one = make("cut", &[good]);
+        for n in 0..one.len() {
+            assert!(uri_sans(&one[..n]).is_none_or(|u| u.is_empty()), "truncated at {n}");
+            assert!(identity_from_der(&one[..n], "corp").is_err());
+        }
+        assert_eq!(uri_sans(&one), Some(vec![good]));
+        // Two subjectAltName extensions, one URI each: refused.
+        let ca_cert = X509::from_pem(&std::fs::read(&ca.cert).unwrap()).unwrap();
+        let ca_key = PKey::private_key_from_pem(&std::fs::read(&ca.key).unwrap()).unwrap();
+        let key = new_key().unwrap();
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name("x").unwrap()).unwrap();
+        b.set_issuer_name(ca_cert.subject_name()).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
+        for uri in ["spiffe://corp/agent/alice", "spiffe://corp/agent/bob"] {
+            let san = SubjectAlternativeName::new().uri(uri).build(&b.x509v3_context(Some(&ca_cert), None)).unwrap();
+            b.append_extension(&san).unwrap();
+        }
+        b.sign(&ca_key, MessageDigest::sha256()).unwrap();
+        let twice = b.build().to_der().unwrap();
+        assert_eq!(uri_sans(&twice), None);
+        assert!(identity_from_der(&twice, "corp").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

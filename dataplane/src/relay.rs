@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::cid::Instance;
 use crate::io::{self, IoBackend, Lifecycle};
 use crate::mesh::Mesh;
 use crate::pki::{self, DevPki};
@@ -130,8 +131,13 @@ pub struct RelayConfig {
     pub steering: bool,
     /// Pin each worker to a core.
     pub pin_cores: bool,
-    /// Node id encoded in CIDs (for routing across relays later).
-    pub node_id: u16,
+    /// Node id encoded in CIDs and mixed into the stateless-reset key
+    /// (`cid::Instance`). Unset (the default): random at every start, so
+    /// replicas sharing a key and a config never reset each other's
+    /// connections, but a restarted relay cannot reset its predecessor's.
+    /// Set: stable, so a restarted relay resets its predecessor's
+    /// connections; each replica sharing the key then needs its own value.
+    pub node_id: Option<u16>,
     /// Bound on a drain (SIGTERM) or shutdown: how long the relay waits
     /// for clients to move away before it closes what is left and exits.
     pub shutdown_grace_ms: u64,
@@ -154,7 +160,7 @@ impl Default for RelayConfig {
             io_backend: IoBackend::Auto,
             steering: true,
             pin_cores: true,
-            node_id: 0,
+            node_id: None,
             shutdown_grace_ms: 10_000,
             limits: LimitsConfig::default(),
         }
@@ -211,6 +217,7 @@ impl RelayConfig {
             ),
         };
         Ok(SecuritySources {
+            instance: Instance::new(self.node_id)?,
             cert,
             key,
             client_ca,
@@ -234,9 +241,11 @@ impl RelayConfig {
     }
 }
 
-/// Files a reload re-reads.
+/// Files a reload re-reads, and the instance the reset key is bound to
+/// (fixed for the life of the process).
 #[derive(Debug, Clone)]
 struct SecuritySources {
+    instance: Instance,
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
@@ -256,7 +265,7 @@ impl SecuritySources {
                 Policy::deny_all(&self.trust_domain)
             }
         };
-        Security::new(tls, policy)
+        Security::new(tls, policy, &self.instance)
     }
 }
 
@@ -292,6 +301,8 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
     let security = sources.load()?;
     info!(trust_domain = %sources.trust_domain, services = security.policy.service_count(), retry = ?cfg.limits.retry,
           "mutual TLS: every client must present a certificate of the organisation CA");
+    let node_id = sources.instance.node_id();
+    info!(node_id, stable = sources.instance.is_stable(), "CID node id (stateless resets answer only this node id)");
     let per_ip = PerIp::new(PER_IP_SLOTS, cfg.limits.max_conns_per_ip, cfg.limits.handshakes_per_sec_per_ip);
     let mut shared = Shared::new(security, per_ip, std::time::Instant::now());
     let (budget, source) = crate::budget::resolve(cfg.limits.memory_budget_mib);
@@ -349,7 +360,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
         let tid = Arc::new(AtomicI32::new(0));
         stats.push(Arc::clone(&st));
         tids.push(Arc::clone(&tid));
-        let wcfg = WorkerConfig { index, workers: n, node_id: cfg.node_id, local_addr, limits: limits.clone() };
+        let wcfg = WorkerConfig { index, workers: n, node_id, local_addr, limits: limits.clone() };
         let mesh = Arc::clone(&mesh);
         let life = Arc::clone(&life);
         let ready = ready_tx.clone();
@@ -412,6 +423,11 @@ impl RelayHandle {
         }
         info!(services, "reloaded certificate, key, client CA and policy");
         Ok(())
+    }
+
+    /// The node id in this relay's CIDs (configured, or drawn at start).
+    pub fn node_id(&self) -> u16 {
+        self.sources.instance.node_id()
     }
 
     /// Per-worker counters.

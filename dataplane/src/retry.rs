@@ -21,6 +21,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::cid::Instance;
+
 /// How long a Retry token is accepted.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 /// How often the token key changes.
@@ -144,11 +146,15 @@ impl RetryKeys {
     }
 }
 
-/// Stateless reset tokens: a MAC of the CID under a key derived from a
-/// secret that survives restarts (the relay's private key), so a restarted
-/// relay can still reset its predecessor's connections.
+/// Stateless reset tokens: a MAC of the CID under a key derived from the
+/// relay's private key and its [`Instance`]. The key survives a restart
+/// only for an instance with a configured node id; replicas sharing a
+/// private key get different keys (see [`Instance`]).
 #[derive(Clone)]
-pub struct ResetKey([u8; 32]);
+pub struct ResetKey {
+    key: [u8; 32],
+    node_id: u16,
+}
 
 impl std::fmt::Debug for ResetKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,22 +168,35 @@ pub const MIN_RESET_LEN: usize = 21;
 const MAX_RESET_LEN: usize = 43;
 
 impl ResetKey {
-    pub fn derive(secret: &[u8]) -> ResetKey {
-        ResetKey(hmac(b"ztna stateless reset v1", secret))
+    /// `secret` is the relay's private key (DER).
+    pub fn derive(secret: &[u8], instance: &Instance) -> ResetKey {
+        let mut data = instance.reset_label();
+        data.extend_from_slice(secret);
+        ResetKey { key: hmac(b"ztna stateless reset v2", &data), node_id: instance.node_id() }
+    }
+
+    /// The node id of the instance this key belongs to: the only CIDs it
+    /// resets.
+    pub fn node_id(&self) -> u16 {
+        self.node_id
     }
 
     /// The reset token the relay announces for `cid`.
     pub fn token(&self, cid: &[u8]) -> u128 {
         let mut t = [0u8; 16];
-        t.copy_from_slice(&hmac(&self.0, cid)[..16]);
+        t.copy_from_slice(&hmac(&self.key, cid)[..16]);
         u128::from_be_bytes(t)
     }
 
     /// Writes a stateless reset for a packet of `trigger_len` bytes to
-    /// `cid` into `out`. Returns its length, or None when the trigger is too
-    /// small to answer without risking a reset loop (a reset must be
-    /// shorter than what triggered it).
+    /// `cid` into `out`. Returns its length, or None when `cid` is not in
+    /// this instance's layout and node id (never a client's or another
+    /// relay's CID), or when the trigger is too small to answer without
+    /// risking a reset loop (a reset must be shorter than what triggered it).
     pub fn write_reset(&self, cid: &[u8], trigger_len: usize, out: &mut [u8]) -> Option<usize> {
+        if !crate::cid::is_ours(cid, self.node_id) {
+            return None;
+        }
         let len = trigger_len.checked_sub(1)?.min(MAX_RESET_LEN);
         if len < MIN_RESET_LEN {
             return None;
@@ -250,11 +269,13 @@ mod tests {
 
     #[test]
     fn resets_are_shorter_than_their_trigger_and_end_in_the_token() {
-        let k = ResetKey::derive(b"relay private key");
-        let cid = [0x0f, 1, 2, 3];
-        assert_eq!(k.token(&cid), ResetKey::derive(b"relay private key").token(&cid), "stable across restarts");
-        assert_ne!(k.token(&cid), ResetKey::derive(b"another key").token(&cid));
-        assert_ne!(k.token(&cid), k.token(&[0x0f, 1, 2, 4]));
+        let node = Instance::configured(0x0102);
+        let k = ResetKey::derive(b"relay private key", &node);
+        let cid = crate::cid::make(0x0102, 3, [0xaa; 12]);
+        let again = ResetKey::derive(b"relay private key", &node);
+        assert_eq!(k.token(&cid), again.token(&cid), "a configured node id is stable across restarts");
+        assert_ne!(k.token(&cid), ResetKey::derive(b"another key", &node).token(&cid));
+        assert_ne!(k.token(&cid), k.token(&crate::cid::make(0x0102, 3, [0xab; 12])));
         let mut out = [0u8; 64];
         for trigger in [0, 1, 20, 21] {
             assert_eq!(k.write_reset(&cid, trigger, &mut out), None, "trigger {trigger}");
@@ -265,5 +286,35 @@ mod tests {
             assert_eq!(out[0] & 0xc0, 0x40, "short header with fixed bit");
             assert_eq!(out[n - 16..n], k.token(&cid).to_be_bytes());
         }
+    }
+
+    /// Two instances from one private key: neither resets the other's CIDs,
+    /// and their tokens for the same CID differ even when the node ids
+    /// collide.
+    #[test]
+    fn instances_sharing_a_key_never_reset_each_other() {
+        let secret = b"one Secret, two replicas";
+        let (a, b) = (Instance::random().unwrap(), Instance::random().unwrap());
+        let (ka, kb) = (ResetKey::derive(secret, &a), ResetKey::derive(secret, &b));
+        let cid_a = crate::cid::make(a.node_id(), 0, [0x11; 12]);
+        let mut out = [0u8; 64];
+        if a.node_id() != b.node_id() {
+            assert_eq!(kb.write_reset(&cid_a, 1200, &mut out), None, "another node id is never reset");
+        }
+        assert_ne!(ka.token(&cid_a), kb.token(&cid_a));
+        // Same node id by chance (or both unset on an old build): still
+        // different keys, because the nonces differ.
+        let (c, d) = (Instance::random().unwrap(), Instance::random().unwrap());
+        assert_ne!(c.reset_label(), d.reset_label());
+        // Distinct configured node ids: distinct keys too.
+        let (k7, k8) =
+            (ResetKey::derive(secret, &Instance::configured(7)), ResetKey::derive(secret, &Instance::configured(8)));
+        let cid7 = crate::cid::make(7, 0, [0x22; 12]);
+        assert_eq!(k8.write_reset(&cid7, 1200, &mut out), None);
+        assert_ne!(k7.token(&cid7), k8.token(&cid7));
+        assert!(k7.write_reset(&cid7, 1200, &mut out).is_some());
+        // Only CIDs in the relay's layout: never a client-chosen one.
+        assert_eq!(k7.write_reset(&[7u8; 16], 1200, &mut out), None);
+        assert_eq!(k7.write_reset(&cid7[..8], 1200, &mut out), None);
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::budget::MemoryBudget;
+use crate::cid::Instance;
 use crate::policy::Policy;
 use crate::ratelimit::{ConnCounts, PerIp};
 use crate::retry::{ResetKey, RetryKeys};
@@ -22,14 +23,15 @@ use crate::tls::TlsMaterial;
 pub struct Security {
     pub tls: TlsMaterial,
     pub policy: Policy,
-    /// Derived from the private key (stable across restarts).
+    /// Derived from the private key and the relay's instance (stable across
+    /// restarts only with a configured node id; see [`Instance`]).
     pub reset: ResetKey,
 }
 
 impl Security {
-    pub fn new(tls: TlsMaterial, policy: Policy) -> anyhow::Result<Security> {
+    pub fn new(tls: TlsMaterial, policy: Policy, instance: &Instance) -> anyhow::Result<Security> {
         let secret = tls.key.private_key_to_der()?;
-        Ok(Security { reset: ResetKey::derive(&secret), tls, policy })
+        Ok(Security { reset: ResetKey::derive(&secret, instance), tls, policy })
     }
 }
 

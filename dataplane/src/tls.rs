@@ -193,6 +193,7 @@ fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Op
                 CertIdentityError::Unparseable => "unparseable certificate".to_owned(),
                 CertIdentityError::NoUri => "no URI SAN".to_owned(),
                 CertIdentityError::SeveralUris(n) => format!("{n} URI SANs (exactly one allowed)"),
+                CertIdentityError::UnreadableUri => "URI SAN is not ASCII".to_owned(),
                 CertIdentityError::Invalid(i) => format!("URI SAN: {i}"),
             };
             warn!(subject = %subject(ctx), %trust_domain, detail, "client certificate rejected: identity");

@@ -308,6 +308,8 @@ impl Worker {
         let n = mesh.len();
         let latency = metrics::histogram!("ztna_relay_forward_latency_seconds", "worker" => cfg.index.to_string());
         let (generation, security) = shared.security.current();
+        // CIDs carry cfg.node_id; the reset key answers only its own.
+        anyhow::ensure!(cfg.node_id == security.reset.node_id(), "worker node id is not the reset key's");
         let quic_cfg = security.tls.server_config(Arc::clone(&stats))?;
         let now = Instant::now();
         let hs = f64::from(cfg.limits.retry_above_handshakes_per_sec);

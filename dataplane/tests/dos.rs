@@ -249,8 +249,9 @@ fn datagram_rate_per_connection_is_capped() {
 }
 
 /// A relay that loses its state (killed and restarted on the same address
-/// with the same key) resets its old clients at once, instead of leaving
-/// them to the 30 s idle timeout.
+/// with the same key and the same configured node id) resets its old
+/// clients at once, instead of leaving them to the 30 s idle timeout. (With
+/// the default, a node id drawn at each start, it cannot: `replicas.rs`.)
 #[test]
 fn a_restarted_relay_resets_old_connections() {
     let pki = ztna_dataplane::pki::generate(&std::env::temp_dir()).unwrap();
@@ -260,7 +261,7 @@ fn a_restarted_relay_resets_old_connections() {
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let spawn = || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ztna-relay"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--node-id", "7"])
             .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
             .arg("--cert")
             .arg(&pki.cert)

@@ -14,6 +14,7 @@ use ztna_control::identity::Kind;
 use ztna_control::quic;
 use ztna_control::rng::SplitMix64;
 use ztna_control::{Role, ServiceName};
+use ztna_dataplane::cid::Instance;
 use ztna_dataplane::mesh::Mesh;
 use ztna_dataplane::policy::Policy;
 use ztna_dataplane::ratelimit::PerIp;
@@ -87,8 +88,11 @@ fn registration_and_echo_survive_delay_reordering_and_loss() {
     let td = ztna_dataplane::pki::DEV_TRUST_DOMAIN;
     let material = TlsMaterial::load(&pki.cert, &pki.key, &pki.ca, td).unwrap();
     let policy = Policy::from_toml("[services.echo]\nconnectors = [\"c\"]\nagents = [\"*\"]\n", td).unwrap();
-    let shared =
-        Arc::new(Shared::new(Security::new(material, policy).unwrap(), PerIp::new(1024, 0, 0), Instant::now()));
+    let shared = Arc::new(Shared::new(
+        Security::new(material, policy, &Instance::configured(0)).unwrap(),
+        PerIp::new(1024, 0, 0),
+        Instant::now(),
+    ));
     let mut workers: Vec<Worker> = (0..2)
         .map(|i| {
             let cfg = WorkerConfig { index: i, workers: 2, node_id: 0, local_addr: relay, limits: Limits::default() };

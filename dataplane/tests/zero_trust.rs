@@ -128,6 +128,13 @@ fn bad_client_certificates_are_refused_in_the_handshake() {
     assert_refused(&relay, &raw("relay", &["spiffe://dev.ztna/relay/r"], valid), "relay identity as a client");
     assert_refused(&relay, &raw("http", &["https://dev.ztna/agent/alice"], valid), "not a SPIFFE ID");
     wait_counter(&relay, "identity", |t| t.auth_rejected_identity >= 5);
+    // Two URI SANs, the second not ASCII: it still counts, so this is not
+    // "exactly one" and alice's URI is not taken as the identity.
+    let (c, k) = (dir.join("bytes.pem"), dir.join("bytes.key"));
+    let uris: [&[u8]; 2] = [b"spiffe://dev.ztna/agent/alice", b"spiffe://dev.ztna/agent/\xff\xfe"];
+    pki::issue_raw_bytes(&pki.ca_files, &uris, valid, &c, &k).unwrap();
+    assert_refused(&relay, &TlsOptions::mutual(&ca, c, k), "a second URI SAN that is not ASCII");
+    wait_counter(&relay, "unreadable URI SAN", |t| t.auth_rejected_identity >= 6);
 
     // None of this created a usable connection, and the good client is fine.
     let t = relay.totals();

@@ -728,6 +728,12 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
         lp = host_port(relay_toml.get("listen", f"[::]:{QUIC_PORT}"))[1]
         pr.check(lp == QUIC_PORT, f"relay.toml: listen port {lp} is not the container's UDP {QUIC_PORT}")
         pr.check(not relay_toml.get("dev"), "relay.toml: dev = true (ephemeral CA) in a deployment")
+        # Every replica of the Deployment (and the surge pod of a rollout) reads this one file
+        # and shares the Secret's key: a node_id here would be the same on all of them, and
+        # replicas with the same node id and key reset each other's connections.
+        pr.check("node_id" not in relay_toml and not any(a.startswith("--node-id") for a in args),
+                 f"Deployment/{RELAY}: node_id/--node-id in the shared config gives every replica the same CID "
+                 "node id, so they reset each other's connections (leave it unset: random per start)")
         for key in ("cert", "key", "client_ca"):
             p = relay_toml.get(key)
             if pr.check(bool(p), f"relay.toml: `{key}` missing"):
@@ -954,6 +960,8 @@ def self_test(kustomize, k8s_version: str, crds, workdir: Path, bins: BinaryChec
          lambda ds: pod_spec(dep(ds, "ztna-echo"))["containers"][0]["resources"].pop("limits")),
         ("drain longer than the grace period", "terminationGracePeriodSeconds",
          lambda ds: set_relay_toml(ds, lambda s: s.replace("shutdown_grace_ms = 20000", "shutdown_grace_ms = 45000"))),
+        ("one node_id for every replica", "gives every replica the same CID node id",
+         lambda ds: set_relay_toml(ds, lambda s: s.replace("\n[limits]", "\nnode_id = 3\n\n[limits]", 1))),
         ("unknown relay.toml key", "unknown key `listen_address`",
          lambda ds: set_relay_toml(ds, lambda s: s.replace('listen = "', 'listen_address = "'))),
         ("relay seccomp Unconfined", "seccompProfile Unconfined",

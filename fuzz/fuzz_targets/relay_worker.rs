@@ -37,6 +37,7 @@ use ztna_dataplane::mesh::Mesh;
 use ztna_dataplane::pki;
 use ztna_dataplane::policy::Policy;
 use ztna_dataplane::ratelimit::PerIp;
+use ztna_dataplane::cid::Instance;
 use ztna_dataplane::security::{RetryMode, Security, Shared};
 use ztna_dataplane::stats::WorkerStats;
 use ztna_dataplane::worker::{Limits, Transmit, Worker, WorkerConfig};
@@ -154,7 +155,7 @@ impl World {
         let limits = Limits { max_registrations: 8, max_control_backlog: 64 * 1024, retry, ..Limits::default() };
         let cfg = WorkerConfig { index: 0, workers: 1, node_id: 7, local_addr: sock(RELAY), limits };
         let policy = Policy::from_toml(POLICY, pki::DEV_TRUST_DOMAIN).expect("policy");
-        let security = Security::new(peer::relay_tls(), policy).expect("security");
+        let security = Security::new(peer::relay_tls(), policy, &Instance::configured(7)).expect("security");
         let shared = Arc::new(Shared::new(security, PerIp::new(64, 100, 1000), now));
         let mesh = Arc::new(Mesh::new(1, 1024, 1024).expect("mesh"));
         let worker = Worker::new(cfg, shared, mesh, Arc::new(WorkerStats::default())).expect("worker");

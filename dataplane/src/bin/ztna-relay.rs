@@ -53,6 +53,10 @@ struct Cli {
     /// Disable the reuseport BPF steering program.
     #[arg(long, global = true)]
     no_steering: bool,
+    /// CID node id, stable across restarts (default: random per start; see
+    /// `node_id` in SECURITY.md, "Stateless resets").
+    #[arg(long, global = true)]
+    node_id: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,6 +171,9 @@ fn load(cli: &Cli) -> Result<RelayConfig> {
     }
     if cli.no_steering {
         cfg.steering = false;
+    }
+    if cli.node_id.is_some() {
+        cfg.node_id = cli.node_id;
     }
     cfg.validate()?;
     Ok(cfg)
