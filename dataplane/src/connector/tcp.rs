@@ -51,6 +51,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use ztna_control::packet::{self, TcpFlags, TcpHeader};
 use ztna_control::rng::SplitMix64;
 
+use super::fair::{Admission, Shares};
 use super::ConnectorStats;
 use crate::vdev::{smol_instant, std_instant, QueueDevice};
 
@@ -71,8 +72,10 @@ const TX_BLOCKED_RETRY: Duration = Duration::from_millis(5);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TcpLimits {
     pub max_flows: usize,
+    pub flows_per_identity: usize,
     pub max_per_flow: usize,
     pub max_conns: usize,
+    pub conns_per_identity: usize,
     /// Size of each smoltcp socket buffer (receive and send).
     pub buffer: usize,
     pub idle: Duration,
@@ -168,6 +171,10 @@ impl Conn {
 }
 
 struct Flow {
+    /// The agent identity whose flow this is.
+    identity: Arc<str>,
+    /// Last segment from the agent.
+    last: Instant,
     iface: Interface,
     dev: QueueDevice,
     sockets: SocketSet<'static>,
@@ -183,12 +190,18 @@ struct Flow {
 /// All TCP state of a connector.
 pub(crate) struct TcpEngine {
     flows: HashMap<FlowKey, Flow>,
+    /// Flows and connections by agent identity.
+    flow_shares: Shares,
+    conn_shares: Shares,
     limits: TcpLimits,
     stats: Arc<ConnectorStats>,
     epoch: Instant,
     rng: SplitMix64,
     /// pollfd index (from the offset given to `set_revents`) → connection.
     poll_map: Vec<(FlowKey, Tuple)>,
+    /// Packets of flows removed to make room (their RSTs), sent by the next
+    /// [`TcpEngine::drain_tx`] or dropped if the relay refuses them.
+    orphan_tx: Vec<(FlowKey, Vec<u8>)>,
     scratch: Vec<u8>,
 }
 
@@ -245,21 +258,24 @@ impl TcpEngine {
     pub(crate) fn new(limits: TcpLimits, stats: Arc<ConnectorStats>, seed: u64) -> TcpEngine {
         TcpEngine {
             flows: HashMap::new(),
+            flow_shares: Shares::new(limits.max_flows, limits.flows_per_identity),
+            conn_shares: Shares::new(limits.max_conns, limits.conns_per_identity),
             limits,
             stats,
             epoch: Instant::now(),
             rng: SplitMix64::new(seed ^ 0x7463_705f_7365_6564),
             poll_map: Vec::new(),
+            orphan_tx: Vec::new(),
             scratch: Vec::new(),
         }
     }
 
     /// Open connections (including those whose backend is connecting).
     pub(crate) fn connections(&self) -> usize {
-        self.flows.values().map(|f| f.conns.len()).sum()
+        self.conn_shares.total()
     }
 
-    fn new_flow(&mut self, now: Instant) -> Flow {
+    fn new_flow(&mut self, identity: &Arc<str>, now: Instant) -> Flow {
         let mut dev = QueueDevice::new(RX_QUEUE, TX_QUEUE, false);
         let mut cfg = Config::new(HardwareAddress::Ip);
         cfg.random_seed = self.rng.next_u64();
@@ -270,6 +286,8 @@ impl TcpEngine {
         });
         let _ = iface.routes_mut().add_default_ipv4_route(IFACE_ADDR);
         Flow {
+            identity: Arc::clone(identity),
+            last: now,
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
@@ -287,6 +305,7 @@ impl TcpEngine {
     pub(crate) fn input(
         &mut self,
         key: FlowKey,
+        identity: &Arc<str>,
         t: Tuple,
         header: &TcpHeader,
         ip: &[u8],
@@ -295,6 +314,7 @@ impl TcpEngine {
     ) -> Verdict {
         let f = header.flags;
         if let Some(flow) = self.flows.get_mut(&key) {
+            flow.last = now;
             if let Some(c) = flow.conns.get_mut(&t) {
                 match c.phase {
                     Phase::Connecting { .. } => {
@@ -327,13 +347,8 @@ impl TcpEngine {
             return Verdict::Reset;
         }
         let flow_conns = self.flows.get(&key).map(|f| f.conns.len());
-        let over = match flow_conns {
-            None => self.flows.len() >= self.limits.max_flows,
-            Some(n) => n >= self.limits.max_per_flow,
-        } || self.connections() >= self.limits.max_conns;
-        if over {
-            inc(&self.stats.drop_tcp_limit);
-            return Verdict::Dropped;
+        if !self.admit(key, identity, flow_conns, now) {
+            return Verdict::Reset;
         }
         let backend = match start_connect(target) {
             Ok(s) => s,
@@ -344,10 +359,12 @@ impl TcpEngine {
             }
         };
         if flow_conns.is_none() {
-            let flow = self.new_flow(now);
+            let flow = self.new_flow(identity, now);
             self.flows.insert(key, flow);
+            self.flow_shares.add(identity);
         }
         let Some(flow) = self.flows.get_mut(&key) else { return Verdict::Dropped };
+        self.conn_shares.add(identity);
         flow.conns.insert(
             t,
             Conn {
@@ -364,6 +381,103 @@ impl TcpEngine {
         );
         flow.deadline = Some(now);
         Verdict::Taken
+    }
+
+    /// Whether a new connection of `identity` on `key` (holding
+    /// `flow_conns` connections, None: no flow yet) fits: per agent flow,
+    /// per identity and in total, reclaiming the least recently used
+    /// connection or flow of the identity holding the most when a table is
+    /// full. A refusal is counted; the caller answers with an RST.
+    fn admit(&mut self, key: FlowKey, identity: &Arc<str>, flow_conns: Option<usize>, now: Instant) -> bool {
+        if flow_conns.is_some_and(|n| n >= self.limits.max_per_flow) {
+            inc(&self.stats.drop_tcp_limit);
+            return false;
+        }
+        if flow_conns.is_none() {
+            match self.flow_shares.admit(identity) {
+                Admission::Admit => {}
+                Admission::OverShare => {
+                    inc(&self.stats.tcp_refused_identity_share);
+                    return false;
+                }
+                Admission::Reclaim(top) => {
+                    let victim = self
+                        .flows
+                        .iter()
+                        .filter(|(_, f)| f.identity == top)
+                        .min_by_key(|(_, f)| f.last)
+                        .map(|(k, _)| *k);
+                    if let Some(v) = victim {
+                        self.reclaim_flow(v, now);
+                    }
+                }
+                Admission::Full => {
+                    inc(&self.stats.drop_tcp_limit);
+                    return false;
+                }
+            }
+        }
+        match self.conn_shares.admit(identity) {
+            Admission::Admit => true,
+            Admission::OverShare => {
+                inc(&self.stats.tcp_refused_identity_share);
+                false
+            }
+            Admission::Reclaim(top) => {
+                let victim = self
+                    .flows
+                    .iter()
+                    .filter(|(k, f)| f.identity == top && **k != key)
+                    .flat_map(|(k, f)| f.conns.iter().map(move |(t, c)| (*k, *t, c.last)))
+                    .min_by_key(|(_, _, last)| *last);
+                if let Some((k, t, _)) = victim {
+                    self.reclaim_conn(k, t, now);
+                }
+                true
+            }
+            Admission::Full => {
+                inc(&self.stats.drop_tcp_limit);
+                false
+            }
+        }
+    }
+
+    /// Resets connection `t` of flow `key` on both sides and forgets it at
+    /// once (its RST to the agent is queued on the flow).
+    fn reclaim_conn(&mut self, key: FlowKey, t: Tuple, now: Instant) {
+        let Some(flow) = self.flows.get_mut(&key) else { return };
+        let Some(c) = flow.conns.remove(&t) else { return };
+        match &c.phase {
+            Phase::Connecting { syn_header, .. } => {
+                if build_rst(&t, syn_header, 0, &mut self.scratch) {
+                    flow.dev.push_tx(self.scratch.clone());
+                }
+            }
+            Phase::Open { handle } => {
+                flow.sockets.get_mut::<tcp::Socket>(*handle).abort();
+                flow.iface.poll(smol_instant(self.epoch, now), &mut flow.dev, &mut flow.sockets);
+                flow.sockets.remove(*handle);
+            }
+        }
+        c.abort_backend();
+        self.conn_shares.remove(&flow.identity);
+        inc(&self.stats.tcp_connections_reclaimed);
+        inc(&self.stats.tcp_connections_closed);
+    }
+
+    /// Resets every connection of flow `key` and removes the flow; what it
+    /// still had to send (the RSTs among it) moves to [`TcpEngine::orphan_tx`].
+    fn reclaim_flow(&mut self, key: FlowKey, now: Instant) {
+        let tuples: Vec<Tuple> = self.flows.get(&key).map(|f| f.conns.keys().copied().collect()).unwrap_or_default();
+        for t in tuples {
+            self.reclaim_conn(key, t, now);
+        }
+        if let Some(mut f) = self.flows.remove(&key) {
+            self.flow_shares.remove(&f.identity);
+            while let Some(p) = f.dev.pop_tx() {
+                self.orphan_tx.push((key, p));
+            }
+        }
     }
 
     /// Appends a pollfd for every backend socket that waits for something.
@@ -409,10 +523,20 @@ impl TcpEngine {
         for flow in self.flows.values_mut() {
             let due = flow.dirty || flow.deadline.is_some_and(|d| d <= now);
             if due {
-                service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
+                let removed = service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
+                for _ in 0..removed {
+                    self.conn_shares.remove(&flow.identity);
+                }
             }
         }
-        self.flows.retain(|_, f| !f.conns.is_empty() || f.dev.tx_len() > 0);
+        let flow_shares = &mut self.flow_shares;
+        self.flows.retain(|_, f| {
+            let keep = !f.conns.is_empty() || f.dev.tx_len() > 0;
+            if !keep {
+                flow_shares.remove(&f.identity);
+            }
+            keep
+        });
     }
 
     /// Hands every packet smoltcp (or the engine) wants to send to `send`,
@@ -420,6 +544,11 @@ impl TcpEngine {
     pub(crate) fn drain_tx(&mut self, mut send: impl FnMut(FlowKey, &[u8]) -> TxOutcome) {
         let mut blocked: Vec<usize> = Vec::new();
         let now = Instant::now();
+        for (k, p) in std::mem::take(&mut self.orphan_tx) {
+            if send(k, &p) != TxOutcome::Sent {
+                inc(&self.stats.drop_send_to_agent);
+            }
+        }
         for (k, flow) in self.flows.iter_mut() {
             if blocked.contains(&k.session) {
                 flow.tx_blocked = flow.dev.tx_len() > 0;
@@ -464,6 +593,10 @@ impl TcpEngine {
     /// Drops a flow's connections (the relay closed the flow).
     pub(crate) fn remove_flow(&mut self, key: FlowKey) {
         if let Some(f) = self.flows.remove(&key) {
+            self.flow_shares.remove(&f.identity);
+            for _ in 0..f.conns.len() {
+                self.conn_shares.remove(&f.identity);
+            }
             self.close_all(f);
         }
     }
@@ -493,7 +626,7 @@ fn service_flow(
     limits: &TcpLimits,
     stats: &ConnectorStats,
     scratch: &mut Vec<u8>,
-) {
+) -> usize {
     let Flow { iface, dev, sockets, conns, dirty, deadline, .. } = flow;
     let snow = smol_instant(epoch, now);
 
@@ -558,6 +691,7 @@ fn service_flow(
 
     // Cleanup: aborted connections (their RST is out), closed ones whose
     // data all reached the backend, and listeners that did not take the SYN.
+    let before = conns.len();
     conns.retain(|_, c| {
         let finished = match c.phase {
             Phase::Connecting { .. } => c.dead,
@@ -596,6 +730,7 @@ fn service_flow(
         next = Some(next.map_or(d, |n| n.min(d)));
     }
     *deadline = next;
+    before - conns.len()
 }
 
 enum ReadResult {
