@@ -3,12 +3,16 @@
 //! traffic to the configured backends.
 //!
 //! It handles UDP (a bounded flow table of backend sockets with idle
-//! expiry), ICMP echo (answered by the connector) and TCP (a userspace TCP
+//! expiry, see [`udp`]), ICMP echo (answered by the connector) and TCP (a userspace TCP
 //! endpoint in smoltcp per agent flow, proxied to real TCP connections with
 //! flow control both ways; see [`tcp`]). Only the configured (protocol,
 //! port) → backend pairs are reachable: anything else is dropped and counted
 //! (a TCP SYN is also answered with an RST, as a closed port would), so the
 //! connector is not an open proxy.
+//!
+//! Every table an agent can grow (UDP flows, TCP connections, TCP agent
+//! flows) is bounded in total, per agent flow and per agent identity, and
+//! shared fairly between identities when full ([`fair`]).
 //!
 //! IPv4 packets larger than the tunnel MTU (1280) with DF set are dropped
 //! and answered with ICMP "fragmentation needed" (next-hop MTU 1280), so the

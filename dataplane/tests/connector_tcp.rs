@@ -482,6 +482,18 @@ fn tcp_config_defaults_and_validation() {
     assert!(bad_allow.unwrap_err().to_string().contains("not an agent SPIFFE ID"));
     assert_eq!(cfg.max_tcp_flows, 1024);
     assert_eq!(cfg.tcp_buffer_bytes, 256 * 1024);
+    // Per-identity shares: a quarter of each table unless set.
+    assert_eq!(cfg.udp_flows_per_identity(), 1024);
+    assert_eq!(cfg.tcp_connections_per_identity(), 512);
+    assert_eq!(cfg.tcp_flows_per_identity(), 256);
+    let with = |extra: &str| {
+        ConnectorConfig::from_toml(&format!(
+            "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
+        ))
+    };
+    let set = with("max_tcp_connections = 512\nmax_udp_flows_per_identity = 10").unwrap();
+    assert_eq!((set.udp_flows_per_identity(), set.tcp_connections_per_identity()), (10, 128));
+    assert!(with("max_tcp_connections_per_identity = 0").unwrap_err().to_string().contains("must be positive"));
     let bad = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]

@@ -34,7 +34,12 @@
 //! Memory is bounded by the limits: at most `max_flows` interfaces, at most
 //! `max_per_flow` connections per flow and `max_conns` in total, each with
 //! two smoltcp buffers of `buffer` bytes; device queues are bounded in
-//! packets. Segments beyond a limit are dropped and counted.
+//! packets. Interfaces and connections are also shared per agent identity
+//! ([`super::fair`]): an identity holds at most `flows_per_identity`
+//! interfaces and `conns_per_identity` connections, and a full table gives
+//! a newcomer below its share the least recently used connection (or flow)
+//! of the identity holding the most, reset on both sides. A SYN refused by
+//! any limit is answered with an RST and counted.
 
 use std::collections::HashMap;
 use std::io;
