@@ -213,7 +213,7 @@ fn one_identity_cannot_lock_out_another() {
     let (up, refused, waiting) = settle(&mut flood_tcp, &conns);
     println!("flooding identity: {up} TCP connections up, {refused} refused, {waiting} hanging; {:?}", s.stats);
     assert_eq!(waiting, 0, "SYNs over the limit must get an RST, not silence");
-    assert!(up >= 1 && up < TCP_CONNECTIONS, "flooding identity holds {up} of {TCP_CONNECTIONS} connections");
+    assert!((1..TCP_CONNECTIONS).contains(&up), "flooding identity holds {up} of {TCP_CONNECTIONS} connections");
     assert_eq!(refused, conns.len() - up);
     assert!(s.stat(|st| &st.tcp_refused_identity_share) > 0, "refusals not counted: {:?}", s.stats);
 
