@@ -100,7 +100,9 @@ crate::stats::counters! {
     tcp_connections_reclaimed,
     /// Segments (not SYN) for no known connection; answered with an RST.
     drop_tcp_no_connection,
-    /// Segments dropped because a flow's smoltcp input queue was full.
+    /// Segments dropped because a flow's smoltcp input queue, or its
+    /// identity's queue budget (max_tcp_queued_packets_per_identity), was
+    /// full.
     drop_tcp_queue_full,
     drop_flow_table_full,
     drop_unknown_flow,
@@ -248,6 +250,7 @@ impl Connector {
             max_per_flow: cfg.max_tcp_per_flow,
             max_conns: cfg.max_tcp_connections,
             conns_per_identity: cfg.tcp_connections_per_identity(),
+            queue_per_identity: cfg.max_tcp_queued_packets_per_identity,
             buffer: cfg.tcp_buffer_bytes,
             idle: Duration::from_secs(cfg.tcp_idle_secs),
             connect_timeout: config::TCP_CONNECT_TIMEOUT,

@@ -486,6 +486,7 @@ fn tcp_config_defaults_and_validation() {
     assert_eq!(cfg.udp_flows_per_identity(), 1024);
     assert_eq!(cfg.tcp_connections_per_identity(), 512);
     assert_eq!(cfg.tcp_flows_per_identity(), 256);
+    assert_eq!(cfg.max_tcp_queued_packets_per_identity, 4096);
     let with = |extra: &str| {
         ConnectorConfig::from_toml(&format!(
             "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"

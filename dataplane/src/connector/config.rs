@@ -165,6 +165,13 @@ pub struct ConnectorConfig {
     /// identity holding the most.
     #[serde(default)]
     pub max_tcp_connections_per_identity: Option<usize>,
+    /// Packets one agent identity may have queued in the connector's TCP
+    /// endpoint (received from the agent and waiting for smoltcp, or waiting
+    /// to be sent to the agent), over all its agent flows; beyond it,
+    /// segments from the agent are dropped (`drop_tcp_queue_full`) and
+    /// smoltcp holds back what it would send.
+    #[serde(default = "default_max_tcp_queued_packets_per_identity")]
+    pub max_tcp_queued_packets_per_identity: usize,
     /// Size of each of the two smoltcp buffers of a TCP connection; it is
     /// also the largest window advertised to the agent.
     #[serde(default = "default_tcp_buffer_bytes")]
@@ -200,6 +207,9 @@ fn default_max_tcp_per_flow() -> usize {
 }
 fn default_max_tcp_connections() -> usize {
     2048
+}
+fn default_max_tcp_queued_packets_per_identity() -> usize {
+    4096
 }
 fn default_tcp_buffer_bytes() -> usize {
     256 * 1024
@@ -241,6 +251,7 @@ impl ConnectorConfig {
             max_tcp_flows_per_identity: None,
             max_tcp_connections: default_max_tcp_connections(),
             max_tcp_connections_per_identity: None,
+            max_tcp_queued_packets_per_identity: default_max_tcp_queued_packets_per_identity(),
             tcp_buffer_bytes: default_tcp_buffer_bytes(),
             tcp_idle_secs: default_tcp_idle_secs(),
             services,
@@ -295,6 +306,9 @@ impl ConnectorConfig {
         ];
         if let Some((key, _)) = shares.iter().find(|(_, v)| *v == Some(0)) {
             bail!("{key} must be positive");
+        }
+        if self.max_tcp_queued_packets_per_identity == 0 {
+            bail!("max_tcp_queued_packets_per_identity must be positive");
         }
         Ok(())
     }

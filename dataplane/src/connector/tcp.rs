@@ -61,7 +61,7 @@ mod service;
 use self::service::service_flow;
 use super::fair::{Admission, Shares};
 use super::ConnectorStats;
-use crate::vdev::{smol_instant, QueueDevice};
+use crate::vdev::{smol_instant, QueueBudget, QueueDevice};
 
 /// Received packets queued per flow before smoltcp runs (the connector's
 /// loop runs smoltcp after every batch of datagrams, so this only needs to
@@ -84,6 +84,9 @@ pub(crate) struct TcpLimits {
     pub max_per_flow: usize,
     pub max_conns: usize,
     pub conns_per_identity: usize,
+    /// Packets queued in the smoltcp devices of one identity's flows
+    /// (received and to send, over all its flows).
+    pub queue_per_identity: usize,
     /// Size of each smoltcp socket buffer (receive and send).
     pub buffer: usize,
     pub idle: Duration,
@@ -201,6 +204,8 @@ pub(crate) struct TcpEngine {
     /// Flows and connections by agent identity.
     flow_shares: Shares,
     conn_shares: Shares,
+    /// Queue budget per identity, shared by its flows' devices.
+    queue_budgets: HashMap<Arc<str>, Arc<QueueBudget>>,
     limits: TcpLimits,
     stats: Arc<ConnectorStats>,
     epoch: Instant,
@@ -263,6 +268,7 @@ impl TcpEngine {
             flows: HashMap::new(),
             flow_shares: Shares::new(limits.max_flows, limits.flows_per_identity),
             conn_shares: Shares::new(limits.max_conns, limits.conns_per_identity),
+            queue_budgets: HashMap::new(),
             limits,
             stats,
             epoch: Instant::now(),
@@ -279,7 +285,9 @@ impl TcpEngine {
     }
 
     fn new_flow(&mut self, identity: &Arc<str>, now: Instant) -> Flow {
-        let mut dev = QueueDevice::new(RX_QUEUE, TX_QUEUE, false);
+        let limit = self.limits.queue_per_identity;
+        let budget = self.queue_budgets.entry(Arc::clone(identity)).or_insert_with(|| QueueBudget::new(limit));
+        let mut dev = QueueDevice::with_budget(RX_QUEUE, TX_QUEUE, false, Arc::clone(budget));
         let mut cfg = Config::new(HardwareAddress::Ip);
         cfg.random_seed = self.rng.next_u64();
         let mut iface = Interface::new(cfg, &mut dev, smol_instant(self.epoch, now));
@@ -480,6 +488,8 @@ impl TcpEngine {
             while let Some(p) = f.dev.pop_tx() {
                 self.orphan_tx.push((key, p));
             }
+            drop(f);
+            self.forget_unused_budgets();
         }
     }
 
@@ -533,6 +543,7 @@ impl TcpEngine {
             }
         }
         let flow_shares = &mut self.flow_shares;
+        let before = self.flows.len();
         self.flows.retain(|_, f| {
             let keep = !f.conns.is_empty() || f.dev.tx_len() > 0;
             if !keep {
@@ -540,6 +551,9 @@ impl TcpEngine {
             }
             keep
         });
+        if self.flows.len() < before {
+            self.forget_unused_budgets();
+        }
     }
 
     /// Hands every packet smoltcp (or the engine) wants to send to `send`,
@@ -593,6 +607,11 @@ impl TcpEngine {
         }
     }
 
+    /// Budgets no flow holds any more (only the map's reference is left).
+    fn forget_unused_budgets(&mut self) {
+        self.queue_budgets.retain(|_, b| Arc::strong_count(b) > 1);
+    }
+
     /// Drops a flow's connections (the relay closed the flow).
     pub(crate) fn remove_flow(&mut self, key: FlowKey) {
         if let Some(f) = self.flows.remove(&key) {
@@ -601,6 +620,7 @@ impl TcpEngine {
                 self.conn_shares.remove(&f.identity);
             }
             self.close_all(f);
+            self.forget_unused_budgets();
         }
     }
 
