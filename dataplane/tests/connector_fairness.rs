@@ -40,6 +40,10 @@ struct Setup {
 
 impl Setup {
     fn start() -> Setup {
+        Setup::start_with(|_| {})
+    }
+
+    fn start_with(tweak: impl FnOnce(&mut ConnectorConfig)) -> Setup {
         let relay = start_relay(2, IoBackend::Auto, true);
         let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let mut cfg = ConnectorConfig::new(
@@ -58,6 +62,7 @@ impl Setup {
         connector_tls(&relay, &mut cfg, 0);
         cfg.max_udp_flows = UDP_FLOWS;
         cfg.max_tcp_connections = TCP_CONNECTIONS;
+        tweak(&mut cfg);
         let mut connector = Connector::new(cfg, 5).unwrap();
         let end = Instant::now() + T;
         while !connector.is_ready() {
@@ -272,5 +277,39 @@ fn full_tables_are_reclaimed_from_the_identity_holding_most() {
             break;
         }
         assert!(Instant::now() < end, "reclaimed connection not reset: {closed} closed");
+    }
+}
+
+#[test]
+fn full_tcp_flow_table_is_reclaimed_too() {
+    // Four agent flows with TCP state in all, two per identity.
+    let s = Setup::start_with(|c| {
+        c.max_tcp_flows = 4;
+        c.max_tcp_flows_per_identity = Some(2);
+    });
+    let mut held: Vec<TunnelTcp<FlowLink>> =
+        ["f0", "f0", "f1", "f1"].iter().zip(0..).map(|(n, i)| s.tcp_agent(n, 80 + i)).collect();
+    let conns = connect_all(&mut held, 1);
+    assert_eq!(settle(&mut held, &conns), (4, 0, 0), "{:?}", s.stats);
+
+    // A third agent flow of f0 is over its share: RST.
+    let mut third = vec![s.tcp_agent("f0", 90)];
+    let c = connect_all(&mut third, 1);
+    assert_eq!(settle(&mut third, &c), (0, 1, 0), "{:?}", s.stats);
+    assert_eq!(s.stat(|st| &st.tcp_refused_identity_share), 1);
+
+    // A newcomer takes the least recently used flow of an identity holding
+    // two: that flow's connection is reset.
+    let mut new_tcp = vec![s.tcp_agent("newcomer", 91)];
+    let mine = connect_all(&mut new_tcp, 1);
+    assert_eq!(settle(&mut new_tcp, &mine), (1, 0, 0), "newcomer's connection: {:?}", s.stats);
+    echo_through(&mut new_tcp[0], mine[0].1, b"a flow for me");
+    assert_eq!(s.stat(|st| &st.tcp_connections_reclaimed), 1);
+    let end = Instant::now() + T;
+    while conns.iter().filter(|(a, c)| held[*a].state(*c) == State::Closed).count() != 1 {
+        assert!(Instant::now() < end, "reclaimed flow's connection not reset");
+        for a in held.iter_mut() {
+            a.wait(Duration::from_millis(1));
+        }
     }
 }
