@@ -49,6 +49,9 @@ pub enum Cmd {
     /// Handshake rate of an in-process relay with Retry on and off, and
     /// (--flood) its memory under a flood of Initials.
     Handshakes(HandshakesArgs),
+    /// CPU of a connector loop turn with many idle UDP flows against one
+    /// flow (in-process relay, connector driven from this thread).
+    ConnectorTurns(ConnectorTurnsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -236,6 +239,19 @@ pub struct TcpProbeArgs {
     /// Seconds before giving up.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectorTurnsArgs {
+    /// Idle UDP flows of the large table.
+    #[arg(long, default_value_t = 4096)]
+    pub flows: usize,
+    /// Idle turns per measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub turns: usize,
+    /// Write a JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -463,6 +479,13 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
             println!("{}", r.line());
             if !r.verified {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::ConnectorTurns(a) => {
+            let r = crate::connector_turns::run(a.flows, a.turns)?;
+            r.print();
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
             }
         }
         Cmd::Handshakes(a) => {

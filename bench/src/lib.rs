@@ -10,11 +10,14 @@
 //!   (UDP and TCP), for the demo and `ztna-bench tunnel`.
 //! - [`handshakes`]: `ztna-bench handshakes`, handshake rate with Retry on
 //!   and off and the relay's memory under an Initial flood.
+//! - [`connector_turns`]: `ztna-bench connector-turns`, a connector loop
+//!   turn's CPU with many idle UDP flows against one.
 //! - [`report`]: the summary, printed and as JSON.
 //! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
 //!   tests through a tunnel.
 
 pub mod cli;
+pub mod connector_turns;
 pub mod cpu;
 pub mod demo;
 pub mod handshakes;

@@ -3,18 +3,26 @@
 //! traffic to the configured backends.
 //!
 //! It handles UDP (a bounded flow table of backend sockets with idle
-//! expiry), ICMP echo (answered by the connector) and TCP (a userspace TCP
+//! expiry, see [`udp`]), ICMP echo (answered by the connector) and TCP (a userspace TCP
 //! endpoint in smoltcp per agent flow, proxied to real TCP connections with
 //! flow control both ways; see [`tcp`]). Only the configured (protocol,
 //! port) → backend pairs are reachable: anything else is dropped and counted
 //! (a TCP SYN is also answered with an RST, as a closed port would), so the
 //! connector is not an open proxy.
 //!
+//! Every table an agent can grow (UDP flows, TCP connections, TCP agent
+//! flows) is bounded in total, per agent flow and per agent identity, and
+//! shared fairly between identities when full ([`fair`]).
+//!
 //! IPv4 packets larger than the tunnel MTU (1280) with DF set are dropped
 //! and answered with ICMP "fragmentation needed" (next-hop MTU 1280), so the
 //! agent's path MTU discovery settles on what the tunnel carries.
 
+mod config;
+mod fair;
+mod health;
 mod tcp;
+mod udp;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
@@ -24,267 +32,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
 use ztna_control::client::{ClientConfig, ClientSession, Event};
 use ztna_control::packet::{self, TcpFlags, Transport};
 use ztna_control::quic::{self, TlsOptions};
 use ztna_control::{datagram, Role, ServiceName};
 
+pub use self::config::{Backend, ConnectorConfig, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR};
+pub use self::health::{serve_health, ConnectorHealth};
 use self::tcp::{FlowKey, TcpEngine, TcpLimits, Tuple, TxOutcome, Verdict};
-use crate::io::Heartbeat;
+use self::udp::{UdpKey, UdpLimits, UdpTable};
 use crate::vdev::TUNNEL_MTU;
-
-/// Transport protocol of a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Udp,
-    Tcp,
-}
-
-/// One reachable backend: packets to the service on `port` go to `target`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Backend {
-    pub protocol: Proto,
-    pub port: u16,
-    pub target: Target,
-}
-
-/// A backend address: `ip:port`, or `host:port` resolved (first address)
-/// when the connector starts, e.g. a Kubernetes Service name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Target(String);
-
-impl Target {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The address, resolving a name (blocking).
-    pub fn resolve(&self) -> Result<SocketAddr> {
-        use std::net::ToSocketAddrs;
-        self.0
-            .to_socket_addrs()
-            .with_context(|| format!("resolving backend {}", self.0))?
-            .next()
-            .with_context(|| format!("backend {} resolves to no address", self.0))
-    }
-}
-
-impl TryFrom<String> for Target {
-    type Error = String;
-    fn try_from(s: String) -> Result<Target, String> {
-        if is_host_port(&s) {
-            Ok(Target(s))
-        } else {
-            Err(format!("backend target {s:?} is not host:port"))
-        }
-    }
-}
-
-/// `host:port` with a non-empty host and a port from 1 to 65535 (the form
-/// of relay entries and backend targets; names are resolved later).
-fn is_host_port(s: &str) -> bool {
-    s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
-}
-
-impl From<Target> for String {
-    fn from(t: Target) -> String {
-        t.0
-    }
-}
-
-impl From<SocketAddr> for Target {
-    fn from(a: SocketAddr) -> Target {
-        Target(a.to_string())
-    }
-}
-
-/// One service this connector serves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceConfig {
-    pub name: String,
-    /// Answer ICMP echo requests to the service (default on).
-    #[serde(default = "yes")]
-    pub icmp: bool,
-    #[serde(default)]
-    pub backend: Vec<Backend>,
-    /// Defence in depth: when set, only these agent identities (full
-    /// SPIFFE IDs) may use the service, whatever the relay's policy says.
-    /// Flows of other agents are refused with FlowClose{denied}.
-    #[serde(default)]
-    pub allow_agents: Option<Vec<String>>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// Connector configuration (TOML, unknown keys rejected).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConnectorConfig {
-    /// Relays to register at, each `host:port` (all of them, from the same
-    /// socket). A DNS name stands for every address it resolves to and is
-    /// re-resolved every [`RESOLVE_EVERY`], so a Kubernetes headless Service
-    /// connects the connector to every relay replica.
-    pub relays: Vec<String>,
-    /// HTTP `/healthz`, `/readyz` (every service registered at one relay
-    /// or more) and `/metrics`, e.g. `0.0.0.0:9091`.
-    #[serde(default)]
-    pub health: Option<SocketAddr>,
-    /// Local UDP address; the fixed port is what P2P peers will punch to.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    #[serde(default = "default_server_name")]
-    pub server_name: String,
-    /// CA that signs the relays' certificates.
-    pub ca: Option<PathBuf>,
-    /// This connector's certificate (one URI SAN:
-    /// `spiffe://<trust-domain>/connector/<name>`) and key. Required: the
-    /// relay authenticates every client.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// Skip relay certificate verification (local experiments only; logged).
-    #[serde(default)]
-    pub insecure: bool,
-    #[serde(default = "default_max_udp_flows")]
-    pub max_udp_flows: usize,
-    /// UDP flows one agent flow may hold, so one agent cannot use up the
-    /// table for everyone.
-    #[serde(default = "default_max_udp_flows_per_agent")]
-    pub max_udp_flows_per_agent: usize,
-    #[serde(default = "default_udp_idle_secs")]
-    pub udp_idle_secs: u64,
-    /// Agent flows with TCP state (one smoltcp interface each).
-    #[serde(default = "default_max_tcp_flows")]
-    pub max_tcp_flows: usize,
-    /// TCP connections per agent flow.
-    #[serde(default = "default_max_tcp_per_flow")]
-    pub max_tcp_per_flow: usize,
-    /// TCP connections in total. Worst-case buffer memory is
-    /// `max_tcp_connections × 2 × tcp_buffer_bytes`.
-    #[serde(default = "default_max_tcp_connections")]
-    pub max_tcp_connections: usize,
-    /// Size of each of the two smoltcp buffers of a TCP connection; it is
-    /// also the largest window advertised to the agent.
-    #[serde(default = "default_tcp_buffer_bytes")]
-    pub tcp_buffer_bytes: usize,
-    /// A TCP connection that moves no byte and gets no segment for this
-    /// long is reset on both sides.
-    #[serde(default = "default_tcp_idle_secs")]
-    pub tcp_idle_secs: u64,
-    #[serde(rename = "service")]
-    pub services: Vec<ServiceConfig>,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 4434))
-}
-fn default_server_name() -> String {
-    "localhost".into()
-}
-fn default_max_udp_flows() -> usize {
-    4096
-}
-fn default_max_udp_flows_per_agent() -> usize {
-    256
-}
-fn default_udp_idle_secs() -> u64 {
-    60
-}
-fn default_max_tcp_flows() -> usize {
-    1024
-}
-fn default_max_tcp_per_flow() -> usize {
-    64
-}
-fn default_max_tcp_connections() -> usize {
-    2048
-}
-fn default_tcp_buffer_bytes() -> usize {
-    256 * 1024
-}
-fn default_tcp_idle_secs() -> u64 {
-    600
-}
-
-/// How long a backend TCP connect may take before the agent gets an RST.
-const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl ConnectorConfig {
-    /// A configuration with every optional setting at its default.
-    pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
-        ConnectorConfig {
-            relays: relays.iter().map(SocketAddr::to_string).collect(),
-            health: None,
-            listen: default_listen(),
-            server_name: default_server_name(),
-            ca: None,
-            cert: None,
-            key: None,
-            insecure: false,
-            max_udp_flows: default_max_udp_flows(),
-            max_udp_flows_per_agent: default_max_udp_flows_per_agent(),
-            udp_idle_secs: default_udp_idle_secs(),
-            max_tcp_flows: default_max_tcp_flows(),
-            max_tcp_per_flow: default_max_tcp_per_flow(),
-            max_tcp_connections: default_max_tcp_connections(),
-            tcp_buffer_bytes: default_tcp_buffer_bytes(),
-            tcp_idle_secs: default_tcp_idle_secs(),
-            services,
-        }
-    }
-
-    pub fn from_toml(s: &str) -> Result<Self> {
-        let c: ConnectorConfig = toml::from_str(s)?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.relays.is_empty() {
-            bail!("at least one relay is required");
-        }
-        if let Some(r) = self.relays.iter().find(|r| !is_host_port(r)) {
-            bail!("relay {r:?} is not host:port");
-        }
-        if self.services.is_empty() {
-            bail!("at least one service is required");
-        }
-        if self.cert.is_none() || self.key.is_none() {
-            bail!("cert and key are required: the relay authenticates every connector");
-        }
-        for s in &self.services {
-            if ServiceName::new(&s.name).is_none() {
-                bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name);
-            }
-            for a in s.allow_agents.iter().flatten() {
-                match ztna_control::identity::Identity::parse(a) {
-                    Ok(id) if id.kind == ztna_control::identity::Kind::Agent => {}
-                    _ => bail!("service {}: allow_agents entry {a:?} is not an agent SPIFFE ID", s.name),
-                }
-            }
-        }
-        if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
-            bail!("tcp_buffer_bytes must be between 4096 and 16 MiB");
-        }
-        // Bounded so that `last + idle` can never overflow an Instant.
-        const WEEK: u64 = 7 * 24 * 3600;
-        if !(1..=WEEK).contains(&self.tcp_idle_secs) || !(1..=WEEK).contains(&self.udp_idle_secs) {
-            bail!("tcp_idle_secs and udp_idle_secs must be between 1 s and one week");
-        }
-        if self.max_udp_flows_per_agent == 0 {
-            bail!("max_udp_flows_per_agent must be positive");
-        }
-        Ok(())
-    }
-}
 
 crate::stats::counters! {
     /// Counters of a connector.
@@ -298,6 +57,15 @@ crate::stats::counters! {
     icmp_echo_replies,
     udp_flows_opened,
     udp_flows_expired,
+    /// New UDP flows refused because their agent identity holds its share
+    /// (max_udp_flows_per_identity).
+    udp_flows_refused_identity_share,
+    /// UDP flows closed to make room for an identity below its share (the
+    /// least recently used flow of the identity holding the most).
+    udp_flows_reclaimed,
+    /// recv calls on UDP backend sockets (only sockets epoll reported
+    /// readable are read).
+    udp_backend_reads,
     /// Not IPv4, malformed, fragments, bad checksums, non-unicast source or
     /// destination.
     drop_malformed,
@@ -320,11 +88,21 @@ crate::stats::counters! {
     /// Backend read or write errors on an open connection (agent got an RST).
     tcp_backend_errors,
     tcp_idle_timeouts,
-    /// SYNs dropped at max_tcp_flows, max_tcp_per_flow or max_tcp_connections.
+    /// SYNs refused with an RST at max_tcp_flows, max_tcp_per_flow or
+    /// max_tcp_connections (nothing to reclaim).
     drop_tcp_limit,
+    /// SYNs refused with an RST because their agent identity holds its
+    /// share (max_tcp_connections_per_identity, max_tcp_flows_per_identity).
+    tcp_refused_identity_share,
+    /// TCP connections reset (both sides) to make room for an identity
+    /// below its share (the least recently used connection of the identity
+    /// holding the most).
+    tcp_connections_reclaimed,
     /// Segments (not SYN) for no known connection; answered with an RST.
     drop_tcp_no_connection,
-    /// Segments dropped because a flow's smoltcp input queue was full.
+    /// Segments dropped because a flow's smoltcp input queue, or its
+    /// identity's queue budget (max_tcp_queued_packets_per_identity), was
+    /// full.
     drop_tcp_queue_full,
     drop_flow_table_full,
     drop_unknown_flow,
@@ -342,21 +120,6 @@ impl ConnectorStats {
     fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Key of a UDP flow: which relay session and agent flow, and the inner
-/// 5-tuple's addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct UdpKey {
-    session: usize,
-    flow: u32,
-    agent: SocketAddrV4,
-    service_addr: SocketAddrV4,
-}
-
-struct UdpFlow {
-    socket: UdpSocket,
-    last: Instant,
 }
 
 /// How long the state of an agent's flow (its TCP connections to backends,
@@ -422,70 +185,6 @@ fn spawn_resolver(entries: &[String]) -> mpsc::Receiver<Vec<SocketAddr>> {
     rx
 }
 
-/// Liveness and readiness of a running connector, shared with its HTTP
-/// endpoint.
-#[derive(Debug)]
-pub struct ConnectorHealth {
-    /// The connector loop's.
-    heartbeat: Heartbeat,
-    /// Every service registered at one relay or more.
-    serving: AtomicBool,
-    relays: AtomicU64,
-    relays_connected: AtomicU64,
-}
-
-impl ConnectorHealth {
-    fn new() -> ConnectorHealth {
-        ConnectorHealth {
-            heartbeat: Heartbeat::new(),
-            serving: AtomicBool::new(false),
-            relays: AtomicU64::new(0),
-            relays_connected: AtomicU64::new(0),
-        }
-    }
-
-    /// The loop turned within [`crate::io::HEARTBEAT_STALE`].
-    pub fn alive(&self, now: Instant) -> bool {
-        self.heartbeat.fresh(now)
-    }
-
-    pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Relaxed)
-    }
-}
-
-/// Serves `/healthz`, `/readyz` and `/metrics` of a connector on `addr`.
-pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<ConnectorStats>) -> Result<SocketAddr> {
-    let handler: Arc<crate::http::Handler> = Arc::new(move |path: &str| {
-        if path == "/metrics" {
-            return Some(crate::http::Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: render_metrics(&health, &stats),
-            });
-        }
-        crate::http::probe(path, health.alive(Instant::now()), health.serving())
-    });
-    crate::http::serve(addr, "connector", handler)
-}
-
-fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let gauges = [
-        ("ztna_connector_relays", h.relays.load(Ordering::Relaxed)),
-        ("ztna_connector_relays_connected", h.relays_connected.load(Ordering::Relaxed)),
-        ("ztna_connector_ready", u64::from(h.serving())),
-    ];
-    for (name, v) in gauges {
-        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
-    }
-    for (field, v) in s.snapshot().fields() {
-        let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");
-    }
-    out
-}
-
 /// A relay session and what it learned.
 struct RelayLink {
     relay: SocketAddr,
@@ -515,7 +214,7 @@ pub struct Connector {
     /// key → (parked id, expiry).
     parked: HashMap<ParkKey, (u32, Instant)>,
     next_park: u32,
-    udp: HashMap<UdpKey, UdpFlow>,
+    udp: UdpTable,
     tcp: TcpEngine,
     pub stats: Arc<ConnectorStats>,
     buf: Vec<u8>,
@@ -547,11 +246,14 @@ impl Connector {
         let stats = Arc::new(ConnectorStats::default());
         let limits = TcpLimits {
             max_flows: cfg.max_tcp_flows,
+            flows_per_identity: cfg.tcp_flows_per_identity(),
             max_per_flow: cfg.max_tcp_per_flow,
             max_conns: cfg.max_tcp_connections,
+            conns_per_identity: cfg.tcp_connections_per_identity(),
+            queue_per_identity: cfg.max_tcp_queued_packets_per_identity,
             buffer: cfg.tcp_buffer_bytes,
             idle: Duration::from_secs(cfg.tcp_idle_secs),
-            connect_timeout: TCP_CONNECT_TIMEOUT,
+            connect_timeout: config::TCP_CONNECT_TIMEOUT,
         };
         let mut targets = HashMap::new();
         for b in cfg.services.iter().flat_map(|s| &s.backend) {
@@ -561,6 +263,13 @@ impl Connector {
                 targets.insert(b.target.clone(), addr);
             }
         }
+        let udp_limits = UdpLimits {
+            max_flows: cfg.max_udp_flows,
+            per_agent_flow: cfg.max_udp_flows_per_agent,
+            per_identity: cfg.udp_flows_per_identity(),
+            idle: Duration::from_secs(cfg.udp_idle_secs),
+        };
+        let udp = UdpTable::new(udp_limits, Arc::clone(&stats)).context("creating the UDP flow table's epoll")?;
         let mut c = Connector {
             targets,
             parked: HashMap::new(),
@@ -572,7 +281,7 @@ impl Connector {
             seed,
             resolver,
             health: Arc::new(ConnectorHealth::new()),
-            udp: HashMap::new(),
+            udp,
             tcp: TcpEngine::new(limits, Arc::clone(&stats), seed),
             stats,
             buf: vec![0u8; 65_536],
@@ -691,8 +400,8 @@ impl Connector {
         };
         let wait = deadline.map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
         let pollin = |fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        let mut fds = vec![pollin(self.socket.as_raw_fd())];
-        fds.extend(self.udp.values().map(|f| pollin(f.socket.as_raw_fd())));
+        // One descriptor for every UDP backend socket (epoll).
+        let mut fds = vec![pollin(self.socket.as_raw_fd()), pollin(self.udp.poll_fd())];
         let tcp_from = fds.len();
         self.tcp.pollfds(&mut fds);
         tcp::poll_fds(&mut fds, wait);
@@ -838,16 +547,20 @@ impl Connector {
                 continue;
             };
             ConnectorStats::inc(&self.stats.packets_from_agents);
-            let Some(si) = self.links.get(i).and_then(|l| l.flows.get(&flow)).map(|f| f.service) else {
+            let Some((si, who)) =
+                self.links.get(i).and_then(|l| l.flows.get(&flow)).map(|f| (f.service, Arc::clone(&f.agent_id)))
+            else {
                 ConnectorStats::inc(&self.stats.drop_unknown_flow);
                 continue;
             };
-            self.handle_ip(i, flow, si, ip, now);
+            self.handle_ip(i, flow, (si, &who), ip, now);
         }
         self.buf = d;
     }
 
-    fn handle_ip(&mut self, i: usize, flow: u32, si: usize, ip: &[u8], now: Instant) {
+    /// One IP packet of agent flow `flow` on link `i`, for service `si`
+    /// from agent identity `who`.
+    fn handle_ip(&mut self, i: usize, flow: u32, (si, who): (usize, &Arc<str>), ip: &[u8], now: Instant) {
         if packet::ip_version(ip) == Some(6) {
             ConnectorStats::inc(&self.stats.drop_ipv6);
             return;
@@ -897,27 +610,7 @@ impl Connector {
                     agent: SocketAddrV4::new(v4.src, src_port),
                     service_addr: SocketAddrV4::new(v4.dst, dst_port),
                 };
-                if !self.udp.contains_key(&key) {
-                    let mine = self.udp.keys().filter(|k| k.session == i && k.flow == flow).count();
-                    if self.udp.len() >= self.cfg.max_udp_flows || mine >= self.cfg.max_udp_flows_per_agent {
-                        ConnectorStats::inc(&self.stats.drop_flow_table_full);
-                        return;
-                    }
-                    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-                    let Ok(s) = UdpSocket::bind(bind).and_then(|s| s.connect(target).map(|()| s)) else {
-                        ConnectorStats::inc(&self.stats.drop_flow_table_full);
-                        return;
-                    };
-                    let _ = s.set_nonblocking(true);
-                    ConnectorStats::inc(&self.stats.udp_flows_opened);
-                    self.udp.insert(key, UdpFlow { socket: s, last: now });
-                }
-                if let Some(f) = self.udp.get_mut(&key) {
-                    f.last = now;
-                    if f.socket.send(payload).is_ok() {
-                        ConnectorStats::inc(&self.stats.udp_to_backend);
-                    }
-                }
+                self.udp.send(key, who, target, payload, now);
             }
             Ok(Transport::Tcp { src_port, dst_port, header, payload }) => {
                 let t =
@@ -930,7 +623,7 @@ impl Connector {
                 let verdict = match backend {
                     Some(target) => {
                         let whole = ip.get(..v4.total_len()).unwrap_or(ip);
-                        self.tcp.input(FlowKey { session: i, flow }, t, &header, whole, target, now)
+                        self.tcp.input(FlowKey { session: i, flow }, who, t, &header, whole, target, now)
                     }
                     None => {
                         ConnectorStats::inc(&self.stats.drop_not_allowed);
@@ -960,23 +653,22 @@ impl Connector {
         }
     }
 
+    /// Replies of the UDP backends whose sockets are readable.
     fn backend_replies(&mut self, now: Instant) {
-        let keys: Vec<UdpKey> = self.udp.keys().copied().collect();
         let mut buf = std::mem::take(&mut self.buf);
-        for k in keys {
-            while let Some(f) = self.udp.get_mut(&k) {
-                let Ok(n) = f.socket.recv(&mut buf) else { break };
-                f.last = now;
-                ConnectorStats::inc(&self.stats.udp_from_backend);
-                let payload = buf.get(..n).unwrap_or_default();
-                // Reply as the service address the agent sent to.
-                if packet::build_ipv4_udp(k.service_addr, k.agent, payload, &mut self.pkt).is_ok() {
-                    self.send_to_agent(k.session, k.flow);
-                } else {
-                    ConnectorStats::inc(&self.stats.drop_send_to_agent);
-                }
+        let (links, pkt, stats) = (&mut self.links, &mut self.pkt, &self.stats);
+        self.udp.read_ready(now, &mut buf, |k: UdpKey, payload| {
+            // Reply as the service address the agent sent to.
+            if packet::build_ipv4_udp(k.service_addr, k.agent, payload, pkt).is_err() {
+                ConnectorStats::inc(&stats.drop_send_to_agent);
+                return;
             }
-        }
+            let sent = links.get_mut(k.session).map(|l| l.session.send_datagram(k.flow, pkt));
+            match sent {
+                Some(Ok(())) => ConnectorStats::inc(&stats.packets_to_agents),
+                _ => ConnectorStats::inc(&stats.drop_send_to_agent),
+            }
+        });
         self.buf = buf;
     }
 
@@ -1025,24 +717,18 @@ impl Connector {
     /// to park and to adopt); false if there was nothing to move.
     fn move_flow_state(&mut self, from: FlowKey, to: FlowKey) -> bool {
         let tcp = self.tcp.rekey(from, to);
-        let udp: Vec<UdpKey> =
-            self.udp.keys().filter(|k| k.session == from.session && k.flow == from.flow).copied().collect();
-        for k in &udp {
-            if let Some(v) = self.udp.remove(k) {
-                self.udp.insert(UdpKey { session: to.session, flow: to.flow, ..*k }, v);
-            }
-        }
-        tcp || !udp.is_empty()
+        let udp = self.udp.rekey_agent_flow(from, to);
+        tcp || udp
     }
 
     fn drop_flow_state(&mut self, key: FlowKey) {
-        self.udp.retain(|k, _| !(k.session == key.session && k.flow == key.flow));
+        self.udp.remove_agent_flow(key);
         self.tcp.remove_flow(key);
     }
 
     /// Drops every flow's state of relay link `i` (its session is gone).
     fn drop_session_state(&mut self, i: usize) {
-        self.udp.retain(|k, _| k.session != i);
+        self.udp.remove_session(i);
         self.tcp.remove_session(i);
     }
 
@@ -1054,16 +740,23 @@ impl Connector {
             self.drop_flow_state(FlowKey { session: PARKED, flow: pid });
             ConnectorStats::inc(&self.stats.flows_park_expired);
         }
-        let idle = Duration::from_secs(self.cfg.udp_idle_secs);
-        let before = self.udp.len();
-        self.udp.retain(|_, f| now.saturating_duration_since(f.last) < idle);
-        let gone = (before - self.udp.len()) as u64;
+        let gone = self.udp.expire(now);
         self.stats.udp_flows_expired.fetch_add(gone, Ordering::Relaxed);
     }
 
     /// Observed address per relay (None until reported).
     pub fn observed_addresses(&self) -> Vec<Option<SocketAddr>> {
         self.links.iter().map(|l| l.session.observed_address()).collect()
+    }
+
+    /// UDP flows (backend sockets) open.
+    pub fn udp_flows(&self) -> usize {
+        self.udp.len()
+    }
+
+    /// TCP connections held (including those whose backend is connecting).
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp.connections()
     }
 
     /// Whether every relay link has all its services registered.

@@ -482,6 +482,19 @@ fn tcp_config_defaults_and_validation() {
     assert!(bad_allow.unwrap_err().to_string().contains("not an agent SPIFFE ID"));
     assert_eq!(cfg.max_tcp_flows, 1024);
     assert_eq!(cfg.tcp_buffer_bytes, 256 * 1024);
+    // Per-identity shares: a quarter of each table unless set.
+    assert_eq!(cfg.udp_flows_per_identity(), 1024);
+    assert_eq!(cfg.tcp_connections_per_identity(), 512);
+    assert_eq!(cfg.tcp_flows_per_identity(), 256);
+    assert_eq!(cfg.max_tcp_queued_packets_per_identity, 4096);
+    let with = |extra: &str| {
+        ConnectorConfig::from_toml(&format!(
+            "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
+        ))
+    };
+    let set = with("max_tcp_connections = 512\nmax_udp_flows_per_identity = 10").unwrap();
+    assert_eq!((set.udp_flows_per_identity(), set.tcp_connections_per_identity()), (10, 128));
+    assert!(with("max_tcp_connections_per_identity = 0").unwrap_err().to_string().contains("must be positive"));
     let bad = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]
@@ -528,12 +541,12 @@ fn connection_limit_and_idle_timeout() {
     let c1 = a.connect(vip(ECHO)).unwrap();
     a.wait_connected(c1, T).unwrap();
 
-    // A second connection on the same flow is over the limit: its SYNs are
-    // dropped (no answer), and counted.
+    // A second connection on the same flow is over the limit: refused with
+    // an RST (as a busy server would), and counted.
     let c2 = a.connect(vip(ECHO)).unwrap();
-    s.until(&mut a, "limit drop", |st| st.drop_tcp_limit.load(Ordering::Relaxed) >= 1);
-    assert_eq!(a.state(c2), smoltcp::socket::tcp::State::SynSent);
-    a.abort(c2);
+    let e = a.wait_connected(c2, T).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(s.stat(|st| &st.drop_tcp_limit) >= 1);
     a.release(c2);
 
     // The first one, left idle, is reset on both sides after 1 s.

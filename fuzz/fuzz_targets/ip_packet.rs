@@ -231,7 +231,7 @@ impl Flow {
     }
 
     /// A SYN whose backend connected: a listener on the service endpoint
-    /// gets the SYN (connector/tcp.rs `service_flow`).
+    /// gets the SYN (connector/tcp/service.rs `service_flow`).
     fn open(&mut self, agent: SocketAddrV4, service: SocketAddrV4, syn: &[u8]) {
         if !self.dev.push_rx(syn) {
             return;

@@ -34,25 +34,34 @@
 //! Memory is bounded by the limits: at most `max_flows` interfaces, at most
 //! `max_per_flow` connections per flow and `max_conns` in total, each with
 //! two smoltcp buffers of `buffer` bytes; device queues are bounded in
-//! packets. Segments beyond a limit are dropped and counted.
+//! packets. Interfaces and connections are also shared per agent identity
+//! ([`super::fair`]): an identity holds at most `flows_per_identity`
+//! interfaces and `conns_per_identity` connections, and a full table gives
+//! a newcomer below its share the least recently used connection (or flow)
+//! of the identity holding the most, reset on both sides. A SYN refused by
+//! any limit is answered with an RST and counted.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp::{self, CongestionControl, State};
-use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpCidr};
 use socket2::{Domain, Protocol, Socket, Type};
 use ztna_control::packet::{self, TcpFlags, TcpHeader};
 use ztna_control::rng::SplitMix64;
 
+mod service;
+
+use self::service::service_flow;
+use super::fair::{Admission, Shares};
 use super::ConnectorStats;
-use crate::vdev::{smol_instant, std_instant, QueueDevice};
+use crate::vdev::{smol_instant, QueueBudget, QueueDevice};
 
 /// Received packets queued per flow before smoltcp runs (the connector's
 /// loop runs smoltcp after every batch of datagrams, so this only needs to
@@ -71,8 +80,13 @@ const TX_BLOCKED_RETRY: Duration = Duration::from_millis(5);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TcpLimits {
     pub max_flows: usize,
+    pub flows_per_identity: usize,
     pub max_per_flow: usize,
     pub max_conns: usize,
+    pub conns_per_identity: usize,
+    /// Packets queued in the smoltcp devices of one identity's flows
+    /// (received and to send, over all its flows).
+    pub queue_per_identity: usize,
     /// Size of each smoltcp socket buffer (receive and send).
     pub buffer: usize,
     pub idle: Duration,
@@ -168,6 +182,10 @@ impl Conn {
 }
 
 struct Flow {
+    /// The agent identity whose flow this is.
+    identity: Arc<str>,
+    /// Last segment from the agent.
+    last: Instant,
     iface: Interface,
     dev: QueueDevice,
     sockets: SocketSet<'static>,
@@ -183,12 +201,20 @@ struct Flow {
 /// All TCP state of a connector.
 pub(crate) struct TcpEngine {
     flows: HashMap<FlowKey, Flow>,
+    /// Flows and connections by agent identity.
+    flow_shares: Shares,
+    conn_shares: Shares,
+    /// Queue budget per identity, shared by its flows' devices.
+    queue_budgets: HashMap<Arc<str>, Arc<QueueBudget>>,
     limits: TcpLimits,
     stats: Arc<ConnectorStats>,
     epoch: Instant,
     rng: SplitMix64,
     /// pollfd index (from the offset given to `set_revents`) → connection.
     poll_map: Vec<(FlowKey, Tuple)>,
+    /// Packets of flows removed to make room (their RSTs), sent by the next
+    /// [`TcpEngine::drain_tx`] or dropped if the relay refuses them.
+    orphan_tx: Vec<(FlowKey, Vec<u8>)>,
     scratch: Vec<u8>,
 }
 
@@ -236,31 +262,32 @@ fn start_connect(target: SocketAddr) -> io::Result<Socket> {
     }
 }
 
-/// Whether smoltcp has seen the agent's FIN.
-fn fin_received(state: State) -> bool {
-    matches!(state, State::CloseWait | State::LastAck | State::Closing | State::TimeWait)
-}
-
 impl TcpEngine {
     pub(crate) fn new(limits: TcpLimits, stats: Arc<ConnectorStats>, seed: u64) -> TcpEngine {
         TcpEngine {
             flows: HashMap::new(),
+            flow_shares: Shares::new(limits.max_flows, limits.flows_per_identity),
+            conn_shares: Shares::new(limits.max_conns, limits.conns_per_identity),
+            queue_budgets: HashMap::new(),
             limits,
             stats,
             epoch: Instant::now(),
             rng: SplitMix64::new(seed ^ 0x7463_705f_7365_6564),
             poll_map: Vec::new(),
+            orphan_tx: Vec::new(),
             scratch: Vec::new(),
         }
     }
 
     /// Open connections (including those whose backend is connecting).
     pub(crate) fn connections(&self) -> usize {
-        self.flows.values().map(|f| f.conns.len()).sum()
+        self.conn_shares.total()
     }
 
-    fn new_flow(&mut self, now: Instant) -> Flow {
-        let mut dev = QueueDevice::new(RX_QUEUE, TX_QUEUE, false);
+    fn new_flow(&mut self, identity: &Arc<str>, now: Instant) -> Flow {
+        let limit = self.limits.queue_per_identity;
+        let budget = self.queue_budgets.entry(Arc::clone(identity)).or_insert_with(|| QueueBudget::new(limit));
+        let mut dev = QueueDevice::with_budget(RX_QUEUE, TX_QUEUE, false, Arc::clone(budget));
         let mut cfg = Config::new(HardwareAddress::Ip);
         cfg.random_seed = self.rng.next_u64();
         let mut iface = Interface::new(cfg, &mut dev, smol_instant(self.epoch, now));
@@ -270,6 +297,8 @@ impl TcpEngine {
         });
         let _ = iface.routes_mut().add_default_ipv4_route(IFACE_ADDR);
         Flow {
+            identity: Arc::clone(identity),
+            last: now,
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
@@ -287,6 +316,7 @@ impl TcpEngine {
     pub(crate) fn input(
         &mut self,
         key: FlowKey,
+        identity: &Arc<str>,
         t: Tuple,
         header: &TcpHeader,
         ip: &[u8],
@@ -295,6 +325,7 @@ impl TcpEngine {
     ) -> Verdict {
         let f = header.flags;
         if let Some(flow) = self.flows.get_mut(&key) {
+            flow.last = now;
             if let Some(c) = flow.conns.get_mut(&t) {
                 match c.phase {
                     Phase::Connecting { .. } => {
@@ -327,13 +358,8 @@ impl TcpEngine {
             return Verdict::Reset;
         }
         let flow_conns = self.flows.get(&key).map(|f| f.conns.len());
-        let over = match flow_conns {
-            None => self.flows.len() >= self.limits.max_flows,
-            Some(n) => n >= self.limits.max_per_flow,
-        } || self.connections() >= self.limits.max_conns;
-        if over {
-            inc(&self.stats.drop_tcp_limit);
-            return Verdict::Dropped;
+        if !self.admit(key, identity, flow_conns, now) {
+            return Verdict::Reset;
         }
         let backend = match start_connect(target) {
             Ok(s) => s,
@@ -344,10 +370,12 @@ impl TcpEngine {
             }
         };
         if flow_conns.is_none() {
-            let flow = self.new_flow(now);
+            let flow = self.new_flow(identity, now);
             self.flows.insert(key, flow);
+            self.flow_shares.add(identity);
         }
         let Some(flow) = self.flows.get_mut(&key) else { return Verdict::Dropped };
+        self.conn_shares.add(identity);
         flow.conns.insert(
             t,
             Conn {
@@ -364,6 +392,105 @@ impl TcpEngine {
         );
         flow.deadline = Some(now);
         Verdict::Taken
+    }
+
+    /// Whether a new connection of `identity` on `key` (holding
+    /// `flow_conns` connections, None: no flow yet) fits: per agent flow,
+    /// per identity and in total, reclaiming the least recently used
+    /// connection or flow of the identity holding the most when a table is
+    /// full. A refusal is counted; the caller answers with an RST.
+    fn admit(&mut self, key: FlowKey, identity: &Arc<str>, flow_conns: Option<usize>, now: Instant) -> bool {
+        if flow_conns.is_some_and(|n| n >= self.limits.max_per_flow) {
+            inc(&self.stats.drop_tcp_limit);
+            return false;
+        }
+        if flow_conns.is_none() {
+            match self.flow_shares.admit(identity) {
+                Admission::Admit => {}
+                Admission::OverShare => {
+                    inc(&self.stats.tcp_refused_identity_share);
+                    return false;
+                }
+                Admission::Reclaim(top) => {
+                    let victim = self
+                        .flows
+                        .iter()
+                        .filter(|(_, f)| f.identity == top)
+                        .min_by_key(|(_, f)| f.last)
+                        .map(|(k, _)| *k);
+                    if let Some(v) = victim {
+                        self.reclaim_flow(v, now);
+                    }
+                }
+                Admission::Full => {
+                    inc(&self.stats.drop_tcp_limit);
+                    return false;
+                }
+            }
+        }
+        match self.conn_shares.admit(identity) {
+            Admission::Admit => true,
+            Admission::OverShare => {
+                inc(&self.stats.tcp_refused_identity_share);
+                false
+            }
+            Admission::Reclaim(top) => {
+                let victim = self
+                    .flows
+                    .iter()
+                    .filter(|(k, f)| f.identity == top && **k != key)
+                    .flat_map(|(k, f)| f.conns.iter().map(move |(t, c)| (*k, *t, c.last)))
+                    .min_by_key(|(_, _, last)| *last);
+                if let Some((k, t, _)) = victim {
+                    self.reclaim_conn(k, t, now);
+                }
+                true
+            }
+            Admission::Full => {
+                inc(&self.stats.drop_tcp_limit);
+                false
+            }
+        }
+    }
+
+    /// Resets connection `t` of flow `key` on both sides and forgets it at
+    /// once (its RST to the agent is queued on the flow).
+    fn reclaim_conn(&mut self, key: FlowKey, t: Tuple, now: Instant) {
+        let Some(flow) = self.flows.get_mut(&key) else { return };
+        let Some(c) = flow.conns.remove(&t) else { return };
+        match &c.phase {
+            Phase::Connecting { syn_header, .. } => {
+                if build_rst(&t, syn_header, 0, &mut self.scratch) {
+                    flow.dev.push_tx(self.scratch.clone());
+                }
+            }
+            Phase::Open { handle } => {
+                flow.sockets.get_mut::<tcp::Socket>(*handle).abort();
+                flow.iface.poll(smol_instant(self.epoch, now), &mut flow.dev, &mut flow.sockets);
+                flow.sockets.remove(*handle);
+            }
+        }
+        c.abort_backend();
+        self.conn_shares.remove(&flow.identity);
+        inc(&self.stats.tcp_connections_reclaimed);
+        inc(&self.stats.tcp_connections_closed);
+    }
+
+    /// Resets every connection of flow `key` and removes the flow; what it
+    /// still had to send (the RSTs among it) moves to [`TcpEngine::orphan_tx`].
+    fn reclaim_flow(&mut self, key: FlowKey, now: Instant) {
+        let tuples: Vec<Tuple> = self.flows.get(&key).map(|f| f.conns.keys().copied().collect()).unwrap_or_default();
+        for t in tuples {
+            self.reclaim_conn(key, t, now);
+        }
+        if let Some(mut f) = self.flows.remove(&key) {
+            self.flow_shares.remove(&f.identity);
+            while let Some(p) = f.dev.pop_tx() {
+                self.orphan_tx.push((key, p));
+            }
+            drop(f);
+            self.forget_unused_budgets();
+        }
     }
 
     /// Appends a pollfd for every backend socket that waits for something.
@@ -409,10 +536,24 @@ impl TcpEngine {
         for flow in self.flows.values_mut() {
             let due = flow.dirty || flow.deadline.is_some_and(|d| d <= now);
             if due {
-                service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
+                let removed = service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
+                for _ in 0..removed {
+                    self.conn_shares.remove(&flow.identity);
+                }
             }
         }
-        self.flows.retain(|_, f| !f.conns.is_empty() || f.dev.tx_len() > 0);
+        let flow_shares = &mut self.flow_shares;
+        let before = self.flows.len();
+        self.flows.retain(|_, f| {
+            let keep = !f.conns.is_empty() || f.dev.tx_len() > 0;
+            if !keep {
+                flow_shares.remove(&f.identity);
+            }
+            keep
+        });
+        if self.flows.len() < before {
+            self.forget_unused_budgets();
+        }
     }
 
     /// Hands every packet smoltcp (or the engine) wants to send to `send`,
@@ -420,6 +561,11 @@ impl TcpEngine {
     pub(crate) fn drain_tx(&mut self, mut send: impl FnMut(FlowKey, &[u8]) -> TxOutcome) {
         let mut blocked: Vec<usize> = Vec::new();
         let now = Instant::now();
+        for (k, p) in std::mem::take(&mut self.orphan_tx) {
+            if send(k, &p) != TxOutcome::Sent {
+                inc(&self.stats.drop_send_to_agent);
+            }
+        }
         for (k, flow) in self.flows.iter_mut() {
             if blocked.contains(&k.session) {
                 flow.tx_blocked = flow.dev.tx_len() > 0;
@@ -461,10 +607,20 @@ impl TcpEngine {
         }
     }
 
+    /// Budgets no flow holds any more (only the map's reference is left).
+    fn forget_unused_budgets(&mut self) {
+        self.queue_budgets.retain(|_, b| Arc::strong_count(b) > 1);
+    }
+
     /// Drops a flow's connections (the relay closed the flow).
     pub(crate) fn remove_flow(&mut self, key: FlowKey) {
         if let Some(f) = self.flows.remove(&key) {
+            self.flow_shares.remove(&f.identity);
+            for _ in 0..f.conns.len() {
+                self.conn_shares.remove(&f.identity);
+            }
             self.close_all(f);
+            self.forget_unused_budgets();
         }
     }
 
@@ -480,197 +636,6 @@ impl TcpEngine {
         for c in f.conns.values() {
             c.abort_backend();
             inc(&self.stats.tcp_connections_closed);
-        }
-    }
-}
-
-/// One service pass over a flow: finish backend connects, run smoltcp,
-/// move bytes, run smoltcp again to send what moved, clean up.
-fn service_flow(
-    flow: &mut Flow,
-    now: Instant,
-    epoch: Instant,
-    limits: &TcpLimits,
-    stats: &ConnectorStats,
-    scratch: &mut Vec<u8>,
-) {
-    let Flow { iface, dev, sockets, conns, dirty, deadline, .. } = flow;
-    let snow = smol_instant(epoch, now);
-
-    // Backend connects that finished or timed out.
-    for (t, c) in conns.iter_mut() {
-        let Phase::Connecting { since, .. } = &c.phase else { continue };
-        if c.dead {
-            continue;
-        }
-        let timed_out = now.saturating_duration_since(*since) >= limits.connect_timeout;
-        if c.revents == 0 && !timed_out {
-            continue;
-        }
-        let connected = c.revents != 0 && matches!(c.backend.take_error(), Ok(None)) && c.backend.peer_addr().is_ok();
-        c.revents = 0;
-        let placeholder = Phase::Connecting { syn: Vec::new(), syn_header: TcpHeader::default(), since: now };
-        let Phase::Connecting { syn, syn_header, .. } = std::mem::replace(&mut c.phase, placeholder) else {
-            continue;
-        };
-        if connected && dev.push_rx(&syn) {
-            let mut s = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0u8; limits.buffer]),
-                tcp::SocketBuffer::new(vec![0u8; limits.buffer]),
-            );
-            s.set_nagle_enabled(false);
-            s.set_congestion_control(CongestionControl::Reno);
-            if s.listen(IpListenEndpoint::from(t.service)).is_ok() {
-                c.phase = Phase::Open { handle: sockets.add(s) };
-                c.last = now;
-                inc(&stats.tcp_connections_opened);
-                continue;
-            }
-        }
-        // Refused, unreachable or timed out: the agent sees a closed port.
-        tracing::debug!(agent = %t.agent, service = %t.service, timed_out, "backend connect failed");
-        inc(&stats.tcp_backend_connect_failed);
-        if build_rst(t, &syn_header, 0, scratch) {
-            dev.push_tx(scratch.clone());
-        }
-        c.dead = true;
-    }
-
-    iface.poll(snow, dev, sockets);
-
-    for c in conns.values_mut() {
-        let Phase::Open { handle } = c.phase else { continue };
-        let s = sockets.get_mut::<tcp::Socket>(handle);
-        if !c.dead {
-            proxy(c, s, now, stats);
-        }
-        // A handshake the agent never completes ends like a connect timeout.
-        let limit = if s.state() == State::SynReceived { limits.connect_timeout } else { limits.idle };
-        if !c.dead && now.saturating_duration_since(c.last) >= limit {
-            inc(&stats.tcp_idle_timeouts);
-            s.abort();
-            c.dead = true;
-        }
-        c.revents = 0;
-    }
-
-    iface.poll(snow, dev, sockets);
-
-    // Cleanup: aborted connections (their RST is out), closed ones whose
-    // data all reached the backend, and listeners that did not take the SYN.
-    conns.retain(|_, c| {
-        let finished = match c.phase {
-            Phase::Connecting { .. } => c.dead,
-            Phase::Open { handle } => {
-                let s = sockets.get::<tcp::Socket>(handle);
-                let state = s.state();
-                // Closed without the agent's FIN: reset by the agent (what
-                // smoltcp still holds must not reach the backend).
-                let reset = state == State::Closed && !c.agent_fin;
-                // Closed after the agent's FIN: done once its data is out.
-                let done = matches!(state, State::Closed | State::TimeWait) && c.agent_fin && s.recv_queue() == 0;
-                // A listener that did not take the SYN.
-                let unused = state == State::Listen;
-                c.dead || reset || done || unused
-            }
-        };
-        if finished {
-            if let Phase::Open { handle } = c.phase {
-                sockets.remove(handle);
-            }
-            if c.dead || !(c.agent_fin && c.backend_eof) {
-                c.abort_backend();
-            }
-            inc(&stats.tcp_connections_closed);
-        }
-        !finished
-    });
-
-    *dirty = dev.has_rx();
-    let mut next = iface.poll_at(snow, sockets).map(|t| std_instant(epoch, t));
-    for c in conns.values() {
-        let d = match &c.phase {
-            Phase::Connecting { since, .. } => *since + limits.connect_timeout,
-            Phase::Open { .. } => c.last + limits.idle,
-        };
-        next = Some(next.map_or(d, |n| n.min(d)));
-    }
-    *deadline = next;
-}
-
-enum ReadResult {
-    Data(usize),
-    Eof,
-    Err(io::Error),
-}
-
-/// Moves bytes between a smoltcp socket and its backend, within what both
-/// sides accept right now; passes FINs on.
-fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorStats) {
-    // Agent → backend: only what the backend's write takes leaves smoltcp.
-    while s.can_recv() {
-        let backend = &c.backend;
-        let r = s.recv(|buf| match (&*backend).write(buf) {
-            Ok(n) => (n, Ok(n)),
-            Err(e) => (0, Err(e)),
-        });
-        match r {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => {
-                add(&stats.tcp_bytes_to_backend, n);
-                c.last = now;
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                c.want_write = true;
-                break;
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(_)) => {
-                inc(&stats.tcp_backend_errors);
-                s.abort();
-                c.dead = true;
-                return;
-            }
-            Err(_) => break,
-        }
-    }
-    if s.recv_queue() == 0 {
-        c.want_write = false;
-    }
-    if fin_received(s.state()) {
-        c.agent_fin = true;
-    }
-    if c.agent_fin && !c.backend_shut && s.recv_queue() == 0 {
-        let _ = c.backend.shutdown(Shutdown::Write);
-        c.backend_shut = true;
-    }
-
-    // Backend → agent: read only into free space of the send buffer.
-    while !c.backend_eof && s.can_send() {
-        let backend = &c.backend;
-        let r = s.send(|buf| match (&*backend).read(buf) {
-            Ok(0) => (0, ReadResult::Eof),
-            Ok(n) => (n, ReadResult::Data(n)),
-            Err(e) => (0, ReadResult::Err(e)),
-        });
-        match r {
-            Ok(ReadResult::Data(n)) => {
-                add(&stats.tcp_bytes_from_backend, n);
-                c.last = now;
-            }
-            Ok(ReadResult::Eof) => {
-                c.backend_eof = true;
-                s.close();
-            }
-            Ok(ReadResult::Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Ok(ReadResult::Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(ReadResult::Err(_)) => {
-                inc(&stats.tcp_backend_errors);
-                s.abort();
-                c.dead = true;
-                return;
-            }
-            Err(_) => break,
         }
     }
 }

@@ -1,0 +1,312 @@
+//! `ztna-bench connector-turns`: what one connector loop turn costs with
+//! many idle UDP flows, against the same connector with one flow.
+//!
+//! An in-process relay, a UDP echo service and a connector driven turn by
+//! turn from this thread; agents (one identity each) open UDP flows by
+//! sending from distinct source ports. Measured, each on this thread's CPU
+//! clock:
+//!
+//! - an idle turn (`turn(0)`, nothing arrived) with 1 flow and with
+//!   `--flows` flows;
+//! - the turns that set up a batch of new 5-tuples (packet in, backend
+//!   socket, echo back), per new flow, with 1 flow and with `--flows`
+//!   already open.
+//!
+//! Ratios large / small near 1 mean the turn costs what arrived, not what
+//! the tables hold.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use ztna_control::client::{ClientConfig, Event};
+use ztna_control::identity::Kind;
+use ztna_control::{packet, Role, ServiceName};
+use ztna_dataplane::client_io::UdpClient;
+use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_dataplane::echo::EchoServer;
+use ztna_dataplane::relay::{self, RelayConfig};
+
+const SERVICE: &str = "echo";
+const ECHO_PORT: u16 = 7;
+/// UDP flows each agent opens at most (the connector's default per agent
+/// flow).
+const FLOWS_PER_AGENT: usize = 256;
+/// New flows per batch of the new-flow measurement.
+const BATCH: usize = 64;
+
+/// What `connector-turns` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectorTurnsReport {
+    pub flows: usize,
+    pub agents: usize,
+    pub idle_turns: usize,
+    /// CPU microseconds of one idle turn with 1 flow / with `flows`.
+    pub idle_turn_us_1: f64,
+    pub idle_turn_us_n: f64,
+    pub idle_ratio: f64,
+    /// CPU microseconds per new flow (batches of [`BATCH`]) with 1 flow /
+    /// with `flows` open.
+    pub new_flow_us_1: f64,
+    pub new_flow_us_n: f64,
+    pub new_flow_ratio: f64,
+    /// The connector's `udp_backend_reads` counter over the idle turns with
+    /// `flows` open (None when the connector has no such counter).
+    pub backend_reads_idle_n: Option<u64>,
+}
+
+impl ConnectorTurnsReport {
+    pub fn print(&self) {
+        println!("connector turn cost, {} agents, {} idle turns per measurement", self.agents, self.idle_turns);
+        println!(
+            "  idle turn:  1 flow {:>9.2} us   {} flows {:>9.2} us   ratio {:.2}",
+            self.idle_turn_us_1, self.flows, self.idle_turn_us_n, self.idle_ratio
+        );
+        println!(
+            "  new flow:   1 flow {:>9.2} us   {} flows {:>9.2} us   ratio {:.2}",
+            self.new_flow_us_1, self.flows, self.new_flow_us_n, self.new_flow_ratio
+        );
+        if let Some(r) = self.backend_reads_idle_n {
+            println!("  backend reads during the idle turns with {} flows: {r}", self.flows);
+        }
+    }
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+struct Bench {
+    connector: Connector,
+    agents: Vec<(UdpClient, u32)>,
+    /// CPU spent in `Connector::turn`.
+    connector_cpu: Duration,
+    pkt: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Bench {
+    fn turn(&mut self, wait: Duration) -> Result<()> {
+        let t0 = thread_cpu();
+        self.connector.turn(wait)?;
+        self.connector_cpu += thread_cpu().saturating_sub(t0);
+        Ok(())
+    }
+
+    /// Pumps agents (discarding what they receive) and turns the connector
+    /// until `done` holds on its stats.
+    fn run_until(&mut self, what: &str, done: impl Fn(&Connector) -> bool) -> Result<()> {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !done(&self.connector) {
+            for (a, _) in &mut self.agents {
+                a.pump();
+                while a.session.recv_datagram(&mut self.buf).is_some() {}
+            }
+            self.turn(Duration::from_millis(1))?;
+            if Instant::now() > end {
+                bail!("timed out waiting for {what}: {:?}", self.connector.stats);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one datagram from each of `ports` of agent `a` to the service.
+    fn open(&mut self, a: usize, ports: std::ops::Range<u16>) -> Result<()> {
+        let svc = SocketAddrV4::new([100, 100, 0, 10].into(), ECHO_PORT);
+        for p in ports {
+            let me = SocketAddrV4::new([10, 9, (a >> 8) as u8, a as u8].into(), p);
+            packet::build_ipv4_udp(me, svc, b"bench", &mut self.pkt)?;
+            let (agent, flow) = self.agents.get_mut(a).context("agent")?;
+            // The session queue is bounded: pump until it takes the datagram.
+            let end = Instant::now() + Duration::from_secs(10);
+            while agent.session.send_datagram(*flow, &self.pkt).is_err() {
+                agent.pump();
+                let t0 = thread_cpu();
+                self.connector.turn(Duration::ZERO)?;
+                self.connector_cpu += thread_cpu().saturating_sub(t0);
+                if Instant::now() > end {
+                    bail!("agent {a} cannot send");
+                }
+            }
+        }
+        if let Some((agent, _)) = self.agents.get_mut(a) {
+            agent.pump();
+        }
+        Ok(())
+    }
+
+    fn opened(&self) -> u64 {
+        self.connector.stats.snapshot().udp_flows_opened
+    }
+
+    fn replies(&self) -> u64 {
+        self.connector.stats.snapshot().udp_from_backend
+    }
+
+    /// CPU per idle turn over `turns` turns.
+    fn idle_turns(&mut self, turns: usize) -> Result<f64> {
+        let c0 = self.connector_cpu;
+        for _ in 0..turns {
+            self.turn(Duration::ZERO)?;
+        }
+        Ok((self.connector_cpu - c0).as_secs_f64() * 1e6 / turns.max(1) as f64)
+    }
+
+    /// CPU per new flow: agent `a` opens [`BATCH`] flows from `ports`.
+    fn new_flows(&mut self, a: usize, first_port: u16) -> Result<f64> {
+        let (opened, replies) = (self.opened(), self.replies());
+        let c0 = self.connector_cpu;
+        self.open(a, first_port..first_port + BATCH as u16)?;
+        let want = BATCH as u64;
+        self.run_until("new flows", |c| {
+            let s = c.stats.snapshot();
+            s.udp_flows_opened >= opened + want && s.udp_from_backend >= replies + want
+        })?;
+        Ok((self.connector_cpu - c0).as_secs_f64() * 1e6 / BATCH as f64)
+    }
+}
+
+/// Runs the measurement with `flows` idle UDP flows (at most 4096, the
+/// connector's default table) and `turns` idle turns per figure.
+pub fn run(flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
+    if !(BATCH + 1..=4096).contains(&flows) {
+        bail!("--flows must be between {} and 4096", BATCH + 1);
+    }
+    // Agents: enough for the flows plus one batch on a fresh agent.
+    let agents = flows.div_ceil(FLOWS_PER_AGENT) + 1;
+    let relay = relay::start(&RelayConfig {
+        listen: "127.0.0.1:0".parse()?,
+        workers: Some(1),
+        dev: true,
+        pin_cores: false,
+        policy_toml: Some(format!("[services.{SERVICE}]\nconnectors = [\"bench-connector\"]\nagents = [\"*\"]\n")),
+        ..RelayConfig::default()
+    })?;
+    let r = run_with(&relay, flows, agents, turns);
+    relay.shutdown();
+    r
+}
+
+fn run_with(relay: &relay::RelayHandle, flows: usize, agents: usize, turns: usize) -> Result<ConnectorTurnsReport> {
+    let pki = relay.dev_pki.as_ref().context("dev PKI")?;
+    let (cert, key) = pki.issue(Kind::Connector, "bench-connector")?;
+    let echo = EchoServer::start("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)?;
+    let mut cfg = ConnectorConfig::new(
+        vec![relay.local_addr],
+        vec![ServiceConfig {
+            name: SERVICE.into(),
+            icmp: true,
+            backend: vec![Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() }],
+            allow_agents: None,
+        }],
+    );
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.ca = Some(pki.ca.clone());
+    cfg.cert = Some(cert);
+    cfg.key = Some(key);
+    // Long enough that no flow expires during the run.
+    cfg.udp_idle_secs = 3600;
+    // Room for the last batch on top of `flows`.
+    cfg.max_udp_flows = flows + BATCH;
+    let mut connector = Connector::new(cfg, 17)?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !connector.is_ready() {
+        connector.turn(Duration::from_millis(10))?;
+        if Instant::now() > end {
+            bail!("connector did not register");
+        }
+    }
+    let mut b =
+        Bench { connector, agents: Vec::new(), connector_cpu: Duration::ZERO, pkt: Vec::new(), buf: vec![0; 2048] };
+    for i in 0..agents {
+        let tls = pki.client_tls(Kind::Agent, &format!("bench-agent-{i}"))?;
+        let mut c = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse()?, "localhost");
+        c.registrations = vec![(Role::Agent, ServiceName::new(SERVICE).context("service")?)];
+        let client = UdpClient::new(c, &tls, "127.0.0.1:0".parse()?, 100 + i as u64)?;
+        b.agents.push((client, 0));
+    }
+    // Registration: pump everyone until each agent has its flow.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (a, flow) in &mut b.agents {
+            a.pump();
+            while let Some(e) = a.session.poll_event() {
+                match e {
+                    Event::Registered { flow: f, .. } => *flow = f + 1,
+                    Event::RegisterFailed { code, reason, .. } => bail!("agent registration refused: {code} {reason}"),
+                    _ => {}
+                }
+            }
+        }
+        b.turn(Duration::from_millis(1))?;
+        if b.agents.iter().all(|(_, f)| *f != 0) {
+            break;
+        }
+        if Instant::now() > end {
+            bail!("agents did not register");
+        }
+    }
+    for (_, f) in &mut b.agents {
+        *f -= 1;
+    }
+
+    // One flow.
+    b.open(0, 1000..1001)?;
+    b.run_until("the first flow", |c| c.stats.snapshot().udp_from_backend >= 1)?;
+    let idle_1 = b.idle_turns(turns)?;
+    let new_1 = b.new_flows(agents - 1, 20_000)?;
+    // Back to one flow is not possible without waiting for expiry; the
+    // batch's agent is not used again, and the large table is built next.
+
+    // `flows` flows: agent a opens ports 1000.. (agent 0 already has 1000).
+    let mut left = flows - 1 - BATCH;
+    let mut a = 0usize;
+    let mut next_port = 1001u16;
+    while left > 0 {
+        let room = FLOWS_PER_AGENT - usize::from(next_port - 1000);
+        let n = left.min(room).min(BATCH);
+        b.open(a, next_port..next_port + n as u16)?;
+        let target = b.opened() + n as u64;
+        b.run_until("flows to open", |c| c.stats.snapshot().udp_flows_opened >= target)?;
+        left -= n;
+        next_port += n as u16;
+        if usize::from(next_port - 1000) >= FLOWS_PER_AGENT {
+            a += 1;
+            next_port = 1000;
+        }
+    }
+    let want = flows as u64;
+    b.run_until("every echo", |c| c.stats.snapshot().udp_from_backend >= want)?;
+    if b.opened() != want {
+        bail!("expected {flows} flows, the connector opened {}", b.opened());
+    }
+    let reads0 = backend_reads(&b.connector);
+    let idle_n = b.idle_turns(turns)?;
+    let reads_n = backend_reads(&b.connector).zip(reads0).map(|(a, b)| a - b);
+    // The fresh agent has room for one more batch under its per-flow limit.
+    let new_n = b.new_flows(agents - 1, 21_000)?;
+    Ok(ConnectorTurnsReport {
+        flows,
+        agents,
+        idle_turns: turns,
+        idle_turn_us_1: idle_1,
+        idle_turn_us_n: idle_n,
+        idle_ratio: idle_n / idle_1.max(1e-9),
+        new_flow_us_1: new_1,
+        new_flow_us_n: new_n,
+        new_flow_ratio: new_n / new_1.max(1e-9),
+        backend_reads_idle_n: reads_n,
+    })
+}
+
+/// The connector's count of recv calls on UDP backend sockets, if it has one.
+fn backend_reads(c: &Connector) -> Option<u64> {
+    c.stats.snapshot().fields().into_iter().find(|(name, _)| *name == "udp_backend_reads").map(|(_, v)| v)
+}

@@ -1,0 +1,330 @@
+//! Connector configuration (TOML, unknown keys rejected): relays, services
+//! and their backends, and the limits of the flow tables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use ztna_control::ServiceName;
+
+#[allow(unused_imports)] // doc links
+use super::RESOLVE_EVERY;
+/// Transport protocol of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// One reachable backend: packets to the service on `port` go to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub protocol: Proto,
+    pub port: u16,
+    pub target: Target,
+}
+
+/// A backend address: `ip:port`, or `host:port` resolved (first address)
+/// when the connector starts, e.g. a Kubernetes Service name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Target(String);
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The address, resolving a name (blocking).
+    pub fn resolve(&self) -> Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        self.0
+            .to_socket_addrs()
+            .with_context(|| format!("resolving backend {}", self.0))?
+            .next()
+            .with_context(|| format!("backend {} resolves to no address", self.0))
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+    fn try_from(s: String) -> Result<Target, String> {
+        if is_host_port(&s) {
+            Ok(Target(s))
+        } else {
+            Err(format!("backend target {s:?} is not host:port"))
+        }
+    }
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535 (the form
+/// of relay entries and backend targets; names are resolved later).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> String {
+        t.0
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(a: SocketAddr) -> Target {
+        Target(a.to_string())
+    }
+}
+
+/// One service this connector serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Answer ICMP echo requests to the service (default on).
+    #[serde(default = "yes")]
+    pub icmp: bool,
+    #[serde(default)]
+    pub backend: Vec<Backend>,
+    /// Defence in depth: when set, only these agent identities (full
+    /// SPIFFE IDs) may use the service, whatever the relay's policy says.
+    /// Flows of other agents are refused with FlowClose{denied}.
+    #[serde(default)]
+    pub allow_agents: Option<Vec<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Connector configuration (TOML, unknown keys rejected).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// Relays to register at, each `host:port` (all of them, from the same
+    /// socket). A DNS name stands for every address it resolves to and is
+    /// re-resolved every [`RESOLVE_EVERY`], so a Kubernetes headless Service
+    /// connects the connector to every relay replica.
+    pub relays: Vec<String>,
+    /// HTTP `/healthz`, `/readyz` (every service registered at one relay
+    /// or more) and `/metrics`, e.g. `0.0.0.0:9091`.
+    #[serde(default)]
+    pub health: Option<SocketAddr>,
+    /// Local UDP address; the fixed port is what P2P peers will punch to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA that signs the relays' certificates.
+    pub ca: Option<PathBuf>,
+    /// This connector's certificate (one URI SAN:
+    /// `spiffe://<trust-domain>/connector/<name>`) and key. Required: the
+    /// relay authenticates every client.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Skip relay certificate verification (local experiments only; logged).
+    #[serde(default)]
+    pub insecure: bool,
+    /// UDP flows (backend sockets) in total.
+    #[serde(default = "default_max_udp_flows")]
+    pub max_udp_flows: usize,
+    /// UDP flows one agent flow (one agent connection's flow for one
+    /// service) may hold.
+    #[serde(default = "default_max_udp_flows_per_agent")]
+    pub max_udp_flows_per_agent: usize,
+    /// UDP flows one agent identity may hold over all its agent flows
+    /// (default: a quarter of `max_udp_flows`). When the table is full, a
+    /// new flow of an identity below its share takes the least recently
+    /// used flow of the identity holding the most, so one identity, or a
+    /// few, cannot lock the others out.
+    #[serde(default)]
+    pub max_udp_flows_per_identity: Option<usize>,
+    #[serde(default = "default_udp_idle_secs")]
+    pub udp_idle_secs: u64,
+    /// Agent flows with TCP state (one smoltcp interface each).
+    #[serde(default = "default_max_tcp_flows")]
+    pub max_tcp_flows: usize,
+    /// TCP connections per agent flow.
+    #[serde(default = "default_max_tcp_per_flow")]
+    pub max_tcp_per_flow: usize,
+    /// Agent flows with TCP state one agent identity may hold (default: a
+    /// quarter of `max_tcp_flows`). SYNs over it are answered with an RST.
+    #[serde(default)]
+    pub max_tcp_flows_per_identity: Option<usize>,
+    /// TCP connections in total. Worst-case buffer memory is
+    /// `max_tcp_connections × 2 × tcp_buffer_bytes`.
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: usize,
+    /// TCP connections one agent identity may hold over all its agent flows
+    /// (default: a quarter of `max_tcp_connections`). SYNs over it are
+    /// answered with an RST. When the table is full, a SYN of an identity
+    /// below its share resets the least recently used connection of the
+    /// identity holding the most.
+    #[serde(default)]
+    pub max_tcp_connections_per_identity: Option<usize>,
+    /// Packets one agent identity may have queued in the connector's TCP
+    /// endpoint (received from the agent and waiting for smoltcp, or waiting
+    /// to be sent to the agent), over all its agent flows; beyond it,
+    /// segments from the agent are dropped (`drop_tcp_queue_full`) and
+    /// smoltcp holds back what it would send.
+    #[serde(default = "default_max_tcp_queued_packets_per_identity")]
+    pub max_tcp_queued_packets_per_identity: usize,
+    /// Size of each of the two smoltcp buffers of a TCP connection; it is
+    /// also the largest window advertised to the agent.
+    #[serde(default = "default_tcp_buffer_bytes")]
+    pub tcp_buffer_bytes: usize,
+    /// A TCP connection that moves no byte and gets no segment for this
+    /// long is reset on both sides.
+    #[serde(default = "default_tcp_idle_secs")]
+    pub tcp_idle_secs: u64,
+    #[serde(rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4434))
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_max_udp_flows() -> usize {
+    4096
+}
+fn default_max_udp_flows_per_agent() -> usize {
+    256
+}
+fn default_udp_idle_secs() -> u64 {
+    60
+}
+fn default_max_tcp_flows() -> usize {
+    1024
+}
+fn default_max_tcp_per_flow() -> usize {
+    64
+}
+fn default_max_tcp_connections() -> usize {
+    2048
+}
+fn default_max_tcp_queued_packets_per_identity() -> usize {
+    4096
+}
+fn default_tcp_buffer_bytes() -> usize {
+    256 * 1024
+}
+fn default_tcp_idle_secs() -> u64 {
+    600
+}
+
+/// The default per-identity share of a table: a quarter of it (at least
+/// one entry), so at least four identities fill it before reclaiming
+/// starts.
+pub const DEFAULT_IDENTITY_SHARE_DIVISOR: usize = 4;
+
+fn default_share(table: usize) -> usize {
+    (table / DEFAULT_IDENTITY_SHARE_DIVISOR).max(1)
+}
+
+/// How long a backend TCP connect may take before the agent gets an RST.
+pub(crate) const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ConnectorConfig {
+    /// A configuration with every optional setting at its default.
+    pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
+        ConnectorConfig {
+            relays: relays.iter().map(SocketAddr::to_string).collect(),
+            health: None,
+            listen: default_listen(),
+            server_name: default_server_name(),
+            ca: None,
+            cert: None,
+            key: None,
+            insecure: false,
+            max_udp_flows: default_max_udp_flows(),
+            max_udp_flows_per_agent: default_max_udp_flows_per_agent(),
+            max_udp_flows_per_identity: None,
+            udp_idle_secs: default_udp_idle_secs(),
+            max_tcp_flows: default_max_tcp_flows(),
+            max_tcp_per_flow: default_max_tcp_per_flow(),
+            max_tcp_flows_per_identity: None,
+            max_tcp_connections: default_max_tcp_connections(),
+            max_tcp_connections_per_identity: None,
+            max_tcp_queued_packets_per_identity: default_max_tcp_queued_packets_per_identity(),
+            tcp_buffer_bytes: default_tcp_buffer_bytes(),
+            tcp_idle_secs: default_tcp_idle_secs(),
+            services,
+        }
+    }
+
+    pub fn from_toml(s: &str) -> Result<Self> {
+        let c: ConnectorConfig = toml::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.relays.is_empty() {
+            bail!("at least one relay is required");
+        }
+        if let Some(r) = self.relays.iter().find(|r| !is_host_port(r)) {
+            bail!("relay {r:?} is not host:port");
+        }
+        if self.services.is_empty() {
+            bail!("at least one service is required");
+        }
+        if self.cert.is_none() || self.key.is_none() {
+            bail!("cert and key are required: the relay authenticates every connector");
+        }
+        for s in &self.services {
+            if ServiceName::new(&s.name).is_none() {
+                bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name);
+            }
+            for a in s.allow_agents.iter().flatten() {
+                match ztna_control::identity::Identity::parse(a) {
+                    Ok(id) if id.kind == ztna_control::identity::Kind::Agent => {}
+                    _ => bail!("service {}: allow_agents entry {a:?} is not an agent SPIFFE ID", s.name),
+                }
+            }
+        }
+        if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
+            bail!("tcp_buffer_bytes must be between 4096 and 16 MiB");
+        }
+        // Bounded so that `last + idle` can never overflow an Instant.
+        const WEEK: u64 = 7 * 24 * 3600;
+        if !(1..=WEEK).contains(&self.tcp_idle_secs) || !(1..=WEEK).contains(&self.udp_idle_secs) {
+            bail!("tcp_idle_secs and udp_idle_secs must be between 1 s and one week");
+        }
+        if self.max_udp_flows_per_agent == 0 {
+            bail!("max_udp_flows_per_agent must be positive");
+        }
+        let shares = [
+            ("max_udp_flows_per_identity", self.max_udp_flows_per_identity),
+            ("max_tcp_flows_per_identity", self.max_tcp_flows_per_identity),
+            ("max_tcp_connections_per_identity", self.max_tcp_connections_per_identity),
+        ];
+        if let Some((key, _)) = shares.iter().find(|(_, v)| *v == Some(0)) {
+            bail!("{key} must be positive");
+        }
+        if self.max_tcp_queued_packets_per_identity == 0 {
+            bail!("max_tcp_queued_packets_per_identity must be positive");
+        }
+        Ok(())
+    }
+
+    /// UDP flows one agent identity may hold (the setting, or its default).
+    pub fn udp_flows_per_identity(&self) -> usize {
+        self.max_udp_flows_per_identity.unwrap_or_else(|| default_share(self.max_udp_flows))
+    }
+
+    /// Agent flows with TCP state one identity may hold.
+    pub fn tcp_flows_per_identity(&self) -> usize {
+        self.max_tcp_flows_per_identity.unwrap_or_else(|| default_share(self.max_tcp_flows))
+    }
+
+    /// TCP connections one agent identity may hold.
+    pub fn tcp_connections_per_identity(&self) -> usize {
+        self.max_tcp_connections_per_identity.unwrap_or_else(|| default_share(self.max_tcp_connections))
+    }
+}

@@ -1,0 +1,76 @@
+//! Liveness, readiness and metrics of a running connector, served over
+//! HTTP (`/healthz`, `/readyz`, `/metrics`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::ConnectorStats;
+use crate::io::Heartbeat;
+
+/// Liveness and readiness of a running connector, shared with its HTTP
+/// endpoint.
+#[derive(Debug)]
+pub struct ConnectorHealth {
+    /// The connector loop's.
+    pub(super) heartbeat: Heartbeat,
+    /// Every service registered at one relay or more.
+    pub(super) serving: AtomicBool,
+    pub(super) relays: AtomicU64,
+    pub(super) relays_connected: AtomicU64,
+}
+
+impl ConnectorHealth {
+    pub(super) fn new() -> ConnectorHealth {
+        ConnectorHealth {
+            heartbeat: Heartbeat::new(),
+            serving: AtomicBool::new(false),
+            relays: AtomicU64::new(0),
+            relays_connected: AtomicU64::new(0),
+        }
+    }
+
+    /// The loop turned within [`crate::io::HEARTBEAT_STALE`].
+    pub fn alive(&self, now: Instant) -> bool {
+        self.heartbeat.fresh(now)
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` of a connector on `addr`.
+pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<ConnectorStats>) -> Result<SocketAddr> {
+    let handler: Arc<crate::http::Handler> = Arc::new(move |path: &str| {
+        if path == "/metrics" {
+            return Some(crate::http::Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: render_metrics(&health, &stats),
+            });
+        }
+        crate::http::probe(path, health.alive(Instant::now()), health.serving())
+    });
+    crate::http::serve(addr, "connector", handler)
+}
+
+fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let gauges = [
+        ("ztna_connector_relays", h.relays.load(Ordering::Relaxed)),
+        ("ztna_connector_relays_connected", h.relays_connected.load(Ordering::Relaxed)),
+        ("ztna_connector_ready", u64::from(h.serving())),
+    ];
+    for (name, v) in gauges {
+        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
+    }
+    for (field, v) in s.snapshot().fields() {
+        let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");
+    }
+    out
+}
