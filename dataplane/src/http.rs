@@ -222,6 +222,112 @@ mod tests {
         assert_eq!(get(a, "/healthz").unwrap().0, 200);
     }
 
+    /// Keeps `n` idle connections to `addr` open (round robin over
+    /// `sources`), reopening each one the server closes, until dropped.
+    pub(crate) struct IdleFlood {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<usize>>,
+    }
+
+    impl IdleFlood {
+        pub(crate) fn start(addr: SocketAddr, sources: &[std::net::IpAddr], n: usize) -> IdleFlood {
+            use std::sync::atomic::AtomicBool;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = Arc::clone(&stop);
+            let sources = sources.to_vec();
+            let open = move |i: usize| -> Option<TcpStream> {
+                let src = SocketAddr::new(sources[i % sources.len()], 0);
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+                s.bind(&src.into()).ok()?;
+                s.connect_timeout(&addr.into(), Duration::from_millis(500)).ok()?;
+                let s: TcpStream = s.into();
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let thread = std::thread::spawn(move || {
+                let mut held: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+                let mut opened = 0;
+                while !stop2.load(Ordering::Relaxed) {
+                    for (i, slot) in held.iter_mut().enumerate() {
+                        let closed = match slot {
+                            None => true,
+                            Some(s) => {
+                                let mut b = [0u8; 64];
+                                match s.read(&mut b) {
+                                    Ok(_) => true, // EOF (or an answer: it is done)
+                                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                                }
+                            }
+                        };
+                        if closed {
+                            *slot = open(i);
+                            opened += usize::from(slot.is_some());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                opened
+            });
+            // Let the flood fill the listener before anyone probes.
+            std::thread::sleep(Duration::from_millis(300));
+            IdleFlood { stop, thread: Some(thread) }
+        }
+
+        /// Stops the flood; returns how many connections it opened.
+        pub(crate) fn stop(mut self) -> usize {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.take().map(|t| t.join().unwrap()).unwrap_or(0)
+        }
+    }
+
+    impl Drop for IdleFlood {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` probes of `/healthz`, `gap` apart: how many got 200 within
+    /// `within`.
+    fn probes_answered(a: SocketAddr, n: usize, gap: Duration, within: Duration) -> usize {
+        (0..n)
+            .filter(|_| {
+                std::thread::sleep(gap);
+                let t = std::time::Instant::now();
+                let ok = get(a, "/healthz").map(|(s, _)| s == 200).unwrap_or(false);
+                ok && t.elapsed() < within
+            })
+            .count()
+    }
+
+    fn loopback(last: u8) -> std::net::IpAddr {
+        std::net::Ipv4Addr::new(127, 0, 0, last).into()
+    }
+
+    /// 40 idle connections from ten other loopback addresses, reopened as
+    /// soon as they are closed, do not keep `/healthz` from answering
+    /// (the old listener: 16 slots held for 2 s each, the rest closed at
+    /// once, failed nearly every probe).
+    #[test]
+    fn health_answers_under_an_idle_flood_from_many_sources() {
+        let a = start();
+        let sources: Vec<_> = (2..12).map(loopback).collect();
+        let flood = IdleFlood::start(a, &sources, 40);
+        let ok = probes_answered(a, 20, Duration::from_millis(150), Duration::from_millis(500));
+        let opened = flood.stop();
+        assert_eq!(ok, 20, "probes answered 200 (flood opened {opened} connections)");
+        assert!(opened >= 40, "the flood held its connections: {opened}");
+    }
+
+    /// The same flood from the prober's own address.
+    #[test]
+    fn health_answers_under_an_idle_flood_from_one_source() {
+        let a = start();
+        let flood = IdleFlood::start(a, &[loopback(1)], 40);
+        let ok = probes_answered(a, 20, Duration::from_millis(150), Duration::from_millis(500));
+        let opened = flood.stop();
+        assert_eq!(ok, 20, "probes answered 200 (flood opened {opened} connections)");
+    }
+
     #[test]
     fn a_silent_client_does_not_block_others() {
         let a = start();
