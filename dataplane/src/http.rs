@@ -106,6 +106,17 @@ impl HttpStats {
         ]
     }
 
+    /// The counters in the Prometheus text format, as one counter family
+    /// `name` with an `event` label (appended to a `/metrics` body).
+    pub fn render_prometheus(&self, name: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!("# TYPE {name} counter\n");
+        for (event, v) in self.fields() {
+            let _ = writeln!(out, "{name}{{event=\"{event}\"}} {v}");
+        }
+        out
+    }
+
     fn count(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -423,6 +434,69 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Holds idle TCP connections open to a listener: for tests and
+/// measurements of [`serve`] under a flood (the connections send nothing
+/// and are reopened as soon as the server closes them).
+pub struct IdleFlood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl IdleFlood {
+    /// Keeps `n` connections to `addr` open, from `sources` in turn (IPv4
+    /// source addresses, e.g. several of 127.0.0.0/8), until stopped.
+    pub fn start(addr: SocketAddr, sources: &[IpAddr], n: usize) -> IdleFlood {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let sources = sources.to_vec();
+        let open = move |i: usize| -> Option<TcpStream> {
+            let src = SocketAddr::new(*sources.get(i % sources.len().max(1))?, 0);
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).ok()?;
+            s.bind(&src.into()).ok()?;
+            s.connect_timeout(&addr.into(), Duration::from_millis(500)).ok()?;
+            let s: TcpStream = s.into();
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+            let mut opened = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                for (i, slot) in held.iter_mut().enumerate() {
+                    let closed = match slot {
+                        None => true,
+                        Some(s) => match s.read(&mut [0u8; 64]) {
+                            Ok(_) => true, // EOF (or an answer: done either way)
+                            Err(e) => e.kind() != ErrorKind::WouldBlock,
+                        },
+                    };
+                    if closed {
+                        *slot = open(i);
+                        opened += usize::from(slot.is_some());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opened
+        });
+        // Let the flood fill the listener before anyone probes.
+        std::thread::sleep(Duration::from_millis(300));
+        IdleFlood { stop, thread: Some(thread) }
+    }
+
+    /// Stops the flood; returns how many connections it opened.
+    pub fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
@@ -489,70 +563,6 @@ mod tests {
         assert_eq!(get(a, "/healthz").unwrap().0, 200);
     }
 
-    /// Keeps `n` idle connections to `addr` open (round robin over
-    /// `sources`), reopening each one the server closes, until dropped.
-    pub(crate) struct IdleFlood {
-        stop: Arc<std::sync::atomic::AtomicBool>,
-        thread: Option<std::thread::JoinHandle<usize>>,
-    }
-
-    impl IdleFlood {
-        pub(crate) fn start(addr: SocketAddr, sources: &[std::net::IpAddr], n: usize) -> IdleFlood {
-            use std::sync::atomic::AtomicBool;
-            let stop = Arc::new(AtomicBool::new(false));
-            let stop2 = Arc::clone(&stop);
-            let sources = sources.to_vec();
-            let open = move |i: usize| -> Option<TcpStream> {
-                let src = SocketAddr::new(sources[i % sources.len()], 0);
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
-                s.bind(&src.into()).ok()?;
-                s.connect_timeout(&addr.into(), Duration::from_millis(500)).ok()?;
-                let s: TcpStream = s.into();
-                s.set_nonblocking(true).ok()?;
-                Some(s)
-            };
-            let thread = std::thread::spawn(move || {
-                let mut held: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-                let mut opened = 0;
-                while !stop2.load(Ordering::Relaxed) {
-                    for (i, slot) in held.iter_mut().enumerate() {
-                        let closed = match slot {
-                            None => true,
-                            Some(s) => {
-                                let mut b = [0u8; 64];
-                                match s.read(&mut b) {
-                                    Ok(_) => true, // EOF (or an answer: it is done)
-                                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-                                }
-                            }
-                        };
-                        if closed {
-                            *slot = open(i);
-                            opened += usize::from(slot.is_some());
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                opened
-            });
-            // Let the flood fill the listener before anyone probes.
-            std::thread::sleep(Duration::from_millis(300));
-            IdleFlood { stop, thread: Some(thread) }
-        }
-
-        /// Stops the flood; returns how many connections it opened.
-        pub(crate) fn stop(mut self) -> usize {
-            self.stop.store(true, Ordering::Relaxed);
-            self.thread.take().map(|t| t.join().unwrap()).unwrap_or(0)
-        }
-    }
-
-    impl Drop for IdleFlood {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::Relaxed);
-        }
-    }
-
     /// `n` probes of `/healthz`, `gap` apart: how many got 200 within
     /// `within`.
     fn probes_answered(a: SocketAddr, n: usize, gap: Duration, within: Duration) -> usize {
@@ -566,7 +576,7 @@ mod tests {
             .count()
     }
 
-    fn loopback(last: u8) -> std::net::IpAddr {
+    fn loopback(last: u8) -> IpAddr {
         std::net::Ipv4Addr::new(127, 0, 0, last).into()
     }
 
