@@ -385,7 +385,14 @@ fn route(head: &[u8], handler: &Handler) -> (Response, bool) {
         return (Response::text(405, "only GET and HEAD\n"), true);
     }
     let path = target.split('?').next().unwrap_or_default();
-    (handler(path).unwrap_or_else(|| Response::text(404, "not found\n")), !head_only)
+    // One thread serves every connection: a handler that panics costs its
+    // request a 500, not the listener its thread.
+    let resp = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(path))) {
+        Ok(Some(r)) => r,
+        Ok(None) => Response::text(404, "not found\n"),
+        Err(_) => Response::text(500, "internal error\n"),
+    };
+    (resp, !head_only)
 }
 
 fn encode(r: &Response, with_body: bool) -> Vec<u8> {
@@ -395,6 +402,7 @@ fn encode(r: &Response, with_body: bool) -> Vec<u8> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "",
     };
@@ -510,6 +518,7 @@ mod tests {
         let h: Arc<Handler> = Arc::new(|p: &str| match p {
             "/hello" => Some(Response::text(200, "hi\n")),
             "/big" => Some(Response::text(200, "x".repeat(16 << 20))),
+            "/panic" => panic!("handler bug"),
             other => probe(other, true, false),
         });
         serve_counted("127.0.0.1:0".parse().unwrap(), "test", h, stats).unwrap()
@@ -537,6 +546,9 @@ mod tests {
         let mut big = b"GET /hello HTTP/1.1\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
         assert!(raw(&big).starts_with("HTTP/1.1 431"));
+        // A handler that panics costs a 500, and the listener carries on.
+        assert_eq!(get(a, "/panic").unwrap().0, 500);
+        assert_eq!(get(a, "/healthz").unwrap().0, 200);
     }
 
     /// A client trickling its request head is cut off at one deadline for
