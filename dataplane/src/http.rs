@@ -14,8 +14,11 @@
 //!   source's oldest connection is closed; when the table is full, the
 //!   oldest connection of the source holding the most. Connections still
 //!   waiting for a complete head go before ones being answered. A prober
-//!   that sends its request at once is answered before a flood can reach
-//!   it, however many idle connections the flood holds;
+//!   that sends its request at once is answered however many idle
+//!   connections others hold: it is closed only if [`MAX_PER_SOURCE`]
+//!   newer connections of its own source arrive before its request does
+//!   (or the table fills and no source holds more connections than its
+//!   own);
 //! * a head must be complete [`HEAD_TIMEOUT`] after the accept (one
 //!   deadline, not per read), a response sent within [`WRITE_TIMEOUT`].
 //!
