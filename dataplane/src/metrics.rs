@@ -45,10 +45,18 @@ pub fn serve_relay(addr: SocketAddr, prom: PrometheusHandle, life: Arc<Lifecycle
         std::thread::sleep(std::time::Duration::from_secs(1));
         upkeep.run_upkeep();
     })?;
-    let handler: Arc<Handler> = Arc::new(move |path: &str| {
-        metrics_route(&prom, path).or_else(|| http::probe(path, life.all_alive(Instant::now()), !life.is_draining()))
+    // The listener's own counters (connections closed to make room, head
+    // timeouts) are appended to the recorder's output.
+    let http_stats = Arc::new(http::HttpStats::default());
+    let counted = Arc::clone(&http_stats);
+    let handler: Arc<Handler> = Arc::new(move |path: &str| match metrics_route(&prom, path) {
+        Some(mut resp) => {
+            resp.body.push_str(&counted.render_prometheus("ztna_relay_http_events_total"));
+            Some(resp)
+        }
+        None => http::probe(path, life.all_alive(Instant::now()), !life.is_draining()),
     });
-    http::serve(addr, "relay", handler)
+    http::serve_counted(addr, "relay", handler, http_stats)
 }
 
 /// Copies one worker's counters into the recorder.

@@ -51,3 +51,45 @@ fn metrics_endpoint_serves_counters_and_latency_histogram() {
     assert!(body.contains("ztna_relay_connections{worker=\""), "{body}");
     relay.shutdown();
 }
+
+/// Issue 10, finding 5: idle TCP connections to the relay's metrics and
+/// health port (more than it has slots, from many loopback sources, then
+/// from the prober's own) do not make `/healthz` fail; the connections
+/// the listener closes to make room show in `/metrics`.
+#[test]
+fn healthz_keeps_answering_while_idle_connections_flood_the_port() {
+    use ztna_dataplane::http::{self, IdleFlood, MAX_CLIENTS, MAX_PER_SOURCE};
+    let relay = start_relay(1, IoBackend::Auto, true);
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let addr = ztna_dataplane::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
+    let lo = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
+    let floods = [
+        ("16 other sources", (2..18).map(lo).collect::<Vec<_>>(), MAX_CLIENTS + 16),
+        ("the prober's own source", vec![lo(1)], 2 * MAX_PER_SOURCE),
+    ];
+    for (what, sources, n) in floods {
+        let flood = IdleFlood::start(addr, &sources, n);
+        let answered = (0..20)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(150));
+                let t = std::time::Instant::now();
+                let status = http::get(addr, "/healthz").map(|(s, _)| s).unwrap_or(0);
+                status == 200 && t.elapsed() < Duration::from_millis(500)
+            })
+            .count();
+        let opened = flood.stop();
+        eprintln!(
+            "{n} idle connections from {what}: /healthz answered 200 to {answered} of 20 probes ({opened} opened)"
+        );
+        assert_eq!(answered, 20, "{n} idle connections from {what} ({opened} opened)");
+    }
+    let (status, body) = http::get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let count = |event: &str| -> u64 {
+        let key = format!("ztna_relay_http_events_total{{event=\"{event}\"}} ");
+        body.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("closed_table_full") > 0 && count("closed_source_full") > 0, "{body}");
+    assert!(count("answered") >= 40, "{body}");
+    relay.shutdown();
+}

@@ -52,6 +52,8 @@ except ModuleNotFoundError:  # pragma: no cover
 
 import yaml
 
+from check_k8s_netpol import check_metrics_ingress
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = ROOT / "deploy" / "ci" / "schemas"
@@ -580,6 +582,9 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
                 for r in p["spec"].get("ingress") or []) for p in pols)
         pr.check(ok, "NetworkPolicy: the echo backend must admit ingress from the connector pods only")
 
+    # The metrics/health ports admit the monitoring side only.
+    facts["metrics_from"] = sorted({a.split(" from ", 1)[1] for a in check_metrics_ingress(docs, pr.err)})
+
     # --- the headless Service the connectors resolve
     hl = named(docs, "Service", RELAY_HEADLESS)
     if pr.check(hl is not None, f"no Service {RELAY_HEADLESS}"):
@@ -949,6 +954,9 @@ def self_test(kustomize, k8s_version: str, crds, workdir: Path, bins: BinaryChec
     def svc(ds, name):
         return next(d for d in ds if d["kind"] == "Service" and d["metadata"]["name"] == name)
 
+    def netpol(ds, name):
+        return next(d for d in ds if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name)
+
     mutations = [
         ("headless Service with a cluster IP", "clusterIP",
          lambda ds: next(d for d in ds if d["metadata"]["name"] == RELAY_HEADLESS)["spec"].__setitem__("clusterIP", "10.0.0.9")),
@@ -980,6 +988,17 @@ def self_test(kustomize, k8s_version: str, crds, workdir: Path, bins: BinaryChec
          lambda ds: next(d for d in ds if d["kind"] == "Service" and d["metadata"]["name"] == "ztna-echo")["spec"].__setitem__("type", "NodePort")),
         ("echo open to every pod", "admit ingress from the connector pods only",
          lambda ds: next(d for d in ds if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "ztna-echo")["spec"]["ingress"][0].pop("from")),
+        ("metrics port open to every source", "from everywhere (no `from`)",
+         lambda ds: netpol(ds, "ztna-metrics")["spec"]["ingress"][0].pop("from")),
+        ("metrics port open to every namespace", "admits every namespace",
+         lambda ds: netpol(ds, "ztna-metrics")["spec"]["ingress"][0]["from"][0].__setitem__("namespaceSelector", {})),
+        ("relay admitting every port from anywhere", "from everywhere (no `from`)",
+         lambda ds: netpol(ds, RELAY)["spec"]["ingress"].append({})),
+        ("connector metrics port to 0.0.0.0/0", "admits everyone",
+         lambda ds: netpol(ds, "ztna-metrics")["spec"]["ingress"].append(
+             {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 9091}]})),
+        ("metrics policy gone", "no NetworkPolicy admits the monitoring namespace",
+         lambda ds: ds.remove(netpol(ds, "ztna-metrics"))),
         ("a committed Secret", "must not be in the repository",
          lambda ds: ds.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ztna-relay-tls", "namespace": NAMESPACE},
                                "stringData": {"relay.key": "x"}})),
@@ -1067,7 +1086,7 @@ def main() -> int:
                 print(f"ok   {t.name}: {n} objects valid (k8s {a.k8s_version}: {b}, CRD schemas: {c}); "
                       f"relay LB UDP/{QUIC_PORT} ETP={facts.get('etp')}, seccomp={facts.get('seccomp')}, "
                       f"arch={t.arch}, workers={facts.get('workers')}, grace {tg}s > drain {gr:g}s; "
-                      f"image {facts.get('image')}")
+                      f"image {facts.get('image')}; metrics/health ports from {'; '.join(facts.get('metrics_from', []))}")
         if bins is not None:
             if not failed:
                 print(f"ok   check-config: {bins.runs} runs of {bindir}/ztna-relay and ztna-connector accept the "

@@ -45,17 +45,17 @@ impl ConnectorHealth {
 
 /// Serves `/healthz`, `/readyz` and `/metrics` of a connector on `addr`.
 pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<ConnectorStats>) -> Result<SocketAddr> {
+    let http_stats = Arc::new(crate::http::HttpStats::default());
+    let counted = Arc::clone(&http_stats);
     let handler: Arc<crate::http::Handler> = Arc::new(move |path: &str| {
         if path == "/metrics" {
-            return Some(crate::http::Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: render_metrics(&health, &stats),
-            });
+            let mut body = render_metrics(&health, &stats);
+            body.push_str(&counted.render_prometheus("ztna_connector_http_events_total"));
+            return Some(crate::http::Response { status: 200, content_type: "text/plain; version=0.0.4", body });
         }
         crate::http::probe(path, health.alive(Instant::now()), health.serving())
     });
-    crate::http::serve(addr, "connector", handler)
+    crate::http::serve_counted(addr, "connector", handler, http_stats)
 }
 
 fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
