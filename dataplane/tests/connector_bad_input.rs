@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ztna_control::{packet, Role};
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
+use ztna_dataplane::connector::{Backend, Connector, ConnectorStats, Proto};
 use ztna_dataplane::echo::EchoServer;
 use ztna_dataplane::io::IoBackend;
 
@@ -19,17 +19,12 @@ use ztna_dataplane::io::IoBackend;
 fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
     let relay = start_relay(2, IoBackend::Auto, true);
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut cfg = ConnectorConfig::new(
-        vec![relay.local_addr],
-        vec![ServiceConfig {
-            name: "echo".into(),
-            icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
-            allow_agents: None,
-        }],
+    let mut cfg = connector_config(
+        &relay,
+        0,
+        "echo",
+        vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
     );
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    connector_tls(&relay, &mut cfg, 0);
     cfg.max_udp_flows_per_agent = 2;
     let mut connector = Connector::new(cfg, 3).unwrap();
     let end = Instant::now() + T;

@@ -17,7 +17,7 @@ use smoltcp::socket::tcp::State;
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role};
 use ztna_dataplane::client_io::UdpClient;
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
+use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, ConnectorStats, Proto};
 use ztna_dataplane::echo::EchoServer;
 use ztna_dataplane::io::IoBackend;
 use ztna_dataplane::relay::RelayHandle;
@@ -46,20 +46,11 @@ impl Setup {
     fn start_with(tweak: impl FnOnce(&mut ConnectorConfig)) -> Setup {
         let relay = start_relay(2, IoBackend::Auto, true);
         let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut cfg = ConnectorConfig::new(
-            vec![relay.local_addr],
-            vec![ServiceConfig {
-                name: "web".into(),
-                icmp: true,
-                backend: vec![
-                    Backend { protocol: Proto::Udp, port: SERVICE.port(), target: echo.udp_addr.into() },
-                    Backend { protocol: Proto::Tcp, port: SERVICE.port(), target: echo.tcp_addr.into() },
-                ],
-                allow_agents: None,
-            }],
-        );
-        cfg.listen = "127.0.0.1:0".parse().unwrap();
-        connector_tls(&relay, &mut cfg, 0);
+        let backends = vec![
+            Backend { protocol: Proto::Udp, port: SERVICE.port(), target: echo.udp_addr.into() },
+            Backend { protocol: Proto::Tcp, port: SERVICE.port(), target: echo.tcp_addr.into() },
+        ];
+        let mut cfg = connector_config(&relay, 0, "web", backends);
         cfg.max_udp_flows = UDP_FLOWS;
         cfg.max_tcp_connections = TCP_CONNECTIONS;
         tweak(&mut cfg);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ztna_control::{packet, Role};
 use ztna_dataplane::client_io::UdpClient;
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_dataplane::connector::{Backend, Connector, Proto};
 use ztna_dataplane::echo::EchoServer;
 use ztna_dataplane::io::IoBackend;
 
@@ -35,17 +35,12 @@ fn until(c: &mut Connector, agent: &mut UdpClient, what: &str, done: impl Fn(&Co
 fn idle_flows_cost_no_reads() {
     let relay = start_relay(1, IoBackend::Auto, false);
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut cfg = ConnectorConfig::new(
-        vec![relay.local_addr],
-        vec![ServiceConfig {
-            name: "echo".into(),
-            icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
-            allow_agents: None,
-        }],
+    let mut cfg = connector_config(
+        &relay,
+        0,
+        "echo",
+        vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
     );
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    connector_tls(&relay, &mut cfg, 0);
     // One agent flow may use the whole table here.
     cfg.max_udp_flows = FLOWS;
     cfg.max_udp_flows_per_agent = FLOWS;

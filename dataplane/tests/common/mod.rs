@@ -300,3 +300,19 @@ impl RawClient {
         self.conn.peer_error().filter(|e| e.is_app).map(|e| e.error_code)
     }
 }
+
+/// A connector config for `relay` (listening on 127.0.0.1, identity
+/// `c{n}`) with one service `name` whose backends are `backends`.
+pub fn connector_config(
+    relay: &RelayHandle,
+    n: u64,
+    name: &str,
+    backends: Vec<ztna_dataplane::connector::Backend>,
+) -> ztna_dataplane::connector::ConnectorConfig {
+    use ztna_dataplane::connector::{ConnectorConfig, ServiceConfig};
+    let service = ServiceConfig { name: name.into(), icmp: true, backend: backends, allow_agents: None };
+    let mut cfg = ConnectorConfig::new(vec![relay.local_addr], vec![service]);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    connector_tls(relay, &mut cfg, n);
+    cfg
+}
