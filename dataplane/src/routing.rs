@@ -190,9 +190,70 @@ impl FlowTable {
     }
 }
 
+/// The connections of one worker that hold an agent flow for a service,
+/// so that a ConnectorUp/Down visits only those instead of every flow of
+/// every connection. A connection holds at most one agent flow per
+/// service (DUPLICATE otherwise), so the key identifies the flow.
+#[derive(Debug, Default)]
+pub struct AgentIndex {
+    by_service: HashMap<ServiceName, std::collections::HashSet<ConnKey>>,
+}
+
+impl AgentIndex {
+    pub fn add(&mut self, service: &ServiceName, conn: ConnKey) {
+        self.by_service.entry(service.clone()).or_default().insert(conn);
+    }
+
+    /// Forgets `conn`'s agent flow for `service` (empty sets are dropped,
+    /// so the index holds only what is registered now).
+    pub fn remove(&mut self, service: &ServiceName, conn: ConnKey) {
+        if let Some(set) = self.by_service.get_mut(service) {
+            set.remove(&conn);
+            if set.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+    }
+
+    /// Connections holding an agent flow for `service`.
+    pub fn conns(&self, service: &ServiceName) -> Vec<ConnKey> {
+        self.by_service.get(service).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Agent flows indexed, over all services.
+    pub fn len(&self) -> usize {
+        self.by_service.values().map(|s| s.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_service.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_index_tracks_connections_per_service() {
+        let (web, db) = (ServiceName::new("web").unwrap(), ServiceName::new("db").unwrap());
+        let mut ix = AgentIndex::default();
+        ix.add(&web, key(0, 1));
+        ix.add(&web, key(0, 2));
+        ix.add(&web, key(0, 2));
+        ix.add(&db, key(0, 1));
+        let mut w = ix.conns(&web);
+        w.sort_by_key(|k| k.slot);
+        assert_eq!(w, vec![key(0, 1), key(0, 2)]);
+        assert_eq!(ix.len(), 3);
+        ix.remove(&web, key(0, 1));
+        ix.remove(&web, key(0, 2));
+        ix.remove(&db, key(0, 9));
+        assert!(ix.conns(&web).is_empty());
+        assert_eq!(ix.conns(&db), vec![key(0, 1)]);
+        ix.remove(&db, key(0, 1));
+        assert!(ix.is_empty(), "nothing left behind");
+    }
 
     fn key(worker: u16, slot: u32) -> ConnKey {
         ConnKey { worker, slot, gen: 1 }

@@ -139,5 +139,8 @@ counters! {
     /// Connections whose sending stopped at 3× the bytes received before
     /// their address was validated (counted once per connection).
     amplification_limited,
+    /// Agent connections looked at to re-bind their flows after a
+    /// ConnectorUp/Down (only those holding a flow for that service).
+    rebind_visits,
     }
 }

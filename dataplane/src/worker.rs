@@ -19,7 +19,7 @@ use crate::budget::{self, BudgetShare};
 use crate::cid::{self, CID_LEN};
 use crate::mesh::{Ctrl, Data, Mesh};
 use crate::ratelimit::TokenBucket;
-use crate::routing::{Binding, ConnKey, Directory, Flow, FlowTable, Serving};
+use crate::routing::{AgentIndex, Binding, ConnKey, Directory, Flow, FlowTable, Serving};
 use crate::security::{RetryMode, Security, Shared};
 use crate::stats::WorkerStats;
 
@@ -264,6 +264,8 @@ pub struct Worker {
     free: Vec<u32>,
     by_cid: HashMap<CidKey, u32>,
     dir: Directory,
+    /// This worker's connections with an agent flow, per service.
+    agents: AgentIndex,
     mesh: Arc<Mesh>,
     local_ctrl: VecDeque<Ctrl>,
     outbox: Vec<VecDeque<Ctrl>>,
@@ -328,6 +330,7 @@ impl Worker {
             free: Vec::new(),
             by_cid: HashMap::new(),
             dir: Directory::default(),
+            agents: AgentIndex::default(),
             mesh,
             local_ctrl: VecDeque::new(),
             outbox: (0..n).map(|_| VecDeque::new()).collect(),
@@ -938,6 +941,7 @@ impl Worker {
                 let Some(agent_flow) = conn.flows.insert(flow) else {
                     return self.register_error(conn, request_id, Code::LIMIT, "flow table full");
                 };
+                self.agents.add(&service, conn.key);
                 debug!(worker = self.cfg.index, peer = %conn.peer, %service, agent_flow, "agent registering");
                 let id = Arc::clone(&conn.identity_uri);
                 self.send_bind(conn.key, agent_flow, conn.peer, id, target, 1);
@@ -957,8 +961,11 @@ impl Worker {
     /// tells the other side (Unbind, ConnectorDown).
     fn drop_registration(&mut self, conn: &mut Conn, flow: u32) {
         match conn.flows.remove(flow) {
-            Some(Flow::Agent { binding: Binding::Bound { connector, flow }, .. }) => {
-                self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+            Some(Flow::Agent { service, binding, .. }) => {
+                self.agents.remove(&service, conn.key);
+                if let Binding::Bound { connector, flow } = binding {
+                    self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+                }
             }
             Some(Flow::Service { service }) => {
                 let peers: Vec<u32> = conn
@@ -1167,15 +1174,13 @@ impl Worker {
         match c {
             Ctrl::ConnectorUp { service, conn, handle } => {
                 self.dir.add(service.clone(), Serving { conn, handle });
-                self.rebind_where(|s, b| s == &service && *b == Binding::Unbound, None);
+                self.rebind_where(&service, |b| *b == Binding::Unbound, None);
             }
             Ctrl::ConnectorDown { service, conn } => {
                 self.dir.remove(&service, conn);
                 self.rebind_where(
-                    |s, b| {
-                        s == &service
-                            && matches!(b, Binding::Pending(c) | Binding::Bound { connector: c, .. } if *c == conn)
-                    },
+                    &service,
+                    |b| matches!(b, Binding::Pending(c) | Binding::Bound { connector: c, .. } if *c == conn),
                     Some(conn),
                 );
             }
@@ -1248,7 +1253,7 @@ impl Worker {
                     self.send_bind(agent, agent_flow, peer, id, t, attempt.saturating_add(1));
                 }
                 if let Some(request_id) = refuse {
-                    a.flows.remove(agent_flow);
+                    self.remove_agent_flow(&mut a, agent_flow);
                     self.register_error(&mut a, request_id, Code::UNKNOWN_SERVICE, "no connector serves it");
                 }
                 self.put(a);
@@ -1271,7 +1276,7 @@ impl Worker {
                         if *c == connector && *flow == connector_flow
                 );
                 if bound_here {
-                    a.flows.remove(agent_flow);
+                    self.remove_agent_flow(&mut a, agent_flow);
                     self.send_msg(&mut a, &Message::FlowClose { flow: agent_flow, code });
                 }
                 self.put(a);
@@ -1333,19 +1338,33 @@ impl Worker {
         }
     }
 
-    /// Re-binds every local agent flow matching `pred` to a connector picked
-    /// from the directory (skipping `exclude`), or marks it unbound.
-    fn rebind_where(&mut self, pred: impl Fn(&wire::ServiceName, &Binding) -> bool, exclude: Option<ConnKey>) {
+    /// Removes an agent flow of `conn` and its index entry.
+    fn remove_agent_flow(&mut self, conn: &mut Conn, id: u32) {
+        if let Some(Flow::Agent { service, .. }) = conn.flows.remove(id) {
+            self.agents.remove(&service, conn.key);
+        }
+    }
+
+    /// Re-binds every local agent flow for `service` whose binding matches
+    /// `pred` to a connector picked from the directory (skipping
+    /// `exclude`), or marks it unbound. Visits only the connections that
+    /// hold an agent flow for `service` ([`AgentIndex`]).
+    fn rebind_where(&mut self, service: &wire::ServiceName, pred: impl Fn(&Binding) -> bool, exclude: Option<ConnKey>) {
         let mut binds = Vec::new();
         let mut unbinds = Vec::new();
         let mut refusals = Vec::new();
-        for conn in self.slots.iter_mut().flatten() {
-            let key = conn.key;
+        let conns = self.agents.conns(service);
+        self.stats.rebind_visits.fetch_add(conns.len() as u64, Ordering::Relaxed);
+        for key in conns {
+            if self.gens.get(key.slot as usize) != Some(&key.gen) {
+                continue;
+            }
+            let Some(conn) = self.slots.get_mut(key.slot as usize).and_then(Option::as_mut) else { continue };
             let peer = conn.peer;
             let agent_id = Arc::clone(&conn.identity_uri);
             for (id, f) in conn.flows.iter_mut() {
-                let Flow::Agent { service, binding, pending_request } = f else { continue };
-                if !pred(service, binding) {
+                let Flow::Agent { service: s, binding, pending_request } = f else { continue };
+                if s != service || !pred(binding) {
                     continue;
                 }
                 if let Binding::Bound { connector, flow } = *binding {
@@ -1375,7 +1394,7 @@ impl Worker {
         }
         for (key, id, request_id) in refusals {
             if let Some(mut c) = self.take(key) {
-                c.flows.remove(id);
+                self.remove_agent_flow(&mut c, id);
                 self.register_error(&mut c, request_id, Code::UNKNOWN_SERVICE, "no connector serves it");
                 self.put(c);
             }
@@ -1518,8 +1537,11 @@ impl Worker {
         }
         for (_, f) in conn.flows.drain() {
             match f {
-                Flow::Agent { binding: Binding::Bound { connector, flow }, .. } => {
-                    self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+                Flow::Agent { service, binding, .. } => {
+                    self.agents.remove(&service, key);
+                    if let Binding::Bound { connector, flow } = binding {
+                        self.send_ctrl(usize::from(connector.worker), Ctrl::Unbind { connector, connector_flow: flow });
+                    }
                 }
                 Flow::Service { service } => self.broadcast(Ctrl::ConnectorDown { service, conn: key }),
                 _ => {}

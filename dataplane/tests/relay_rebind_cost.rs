@@ -1,9 +1,10 @@
-//! A measurement, not a check (ignored by default; run with
+//! The cost of a ConnectorUp/ConnectorDown at the relay workers: it visits
+//! only the agent connections that hold a flow for that service
+//! (`routing::AgentIndex`), not every flow (the old `rebind_where` scanned
+//! them all). One check (`rebind_visits`) and one measurement (ignored by
+//! default; run with
 //! `cargo test -p ztna-dataplane --test relay_rebind_cost -- --ignored --nocapture`):
-//! the relay worker's CPU per ConnectorUp/ConnectorDown (a connector
-//! registering and unregistering a service nobody uses) with many agent
-//! flows on the worker against none. Every such event makes every worker
-//! look at every agent flow (`Worker::rebind_where`).
+//! the worker's CPU per pair with many agent flows against none.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 mod common;
@@ -62,8 +63,42 @@ fn toggle_cost(relay: &ztna_dataplane::relay::RelayHandle, pairs: u32) -> Durati
 }
 
 #[test]
+fn connector_up_down_visits_only_the_services_agents() {
+    let relay = start_relay(1, IoBackend::Auto, false);
+    let services: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    let regs: Vec<(Role, &str)> = services.iter().map(|s| (Role::Connector, s.as_str())).collect();
+    let mut conn = client(&relay, &regs, 0);
+    until_registered(&mut conn, regs.len());
+    let aregs: Vec<(Role, &str)> = services.iter().map(|s| (Role::Agent, s.as_str())).collect();
+    let mut agents: Vec<_> = (0..5u64).map(|i| client(&relay, &aregs, 2000 + i)).collect();
+    for a in &mut agents {
+        until_registered(a, aregs.len());
+    }
+    let before = relay.totals().rebind_visits;
+    // A service none of the 50 agent flows uses: nothing to visit.
+    let mut other = client(&relay, &[(Role::Connector, "x")], 1);
+    until_registered(&mut other, 1);
+    other.session.close();
+    let end = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < end {
+        other.pump();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(relay.totals().rebind_visits, before, "ConnectorUp/Down of an unused service visits no agent");
+    // A second connector for s0: exactly the five agent connections of s0.
+    let mut second = client(&relay, &[(Role::Connector, "s0")], 2);
+    until_registered(&mut second, 1);
+    let end = Instant::now() + T;
+    while relay.totals().rebind_visits < before + 5 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(relay.totals().rebind_visits, before + 5, "visits the agents of s0 only");
+    relay.shutdown();
+}
+
+#[test]
 #[ignore = "a measurement; run with --ignored --nocapture"]
-fn connector_up_down_cost_grows_with_agent_flows() {
+fn connector_up_down_cost_with_agent_flows() {
     let relay = start_relay(1, IoBackend::Auto, false);
     const PAIRS: u32 = 30;
     let empty = toggle_cost(&relay, PAIRS);

@@ -281,7 +281,7 @@ def check_keys(table: dict, struct: str, src: Path, where: str, pr: Problems) ->
 
 def check_parser() -> list[str]:
     """The struct parser reads the fields this checker relies on, with their types."""
-    conn = ROOT / "dataplane" / "src" / "connector.rs"
+    conn = ROOT / "dataplane" / "src" / "connector" / "config.rs"
     relay = ROOT / "dataplane" / "src" / "relay.rs"
     want = [
         (conn, "ConnectorConfig", "relays", "Vec<String>"),
@@ -784,7 +784,7 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
             except tomllib.TOMLDecodeError as e:
                 pr.err(f"connector.toml: {e}")
         if ct is not None:
-            src = ROOT / "dataplane" / "src" / "connector.rs"
+            src = ROOT / "dataplane" / "src" / "connector" / "config.rs"
             check_keys(ct, "ConnectorConfig", src, "connector.toml", pr)
             services = [s for s in ct.get("service") or [] if isinstance(s, dict)]
             pr.check(bool(services), "connector.toml: no [[service]]")
