@@ -19,6 +19,14 @@ use ztna_dataplane::pki::{self, DevPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ztna-relay");
 
+/// The tests of this file measure resident memory and flood the relay
+/// flat out: one at a time, so none measures another's load.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The relay binary: this build's, or `ZTNA_TEST_RELAY_BIN` (to measure a
 /// release build, or an older relay, with the same flood).
 fn relay_bin() -> String {
@@ -48,6 +56,21 @@ struct Relay {
     child: Reap,
     addr: SocketAddr,
     pki: DevPki,
+    metrics: SocketAddr,
+}
+
+/// The relay's memory budget gauges from its /metrics: (used, limit).
+fn budget_of(r: &Relay) -> Option<(u64, u64)> {
+    use std::io::{Read, Write};
+    let mut t = std::net::TcpStream::connect(r.metrics).ok()?;
+    t.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    t.read_to_string(&mut body).ok()?;
+    let gauge = |name: &str| -> Option<u64> {
+        let line = body.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|v| v as u64)
+    };
+    Some((gauge("ztna_relay_memory_budget_used_bytes")?, gauge("ztna_relay_memory_budget_bytes")?))
 }
 
 fn start_relay(limits: &str) -> Relay {
@@ -55,12 +78,13 @@ fn start_relay(limits: &str) -> Relay {
     let policy = pki.dir.join("policy.toml");
     std::fs::write(&policy, "[services.echo]\nconnectors = [\"site\"]\nagents = [\"*\"]\n").unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let cfg = pki.dir.join("relay.toml");
     std::fs::write(
         &cfg,
         format!(
             "listen = \"{addr}\"\nworkers = 2\npin_cores = false\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
-             trust_domain = \"{}\"\npolicy = {:?}\n[limits]\nhandshakes_per_sec_per_ip = 0\nmax_conns_per_ip = 0\n{limits}",
+             trust_domain = \"{}\"\npolicy = {:?}\nmetrics = \"{metrics}\"\n[limits]\nhandshakes_per_sec_per_ip = 0\nmax_conns_per_ip = 0\n{limits}",
             pki.cert,
             pki.key,
             pki.ca,
@@ -77,7 +101,7 @@ fn start_relay(limits: &str) -> Relay {
         .stderr(std::fs::File::create(pki.dir.join("relay.log")).unwrap())
         .spawn()
         .unwrap();
-    Relay { child: Reap(child), addr, pki }
+    Relay { child: Reap(child), addr, pki, metrics }
 }
 
 fn client_of(r: &Relay, kind: Kind, name: &str, from: &str, role: Role, seed: u64) -> UdpClient {
@@ -136,7 +160,9 @@ fn probe(alice: &mut UdpClient, connector: &mut UdpClient, flow: u32, n: usize) 
 
 #[test]
 fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
+    let _serial = one_at_a_time();
     const BUDGET_MIB: u64 = 48;
+    const UNCHARGED_MIB: u64 = 80;
     let attackers = flood_conns();
     let relay = start_relay(&format!("memory_budget_mib = {BUDGET_MIB}\nmax_conns_per_identity = 1000\n"));
     let pid = relay.child.0.id();
@@ -173,6 +199,7 @@ fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
     let mut peak = 0u64;
     let mut bystander = (0, 0);
     let mut first_try = 0;
+    let mut max_used = 0;
     let flood_end = Instant::now() + Duration::from_secs(15);
     let mut last_probe = Instant::now();
     while Instant::now() < flood_end {
@@ -189,22 +216,32 @@ fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
             let (ok, first) = probe(&mut alice, &mut connector, alice_flow, bystander.0);
             bystander.1 += usize::from(ok);
             first_try += usize::from(first);
+            let (used, limit) = budget_of(&relay).expect("budget gauges on /metrics");
+            assert_eq!(limit, BUDGET_MIB << 20);
+            max_used = max_used.max(used);
         }
         peak = peak.max(rss_of(pid).0);
     }
     let (_, hwm) = rss_of(pid);
     eprintln!(
         "relay RSS: baseline {} MiB, peak {} MiB (VmHWM {} MiB), budget {BUDGET_MIB} MiB; bystander {}/{} round trips \
-         ({first_try} at the first attempt)",
+         ({first_try} at the first attempt); budget used at most {} MiB",
         baseline >> 20,
         peak >> 20,
         hwm >> 20,
         bystander.1,
-        bystander.0
+        bystander.0,
+        max_used >> 20
     );
+    assert!(max_used > 0 && max_used <= BUDGET_MIB << 20, "what the relay holds for peers stays within its budget");
     assert!(
-        hwm <= baseline + ((BUDGET_MIB + 16) << 20),
-        "relay peak RSS {} MiB exceeds baseline {} MiB + budget {BUDGET_MIB} MiB + 16 MiB slack",
+        // What the budget does not see: quiche's loss-recovery state (a
+        // record per packet in flight, each with a copy of the ACK ranges),
+        // measured at 25-70 MiB in this flood (heaptrack; SECURITY.md,
+        // "Known gaps"). This bound is loose: it catches the old
+        // unbounded growth (172 MiB in 15 s, release build), not less.
+        hwm <= baseline + ((BUDGET_MIB + UNCHARGED_MIB) << 20),
+        "relay peak RSS {} MiB exceeds baseline {} MiB + budget {BUDGET_MIB} MiB + {UNCHARGED_MIB} MiB",
         hwm >> 20,
         baseline >> 20
     );
@@ -223,20 +260,21 @@ fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
     // loaded machine some time.
     let settle = Instant::now() + Duration::from_secs(30);
     let mut after = rss_of(pid).0;
-    while Instant::now() < settle && after > baseline + (24 << 20) {
+    while Instant::now() < settle && after > baseline + (32 << 20) {
         echo_all(&mut connector);
         alice.pump();
         std::thread::sleep(Duration::from_millis(10));
         after = rss_of(pid).0;
     }
     eprintln!("relay RSS after the flood: {} MiB", after >> 20);
-    assert!(after <= baseline + (24 << 20), "RSS after the flood {} MiB, baseline {} MiB", after >> 20, baseline >> 20);
+    assert!(after <= baseline + (32 << 20), "RSS after the flood {} MiB, baseline {} MiB", after >> 20, baseline >> 20);
     assert!(round_trip(&mut alice, std::slice::from_mut(&mut connector), alice_flow, b"after").is_some());
     let _ = std::fs::remove_dir_all(&relay.pki.dir);
 }
 
 #[test]
 fn connections_per_identity_are_capped() {
+    let _serial = one_at_a_time();
     let relay = start_relay("max_conns_per_identity = 4\n");
     let mut clients: Vec<UdpClient> =
         (0..6).map(|i| client_of(&relay, Kind::Agent, "mallory", "127.0.0.3", Role::Agent, 10 + i)).collect();
@@ -275,6 +313,7 @@ fn connections_per_identity_are_capped() {
 /// rate, and new connections stop well before the budget is gone.
 #[test]
 fn half_open_handshakes_turn_on_retry_before_the_budget_is_at_risk() {
+    let _serial = one_at_a_time();
     use ztna_dataplane::io::IoBackend;
     let mut cfg = relay_config(1, IoBackend::Auto, true);
     cfg.limits.memory_budget_mib = 16;
@@ -328,4 +367,61 @@ fn half_open_handshakes_turn_on_retry_before_the_budget_is_at_risk() {
     );
     assert!(used <= limit, "within the budget");
     relay.shutdown();
+}
+
+/// What a half-open connection really costs the relay process, against
+/// what the budget charges for it ([`ztna_dataplane::worker::CONN_CHARGE`]).
+#[test]
+fn the_budget_charge_covers_a_half_open_connection() {
+    let _serial = one_at_a_time();
+    const N: usize = 1500;
+    let relay = start_relay("retry = \"off\"\nhandshake_timeout_ms = 60000\nmemory_budget_mib = 1024\n");
+    let pid = relay.child.0.id();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = sock.local_addr().unwrap();
+    let mut qcfg =
+        ztna_control::quic::client_config(&ztna_control::quic::TlsOptions { verify_peer: false, ..Default::default() })
+            .unwrap();
+    // Wait until the relay answers at all, then take the baseline.
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut first_flight = |i: usize| {
+        let mut scid = [0u8; 16];
+        scid[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let mut c =
+            quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), local, relay.addr, &mut qcfg)
+                .unwrap();
+        while let Ok((n, _)) = c.send(&mut out) {
+            sock.send_to(&out[..n], relay.addr).unwrap();
+        }
+    };
+    let end = Instant::now() + T;
+    loop {
+        first_flight(usize::MAX);
+        if sock.recv_from(&mut buf).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < end, "relay answers");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (baseline, _) = rss_of(pid);
+    for i in 0..N {
+        first_flight(i);
+        while sock.recv_from(&mut buf).is_ok() {}
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (held, _) = rss_of(pid);
+    let per_conn = held.saturating_sub(baseline) / N as u64;
+    let charge = ztna_dataplane::worker::CONN_CHARGE;
+    eprintln!(
+        "{N} half-open connections: RSS {} → {} MiB, {:.1} KiB each; the budget charges {} KiB",
+        baseline >> 20,
+        held >> 20,
+        per_conn as f64 / 1024.0,
+        charge / 1024
+    );
+    assert!(per_conn > 4 * 1024, "the connections were really held ({per_conn} bytes each)");
+    assert!(per_conn <= charge * 5 / 4, "a half-open connection costs {per_conn} bytes, the budget charges {charge}");
+    let _ = std::fs::remove_dir_all(&relay.pki.dir);
 }
