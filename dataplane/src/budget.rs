@@ -8,7 +8,7 @@
 //! integer, and the shared counter is written a few times per megabyte.
 //! The shared figure is therefore exact up to `workers × PUBLISH_STEP`.
 //!
-//! What happens at the budget is the callers' business (`worker.rs`): new
+//! What happens at the budget is the callers' business (`worker/`): new
 //! connections are refused, a destination whose queue is already above a
 //! small floor gets no more datagrams, and under pressure `retry = "auto"`
 //! demands Retry from every new connection.

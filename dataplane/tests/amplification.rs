@@ -13,24 +13,6 @@ use ztna_dataplane::io::IoBackend;
 use ztna_dataplane::relay;
 use ztna_dataplane::security::RetryMode;
 
-/// The first flight of a real quiche client: its ClientHello in padded
-/// 1200-byte Initials (two of them: BoringSSL's post-quantum key share
-/// does not fit one).
-fn client_initial(relay: std::net::SocketAddr, local: std::net::SocketAddr) -> Vec<Vec<u8>> {
-    let mut cfg =
-        ztna_control::quic::client_config(&ztna_control::quic::TlsOptions { verify_peer: false, ..Default::default() })
-            .unwrap();
-    let scid = [0x5a; 16];
-    let mut conn =
-        quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), local, relay, &mut cfg).unwrap();
-    let mut flight = Vec::new();
-    let mut out = vec![0u8; 2048];
-    while let Ok((n, _)) = conn.send(&mut out) {
-        flight.push(out[..n].to_vec());
-    }
-    flight
-}
-
 /// Sends one Initial from a fresh socket and collects what the relay sends
 /// back for `listen`: (bytes in, bytes out, datagrams out).
 fn silent_source(mode: RetryMode, listen: Duration) -> (usize, usize, usize) {
@@ -39,7 +21,7 @@ fn silent_source(mode: RetryMode, listen: Duration) -> (usize, usize, usize) {
     cfg.limits.handshake_timeout_ms = 60_000;
     let relay = relay::start(&cfg).unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let flight = client_initial(relay.local_addr, sock.local_addr().unwrap());
+    let flight = first_flight(&mut silent_client_config(), sock.local_addr().unwrap(), relay.local_addr, 1);
     for d in &flight {
         assert!(d.len() >= 1200, "a client Initial is padded: {}", d.len());
         sock.send_to(d, relay.local_addr).unwrap();
@@ -87,7 +69,7 @@ fn quiche_server_alone_to_a_silent_client() {
     scfg.load_priv_key_from_pem_file(pki.key.to_str().unwrap()).unwrap();
     ztna_control::quic::apply_transport(&mut scfg).unwrap();
     let (server_addr, client_addr) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
-    let flight = client_initial(server_addr, client_addr);
+    let flight = first_flight(&mut silent_client_config(), client_addr, server_addr, 1);
     let mut conn =
         quiche::accept(&quiche::ConnectionId::from_ref(&[7u8; 16]), None, server_addr, client_addr, &mut scfg).unwrap();
     let rx: usize = flight.iter().map(Vec::len).sum();

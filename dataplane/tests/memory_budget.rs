@@ -324,24 +324,11 @@ fn half_open_handshakes_turn_on_retry_before_the_budget_is_at_risk() {
     let relay = ztna_dataplane::relay::start(&cfg).unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let local = sock.local_addr().unwrap();
-    let mut qcfg =
-        ztna_control::quic::client_config(&ztna_control::quic::TlsOptions { verify_peer: false, ..Default::default() })
-            .unwrap();
-    let mut out = vec![0u8; 2048];
+    let mut qcfg = silent_client_config();
     const INITIALS: usize = 800; // 800 × 32 KiB = 25 MiB of half-open state
     for i in 0..INITIALS {
-        let mut scid = [0u8; 16];
-        scid[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let mut c = quiche::connect(
-            Some("localhost"),
-            &quiche::ConnectionId::from_ref(&scid),
-            local,
-            relay.local_addr,
-            &mut qcfg,
-        )
-        .unwrap();
-        while let Ok((n, _)) = c.send(&mut out) {
-            sock.send_to(&out[..n], relay.local_addr).unwrap();
+        for d in first_flight(&mut qcfg, local, relay.local_addr, i as u64) {
+            sock.send_to(&d, relay.local_addr).unwrap();
         }
         if i % 50 == 0 {
             std::thread::sleep(Duration::from_millis(20));
@@ -379,26 +366,18 @@ fn the_budget_charge_covers_a_half_open_connection() {
     let pid = relay.child.0.id();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let local = sock.local_addr().unwrap();
-    let mut qcfg =
-        ztna_control::quic::client_config(&ztna_control::quic::TlsOptions { verify_peer: false, ..Default::default() })
-            .unwrap();
+    let mut qcfg = silent_client_config();
     // Wait until the relay answers at all, then take the baseline.
-    let mut out = vec![0u8; 2048];
     let mut buf = vec![0u8; 65_536];
     sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut first_flight = |i: usize| {
-        let mut scid = [0u8; 16];
-        scid[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let mut c =
-            quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), local, relay.addr, &mut qcfg)
-                .unwrap();
-        while let Ok((n, _)) = c.send(&mut out) {
-            sock.send_to(&out[..n], relay.addr).unwrap();
+    let mut send_flight = |i: u64| {
+        for d in first_flight(&mut qcfg, local, relay.addr, i) {
+            sock.send_to(&d, relay.addr).unwrap();
         }
     };
     let end = Instant::now() + T;
     loop {
-        first_flight(usize::MAX);
+        send_flight(u64::MAX);
         if sock.recv_from(&mut buf).is_ok() {
             break;
         }
@@ -406,8 +385,8 @@ fn the_budget_charge_covers_a_half_open_connection() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let (baseline, _) = rss_of(pid);
-    for i in 0..N {
-        first_flight(i);
+    for i in 0..N as u64 {
+        send_flight(i);
         while sock.recv_from(&mut buf).is_ok() {}
     }
     std::thread::sleep(Duration::from_secs(1));

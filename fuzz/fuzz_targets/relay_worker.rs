@@ -1,5 +1,5 @@
 #![no_main]
-//! The relay's per-core engine (`dataplane/src/worker.rs` `Worker`), fed
+//! The relay's per-core engine (`dataplane/src/worker/` `Worker`), fed
 //! by in-process QUIC clients whose every control-stream byte and DATAGRAM
 //! comes from the fuzzer, plus raw UDP packets from anywhere: packet
 //! steering (`cid::owner`), QUIC header parsing, version negotiation, Retry

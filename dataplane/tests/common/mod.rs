@@ -316,3 +316,26 @@ pub fn connector_config(
     connector_tls(relay, &mut cfg, n);
     cfg
 }
+
+/// A quiche client config that verifies nothing and presents no
+/// certificate: enough to produce first flights of handshakes that are
+/// never finished.
+pub fn silent_client_config() -> quiche::Config {
+    ztna_control::quic::client_config(&TlsOptions { verify_peer: false, ..TlsOptions::default() }).unwrap()
+}
+
+/// The first flight of a real quiche client from `local` to `relay` (its
+/// ClientHello in padded 1200-byte Initials; BoringSSL's post-quantum key
+/// share takes two), with a source CID derived from `seed`.
+pub fn first_flight(cfg: &mut quiche::Config, local: SocketAddr, relay: SocketAddr, seed: u64) -> Vec<Vec<u8>> {
+    let mut scid = [0x5a; 16];
+    scid[..8].copy_from_slice(&seed.to_be_bytes());
+    let mut conn =
+        quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), local, relay, cfg).unwrap();
+    let mut flight = Vec::new();
+    let mut out = vec![0u8; 2048];
+    while let Ok((n, _)) = conn.send(&mut out) {
+        flight.push(out[..n].to_vec());
+    }
+    flight
+}
