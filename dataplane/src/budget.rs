@@ -85,14 +85,15 @@ impl BudgetShare {
 }
 
 /// The budget to use: the configured one, else a share of the cgroup's
-/// memory limit, else [`DEFAULT_BUDGET`]. Returns the bytes and where they
+/// memory limit, else [`DEFAULT_BUDGET`] ([`MemoryBudget::new`] raises it
+/// to [`MIN_BUDGET`]). Returns the bytes and where they
 /// came from (for the start-up log).
 pub fn resolve(configured_mib: u64) -> (u64, &'static str) {
     if configured_mib > 0 {
-        return (configured_mib.saturating_mul(1 << 20).max(MIN_BUDGET), "config");
+        return (configured_mib.saturating_mul(1 << 20), "config");
     }
     match cgroup_limit() {
-        Some(l) => ((l / 100).saturating_mul(CGROUP_SHARE_PERCENT).max(MIN_BUDGET), "cgroup"),
+        Some(l) => ((l / 100).saturating_mul(CGROUP_SHARE_PERCENT), "cgroup"),
         None => (DEFAULT_BUDGET, "default"),
     }
 }
