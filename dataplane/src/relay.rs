@@ -310,7 +310,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
     shared.per_identity =
         crate::ratelimit::ConnCounts::new(crate::security::PER_IDENTITY_SLOTS, cfg.limits.max_conns_per_identity);
     info!(
-        memory_budget_mib = budget >> 20,
+        memory_budget_mib = shared.budget.limit() >> 20,
         source,
         max_conns_per_identity = cfg.limits.max_conns_per_identity,
         "memory budget over connections, queues and backlogs"
