@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The C API test links the static library, and the network-namespace tests
-# (agent-sys/tests/netns.rs, run as root) start ztna-relay, ztna-connector
-# and ztna-bench from the target directory: build them explicitly.
-cargo build -p ztna-agent-sys
+# The C API test links the static library (ztna-agent-sys), and the
+# network-namespace tests (agent-linux/tests/netns/, run as root) start the
+# Linux agent (ztna-agent-linux), ztna-relay, ztna-connector and ztna-bench
+# from the target directory: build them explicitly.
+cargo build -p ztna-agent-sys -p ztna-agent-linux
 cargo build --workspace --bins
 # Deployment material, validated offline (deploy/README.md): Kubernetes
 # overlays rendered and schema-checked, systemd units, Terraform and

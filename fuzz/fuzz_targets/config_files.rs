@@ -1,8 +1,8 @@
 #![no_main]
 //! Configuration files and the strings inside them: `RelayConfig::from_toml`
 //! and `validate`, `ConnectorConfig::from_toml` (validates), the Linux
-//! agent's `FileConfig::from_toml` and `validate` (agent-sys/src/bin/
-//! ztna-agent/config.rs, included as a module since it lives in a binary),
+//! agent's `FileConfig::from_toml` and `validate` (agent-linux/src/
+//! config.rs, included as a module since it lives in a binary),
 //! the relay's policy file (`Policy::from_toml`, checked against a few
 //! identities), and the value parsers they and the C API use: `Cidr`,
 //! `ServiceName`, `Identity` (SPIFFE URI).
@@ -20,7 +20,7 @@ use ztna_dataplane::relay::RelayConfig;
 const TRUST_DOMAIN: &str = "corp.example";
 
 #[allow(dead_code)]
-#[path = "../../agent-sys/src/bin/ztna-agent/config.rs"]
+#[path = "../../agent-linux/src/config.rs"]
 mod agent_config;
 
 fuzz_target!(|data: &[u8]| {
