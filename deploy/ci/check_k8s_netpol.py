@@ -1,4 +1,5 @@
-"""NetworkPolicy checks of the rendered manifests, used by check_k8s.py.
+"""NetworkPolicy checks of the rendered manifests, used by check_k8s.py
+(k8s_checks/rendered.py).
 
 The relay's and the connector's metrics/health port (the container port
 named `http`) must not be reachable from everywhere: every ingress rule of
