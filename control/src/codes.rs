@@ -1,5 +1,6 @@
 //! Error and reason codes shared by control messages and QUIC
-//! CONNECTION_CLOSE application codes. See docs/PROTOCOL.md, "Error codes".
+//! CONNECTION_CLOSE application codes. See docs/PROTOCOL.md §7, "Error codes" (the table is in
+//! docs/protocol/error-codes.md).
 
 /// A 16-bit protocol code. Unknown values are preserved, not rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
