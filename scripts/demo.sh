@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo build --release -p ztna-bench -p ztna-dataplane
+cargo build --release -p ztna-bench -p ztna-relay -p ztna-connector
 exec ./target/release/ztna-bench demo "$@"

@@ -93,14 +93,12 @@ enum Cmd {
     CheckConfig,
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn main() -> std::process::ExitCode {
+    ztna_ops::logging::init("info");
+    ztna_ops::logging::exit_code(run_cli())
+}
+
+fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     let o = Overrides {
         relay: cli.relay,

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::identity::Kind;
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
-use ztna_dataplane::echo::EchoServer;
-use ztna_dataplane::relay::{self, RelayConfig};
+use ztna_relay::server::{self, RelayConfig};
+use ztna_testkit::echo::EchoServer;
 
 /// Resident-memory bound for the C test under load. iOS kills a packet
 /// tunnel extension above 50 MB; the agent must stay well below (the
@@ -52,7 +52,7 @@ fn c_program_against_real_relay_and_connector() {
     let asan = compile("ztna_agent_c_test_asan", &["-fsanitize=address", "-fno-omit-frame-pointer"]);
     let plain = compile("ztna_agent_c_test", &["-O2"]);
 
-    let relay = relay::start(&RelayConfig {
+    let relay = server::start(&RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: Some(2),
         dev: true,

@@ -9,8 +9,8 @@ use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
 use ztna_control::client::ClientConfig;
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
-use ztna_dataplane::client_io::UdpClient;
-use ztna_dataplane::relay::{self, RelayConfig};
+use ztna_relay::server::{self, RelayConfig};
+use ztna_testkit::client_io::UdpClient;
 
 /// What a connector's UDP echo sends back: the same payload, from the
 /// service address to the agent.
@@ -61,7 +61,7 @@ impl Driver {
 
 #[test]
 fn routing_and_refusals() {
-    let relay = relay::start(&RelayConfig {
+    let relay = server::start(&RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: Some(2),
         dev: true,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use ztna_dataplane::io::IoBackend;
+use ztna_udp::IoBackend;
 
 use crate::handshakes::{FloodSource, HandshakeConfig, RetryModeName};
 use crate::load::{LoadConfig, DEFAULT_WINDOW};

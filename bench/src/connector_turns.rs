@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::client::{ClientConfig, Event};
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
-use ztna_dataplane::client_io::UdpClient;
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
-use ztna_dataplane::echo::EchoServer;
-use ztna_dataplane::relay::{self, RelayConfig};
+use ztna_relay::server::{self, RelayConfig};
+use ztna_testkit::client_io::UdpClient;
+use ztna_testkit::echo::EchoServer;
 
 const SERVICE: &str = "echo";
 const ECHO_PORT: u16 = 7;
@@ -181,7 +181,7 @@ pub fn run(flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
     }
     // Agents: enough for the flows plus one batch on a fresh agent.
     let agents = flows.div_ceil(FLOWS_PER_AGENT) + 1;
-    let relay = relay::start(&RelayConfig {
+    let relay = server::start(&RelayConfig {
         listen: "127.0.0.1:0".parse()?,
         workers: Some(1),
         dev: true,
@@ -194,7 +194,7 @@ pub fn run(flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
     r
 }
 
-fn run_with(relay: &relay::RelayHandle, flows: usize, agents: usize, turns: usize) -> Result<ConnectorTurnsReport> {
+fn run_with(relay: &server::RelayHandle, flows: usize, agents: usize, turns: usize) -> Result<ConnectorTurnsReport> {
     let pki = relay.dev_pki.as_ref().context("dev PKI")?;
     let (cert, key) = pki.issue(Kind::Connector, "bench-connector")?;
     let echo = EchoServer::start("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)?;

@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use ztna_dataplane::io::IoBackend;
+use ztna_udp::IoBackend;
 
 use crate::tunnel::{self, TunnelReport};
 

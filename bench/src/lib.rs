@@ -20,6 +20,7 @@ pub mod cli;
 pub mod connector_turns;
 pub mod cpu;
 pub mod demo;
+pub mod forwarder;
 pub mod handshakes;
 pub mod load;
 pub mod probe;

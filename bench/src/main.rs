@@ -6,13 +6,7 @@ use clap::Parser;
 use ztna_bench::cli::{main_with, Cli};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    ztna_ops::logging::init("error");
     match main_with(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

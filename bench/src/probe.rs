@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use ztna_dataplane::echo::EchoServer;
+use ztna_testkit::echo::EchoServer;
 
 /// Runs UDP and TCP echo on `udp` and `tcp` until `stop` is set; prints
 /// `echo udp ADDR tcp ADDR` once listening.

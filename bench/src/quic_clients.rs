@@ -13,7 +13,7 @@ use ztna_control::client::{ClientConfig, Event, SendError};
 use ztna_control::datagram;
 use ztna_control::quic::TlsOptions;
 use ztna_control::{Role, ServiceName};
-use ztna_dataplane::client_io::{self, UdpClient};
+use ztna_testkit::client_io::{self, UdpClient};
 
 use crate::load::{is_ready, Transport};
 

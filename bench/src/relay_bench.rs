@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use ztna_control::identity::Kind;
 use ztna_control::quic::TlsOptions;
-use ztna_dataplane::io::IoBackend;
-use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
-use ztna_dataplane::stats::StatsSnapshot;
+use ztna_relay::server::{self, RelayConfig, RelayHandle};
+use ztna_relay::stats::StatsSnapshot;
+use ztna_udp::IoBackend;
 
 use crate::cpu;
 use crate::load::{self, LoadConfig, Sample};
@@ -58,7 +58,7 @@ pub fn start_dev_relay(workers: usize, io_backend: IoBackend, pin_cores: bool) -
         policy_toml: Some(bench_policy(SERVICE)),
         ..RelayConfig::default()
     };
-    relay::start(&cfg)
+    server::start(&cfg)
 }
 
 /// Identity of every benchmark agent (dev trust domain).

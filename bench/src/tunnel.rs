@@ -14,15 +14,15 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
-use ztna_dataplane::connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
-use ztna_dataplane::echo::EchoServer;
-use ztna_dataplane::io::IoBackend;
-use ztna_dataplane::relay::{self, RelayConfig, RelayHandle};
-use ztna_dataplane::tunnel_tcp::{IpLink, LinkRefused, TunnelTcp};
+use ztna_relay::server::{self, RelayConfig, RelayHandle};
+use ztna_testkit::echo::EchoServer;
+use ztna_testkit::tunnel_tcp::{IpLink, LinkRefused, TunnelTcp};
+use ztna_udp::IoBackend;
 
 /// The service, its address as agents see it, and the echo port.
 pub const SERVICE: &str = "echo";
@@ -79,7 +79,7 @@ impl AgentLink {
             if Instant::now() > end {
                 bail!("agent did not register within {timeout:?}");
             }
-            ztna_dataplane::client_io::wait_readable(&[self.sock.as_raw_fd()], Duration::from_millis(5));
+            ztna_testkit::client_io::wait_readable(&[self.sock.as_raw_fd()], Duration::from_millis(5));
         }
     }
 }
@@ -133,7 +133,7 @@ pub struct TunnelEnv {
 
 impl TunnelEnv {
     pub fn start(workers: usize, io_backend: IoBackend) -> Result<TunnelEnv> {
-        let relay = relay::start(&RelayConfig {
+        let relay = server::start(&RelayConfig {
             listen: "127.0.0.1:0".parse()?,
             workers: Some(workers),
             dev: true,
@@ -290,7 +290,7 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
             }
         }
         if sent - received >= window || sent == udp_count {
-            ztna_dataplane::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
+            ztna_testkit::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
         }
     }
     let udp_seconds = t_udp.elapsed().as_secs_f64();

@@ -1,5 +1,5 @@
 //! `ztna-bench udp-forwarder`: the same load through a plain UDP forwarder
-//! ([`ztna_dataplane::forwarder`]) on the same I/O backend: no QUIC, no
+//! ([`crate::forwarder`]) on the same I/O backend: no QUIC, no
 //! crypto, the floor of the relay's I/O path.
 
 use std::io::ErrorKind;
@@ -7,9 +7,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::forwarder::{self, ForwarderHandle, HEADER_LEN, HELLO_FLOW};
 use anyhow::{bail, Context, Result};
-use ztna_dataplane::forwarder::{self, ForwarderHandle, HEADER_LEN, HELLO_FLOW};
-use ztna_dataplane::io::IoBackend;
+use ztna_udp::IoBackend;
 
 use crate::load::{self, is_ready, LoadConfig, Sample, Transport};
 use crate::report::{Report, TargetInfo};

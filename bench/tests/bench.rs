@@ -6,7 +6,7 @@ use std::time::Duration;
 use ztna_bench::load::LoadConfig;
 use ztna_bench::relay_bench::{self, RelayBenchConfig, RelayTarget};
 use ztna_bench::{demo, udp_bench};
-use ztna_dataplane::io::IoBackend;
+use ztna_udp::IoBackend;
 
 #[test]
 fn relay_bench_moderate_rate() {

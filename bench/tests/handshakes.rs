@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ztna_bench::handshakes::{self, FloodSource, HandshakeConfig, RetryModeName};
 use ztna_bench::relay_bench::dev_tls;
-use ztna_dataplane::io::IoBackend;
-use ztna_dataplane::security::RetryMode;
+use ztna_relay::security::RetryMode;
+use ztna_udp::IoBackend;
 
 fn phase(mode: RetryModeName) -> handshakes::HandshakePhase {
     let h = handshakes::start_relay(mode.mode(), 1, IoBackend::Auto).expect("relay starts");

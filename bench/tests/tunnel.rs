@@ -2,7 +2,7 @@
 //! UDP and TCP through agent core → relay → connector → echo, in-process.
 
 use ztna_bench::tunnel;
-use ztna_dataplane::io::IoBackend;
+use ztna_udp::IoBackend;
 
 #[test]
 fn udp_and_tcp_through_the_whole_tunnel() {

@@ -332,7 +332,7 @@ check_live() {
       skip "live relay metrics" "no ztna-relay and ztna-bench in target/; cargo build --bins"
       return 0
     fi
-    if stale "$relay" dataplane/src control/src || stale "$bench" bench/src dataplane/src control/src; then
+    if stale "$relay" dataplane control/src || stale "$bench" bench/src dataplane testkit/src control/src; then
       skip "live relay metrics" "$relay or $bench is older than the sources"
       return 0
     fi

@@ -106,7 +106,7 @@ for b in "${BINS[@]}"; do bin_args+=(--bin "$b"); done
 say "cargo build --release --target $TARGET (${BINS[*]}) into $CARGO_TARGET_DIR"
 start=$(date +%s)
 cargo build "${quiet[@]}" --locked --release --target $TARGET \
-    -p ztna-dataplane -p ztna-agent-linux -p ztna-tuning -p ztna-bench "${bin_args[@]}"
+    -p ztna-relay -p ztna-connector -p ztna-agent-linux -p ztna-tuning -p ztna-bench "${bin_args[@]}"
 say "built in $(($(date +%s) - start)) s"
 
 # --- verify ------------------------------------------------------------------

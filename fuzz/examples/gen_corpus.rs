@@ -574,7 +574,7 @@ fn retry_token() {
 fn peer_identity() {
     let o = Out::target("peer_identity");
     let dir = std::env::temp_dir().join(format!("ztna-gen-corpus-{}", std::process::id()));
-    let ca = ztna_dataplane::pki::init_ca(&dir.join("ca"), "corp.example", 7).unwrap();
+    let ca = ztna_relay::pki::init_ca(&dir.join("ca"), "corp.example", 7).unwrap();
     let der = |pem: &Path| boring::x509::X509::from_pem(&std::fs::read(pem).unwrap()).unwrap().to_der().unwrap();
     for (name, uri, dns) in [
         ("agent_cert.der", "spiffe://corp.example/agent/alice-laptop", vec![]),
@@ -582,7 +582,7 @@ fn peer_identity() {
         ("other_domain_cert.der", "spiffe://other.example/connector/db", vec![]),
     ] {
         let id = Identity::parse(uri).unwrap();
-        let (cert, _) = ztna_dataplane::pki::issue(&ca, &id, &dns, &[], 7, &dir.join(name)).unwrap();
+        let (cert, _) = ztna_relay::pki::issue(&ca, &id, &dns, &[], 7, &dir.join(name)).unwrap();
         o.put(name, &der(&cert));
     }
     o.put("ca_cert_no_uri.der", &der(&ca.cert));

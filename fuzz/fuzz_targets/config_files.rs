@@ -13,9 +13,9 @@ use libfuzzer_sys::fuzz_target;
 use ztna_agent::route::Cidr;
 use ztna_control::identity::{Identity, Kind};
 use ztna_control::ServiceName;
-use ztna_dataplane::connector::ConnectorConfig;
-use ztna_dataplane::policy::Policy;
-use ztna_dataplane::relay::RelayConfig;
+use ztna_connector::ConnectorConfig;
+use ztna_relay::policy::Policy;
+use ztna_relay::server::RelayConfig;
 
 const TRUST_DOMAIN: &str = "corp.example";
 

@@ -1,7 +1,7 @@
 #![no_main]
 //! Tunneled IP packets: every parser and parser-driven builder of
 //! `ztna_control::packet`, and the connector's path for a packet arriving
-//! from an agent (`dataplane/src/connector.rs` `handle_ip` and
+//! from an agent (`dataplane/connector/src/lib.rs` `handle_ip` and
 //! `connector/tcp.rs`), mirrored with the public API because the
 //! connector's TCP engine is crate-private:
 //!
@@ -34,7 +34,7 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
 use ztna_control::packet::{self, PacketError, TcpFlags, TcpHeader, Transport};
-use ztna_dataplane::vdev::{smol_instant, QueueDevice, TUNNEL_MTU};
+use ztna_connector::vdev::{smol_instant, QueueDevice, TUNNEL_MTU};
 use ztna_fuzz::ip::fix_checksums;
 use ztna_fuzz::records::records;
 

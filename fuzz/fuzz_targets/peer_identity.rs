@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ztna_control::identity::Identity;
-use ztna_dataplane::pki::{identity_from_der, CertIdentityError};
+use ztna_relay::pki::{identity_from_der, CertIdentityError};
 
 const TRUST_DOMAIN: &str = "corp.example";
 

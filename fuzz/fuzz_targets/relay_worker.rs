@@ -1,5 +1,5 @@
 #![no_main]
-//! The relay's per-core engine (`dataplane/src/worker/` `Worker`), fed
+//! The relay's per-core engine (`dataplane/relay/src/worker/` `Worker`), fed
 //! by in-process QUIC clients whose every control-stream byte and DATAGRAM
 //! comes from the fuzzer, plus raw UDP packets from anywhere: packet
 //! steering (`cid::owner`), QUIC header parsing, version negotiation, Retry
@@ -33,14 +33,15 @@ use libfuzzer_sys::fuzz_target;
 use ztna_control::identity::Kind;
 use ztna_control::wire::{FrameDecoder, Message, HEADER_LEN, MAX_BODY};
 use ztna_control::{datagram, Code};
-use ztna_dataplane::mesh::Mesh;
-use ztna_dataplane::pki;
-use ztna_dataplane::policy::Policy;
-use ztna_dataplane::ratelimit::PerIp;
-use ztna_dataplane::cid::Instance;
-use ztna_dataplane::security::{RetryMode, Security, Shared};
-use ztna_dataplane::stats::WorkerStats;
-use ztna_dataplane::worker::{Limits, Transmit, Worker, WorkerConfig};
+use ztna_relay::mesh::Mesh;
+use ztna_relay::pki;
+use ztna_relay::policy::Policy;
+use ztna_relay::ratelimit::PerIp;
+use ztna_relay::cid::Instance;
+use ztna_relay::security::{RetryMode, Security, Shared};
+use ztna_relay::stats::WorkerStats;
+use ztna_relay::worker::{Limits, Worker, WorkerConfig};
+use ztna_udp::Transmit;
 use ztna_fuzz::peer;
 use ztna_fuzz::records::records;
 

@@ -1,5 +1,5 @@
 #![no_main]
-//! Retry tokens and stateless resets (`dataplane/src/retry.rs`): a client
+//! Retry tokens and stateless resets (`dataplane/relay/src/retry.rs`): a client
 //! puts any bytes it likes in the token field of an Initial, and the relay
 //! validates them (`RetryKeys::validate`) before it spends a handshake. A
 //! short-header packet for an unknown CID gets a stateless reset whose size
@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use ztna_dataplane::cid::{self, Instance};
-use ztna_dataplane::retry::{ResetKey, RetryKeys, TokenError, MIN_RESET_LEN, TOKEN_LIFETIME};
+use ztna_relay::cid::{self, Instance};
+use ztna_relay::retry::{ResetKey, RetryKeys, TokenError, MIN_RESET_LEN, TOKEN_LIFETIME};
 
 /// Node id of the fuzzed reset key: only 16-byte DCIDs starting
 /// `0f 00 00` are its own and get a reset.

@@ -1,5 +1,5 @@
 //! In-process QUIC peers for the targets that drive a real session, with a
-//! development PKI (`ztna_dataplane::pki::generate`: an organisation CA for
+//! development PKI (`ztna_relay::pki::generate`: an organisation CA for
 //! the `dev.ztna` trust domain and a relay certificate for localhost).
 
 use std::path::PathBuf;
@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use ztna_control::identity::Kind;
 use ztna_control::quic::{self, TlsOptions};
-use ztna_dataplane::pki::{self, DevPki};
-use ztna_dataplane::tls::TlsMaterial;
+use ztna_relay::pki::{self, DevPki};
+use ztna_relay::tls::TlsMaterial;
 
 /// Call once before any quiche config is made (the targets' `init`).
 ///

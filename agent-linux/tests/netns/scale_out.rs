@@ -45,7 +45,7 @@ impl Drop for EtcNetns {
     }
 }
 
-fn agent_config(lab: &Lab, pki: &ztna_dataplane::pki::DevPki, name: &str, relay: &str, fallback: &str) -> PathBuf {
+fn agent_config(lab: &Lab, pki: &ztna_relay::pki::DevPki, name: &str, relay: &str, fallback: &str) -> PathBuf {
     let (cert, key) = pki.issue(ztna_control::identity::Kind::Agent, name).unwrap();
     lab.write(
         &format!("agent-{name}.toml"),
@@ -77,7 +77,7 @@ fn wait_count(lines: &Mutex<Vec<String>>, n: usize, timeout: Duration, pred: imp
 }
 
 fn http_get_in(ns: &str, addr: SocketAddr, path: &'static str) -> (u16, String) {
-    with_netns(ns, move || ztna_dataplane::http::get(addr, path).unwrap_or((0, String::new())))
+    with_netns(ns, move || ztna_ops::http::get(addr, path).unwrap_or((0, String::new())))
 }
 
 /// Scale-out as on Kubernetes: two relays; the connector finds both
@@ -96,7 +96,7 @@ fn two_relays_connector_on_both_drain_and_failover() {
     let t0 = Instant::now();
     let b = bins();
     let lab = Lab::new("scale");
-    let pki = ztna_dataplane::pki::generate(&lab.dir).unwrap();
+    let pki = ztna_relay::pki::generate(&lab.dir).unwrap();
     // Relay 2 shares the relay namespace; the phone sits on the wan bridge
     // without NAT.
     ip(&["-n", &lab.relay, "addr", "add", &format!("{RELAY2_IP}/24"), "dev", "eth0"]);

@@ -28,11 +28,11 @@ pub fn bins() -> Bins {
 /// clients trust), mutual TLS against the same CA, a policy letting
 /// connector `site` serve `echo` to agents `laptop` and `phone`, one
 /// worker, metrics on the wan address.
-pub fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki) -> Proc {
+pub fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki) -> Proc {
     start_relay_at(lab, b, pki, RELAY_IP)
 }
 
-pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki, ip: &str) -> Proc {
+pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki, ip: &str) -> Proc {
     let policy =
         lab.write("policy.toml", "[services.echo]\nconnectors = [\"site\"]\nagents = [\"laptop\", \"phone\"]\n");
     let mut relay = Proc::spawn(
@@ -49,7 +49,7 @@ pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki, ip
             "--client-ca",
             pki.ca.to_str().unwrap(),
             "--trust-domain",
-            ztna_dataplane::pki::DEV_TRUST_DOMAIN,
+            ztna_relay::pki::DEV_TRUST_DOMAIN,
             "--policy",
             policy.to_str().unwrap(),
             "--workers",
@@ -64,7 +64,7 @@ pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_dataplane::pki::DevPki, ip
 
 /// Everything up to an agent registered for `echo`.
 pub struct Running {
-    pub pki: ztna_dataplane::pki::DevPki,
+    pub pki: ztna_relay::pki::DevPki,
     pub relay: Proc,
     pub connector: Proc,
     pub agent: Proc,
@@ -72,7 +72,7 @@ pub struct Running {
 }
 
 pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
-    let pki = ztna_dataplane::pki::generate(&lab.dir).unwrap();
+    let pki = ztna_relay::pki::generate(&lab.dir).unwrap();
     let (ccert, ckey) = pki.issue(ztna_control::identity::Kind::Connector, "site").unwrap();
     let (acert, akey) = pki.issue(ztna_control::identity::Kind::Agent, "laptop").unwrap();
     let relay = start_relay(lab, b, &pki);

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 use ztna_control::quic::IDLE_TIMEOUT_MS;
-use ztna_dataplane::io::IoBackend;
-use ztna_dataplane::relay::{self, LimitsConfig, RelayConfig, RelayHandle};
-use ztna_dataplane::security::RetryMode;
-use ztna_dataplane::stats::StatsSnapshot;
+use ztna_relay::security::RetryMode;
+use ztna_relay::server::{self, LimitsConfig, RelayConfig, RelayHandle};
+use ztna_relay::stats::StatsSnapshot;
+use ztna_udp::IoBackend;
 
 use super::report::RelaySettings;
 use crate::relay_bench::{bench_policy, counter_deltas, SERVICE};
@@ -19,7 +19,7 @@ use crate::relay_bench::{bench_policy, counter_deltas, SERVICE};
 /// cores).
 pub fn start_relay(retry: RetryMode, workers: usize, io_backend: IoBackend) -> Result<RelayHandle> {
     let cfg = relay_config(retry, workers, io_backend);
-    relay::start(&cfg)
+    server::start(&cfg)
 }
 
 pub(super) fn relay_config(retry: RetryMode, workers: usize, io_backend: IoBackend) -> RelayConfig {

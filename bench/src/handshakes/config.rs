@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use ztna_control::quic::IDLE_TIMEOUT_MS;
-use ztna_dataplane::io::IoBackend;
-use ztna_dataplane::security::RetryMode;
+use ztna_relay::security::RetryMode;
+use ztna_udp::IoBackend;
 
 /// Where flood packets come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]

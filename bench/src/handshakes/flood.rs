@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ztna_control::quic::{self, TlsOptions};
-use ztna_dataplane::relay::RelayHandle;
+use ztna_relay::server::RelayHandle;
 
 use super::bench_relay::fill_counters;
 use super::config::{FloodSource, HandshakeConfig};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use ztna_control::quic::{self, TlsOptions, MAX_UDP_PAYLOAD};
-use ztna_dataplane::relay::RelayHandle;
+use ztna_relay::server::RelayHandle;
 
 use super::bench_relay::fill_counters;
 use super::host::process_cpu;

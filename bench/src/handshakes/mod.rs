@@ -36,7 +36,7 @@ pub use report::{FloodPhase, FloodSample, HandshakePhase, HandshakeReport, ModeR
 use std::io::Write;
 
 use anyhow::Result;
-use ztna_dataplane::relay;
+use ztna_relay::server;
 
 use crate::relay_bench::dev_tls;
 use bench_relay::{relay_config, settings};
@@ -61,7 +61,7 @@ impl Rng {
 /// Runs one Retry mode on a fresh relay (another for the flood).
 pub fn run_mode(mode: RetryModeName, cfg: &HandshakeConfig) -> Result<ModeRun> {
     let rcfg = relay_config(mode.mode(), cfg.workers, cfg.io_backend);
-    let h = relay::start(&rcfg)?;
+    let h = server::start(&rcfg)?;
     let relay = settings(&h, &rcfg);
     if cfg.progress {
         let _ = writeln!(std::io::stderr(), "retry={}: handshake phase, {:?}", mode.name(), cfg.duration);
@@ -91,7 +91,7 @@ pub fn run_mode(mode: RetryModeName, cfg: &HandshakeConfig) -> Result<ModeRun> {
         if cfg.progress {
             let _ = writeln!(std::io::stderr(), "retry={}: flood phase, {:?}", mode.name(), cfg.duration);
         }
-        let h = relay::start(&rcfg)?;
+        let h = server::start(&rcfg)?;
         let f = dev_tls(&h).and_then(|(agent, _)| flood_phase(&h, &agent, cfg));
         h.shutdown();
         let f = f?;

@@ -208,7 +208,7 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
             except tomllib.TOMLDecodeError as e:
                 pr.err(f"ConfigMap/{cm_name}: relay.toml: {e}")
     if relay_toml is not None:
-        src = ROOT / "dataplane" / "src" / "relay.rs"
+        src = ROOT / "dataplane" / "relay" / "src" / "server.rs"
         check_keys(relay_toml, "RelayConfig", src, "relay.toml", pr)
         check_keys(relay_toml.get("limits") or {}, "LimitsConfig", src, "relay.toml [limits]", pr)
         grace_ms = relay_toml.get("shutdown_grace_ms")
@@ -279,7 +279,7 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
             except tomllib.TOMLDecodeError as e:
                 pr.err(f"connector.toml: {e}")
         if ct is not None:
-            src = ROOT / "dataplane" / "src" / "connector" / "config.rs"
+            src = ROOT / "dataplane" / "connector" / "src" / "config.rs"
             check_keys(ct, "ConnectorConfig", src, "connector.toml", pr)
             services = [s for s in ct.get("service") or [] if isinstance(s, dict)]
             pr.check(bool(services), "connector.toml: no [[service]]")

@@ -114,8 +114,8 @@ def check_keys(table: dict, struct: str, src: Path, where: str, pr: Problems) ->
 
 def check_parser() -> list[str]:
     """The struct parser reads the fields this checker relies on, with their types."""
-    conn = ROOT / "dataplane" / "src" / "connector" / "config.rs"
-    relay = ROOT / "dataplane" / "src" / "relay.rs"
+    conn = ROOT / "dataplane" / "connector" / "src" / "config.rs"
+    relay = ROOT / "dataplane" / "relay" / "src" / "server.rs"
     want = [
         (conn, "ConnectorConfig", "relays", "Vec<String>"),
         (conn, "ConnectorConfig", "health", "Option<SocketAddr>"),

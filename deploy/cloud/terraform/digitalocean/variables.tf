@@ -78,7 +78,7 @@ variable "client_ca_pem" {
 }
 
 variable "policy_toml" {
-  description = "Relay policy file (default deny; see dataplane/src/policy.rs)."
+  description = "Relay policy file (default deny; see dataplane/relay/src/policy.rs)."
   type        = string
 }
 

@@ -1,0 +1,54 @@
+//! The binaries' logging set-up and how they report a fatal error.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`, e.g.
+/// `"info"`). Colour only when stderr is a terminal, so files and journald
+/// get plain text.
+pub fn init(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .init();
+}
+
+/// The cause chain of `e` as the binaries print it: `Error: …` and one
+/// `Caused by: …` line per cause; never a backtrace, whatever
+/// `RUST_BACKTRACE` says.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut out = format!("Error: {e}");
+    for cause in e.chain().skip(1) {
+        out.push_str(&format!("\n  Caused by: {cause}"));
+    }
+    out
+}
+
+/// What a binary's `main` returns: success, or the error's cause chain on
+/// stderr ([`error_report`]) and exit status 1.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_is_the_cause_chain_without_a_backtrace() {
+        std::env::set_var("RUST_BACKTRACE", "1");
+        let e = anyhow::anyhow!("invalid type: string, expected u64").context("parsing relay.toml");
+        let r = error_report(&e);
+        assert_eq!(r, "Error: parsing relay.toml\n  Caused by: invalid type: string, expected u64");
+        assert!(!r.contains("backtrace") && !r.contains("at src/"), "{r}");
+    }
+}

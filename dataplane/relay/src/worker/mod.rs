@@ -1,0 +1,452 @@
+//! One relay worker: the QUIC connections whose CIDs it issued, its replica
+//! of the service directory and its side of the mesh. Backend-agnostic: an
+//! I/O driver (`io::uring` or `io::portable`) feeds it packets and inbox
+//! wake-ups and drains its transmits. Nothing here blocks or takes a lock.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use ztna_control::datagram;
+use ztna_control::identity::{Identity, Kind};
+use ztna_control::wire::{self, FrameDecoder, Message, Role};
+use ztna_control::Code;
+use ztna_udp::Transmit;
+
+use crate::budget::{self, BudgetShare};
+use crate::cid::{self, CID_LEN};
+use crate::mesh::{Ctrl, Data, Mesh};
+use crate::ratelimit::TokenBucket;
+use crate::routing::{AgentIndex, Binding, ConnKey, Directory, Flow, FlowTable, Serving};
+use crate::security::{RetryMode, Security, Shared};
+use crate::stats::WorkerStats;
+
+mod accept;
+mod forward;
+mod lifecycle;
+mod registry;
+mod session;
+
+/// Stream carrying the control channel.
+const CONTROL_STREAM: u64 = 0;
+/// Spare CIDs each connection is offered for migration.
+const SPARE_CIDS: usize = 3;
+/// Inbox data messages handled per loop turn (keeps the socket serviced).
+const INBOX_BATCH: usize = 4096;
+/// Smallest UDP payload that may carry a client Initial (RFC 9000 §14.1).
+const MIN_INITIAL_LEN: usize = 1200;
+/// How long a connection that failed keeps running so its Error message
+/// reaches the client before CONNECTION_CLOSE (quiche sends no stream data
+/// once closing).
+const ERROR_LINGER: Duration = Duration::from_millis(100);
+/// Connectors tried for one agent flow before the registration is refused.
+const MAX_BIND_ATTEMPTS: u8 = 4;
+/// What one connection is charged to the memory budget for its own state
+/// (quiche connection, TLS, flow table), from its first Initial on. A
+/// half-open connection measured 12.4 KiB here (`tests/memory_budget.rs`,
+/// which asserts the charge covers it) and 30.5 KiB in issue 10's review.
+pub const CONN_CHARGE: u64 = 32 * 1024;
+/// A destination whose DATAGRAM send queue holds less than this still
+/// gets datagrams when the budget is exhausted: receivers that acknowledge
+/// keep short queues and keep working; the ones that let their queue grow
+/// (they stop acknowledging) are the ones refused.
+const DGRAM_QUEUE_FLOOR: usize = 16 * 1024;
+/// New connections are refused once the budget is this full (the rest is
+/// left to established sessions).
+const NEW_CONN_PERCENT: u64 = 90;
+/// `retry = "auto"` demands Retry from every new connection once the
+/// budget is this full, whatever the handshake rate.
+const RETRY_PRESSURE_PERCENT: u64 = 50;
+/// Below this, releases are not worth a trim.
+const PAGE_BYTES: u64 = 64 * 1024;
+/// Amplification limit before an address is validated (RFC 9000 §8.1).
+const AMPLIFICATION_FACTOR: u64 = 3;
+/// Budget released since the last trim after which freed heap is given
+/// back to the system (at most once per [`TRIM_INTERVAL`]).
+const TRIM_AFTER_BYTES: u64 = 4 << 20;
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Anything released is given back at least this often (the tail of a
+/// flood that ended below [`TRIM_AFTER_BYTES`]).
+const TRIM_IDLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.
+fn tls_alert_name(code: u64) -> &'static str {
+    match code.checked_sub(0x100) {
+        Some(40) => "handshake_failure",
+        Some(42) => "bad_certificate",
+        Some(43) => "unsupported_certificate",
+        Some(44) => "certificate_revoked",
+        Some(45) => "certificate_expired",
+        Some(46) => "certificate_unknown",
+        Some(48) => "unknown_ca",
+        Some(51) => "decrypt_error",
+        Some(116) => "certificate_required (no client certificate)",
+        Some(120) => "no_application_protocol",
+        Some(0..=255) => "other TLS alert",
+        _ => "transport error",
+    }
+}
+
+/// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Per-relay limits (each counted when hit).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections per worker.
+    pub max_conns_per_worker: usize,
+    /// Registrations (agent flows + connector services) per connection.
+    pub max_registrations: usize,
+    /// Flow-table entries per connection (connector legs included).
+    pub max_flows_per_conn: usize,
+    /// Unsent control bytes the relay keeps for a client that does not read.
+    pub max_control_backlog: usize,
+    /// Register/Unregister operations per second per connection (sustained;
+    /// bursts up to `max_registrations`). Beyond it: RegisterError{limit}.
+    pub registrations_per_sec: u32,
+    /// Open connections over all workers.
+    pub max_conns: usize,
+    /// When new connections must first prove their address with Retry.
+    pub retry: RetryMode,
+    /// `RetryMode::Auto`: new handshakes per second per worker above which
+    /// Retry is required.
+    pub retry_above_handshakes_per_sec: u32,
+    /// Datagrams per second (sustained, one second of burst) a connection
+    /// without connector registrations may send. 0 = unlimited.
+    pub agent_datagrams_per_sec: u32,
+    /// Payload bytes per second for the same.
+    pub agent_bytes_per_sec: u64,
+    /// Datagrams per second a connector connection may send.
+    pub connector_datagrams_per_sec: u32,
+    /// Payload bytes per second for the same.
+    pub connector_bytes_per_sec: u64,
+    /// Stateless resets per second per worker.
+    pub stateless_resets_per_sec: u32,
+    /// A connection that has not completed its handshake this long after
+    /// its first Initial is dropped silently (half-open flood protection;
+    /// the QUIC idle timeout alone would keep it 30 s).
+    pub handshake_timeout: Duration,
+    /// Bytes a connection's DATAGRAM send queue may hold; a datagram that
+    /// would exceed it is dropped (`drop_dgram_queue_full`), so a receiver
+    /// that stops acknowledging loses only its own datagrams.
+    pub max_dgram_queue_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns_per_worker: 50_000,
+            max_registrations: 64,
+            max_flows_per_conn: 65_536,
+            max_control_backlog: 256 * 1024,
+            registrations_per_sec: 10,
+            max_conns: 100_000,
+            retry: RetryMode::Auto,
+            retry_above_handshakes_per_sec: 200,
+            agent_datagrams_per_sec: 100_000,
+            agent_bytes_per_sec: 125_000_000,
+            connector_datagrams_per_sec: 1_000_000,
+            connector_bytes_per_sec: 1_250_000_000,
+            stateless_resets_per_sec: 100,
+            handshake_timeout: Duration::from_secs(10),
+            max_dgram_queue_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    fn dgram_buckets(&self, connector: bool, now: Instant) -> (TokenBucket, TokenBucket) {
+        let (n, b) = if connector {
+            (self.connector_datagrams_per_sec, self.connector_bytes_per_sec)
+        } else {
+            (self.agent_datagrams_per_sec, self.agent_bytes_per_sec)
+        };
+        (TokenBucket::new(f64::from(n), f64::from(n), now), TokenBucket::new(b as f64, b as f64, now))
+    }
+}
+
+/// Static configuration of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub index: usize,
+    pub workers: usize,
+    pub node_id: u16,
+    pub local_addr: SocketAddr,
+    pub limits: Limits,
+}
+
+/// Fixed-size key for the CID map (no allocation per lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct CidKey {
+    len: u8,
+    bytes: [u8; quiche::MAX_CONN_ID_LEN],
+}
+
+impl CidKey {
+    fn new(cid: &[u8]) -> Option<CidKey> {
+        let mut bytes = [0u8; quiche::MAX_CONN_ID_LEN];
+        bytes.get_mut(..cid.len())?.copy_from_slice(cid);
+        Some(CidKey { len: cid.len() as u8, bytes })
+    }
+}
+
+/// What `accept` needs of a client Initial's header.
+struct Initial {
+    dcid: Vec<u8>,
+    scid: Vec<u8>,
+    token: Vec<u8>,
+    version: u32,
+}
+
+struct Conn {
+    quic: quiche::Connection,
+    key: ConnKey,
+    peer: SocketAddr,
+    hello: bool,
+    rx: FrameDecoder,
+    tx: Vec<u8>,
+    flows: FlowTable,
+    cids: Vec<CidKey>,
+    timer: Option<Instant>,
+    dirty: bool,
+    /// Close with this code once the instant passes (after Error/Goodbye).
+    close_at: Option<(Instant, Code)>,
+    /// Set once the relay decided to close: nothing the peer sends is
+    /// processed any more (never cleared).
+    stopped: bool,
+    /// Token bucket for Register/Unregister: (tokens, last refill).
+    reg_tokens: (f64, Instant),
+    /// The SPIFFE ID of the client certificate (set once established).
+    identity: Option<Identity>,
+    /// `identity` as a URI, shared with FlowOpen messages.
+    identity_uri: Arc<str>,
+    /// Holds connector registrations (selects the datagram limits).
+    is_connector: bool,
+    /// Datagram count and byte buckets.
+    dgram_rate: (TokenBucket, TokenBucket),
+    /// Source IP counted in the per-IP table (released on reap).
+    ip: std::net::IpAddr,
+    /// Until established: when the handshake must be done.
+    handshake_deadline: Option<Instant>,
+    /// Until the peer's address is validated (Retry token or completed
+    /// handshake): bytes received from and sent to it, for the 3× limit.
+    amplification: Option<(u64, u64)>,
+    /// Counted once in `amplification_limited`.
+    amplification_hit: bool,
+    /// DATAGRAM send-queue and control-backlog bytes last charged to the
+    /// memory budget.
+    charged_queues: u64,
+    /// Counted in the per-identity connection table (released on reap).
+    identity_counted: bool,
+}
+
+/// The worker state machine.
+pub struct Worker {
+    cfg: WorkerConfig,
+    quic_cfg: quiche::Config,
+    shared: Arc<Shared>,
+    security: Arc<Security>,
+    generation: u64,
+    /// New handshakes per second (RetryMode::Auto).
+    handshake_rate: TokenBucket,
+    reset_rate: TokenBucket,
+    /// RetryMode::Auto: Retry stays on until then.
+    retry_until: Instant,
+    /// Boxed: a `quiche::Connection` is ~8 KB, and the slot vector keeps
+    /// its largest length, so inline slots would pin a flood's peak memory.
+    slots: Vec<Option<Box<Conn>>>,
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    by_cid: HashMap<CidKey, u32>,
+    dir: Directory,
+    /// This worker's connections with an agent flow, per service.
+    agents: AgentIndex,
+    mesh: Arc<Mesh>,
+    local_ctrl: VecDeque<Ctrl>,
+    outbox: Vec<VecDeque<Ctrl>>,
+    wake: Vec<bool>,
+    timers: BTreeSet<(Instant, u32)>,
+    dirty: Vec<u32>,
+    pending_tx: Vec<(Vec<u8>, SocketAddr)>,
+    delivered_at: Vec<Instant>,
+    scratch: Vec<u8>,
+    dgram_buf: Vec<u8>,
+    stats: Arc<WorkerStats>,
+    latency: metrics::Histogram,
+    shutting_down: bool,
+    /// Draining: Goodbye{DRAINING} sent, no new connections, forwarding
+    /// goes on for the clients that have not left yet.
+    draining: bool,
+    /// The `now` of the current entry point.
+    now: Instant,
+    /// This worker's part of the relay-wide memory budget.
+    budget: BudgetShare,
+    /// Budget released since freed heap was last given back.
+    released: u64,
+    last_trim: Instant,
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // BoringSSL's CSPRNG; it cannot fail short of an aborted process.
+    let _ = boring::rand::rand_bytes(&mut b);
+    b
+}
+
+impl Worker {
+    /// A worker with its quiche config built from the current security
+    /// snapshot (fails only on TLS material BoringSSL refuses).
+    pub fn new(
+        cfg: WorkerConfig,
+        shared: Arc<Shared>,
+        mesh: Arc<Mesh>,
+        stats: Arc<WorkerStats>,
+    ) -> anyhow::Result<Self> {
+        let n = mesh.len();
+        let latency = metrics::histogram!("ztna_relay_forward_latency_seconds", "worker" => cfg.index.to_string());
+        let (generation, security) = shared.security.current();
+        // CIDs carry cfg.node_id; the reset key answers only its own.
+        anyhow::ensure!(cfg.node_id == security.reset.node_id(), "worker node id is not the reset key's");
+        let quic_cfg = security.tls.server_config(Arc::clone(&stats))?;
+        let now = Instant::now();
+        let hs = f64::from(cfg.limits.retry_above_handshakes_per_sec);
+        let resets = f64::from(cfg.limits.stateless_resets_per_sec.max(1));
+        Ok(Worker {
+            handshake_rate: TokenBucket::new(hs.max(1.0), hs.max(1.0), now),
+            reset_rate: TokenBucket::new(resets, resets, now),
+            retry_until: now,
+            cfg,
+            quic_cfg,
+            shared,
+            security,
+            generation,
+            slots: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            by_cid: HashMap::new(),
+            dir: Directory::default(),
+            agents: AgentIndex::default(),
+            mesh,
+            local_ctrl: VecDeque::new(),
+            outbox: (0..n).map(|_| VecDeque::new()).collect(),
+            wake: vec![false; n],
+            timers: BTreeSet::new(),
+            dirty: Vec::new(),
+            pending_tx: Vec::new(),
+            delivered_at: Vec::new(),
+            scratch: Vec::with_capacity(2048),
+            dgram_buf: vec![0u8; 65_536],
+            stats,
+            latency,
+            shutting_down: false,
+            draining: false,
+            now,
+            budget: BudgetShare::default(),
+            released: 0,
+            last_trim: now,
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.cfg.index
+    }
+
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// Open connections.
+    pub fn conn_count(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Adjusts this worker's budget share by `delta` bytes.
+    fn charge(&mut self, delta: i64) {
+        self.budget.adjust(&self.shared.budget, delta);
+        if delta < 0 {
+            self.released = self.released.saturating_add(delta.unsigned_abs());
+        }
+    }
+
+    /// Charges what `conn` now holds in its DATAGRAM send queue and control
+    /// backlog (called whenever a connection goes back into its slot).
+    fn recharge(&mut self, conn: &mut Conn) {
+        let now_held = (conn.quic.dgram_send_queue_byte_size() + conn.tx.len()) as u64;
+        if now_held != conn.charged_queues {
+            let delta = now_held as i64 - conn.charged_queues as i64;
+            conn.charged_queues = now_held;
+            self.charge(delta);
+        }
+    }
+
+    fn put(&mut self, mut conn: Box<Conn>) {
+        self.recharge(&mut conn);
+        let slot = conn.key.slot;
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            *s = Some(conn);
+        }
+    }
+
+    fn take(&mut self, key: ConnKey) -> Option<Box<Conn>> {
+        if usize::from(key.worker) != self.cfg.index || self.gens.get(key.slot as usize) != Some(&key.gen) {
+            return None;
+        }
+        self.slots.get_mut(key.slot as usize).and_then(Option::take)
+    }
+
+    /// Everything a received packet or timeout may have changed.
+    fn after_io(&mut self, conn: &mut Conn, now: Instant) {
+        while let Some(ev) = conn.quic.path_event_next() {
+            if let quiche::PathEvent::PeerMigrated(_, peer) = ev {
+                info!(worker = self.cfg.index, old = %conn.peer, new = %peer, "client address changed");
+                conn.peer = peer;
+                if conn.hello {
+                    self.send_msg(conn, &Message::ObservedAddress { addr: canonical(peer) });
+                }
+            }
+        }
+        while let Some(retired) = conn.quic.retired_scid_next() {
+            if let Some(k) = CidKey::new(&retired) {
+                self.by_cid.remove(&k);
+                conn.cids.retain(|c| *c != k);
+            }
+        }
+        if conn.quic.is_established() {
+            // The client's Handshake packets proved its address.
+            conn.handshake_deadline = None;
+            conn.amplification = None;
+        }
+        if conn.quic.is_established() && !conn.stopped && conn.identity.is_none() {
+            self.authenticate(conn);
+        }
+        if conn.quic.is_established() && !conn.stopped {
+            while conn.quic.scids_left() > 0 && conn.cids.len() < SPARE_CIDS + 2 {
+                let cid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
+                let token = self.security.reset.token(&cid);
+                if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), token, false).is_err() {
+                    break;
+                }
+                if let Some(k) = CidKey::new(&cid) {
+                    self.by_cid.insert(k, conn.key.slot);
+                    conn.cids.push(k);
+                }
+            }
+            self.read_control(conn);
+            self.read_datagrams(conn, now);
+        }
+    }
+}
+
+/// The Goodbye a draining relay sends.
+fn drain_goodbye() -> Message {
+    Message::Goodbye { code: Code::DRAINING, reason: "relay draining; reconnect to another relay".to_owned() }
+}

@@ -1,0 +1,95 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! Prometheus export: real histograms with buckets and a worker label.
+
+use ztna_testkit::fixtures as common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use ztna_control::Role;
+use ztna_udp::IoBackend;
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn metrics_endpoint_serves_counters_and_latency_histogram() {
+    let prom = ztna_ops::prometheus::install_recorder().unwrap();
+    let relay = start_relay(2, IoBackend::Auto, true);
+    let port = ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
+    relay.spawn_metrics_publisher().unwrap();
+    let mut c = client(&relay, &[(Role::Connector, "echo")], 1);
+    until_registered(&mut c, 1);
+    let mut a = client(&relay, &[(Role::Agent, "echo")], 2);
+    let flow = until_registered(&mut a, 1)[0];
+    let mut cs = vec![c];
+    for i in 0..10u8 {
+        assert!(round_trip(&mut a, &mut cs, flow, &[i; 32]).is_some());
+    }
+    let mut body = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        body = scrape(port);
+        if body.contains("ztna_relay_datagrams_forwarded_total") && body.contains("_bucket") {
+            break;
+        }
+    }
+    assert!(body.contains("ztna_relay_forward_latency_seconds_bucket{"), "histogram, not summary:\n{body}");
+    assert!(body.contains("le=\"0.0001\""), "configured buckets:\n{body}");
+    assert!(body.contains("ztna_relay_datagrams_forwarded_total{worker=\""), "{body}");
+    assert!(body.contains("ztna_relay_drops_total{"), "{body}");
+    assert!(body.contains("reason=\"unknown_flow\""), "{body}");
+    assert!(body.contains("ztna_relay_registrations_total{"), "{body}");
+    assert!(body.contains("ztna_relay_connections{worker=\""), "{body}");
+    relay.shutdown();
+}
+
+/// Issue 10, finding 5: idle TCP connections to the relay's metrics and
+/// health port (more than it has slots, from many loopback sources, then
+/// from the prober's own) do not make `/healthz` fail; the connections
+/// the listener closes to make room show in `/metrics`.
+#[test]
+fn healthz_keeps_answering_while_idle_connections_flood_the_port() {
+    use ztna_ops::http::{self, IdleFlood, MAX_CLIENTS, MAX_PER_SOURCE};
+    let relay = start_relay(1, IoBackend::Auto, true);
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let addr = ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
+    let lo = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
+    let floods = [
+        ("16 other sources", (2..18).map(lo).collect::<Vec<_>>(), MAX_CLIENTS + 16),
+        ("the prober's own source", vec![lo(1)], 2 * MAX_PER_SOURCE),
+    ];
+    for (what, sources, n) in floods {
+        let flood = IdleFlood::start(addr, &sources, n);
+        let answered = (0..20)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(150));
+                let t = std::time::Instant::now();
+                let status = http::get(addr, "/healthz").map(|(s, _)| s).unwrap_or(0);
+                status == 200 && t.elapsed() < Duration::from_millis(500)
+            })
+            .count();
+        let opened = flood.stop();
+        eprintln!(
+            "{n} idle connections from {what}: /healthz answered 200 to {answered} of 20 probes ({opened} opened)"
+        );
+        assert_eq!(answered, 20, "{n} idle connections from {what} ({opened} opened)");
+    }
+    let (status, body) = http::get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let count = |event: &str| -> u64 {
+        let key = format!("ztna_relay_http_events_total{{event=\"{event}\"}} ");
+        body.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("closed_table_full") > 0 && count("closed_source_full") > 0, "{body}");
+    assert!(count("answered") >= 40, "{body}");
+    relay.shutdown();
+}

@@ -1,0 +1,13 @@
+//! The test and benchmark kit (a dev-dependency of the product crates; the
+//! bench uses it too). Nothing here ships in the relay, connector or agent.
+//!
+//! - [`client_io`]: a UDP socket driver for `ztna_control`'s client session.
+//! - [`echo`]: UDP and TCP echo servers.
+//! - [`fixtures`]: relays, clients and configurations for integration tests.
+//! - [`tunnel_tcp`]: agent-side TCP through the tunnel (smoltcp), without
+//!   a TUN device.
+
+pub mod client_io;
+pub mod echo;
+pub mod fixtures;
+pub mod tunnel_tcp;

@@ -1,0 +1,112 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! Bad tunneled packets at the connector: each is dropped with its own
+//! counter, nothing reaches a backend, and good traffic keeps flowing.
+
+use ztna_testkit::fixtures as common;
+
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ztna_connector::{Backend, Connector, ConnectorStats, Proto};
+use ztna_control::{packet, Role};
+use ztna_testkit::echo::EchoServer;
+use ztna_udp::IoBackend;
+
+#[test]
+fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
+    let relay = start_relay(2, IoBackend::Auto, true);
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = connector_config(
+        &relay,
+        0,
+        "echo",
+        vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
+    );
+    cfg.max_udp_flows_per_agent = 2;
+    let mut connector = Connector::new(cfg, 3).unwrap();
+    let end = Instant::now() + T;
+    while !connector.is_ready() {
+        connector.turn(Duration::from_millis(10)).unwrap();
+        assert!(Instant::now() < end);
+    }
+    let stats = Arc::clone(&connector.stats);
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || connector.run(&stop).unwrap())
+    };
+    let mut agent = client(&relay, &[(Role::Agent, "echo")], 9);
+    let flow = until_registered(&mut agent, 1)[0];
+    let me = SocketAddrV4::new("10.9.0.2".parse().unwrap(), 5000);
+    let svc = SocketAddrV4::new("100.100.0.10".parse().unwrap(), 7);
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let wait = |agent: &mut ztna_testkit::client_io::UdpClient, what: &str, f: &dyn Fn(&ConnectorStats) -> bool| {
+        let end = Instant::now() + T;
+        while !f(&stats) {
+            agent.pump();
+            assert!(Instant::now() < end, "{what} not counted: {stats:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let send = |agent: &mut ztna_testkit::client_io::UdpClient, pkt: &[u8]| {
+        agent.session.send_datagram(flow, pkt).unwrap();
+        agent.pump();
+    };
+
+    // IPv6 inner packet.
+    let mut v6 = vec![0u8; 48];
+    v6[0] = 0x60;
+    send(&mut agent, &v6);
+    wait(&mut agent, "ipv6", &|s| get(&s.drop_ipv6) == 1);
+    // Garbage, a bad IPv4 header checksum, a truncated packet.
+    send(&mut agent, &[0x45, 1, 2]);
+    let mut pkt = Vec::new();
+    packet::build_ipv4_udp(me, svc, b"ok", &mut pkt).unwrap();
+    let mut bad_sum = pkt.clone();
+    bad_sum[10] ^= 0xff;
+    send(&mut agent, &bad_sum);
+    send(&mut agent, &pkt[..pkt.len() - 1]);
+    wait(&mut agent, "malformed", &|s| get(&s.drop_malformed) == 3);
+    // UDP to a port the service does not expose: not an open proxy.
+    packet::build_ipv4_udp(me, SocketAddrV4::new(*svc.ip(), 53), b"dns?", &mut pkt).unwrap();
+    send(&mut agent, &pkt);
+    wait(&mut agent, "not allowed", &|s| get(&s.drop_not_allowed) == 1);
+    assert_eq!(get(&stats.udp_to_backend), 0, "nothing reached a backend");
+    assert_eq!(echo.stats.udp_datagrams.load(Ordering::Relaxed), 0);
+
+    // Good traffic still works.
+    packet::build_ipv4_udp(me, svc, b"still fine", &mut pkt).unwrap();
+    send(&mut agent, &pkt);
+    let mut buf = [0u8; 2048];
+    let end = Instant::now() + T;
+    let reply = loop {
+        agent.pump();
+        if let Some(n) = agent.session.recv_datagram(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        assert!(Instant::now() < end, "no echo");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let (_, ip) = ztna_control::datagram::parse(&reply).unwrap();
+    let v4 = packet::parse_ipv4(ip).unwrap();
+    assert_eq!((v4.src, v4.dst), (*svc.ip(), *me.ip()), "reply comes from the service address");
+    match packet::parse_transport(&v4).unwrap() {
+        packet::Transport::Udp { src_port, dst_port, payload } => {
+            assert_eq!((src_port, dst_port, payload), (7, 5000, &b"still fine"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    // One agent cannot use up the UDP flow table: its third flow is refused.
+    for port in [5001, 5002] {
+        packet::build_ipv4_udp(SocketAddrV4::new(*me.ip(), port), svc, b"more", &mut pkt).unwrap();
+        send(&mut agent, &pkt);
+    }
+    wait(&mut agent, "per-agent flow limit", &|s| get(&s.drop_flow_table_full) == 1);
+    assert_eq!(get(&stats.udp_flows_opened), 2);
+    stop.store(true, Ordering::Release);
+    t.join().unwrap();
+    relay.shutdown();
+}
