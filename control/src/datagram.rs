@@ -41,13 +41,12 @@ pub fn write_header(flow: u32, out: &mut [u8]) -> Option<usize> {
 }
 
 /// Rewrites the flow id of a datagram in place when the new id encodes in
-/// the same number of bytes as the old one (the common case), returning
-/// `true`; otherwise returns `false` and leaves `buf` unchanged.
-pub fn rewrite_in_place(buf: &mut [u8], new_flow: u32) -> bool {
-    let Some((_, old_len)) = varint::decode(buf) else {
-        return false;
-    };
-    if header_len(new_flow) != old_len {
+/// the same number of bytes as the old header, `old_header_len` (what
+/// [`parse`] consumed: `buf.len()` minus the payload's length), returning
+/// `true`; otherwise returns `false` and leaves `buf` unchanged. The header
+/// is not decoded again.
+pub fn rewrite_in_place(buf: &mut [u8], old_header_len: usize, new_flow: u32) -> bool {
+    if header_len(new_flow) != old_header_len || buf.len() < old_header_len {
         return false;
     }
     write_header(new_flow, buf).is_some()
@@ -78,9 +77,9 @@ mod tests {
     fn in_place_rewrite() {
         let mut d = Vec::new();
         encode_into(7, b"hello", &mut d);
-        assert!(rewrite_in_place(&mut d, 9));
+        assert!(rewrite_in_place(&mut d, 1, 9));
         assert_eq!(parse(&d), Ok((9, &b"hello"[..])));
-        assert!(!rewrite_in_place(&mut d, 1000));
+        assert!(!rewrite_in_place(&mut d, 1, 1000));
         assert_eq!(parse(&d), Ok((9, &b"hello"[..])));
     }
 
@@ -97,7 +96,12 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..32), flow in any::<u32>()) {
             let _ = parse(&bytes);
             let mut b = bytes.clone();
-            let _ = rewrite_in_place(&mut b, flow);
+            if let Ok((_, payload)) = parse(&bytes) {
+                let header = bytes.len() - payload.len();
+                if rewrite_in_place(&mut b, header, flow) {
+                    prop_assert_eq!(parse(&b).ok().map(|(f, p)| (f, p.len())), Some((flow, payload.len())));
+                }
+            }
         }
     }
 }

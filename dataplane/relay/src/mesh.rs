@@ -32,9 +32,10 @@ const RECYCLE_DEPTH: usize = 1024;
 /// Data-plane message.
 #[derive(Debug)]
 pub enum Data {
-    /// A datagram whose flow id is already rewritten for `to`. `bytes`
-    /// goes back to the sender's recycle queue after delivery.
-    Datagram { to: ConnKey, bytes: Vec<u8>, received: Instant, sender: u16 },
+    /// A datagram whose flow id is already rewritten for `to`, with the
+    /// length of its payload (so the receiver need not parse it again).
+    /// `bytes` goes back to the sender's recycle queue after delivery.
+    Datagram { to: ConnKey, bytes: Vec<u8>, payload_len: usize, received: Instant, sender: u16 },
     /// A QUIC packet that arrived at the wrong worker.
     Packet { from: SocketAddr, bytes: Vec<u8>, sender: u16 },
 }

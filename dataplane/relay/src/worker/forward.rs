@@ -29,7 +29,9 @@ impl Worker {
         self.dgram_buf = buf;
     }
 
-    /// Forwards one datagram received on `conn` to the other leg of its flow.
+    /// Forwards one datagram received on `conn` to the other leg of its
+    /// flow. Its flow id is decoded once, here: the rewrite and the
+    /// receiving worker (after a hand-off) use the lengths found now.
     pub(super) fn forward(&mut self, conn: &mut Conn, d: &mut [u8], now: Instant) {
         let (flow, payload_len) = match datagram::parse(d) {
             Ok((f, p)) => (f, p.len()),
@@ -55,7 +57,8 @@ impl Worker {
             }
         };
         let mut scratch = std::mem::take(&mut self.scratch);
-        let bytes: &[u8] = if datagram::rewrite_in_place(d, to_flow) {
+        let header_len = d.len().saturating_sub(payload_len);
+        let bytes: &[u8] = if datagram::rewrite_in_place(d, header_len, to_flow) {
             d
         } else {
             let payload = d.get(d.len() - payload_len..).unwrap_or_default();
@@ -93,6 +96,7 @@ impl Worker {
         let msg = Data::Datagram {
             to,
             bytes: self.mesh.buffer(self.cfg.index, bytes),
+            payload_len,
             received: now,
             sender: self.cfg.index as u16,
         };
@@ -138,9 +142,8 @@ impl Worker {
         for _ in 0..INBOX_BATCH {
             let Some(d) = inbox.data.pop() else { break };
             match d {
-                Data::Datagram { to, bytes, received, sender } => {
+                Data::Datagram { to, bytes, payload_len, received, sender } => {
                     self.charge(-(bytes.len() as i64));
-                    let payload_len = datagram::parse(&bytes).map(|(_, p)| p.len()).unwrap_or(0);
                     if let Some(mut dst) = self.take(to) {
                         if self.admit(&dst, bytes.len()) {
                             let r = dst.quic.dgram_send(&bytes);
