@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 use ztna_control::quic::IDLE_TIMEOUT_MS;
+use ztna_relay::limits::Limits;
 use ztna_relay::security::RetryMode;
-use ztna_relay::server::{self, LimitsConfig, RelayConfig, RelayHandle};
+use ztna_relay::server::{self, RelayConfig, RelayHandle};
 use ztna_relay::stats::StatsSnapshot;
 use ztna_udp::IoBackend;
 
@@ -32,7 +33,7 @@ pub(super) fn relay_config(retry: RetryMode, workers: usize, io_backend: IoBacke
         pin_cores: false,
         shutdown_grace_ms: 500,
         policy_toml: Some(bench_policy(SERVICE)),
-        limits: LimitsConfig { retry, max_conns_per_ip: 0, handshakes_per_sec_per_ip: 0, ..LimitsConfig::default() },
+        limits: Limits { retry, max_conns_per_ip: 0, handshakes_per_sec_per_ip: 0, ..Limits::default() },
         ..RelayConfig::default()
     }
 }

@@ -15,6 +15,7 @@
 pub mod budget;
 pub mod cid;
 pub mod event_loop;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod pki;

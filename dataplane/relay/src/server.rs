@@ -16,91 +16,18 @@ use crate::cid::Instance;
 use ztna_udp::IoBackend;
 
 use crate::event_loop::{self, Lifecycle};
+use crate::limits::Limits;
 use crate::mesh::Mesh;
 use crate::pki::{self, DevPki};
 use crate::policy::Policy;
 use crate::ratelimit::PerIp;
-use crate::security::{RetryMode, Security, Shared};
+use crate::security::{Security, Shared};
 use crate::stats::{StatsSnapshot, WorkerStats};
 use crate::tls::TlsMaterial;
-use crate::worker::{Limits, Worker, WorkerConfig};
+use crate::worker::{Worker, WorkerConfig};
 
 /// Slots of the per-source-IP table (fixed memory: 12 bytes each).
 const PER_IP_SLOTS: usize = 1 << 16;
-
-/// Limits as they appear in the config file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    pub max_conns_per_worker: usize,
-    pub max_registrations: usize,
-    pub max_flows_per_conn: usize,
-    pub max_control_backlog: usize,
-    /// Register/Unregister operations per second per connection.
-    pub registrations_per_sec: u32,
-    /// Cross-worker data queue depth per worker (datagrams).
-    pub data_queue_depth: usize,
-    /// Cross-worker control queue depth per worker (messages).
-    pub ctrl_queue_depth: usize,
-    /// Open connections over all workers.
-    pub max_conns: usize,
-    /// Open connections per source IP (IPv6: per /64). 0 = unlimited.
-    pub max_conns_per_ip: u32,
-    /// New handshakes per second per source IP. 0 = unlimited.
-    pub handshakes_per_sec_per_ip: u32,
-    /// Retry: "always", "auto" (above `retry_above_handshakes_per_sec` new
-    /// handshakes per second per worker) or "off".
-    pub retry: RetryMode,
-    pub retry_above_handshakes_per_sec: u32,
-    /// Datagrams and payload bytes per second an agent connection may send.
-    pub agent_datagrams_per_sec: u32,
-    pub agent_bytes_per_sec: u64,
-    /// The same for connector connections.
-    pub connector_datagrams_per_sec: u32,
-    pub connector_bytes_per_sec: u64,
-    /// Stateless resets per second per worker.
-    pub stateless_resets_per_sec: u32,
-    /// Half-open connections are dropped after this long.
-    pub handshake_timeout_ms: u64,
-    /// Memory budget in MiB over everything peers make the relay hold
-    /// (`budget.rs`). 0 = 60 % of the cgroup memory limit when there is
-    /// one, else 1024.
-    pub memory_budget_mib: u64,
-    /// Authenticated connections per client identity, relay-wide. 0 =
-    /// unlimited.
-    pub max_conns_per_identity: u32,
-    /// Bytes one connection's DATAGRAM send queue may hold.
-    pub max_dgram_queue_bytes: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        let l = Limits::default();
-        LimitsConfig {
-            max_conns_per_worker: l.max_conns_per_worker,
-            max_registrations: l.max_registrations,
-            max_flows_per_conn: l.max_flows_per_conn,
-            max_control_backlog: l.max_control_backlog,
-            registrations_per_sec: l.registrations_per_sec,
-            data_queue_depth: 8192,
-            ctrl_queue_depth: 65_536,
-            max_conns: l.max_conns,
-            max_conns_per_ip: 1000,
-            handshakes_per_sec_per_ip: 100,
-            retry: l.retry,
-            retry_above_handshakes_per_sec: l.retry_above_handshakes_per_sec,
-            agent_datagrams_per_sec: l.agent_datagrams_per_sec,
-            agent_bytes_per_sec: l.agent_bytes_per_sec,
-            connector_datagrams_per_sec: l.connector_datagrams_per_sec,
-            connector_bytes_per_sec: l.connector_bytes_per_sec,
-            stateless_resets_per_sec: l.stateless_resets_per_sec,
-            handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
-            memory_budget_mib: 0,
-            max_conns_per_identity: crate::security::DEFAULT_MAX_CONNS_PER_IDENTITY,
-            max_dgram_queue_bytes: l.max_dgram_queue_bytes,
-        }
-    }
-}
 
 /// Relay configuration (TOML file; command-line flags override).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,7 +70,7 @@ pub struct RelayConfig {
     /// Bound on a drain (SIGTERM) or shutdown: how long the relay waits
     /// for clients to move away before it closes what is left and exits.
     pub shutdown_grace_ms: u64,
-    pub limits: LimitsConfig,
+    pub limits: Limits,
 }
 
 impl Default for RelayConfig {
@@ -164,7 +91,7 @@ impl Default for RelayConfig {
             pin_cores: true,
             node_id: None,
             shutdown_grace_ms: 10_000,
-            limits: LimitsConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -334,23 +261,7 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
 
     let mesh = Arc::new(Mesh::new(n, cfg.limits.data_queue_depth, cfg.limits.ctrl_queue_depth)?);
     let life = Arc::new(Lifecycle::new(n));
-    let limits = Limits {
-        max_conns_per_worker: cfg.limits.max_conns_per_worker,
-        max_registrations: cfg.limits.max_registrations,
-        max_flows_per_conn: cfg.limits.max_flows_per_conn,
-        max_control_backlog: cfg.limits.max_control_backlog,
-        registrations_per_sec: cfg.limits.registrations_per_sec,
-        max_conns: cfg.limits.max_conns,
-        retry: cfg.limits.retry,
-        retry_above_handshakes_per_sec: cfg.limits.retry_above_handshakes_per_sec,
-        agent_datagrams_per_sec: cfg.limits.agent_datagrams_per_sec,
-        agent_bytes_per_sec: cfg.limits.agent_bytes_per_sec,
-        connector_datagrams_per_sec: cfg.limits.connector_datagrams_per_sec,
-        connector_bytes_per_sec: cfg.limits.connector_bytes_per_sec,
-        stateless_resets_per_sec: cfg.limits.stateless_resets_per_sec,
-        handshake_timeout: Duration::from_millis(cfg.limits.handshake_timeout_ms),
-        max_dgram_queue_bytes: cfg.limits.max_dgram_queue_bytes,
-    };
+    let limits = cfg.limits.clone();
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();

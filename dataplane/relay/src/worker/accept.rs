@@ -264,7 +264,7 @@ impl Worker {
             ip,
             is_connector: false,
             dgram_rate: self.cfg.limits.dgram_buckets(false, now),
-            handshake_deadline: Some(now + self.cfg.limits.handshake_timeout),
+            handshake_deadline: Some(now + self.cfg.limits.handshake_timeout()),
             // A valid Retry token proves the address.
             amplification: if odcid.is_some() { None } else { Some((0, 0)) },
             amplification_hit: false,

@@ -18,6 +18,7 @@ use ztna_udp::Transmit;
 
 use crate::budget::{self, BudgetShare};
 use crate::cid::{self, CID_LEN};
+use crate::limits::Limits;
 use crate::mesh::{Ctrl, Data, Mesh};
 use crate::ratelimit::TokenBucket;
 use crate::routing::{AgentIndex, Binding, ConnKey, Directory, Flow, FlowTable, Serving};
@@ -93,70 +94,6 @@ fn tls_alert_name(code: u64) -> &'static str {
 /// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
-}
-
-/// Per-relay limits (each counted when hit).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Open connections per worker.
-    pub max_conns_per_worker: usize,
-    /// Registrations (agent flows + connector services) per connection.
-    pub max_registrations: usize,
-    /// Flow-table entries per connection (connector legs included).
-    pub max_flows_per_conn: usize,
-    /// Unsent control bytes the relay keeps for a client that does not read.
-    pub max_control_backlog: usize,
-    /// Register/Unregister operations per second per connection (sustained;
-    /// bursts up to `max_registrations`). Beyond it: RegisterError{limit}.
-    pub registrations_per_sec: u32,
-    /// Open connections over all workers.
-    pub max_conns: usize,
-    /// When new connections must first prove their address with Retry.
-    pub retry: RetryMode,
-    /// `RetryMode::Auto`: new handshakes per second per worker above which
-    /// Retry is required.
-    pub retry_above_handshakes_per_sec: u32,
-    /// Datagrams per second (sustained, one second of burst) a connection
-    /// without connector registrations may send. 0 = unlimited.
-    pub agent_datagrams_per_sec: u32,
-    /// Payload bytes per second for the same.
-    pub agent_bytes_per_sec: u64,
-    /// Datagrams per second a connector connection may send.
-    pub connector_datagrams_per_sec: u32,
-    /// Payload bytes per second for the same.
-    pub connector_bytes_per_sec: u64,
-    /// Stateless resets per second per worker.
-    pub stateless_resets_per_sec: u32,
-    /// A connection that has not completed its handshake this long after
-    /// its first Initial is dropped silently (half-open flood protection;
-    /// the QUIC idle timeout alone would keep it 30 s).
-    pub handshake_timeout: Duration,
-    /// Bytes a connection's DATAGRAM send queue may hold; a datagram that
-    /// would exceed it is dropped (`drop_dgram_queue_full`), so a receiver
-    /// that stops acknowledging loses only its own datagrams.
-    pub max_dgram_queue_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_conns_per_worker: 50_000,
-            max_registrations: 64,
-            max_flows_per_conn: 65_536,
-            max_control_backlog: 256 * 1024,
-            registrations_per_sec: 10,
-            max_conns: 100_000,
-            retry: RetryMode::Auto,
-            retry_above_handshakes_per_sec: 200,
-            agent_datagrams_per_sec: 100_000,
-            agent_bytes_per_sec: 125_000_000,
-            connector_datagrams_per_sec: 1_000_000,
-            connector_bytes_per_sec: 1_250_000_000,
-            stateless_resets_per_sec: 100,
-            handshake_timeout: Duration::from_secs(10),
-            max_dgram_queue_bytes: 256 * 1024,
-        }
-    }
 }
 
 impl Limits {
