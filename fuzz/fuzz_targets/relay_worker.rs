@@ -1,5 +1,6 @@
 #![no_main]
-//! The relay's per-core engine (`dataplane/relay/src/worker/` `Worker`), fed
+//! The relay's per-core engine (`dataplane/relay/src/worker/` `Worker`, hosted
+//! as testkit's `RelayHost` as the in-memory tests do), fed
 //! by in-process QUIC clients whose every control-stream byte and DATAGRAM
 //! comes from the fuzzer, plus raw UDP packets from anywhere: packet
 //! steering (`cid::owner`), QUIC header parsing, version negotiation, Retry
@@ -26,22 +27,18 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use ztna_control::identity::Kind;
 use ztna_control::wire::{FrameDecoder, Message, HEADER_LEN, MAX_BODY};
 use ztna_control::{datagram, Code};
-use ztna_relay::mesh::Mesh;
 use ztna_relay::pki;
 use ztna_relay::policy::Policy;
 use ztna_relay::ratelimit::PerIp;
-use ztna_relay::cid::Instance;
-use ztna_relay::security::{RetryMode, Security, Shared};
-use ztna_relay::stats::WorkerStats;
-use ztna_relay::worker::{Limits, Worker, WorkerConfig};
-use ztna_udp::Transmit;
+use ztna_relay::security::RetryMode;
+use ztna_relay::limits::Limits;
+use ztna_testkit::hosts::{RelayHost, RelaySpec, Steering};
 use ztna_fuzz::peer;
 use ztna_fuzz::records::records;
 
@@ -65,21 +62,6 @@ agents = ["*"]
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// Collects what the worker sends.
-struct Tx {
-    buf: Vec<u8>,
-    out: Vec<(Vec<u8>, SocketAddr)>,
-}
-
-impl Transmit for Tx {
-    fn buf(&mut self) -> &mut [u8] {
-        &mut self.buf
-    }
-    fn commit(&mut self, len: usize, to: SocketAddr) {
-        self.out.push((self.buf[..len].to_vec(), to));
-    }
 }
 
 /// A raw quiche client whose stream and datagrams the fuzzer writes.
@@ -144,8 +126,7 @@ impl Client {
 
 struct World {
     now: Instant,
-    worker: Worker,
-    tx: Tx,
+    relay: RelayHost,
     clients: Vec<Client>,
 }
 
@@ -154,15 +135,20 @@ impl World {
         let now = Instant::now();
         let retry = if flags & 4 == 4 { RetryMode::Always } else { RetryMode::Off };
         let limits = Limits { max_registrations: 8, max_control_backlog: 64 * 1024, retry, ..Limits::default() };
-        let cfg = WorkerConfig { index: 0, workers: 1, node_id: 7, local_addr: sock(RELAY), limits };
-        let policy = Policy::from_toml(POLICY, pki::DEV_TRUST_DOMAIN).expect("policy");
-        let security = Security::new(peer::relay_tls(), policy, &Instance::configured(7)).expect("security");
-        let shared = Arc::new(Shared::new(security, PerIp::new(64, 100, 1000), now));
-        let mesh = Arc::new(Mesh::new(1, 1024, 1024).expect("mesh"));
-        let worker = Worker::new(cfg, shared, mesh, Arc::new(WorkerStats::default())).expect("worker");
+        let spec = RelaySpec {
+            addr: sock(RELAY),
+            workers: 1,
+            node_id: 7,
+            limits,
+            tls: peer::relay_tls(),
+            policy: Policy::from_toml(POLICY, pki::DEV_TRUST_DOMAIN).expect("policy"),
+            per_ip: PerIp::new(64, 100, 1000),
+            steering: Steering::ByCid,
+        };
+        let relay = RelayHost::new(spec, now).expect("relay worker");
         let b = if flags & 8 == 8 { (Kind::Agent, "mallory") } else { (Kind::Connector, "echo-1") };
         let clients = vec![Client::new(CLIENT_A, 0xa0, Kind::Agent, "alice"), Client::new(CLIENT_B, 0xb0, b.0, b.1)];
-        World { now, worker, tx: Tx { buf: vec![0u8; 2048], out: Vec::new() }, clients }
+        World { now, relay, clients }
     }
 
     /// Moves packets until quiet. `active[i]`: client i may send.
@@ -176,13 +162,11 @@ impl World {
                 }
                 while let Ok((n, info)) = c.conn.send(&mut out) {
                     assert_eq!(info.to, sock(RELAY));
-                    self.worker.handle_packet(&mut out[..n], c.addr, self.now);
+                    self.relay.handle_packet(&mut out[..n], c.addr, self.now);
                     moved = true;
                 }
             }
-            self.worker.drain_inbox(self.now);
-            self.worker.flush(&mut self.tx, self.now);
-            for (mut p, to) in self.tx.out.drain(..) {
+            for (mut p, to) in self.relay.flush(self.now) {
                 if let Some(c) = self.clients.iter_mut().find(|c| c.addr == to) {
                     let _ = c.conn.recv(&mut p, quiche::RecvInfo { from: sock(RELAY), to });
                     moved = true;
@@ -199,7 +183,9 @@ impl World {
 
     fn tick(&mut self, d: Duration) {
         self.now += d;
-        self.worker.handle_timeouts(self.now);
+        for w in self.relay.workers_mut() {
+            w.handle_timeouts(self.now);
+        }
         for c in &mut self.clients {
             c.conn.on_timeout();
         }
@@ -233,7 +219,7 @@ fuzz_target!(init: peer::init(), |data: &[u8]| {
                 };
                 let from = if tag & 8 == 8 { sock(CLIENT_A) } else { SocketAddr::from(([127, 0, 0, 9], port)) };
                 let mut p = pkt.to_vec();
-                w.worker.handle_packet(&mut p, from, w.now);
+                w.relay.handle_packet(&mut p, from, w.now);
             }
             5 => {
                 let ms = match bytes {
@@ -247,7 +233,11 @@ fuzz_target!(init: peer::init(), |data: &[u8]| {
                 let c = &mut w.clients[usize::from(tag & 8 == 8)];
                 let _ = c.conn.close(true, 0, b"fuzz");
             }
-            _ => w.worker.begin_shutdown(Code::NO_ERROR, "fuzz", Duration::from_millis(100), w.now),
+            _ => {
+                for wk in w.relay.workers_mut() {
+                    wk.begin_shutdown(Code::NO_ERROR, "fuzz", Duration::from_millis(100), w.now);
+                }
+            }
         }
         w.pump(active);
     }
