@@ -21,6 +21,26 @@ fn tmp(name: &str, body: &str) -> std::path::PathBuf {
     p
 }
 
+/// A bad config prints its cause chain (`Error: … Caused by: …`) and no
+/// stack backtrace, even with RUST_BACKTRACE set.
+#[test]
+fn bad_config_reports_a_cause_chain_not_a_backtrace() {
+    let bad = tmp("typo.toml", "listen = \"127.0.0.1:4500\"\ndev = true\n[limits]\nmax_conns = \"many\"\n");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("Error: "), "{err}");
+    assert!(err.contains("Caused by:") && err.contains("max_conns"), "the cause names the key: {err}");
+    assert!(!err.contains("backtrace") && !err.contains("Backtrace"), "no backtrace: {err}");
+    let _ = std::fs::remove_file(bad);
+}
+
 #[test]
 fn check_config_accepts_good_and_rejects_unknown_keys() {
     let good =
