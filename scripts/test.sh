@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Dependencies point down (ARCHITECTURE.md, "Crates and what each may import").
+./scripts/check-deps.sh
 # The C API test links the static library (ztna-agent-sys), and the
 # network-namespace tests (agent-linux/tests/netns/, run as root) start the
 # Linux agent (ztna-agent-linux), ztna-relay, ztna-connector and ztna-bench
