@@ -210,7 +210,8 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
     if relay_toml is not None:
         src = ROOT / "dataplane" / "relay" / "src" / "server.rs"
         check_keys(relay_toml, "RelayConfig", src, "relay.toml", pr)
-        check_keys(relay_toml.get("limits") or {}, "LimitsConfig", src, "relay.toml [limits]", pr)
+        limits_src = ROOT / "dataplane" / "relay" / "src" / "limits.rs"
+        check_keys(relay_toml.get("limits") or {}, "Limits", limits_src, "relay.toml [limits]", pr)
         grace_ms = relay_toml.get("shutdown_grace_ms")
         tgps = rspec.get("terminationGracePeriodSeconds", 30)
         if pr.check(isinstance(grace_ms, int), "relay.toml: set shutdown_grace_ms explicitly (the drain time)"):

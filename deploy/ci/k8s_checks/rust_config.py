@@ -116,6 +116,7 @@ def check_parser() -> list[str]:
     """The struct parser reads the fields this checker relies on, with their types."""
     conn = ROOT / "dataplane" / "connector" / "src" / "config.rs"
     relay = ROOT / "dataplane" / "relay" / "src" / "server.rs"
+    limits = ROOT / "dataplane" / "relay" / "src" / "limits.rs"
     want = [
         (conn, "ConnectorConfig", "relays", "Vec<String>"),
         (conn, "ConnectorConfig", "health", "Option<SocketAddr>"),
@@ -123,6 +124,7 @@ def check_parser() -> list[str]:
         (conn, "Backend", "target", "Target"),
         (relay, "RelayConfig", "metrics", "Option<SocketAddr>"),
         (relay, "RelayConfig", "shutdown_grace_ms", "u64"),
+        (limits, "Limits", "max_conns_per_ip", "u32"),
     ]
     out = []
     for src, struct, name, ty in want:
