@@ -100,9 +100,11 @@ fn yes() -> bool {
     true
 }
 
-/// Connector configuration (TOML, unknown keys rejected).
+/// Connector configuration (TOML, unknown keys rejected). Every key but
+/// `relays` and the services is optional: its default is in
+/// `ConnectorConfig::default`, the one place defaults are written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConnectorConfig {
     /// Relays to register at, each `host:port` (all of them, from the same
     /// socket). A DNS name stands for every address it resolves to and is
@@ -111,12 +113,9 @@ pub struct ConnectorConfig {
     pub relays: Vec<String>,
     /// HTTP `/healthz`, `/readyz` (every service registered at one relay
     /// or more) and `/metrics`, e.g. `0.0.0.0:9091`.
-    #[serde(default)]
     pub health: Option<SocketAddr>,
     /// Local UDP address; the fixed port is what P2P peers will punch to.
-    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    #[serde(default = "default_server_name")]
     pub server_name: String,
     /// CA that signs the relays' certificates.
     pub ca: Option<PathBuf>,
@@ -126,96 +125,49 @@ pub struct ConnectorConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// Skip relay certificate verification (local experiments only; logged).
-    #[serde(default)]
     pub insecure: bool,
     /// UDP flows (backend sockets) in total.
-    #[serde(default = "default_max_udp_flows")]
     pub max_udp_flows: usize,
     /// UDP flows one agent flow (one agent connection's flow for one
     /// service) may hold.
-    #[serde(default = "default_max_udp_flows_per_agent")]
     pub max_udp_flows_per_agent: usize,
     /// UDP flows one agent identity may hold over all its agent flows
     /// (default: a quarter of `max_udp_flows`). When the table is full, a
     /// new flow of an identity below its share takes the least recently
     /// used flow of the identity holding the most, so one identity, or a
     /// few, cannot lock the others out.
-    #[serde(default)]
     pub max_udp_flows_per_identity: Option<usize>,
-    #[serde(default = "default_udp_idle_secs")]
     pub udp_idle_secs: u64,
     /// Agent flows with TCP state (one smoltcp interface each).
-    #[serde(default = "default_max_tcp_flows")]
     pub max_tcp_flows: usize,
     /// TCP connections per agent flow.
-    #[serde(default = "default_max_tcp_per_flow")]
     pub max_tcp_per_flow: usize,
     /// Agent flows with TCP state one agent identity may hold (default: a
     /// quarter of `max_tcp_flows`). SYNs over it are answered with an RST.
-    #[serde(default)]
     pub max_tcp_flows_per_identity: Option<usize>,
     /// TCP connections in total. Worst-case buffer memory is
     /// `max_tcp_connections × 2 × tcp_buffer_bytes`.
-    #[serde(default = "default_max_tcp_connections")]
     pub max_tcp_connections: usize,
     /// TCP connections one agent identity may hold over all its agent flows
     /// (default: a quarter of `max_tcp_connections`). SYNs over it are
     /// answered with an RST. When the table is full, a SYN of an identity
     /// below its share resets the least recently used connection of the
     /// identity holding the most.
-    #[serde(default)]
     pub max_tcp_connections_per_identity: Option<usize>,
     /// Packets one agent identity may have queued in the connector's TCP
     /// endpoint (received from the agent and waiting for smoltcp, or waiting
     /// to be sent to the agent), over all its agent flows; beyond it,
     /// segments from the agent are dropped (`drop_tcp_queue_full`) and
     /// smoltcp holds back what it would send.
-    #[serde(default = "default_max_tcp_queued_packets_per_identity")]
     pub max_tcp_queued_packets_per_identity: usize,
     /// Size of each of the two smoltcp buffers of a TCP connection; it is
     /// also the largest window advertised to the agent.
-    #[serde(default = "default_tcp_buffer_bytes")]
     pub tcp_buffer_bytes: usize,
     /// A TCP connection that moves no byte and gets no segment for this
     /// long is reset on both sides.
-    #[serde(default = "default_tcp_idle_secs")]
     pub tcp_idle_secs: u64,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 4434))
-}
-fn default_server_name() -> String {
-    "localhost".into()
-}
-fn default_max_udp_flows() -> usize {
-    4096
-}
-fn default_max_udp_flows_per_agent() -> usize {
-    256
-}
-fn default_udp_idle_secs() -> u64 {
-    60
-}
-fn default_max_tcp_flows() -> usize {
-    1024
-}
-fn default_max_tcp_per_flow() -> usize {
-    64
-}
-fn default_max_tcp_connections() -> usize {
-    2048
-}
-fn default_max_tcp_queued_packets_per_identity() -> usize {
-    4096
-}
-fn default_tcp_buffer_bytes() -> usize {
-    256 * 1024
-}
-fn default_tcp_idle_secs() -> u64 {
-    600
 }
 
 /// The default per-identity share of a table: a quarter of it (at least
@@ -230,31 +182,43 @@ fn default_share(table: usize) -> usize {
 /// How long a backend TCP connect may take before the agent gets an RST.
 pub(crate) const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+impl Default for ConnectorConfig {
+    /// No relays and no services (both required), everything else at its
+    /// default.
+    fn default() -> ConnectorConfig {
+        ConnectorConfig {
+            relays: Vec::new(),
+            health: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
+            server_name: "localhost".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            insecure: false,
+            max_udp_flows: 4096,
+            max_udp_flows_per_agent: 256,
+            max_udp_flows_per_identity: None,
+            udp_idle_secs: 60,
+            max_tcp_flows: 1024,
+            max_tcp_per_flow: 64,
+            max_tcp_flows_per_identity: None,
+            max_tcp_connections: 2048,
+            max_tcp_connections_per_identity: None,
+            max_tcp_queued_packets_per_identity: 4096,
+            tcp_buffer_bytes: 256 * 1024,
+            tcp_idle_secs: 600,
+            services: Vec::new(),
+        }
+    }
+}
+
 impl ConnectorConfig {
     /// A configuration with every optional setting at its default.
     pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
         ConnectorConfig {
             relays: relays.iter().map(SocketAddr::to_string).collect(),
-            health: None,
-            listen: default_listen(),
-            server_name: default_server_name(),
-            ca: None,
-            cert: None,
-            key: None,
-            insecure: false,
-            max_udp_flows: default_max_udp_flows(),
-            max_udp_flows_per_agent: default_max_udp_flows_per_agent(),
-            max_udp_flows_per_identity: None,
-            udp_idle_secs: default_udp_idle_secs(),
-            max_tcp_flows: default_max_tcp_flows(),
-            max_tcp_per_flow: default_max_tcp_per_flow(),
-            max_tcp_flows_per_identity: None,
-            max_tcp_connections: default_max_tcp_connections(),
-            max_tcp_connections_per_identity: None,
-            max_tcp_queued_packets_per_identity: default_max_tcp_queued_packets_per_identity(),
-            tcp_buffer_bytes: default_tcp_buffer_bytes(),
-            tcp_idle_secs: default_tcp_idle_secs(),
             services,
+            ..ConnectorConfig::default()
         }
     }
 
@@ -326,5 +290,25 @@ impl ConnectorConfig {
     /// TCP connections one agent identity may hold.
     pub fn tcp_connections_per_identity(&self) -> usize {
         self.max_tcp_connections_per_identity.unwrap_or_else(|| default_share(self.max_tcp_connections))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    #[test]
+    fn omitted_keys_take_the_defaults_and_unknown_keys_are_refused() {
+        let toml = "relays = [\"relay:4433\"]\ninsecure = true\n[[service]]\nname = \"echo\"\n";
+        let c: ConnectorConfig = toml::from_str(toml).unwrap();
+        let d = ConnectorConfig::default();
+        assert_eq!((c.max_udp_flows, c.udp_idle_secs, c.max_tcp_connections), (4096, 60, 2048));
+        assert_eq!((c.listen, c.tcp_buffer_bytes, c.tcp_idle_secs), (d.listen, d.tcp_buffer_bytes, d.tcp_idle_secs));
+        let n = ConnectorConfig::new(vec!["127.0.0.1:4433".parse().unwrap()], c.services.clone());
+        assert_eq!((n.max_tcp_per_flow, n.server_name.as_str()), (d.max_tcp_per_flow, "localhost"));
+        assert!(toml::from_str::<ConnectorConfig>(&format!("max_udp_flowz = 1\n{toml}")).is_err());
+        let no_relay: ConnectorConfig = toml::from_str("insecure = true\n[[service]]\nname = \"echo\"\n").unwrap();
+        assert!(no_relay.validate().is_err(), "a relay is required");
     }
 }
