@@ -31,6 +31,10 @@
 //!    backend error, or the idle timeout aborts both sides (RST to the agent
 //!    through smoltcp, SO_LINGER 0 close to the backend).
 //!
+//! The backend sockets are the driver's: the engine names them with
+//! [`BackendId`]s and reads and writes them through [`BackendIo`] calls,
+//! which is what lets the proxy move only what the other side takes.
+//!
 //! Memory is bounded by the limits: at most `max_flows` interfaces, at most
 //! `max_per_flow` connections per flow and `max_conns` in total, each with
 //! two smoltcp buffers of `buffer` bytes; device queues are bounded in
@@ -42,9 +46,7 @@
 //! any limit is answered with an RST and counted.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,16 +54,17 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpCidr};
-use socket2::{Domain, Protocol, Socket, Type};
 use ztna_control::packet::{self, TcpFlags, TcpHeader};
 use ztna_control::rng::SplitMix64;
 
 mod service;
 
 use self::service::service_flow;
-use super::fair::{Admission, Shares};
-use super::ConnectorStats;
+use crate::backend::{BackendId, BackendIo, Interest};
+use crate::fair::{Admission, Shares};
+use crate::gateway::FlowKey;
 use crate::vdev::{smol_instant, QueueBudget, QueueDevice};
+use crate::ConnectorStats;
 
 /// Received packets queued per flow before smoltcp runs (the connector's
 /// loop runs smoltcp after every batch of datagrams, so this only needs to
@@ -93,13 +96,6 @@ pub(crate) struct TcpLimits {
     pub connect_timeout: Duration,
 }
 
-/// (relay session index, connector-leg flow id).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct FlowKey {
-    pub session: usize,
-    pub flow: u32,
-}
-
 /// A connection's addresses as the agent sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Tuple {
@@ -120,7 +116,7 @@ pub(crate) enum Verdict {
 
 /// Outcome of handing one packet to the relay session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TxOutcome {
+pub enum TxOutcome {
     Sent,
     /// Lost for good (too large, not connected); TCP retransmits.
     Dropped,
@@ -136,12 +132,12 @@ enum Phase {
 }
 
 struct Conn {
-    backend: Socket,
+    backend: BackendId,
     phase: Phase,
     /// Last segment from the agent or byte moved either way.
     last: Instant,
-    /// poll(2) result of the last wait.
-    revents: i16,
+    /// The backend became ready since the last service pass.
+    ready: bool,
     /// A backend write would block: wait for POLLOUT.
     want_write: bool,
     /// The backend sent FIN (read returned 0).
@@ -155,29 +151,26 @@ struct Conn {
 }
 
 impl Conn {
-    fn poll_events(&self, sockets: &SocketSet<'_>) -> i16 {
+    fn interest(&self, sockets: &SocketSet<'_>) -> Interest {
         match &self.phase {
-            Phase::Connecting { .. } => libc::POLLOUT,
+            Phase::Connecting { .. } => Interest { read: false, write: true },
             Phase::Open { handle } => {
                 if self.dead {
-                    return 0;
+                    return Interest::default();
                 }
                 let s = sockets.get::<tcp::Socket>(*handle);
-                let mut ev = 0;
-                if !self.backend_eof && s.may_send() && s.send_queue() < s.send_capacity() {
-                    ev |= libc::POLLIN;
+                Interest {
+                    read: !self.backend_eof && s.may_send() && s.send_queue() < s.send_capacity(),
+                    write: self.want_write,
                 }
-                if self.want_write {
-                    ev |= libc::POLLOUT;
-                }
-                ev
             }
         }
     }
 
-    /// Closes the backend with an RST rather than a FIN.
-    fn abort_backend(&self) {
-        let _ = self.backend.set_linger(Some(Duration::ZERO));
+    /// Closes the backend: with a FIN once both sides finished, with an
+    /// RST otherwise.
+    fn close_backend(&self, io: &mut dyn BackendIo) {
+        io.tcp_close(self.backend, self.dead || !(self.agent_fin && self.backend_eof));
     }
 }
 
@@ -210,8 +203,11 @@ pub(crate) struct TcpEngine {
     stats: Arc<ConnectorStats>,
     epoch: Instant,
     rng: SplitMix64,
-    /// pollfd index (from the offset given to `set_revents`) → connection.
-    poll_map: Vec<(FlowKey, Tuple)>,
+    /// Backend socket → its connection.
+    by_backend: HashMap<BackendId, (FlowKey, Tuple)>,
+    /// Backend ids are `next_backend << 1`: even, so they never meet the
+    /// UDP table's (odd) ones.
+    next_backend: u64,
     /// Packets of flows removed to make room (their RSTs), sent by the next
     /// [`TcpEngine::drain_tx`] or dropped if the relay refuses them.
     orphan_tx: Vec<(FlowKey, Vec<u8>)>,
@@ -250,20 +246,8 @@ pub(crate) fn build_rst(t: &Tuple, header: &TcpHeader, payload_len: usize, out: 
     packet::build_ipv4_tcp(t.service, t.agent, &rst, &[], out).is_ok()
 }
 
-/// Starts a non-blocking connect to `target`.
-fn start_connect(target: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_nonblocking(true)?;
-    s.set_tcp_nodelay(true)?;
-    match s.connect(&target.into()) {
-        Ok(()) => Ok(s),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
-        Err(e) => Err(e),
-    }
-}
-
 impl TcpEngine {
-    pub(crate) fn new(limits: TcpLimits, stats: Arc<ConnectorStats>, seed: u64) -> TcpEngine {
+    pub(crate) fn new(limits: TcpLimits, stats: Arc<ConnectorStats>, seed: u64, now: Instant) -> TcpEngine {
         TcpEngine {
             flows: HashMap::new(),
             flow_shares: Shares::new(limits.max_flows, limits.flows_per_identity),
@@ -271,9 +255,10 @@ impl TcpEngine {
             queue_budgets: HashMap::new(),
             limits,
             stats,
-            epoch: Instant::now(),
+            epoch: now,
             rng: SplitMix64::new(seed ^ 0x7463_705f_7365_6564),
-            poll_map: Vec::new(),
+            by_backend: HashMap::new(),
+            next_backend: 0,
             orphan_tx: Vec::new(),
             scratch: Vec::new(),
         }
@@ -322,6 +307,7 @@ impl TcpEngine {
         ip: &[u8],
         target: SocketAddr,
         now: Instant,
+        io: &mut dyn BackendIo,
     ) -> Verdict {
         let f = header.flags;
         if let Some(flow) = self.flows.get_mut(&key) {
@@ -358,31 +344,34 @@ impl TcpEngine {
             return Verdict::Reset;
         }
         let flow_conns = self.flows.get(&key).map(|f| f.conns.len());
-        if !self.admit(key, identity, flow_conns, now) {
+        if !self.admit(key, identity, flow_conns, now, io) {
             return Verdict::Reset;
         }
-        let backend = match start_connect(target) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%target, error = %e, "backend connect failed");
-                inc(&self.stats.tcp_backend_connect_failed);
-                return Verdict::Reset;
-            }
-        };
+        let backend = BackendId(self.next_backend << 1);
+        self.next_backend = self.next_backend.wrapping_add(1);
+        if let Err(e) = io.tcp_connect(backend, target) {
+            tracing::debug!(%target, error = %e, "backend connect failed");
+            inc(&self.stats.tcp_backend_connect_failed);
+            return Verdict::Reset;
+        }
         if flow_conns.is_none() {
             let flow = self.new_flow(identity, now);
             self.flows.insert(key, flow);
             self.flow_shares.add(identity);
         }
-        let Some(flow) = self.flows.get_mut(&key) else { return Verdict::Dropped };
+        let Some(flow) = self.flows.get_mut(&key) else {
+            io.tcp_close(backend, true);
+            return Verdict::Dropped;
+        };
         self.conn_shares.add(identity);
+        self.by_backend.insert(backend, (key, t));
         flow.conns.insert(
             t,
             Conn {
                 backend,
                 phase: Phase::Connecting { syn: ip.to_vec(), syn_header: *header, since: now },
                 last: now,
-                revents: 0,
+                ready: false,
                 want_write: false,
                 backend_eof: false,
                 agent_fin: false,
@@ -399,7 +388,14 @@ impl TcpEngine {
     /// per identity and in total, reclaiming the least recently used
     /// connection or flow of the identity holding the most when a table is
     /// full. A refusal is counted; the caller answers with an RST.
-    fn admit(&mut self, key: FlowKey, identity: &Arc<str>, flow_conns: Option<usize>, now: Instant) -> bool {
+    fn admit(
+        &mut self,
+        key: FlowKey,
+        identity: &Arc<str>,
+        flow_conns: Option<usize>,
+        now: Instant,
+        io: &mut dyn BackendIo,
+    ) -> bool {
         if flow_conns.is_some_and(|n| n >= self.limits.max_per_flow) {
             inc(&self.stats.drop_tcp_limit);
             return false;
@@ -419,7 +415,7 @@ impl TcpEngine {
                         .min_by_key(|(_, f)| f.last)
                         .map(|(k, _)| *k);
                     if let Some(v) = victim {
-                        self.reclaim_flow(v, now);
+                        self.reclaim_flow(v, now, io);
                     }
                 }
                 Admission::Full => {
@@ -442,7 +438,7 @@ impl TcpEngine {
                     .flat_map(|(k, f)| f.conns.iter().map(move |(t, c)| (*k, *t, c.last)))
                     .min_by_key(|(_, _, last)| *last);
                 if let Some((k, t, _)) = victim {
-                    self.reclaim_conn(k, t, now);
+                    self.reclaim_conn(k, t, now, io);
                 }
                 true
             }
@@ -455,9 +451,10 @@ impl TcpEngine {
 
     /// Resets connection `t` of flow `key` on both sides and forgets it at
     /// once (its RST to the agent is queued on the flow).
-    fn reclaim_conn(&mut self, key: FlowKey, t: Tuple, now: Instant) {
+    fn reclaim_conn(&mut self, key: FlowKey, t: Tuple, now: Instant, io: &mut dyn BackendIo) {
         let Some(flow) = self.flows.get_mut(&key) else { return };
         let Some(c) = flow.conns.remove(&t) else { return };
+        self.by_backend.remove(&c.backend);
         match &c.phase {
             Phase::Connecting { syn_header, .. } => {
                 if build_rst(&t, syn_header, 0, &mut self.scratch) {
@@ -470,7 +467,7 @@ impl TcpEngine {
                 flow.sockets.remove(*handle);
             }
         }
-        c.abort_backend();
+        io.tcp_close(c.backend, true);
         self.conn_shares.remove(&flow.identity);
         inc(&self.stats.tcp_connections_reclaimed);
         inc(&self.stats.tcp_connections_closed);
@@ -478,10 +475,10 @@ impl TcpEngine {
 
     /// Resets every connection of flow `key` and removes the flow; what it
     /// still had to send (the RSTs among it) moves to [`TcpEngine::orphan_tx`].
-    fn reclaim_flow(&mut self, key: FlowKey, now: Instant) {
+    fn reclaim_flow(&mut self, key: FlowKey, now: Instant, io: &mut dyn BackendIo) {
         let tuples: Vec<Tuple> = self.flows.get(&key).map(|f| f.conns.keys().copied().collect()).unwrap_or_default();
         for t in tuples {
-            self.reclaim_conn(key, t, now);
+            self.reclaim_conn(key, t, now, io);
         }
         if let Some(mut f) = self.flows.remove(&key) {
             self.flow_shares.remove(&f.identity);
@@ -493,32 +490,26 @@ impl TcpEngine {
         }
     }
 
-    /// Appends a pollfd for every backend socket that waits for something.
-    /// Call [`TcpEngine::set_revents`] with the same slice after poll(2).
-    pub(crate) fn pollfds(&mut self, out: &mut Vec<libc::pollfd>) {
-        self.poll_map.clear();
-        for (k, flow) in &self.flows {
-            for (t, c) in &flow.conns {
-                let events = c.poll_events(&flow.sockets);
-                if events != 0 {
-                    out.push(libc::pollfd { fd: c.backend.as_raw_fd(), events, revents: 0 });
-                    self.poll_map.push((*k, *t));
+    /// Appends every backend socket that waits for something, with what
+    /// it waits for.
+    pub(crate) fn interest(&self, out: &mut Vec<(BackendId, Interest)>) {
+        for flow in self.flows.values() {
+            for c in flow.conns.values() {
+                let i = c.interest(&flow.sockets);
+                if i != Interest::default() {
+                    out.push((c.backend, i));
                 }
             }
         }
     }
 
-    /// Records poll(2) results; `fds` is the part `pollfds` appended.
-    pub(crate) fn set_revents(&mut self, fds: &[libc::pollfd]) {
-        for (p, (k, t)) in fds.iter().zip(&self.poll_map) {
-            if p.revents == 0 {
-                continue;
-            }
-            if let Some(flow) = self.flows.get_mut(k) {
-                if let Some(c) = flow.conns.get_mut(t) {
-                    c.revents = p.revents;
-                    flow.dirty = true;
-                }
+    /// Backend socket `id` is ready: its flow gets a service pass.
+    pub(crate) fn on_ready(&mut self, id: BackendId) {
+        let Some((k, t)) = self.by_backend.get(&id) else { return };
+        if let Some(flow) = self.flows.get_mut(k) {
+            if let Some(c) = flow.conns.get_mut(t) {
+                c.ready = true;
+                flow.dirty = true;
             }
         }
     }
@@ -530,14 +521,17 @@ impl TcpEngine {
 
     /// Runs smoltcp and the proxies of every flow that has input, ready
     /// backends or due timers.
-    pub(crate) fn service(&mut self, now: Instant) {
+    pub(crate) fn service(&mut self, now: Instant, io: &mut dyn BackendIo) {
         let limits = self.limits;
         let epoch = self.epoch;
+        let mut closed = Vec::new();
         for flow in self.flows.values_mut() {
             let due = flow.dirty || flow.deadline.is_some_and(|d| d <= now);
             if due {
-                let removed = service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch);
-                for _ in 0..removed {
+                closed.clear();
+                service_flow(flow, now, epoch, &limits, &self.stats, &mut self.scratch, io, &mut closed);
+                for id in &closed {
+                    self.by_backend.remove(id);
                     self.conn_shares.remove(&flow.identity);
                 }
             }
@@ -558,9 +552,8 @@ impl TcpEngine {
 
     /// Hands every packet smoltcp (or the engine) wants to send to `send`,
     /// until the relay session of a flow refuses more.
-    pub(crate) fn drain_tx(&mut self, mut send: impl FnMut(FlowKey, &[u8]) -> TxOutcome) {
+    pub(crate) fn drain_tx(&mut self, now: Instant, mut send: impl FnMut(FlowKey, &[u8]) -> TxOutcome) {
         let mut blocked: Vec<usize> = Vec::new();
-        let now = Instant::now();
         for (k, p) in std::mem::take(&mut self.orphan_tx) {
             if send(k, &p) != TxOutcome::Sent {
                 inc(&self.stats.drop_send_to_agent);
@@ -600,6 +593,9 @@ impl TcpEngine {
         }
         match self.flows.remove(&from) {
             Some(f) => {
+                for (t, c) in &f.conns {
+                    self.by_backend.insert(c.backend, (to, *t));
+                }
                 self.flows.insert(to, f);
                 true
             }
@@ -613,42 +609,25 @@ impl TcpEngine {
     }
 
     /// Drops a flow's connections (the relay closed the flow).
-    pub(crate) fn remove_flow(&mut self, key: FlowKey) {
+    pub(crate) fn remove_flow(&mut self, key: FlowKey, io: &mut dyn BackendIo) {
         if let Some(f) = self.flows.remove(&key) {
             self.flow_shares.remove(&f.identity);
-            for _ in 0..f.conns.len() {
+            for c in f.conns.values() {
                 self.conn_shares.remove(&f.identity);
+                self.by_backend.remove(&c.backend);
+                io.tcp_close(c.backend, true);
+                inc(&self.stats.tcp_connections_closed);
             }
-            self.close_all(f);
             self.forget_unused_budgets();
         }
     }
 
     /// Drops every flow of a relay session (the connection was lost).
-    pub(crate) fn remove_session(&mut self, session: usize) {
+    pub(crate) fn remove_session(&mut self, session: usize, io: &mut dyn BackendIo) {
         let keys: Vec<FlowKey> = self.flows.keys().filter(|k| k.session == session).copied().collect();
         for k in keys {
-            self.remove_flow(k);
+            self.remove_flow(k, io);
         }
-    }
-
-    fn close_all(&self, f: Flow) {
-        for c in f.conns.values() {
-            c.abort_backend();
-            inc(&self.stats.tcp_connections_closed);
-        }
-    }
-}
-
-/// poll(2) on `fds` for up to `timeout`; fills in `revents`.
-pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) {
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // Round a sub-millisecond wait up so a near deadline does not spin.
-    let ms = if ms == 0 && !timeout.is_zero() { 1 } else { ms };
-    // SAFETY: `fds` is a live, exclusively borrowed slice of pollfd and
-    // its length is passed with it.
-    unsafe {
-        libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
     }
 }
 

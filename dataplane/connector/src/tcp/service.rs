@@ -1,8 +1,7 @@
 //! One service pass over a flow of the TCP endpoint: backend connects,
 //! smoltcp, and the byte proxy between smoltcp sockets and backends.
 
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io;
 use std::time::Instant;
 
 use smoltcp::socket::tcp::{self, CongestionControl, State};
@@ -10,6 +9,7 @@ use smoltcp::wire::IpListenEndpoint;
 use ztna_control::packet::TcpHeader;
 
 use super::{add, build_rst, inc, Conn, Flow, Phase, TcpLimits};
+use crate::backend::{BackendId, BackendIo};
 use crate::vdev::{smol_instant, std_instant};
 use crate::ConnectorStats;
 
@@ -19,7 +19,9 @@ fn fin_received(state: State) -> bool {
 }
 
 /// One service pass over a flow: finish backend connects, run smoltcp,
-/// move bytes, run smoltcp again to send what moved, clean up.
+/// move bytes, run smoltcp again to send what moved, clean up. The backend
+/// sockets of the connections it removed (and closed) go to `closed`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn service_flow(
     flow: &mut Flow,
     now: Instant,
@@ -27,7 +29,9 @@ pub(super) fn service_flow(
     limits: &TcpLimits,
     stats: &ConnectorStats,
     scratch: &mut Vec<u8>,
-) -> usize {
+    io: &mut dyn BackendIo,
+    closed: &mut Vec<BackendId>,
+) {
     let Flow { iface, dev, sockets, conns, dirty, deadline, .. } = flow;
     let snow = smol_instant(epoch, now);
 
@@ -38,11 +42,11 @@ pub(super) fn service_flow(
             continue;
         }
         let timed_out = now.saturating_duration_since(*since) >= limits.connect_timeout;
-        if c.revents == 0 && !timed_out {
+        if !c.ready && !timed_out {
             continue;
         }
-        let connected = c.revents != 0 && matches!(c.backend.take_error(), Ok(None)) && c.backend.peer_addr().is_ok();
-        c.revents = 0;
+        let connected = c.ready && io.tcp_connected(c.backend);
+        c.ready = false;
         let placeholder = Phase::Connecting { syn: Vec::new(), syn_header: TcpHeader::default(), since: now };
         let Phase::Connecting { syn, syn_header, .. } = std::mem::replace(&mut c.phase, placeholder) else {
             continue;
@@ -76,7 +80,7 @@ pub(super) fn service_flow(
         let Phase::Open { handle } = c.phase else { continue };
         let s = sockets.get_mut::<tcp::Socket>(handle);
         if !c.dead {
-            proxy(c, s, now, stats);
+            proxy(c, s, now, stats, io);
         }
         // A handshake the agent never completes ends like a connect timeout.
         let limit = if s.state() == State::SynReceived { limits.connect_timeout } else { limits.idle };
@@ -85,14 +89,13 @@ pub(super) fn service_flow(
             s.abort();
             c.dead = true;
         }
-        c.revents = 0;
+        c.ready = false;
     }
 
     iface.poll(snow, dev, sockets);
 
     // Cleanup: aborted connections (their RST is out), closed ones whose
     // data all reached the backend, and listeners that did not take the SYN.
-    let before = conns.len();
     conns.retain(|_, c| {
         let finished = match c.phase {
             Phase::Connecting { .. } => c.dead,
@@ -113,9 +116,8 @@ pub(super) fn service_flow(
             if let Phase::Open { handle } = c.phase {
                 sockets.remove(handle);
             }
-            if c.dead || !(c.agent_fin && c.backend_eof) {
-                c.abort_backend();
-            }
+            c.close_backend(io);
+            closed.push(c.backend);
             inc(&stats.tcp_connections_closed);
         }
         !finished
@@ -131,7 +133,6 @@ pub(super) fn service_flow(
         next = Some(next.map_or(d, |n| n.min(d)));
     }
     *deadline = next;
-    before - conns.len()
 }
 
 enum ReadResult {
@@ -142,11 +143,11 @@ enum ReadResult {
 
 /// Moves bytes between a smoltcp socket and its backend, within what both
 /// sides accept right now; passes FINs on.
-fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorStats) {
+fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorStats, io: &mut dyn BackendIo) {
+    let backend = c.backend;
     // Agent → backend: only what the backend's write takes leaves smoltcp.
     while s.can_recv() {
-        let backend = &c.backend;
-        let r = s.recv(|buf| match (&*backend).write(buf) {
+        let r = s.recv(|buf| match io.tcp_write(backend, buf) {
             Ok(n) => (n, Ok(n)),
             Err(e) => (0, Err(e)),
         });
@@ -177,14 +178,13 @@ fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorS
         c.agent_fin = true;
     }
     if c.agent_fin && !c.backend_shut && s.recv_queue() == 0 {
-        let _ = c.backend.shutdown(Shutdown::Write);
+        io.tcp_shutdown_write(backend);
         c.backend_shut = true;
     }
 
     // Backend → agent: read only into free space of the send buffer.
     while !c.backend_eof && s.can_send() {
-        let backend = &c.backend;
-        let r = s.send(|buf| match (&*backend).read(buf) {
+        let r = s.send(|buf| match io.tcp_read(backend, buf) {
             Ok(0) => (0, ReadResult::Eof),
             Ok(n) => (n, ReadResult::Data(n)),
             Err(e) => (0, ReadResult::Err(e)),
