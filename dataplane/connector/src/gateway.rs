@@ -260,3 +260,6 @@ impl Gateway {
         self.tcp.connections()
     }
 }
+
+#[cfg(test)]
+mod tests;
