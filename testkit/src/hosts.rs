@@ -1,16 +1,21 @@
 //! The engines as [`Host`]s of the in-memory network: relay workers
-//! ([`RelayHost`]), protocol clients ([`ClientHost`]) and agent cores
-//! ([`AgentHost`]). Each keeps what its engine hands out (events,
+//! ([`RelayHost`]), protocol clients ([`ClientHost`]), agent cores
+//! ([`AgentHost`]) and connector engines over in-memory echo backends
+//! ([`ConnectorHost`]). Each keeps what its engine hands out (events,
 //! datagrams, IP packets) for the test to look at between steps.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ztna_agent::core::{AgentCore, AgentEvent};
+use ztna_connector::memory_backends::MemoryBackends;
+use ztna_connector::{BackendId, ConnectorConfig, Engine, Interest, Target};
 use ztna_control::client::{ClientSession, Event};
+use ztna_control::quic;
 use ztna_control::rng::SplitMix64;
 use ztna_relay::cid::{self, Instance};
 use ztna_relay::limits::Limits;
@@ -297,6 +302,85 @@ impl Host for AgentHost {
     fn transmit(&mut self, now: Instant, send: &mut dyn FnMut(SocketAddr, SocketAddr, &[u8])) {
         let mut out = [0u8; BUF];
         while let Some((n, to)) = self.core.poll_udp(&mut out, now) {
+            if let Some(b) = out.get(..n) {
+                send(self.addr, to, b);
+            }
+        }
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A connector engine at one address whose backends are
+/// [`MemoryBackends`] (echo servers in memory): the whole connector but
+/// its sockets.
+pub struct ConnectorHost {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    pub backends: MemoryBackends,
+    /// The time of the last call (what [`Host::timeout`] is relative to).
+    now: Instant,
+    interest: Vec<(BackendId, Interest)>,
+}
+
+impl ConnectorHost {
+    /// A connector for `cfg` at `addr`, with a session to each of
+    /// `relays` (TLS from `cfg`'s files); `targets` gives every backend
+    /// target an address (the memory backends answer on any).
+    pub fn new(
+        addr: SocketAddr,
+        cfg: ConnectorConfig,
+        targets: HashMap<Target, SocketAddr>,
+        relays: &[SocketAddr],
+        seed: u64,
+        now: Instant,
+    ) -> Result<ConnectorHost> {
+        let tls = cfg.tls_options();
+        let mut engine = Engine::new(cfg, targets, addr, seed, now)?;
+        let mut backends = MemoryBackends::default();
+        let mut quic = || quic::client_config(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
+        engine.set_relays(relays, now, &mut quic, &mut backends)?;
+        Ok(ConnectorHost { addr, engine, backends, now, interest: Vec::new() })
+    }
+
+    /// Runs the engine's timers and hands it what the backends have,
+    /// until they are quiet (bounded: an echo backend answers at once).
+    fn run(&mut self, now: Instant) {
+        self.now = now;
+        self.engine.handle_timeout(now, &mut self.backends);
+        for _ in 0..64 {
+            self.interest.clear();
+            self.engine.backend_interest(&mut self.interest);
+            let events = self.backends.events(&self.interest);
+            if events.is_empty() {
+                break;
+            }
+            for ev in &events {
+                self.engine.handle_backend(now, ev.as_event());
+            }
+            self.engine.handle_timeout(now, &mut self.backends);
+        }
+    }
+}
+
+impl Host for ConnectorHost {
+    fn owns(&self, addr: SocketAddr) -> bool {
+        addr == self.addr
+    }
+    fn receive(&mut self, now: Instant, mut d: Datagram) {
+        self.engine.handle_datagram(now, d.from, &mut d.bytes, &mut self.backends);
+        self.run(now);
+    }
+    fn on_timeout(&mut self, now: Instant) {
+        self.run(now);
+    }
+    fn timeout(&self) -> Option<Instant> {
+        self.engine.next_timeout(self.now)
+    }
+    fn transmit(&mut self, now: Instant, send: &mut dyn FnMut(SocketAddr, SocketAddr, &[u8])) {
+        let mut out = [0u8; BUF];
+        while let Some((n, to)) = self.engine.poll_transmit(&mut out, now) {
             if let Some(b) = out.get(..n) {
                 send(self.addr, to, b);
             }

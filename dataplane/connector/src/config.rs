@@ -228,6 +228,17 @@ impl ConnectorConfig {
         Ok(c)
     }
 
+    /// The TLS files and verification mode of the relay sessions.
+    pub fn tls_options(&self) -> ztna_control::quic::TlsOptions {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        ztna_control::quic::TlsOptions {
+            ca_file: path(&self.ca),
+            cert_file: path(&self.cert),
+            key_file: path(&self.key),
+            verify_peer: !self.insecure,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.relays.is_empty() {
             bail!("at least one relay is required");

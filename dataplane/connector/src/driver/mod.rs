@@ -8,7 +8,6 @@ mod sockets;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -89,13 +88,7 @@ impl Connector {
         if cfg.insecure {
             warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
         }
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let tls = TlsOptions {
-            ca_file: path(&cfg.ca),
-            cert_file: path(&cfg.cert),
-            key_file: path(&cfg.key),
-            verify_peer: !cfg.insecure,
-        };
+        let tls = cfg.tls_options();
         let addrs = resolve_relays(&cfg.relays);
         // IP literals need no resolver; names are resolved again in the
         // background (getaddrinfo blocks), so new replicas are picked up.

@@ -1,0 +1,219 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+//! The three engines together, without a socket: relay workers, a connector
+//! engine (over in-memory echo backends) and agent cores exchange packets
+//! through testkit's in-memory network, which delays, reorders, duplicates
+//! and drops them, on a virtual clock.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ztna_agent::core::{AgentConfig, AgentCore};
+use ztna_agent::route::Cidr;
+use ztna_connector::{Backend, ConnectorConfig, Proto, ServiceConfig, Target};
+use ztna_control::identity::Kind;
+use ztna_control::packet::{self, Transport};
+use ztna_control::ServiceName;
+use ztna_relay::pki::DevPki;
+use ztna_testkit::hosts::{AgentHost, ConnectorHost, RelayHost, RelaySpec, Steering};
+use ztna_testkit::net::{HostId, NetConfig, Sim};
+
+const POLICY: &str = "[services.echo]\nconnectors = [\"c\"]\nagents = [\"*\"]\n";
+/// Where the agents route the service, and the address they send to.
+const SERVICE_NET: &str = "100.100.0.0";
+const SERVICE_ADDR: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(100, 100, 0, 10), 7);
+/// Every agent uses the same inner source address: only the flow tells
+/// the connector (and the relay) whose packet it is.
+const INNER_SRC: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 9, 0, 2), 5000);
+
+fn backend() -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 7], 7))
+}
+
+fn connector(pki: &DevPki, at: SocketAddr, relays: &[SocketAddr], now: Instant) -> ConnectorHost {
+    let svc = ServiceConfig {
+        name: "echo".into(),
+        icmp: true,
+        backend: vec![Backend { protocol: Proto::Udp, port: 7, target: Target::from(backend()) }],
+        allow_agents: None,
+    };
+    let mut cfg = ConnectorConfig::new(relays.to_vec(), vec![svc]);
+    let tls = pki.client_tls(Kind::Connector, "c").unwrap();
+    cfg.ca = tls.ca_file.map(PathBuf::from);
+    cfg.cert = tls.cert_file.map(PathBuf::from);
+    cfg.key = tls.key_file.map(PathBuf::from);
+    let targets = HashMap::from([(Target::from(backend()), backend())]);
+    ConnectorHost::new(at, cfg, targets, relays, 11, now).unwrap()
+}
+
+fn agent(pki: &DevPki, i: usize, relay: SocketAddr, fallback: Vec<SocketAddr>, now: Instant) -> AgentHost {
+    let local: SocketAddr = format!("127.0.0.2:{}", 5000 + i).parse().unwrap();
+    let cfg = AgentConfig {
+        relay,
+        fallback_relays: fallback,
+        server_name: "localhost".into(),
+        local,
+        tls: pki.client_tls(Kind::Agent, &format!("a{i}")).unwrap(),
+        routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new(SERVICE_NET.parse().unwrap(), 24).unwrap())],
+    };
+    AgentHost::new(local, AgentCore::new(cfg, 100 + i as u64, now).unwrap())
+}
+
+/// The UDP packet agent `i` sends as its `seq`th: its index and the number
+/// in the payload.
+fn probe(i: usize, seq: u32) -> Vec<u8> {
+    let mut payload = vec![i as u8];
+    payload.extend_from_slice(&seq.to_be_bytes());
+    let mut p = Vec::new();
+    packet::build_ipv4_udp(INNER_SRC, SERVICE_ADDR, &payload, &mut p).unwrap();
+    p
+}
+
+/// The payload of an echo as the agent's TUN device gets it: from the
+/// service address back to the inner source.
+fn echo_payload(ip: &[u8]) -> Vec<u8> {
+    let v4 = packet::parse_ipv4(ip).expect("IPv4 from the tunnel");
+    match packet::parse_transport(&v4) {
+        Ok(Transport::Udp { src_port, dst_port, payload }) => {
+            assert_eq!(SocketAddrV4::new(v4.src, src_port), SERVICE_ADDR, "the echo comes from the service");
+            assert_eq!(SocketAddrV4::new(v4.dst, dst_port), INNER_SRC);
+            payload.to_vec()
+        }
+        other => panic!("not a UDP echo: {other:?}"),
+    }
+}
+
+/// Sends one probe per agent every `pace` once it is registered, and
+/// counts the echoes each gets, checking that each is its own.
+struct Traffic {
+    pace: Duration,
+    per_agent: u32,
+    sent: HashMap<usize, u32>,
+    last: HashMap<usize, Instant>,
+    echoed: HashMap<usize, u32>,
+}
+
+impl Traffic {
+    fn new(pace: Duration, per_agent: u32) -> Traffic {
+        Traffic { pace, per_agent, sent: HashMap::new(), last: HashMap::new(), echoed: HashMap::new() }
+    }
+
+    fn step(&mut self, sim: &mut Sim, agents: &[HostId]) {
+        let now = sim.now();
+        for (i, id) in agents.iter().enumerate() {
+            let a = sim.host::<AgentHost>(*id);
+            for ip in a.ip_packets.drain(..) {
+                let payload = echo_payload(&ip);
+                assert_eq!(payload.first(), Some(&(i as u8)), "agent {i} got another agent's echo");
+                *self.echoed.entry(i).or_default() += 1;
+            }
+            let due = self.last.get(&i).is_none_or(|t| now.duration_since(*t) >= self.pace);
+            let n = self.sent.entry(i).or_default();
+            if a.registered(1) && due && *n < self.per_agent && a.core.send_ip_packet(&probe(i, *n)).is_ok() {
+                *n += 1;
+                self.last.insert(i, now);
+            }
+        }
+    }
+
+    fn echoed(&self, i: usize) -> u32 {
+        self.echoed.get(&i).copied().unwrap_or(0)
+    }
+}
+
+fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// An echo crosses four lossy hops (agent→relay→connector→relay→agent) at
+/// 5 % loss each: about 81 % come back on average; 65 % leaves room for
+/// the variance of 150 samples.
+const MIN_ECHOES: u32 = 98;
+
+#[test]
+fn relay_connector_and_agents_deliver_each_echo_to_its_agent_over_a_lossy_network() {
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let relay: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+    let cfg = NetConfig {
+        delay: Duration::from_millis(2),
+        jitter: Duration::from_millis(15),
+        loss: 0.05,
+        duplicate: 0.02,
+        seed: 3,
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(cfg);
+    let mut spec = RelaySpec::dev(relay, 2, &pki, POLICY).unwrap();
+    spec.steering = Steering::Random(5);
+    let r = sim.add(RelayHost::new(spec, sim.now()).unwrap());
+    let now = sim.now();
+    let c = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay], now));
+    let agents: Vec<HostId> = (0..3).map(|i| sim.add(agent(&pki, i, relay, Vec::new(), now))).collect();
+
+    let mut traffic = Traffic::new(Duration::from_millis(5), 150);
+    sim.max_step = Duration::from_millis(5);
+    let done = sim.run_until(Duration::from_secs(30), |sim| {
+        traffic.step(sim, &agents);
+        (0..3).all(|i| traffic.echoed(i) >= MIN_ECHOES)
+    });
+    let conn = sim.host::<ConnectorHost>(c);
+    let stats = conn.engine.stats().snapshot();
+    assert!(done, "echoes per agent {:?}; connector {stats:?}", traffic.echoed);
+    // Three agent flows with the same inner 5-tuple: three backend flows.
+    assert_eq!(conn.backends.udp_opened, 3);
+    assert!(conn.engine.is_ready());
+    assert!(count(&conn.engine.stats().udp_from_backend) >= u64::from(3 * MIN_ECHOES));
+    assert!(sim.net.stats.lost > 0 && sim.net.stats.duplicated > 0, "the network did drop and duplicate");
+    let relay_host = sim.host::<RelayHost>(r);
+    let forwarded: u64 = relay_host.workers().iter().map(|w| w.stats().snapshot().datagrams_forwarded).sum();
+    assert!(forwarded >= u64::from(6 * MIN_ECHOES), "both directions went through the relay: {forwarded}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[test]
+fn an_agent_that_moves_to_another_relay_keeps_its_flow_state_at_the_connector() {
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let (relay_a, relay_b): (SocketAddr, SocketAddr) =
+        ("127.0.0.1:4433".parse().unwrap(), "127.0.0.1:4435".parse().unwrap());
+    let cfg = NetConfig { delay: Duration::from_millis(2), jitter: Duration::from_millis(4), ..NetConfig::default() };
+    let mut sim = Sim::new(cfg);
+    let a = sim.add(RelayHost::new(RelaySpec::dev(relay_a, 1, &pki, POLICY).unwrap(), sim.now()).unwrap());
+    let mut spec_b = RelaySpec::dev(relay_b, 1, &pki, POLICY).unwrap();
+    spec_b.node_id = 1;
+    sim.add(RelayHost::new(spec_b, sim.now()).unwrap());
+    let now = sim.now();
+    let c = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay_a, relay_b], now));
+    let agents = vec![sim.add(agent(&pki, 0, relay_a, vec![relay_b], now))];
+
+    // Echoes flow through relay A.
+    let mut traffic = Traffic::new(Duration::from_millis(10), 40);
+    sim.max_step = Duration::from_millis(5);
+    assert!(sim.run_until(Duration::from_secs(20), |sim| {
+        traffic.step(sim, &agents);
+        traffic.echoed(0) >= 10
+    }));
+    let before = sim.host::<ConnectorHost>(c).backends.udp_opened;
+    assert_eq!(before, 1);
+
+    // Relay A drains: the agent moves to B, A tells the connector the
+    // agent is gone, and the agent's new flow through B adopts the state.
+    let now = sim.now();
+    for w in sim.host::<RelayHost>(a).workers_mut() {
+        w.begin_drain(now);
+    }
+    let echoed_before = traffic.echoed(0);
+    assert!(sim.run_until(Duration::from_secs(20), |sim| {
+        traffic.step(sim, &agents);
+        let moved = sim.host::<AgentHost>(agents[0]).core.relay() == relay_b;
+        moved && traffic.echoed(0) >= echoed_before + 10
+    }));
+    let conn = sim.host::<ConnectorHost>(c);
+    let stats = conn.engine.stats().snapshot();
+    assert_eq!(stats.flows_adopted, 1, "{stats:?}");
+    assert_eq!(conn.backends.udp_opened, 1, "the backend flow carried on: no new socket");
+    assert_eq!(conn.engine.parked_flows(), 0);
+    assert_eq!(sim.host::<AgentHost>(agents[0]).core.relay().ip(), IpAddr::from([127, 0, 0, 1]));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
