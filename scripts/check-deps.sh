@@ -20,7 +20,7 @@ check() { # CRATE ALLOWED-WORKSPACE-CRATES...
 }
 check ztna-control
 check ztna-udp
-check ztna-ops
+check ztna-ops ztna-control
 check ztna-relay ztna-control ztna-udp ztna-ops
 check ztna-connector ztna-control ztna-udp ztna-ops
 check ztna-agent-sys ztna-control

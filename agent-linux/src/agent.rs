@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tracing::{debug, info, warn};
 use tun_rs::SyncDevice;
-use ztna_agent::core::{AgentCore, AgentEvent};
+use ztna_agent::agent_core::{AgentCore, AgentEvent};
 
 use crate::udp::{self, Batch, BATCH};
 

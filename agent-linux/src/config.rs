@@ -6,9 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use ztna_agent::core::AgentConfig;
+use ztna_agent::agent_core::AgentConfig;
 use ztna_agent::route::Cidr;
-use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 
 /// The TUN device.
@@ -248,21 +247,19 @@ impl Config {
         f.validate()
     }
 
-    /// The agent core's configuration, for a UDP socket bound to `local`.
-    pub fn agent_config(&self, local: SocketAddr) -> AgentConfig {
-        AgentConfig {
+    /// The agent core's configuration, for a UDP socket bound to `local`
+    /// (reads the TLS files).
+    pub fn agent_config(&self, local: SocketAddr) -> Result<AgentConfig> {
+        let tls =
+            ztna_ops::tls::read_client_tls(self.ca.as_deref(), Some(&self.cert), Some(&self.key), !self.insecure)?;
+        Ok(AgentConfig {
             relay: self.relay,
             fallback_relays: self.fallback_relays.clone(),
             server_name: self.server_name.clone(),
             local,
-            tls: TlsOptions {
-                ca_file: self.ca.as_ref().map(|p| p.to_string_lossy().into_owned()),
-                cert_file: Some(self.cert.to_string_lossy().into_owned()),
-                key_file: Some(self.key.to_string_lossy().into_owned()),
-                verify_peer: !self.insecure,
-            },
+            tls,
             routes: self.routes.clone(),
-        }
+        })
     }
 
     /// Whether any address or route is IPv6.
@@ -306,11 +303,30 @@ mod tests {
         assert_eq!(c.routes.len(), 3);
         assert_eq!(c.listen, "0.0.0.0:0".parse().unwrap());
         assert!(c.uses_ipv6());
-        let a = c.agent_config("10.0.0.2:5000".parse().unwrap());
+        // The TLS files are read when the core's configuration is built:
+        // the error names the one missing.
+        let e = c.agent_config("10.0.0.2:5000".parse().unwrap()).unwrap_err();
+        assert!(format!("{e:#}").contains("/etc/ztna/ca.pem"), "{e:#}");
+    }
+
+    #[test]
+    fn agent_config_carries_the_tls_files_bytes() {
+        let dir = std::env::temp_dir().join(format!("ztna-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, body) in [("ca.pem", "CA"), ("a.pem", "CERT"), ("a.key", "KEY")] {
+            std::fs::write(dir.join(name), body).unwrap();
+        }
+        let toml = format!(
+            "relay = \"192.0.2.1:4433\"\nca = \"{0}/ca.pem\"\ncert = \"{0}/a.pem\"\nkey = \"{0}/a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
+            dir.display()
+        );
+        let c = FileConfig::from_toml(&toml).unwrap().validate().unwrap();
+        let a = c.agent_config("10.0.0.2:5000".parse().unwrap()).unwrap();
         assert!(a.tls.verify_peer);
-        assert_eq!(a.tls.ca_file.as_deref(), Some("/etc/ztna/ca.pem"));
-        assert_eq!(a.tls.cert_file.as_deref(), Some("/etc/ztna/agent.pem"));
-        assert_eq!(a.tls.key_file.as_deref(), Some("/etc/ztna/agent.key"));
+        assert_eq!(a.tls.ca_pem.as_deref(), Some(&b"CA"[..]));
+        assert_eq!(a.tls.cert_pem.as_deref(), Some(&b"CERT"[..]));
+        assert_eq!(a.tls.key_pem.as_deref(), Some(&b"KEY"[..]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

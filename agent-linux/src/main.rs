@@ -141,7 +141,7 @@ fn run(cfg: &Config) -> Result<()> {
     use anyhow::Context;
     use std::time::Instant;
     use tracing::{info, warn};
-    use ztna_agent::core::AgentCore;
+    use ztna_agent::agent_core::AgentCore;
 
     if cfg.insecure {
         warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
@@ -157,7 +157,7 @@ fn run(cfg: &Config) -> Result<()> {
     println!("tun {} address {} mtu {}", cfg.tun_name, cfg.tun_address, cfg.mtu);
     let (sock, local) = udp::connect(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
     info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
-    let core = AgentCore::new(cfg.agent_config(local), seed()?, Instant::now()).map_err(anyhow::Error::msg)?;
+    let core = AgentCore::new(cfg.agent_config(local)?, seed()?, Instant::now())?;
     let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.listen, cfg.mtu);
     a.run(&signals)?;
     // Dropping the device (end of `a`) deletes it and its routes.

@@ -36,7 +36,8 @@
 // A configuration value could not be parsed (address, CIDR, service name).
 #define ZTNA_ERR_CONFIG -2
 
-// TLS material could not be loaded.
+// TLS material could not be read or used (a file missing or unreadable,
+// no valid PEM, a key that does not match its certificate).
 #define ZTNA_ERR_TLS -3
 
 // A caller buffer is too small for the item (item dropped and counted).

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 
-use crate::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use crate::agent_core::{AgentConfig, AgentCore, AgentError, AgentEvent, DropReason};
 use crate::route::Cidr;
 
 pub const ZTNA_OK: i32 = 0;
@@ -30,7 +30,8 @@ pub const ZTNA_OK: i32 = 0;
 pub const ZTNA_ERR_NULL: i32 = -1;
 /// A configuration value could not be parsed (address, CIDR, service name).
 pub const ZTNA_ERR_CONFIG: i32 = -2;
-/// TLS material could not be loaded.
+/// TLS material could not be read or used (a file missing or unreadable,
+/// no valid PEM, a key that does not match its certificate).
 pub const ZTNA_ERR_TLS: i32 = -3;
 /// A caller buffer is too small for the item (item dropped and counted).
 pub const ZTNA_ERR_BUFFER: i32 = -4;
@@ -287,9 +288,11 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
             let local: SocketAddr =
                 opt_str(c.local_addr)?.ok_or(ZTNA_ERR_NULL)?.parse().map_err(|_| ZTNA_ERR_CONFIG)?;
             let server_name = opt_str(c.server_name)?.unwrap_or("localhost").to_owned();
-            let ca_file = opt_str(c.ca_file)?.map(str::to_owned);
-            let cert_file = opt_str(c.cert_file)?.map(str::to_owned);
-            let key_file = opt_str(c.key_file)?.map(str::to_owned);
+            // The C boundary reads the TLS files (the core does no I/O).
+            let read = |p: Option<&str>| p.map(std::fs::read).transpose().map_err(|_| ZTNA_ERR_TLS);
+            let ca_pem = read(opt_str(c.ca_file)?)?;
+            let cert_pem = read(opt_str(c.cert_file)?)?;
+            let key_pem = read(opt_str(c.key_file)?)?;
             let mut routes = Vec::new();
             if c.routes_len > 0 {
                 if c.routes.is_null() {
@@ -302,7 +305,7 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                     routes.push((service, cidr));
                 }
             }
-            let tls = TlsOptions { ca_file, cert_file, key_file, verify_peer: c.insecure_skip_verify == 0 };
+            let tls = TlsOptions { ca_pem, cert_pem, key_pem, verify_peer: c.insecure_skip_verify == 0 };
             Ok(AgentConfig { relay, fallback_relays: Vec::new(), server_name, local, tls, routes })
         })();
         let acfg = match parsed {
@@ -317,9 +320,16 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                 unsafe { *out = Box::into_raw(h) };
                 ZTNA_OK
             }
-            Err(_) => ZTNA_ERR_TLS,
+            Err(e) => error_code(&e),
         }
     })
+}
+
+/// The C code of an [`AgentError`] (the one place they are mapped).
+fn error_code(e: &AgentError) -> i32 {
+    match e {
+        AgentError::Tls(_) => ZTNA_ERR_TLS,
+    }
 }
 
 /// Frees an agent (NULL is ignored).
@@ -415,11 +425,11 @@ pub unsafe extern "C" fn ztna_agent_send_ip(
                 let data = unsafe { std::slice::from_raw_parts(p.data, p.len) };
                 match a.core.send_ip_packet(data) {
                     Ok(()) => ZTNA_OK,
-                    Err(Drop::Malformed) => ZTNA_ERR_MALFORMED,
-                    Err(Drop::Unmapped) => ZTNA_ERR_UNMAPPED,
-                    Err(Drop::NoFlow) => ZTNA_ERR_NO_FLOW,
-                    Err(Drop::TooLarge) => ZTNA_ERR_TOO_LARGE,
-                    Err(Drop::Backpressure) => ZTNA_ERR_BACKPRESSURE,
+                    Err(DropReason::Malformed) => ZTNA_ERR_MALFORMED,
+                    Err(DropReason::Unmapped) => ZTNA_ERR_UNMAPPED,
+                    Err(DropReason::NoFlow) => ZTNA_ERR_NO_FLOW,
+                    Err(DropReason::TooLarge) => ZTNA_ERR_TOO_LARGE,
+                    Err(DropReason::Backpressure) => ZTNA_ERR_BACKPRESSURE,
                 }
             };
             if r == ZTNA_OK {

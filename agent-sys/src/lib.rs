@@ -1,7 +1,7 @@
-//! The agent: a sans-I/O core ([`core::AgentCore`]) that routes tunneled IP
+//! The agent: a sans-I/O core ([`agent_core::AgentCore`]) that routes tunneled IP
 //! packets to services by destination, and a C API over it (`ffi`).
 
-pub mod core;
+pub mod agent_core;
 pub mod ffi;
 pub mod route;
 

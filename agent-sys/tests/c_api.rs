@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::identity::Kind;
 use ztna_relay::server::{self, RelayConfig};
 use ztna_testkit::echo::EchoServer;
@@ -71,7 +71,7 @@ fn c_program_against_real_relay_and_connector() {
         vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
+            backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: None,
         }],
     );

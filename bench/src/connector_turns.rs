@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::client::{ClientConfig, Event};
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
@@ -203,7 +203,7 @@ fn run_with(relay: &server::RelayHandle, flows: usize, agents: usize, turns: usi
         vec![ServiceConfig {
             name: SERVICE.into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() }],
+            backend: vec![BackendRoute { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() }],
             allow_agents: None,
         }],
     );

@@ -112,14 +112,10 @@ pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
             r
         }
         RelayTarget::External { addr, server_name, ca, agent_id, connector_id, pid } => {
-            let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
-            let tls = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| TlsOptions {
-                ca_file: path(ca),
-                cert_file: Some(cert.to_string_lossy().into_owned()),
-                key_file: Some(key.to_string_lossy().into_owned()),
-                verify_peer: ca.is_some(),
+            let tls = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+                ztna_ops::tls::read_client_tls(ca.as_deref(), Some(cert), Some(key), ca.is_some())
             };
-            let setup = setup(*addr, server_name, (tls(agent_id), tls(connector_id)), &cfg.load);
+            let setup = setup(*addr, server_name, (tls(agent_id)?, tls(connector_id)?), &cfg.load);
             let mut clients = QuicClients::connect(&setup)?;
             check_size(&clients, cfg.load.size)?;
             let mut probe = || Sample {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
-use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_agent::agent_core::{AgentConfig, AgentCore, AgentEvent, DropReason};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::quic::TlsOptions;
@@ -109,7 +109,7 @@ impl IpLink for AgentLink {
     fn send_packet(&mut self, pkt: &[u8]) -> Result<(), LinkRefused> {
         match self.core.send_ip_packet(pkt) {
             Ok(()) => Ok(()),
-            Err(Drop::Backpressure) => Err(LinkRefused::Full),
+            Err(DropReason::Backpressure) => Err(LinkRefused::Full),
             Err(_) => Err(LinkRefused::Dropped),
         }
     }
@@ -152,8 +152,8 @@ impl TunnelEnv {
                 name: SERVICE.into(),
                 icmp: true,
                 backend: vec![
-                    Backend { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() },
-                    Backend { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr.into() },
+                    BackendRoute { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() },
+                    BackendRoute { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr.into() },
                 ],
                 allow_agents: None,
             }],

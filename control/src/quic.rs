@@ -10,17 +10,20 @@ pub const MAX_UDP_PAYLOAD: usize = 1350;
 /// Bounded DATAGRAM queues (frames), per connection and direction.
 pub const DGRAM_QUEUE_LEN: usize = 1024;
 
-/// TLS material for a client endpoint. The default verifies the relay and
-/// presents no certificate (which the relay refuses: see
-/// docs/PROTOCOL.md, "Authentication").
-#[derive(Debug, Clone)]
+/// TLS material of a client endpoint, in memory: this crate does no I/O,
+/// so the caller reads the files (see `ztna_ops::tls` for the binaries,
+/// the C API for the agent library). The default verifies the relay
+/// against the system store and presents no certificate (which the relay
+/// refuses: see docs/PROTOCOL.md, "Authentication").
+#[derive(Clone)]
 pub struct TlsOptions {
-    /// PEM file with the CA(s) that sign the relay's certificate.
-    pub ca_file: Option<String>,
-    /// PEM certificate chain this client presents (its SPIFFE identity).
-    pub cert_file: Option<String>,
-    /// PEM private key of `cert_file`.
-    pub key_file: Option<String>,
+    /// PEM: the CA certificate(s) that sign the relay's certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM: the certificate chain this client presents (its SPIFFE
+    /// identity), leaf first.
+    pub cert_pem: Option<Vec<u8>>,
+    /// PEM: the private key of the leaf certificate.
+    pub key_pem: Option<Vec<u8>>,
     /// Verify the relay's certificate and name. Turning this off is for
     /// local experiments only.
     pub verify_peer: bool,
@@ -28,25 +31,53 @@ pub struct TlsOptions {
 
 impl Default for TlsOptions {
     fn default() -> Self {
-        TlsOptions { ca_file: None, cert_file: None, key_file: None, verify_peer: true }
+        TlsOptions { ca_pem: None, cert_pem: None, key_pem: None, verify_peer: true }
+    }
+}
+
+impl std::fmt::Debug for TlsOptions {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("cert_pem", &self.cert_pem.as_ref().map(Vec::len))
+            .field("key_pem", &self.key_pem.as_ref().map(|_| "<redacted>"))
+            .field("verify_peer", &self.verify_peer)
+            .finish()
     }
 }
 
 impl TlsOptions {
-    /// Verifies the relay against `ca` and presents `cert`/`key`.
-    pub fn mutual(
-        ca: impl AsRef<std::path::Path>,
-        cert: impl AsRef<std::path::Path>,
-        key: impl AsRef<std::path::Path>,
-    ) -> Self {
-        let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-        TlsOptions {
-            ca_file: Some(s(ca.as_ref())),
-            cert_file: Some(s(cert.as_ref())),
-            key_file: Some(s(key.as_ref())),
-            verify_peer: true,
-        }
+    /// Verifies the relay against `ca` and presents `cert`/`key` (PEM).
+    pub fn mutual(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>) -> Self {
+        TlsOptions { ca_pem: Some(ca), cert_pem: Some(cert), key_pem: Some(key), verify_peer: true }
     }
+}
+
+/// Why [`client_config`] could not build a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsConfigError {
+    /// BoringSSL could not set up a TLS context.
+    #[error("cannot create a TLS context")]
+    Context,
+    /// `ca_pem` holds no parsable certificate.
+    #[error("the CA file holds no valid PEM certificate")]
+    Ca,
+    /// The system's CA store could not be loaded.
+    #[error("cannot load the system CA store")]
+    SystemCa,
+    /// `cert_pem` holds no parsable certificate chain.
+    #[error("the certificate file holds no valid PEM certificate chain")]
+    Certificate,
+    /// `key_pem` is not a PEM private key.
+    #[error("the key file holds no valid PEM private key")]
+    Key,
+    /// The key does not belong to the certificate.
+    #[error("the private key does not match the certificate")]
+    KeyMismatch,
+    /// quiche refused the configuration.
+    #[error("QUIC configuration: {0}")]
+    Quic(quiche::Error),
 }
 
 /// Transport parameters every endpoint of protocol v1 uses (the relay
@@ -66,36 +97,110 @@ pub fn apply_transport(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
     Ok(())
 }
 
-/// Client-side quiche config. With `ca_file` the relay must chain to that
-/// CA alone (the system store is not consulted: a public CA cannot vouch
+/// Client-side quiche config. With `ca_pem` the relay must chain to those
+/// CAs alone (the system store is not consulted: a public CA cannot vouch
 /// for a relay); without it, the system store is used.
-pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, quiche::Error> {
-    use boring::ssl::{SslContextBuilder, SslFiletype, SslMethod};
-    let fail = |_| quiche::Error::TlsFail;
-    let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(fail)?;
-    match &tls.ca_file {
-        Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|_| quiche::Error::TlsFail)?;
-            let mut store = boring::x509::store::X509StoreBuilder::new().map_err(fail)?;
-            for c in boring::x509::X509::stack_from_pem(&pem).map_err(fail)? {
-                store.add_cert(c).map_err(fail)?;
+pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, TlsConfigError> {
+    use boring::pkey::PKey;
+    use boring::ssl::{SslContextBuilder, SslMethod};
+    use boring::x509::X509;
+    use TlsConfigError as E;
+    let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(|_| E::Context)?;
+    match &tls.ca_pem {
+        Some(pem) => {
+            let cas = X509::stack_from_pem(pem).map_err(|_| E::Ca)?;
+            if cas.is_empty() {
+                return Err(E::Ca);
             }
-            b.set_verify_cert_store(store.build()).map_err(fail)?;
+            let mut store = boring::x509::store::X509StoreBuilder::new().map_err(|_| E::Context)?;
+            for c in cas {
+                store.add_cert(c).map_err(|_| E::Ca)?;
+            }
+            b.set_verify_cert_store(store.build()).map_err(|_| E::Context)?;
         }
-        None => b.set_default_verify_paths().map_err(fail)?,
+        None => b.set_default_verify_paths().map_err(|_| E::SystemCa)?,
     }
-    if let Some(cert) = &tls.cert_file {
-        b.set_certificate_chain_file(cert).map_err(fail)?;
+    if let Some(pem) = &tls.cert_pem {
+        let mut chain = X509::stack_from_pem(pem).map_err(|_| E::Certificate)?.into_iter();
+        let leaf = chain.next().ok_or(E::Certificate)?;
+        b.set_certificate(&leaf).map_err(|_| E::Certificate)?;
+        for c in chain {
+            b.add_extra_chain_cert(c).map_err(|_| E::Certificate)?;
+        }
     }
-    if let Some(key) = &tls.key_file {
-        b.set_private_key_file(key, SslFiletype::PEM).map_err(fail)?;
-        b.check_private_key().map_err(fail)?;
+    if let Some(pem) = &tls.key_pem {
+        let key = PKey::private_key_from_pem(pem).map_err(|_| E::Key)?;
+        // BoringSSL checks the key against the certificate already here.
+        b.set_private_key(&key).map_err(|_| E::KeyMismatch)?;
+        b.check_private_key().map_err(|_| E::KeyMismatch)?;
     }
-    let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b)?;
-    apply_transport(&mut cfg)?;
+    let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b).map_err(E::Quic)?;
+    apply_transport(&mut cfg).map_err(E::Quic)?;
     // The client opens exactly one bidirectional stream (control); the
     // relay opens none.
     cfg.set_initial_max_streams_bidi(0);
     cfg.verify_peer(tls.verify_peer);
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boring::ec::{EcGroup, EcKey};
+    use boring::hash::MessageDigest;
+    use boring::nid::Nid;
+    use boring::pkey::{PKey, Private};
+    use boring::x509::{X509Builder, X509NameBuilder};
+
+    fn key() -> PKey<Private> {
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+    }
+
+    /// A self-signed certificate of `key`, as PEM.
+    fn cert_pem(key: &PKey<Private>) -> Vec<u8> {
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "test").unwrap();
+        let name = name.build();
+        let mut b = X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&boring::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&boring::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+        b.sign(key, MessageDigest::sha256()).unwrap();
+        b.build().to_pem().unwrap()
+    }
+
+    fn err(tls: TlsOptions) -> Option<TlsConfigError> {
+        client_config(&tls).err()
+    }
+
+    #[test]
+    fn pem_material_builds_and_each_bad_part_has_its_error() {
+        let k = key();
+        let (cert, key_pem) = (cert_pem(&k), k.private_key_to_pem_pkcs8().unwrap());
+        assert_eq!(err(TlsOptions::mutual(cert.clone(), cert.clone(), key_pem.clone())), None);
+        assert_eq!(err(TlsOptions { verify_peer: false, ..TlsOptions::default() }), None);
+        assert_eq!(
+            err(TlsOptions::mutual(b"not pem".to_vec(), cert.clone(), key_pem.clone())),
+            Some(TlsConfigError::Ca)
+        );
+        assert_eq!(err(TlsOptions::mutual(Vec::new(), cert.clone(), key_pem.clone())), Some(TlsConfigError::Ca));
+        assert_eq!(
+            err(TlsOptions::mutual(cert.clone(), b"junk".to_vec(), key_pem.clone())),
+            Some(TlsConfigError::Certificate)
+        );
+        assert_eq!(err(TlsOptions::mutual(cert.clone(), cert.clone(), b"junk".to_vec())), Some(TlsConfigError::Key));
+        let other = key().private_key_to_pem_pkcs8().unwrap();
+        assert_eq!(err(TlsOptions::mutual(cert.clone(), cert, other)), Some(TlsConfigError::KeyMismatch));
+    }
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let t = TlsOptions::mutual(b"ca".to_vec(), b"cert".to_vec(), b"SECRET KEY".to_vec());
+        let s = format!("{t:?}");
+        assert!(!s.contains("SECRET") && s.contains("redacted"), "{s}");
+    }
 }

@@ -77,9 +77,10 @@ impl Agent {
         let local = CString::new(LOCAL).unwrap();
         // Verifies the stand-in with the dev CA and presents a client
         // certificate, as a deployed agent does.
-        let tls = peer::client_tls(Kind::Agent, "alice");
-        let path = |p: Option<String>| CString::new(p.unwrap()).unwrap();
-        let (ca, cert, key) = (path(tls.ca_file), path(tls.cert_file), path(tls.key_file));
+        let pki = peer::dev_pki();
+        let (cert, key) = pki.issue(Kind::Agent, "alice").unwrap();
+        let path = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+        let (ca, cert, key) = (path(&pki.ca), path(&cert), path(&key));
         let strings: Vec<(CString, CString)> =
             ROUTES.iter().map(|(s, c)| (CString::new(*s).unwrap(), CString::new(*c).unwrap())).collect();
         let routes: Vec<ZtnaRoute> =

@@ -1,18 +1,11 @@
 #![no_main]
 //! Tunneled IP packets: every parser and parser-driven builder of
-//! `ztna_control::packet`, and the connector's path for a packet arriving
-//! from an agent (`dataplane/connector/src/lib.rs` `handle_ip` and
-//! `connector/tcp.rs`), mirrored with the public API because the
-//! connector's TCP engine is crate-private:
-//!
-//! ip_version → parse_ipv4 → (over the tunnel MTU with DF:
-//! build_icmp_frag_needed) → parse_transport → ICMP echo:
-//! build_icmp_echo_reply; UDP: port allow-list; TCP: a SYN to an allowed
-//! port opens a smoltcp listener on the exact service endpoint (any-IP
-//! interface over `vdev::QueueDevice`, as the engine does once the backend
-//! connected), later segments of the tuple go to smoltcp, the rest get the
-//! engine's RST. Received bytes are echoed back (an echo backend). Every
-//! packet the connector would send to the agent must parse again.
+//! `ztna_control::packet`, and the real connector engine's path for a
+//! packet arriving from an agent: `ztna_connector::Gateway` (ICMP echo, the
+//! port allow-list, UDP flows, the smoltcp TCP proxy) over
+//! `MemoryBackends` (echo backends in memory; one TCP target refuses
+//! connects), on a virtual clock. Every packet the connector sends to the
+//! agent must parse again.
 //!
 //! The agent side is covered too: `source`/`destination` (routing and the
 //! spoofing check) and `build_icmp_frag_needed` with the destination as the
@@ -26,25 +19,29 @@
 //! input is also parsed as one raw packet.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp::{self, CongestionControl, State};
-use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
-use ztna_control::packet::{self, PacketError, TcpFlags, TcpHeader, Transport};
-use ztna_connector::vdev::{smol_instant, QueueDevice, TUNNEL_MTU};
+use ztna_connector::memory_backends::MemoryBackends;
+use ztna_connector::{
+    BackendId, BackendRoute, ConnectorConfig, ConnectorStats, FlowKey, Gateway, Interest, Proto, ServiceConfig, Target,
+    TxOutcome,
+};
+use ztna_control::packet::{self, PacketError, TcpFlags, Transport};
 use ztna_fuzz::ip::fix_checksums;
 use ztna_fuzz::records::records;
 
-/// The service's allow-list (as a connector config would have it).
+/// The service's allow-list (as a connector config would have it): TCP 7
+/// and 80, UDP 7 and 53; TCP 7's backend refuses connects.
 const TCP_PORTS: [u16; 2] = [7, 80];
 const UDP_PORTS: [u16; 2] = [7, 53];
-/// The engine's interface address (connector/tcp.rs IFACE_ADDR).
-const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
-/// Connections per flow in this harness.
-const MAX_CONNS: usize = 4;
+const KEY: FlowKey = FlowKey { session: 0, flow: 4 };
+
+fn backend(port: u16) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 1], port))
+}
 
 /// Checks what the connector sends to the agent: a well-formed IPv4 packet.
 fn check_outbound(p: &[u8]) {
@@ -104,38 +101,13 @@ fn parse_everything(p: &[u8]) {
     }
 }
 
-/// The engine's RST for a segment of no connection (connector/tcp.rs
-/// `build_rst`, RFC 9293 §3.10.7.1).
-fn rst_for(agent: SocketAddrV4, service: SocketAddrV4, h: &TcpHeader, payload_len: usize) -> Option<Vec<u8>> {
-    if h.flags.contains(TcpFlags::RST) {
-        return None;
-    }
-    let rst = if h.flags.contains(TcpFlags::ACK) {
-        TcpHeader { seq: h.ack, ack: 0, flags: TcpFlags::RST, window: 0, mss: None }
-    } else {
-        let syn_fin = u32::from(h.flags.contains(TcpFlags::SYN)) + u32::from(h.flags.contains(TcpFlags::FIN));
-        let len = u32::try_from(payload_len).unwrap_or(0);
-        TcpHeader {
-            seq: 0,
-            ack: h.seq.wrapping_add(len).wrapping_add(syn_fin),
-            flags: TcpFlags::RST | TcpFlags::ACK,
-            window: 0,
-            mss: None,
-        }
-    };
-    let mut out = Vec::new();
-    packet::build_ipv4_tcp(service, agent, &rst, &[], &mut out).expect("RST builds");
-    Some(out)
-}
-
-/// One agent flow at the connector: the smoltcp side of the TCP engine.
-struct Flow {
-    epoch: Instant,
+/// One connector gateway with one agent flow, its memory backends and a
+/// virtual clock.
+struct Harness {
     now: Instant,
-    iface: Interface,
-    dev: QueueDevice,
-    sockets: SocketSet<'static>,
-    conns: HashMap<(SocketAddrV4, SocketAddrV4), SocketHandle>,
+    gw: Gateway,
+    io: MemoryBackends,
+    who: Arc<str>,
     /// (agent, service) → the sequence number after the last segment the
     /// connector sent there.
     next_seq: HashMap<(SocketAddrV4, SocketAddrV4), u32>,
@@ -143,141 +115,68 @@ struct Flow {
     to_agent: Vec<Vec<u8>>,
 }
 
-impl Flow {
-    fn new() -> Flow {
-        let epoch = Instant::now();
-        let mut dev = QueueDevice::new(64, 64, false);
-        let mut cfg = Config::new(HardwareAddress::Ip);
-        cfg.random_seed = 0x5eed;
-        let mut iface = Interface::new(cfg, &mut dev, smol_instant(epoch, epoch));
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|a| {
-            let _ = a.push(IpCidr::new(IFACE_ADDR.into(), 32));
-        });
-        let _ = iface.routes_mut().add_default_ipv4_route(IFACE_ADDR);
-        Flow {
-            epoch,
-            now: epoch,
-            iface,
-            dev,
-            sockets: SocketSet::new(Vec::new()),
-            conns: HashMap::new(),
+impl Harness {
+    fn new() -> Harness {
+        let mut routes = Vec::new();
+        let mut targets = HashMap::new();
+        for (protocol, ports) in [(Proto::Tcp, TCP_PORTS), (Proto::Udp, UDP_PORTS)] {
+            for port in ports {
+                let target = Target::from(backend(port));
+                targets.insert(target.clone(), backend(port));
+                routes.push(BackendRoute { protocol, port, target });
+            }
+        }
+        let svc = ServiceConfig { name: "fuzz".into(), icmp: true, backend: routes, allow_agents: None };
+        let mut cfg = ConnectorConfig::new(Vec::new(), vec![svc]);
+        // Small tables, so the fuzzer reaches their limits.
+        cfg.max_tcp_per_flow = 4;
+        cfg.max_udp_flows_per_agent = 4;
+        cfg.tcp_buffer_bytes = 8192;
+        let now = Instant::now();
+        let mut io = MemoryBackends::default();
+        io.tcp_window = 4096;
+        io.refused.insert(backend(7));
+        Harness {
+            now,
+            gw: Gateway::new(&cfg, targets, Arc::new(ConnectorStats::default()), 0x5eed, now),
+            io,
+            who: Arc::from("spiffe://fuzz/agent"),
             next_seq: HashMap::new(),
             to_agent: Vec::new(),
         }
     }
 
-    /// `connector.rs` `handle_ip` for one packet from the agent.
+    /// One packet from the agent.
     fn handle_ip(&mut self, ip: &[u8]) {
-        if packet::ip_version(ip) == Some(6) {
-            return;
-        }
-        let Ok(v4) = packet::parse_ipv4(ip) else { return };
-        // Both ends must be unicast hosts (connector.rs; a SYN from 0.0.0.0
-        // made smoltcp assert: fuzz/regressions/ip_packet/).
-        let host = |a: Ipv4Addr| !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
-        if !host(v4.src) || !host(v4.dst) {
-            return;
-        }
-        let mut out = Vec::new();
-        if v4.total_len() > TUNNEL_MTU && v4.dont_fragment {
-            if packet::build_icmp_frag_needed(ip, v4.dst, TUNNEL_MTU as u16, &mut out).is_ok() {
-                self.to_agent.push(out);
-            }
-            return;
-        }
-        match packet::parse_transport(&v4) {
-            Ok(Transport::IcmpEcho { request: true, .. }) => {
-                if packet::build_icmp_echo_reply(&v4, &mut out).is_ok() {
-                    self.to_agent.push(out);
-                }
-            }
-            Ok(Transport::Udp { src_port, dst_port, payload }) => {
-                if UDP_PORTS.contains(&dst_port) {
-                    // An echo backend answers as the service address.
-                    let (from, to) = (SocketAddrV4::new(v4.dst, dst_port), SocketAddrV4::new(v4.src, src_port));
-                    if packet::build_ipv4_udp(from, to, payload, &mut out).is_ok() {
-                        self.to_agent.push(out);
-                    }
-                }
-            }
-            Ok(Transport::Tcp { src_port, dst_port, header, payload }) => {
-                let agent = SocketAddrV4::new(v4.src, src_port);
-                let service = SocketAddrV4::new(v4.dst, dst_port);
-                let whole = ip.get(..v4.total_len()).unwrap_or(ip);
-                let f = header.flags;
-                let syn = f.contains(TcpFlags::SYN) && !f.contains(TcpFlags::ACK) && !f.contains(TcpFlags::RST);
-                let reset = if !TCP_PORTS.contains(&dst_port) {
-                    syn
-                } else if self.conns.contains_key(&(agent, service)) {
-                    let _ = self.dev.push_rx(whole);
-                    false
-                } else if syn {
-                    if self.conns.len() < MAX_CONNS {
-                        self.open(agent, service, whole);
-                    }
-                    false
-                } else {
-                    !f.contains(TcpFlags::RST)
-                };
-                if reset {
-                    if let Some(rst) = rst_for(agent, service, &header, payload.len()) {
-                        self.to_agent.push(rst);
-                    }
-                }
-            }
-            Ok(_) | Err(_) => {}
+        if let Some(reply) = self.gw.handle_ip(self.now, KEY, (0, &self.who), ip, &mut self.io) {
+            self.to_agent.push(reply.to_vec());
         }
     }
 
-    /// A SYN whose backend connected: a listener on the service endpoint
-    /// gets the SYN (connector/tcp/service.rs `service_flow`).
-    fn open(&mut self, agent: SocketAddrV4, service: SocketAddrV4, syn: &[u8]) {
-        if !self.dev.push_rx(syn) {
-            return;
-        }
-        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; 8192]), tcp::SocketBuffer::new(vec![0u8; 8192]));
-        s.set_nagle_enabled(false);
-        s.set_congestion_control(CongestionControl::Reno);
-        if s.listen(IpListenEndpoint::from(service)).is_ok() {
-            let h = self.sockets.add(s);
-            self.conns.insert((agent, service), h);
-        }
-    }
-
-    /// One service pass: smoltcp, the echo "backend", smoltcp again,
-    /// cleanup; then everything sent to the agent is checked.
+    /// Lets `advance` pass, then runs backends and gateway until they are
+    /// quiet (bounded); everything sent to the agent is checked.
     fn service(&mut self, advance: Duration) {
         self.now += advance;
-        let snow = smol_instant(self.epoch, self.now);
-        self.iface.poll(snow, &mut self.dev, &mut self.sockets);
-        let mut buf = [0u8; 4096];
-        for h in self.conns.values() {
-            let s = self.sockets.get_mut::<tcp::Socket>(*h);
-            while s.can_recv() {
-                let room = s.send_capacity() - s.send_queue();
-                let n = s.recv_slice(&mut buf[..room.min(4096)]).unwrap_or(0);
-                if n == 0 {
-                    break;
+        for _ in 0..8 {
+            let mut interest: Vec<(BackendId, Interest)> = Vec::new();
+            self.gw.backend_interest(&mut interest);
+            let events = self.io.events(&interest);
+            for ev in &events {
+                if let Some((key, p)) = self.gw.handle_backend(self.now, ev.as_event()) {
+                    assert_eq!(key, KEY, "a reply for a flow that does not exist");
+                    self.to_agent.push(p.to_vec());
                 }
-                let _ = s.send_slice(&buf[..n]);
             }
-            if matches!(s.state(), State::CloseWait) {
-                s.close();
+            self.gw.poll(self.now, &mut self.io);
+            let out = &mut self.to_agent;
+            self.gw.drain_tx(self.now, |key, p| {
+                assert_eq!(key, KEY, "a packet for a flow that does not exist");
+                out.push(p.to_vec());
+                TxOutcome::Sent
+            });
+            if events.is_empty() {
+                break;
             }
-        }
-        self.iface.poll(snow, &mut self.dev, &mut self.sockets);
-        let sockets = &mut self.sockets;
-        self.conns.retain(|_, h| {
-            let state = sockets.get::<tcp::Socket>(*h).state();
-            let done = matches!(state, State::Closed | State::TimeWait | State::Listen);
-            if done {
-                sockets.remove(*h);
-            }
-            !done
-        });
-        while let Some(p) = self.dev.pop_tx() {
-            self.to_agent.push(p);
         }
         for p in self.to_agent.drain(..) {
             check_outbound(&p);
@@ -290,6 +189,8 @@ impl Flow {
                 self.next_seq.insert(key, header.seq.wrapping_add(len));
             }
         }
+        assert!(self.gw.tcp_connections() <= 4, "the per-flow TCP limit held");
+        assert!(self.gw.udp_flows() <= 4, "the per-flow UDP limit held");
     }
 
     /// Sets the acknowledgment number of a TCP packet to what the
@@ -311,17 +212,17 @@ impl Flow {
 
 fuzz_target!(|data: &[u8]| {
     parse_everything(data);
-    let mut flow = Flow::new();
+    let mut h = Harness::new();
     for (tag, bytes) in records(data) {
         let mut p = bytes.to_vec();
         if tag & 2 == 2 {
-            flow.patch_ack(&mut p);
+            h.patch_ack(&mut p);
         }
         if tag & 3 != 0 {
             fix_checksums(&mut p);
         }
         parse_everything(&p);
-        flow.handle_ip(&p);
-        flow.service(Duration::from_millis(u64::from(tag >> 2) * 10));
+        h.handle_ip(&p);
+        h.service(Duration::from_millis(u64::from(tag >> 2) * 10));
     }
 });

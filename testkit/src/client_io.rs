@@ -54,7 +54,8 @@ impl UdpClient {
     /// Convenience: TLS options trusting `ca` (verification on), without
     /// a client certificate (the relay refuses such clients).
     pub fn tls_with_ca(ca: &Path) -> TlsOptions {
-        TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), ..TlsOptions::default() }
+        let ca_pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+        TlsOptions { ca_pem: Some(ca_pem), ..TlsOptions::default() }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {

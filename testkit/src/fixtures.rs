@@ -57,6 +57,17 @@ pub fn start_relay(workers: usize, backend: IoBackend, steering: bool) -> RelayH
     server::start(&relay_config(workers, backend, steering)).expect("relay starts")
 }
 
+/// Mutual TLS from PEM files: verify the relay against `ca`, present
+/// `cert`/`key` (panics if a file cannot be read: test code).
+pub fn mutual_tls(
+    ca: impl AsRef<std::path::Path>,
+    cert: impl AsRef<std::path::Path>,
+    key: impl AsRef<std::path::Path>,
+) -> TlsOptions {
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    TlsOptions::mutual(read(ca.as_ref()), read(cert.as_ref()), read(key.as_ref()))
+}
+
 /// Client TLS for identity `kind`/`name`, issued by the relay's dev CA.
 pub fn tls_for(relay: &RelayHandle, kind: Kind, name: &str) -> TlsOptions {
     relay.dev_pki.as_ref().unwrap().client_tls(kind, name).unwrap()
@@ -309,7 +320,7 @@ pub fn connector_config(
     relay: &RelayHandle,
     n: u64,
     name: &str,
-    backends: Vec<ztna_connector::Backend>,
+    backends: Vec<ztna_connector::BackendRoute>,
 ) -> ztna_connector::ConnectorConfig {
     use ztna_connector::{ConnectorConfig, ServiceConfig};
     let service = ServiceConfig { name: name.into(), icmp: true, backend: backends, allow_agents: None };

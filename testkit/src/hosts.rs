@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ztna_agent::core::{AgentCore, AgentEvent};
+use ztna_agent::agent_core::{AgentCore, AgentEvent};
 use ztna_connector::memory_backends::MemoryBackends;
 use ztna_connector::{BackendId, ConnectorConfig, Engine, Interest, Target};
 use ztna_control::client::{ClientSession, Event};
@@ -336,7 +336,7 @@ impl ConnectorHost {
         seed: u64,
         now: Instant,
     ) -> Result<ConnectorHost> {
-        let tls = cfg.tls_options();
+        let tls = cfg.client_tls()?;
         let mut engine = Engine::new(cfg, targets, addr, seed, now)?;
         let mut backends = MemoryBackends::default();
         let mut quic = || quic::client_config(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ztna_connector::{Backend, Connector, ConnectorStats, Proto};
+use ztna_connector::{BackendRoute, Connector, ConnectorStats, Proto};
 use ztna_control::{packet, Role};
 use ztna_testkit::echo::EchoServer;
 use ztna_udp::IoBackend;
@@ -23,7 +23,7 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
         &relay,
         0,
         "echo",
-        vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
+        vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
     );
     cfg.max_udp_flows_per_agent = 2;
     let mut connector = Connector::new(cfg, 3).unwrap();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use smoltcp::socket::tcp::State;
-use ztna_connector::{Backend, Connector, ConnectorConfig, ConnectorStats, Proto};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto};
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role};
 use ztna_relay::server::RelayHandle;
@@ -47,8 +47,8 @@ impl Setup {
         let relay = start_relay(2, IoBackend::Auto, true);
         let echo = EchoServer::start("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let backends = vec![
-            Backend { protocol: Proto::Udp, port: SERVICE.port(), target: echo.udp_addr.into() },
-            Backend { protocol: Proto::Tcp, port: SERVICE.port(), target: echo.tcp_addr.into() },
+            BackendRoute { protocol: Proto::Udp, port: SERVICE.port(), target: echo.udp_addr.into() },
+            BackendRoute { protocol: Proto::Tcp, port: SERVICE.port(), target: echo.tcp_addr.into() },
         ];
         let mut cfg = connector_config(&relay, 0, "web", backends);
         cfg.max_udp_flows = UDP_FLOWS;

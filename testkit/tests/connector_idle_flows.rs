@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ztna_connector::{Backend, Connector, Proto};
+use ztna_connector::{BackendRoute, Connector, Proto};
 use ztna_control::{packet, Role};
 use ztna_testkit::client_io::UdpClient;
 use ztna_testkit::echo::EchoServer;
@@ -39,7 +39,7 @@ fn idle_flows_cost_no_reads() {
         &relay,
         0,
         "echo",
-        vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
+        vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
     );
     // One agent flow may use the whole table here.
     cfg.max_udp_flows = FLOWS;

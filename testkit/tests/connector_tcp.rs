@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ztna_connector::{Backend, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
 use ztna_control::packet::{self, Transport};
 use ztna_control::rng::SplitMix64;
 use ztna_control::Role;
@@ -141,7 +141,7 @@ impl Setup {
         };
         let source = Source::start();
         let sink = Sink::start();
-        let tcp = |port, target: SocketAddr| Backend { protocol: Proto::Tcp, port, target: target.into() };
+        let tcp = |port, target: SocketAddr| BackendRoute { protocol: Proto::Tcp, port, target: target.into() };
         let mut cfg = ConnectorConfig::new(
             vec![relay.local_addr],
             vec![ServiceConfig {
@@ -152,7 +152,7 @@ impl Setup {
                     tcp(DOWN, down),
                     tcp(SOURCE, source.addr),
                     tcp(SINK, sink.addr),
-                    Backend { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr.into() },
+                    BackendRoute { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr.into() },
                 ],
                 allow_agents: None,
             }],

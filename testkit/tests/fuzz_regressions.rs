@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::{packet, Role};
 use ztna_testkit::echo::EchoServer;
 use ztna_udp::IoBackend;
@@ -44,8 +44,8 @@ fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
             name: "echo".into(),
             icmp: true,
             backend: vec![
-                Backend { protocol: Proto::Tcp, port: 80, target: echo.tcp_addr.into() },
-                Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() },
+                BackendRoute { protocol: Proto::Tcp, port: 80, target: echo.tcp_addr.into() },
+                BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() },
             ],
             allow_agents: None,
         }],

@@ -6,13 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ztna_agent::core::{AgentConfig, AgentCore};
+use ztna_agent::agent_core::{AgentConfig, AgentCore};
 use ztna_agent::route::Cidr;
-use ztna_connector::{Backend, ConnectorConfig, Proto, ServiceConfig, Target};
+use ztna_connector::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target};
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::ServiceName;
@@ -36,14 +35,14 @@ fn connector(pki: &DevPki, at: SocketAddr, relays: &[SocketAddr], now: Instant) 
     let svc = ServiceConfig {
         name: "echo".into(),
         icmp: true,
-        backend: vec![Backend { protocol: Proto::Udp, port: 7, target: Target::from(backend()) }],
+        backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: Target::from(backend()) }],
         allow_agents: None,
     };
     let mut cfg = ConnectorConfig::new(relays.to_vec(), vec![svc]);
-    let tls = pki.client_tls(Kind::Connector, "c").unwrap();
-    cfg.ca = tls.ca_file.map(PathBuf::from);
-    cfg.cert = tls.cert_file.map(PathBuf::from);
-    cfg.key = tls.key_file.map(PathBuf::from);
+    let (cert, key) = pki.issue(Kind::Connector, "c").unwrap();
+    cfg.ca = Some(pki.ca.clone());
+    cfg.cert = Some(cert);
+    cfg.key = Some(key);
     let targets = HashMap::from([(Target::from(backend()), backend())]);
     ConnectorHost::new(at, cfg, targets, relays, 11, now).unwrap()
 }

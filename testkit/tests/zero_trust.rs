@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use ztna_connector::{Backend, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::client::Event;
 use ztna_control::identity::{Identity, Kind};
 use ztna_control::quic::TlsOptions;
@@ -92,7 +92,7 @@ fn bad_client_certificates_are_refused_in_the_handshake() {
     let raw = |name: &str, uris: &[&str], valid: (i64, i64)| {
         let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
         pki::issue_raw(&pki.ca_files, uris, valid, &cert, &key).unwrap();
-        TlsOptions::mutual(&ca, cert, key)
+        mutual_tls(&ca, cert, key)
     };
     let now = unix_now();
     let day = 86_400;
@@ -102,7 +102,7 @@ fn bad_client_certificates_are_refused_in_the_handshake() {
     assert!(ok.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).is_some());
 
     // No client certificate at all.
-    let none = TlsOptions { ca_file: Some(ca.to_string_lossy().into_owned()), ..TlsOptions::default() };
+    let none = UdpClient::tls_with_ca(&ca);
     assert_refused(&relay, &none, "no certificate");
     wait_counter(&relay, "no certificate", |t| t.handshakes_failed >= 1);
 
@@ -110,7 +110,7 @@ fn bad_client_certificates_are_refused_in_the_handshake() {
     let other = pki::init_ca(&dir.join("other-ca"), DEV_TRUST_DOMAIN, 1).unwrap();
     let alice = Identity { trust_domain: DEV_TRUST_DOMAIN.into(), kind: Kind::Agent, name: "alice".into() };
     let (c, k) = pki::issue(&other, &alice, &[], &[], 1, &dir.join("other-out")).unwrap();
-    assert_refused(&relay, &TlsOptions::mutual(&ca, c, k), "another CA");
+    assert_refused(&relay, &mutual_tls(&ca, c, k), "another CA");
     wait_counter(&relay, "another CA", |t| t.auth_rejected_unknown_ca >= 1);
 
     // Expired, and not yet valid.
@@ -133,7 +133,7 @@ fn bad_client_certificates_are_refused_in_the_handshake() {
     let (c, k) = (dir.join("bytes.pem"), dir.join("bytes.key"));
     let uris: [&[u8]; 2] = [b"spiffe://dev.ztna/agent/alice", b"spiffe://dev.ztna/agent/\xff\xfe"];
     pki::issue_raw_bytes(&pki.ca_files, &uris, valid, &c, &k).unwrap();
-    assert_refused(&relay, &TlsOptions::mutual(&ca, c, k), "a second URI SAN that is not ASCII");
+    assert_refused(&relay, &mutual_tls(&ca, c, k), "a second URI SAN that is not ASCII");
     wait_counter(&relay, "unreadable URI SAN", |t| t.auth_rejected_identity >= 6);
 
     // None of this created a usable connection, and the good client is fine.
@@ -304,7 +304,7 @@ fn a_connector_allow_list_refuses_other_agents() {
         vec![ServiceConfig {
             name: "echo".into(),
             icmp: true,
-            backend: vec![Backend { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
+            backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: Some(vec!["spiffe://dev.ztna/agent/alice".into()]),
         }],
     );
@@ -366,7 +366,7 @@ fn clients_refuse_a_relay_they_cannot_verify() {
     // Trusting another CA: the client refuses the relay.
     let dir = tmpdir("client-ca");
     let other = pki::init_ca(&dir, "other.example", 1).unwrap();
-    let tls = TlsOptions::mutual(&other.cert, &cert, &key);
+    let tls = mutual_tls(&other.cert, &cert, &key);
     let mut c = client_as(&relay, &tls, &[(Role::Agent, "echo")], 1);
     let events = events_for(&mut c, Duration::from_millis(1500));
     assert!(!events.iter().any(|e| matches!(e, Event::Connected)), "{events:?}");
@@ -374,7 +374,7 @@ fn clients_refuse_a_relay_they_cannot_verify() {
     let mut cfg =
         ztna_control::client::ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "relay.evil");
     cfg.registrations = vec![(Role::Agent, svc("echo"))];
-    let good = TlsOptions::mutual(&pki.ca, &cert, &key);
+    let good = mutual_tls(&pki.ca, &cert, &key);
     let mut c = UdpClient::new(cfg, &good, "127.0.0.1:0".parse().unwrap(), 2).unwrap();
     let events = events_for(&mut c, Duration::from_millis(1500));
     assert!(!events.iter().any(|e| matches!(e, Event::Connected)), "{events:?}");
@@ -433,7 +433,7 @@ fn refusals_carry_the_documented_tls_alerts() {
     let raw = |name: &str, uris: &[&str], valid: (i64, i64)| {
         let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
         pki::issue_raw(&pki.ca_files, uris, valid, &cert, &key).unwrap();
-        TlsOptions::mutual(&pki.ca, cert, key)
+        mutual_tls(&pki.ca, cert, key)
     };
     let close_code = |tls: &TlsOptions| {
         let mut c = RawClient::connect_as(&relay, tls);
@@ -450,8 +450,8 @@ fn refusals_carry_the_documented_tls_alerts() {
     let (c, k) = pki::issue(&other, &id, &[], &[], 1, &dir.join("o")).unwrap();
     // The impostor CA has the same subject as the real one, so the chain
     // builds and the signature check fails: decrypt_error.
-    assert_eq!(close_code(&TlsOptions::mutual(&pki.ca, c, k)), Some((false, 0x133)), "decrypt_error");
-    let none = TlsOptions { ca_file: Some(pki.ca.to_string_lossy().into_owned()), ..TlsOptions::default() };
+    assert_eq!(close_code(&mutual_tls(&pki.ca, c, k)), Some((false, 0x133)), "decrypt_error");
+    let none = UdpClient::tls_with_ca(&pki.ca);
     assert_eq!(close_code(&none), Some((false, 0x174)), "certificate_required");
     relay.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();

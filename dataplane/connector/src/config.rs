@@ -22,7 +22,7 @@ pub enum Proto {
 /// One reachable backend: packets to the service on `port` go to `target`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Backend {
+pub struct BackendRoute {
     pub protocol: Proto,
     pub port: u16,
     pub target: Target,
@@ -88,7 +88,7 @@ pub struct ServiceConfig {
     #[serde(default = "yes")]
     pub icmp: bool,
     #[serde(default)]
-    pub backend: Vec<Backend>,
+    pub backend: Vec<BackendRoute>,
     /// Defence in depth: when set, only these agent identities (full
     /// SPIFFE IDs) may use the service, whatever the relay's policy says.
     /// Flows of other agents are refused with FlowClose{denied}.
@@ -228,15 +228,11 @@ impl ConnectorConfig {
         Ok(c)
     }
 
-    /// The TLS files and verification mode of the relay sessions.
-    pub fn tls_options(&self) -> ztna_control::quic::TlsOptions {
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
-        ztna_control::quic::TlsOptions {
-            ca_file: path(&self.ca),
-            cert_file: path(&self.cert),
-            key_file: path(&self.key),
-            verify_peer: !self.insecure,
-        }
+    /// The relay sessions' TLS material, read from the `ca`, `cert` and
+    /// `key` files now (each new relay session reads them again, so files
+    /// rotated on disk are picked up).
+    pub fn client_tls(&self) -> Result<ztna_control::quic::TlsOptions> {
+        ztna_ops::tls::read_client_tls(self.ca.as_deref(), self.cert.as_deref(), self.key.as_deref(), !self.insecure)
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -45,7 +45,7 @@ pub mod vdev;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use self::backend::{BackendEvent, BackendId, BackendIo, Interest};
-pub use self::config::{Backend, ConnectorConfig, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR};
+pub use self::config::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR};
 pub use self::driver::{resolve_relays, Connector, RESOLVE_EVERY};
 pub use self::engine::{Engine, PARK_TTL};
 pub use self::gateway::{FlowKey, Gateway};

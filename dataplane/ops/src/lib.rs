@@ -2,8 +2,8 @@
 //! health/metrics listener ([`http`]), the Prometheus recorder
 //! ([`prometheus`]), systemd's readiness and watchdog protocol
 //! ([`sdnotify`]), event-loop heartbeats ([`heartbeat`]), the
-//! [`counters!`] macro, and the logging and error-report set-up of the
-//! binaries ([`logging`]).
+//! [`counters!`] macro, the logging and error-report set-up of the
+//! binaries ([`logging`]), and reading a client's TLS files ([`tls`]).
 
 mod counters;
 pub mod heartbeat;
@@ -11,3 +11,4 @@ pub mod http;
 pub mod logging;
 pub mod prometheus;
 pub mod sdnotify;
+pub mod tls;

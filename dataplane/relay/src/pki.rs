@@ -48,7 +48,7 @@ impl DevPki {
     /// certificate for `kind`/`name`.
     pub fn client_tls(&self, kind: ztna_control::identity::Kind, name: &str) -> Result<ztna_control::quic::TlsOptions> {
         let (cert, key) = self.issue(kind, name)?;
-        Ok(ztna_control::quic::TlsOptions::mutual(&self.ca, cert, key))
+        ztna_ops::tls::read_mutual_tls(&self.ca, &cert, &key)
     }
 }
 

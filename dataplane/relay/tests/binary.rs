@@ -124,7 +124,7 @@ fn sigterm_drains_readiness_goodbye_and_early_exit() {
         let ca_files = ztna_relay::pki::CaFiles::in_dir(ca_dir);
         let id = ztna_control::identity::Identity::parse("spiffe://dev.ztna/agent/sigterm").unwrap();
         let (cert, key) = ztna_relay::pki::issue(&ca_files, &id, &[], &[], 1, ca_dir).unwrap();
-        let tls = ztna_control::quic::TlsOptions::mutual(&ca, cert, key);
+        let tls = ztna_testkit::fixtures::mutual_tls(&ca, cert, key);
         let mut c = UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
         c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).expect("connects to the binary");
 
@@ -207,7 +207,7 @@ fn ca_tool_issues_a_relay_certificate_clients_verify() {
     let cfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
     let out = run(&["issue", "--dir", d, "--trust-domain", "corp.example", "--kind", "agent", "--name", "alice"]);
     assert!(out.contains("spiffe://corp.example/agent/alice"));
-    let tls = ztna_control::quic::TlsOptions::mutual(
+    let tls = ztna_testkit::fixtures::mutual_tls(
         dir.join("ca.pem"),
         dir.join("agent-alice.pem"),
         dir.join("agent-alice.key"),
@@ -251,7 +251,7 @@ fn sighup_reloads_policy_and_refuses_broken_files() {
         let (cert, key) = pki.issue(kind, name).unwrap();
         let mut cfg = ClientConfig::new(addr, "127.0.0.1:0".parse().unwrap(), "localhost");
         cfg.registrations = vec![(role, svc("echo"))];
-        let tls = ztna_control::quic::TlsOptions::mutual(&pki.ca, cert, key);
+        let tls = ztna_testkit::fixtures::mutual_tls(&pki.ca, cert, key);
         UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap()
     };
     use ztna_control::identity::Kind;

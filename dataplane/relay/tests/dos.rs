@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use ztna_control::client::{ClientConfig, Event};
 use ztna_control::identity::Kind;
-use ztna_control::quic::TlsOptions;
 use ztna_control::{Message, Role};
 use ztna_relay::security::RetryMode;
 use ztna_relay::server::{self, RelayConfig, RelayHandle};
@@ -285,7 +284,7 @@ fn a_restarted_relay_resets_old_connections() {
     let mut cfg = ClientConfig::new(relay, "127.0.0.1:0".parse().unwrap(), "localhost");
     cfg.registrations = vec![(Role::Agent, svc("echo"))];
     let (cert, key) = pki.issue(Kind::Agent, "a").unwrap();
-    let tls = TlsOptions::mutual(&pki.ca, cert, key);
+    let tls = ztna_testkit::fixtures::mutual_tls(&pki.ca, cert, key);
     let mut c = UdpClient::new(cfg, &tls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     assert!(c.wait_for(T, |e| matches!(e, Event::Connected), |_| {}).is_some());
 

@@ -288,7 +288,7 @@ def check_rendered(docs: list[dict], t: Target, pr: Problems, bins: BinaryCheck 
                 check_keys(s, "ServiceConfig", src, f"connector.toml service {s.get('name')}", pr)
                 for b in s.get("backend") or []:
                     where = f"connector.toml service {s.get('name')} backend {b.get('target')}"
-                    check_keys(b, "Backend", src, where, pr)
+                    check_keys(b, "BackendRoute", src, where, pr)
                     check_backend_service(docs, b, where, pr)
             relays = ct.get("relays") or []
             pr.check(bool(relays), "connector.toml: no relays")

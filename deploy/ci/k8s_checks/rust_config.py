@@ -121,7 +121,7 @@ def check_parser() -> list[str]:
         (conn, "ConnectorConfig", "relays", "Vec<String>"),
         (conn, "ConnectorConfig", "health", "Option<SocketAddr>"),
         (conn, "ConnectorConfig", "service", "Vec<ServiceConfig>"),
-        (conn, "Backend", "target", "Target"),
+        (conn, "BackendRoute", "target", "Target"),
         (relay, "RelayConfig", "metrics", "Option<SocketAddr>"),
         (relay, "RelayConfig", "shutdown_grace_ms", "u64"),
         (limits, "Limits", "max_conns_per_ip", "u32"),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tracing::{info, warn};
-use ztna_control::quic::{self, TlsOptions};
+use ztna_control::quic;
 
 use self::sockets::{poll_fds, SocketBackends};
 use crate::backend::{BackendEvent, BackendId, Interest};
@@ -68,7 +68,8 @@ pub struct Connector {
     engine: Engine,
     socket: UdpSocket,
     backends: SocketBackends,
-    tls: TlsOptions,
+    /// The configuration's TLS files, read again for each new relay.
+    tls_files: ConnectorConfig,
     /// Fresh resolutions of the relay names (None: IP literals only).
     resolver: Option<mpsc::Receiver<Vec<SocketAddr>>>,
     health: Arc<ConnectorHealth>,
@@ -88,7 +89,7 @@ impl Connector {
         if cfg.insecure {
             warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
         }
-        let tls = cfg.tls_options();
+        let tls_files = cfg.clone();
         let addrs = resolve_relays(&cfg.relays);
         // IP literals need no resolver; names are resolved again in the
         // background (getaddrinfo blocks), so new replicas are picked up.
@@ -109,7 +110,7 @@ impl Connector {
             engine,
             socket,
             backends,
-            tls,
+            tls_files,
             resolver,
             health: Arc::new(ConnectorHealth::new()),
             buf: vec![0u8; 65_536],
@@ -122,8 +123,9 @@ impl Connector {
     }
 
     fn set_relays(&mut self, addrs: &[SocketAddr]) -> Result<()> {
-        let tls = &self.tls;
-        let mut quic = || quic::client_config(tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
+        let files = &self.tls_files;
+        let mut quic =
+            || quic::client_config(&files.client_tls()?).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
         let r = self.engine.set_relays(addrs, Instant::now(), &mut quic, &mut self.backends);
         self.health.relays.store(self.engine.relays().len() as u64, Ordering::Relaxed);
         r

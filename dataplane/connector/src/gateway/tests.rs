@@ -11,7 +11,7 @@ use ztna_control::packet::{self, TcpFlags, TcpHeader, Transport};
 
 use super::{FlowKey, Gateway};
 use crate::backend::Interest;
-use crate::config::{Backend, ConnectorConfig, Proto, ServiceConfig, Target};
+use crate::config::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target};
 use crate::memory_backends::MemoryBackends;
 use crate::tcp::TxOutcome;
 use crate::ConnectorStats;
@@ -74,8 +74,8 @@ impl Bench {
             name: "web".into(),
             icmp: true,
             backend: vec![
-                Backend { protocol: Proto::Udp, port: DNS_PORT, target: Target::from(udp_backend()) },
-                Backend { protocol: Proto::Tcp, port: WEB_PORT, target: Target::from(tcp_backend()) },
+                BackendRoute { protocol: Proto::Udp, port: DNS_PORT, target: Target::from(udp_backend()) },
+                BackendRoute { protocol: Proto::Tcp, port: WEB_PORT, target: Target::from(tcp_backend()) },
             ],
             allow_agents: None,
         };

@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use ztna_agent::core::{AgentConfig, AgentCore, AgentEvent, Drop};
+use ztna_agent::agent_core::{AgentConfig, AgentCore, AgentEvent, DropReason};
 use ztna_control::client::ClientConfig;
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
@@ -95,7 +95,7 @@ fn routing_and_refusals() {
     let mut pkt = Vec::new();
     packet::build_ipv4_udp(me, svc, b"early", &mut pkt).unwrap();
     // Before registration: mapped but no flow yet.
-    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::NoFlow));
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(DropReason::NoFlow));
 
     let end = Instant::now() + Duration::from_secs(10);
     let mut registered = false;
@@ -174,15 +174,15 @@ fn routing_and_refusals() {
 
     // Unmapped, malformed, IPv6 without a route, too large.
     packet::build_ipv4_udp(me, SocketAddrV4::new("100.101.0.1".parse().unwrap(), 7), b"x", &mut pkt).unwrap();
-    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::Unmapped));
-    assert_eq!(a.core.send_ip_packet(&[0x45, 0, 0]), Err(Drop::Malformed));
-    assert_eq!(a.core.send_ip_packet(&[]), Err(Drop::Malformed));
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(DropReason::Unmapped));
+    assert_eq!(a.core.send_ip_packet(&[0x45, 0, 0]), Err(DropReason::Malformed));
+    assert_eq!(a.core.send_ip_packet(&[]), Err(DropReason::Malformed));
     let mut v6 = vec![0u8; 48];
     v6[0] = 0x60;
     v6[24] = 0xfd;
-    assert_eq!(a.core.send_ip_packet(&v6), Err(Drop::Unmapped));
+    assert_eq!(a.core.send_ip_packet(&v6), Err(DropReason::Unmapped));
     packet::build_ipv4_udp(me, svc, &vec![0u8; 1400], &mut pkt).unwrap();
-    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::TooLarge));
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(DropReason::TooLarge));
     // ...answered with ICMP fragmentation-needed carrying the tunnel MTU.
     let n = a.core.poll_ip_packet(&mut back).expect("ICMP frag-needed for the tunnel");
     let icmp = packet::parse_ipv4(&back[..n]).unwrap();
@@ -211,6 +211,6 @@ fn routing_and_refusals() {
     }
     assert!(saw.iter().any(|e| matches!(e, AgentEvent::Goodbye { .. })), "{saw:?}");
     packet::build_ipv4_udp(me, svc, b"after", &mut pkt).unwrap();
-    assert_eq!(a.core.send_ip_packet(&pkt), Err(Drop::NoFlow));
+    assert_eq!(a.core.send_ip_packet(&pkt), Err(DropReason::NoFlow));
     let _: SocketAddr = a.sock.local_addr().unwrap();
 }

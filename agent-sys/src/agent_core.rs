@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
-use ztna_control::quic::{self, TlsOptions};
+use ztna_control::quic::{self, TlsConfigError, TlsOptions};
 use ztna_control::{datagram, Code, Role, ServiceName};
 
 use crate::route::{Cidr, RouteTable};
@@ -58,7 +58,7 @@ pub enum AgentEvent {
 
 /// Why an outbound packet was not sent (each is counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// Not an IPv4/IPv6 packet, or too short to carry a destination.
     Malformed,
     /// No route for the destination: never leaves the device.
@@ -69,6 +69,14 @@ pub enum Drop {
     TooLarge,
     /// Not connected, or the send queue is full.
     Backpressure,
+}
+
+/// Why [`AgentCore::new`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// The TLS material is unusable.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] TlsConfigError),
 }
 
 /// Counters (all monotonically increasing).
@@ -113,17 +121,17 @@ pub struct AgentCore {
 const MAX_LOCAL_REPLIES: usize = 64;
 
 impl AgentCore {
-    pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Result<AgentCore, String> {
+    pub fn new(cfg: AgentConfig, seed: u64, now: Instant) -> Result<AgentCore, AgentError> {
         let routes = RouteTable::new(cfg.routes.iter().map(|(s, c)| (*c, s.clone())).collect());
         let mut ccfg = ClientConfig::new(cfg.relay, cfg.local, &cfg.server_name);
         ccfg.fallbacks = cfg.fallback_relays.clone();
         ccfg.registrations = routes.services().into_iter().map(|s| (Role::Agent, s)).collect();
         ccfg.software = format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"));
-        let qc = quic::client_config(&cfg.tls).map_err(|e| format!("TLS configuration: {e}"))?;
+        let qc = quic::client_config(&cfg.tls)?;
         if !cfg.tls.verify_peer {
             tracing::warn!("relay certificate verification is OFF: anyone on the path can impersonate the relay");
         }
-        if cfg.tls.cert_file.is_none() {
+        if cfg.tls.cert_pem.is_none() {
             tracing::warn!("no client certificate configured: the relay will refuse this agent");
         }
         Ok(AgentCore {
@@ -178,21 +186,21 @@ impl AgentCore {
     }
 
     /// An IP packet read from the tunnel device.
-    pub fn send_ip_packet(&mut self, pkt: &[u8]) -> Result<(), Drop> {
+    pub fn send_ip_packet(&mut self, pkt: &[u8]) -> Result<(), DropReason> {
         let r = self.route(pkt);
         match r {
             Ok(()) => {
                 self.stats.packets_out += 1;
                 self.stats.bytes_out += pkt.len() as u64;
             }
-            Err(Drop::Malformed) => self.stats.drop_malformed += 1,
-            Err(Drop::Unmapped) => self.stats.drop_unmapped += 1,
-            Err(Drop::NoFlow) => self.stats.drop_no_flow += 1,
-            Err(Drop::TooLarge) => {
+            Err(DropReason::Malformed) => self.stats.drop_malformed += 1,
+            Err(DropReason::Unmapped) => self.stats.drop_unmapped += 1,
+            Err(DropReason::NoFlow) => self.stats.drop_no_flow += 1,
+            Err(DropReason::TooLarge) => {
                 self.stats.drop_too_large += 1;
                 self.answer_too_big(pkt);
             }
-            Err(Drop::Backpressure) => self.stats.drop_backpressure += 1,
+            Err(DropReason::Backpressure) => self.stats.drop_backpressure += 1,
         }
         r
     }
@@ -212,14 +220,14 @@ impl AgentCore {
         }
     }
 
-    fn route(&mut self, pkt: &[u8]) -> Result<(), Drop> {
-        let dst = ztna_control::packet::destination(pkt).ok_or(Drop::Malformed)?;
-        let service = self.routes.lookup(dst).ok_or(Drop::Unmapped)?;
-        let flow = *self.flows.get(service).ok_or(Drop::NoFlow)?;
+    fn route(&mut self, pkt: &[u8]) -> Result<(), DropReason> {
+        let dst = ztna_control::packet::destination(pkt).ok_or(DropReason::Malformed)?;
+        let service = self.routes.lookup(dst).ok_or(DropReason::Unmapped)?;
+        let flow = *self.flows.get(service).ok_or(DropReason::NoFlow)?;
         match self.session.send_datagram(flow, pkt) {
             Ok(()) => Ok(()),
-            Err(SendError::TooLarge) => Err(Drop::TooLarge),
-            Err(SendError::NotConnected | SendError::QueueFull) => Err(Drop::Backpressure),
+            Err(SendError::TooLarge) => Err(DropReason::TooLarge),
+            Err(SendError::NotConnected | SendError::QueueFull) => Err(DropReason::Backpressure),
         }
     }
 
