@@ -20,7 +20,8 @@ use tracing::{debug, info, warn};
 use tun_rs::SyncDevice;
 use ztna_agent::agent_core::{AgentCore, AgentEvent};
 
-use crate::udp::{self, Batch, BATCH};
+use ztna_udp::batch::Batch;
+use ztna_udp::BATCH;
 
 /// Packets read from the TUN device per loop turn.
 const TUN_BUDGET: usize = 64;
@@ -116,8 +117,8 @@ impl Agent {
             listen,
             rebind: false,
             mtu: usize::from(mtu),
-            rx: Batch::new(),
-            tx: Batch::new(),
+            rx: Batch::new(BATCH),
+            tx: Batch::new(BATCH),
             tun_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             in_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             io: IoStats::default(),
@@ -197,7 +198,7 @@ impl Agent {
                 }
             };
             for i in 0..n {
-                if let Some(d) = self.rx.received(i) {
+                if let Some((d, _)) = self.rx.received(i) {
                     self.core.recv_udp(d, self.relay, now);
                 }
             }
@@ -261,7 +262,7 @@ impl Agent {
             while !self.tx.is_full() {
                 let Some(slot) = self.tx.slot() else { break };
                 match self.core.poll_udp(slot, now) {
-                    Some((n, to)) if to == self.relay => self.tx.commit(n),
+                    Some((n, to)) if to == self.relay => self.tx.commit(n, None),
                     // The socket is connected to the relay; the core never
                     // addresses anyone else.
                     Some((_, to)) => debug!(%to, "datagram for another address dropped"),
@@ -300,7 +301,7 @@ impl Agent {
     /// entry to the one that is draining.
     fn new_socket(&mut self) {
         let to = self.core.relay();
-        match udp::connect(self.listen, to) {
+        match ztna_udp::bind_connected(self.listen, to) {
             Ok((sock, local)) => {
                 self.tx.clear();
                 self.sock = sock;
@@ -314,14 +315,15 @@ impl Agent {
 
     /// Sends the batch; false when the socket would block.
     fn flush(&mut self) -> bool {
-        let before = self.tx.unsent();
-        match self.tx.flush(&self.sock) {
-            Ok(done) => {
-                self.io.udp_tx += (before - self.tx.unsent()) as u64;
-                done
-            }
+        let (before, dropped) = (self.tx.unsent(), self.tx.dropped());
+        let r = self.tx.flush(&self.sock);
+        let lost = (self.tx.dropped() - dropped) as usize;
+        self.io.udp_tx += (before - self.tx.unsent() - lost) as u64;
+        match r {
+            Ok(done) => done,
             Err(e) => {
-                // The batch is dropped (QUIC retransmits what mattered).
+                // Those datagrams are dropped (QUIC retransmits what
+                // mattered); the rest went out.
                 self.io.udp_send_errors += 1;
                 debug!(error = %e, "UDP send");
                 true

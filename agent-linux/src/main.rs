@@ -37,8 +37,6 @@ mod config;
 #[cfg(target_os = "linux")]
 mod tun;
 #[cfg(target_os = "linux")]
-mod udp;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -155,7 +153,8 @@ fn run(cfg: &Config) -> Result<()> {
     }
     info!(dev = %cfg.tun_name, address = %cfg.tun_address, mtu = cfg.mtu, "TUN device up");
     println!("tun {} address {} mtu {}", cfg.tun_name, cfg.tun_address, cfg.mtu);
-    let (sock, local) = udp::connect(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
+    let (sock, local) =
+        ztna_udp::bind_connected(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
     info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
     let core = AgentCore::new(cfg.agent_config(local)?, seed()?, Instant::now())?;
     let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.listen, cfg.mtu);

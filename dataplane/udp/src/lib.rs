@@ -5,11 +5,14 @@
 //! BPF program that steers a group's packets by connection ID
 //! ([`steering`]). `Auto` picks io_uring when the kernel lets us create a
 //! ring and falls back otherwise (disabled by `kernel.io_uring_disabled`,
-//! blocked by a container seccomp profile).
+//! blocked by a container seccomp profile). [`batch`] is batched
+//! recvmmsg/sendmmsg on a socket the caller polls itself (the portable
+//! backend, the connector and the Linux agent use it).
 //!
 //! It knows nothing of QUIC or of the relay: an engine writes packets into
 //! a [`Transmit`], and gets received packets through [`Backend::poll`].
 
+pub mod batch;
 pub mod portable;
 pub mod steering;
 pub mod uring;
@@ -119,6 +122,23 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
         out.push(s.into());
     }
     Ok(out)
+}
+
+/// A non-blocking UDP socket bound to `listen` and connected to `peer`
+/// (the kernel then filters other senders and picks the source address),
+/// with large buffers; returns it and its local address.
+pub fn bind_connected(listen: SocketAddr, peer: SocketAddr) -> io::Result<(UdpSocket, SocketAddr)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+    // The kernel caps these at rmem_max / wmem_max.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&listen.into())?;
+    s.connect(&peer.into())?;
+    s.set_nonblocking(true)?;
+    let s: UdpSocket = s.into();
+    let local = s.local_addr()?;
+    Ok((s, local))
 }
 
 /// Converts a kernel-filled socket address to a std one.

@@ -6,9 +6,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use socket2::SockAddr;
-
-use super::{Backend, BATCH, RX_BUF};
+use super::{Backend, BATCH};
+use crate::batch::Batch;
 use crate::Transmit;
 
 /// Packets queued before a sendmmsg is forced.
@@ -17,16 +16,16 @@ const TX_BATCH: usize = 64;
 pub struct Portable {
     socket: UdpSocket,
     eventfd: RawFd,
-    rx: Vec<[u8; RX_BUF]>,
+    rx: Batch,
     tx: TxQueue,
 }
 
+/// The send batch, as the worker's [`Transmit`].
 struct TxQueue {
-    fd: RawFd,
-    bufs: Vec<[u8; RX_BUF]>,
-    lens: Vec<usize>,
-    addrs: Vec<SockAddr>,
-    errors: u64,
+    socket: RawFd,
+    batch: Batch,
+    /// Packets dropped because the socket buffer was full.
+    would_block_drops: u64,
 }
 
 impl Portable {
@@ -36,46 +35,16 @@ impl Portable {
         Ok(Portable {
             socket,
             eventfd,
-            rx: vec![[0u8; RX_BUF]; BATCH],
-            tx: TxQueue {
-                fd,
-                bufs: vec![[0u8; RX_BUF]; TX_BATCH],
-                lens: Vec::with_capacity(TX_BATCH),
-                addrs: Vec::with_capacity(TX_BATCH),
-                errors: 0,
-            },
+            rx: Batch::new(BATCH),
+            tx: TxQueue { socket: fd, batch: Batch::new(TX_BATCH), would_block_drops: 0 },
         })
     }
 
     fn recv_batch(&mut self, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<usize> {
-        let fd = self.socket.as_raw_fd();
-        // SAFETY: zeroed sockaddr_storage/iovec/mmsghdr are valid initial
-        // values; every pointer below refers to `self.rx` or the local
-        // arrays, all of which outlive the recvmmsg call.
-        let mut names: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
-        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for i in 0..BATCH {
-            iovs[i] = libc::iovec { iov_base: self.rx[i].as_mut_ptr().cast(), iov_len: RX_BUF };
-            msgs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `msgs` holds BATCH initialised headers pointing at live
-        // buffers; the kernel writes at most iov_len bytes into each.
-        let n = unsafe {
-            libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
-        }
-        let n = n as usize;
+        let n = self.rx.recv(&self.socket)?;
         for i in 0..n {
-            let len = (msgs[i].msg_len as usize).min(RX_BUF);
-            if let Some(from) = super::sockaddr_to_std(&names[i], msgs[i].msg_hdr.msg_namelen) {
-                on_packet(&mut self.rx[i][..len], from);
+            if let Some((d, Some(from))) = self.rx.received(i) {
+                on_packet(d, from);
             }
         }
         Ok(n)
@@ -83,57 +52,28 @@ impl Portable {
 }
 
 impl TxQueue {
+    /// Sends everything queued. A full socket buffer loses the rest (QUIC
+    /// recovers; counted in `tx_dropped`), so the worker never waits here.
     fn send_all(&mut self) -> io::Result<()> {
-        let mut start = 0;
-        while start < self.lens.len() {
-            let count = self.lens.len() - start;
-            // SAFETY: zeroed iovec/mmsghdr are valid; pointers refer to
-            // `self.bufs` and `self.addrs`, alive for the call.
-            let mut iovs: [libc::iovec; TX_BATCH] = unsafe { std::mem::zeroed() };
-            let mut msgs: [libc::mmsghdr; TX_BATCH] = unsafe { std::mem::zeroed() };
-            for i in 0..count {
-                let j = start + i;
-                iovs[i] = libc::iovec { iov_base: self.bufs[j].as_mut_ptr().cast(), iov_len: self.lens[j] };
-                msgs[i].msg_hdr.msg_name = self.addrs[j].as_ptr() as *mut libc::c_void;
-                msgs[i].msg_hdr.msg_namelen = self.addrs[j].len();
-                msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-                msgs[i].msg_hdr.msg_iovlen = 1;
-            }
-            // SAFETY: `count` initialised headers with live buffers.
-            let n = unsafe { libc::sendmmsg(self.fd, msgs.as_mut_ptr(), count as libc::c_uint, 0) };
-            if n <= 0 {
-                let e = io::Error::last_os_error();
-                // A full socket buffer or an unreachable peer loses these
-                // packets; QUIC recovers. Skip one and go on.
-                self.errors += 1;
-                start += 1;
-                if e.kind() != io::ErrorKind::WouldBlock && start >= self.lens.len() {
-                    self.lens.clear();
-                    self.addrs.clear();
-                    return Err(e);
-                }
-                continue;
-            }
-            start += n as usize;
+        let r = self.batch.flush(&self.socket);
+        if matches!(r, Ok(false)) {
+            self.would_block_drops += self.batch.unsent() as u64;
+            self.batch.clear();
         }
-        self.lens.clear();
-        self.addrs.clear();
-        Ok(())
+        r.map(|_| ())
     }
 }
 
 impl Transmit for TxQueue {
     fn buf(&mut self) -> &mut [u8] {
-        if self.lens.len() == TX_BATCH {
+        if self.batch.is_full() {
             let _ = self.send_all();
         }
-        let i = self.lens.len();
-        &mut self.bufs[i]
+        self.batch.slot().unwrap_or_default()
     }
 
     fn commit(&mut self, len: usize, to: SocketAddr) {
-        self.lens.push(len.min(RX_BUF));
-        self.addrs.push(SockAddr::from(to));
+        self.batch.commit(len, Some(to));
     }
 }
 
@@ -185,6 +125,6 @@ impl Backend for Portable {
     }
 
     fn tx_dropped(&self) -> u64 {
-        self.tx.errors
+        self.tx.batch.dropped() + self.tx.would_block_drops
     }
 }

@@ -18,6 +18,8 @@ use ztna_control::quic;
 
 use self::sockets::{poll_fds, SocketBackends};
 use crate::backend::{BackendEvent, BackendId, Interest};
+use ztna_udp::batch::Batch;
+
 use crate::config::ConnectorConfig;
 use crate::engine::Engine;
 use crate::health::ConnectorHealth;
@@ -75,7 +77,9 @@ pub struct Connector {
     health: Arc<ConnectorHealth>,
     pub stats: Arc<ConnectorStats>,
     buf: Vec<u8>,
-    out: Vec<u8>,
+    /// Relay packets received and to send (recvmmsg / sendmmsg).
+    rx: Batch,
+    tx: Batch,
     interest: Vec<(BackendId, Interest)>,
     readable: Vec<BackendId>,
 }
@@ -114,7 +118,8 @@ impl Connector {
             resolver,
             health: Arc::new(ConnectorHealth::new()),
             buf: vec![0u8; 65_536],
-            out: vec![0u8; 2048],
+            rx: Batch::new(ztna_udp::BATCH),
+            tx: Batch::new(ztna_udp::BATCH),
             interest: Vec::new(),
             readable: Vec::new(),
         };
@@ -188,10 +193,16 @@ impl Connector {
         }
         poll_fds(&mut fds, wait);
 
-        // From relays.
-        while let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
-            if let Some(b) = self.buf.get_mut(..n) {
-                self.engine.handle_datagram(Instant::now(), from, b, &mut self.backends);
+        // From relays, in recvmmsg batches.
+        while let Ok(n) = self.rx.recv(&self.socket) {
+            let now = Instant::now();
+            for i in 0..n {
+                if let Some((b, Some(from))) = self.rx.received(i) {
+                    self.engine.handle_datagram(now, from, b, &mut self.backends);
+                }
+            }
+            if n < self.rx.capacity() {
+                break;
             }
         }
         let now = Instant::now();
@@ -220,11 +231,27 @@ impl Connector {
         }
     }
 
+    /// What the engine has for the relays, in sendmmsg batches. A full
+    /// socket buffer drops the rest, as a failed send_to did (QUIC
+    /// recovers).
     fn transmit(&mut self) {
         let now = Instant::now();
-        while let Some((n, to)) = self.engine.poll_transmit(&mut self.out, now) {
-            if let Some(b) = self.out.get(..n) {
-                let _ = self.socket.send_to(b, to);
+        loop {
+            while let Some(slot) = self.tx.slot() {
+                match self.engine.poll_transmit(slot, now) {
+                    Some((n, to)) => self.tx.commit(n, Some(to)),
+                    None => break,
+                }
+            }
+            if !self.tx.pending() {
+                return;
+            }
+            let full = self.tx.is_full();
+            if !matches!(self.tx.flush(&self.socket), Ok(true)) {
+                self.tx.clear();
+            }
+            if !full {
+                return;
             }
         }
     }
