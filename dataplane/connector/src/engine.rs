@@ -32,7 +32,7 @@ use crate::backend::{BackendEvent, BackendId, BackendIo, Interest};
 use crate::config::{ConnectorConfig, Target};
 use crate::gateway::{FlowKey, Gateway};
 use crate::tcp::TxOutcome;
-use crate::ConnectorStats;
+use crate::{inc, ConnectorStats};
 
 /// How long the state of an agent's flow (its TCP connections to backends,
 /// its UDP flows) is kept after the flow closed because the agent left its
@@ -68,6 +68,15 @@ struct RelayLink {
     handles: HashMap<u32, usize>,
     /// Connector-leg flow → service and agent.
     flows: HashMap<u32, AgentFlow>,
+}
+
+/// Sends an answer to the agent on flow `key` at once, counted as sent or
+/// as dropped.
+fn send_to_agent(links: &mut [RelayLink], stats: &ConnectorStats, key: FlowKey, pkt: &[u8]) {
+    match links.get_mut(key.session).map(|l| l.session.send_datagram(key.flow, pkt)) {
+        Some(Ok(())) => inc(&stats.packets_to_agents),
+        _ => inc(&stats.drop_send_to_agent),
+    }
 }
 
 /// The connector engine.
@@ -199,11 +208,8 @@ impl Engine {
 
     /// One event of a backend socket.
     pub fn handle_backend(&mut self, now: Instant, ev: BackendEvent<'_>) {
-        let Some((key, pkt)) = self.gateway.handle_backend(now, ev) else { return };
-        let sent = self.links.get_mut(key.session).map(|l| l.session.send_datagram(key.flow, pkt));
-        match sent {
-            Some(Ok(())) => ConnectorStats::inc(&self.stats.packets_to_agents),
-            _ => ConnectorStats::inc(&self.stats.drop_send_to_agent),
+        if let Some((key, pkt)) = self.gateway.handle_backend(now, ev) {
+            send_to_agent(&mut self.links, &self.stats, key, pkt);
         }
     }
 
@@ -216,7 +222,7 @@ impl Engine {
             let Some(l) = links.get_mut(k.session) else { return TxOutcome::Dropped };
             match l.session.send_datagram(k.flow, pkt) {
                 Ok(()) => {
-                    ConnectorStats::inc(&stats.packets_to_agents);
+                    inc(&stats.packets_to_agents);
                     TxOutcome::Sent
                 }
                 Err(SendError::QueueFull) => TxOutcome::Blocked,
@@ -277,23 +283,17 @@ impl Engine {
         while let Some(n) = self.links.get_mut(i).and_then(|l| l.session.recv_datagram(&mut d)) {
             let Some(raw) = d.get(..n) else { continue };
             let Ok((flow, ip)) = datagram::parse(raw) else {
-                ConnectorStats::inc(&self.stats.drop_malformed);
+                inc(&self.stats.drop_malformed);
                 continue;
             };
-            ConnectorStats::inc(&self.stats.packets_from_agents);
-            let Some((si, who)) =
-                self.links.get(i).and_then(|l| l.flows.get(&flow)).map(|f| (f.service, Arc::clone(&f.agent_id)))
-            else {
-                ConnectorStats::inc(&self.stats.drop_unknown_flow);
+            inc(&self.stats.packets_from_agents);
+            let Some(f) = self.links.get(i).and_then(|l| l.flows.get(&flow)) else {
+                inc(&self.stats.drop_unknown_flow);
                 continue;
             };
             let key = FlowKey { session: i, flow };
-            if let Some(reply) = self.gateway.handle_ip(now, key, (si, &who), ip, io) {
-                let sent = self.links.get_mut(i).map(|l| l.session.send_datagram(flow, reply));
-                match sent {
-                    Some(Ok(())) => ConnectorStats::inc(&self.stats.packets_to_agents),
-                    _ => ConnectorStats::inc(&self.stats.drop_send_to_agent),
-                }
+            if let Some(reply) = self.gateway.handle_ip(now, key, (f.service, &f.agent_id), ip, io) {
+                send_to_agent(&mut self.links, &self.stats, key, reply);
             }
         }
         self.buf = d;
@@ -319,7 +319,7 @@ impl Engine {
                 if !allowed {
                     warn!(relay = i, flow, agent = %agent_id, service = svc.map_or("", |s| s.name.as_str()),
                           "flow refused: agent not in allow_agents");
-                    ConnectorStats::inc(&self.stats.flows_refused);
+                    inc(&self.stats.flows_refused);
                     l.session.refuse_flow(flow, Code::DENIED);
                     return;
                 }
@@ -377,7 +377,7 @@ impl Engine {
         if !self.gateway.move_flow_state(key, FlowKey { session: PARKED, flow: pid }) {
             return;
         }
-        ConnectorStats::inc(&self.stats.flows_parked);
+        inc(&self.stats.flows_parked);
         // One parked flow per (agent, service, address): a newer one wins.
         if let Some((old, _)) = self.parked.insert((f.agent_id, f.service, f.agent_ip), (pid, now + PARK_TTL)) {
             self.gateway.drop_flow_state(FlowKey { session: PARKED, flow: old }, io);
@@ -407,7 +407,7 @@ impl Engine {
     /// A new flow takes over the state under `from` (parked or live).
     fn adopt(&mut self, from: FlowKey, to: FlowKey) {
         if self.gateway.move_flow_state(from, to) {
-            ConnectorStats::inc(&self.stats.flows_adopted);
+            inc(&self.stats.flows_adopted);
         }
     }
 
@@ -417,7 +417,7 @@ impl Engine {
         for (k, pid) in gone {
             self.parked.remove(&k);
             self.gateway.drop_flow_state(FlowKey { session: PARKED, flow: pid }, io);
-            ConnectorStats::inc(&self.stats.flows_park_expired);
+            inc(&self.stats.flows_park_expired);
         }
     }
 
@@ -454,11 +454,6 @@ impl Engine {
     /// Whether some relay link has all its services registered (`/readyz`).
     pub fn is_serving(&self) -> bool {
         self.links.iter().any(|l| !l.retired && l.handles.len() == self.cfg.services.len())
-    }
-
-    /// Agent flows open on relay links.
-    pub fn agent_flows(&self) -> usize {
-        self.links.iter().map(|l| l.flows.len()).sum()
     }
 
     /// Parked agent flows waiting to be adopted.

@@ -22,7 +22,7 @@ use crate::config::{self, ConnectorConfig, Proto, ServiceConfig, Target};
 use crate::tcp::{self, TcpEngine, TcpLimits, Tuple, TxOutcome, Verdict};
 use crate::udp::{UdpKey, UdpLimits, UdpTable};
 use crate::vdev::TUNNEL_MTU;
-use crate::ConnectorStats;
+use crate::{add, inc, ConnectorStats};
 
 /// An agent flow: (relay session index, connector-leg flow id). The
 /// gateway treats it as an opaque name.
@@ -42,10 +42,6 @@ pub struct Gateway {
     stats: Arc<ConnectorStats>,
     /// The packet being built for the agent.
     pkt: Vec<u8>,
-}
-
-fn inc(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Gateway {
@@ -210,7 +206,7 @@ impl Gateway {
     pub fn poll(&mut self, now: Instant, io: &mut dyn BackendIo) {
         self.tcp.service(now, io);
         let gone = self.udp.expire(now, io);
-        self.stats.udp_flows_expired.fetch_add(gone, std::sync::atomic::Ordering::Relaxed);
+        add(&self.stats.udp_flows_expired, gone);
     }
 
     /// Hands every TCP packet waiting for the agents to `send`, until the

@@ -123,8 +123,12 @@ ztna_ops::counters! {
     }
 }
 
-impl ConnectorStats {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
+/// Counts one event on a counter of [`ConnectorStats`].
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts `n` on a counter of [`ConnectorStats`].
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }

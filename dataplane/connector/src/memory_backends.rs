@@ -115,11 +115,6 @@ impl MemoryBackends {
         self.tcp.values().map(|c| c.received).collect()
     }
 
-    /// Whether any backend has something for the engine right now.
-    pub fn has_events(&self, interest: &[(BackendId, Interest)]) -> bool {
-        !self.replies.is_empty() || interest.iter().any(|(id, i)| self.ready(*id, *i))
-    }
-
     fn ready(&self, id: BackendId, i: Interest) -> bool {
         let Some(c) = self.tcp.get(&id) else { return false };
         if !c.connect_reported {

@@ -47,7 +47,6 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +63,7 @@ use crate::backend::{BackendId, BackendIo, Interest};
 use crate::fair::{Admission, Shares};
 use crate::gateway::FlowKey;
 use crate::vdev::{smol_instant, QueueBudget, QueueDevice};
-use crate::ConnectorStats;
+use crate::{inc, ConnectorStats};
 
 /// Received packets queued per flow before smoltcp runs (the connector's
 /// loop runs smoltcp after every batch of datagrams, so this only needs to
@@ -212,14 +211,6 @@ pub(crate) struct TcpEngine {
     /// [`TcpEngine::drain_tx`] or dropped if the relay refuses them.
     orphan_tx: Vec<(FlowKey, Vec<u8>)>,
     scratch: Vec<u8>,
-}
-
-fn inc(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-fn add(c: &std::sync::atomic::AtomicU64, n: usize) {
-    c.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 /// Builds the RST answering `header` (a segment from `t.agent` to

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{BackendId, BackendIo};
 use crate::fair::{Admission, Shares};
 use crate::gateway::FlowKey;
-use crate::ConnectorStats;
+use crate::{inc, ConnectorStats};
 
 /// Key of a UDP flow: which relay session and agent flow, and the inner
 /// 5-tuple's addresses.
@@ -69,10 +69,6 @@ pub(crate) struct UdpTable {
     /// the TCP endpoint's (even) ones.
     next_token: u64,
     stats: Arc<ConnectorStats>,
-}
-
-fn inc(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl UdpTable {

@@ -167,7 +167,8 @@ impl Batch {
         self.filled - self.sent
     }
 
-    /// Datagrams dropped by send errors so far.
+    /// Datagrams dropped so far: refused by the socket, or (with
+    /// [`Batch::flush_or_drop`]) not taken by a full socket buffer.
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -225,6 +226,18 @@ impl Batch {
         }
         self.clear();
         failed.map_or(Ok(true), Err)
+    }
+
+    /// [`Batch::flush`] for a loop that never waits for POLLOUT: what a
+    /// full socket buffer would not take is dropped and counted too (QUIC
+    /// recovers), so the batch is always empty afterwards.
+    pub fn flush_or_drop(&mut self, sock: &impl AsRawFd) -> io::Result<()> {
+        let r = self.flush(sock);
+        if matches!(r, Ok(false)) {
+            self.dropped += self.unsent() as u64;
+            self.clear();
+        }
+        r.map(drop)
     }
 }
 

@@ -24,20 +24,13 @@ pub struct Portable {
 struct TxQueue {
     socket: RawFd,
     batch: Batch,
-    /// Packets dropped because the socket buffer was full.
-    would_block_drops: u64,
 }
 
 impl Portable {
     pub fn new(socket: UdpSocket, eventfd: RawFd) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let fd = socket.as_raw_fd();
-        Ok(Portable {
-            socket,
-            eventfd,
-            rx: Batch::new(BATCH),
-            tx: TxQueue { socket: fd, batch: Batch::new(TX_BATCH), would_block_drops: 0 },
-        })
+        Ok(Portable { socket, eventfd, rx: Batch::new(BATCH), tx: TxQueue { socket: fd, batch: Batch::new(TX_BATCH) } })
     }
 
     fn recv_batch(&mut self, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<usize> {
@@ -51,23 +44,12 @@ impl Portable {
     }
 }
 
-impl TxQueue {
-    /// Sends everything queued. A full socket buffer loses the rest (QUIC
-    /// recovers; counted in `tx_dropped`), so the worker never waits here.
-    fn send_all(&mut self) -> io::Result<()> {
-        let r = self.batch.flush(&self.socket);
-        if matches!(r, Ok(false)) {
-            self.would_block_drops += self.batch.unsent() as u64;
-            self.batch.clear();
-        }
-        r.map(|_| ())
-    }
-}
-
 impl Transmit for TxQueue {
     fn buf(&mut self) -> &mut [u8] {
         if self.batch.is_full() {
-            let _ = self.send_all();
+            // The worker never waits: what the socket does not take now is
+            // dropped (QUIC recovers; counted in `tx_dropped`).
+            let _ = self.batch.flush_or_drop(&self.socket);
         }
         self.batch.slot().unwrap_or_default()
     }
@@ -117,7 +99,7 @@ impl Backend for Portable {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.tx.send_all()
+        self.tx.batch.flush_or_drop(&self.tx.socket)
     }
 
     fn name(&self) -> &'static str {
@@ -125,6 +107,6 @@ impl Backend for Portable {
     }
 
     fn tx_dropped(&self) -> u64 {
-        self.tx.batch.dropped() + self.tx.would_block_drops
+        self.tx.batch.dropped()
     }
 }

@@ -16,10 +16,10 @@ use anyhow::{Context, Result};
 use tracing::{info, warn};
 use ztna_control::quic;
 
-use self::sockets::{poll_fds, SocketBackends};
-use crate::backend::{BackendEvent, BackendId, Interest};
 use ztna_udp::batch::Batch;
 
+use self::sockets::{poll_fds, SocketBackends};
+use crate::backend::{BackendEvent, BackendId, Interest};
 use crate::config::ConnectorConfig;
 use crate::engine::Engine;
 use crate::health::ConnectorHealth;
@@ -223,7 +223,7 @@ impl Connector {
         self.backends.udp_readable(&mut self.readable);
         for &id in &self.readable {
             loop {
-                ConnectorStats::inc(&self.stats.udp_backend_reads);
+                crate::inc(&self.stats.udp_backend_reads);
                 let Ok(n) = self.backends.udp_recv(id, &mut self.buf) else { break };
                 let payload = self.buf.get(..n).unwrap_or_default();
                 self.engine.handle_backend(now, BackendEvent::UdpData { id, payload });
@@ -247,9 +247,7 @@ impl Connector {
                 return;
             }
             let full = self.tx.is_full();
-            if !matches!(self.tx.flush(&self.socket), Ok(true)) {
-                self.tx.clear();
-            }
+            let _ = self.tx.flush_or_drop(&self.socket);
             if !full {
                 return;
             }

@@ -338,6 +338,21 @@ fn udp_flows_per_agent_flow_are_limited() {
 }
 
 #[test]
+fn a_backend_socket_that_cannot_open_drops_the_packet_and_nothing_else() {
+    let mut b = Bench::new(|_| {});
+    b.io.fail_udp_open = true;
+    b.send(KEY, &udp_packet(40_000, DNS_PORT, b"lost"));
+    assert_eq!((b.gw.udp_flows(), b.io.udp_opened), (0, 0));
+    assert!(b.io.udp_received.is_empty());
+    assert_eq!(count(&b.stats.drop_flow_table_full), 1);
+    // The next packet of the same 5-tuple tries again.
+    b.io.fail_udp_open = false;
+    b.send(KEY, &udp_packet(40_000, DNS_PORT, b"found"));
+    assert_eq!(b.io.udp_received, vec![(udp_backend(), b"found".to_vec())]);
+    assert_eq!(b.gw.udp_flows(), 1);
+}
+
+#[test]
 fn tcp_connections_per_flow_are_limited() {
     let mut b = Bench::new(|c| c.max_tcp_per_flow = 1);
     let mut first = Client::connect(&mut b, KEY, 41_000);

@@ -8,10 +8,10 @@ use smoltcp::socket::tcp::{self, CongestionControl, State};
 use smoltcp::wire::IpListenEndpoint;
 use ztna_control::packet::TcpHeader;
 
-use super::{add, build_rst, inc, Conn, Flow, Phase, TcpLimits};
+use super::{build_rst, Conn, Flow, Phase, TcpLimits};
 use crate::backend::{BackendId, BackendIo};
 use crate::vdev::{smol_instant, std_instant};
-use crate::ConnectorStats;
+use crate::{add, inc, ConnectorStats};
 
 /// Whether smoltcp has seen the agent's FIN.
 fn fin_received(state: State) -> bool {
@@ -154,7 +154,7 @@ fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorS
         match r {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => {
-                add(&stats.tcp_bytes_to_backend, n);
+                add(&stats.tcp_bytes_to_backend, n as u64);
                 c.last = now;
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -191,7 +191,7 @@ fn proxy(c: &mut Conn, s: &mut tcp::Socket<'_>, now: Instant, stats: &ConnectorS
         });
         match r {
             Ok(ReadResult::Data(n)) => {
-                add(&stats.tcp_bytes_from_backend, n);
+                add(&stats.tcp_bytes_from_backend, n as u64);
                 c.last = now;
             }
             Ok(ReadResult::Eof) => {
