@@ -93,6 +93,9 @@ pub enum Event {
     RegisterFailed { role: Role, service: ServiceName, code: Code, reason: String },
     /// Connector side: an agent flow now reaches us.
     FlowOpened { flow: u32, service: u32, agent_addr: SocketAddr, agent_id: String },
+    /// Agent side: `flow` is bound to the connector `connector_id` (its
+    /// SPIFFE ID); the end-to-end session must prove that identity.
+    FlowBound { flow: u32, connector_id: String },
     /// A flow was closed by the relay.
     FlowClosed { flow: u32, code: Code },
     /// The relay announced it is going away.
@@ -632,8 +635,12 @@ impl ClientSession {
             Message::Error { code, reason } => {
                 self.push_event(Event::Goodbye { code, reason });
             }
+            Message::FlowBound { flow, connector_id } => {
+                self.push_event(Event::FlowBound { flow, connector_id });
+            }
             Message::Unknown { .. } => {}
-            Message::HelloAck { .. }
+            Message::SessionHello { .. }
+            | Message::HelloAck { .. }
             | Message::Hello { .. }
             | Message::Register { .. }
             | Message::Unregister { .. } => self.fail(Code::UNEXPECTED_MESSAGE, "unexpected message from relay"),

@@ -1,13 +1,15 @@
-//! ZTNA protocol v1: wire formats and sans-I/O state machines.
+//! ZTNA protocol v2: wire formats and sans-I/O state machines.
 //!
 //! Nothing in this crate opens a socket or reads the clock: callers pass
 //! bytes and `now` in and take bytes, events and deadlines out. This crate
 //! depends on no other crate of the workspace.
 
 pub mod backoff;
+pub mod cert;
 pub mod client;
 pub mod codes;
 pub mod datagram;
+pub mod e2e;
 pub mod identity;
 pub mod packet;
 pub mod quic;

@@ -4,9 +4,10 @@ use crate::wire::ALPN;
 
 /// QUIC idle timeout (both sides advertise it).
 pub const IDLE_TIMEOUT_MS: u64 = 30_000;
-/// Largest UDP payload we send/accept. 1350 leaves room for IPv6 (40) + UDP
-/// (8) headers on a 1500-byte path with slack for tunnels (see PROTOCOL.md §5).
-pub const MAX_UDP_PAYLOAD: usize = 1350;
+/// Largest UDP payload we send/accept. 1400 + IPv6 (40) + UDP (8) = 1448
+/// fits a 1450-byte overlay (VXLAN) path; it leaves room for an end-to-end
+/// session's 1280-byte tunneled packets (see PROTOCOL.md §5.4 and §8.4).
+pub const MAX_UDP_PAYLOAD: usize = 1400;
 /// Bounded DATAGRAM queues (frames), per connection and direction.
 pub const DGRAM_QUEUE_LEN: usize = 1024;
 
@@ -75,6 +76,13 @@ pub enum TlsConfigError {
     /// The key does not belong to the certificate.
     #[error("the private key does not match the certificate")]
     KeyMismatch,
+    /// End to end: no CA configured (the peer must chain to the
+    /// organisation CA, never to the system store).
+    #[error("no CA configured: end-to-end sessions need the organisation CA")]
+    NoCa,
+    /// End to end: no certificate, or one without a SPIFFE identity.
+    #[error("no certificate with a SPIFFE identity configured")]
+    NoIdentity,
     /// quiche refused the configuration.
     #[error("QUIC configuration: {0}")]
     Quic(quiche::Error),

@@ -1,4 +1,4 @@
-//! Control-channel messages (protocol v1) and their binary encoding.
+//! Control-channel messages (protocol v2) and their binary encoding.
 //!
 //! Every message travels in a frame `[type: u8][length: u16 BE][body]` on the
 //! client's first bidirectional QUIC stream (stream id 0). Integers are
@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::codes::Code;
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// ALPN identifier negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"ztna/1";
 /// Largest body a frame may carry.
@@ -36,6 +36,9 @@ pub mod ty {
     pub const OBSERVED_ADDRESS: u8 = 0x20;
     pub const FLOW_OPEN: u8 = 0x30;
     pub const FLOW_CLOSE: u8 = 0x31;
+    pub const FLOW_BOUND: u8 = 0x32;
+    /// End-to-end control stream (inner session), not the relay's.
+    pub const SESSION_HELLO: u8 = 0x38;
     /// First type reserved for hole-punch signalling.
     pub const RESERVED_P2P_FIRST: u8 = 0x40;
     /// First type reserved for flow control.
@@ -121,6 +124,12 @@ pub enum Message {
     FlowOpen { flow: u32, service: u32, agent_addr: SocketAddr, agent_id: String },
     /// Relay → connector (or agent): `flow` is gone.
     FlowClose { flow: u32, code: Code },
+    /// Relay → agent: `flow` is now bound to the connector whose SPIFFE
+    /// ID is `connector_id` (before RegisterOk, and again on every rebind).
+    FlowBound { flow: u32, connector_id: String },
+    /// Inner session, agent → connector: the service this session is for;
+    /// connector → agent, the same message: accepted.
+    SessionHello { version: u16, service: ServiceName },
     /// A message of an extension type this implementation does not know.
     Unknown { ty: u8 },
 }
@@ -235,6 +244,8 @@ impl Message {
             Message::ObservedAddress { .. } => ty::OBSERVED_ADDRESS,
             Message::FlowOpen { .. } => ty::FLOW_OPEN,
             Message::FlowClose { .. } => ty::FLOW_CLOSE,
+            Message::FlowBound { .. } => ty::FLOW_BOUND,
+            Message::SessionHello { .. } => ty::SESSION_HELLO,
             Message::Unknown { ty } => *ty,
         }
     }
@@ -279,6 +290,14 @@ impl Message {
             Message::FlowClose { flow, code } => {
                 out.extend_from_slice(&flow.to_be_bytes());
                 out.extend_from_slice(&code.0.to_be_bytes());
+            }
+            Message::FlowBound { flow, connector_id } => {
+                out.extend_from_slice(&flow.to_be_bytes());
+                put_string(out, connector_id);
+            }
+            Message::SessionHello { version, service } => {
+                out.extend_from_slice(&version.to_be_bytes());
+                put_string(out, service.as_str());
             }
             Message::Unknown { .. } => {}
         }
@@ -326,6 +345,12 @@ impl Message {
                 agent_id: r.string().ok_or(bad)?,
             },
             ty::FLOW_CLOSE => Message::FlowClose { flow: r.u32().ok_or(bad)?, code: Code(r.u16().ok_or(bad)?) },
+            ty::FLOW_BOUND => Message::FlowBound { flow: r.u32().ok_or(bad)?, connector_id: r.string().ok_or(bad)? },
+            ty::SESSION_HELLO => {
+                let version = r.u16().ok_or(bad)?;
+                let service = ServiceName::new(&r.string().ok_or(bad)?).ok_or(bad)?;
+                Message::SessionHello { version, service }
+            }
             t if t >= ty::EXTENSION_FIRST => return Ok(Message::Unknown { ty: t }),
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -444,6 +469,8 @@ mod tests {
                 Message::FlowOpen { flow, service, agent_addr, agent_id }
             }),
             (any::<u32>(), any::<u16>()).prop_map(|(flow, c)| Message::FlowClose { flow, code: Code(c) }),
+            (any::<u32>(), s).prop_map(|(flow, connector_id)| Message::FlowBound { flow, connector_id }),
+            (any::<u16>(), arb_service()).prop_map(|(version, service)| Message::SessionHello { version, service }),
         ]
     }
 

@@ -48,8 +48,8 @@ fn all_messages() -> Vec<(&'static str, Message)> {
     let v4: SocketAddr = "203.0.113.7:4433".parse().unwrap();
     let v6: SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
     vec![
-        ("hello", Message::Hello { version: 1, software: "ztna-agent/0.1.0".into() }),
-        ("hello_ack", Message::HelloAck { version: 1 }),
+        ("hello", Message::Hello { version: ztna_control::wire::VERSION, software: "ztna-agent/0.1.0".into() }),
+        ("hello_ack", Message::HelloAck { version: ztna_control::wire::VERSION }),
         ("error", Message::Error { code: Code::MALFORMED, reason: "malformed control frame".into() }),
         ("goodbye", Message::Goodbye { code: Code::NO_ERROR, reason: "relay shutting down".into() }),
         ("register_agent", Message::Register { request_id: 1, role: Role::Agent, service: svc("echo") }),
@@ -91,7 +91,7 @@ fn control_frames() {
     }
     // A client's session, delivered in chunks of 1, 5 and 11 bytes.
     let session = enc(&[
-        Message::Hello { version: 1, software: "ztna-connector/0.1.0".into() },
+        Message::Hello { version: ztna_control::wire::VERSION, software: "ztna-connector/0.1.0".into() },
         Message::Register { request_id: 1, role: Role::Connector, service: svc("echo") },
         Message::Register { request_id: 2, role: Role::Agent, service: svc("db") },
         Message::Unregister { flow: 1 },
@@ -111,7 +111,7 @@ fn control_frames() {
     // Recoverable bad name, then more.
     let mut b = vec![0];
     b.extend(bad_name_register(7));
-    b.extend(enc(&[Message::HelloAck { version: 1 }]));
+    b.extend(enc(&[Message::HelloAck { version: ztna_control::wire::VERSION }]));
     o.put("bad_service_name_then_more", &b);
     // Largest extension frame, and a frame over the limit.
     let mut b = vec![0, 0x90, 0x04, 0x00];
@@ -314,7 +314,7 @@ fn agent_c_api(pkts: &[(String, Vec<u8>)]) {
 /// Seeds for relay_worker: `[flags]` + records (see the target's doc).
 fn relay_worker() {
     let o = Out::target("relay_worker");
-    let hello = |sw: &str| Message::Hello { version: 1, software: sw.into() };
+    let hello = |sw: &str| Message::Hello { version: ztna_control::wire::VERSION, software: sw.into() };
     let a_ctrl =
         enc(&[hello("ztna-agent/0.1.0"), Message::Register { request_id: 1, role: Role::Agent, service: svc("echo") }]);
     let b_ctrl = enc(&[
@@ -357,7 +357,7 @@ fn relay_worker() {
     let mut b = vec![1];
     let mut s = enc(&[hello("x")]);
     s.extend(bad_name_register(5));
-    s.extend(enc(&[Message::Unknown { ty: 0x80 }, Message::HelloAck { version: 1 }]));
+    s.extend(enc(&[Message::Unknown { ty: 0x80 }, Message::HelloAck { version: ztna_control::wire::VERSION }]));
     b.extend(records(&[(0, &s), (5, &[0, 200])]));
     o.put("bad_name_then_unexpected", &b);
     // Registration rate limit and many registrations.

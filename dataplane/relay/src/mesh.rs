@@ -60,7 +60,9 @@ pub enum Ctrl {
         attempt: u8,
     },
     /// To the agent's worker: the bind succeeded.
-    Bound { agent: ConnKey, agent_flow: u32, connector: ConnKey, connector_flow: u32 },
+    /// `connector_id` is the connector's SPIFFE ID, told to the agent in
+    /// FlowBound (its end-to-end session must prove it).
+    Bound { agent: ConnKey, agent_flow: u32, connector: ConnKey, connector_flow: u32, connector_id: Arc<str> },
     /// To the agent's worker: the connector is gone or full.
     BindFailed { agent: ConnKey, agent_flow: u32, connector: ConnKey, attempt: u8 },
     /// To the connector's worker: the agent's flow ended.

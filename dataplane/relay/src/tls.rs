@@ -15,11 +15,11 @@ use anyhow::{bail, Context, Result};
 use boring::pkey::{PKey, Private};
 use boring::ssl::{SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode};
 use boring::x509::store::X509StoreBuilder;
-use boring::x509::{X509StoreContextRef, X509VerifyError, X509};
+use boring::x509::{X509StoreContextRef, X509};
 use tracing::warn;
 use ztna_control::identity::Kind;
 
-use crate::pki::{identity_from_der, CertIdentityError};
+use ztna_control::cert::PeerRule;
 use crate::stats::WorkerStats;
 
 /// Certificate chain, key and client CA of the relay, parsed.
@@ -112,32 +112,7 @@ impl TlsMaterial {
     }
 }
 
-/// Why a client certificate was refused (a counter each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// Not signed by the organisation CA (or the chain is incomplete).
-    UnknownCa,
-    /// Outside its validity period.
-    Validity,
-    /// Zero or several URI SANs, wrong trust domain, or not an agent or
-    /// connector identity.
-    Identity,
-    /// Anything else the chain check reported.
-    Other,
-}
-
-fn classify(err: X509VerifyError) -> Rejection {
-    match err {
-        X509VerifyError::CERT_HAS_EXPIRED | X509VerifyError::CERT_NOT_YET_VALID => Rejection::Validity,
-        X509VerifyError::UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-        | X509VerifyError::UNABLE_TO_GET_ISSUER_CERT
-        | X509VerifyError::DEPTH_ZERO_SELF_SIGNED_CERT
-        | X509VerifyError::SELF_SIGNED_CERT_IN_CHAIN
-        | X509VerifyError::UNABLE_TO_VERIFY_LEAF_SIGNATURE
-        | X509VerifyError::CERT_SIGNATURE_FAILURE => Rejection::UnknownCa,
-        _ => Rejection::Other,
-    }
-}
+pub use ztna_control::cert::Rejection;
 
 fn count(stats: Option<&WorkerStats>, r: Rejection) {
     if let Some(s) = stats {
@@ -151,53 +126,15 @@ fn count(stats: Option<&WorkerStats>, r: Rejection) {
     }
 }
 
-fn subject(ctx: &X509StoreContextRef) -> String {
-    ctx.current_cert()
-        .and_then(|c| c.subject_name().entries().next().and_then(|e| e.data().as_utf8().ok()).map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
-/// BoringSSL's per-certificate verification hook: the chain check's verdict
-/// (`ok`) plus, for the leaf, the identity rule.
+/// The chain check plus the identity rule (agents and connectors only).
 fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Option<&WorkerStats>) -> bool {
-    if !ok {
-        let err = ctx.verify_result().err().unwrap_or(X509VerifyError::UNSPECIFIED);
-        let why = classify(err);
-        warn!(reason = ?why, detail = err.error_string(), depth = ctx.error_depth(), subject = %subject(ctx),
-              "client certificate rejected");
-        count(stats, why);
-        return false;
-    }
-    if ctx.error_depth() != 0 {
-        return true;
-    }
-    let Some(der) = ctx.current_cert().and_then(|c| c.to_der().ok()) else {
-        count(stats, Rejection::Other);
-        return false;
-    };
-    // An identity refusal is an application verification error, so the
-    // client gets a certificate alert rather than internal_error.
-    let refuse = |ctx: &mut X509StoreContextRef| {
-        ctx.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
-        count(stats, Rejection::Identity);
-        false
-    };
-    match identity_from_der(&der, trust_domain) {
-        Ok(id) if matches!(id.kind, Kind::Agent | Kind::Connector) => true,
-        Ok(id) => {
-            warn!(identity = %id.uri(), "client certificate rejected: only agents and connectors may connect");
-            refuse(ctx)
-        }
-        Err(e) => {
-            let detail = match e {
-                CertIdentityError::Unparseable => "unparseable certificate".to_owned(),
-                CertIdentityError::NoUri => "no URI SAN".to_owned(),
-                CertIdentityError::SeveralUris(n) => format!("{n} URI SANs (exactly one allowed)"),
-                CertIdentityError::UnreadableUri => "URI SAN is not ASCII".to_owned(),
-                CertIdentityError::Invalid(i) => format!("URI SAN: {i}"),
-            };
-            warn!(subject = %subject(ctx), %trust_domain, detail, "client certificate rejected: identity");
-            refuse(ctx)
+    let rule = PeerRule { trust_domain, kinds: &[Kind::Agent, Kind::Connector], any_purpose: false };
+    match ztna_control::cert::verify(ok, ctx, rule) {
+        Ok(()) => true,
+        Err(r) => {
+            warn!(reason = ?r.why, detail = r.detail, "client certificate rejected");
+            count(stats, r.why);
+            false
         }
     }
 }

@@ -146,7 +146,7 @@ fn forged_and_replayed_retry_tokens_are_refused() {
 fn cids_rotate_and_steering_follows() {
     let relay = start_with(2, |_| {});
     let mut raw = RawClient::connect(&relay);
-    raw.send_msg(&Message::Hello { version: 1, software: "rotate".into() });
+    raw.send_msg(&Message::Hello { version: ztna_control::wire::VERSION, software: "rotate".into() });
     raw.pump_for(Duration::from_millis(100));
     let first = raw.conn.destination_id().to_vec();
     let owner = first[3] % 2;
@@ -361,7 +361,7 @@ fn unread_control_replies_are_bounded() {
     let relay = start_with(1, |c| c.limits.max_control_backlog = 16 * 1024);
     let mut b = bystander(&relay);
     let mut raw = RawClient::connect(&relay);
-    raw.send_msg(&Message::Hello { version: 1, software: "deaf".into() });
+    raw.send_msg(&Message::Hello { version: ztna_control::wire::VERSION, software: "deaf".into() });
     let end = Instant::now() + T;
     let mut i = 0u32;
     while !raw.conn.is_closed() {

@@ -243,7 +243,7 @@ fn registration_errors_unknown_duplicate_limit() {
     }
     // Duplicates and the per-connection limit, with a raw client.
     let mut raw = RawClient::connect(&relay);
-    raw.send_msg(&ztna_control::Message::Hello { version: 1, software: "t".into() });
+    raw.send_msg(&ztna_control::Message::Hello { version: ztna_control::wire::VERSION, software: "t".into() });
     for i in 0..65u32 {
         let service = svc(&format!("s{i}"));
         raw.send_msg(&ztna_control::Message::Register { request_id: i, role: Role::Connector, service });
@@ -270,7 +270,7 @@ fn registration_errors_unknown_duplicate_limit() {
 fn duplicate_registration_is_refused() {
     let relay = start_relay(1, IoBackend::Auto, true);
     let mut raw = RawClient::connect(&relay);
-    raw.send_msg(&ztna_control::Message::Hello { version: 1, software: "t".into() });
+    raw.send_msg(&ztna_control::Message::Hello { version: ztna_control::wire::VERSION, software: "t".into() });
     for id in [1, 2] {
         raw.send_msg(&ztna_control::Message::Register { request_id: id, role: Role::Connector, service: svc("x") });
     }
@@ -308,7 +308,7 @@ fn shutdown_sends_goodbye_and_is_bounded() {
 fn register_churn_is_rate_limited() {
     let relay = start_relay(1, IoBackend::Auto, true);
     let mut raw = RawClient::connect(&relay);
-    raw.send_msg(&ztna_control::Message::Hello { version: 1, software: "churn".into() });
+    raw.send_msg(&ztna_control::Message::Hello { version: ztna_control::wire::VERSION, software: "churn".into() });
     // 200 register/unregister pairs back to back: far beyond the burst.
     for i in 0..200u32 {
         raw.send_msg(&ztna_control::Message::Register { request_id: i, role: Role::Connector, service: svc("c") });

@@ -75,7 +75,7 @@ fn inject(raw: &mut RawClient, from: SocketAddr, packet: &[u8]) {
 /// The connection still carries control messages.
 fn still_works(raw: &mut RawClient, what: &str) {
     assert!(!raw.conn.is_closed() && !raw.conn.is_draining(), "{what}: the client's connection ended");
-    raw.send_msg(&Message::Hello { version: 1, software: "replica".into() });
+    raw.send_msg(&Message::Hello { version: ztna_control::wire::VERSION, software: "replica".into() });
     raw.pump_for(Duration::from_millis(300));
     assert!(raw.messages().iter().any(|m| matches!(m, Message::HelloAck { .. })), "{what}: no HelloAck");
 }

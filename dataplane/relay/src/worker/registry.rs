@@ -74,24 +74,35 @@ impl Worker {
                         let open =
                             Message::FlowOpen { flow, service: handle, agent_addr, agent_id: agent_id.to_string() };
                         self.send_msg(&mut c, &open);
-                        self.send_ctrl(reply_to, Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow });
+                        let connector_id = Arc::clone(&c.identity_uri);
+                        let bound = Ctrl::Bound { agent, agent_flow, connector, connector_flow: flow, connector_id };
+                        self.send_ctrl(reply_to, bound);
                     }
                     None => self.send_ctrl(reply_to, failed),
                 }
                 self.put(c);
             }
-            Ctrl::Bound { agent, agent_flow, connector, connector_flow } => {
+            Ctrl::Bound { agent, agent_flow, connector, connector_flow, connector_id } => {
                 let unbind = Ctrl::Unbind { connector, connector_flow };
                 let Some(mut a) = self.take(agent) else {
                     return self.send_ctrl(usize::from(connector.worker), unbind);
                 };
                 let mut reply = None;
+                let mut bound = false;
                 match a.flows.get_mut(agent_flow) {
                     Some(Flow::Agent { binding, pending_request, .. }) if *binding == Binding::Pending(connector) => {
                         *binding = Binding::Bound { connector, flow: connector_flow };
                         reply = pending_request.take();
+                        bound = true;
                     }
                     _ => self.send_ctrl(usize::from(connector.worker), unbind),
+                }
+                if bound {
+                    // Before RegisterOk, and again on every rebind: the agent
+                    // starts (or restarts) its end-to-end session with this
+                    // connector and checks its certificate against the name.
+                    let msg = Message::FlowBound { flow: agent_flow, connector_id: connector_id.to_string() };
+                    self.send_msg(&mut a, &msg);
                 }
                 if let Some(request_id) = reply {
                     self.stats.registrations_ok.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,475 @@
+//! One end-to-end session, sans I/O: inner QUIC packets (as carried by a
+//! relay flow) and `now` in; inner packets, tunneled IP packets and events
+//! out.
+//!
+//! States: `Handshaking` (TLS, both certificates checked by the verify
+//! hook) → `Hello` (agent: its SessionHello sent, waiting for the
+//! connector's; connector: waiting for the agent's, then for the engine to
+//! [`E2eSession::admit`] or [`E2eSession::refuse`]) → `Up` (IP packets flow
+//! both ways) → `Closed`. No IP packet is sent before `Up`: the agent's wait
+//! in a queue of [`MAX_PENDING`] (the rest are refused and counted by the
+//! caller); the connector drops (and counts) DATAGRAMs that arrive before it
+//! admitted the session.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::codes::Code;
+use crate::identity::Identity;
+use crate::wire::{self, FrameDecoder, Message, ServiceName};
+
+use super::{CID_LEN, CLOSE_BAD_CERTIFICATE, RELAY_PATH_LOCAL, RELAY_PATH_PEER};
+
+/// Tunneled packets an agent holds while its session comes up.
+pub const MAX_PENDING: usize = 32;
+/// The inner stream carrying end-to-end control messages.
+const CONTROL_STREAM: u64 = 0;
+/// An ack-eliciting packet after this much send silence (keeps the relay
+/// flow and the peer's idle timer fresh).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Nothing authenticated from the peer for this long: the session is gone
+/// (a connector that lost our state answers nothing we can decrypt).
+const SILENCE: Duration = Duration::from_secs(25);
+/// Handshake and Hello exchange must finish within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a session is (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Handshaking,
+    Hello,
+    Up,
+    Closed,
+}
+
+/// What a session reports to its engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The TLS handshake completed; the peer proved `peer`.
+    Established { peer: Identity },
+    /// Connector side: the agent asks for `service`; answer with
+    /// [`E2eSession::admit`] or [`E2eSession::refuse`].
+    Hello { service: ServiceName },
+    /// Both ends accepted the session; IP packets flow.
+    Up,
+    /// The session ended. `code` is the QUIC close code (application codes
+    /// are [`Code`] values; `CLOSE_BAD_CERTIFICATE` is the TLS alert).
+    Closed { reason: String, code: Option<u64>, identity_mismatch: bool },
+}
+
+/// Why an IP packet was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendIpError {
+    /// Larger than the inner session carries.
+    TooLarge,
+    /// The pending queue (before `Up`) or the DATAGRAM queue is full.
+    Full,
+    /// The session is closed.
+    Closed,
+}
+
+/// One inner QUIC connection.
+pub struct E2eSession {
+    conn: quiche::Connection,
+    server: bool,
+    state: SessionState,
+    trust_domain: String,
+    /// Agent: the connector identity the relay named; the certificate
+    /// must carry it.
+    expect: Option<String>,
+    peer: Option<Identity>,
+    /// Agent: the service asked for; connector: the service the agent asked for.
+    service: Option<ServiceName>,
+    scid: [u8; CID_LEN],
+    pending: VecDeque<Vec<u8>>,
+    events: VecDeque<SessionEvent>,
+    rx: FrameDecoder,
+    tx: Vec<u8>,
+    /// quiche's count of packets it authenticated, at the last look.
+    recv_count: usize,
+    rejected: u64,
+    early_dropped: u64,
+    identity_mismatch: bool,
+    started: Instant,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+impl E2eSession {
+    /// Agent side: opens a session toward the connector the relay named
+    /// (`expect`, a SPIFFE URI), for `service`.
+    pub fn connect(
+        cfg: &mut quiche::Config,
+        scid: [u8; CID_LEN],
+        trust_domain: &str,
+        expect: &str,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<E2eSession, quiche::Error> {
+        let id = quiche::ConnectionId::from_ref(&scid);
+        let conn = quiche::connect(None, &id, RELAY_PATH_LOCAL, RELAY_PATH_PEER, cfg)?;
+        Ok(Self::new(conn, false, scid, trust_domain, Some(expect.to_owned()), Some(service), now))
+    }
+
+    /// Connector side: a session for an agent's first Initial packet.
+    pub fn accept(
+        cfg: &mut quiche::Config,
+        scid: [u8; CID_LEN],
+        trust_domain: &str,
+        now: Instant,
+    ) -> Result<E2eSession, quiche::Error> {
+        let id = quiche::ConnectionId::from_ref(&scid);
+        let conn = quiche::accept(&id, None, RELAY_PATH_LOCAL, RELAY_PATH_PEER, cfg)?;
+        Ok(Self::new(conn, true, scid, trust_domain, None, None, now))
+    }
+
+    fn new(
+        conn: quiche::Connection,
+        server: bool,
+        scid: [u8; CID_LEN],
+        trust_domain: &str,
+        expect: Option<String>,
+        service: Option<ServiceName>,
+        now: Instant,
+    ) -> E2eSession {
+        E2eSession {
+            conn,
+            server,
+            state: SessionState::Handshaking,
+            trust_domain: trust_domain.to_owned(),
+            expect,
+            peer: None,
+            service,
+            scid,
+            pending: VecDeque::new(),
+            events: VecDeque::new(),
+            rx: FrameDecoder::default(),
+            tx: Vec::new(),
+            recv_count: 0,
+            rejected: 0,
+            early_dropped: 0,
+            identity_mismatch: false,
+            started: now,
+            last_rx: now,
+            last_tx: now,
+        }
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.state
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state == SessionState::Up
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == SessionState::Closed
+    }
+
+    /// The identity the peer proved (after `Established`).
+    pub fn peer(&self) -> Option<&Identity> {
+        self.peer.as_ref()
+    }
+
+    /// The service of the session (agent: asked for; connector: after `Hello`).
+    pub fn service(&self) -> Option<&ServiceName> {
+        self.service.as_ref()
+    }
+
+    /// The connection ID this end issued (what the peer's packets carry).
+    pub fn source_id(&self) -> [u8; CID_LEN] {
+        self.scid
+    }
+
+    /// Packets that failed authentication (forged, altered, or for keys
+    /// this session does not have).
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Connector: DATAGRAMs the agent sent before the session was admitted.
+    pub fn early_dropped(&self) -> u64 {
+        self.early_dropped
+    }
+
+    /// Whether quiche is done with the connection (closing packets sent,
+    /// draining over): the engine may forget it.
+    pub fn is_finished(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// Whether the handshake completed (counts a successful handshake).
+    pub fn handshake_done(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// One inner packet. Returns whether quiche authenticated anything in
+    /// it; packets it could not are counted in [`E2eSession::rejected`].
+    pub fn recv(&mut self, pkt: &mut [u8], now: Instant) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let info = quiche::RecvInfo { from: RELAY_PATH_PEER, to: RELAY_PATH_LOCAL };
+        let _ = self.conn.recv(pkt, info);
+        let count = self.conn.stats().recv;
+        let authentic = count > self.recv_count;
+        self.recv_count = count;
+        if authentic {
+            self.last_rx = now;
+        } else {
+            self.rejected += 1;
+        }
+        self.progress();
+        authentic
+    }
+
+    /// Handshake completion, control messages, early DATAGRAMs, closure.
+    fn progress(&mut self) {
+        if self.state == SessionState::Handshaking && self.conn.is_established() {
+            self.established();
+        }
+        if matches!(self.state, SessionState::Hello | SessionState::Up) {
+            self.read_control();
+        }
+        if self.server && self.state != SessionState::Up {
+            // quiche pops a DATAGRAM even when the buffer is too short.
+            let mut scratch = [0u8; 1];
+            while self.conn.dgram_recv_queue_len() > 0 {
+                let _ = self.conn.dgram_recv(&mut scratch);
+                self.early_dropped += 1;
+            }
+        }
+        let ending = self.conn.is_closed() || self.conn.peer_error().is_some() || self.conn.local_error().is_some();
+        if ending && self.state != SessionState::Closed {
+            self.state = SessionState::Closed;
+            self.pending.clear();
+            let (reason, code) = match (self.conn.peer_error(), self.conn.local_error()) {
+                (Some(e), _) => (format!("closed by peer: {}", String::from_utf8_lossy(&e.reason)), Some(e.error_code)),
+                (None, Some(e)) => (format!("closed: {}", String::from_utf8_lossy(&e.reason)), Some(e.error_code)),
+                (None, None) if self.conn.is_timed_out() => ("idle timeout".to_owned(), None),
+                (None, None) => ("closed".to_owned(), None),
+            };
+            let identity_mismatch = self.identity_mismatch;
+            self.events.push_back(SessionEvent::Closed { reason, code, identity_mismatch });
+        }
+    }
+
+    fn established(&mut self) {
+        let peer = self.conn.peer_cert().and_then(|der| crate::cert::peer_identity(der, &self.trust_domain));
+        let Some(peer) = peer else {
+            // The verify hook accepted the chain, so this does not happen;
+            // refuse rather than go on without an identity.
+            let _ = self.conn.close(false, CLOSE_BAD_CERTIFICATE, b"no peer identity");
+            return;
+        };
+        if let Some(expect) = &self.expect {
+            if peer.uri() != *expect {
+                tracing::warn!(expected = %expect, presented = %peer, "connector identity differs from the one the relay named");
+                self.identity_mismatch = true;
+                let _ = self.conn.close(false, CLOSE_BAD_CERTIFICATE, b"connector identity mismatch");
+                self.state = SessionState::Hello;
+                return;
+            }
+        }
+        self.peer = Some(peer.clone());
+        self.events.push_back(SessionEvent::Established { peer });
+        self.state = SessionState::Hello;
+        if let (false, Some(service)) = (self.server, self.service.clone()) {
+            Message::SessionHello { version: wire::VERSION, service }.encode(&mut self.tx);
+            self.flush_control();
+        }
+    }
+
+    fn read_control(&mut self) {
+        let mut buf = [0u8; 512];
+        loop {
+            let room = self.rx.room().min(buf.len());
+            let Some(chunk) = buf.get_mut(..room) else { return };
+            if room == 0 {
+                return self.fail(Code::CONTROL_BACKLOG, "control backlog");
+            }
+            match self.conn.stream_recv(CONTROL_STREAM, chunk) {
+                Ok((n, _)) => {
+                    if let Some(read) = chunk.get(..n) {
+                        self.rx.push(read);
+                    }
+                }
+                Err(_) => break,
+            }
+            loop {
+                match self.rx.next_message() {
+                    Ok(Some(m)) => self.on_message(m),
+                    Ok(None) => break,
+                    Err(e) => return self.fail(e.code(), "malformed control message"),
+                }
+                if self.is_closed() || self.conn.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match m {
+            Message::SessionHello { version, service } if version == wire::VERSION => {
+                if self.server && self.state == SessionState::Hello && self.service.is_none() {
+                    self.service = Some(service.clone());
+                    self.events.push_back(SessionEvent::Hello { service });
+                } else if !self.server && self.state == SessionState::Hello && self.service.as_ref() == Some(&service) {
+                    self.go_up();
+                } else {
+                    self.fail(Code::UNEXPECTED_MESSAGE, "unexpected SessionHello");
+                }
+            }
+            Message::SessionHello { .. } => self.fail(Code::UNSUPPORTED_VERSION, "unsupported version"),
+            Message::Unknown { .. } => {}
+            _ => self.fail(Code::UNEXPECTED_MESSAGE, "unexpected message on the end-to-end stream"),
+        }
+    }
+
+    fn fail(&mut self, code: Code, reason: &str) {
+        let _ = self.conn.close(true, u64::from(code.0), reason.as_bytes());
+    }
+
+    fn go_up(&mut self) {
+        self.state = SessionState::Up;
+        self.events.push_back(SessionEvent::Up);
+        while let Some(p) = self.pending.pop_front() {
+            if self.conn.dgram_send(&p).is_err() {
+                break;
+            }
+        }
+        self.pending.clear();
+    }
+
+    /// Connector: accept the session for the service the agent asked for.
+    pub fn admit(&mut self) {
+        if let (true, SessionState::Hello, Some(service)) = (self.server, self.state, self.service.clone()) {
+            Message::SessionHello { version: wire::VERSION, service }.encode(&mut self.tx);
+            self.flush_control();
+            self.go_up();
+        }
+    }
+
+    /// Connector: refuse the session (the agent sees `code`).
+    pub fn refuse(&mut self, code: Code, reason: &str) {
+        self.fail(code, reason);
+    }
+
+    fn flush_control(&mut self) {
+        if self.tx.is_empty() {
+            return;
+        }
+        if let Ok(n) = self.conn.stream_send(CONTROL_STREAM, &self.tx, false) {
+            self.tx.drain(..n);
+        }
+    }
+
+    /// Queues one tunneled IP packet (held until `Up`).
+    pub fn send_ip(&mut self, pkt: &[u8]) -> Result<(), SendIpError> {
+        if pkt.len() > super::TUNNEL_MTU.max(self.conn.dgram_max_writable_len().unwrap_or(0)) {
+            return Err(SendIpError::TooLarge);
+        }
+        match self.state {
+            SessionState::Closed => Err(SendIpError::Closed),
+            SessionState::Up => match self.conn.dgram_send(pkt) {
+                Ok(()) => Ok(()),
+                Err(quiche::Error::BufferTooShort) => Err(SendIpError::TooLarge),
+                Err(_) => Err(SendIpError::Full),
+            },
+            _ if self.server || self.pending.len() >= MAX_PENDING => Err(SendIpError::Full),
+            _ => {
+                self.pending.push_back(pkt.to_vec());
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the next tunneled IP packet into `out` (only once `Up`).
+    /// Packets larger than `out` are dropped by quiche and skipped.
+    pub fn recv_ip(&mut self, out: &mut [u8]) -> Option<usize> {
+        if self.state != SessionState::Up {
+            return None;
+        }
+        loop {
+            match self.conn.dgram_recv(out) {
+                Ok(n) => return Some(n),
+                Err(quiche::Error::BufferTooShort) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Writes the next inner packet to send into `out`.
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<usize> {
+        self.flush_control();
+        match self.conn.send(out) {
+            Ok((n, _)) => {
+                self.last_tx = now;
+                Some(n)
+            }
+            Err(_) => {
+                self.progress();
+                None
+            }
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        let quic = self.conn.timeout_instant();
+        let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
+        let keep = (self.state == SessionState::Up).then(|| (self.last_tx + KEEPALIVE).min(self.last_rx + SILENCE));
+        [quic, handshake, keep].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+            self.conn.on_timeout();
+        }
+        self.progress();
+        if self.is_closed() {
+            return;
+        }
+        let late = self.state != SessionState::Up && now >= self.started + HANDSHAKE_TIMEOUT;
+        let silent = self.state == SessionState::Up && now >= self.last_rx + SILENCE;
+        if late || silent {
+            let why = if late { "handshake timeout" } else { "peer silent" };
+            // Nothing the peer could still act on: drop the connection.
+            let _ = self.conn.close(false, 0, why.as_bytes());
+            self.state_closed(why);
+            return;
+        }
+        if self.state == SessionState::Up && now >= self.last_tx + KEEPALIVE {
+            let _ = self.conn.send_ack_eliciting();
+            self.last_tx = now;
+        }
+        self.progress();
+    }
+
+    fn state_closed(&mut self, why: &str) {
+        if self.state != SessionState::Closed {
+            self.state = SessionState::Closed;
+            self.pending.clear();
+            let identity_mismatch = self.identity_mismatch;
+            self.events.push_back(SessionEvent::Closed { reason: why.to_owned(), code: None, identity_mismatch });
+        }
+    }
+
+    /// Closes the session (the peer is told; send what
+    /// [`E2eSession::poll_transmit`] still gives).
+    pub fn close(&mut self) {
+        let _ = self.conn.close(true, u64::from(Code::NO_ERROR.0), b"closed");
+        self.progress();
+    }
+}

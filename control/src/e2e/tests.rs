@@ -1,0 +1,302 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)] // test code
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boring::asn1::Asn1Time;
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::{PKey, Private};
+use boring::x509::extension::{BasicConstraints, ExtendedKeyUsage, SubjectAlternativeName};
+use boring::x509::{X509NameBuilder, X509};
+
+use super::*;
+use crate::codes::Code;
+use crate::wire::ServiceName;
+
+const TD: &str = "corp.test";
+
+struct Ca {
+    cert: X509,
+    key: PKey<Private>,
+}
+
+fn key() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+fn ca() -> Ca {
+    let key = key();
+    let mut n = X509NameBuilder::new().unwrap();
+    n.append_entry_by_text("CN", "test ca").unwrap();
+    let n = n.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&n).unwrap();
+    b.set_issuer_name(&n).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
+    b.append_extension(&BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    Ca { cert: b.build(), key }
+}
+
+/// TLS options holding a certificate for `uri` issued by `ca` (client
+/// authentication only, as the organisation CA issues them), trusting `trust`.
+fn tls(ca: &Ca, trust: &Ca, uri: &str) -> TlsOptions {
+    let key = key();
+    let mut n = X509NameBuilder::new().unwrap();
+    n.append_entry_by_text("CN", "leaf").unwrap();
+    let n = n.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&n).unwrap();
+    b.set_issuer_name(ca.cert.subject_name()).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
+    let san = SubjectAlternativeName::new().uri(uri).build(&b.x509v3_context(Some(&ca.cert), None)).unwrap();
+    b.append_extension(&san).unwrap();
+    b.append_extension(&ExtendedKeyUsage::new().client_auth().build().unwrap()).unwrap();
+    b.sign(&ca.key, MessageDigest::sha256()).unwrap();
+    TlsOptions::mutual(
+        trust.cert.to_pem().unwrap(),
+        b.build().to_pem().unwrap(),
+        key.private_key_to_pem_pkcs8().unwrap(),
+    )
+}
+
+fn agent_uri() -> String {
+    format!("spiffe://{TD}/agent/a")
+}
+fn connector_uri() -> String {
+    format!("spiffe://{TD}/connector/c")
+}
+fn svc() -> ServiceName {
+    ServiceName::new("echo").unwrap()
+}
+
+struct Pair {
+    agent: E2eSession,
+    connector: E2eSession,
+    agent_rej: Arc<Rejections>,
+    connector_rej: Arc<Rejections>,
+    now: Instant,
+    /// Applied to every packet on its way (a misbehaving relay).
+    tamper: Option<fn(&mut Vec<u8>)>,
+}
+
+impl Pair {
+    fn new(agent_tls: TlsOptions, connector_tls: TlsOptions, expect: &str) -> Pair {
+        let now = Instant::now();
+        let (agent_rej, connector_rej) = (Arc::new(Rejections::default()), Arc::new(Rejections::default()));
+        let mut acfg = client_config(&agent_tls, Arc::clone(&agent_rej)).unwrap();
+        let mut ccfg = server_config(&connector_tls, Arc::clone(&connector_rej)).unwrap();
+        let td = own_identity(&agent_tls).unwrap().trust_domain;
+        let agent = E2eSession::connect(&mut acfg, [1; CID_LEN], &td, expect, svc(), now).unwrap();
+        let connector = E2eSession::accept(&mut ccfg, [2; CID_LEN], TD, now).unwrap();
+        Pair { agent, connector, agent_rej, connector_rej, now, tamper: None }
+    }
+
+    fn healthy() -> Pair {
+        let ca = ca();
+        Pair::new(tls(&ca, &ca, &agent_uri()), tls(&ca, &ca, &connector_uri()), &connector_uri())
+    }
+
+    /// Lets `d` pass (timers run on both ends), then moves what is due.
+    fn wait(&mut self, d: Duration) -> Vec<SessionEvent> {
+        self.now += d;
+        self.agent.handle_timeout(self.now);
+        self.connector.handle_timeout(self.now);
+        self.run()
+    }
+
+    /// Moves packets both ways until quiet; answers Hello with admit.
+    fn run(&mut self) -> Vec<SessionEvent> {
+        let mut events = Vec::new();
+        let mut buf = [0u8; 1500];
+        for _ in 0..50 {
+            let mut moved = false;
+            while let Some(n) = self.agent.poll_transmit(&mut buf, self.now) {
+                let mut p = buf[..n].to_vec();
+                if let Some(t) = self.tamper {
+                    t(&mut p);
+                }
+                self.connector.recv(&mut p, self.now);
+                moved = true;
+            }
+            while let Some(n) = self.connector.poll_transmit(&mut buf, self.now) {
+                let mut p = buf[..n].to_vec();
+                if let Some(t) = self.tamper {
+                    t(&mut p);
+                }
+                self.agent.recv(&mut p, self.now);
+                moved = true;
+            }
+            while let Some(e) = self.connector.poll_event() {
+                if matches!(e, SessionEvent::Hello { .. }) {
+                    self.connector.admit();
+                }
+                events.push(e);
+            }
+            while let Some(e) = self.agent.poll_event() {
+                events.push(e);
+            }
+            if !moved {
+                break;
+            }
+            self.now += Duration::from_millis(1);
+        }
+        events
+    }
+}
+
+fn ip_packet(tag: u8) -> Vec<u8> {
+    let mut p = vec![tag; TUNNEL_MTU];
+    p[0] = 0x45;
+    p
+}
+
+#[test]
+fn a_session_comes_up_and_carries_packets_queued_before_it() {
+    let mut p = Pair::healthy();
+    p.agent.send_ip(&ip_packet(7)).unwrap();
+    let ev = p.run();
+    assert!(ev.contains(&SessionEvent::Up), "{ev:?}");
+    assert!(p.agent.is_up() && p.connector.is_up());
+    assert_eq!(p.connector.peer().unwrap().uri(), agent_uri());
+    assert_eq!(p.agent.peer().unwrap().uri(), connector_uri());
+    assert_eq!(p.connector.service(), Some(&svc()));
+    let mut out = [0u8; 1500];
+    let n = p.connector.recv_ip(&mut out).expect("the queued packet arrives once up");
+    assert_eq!(out[..n], ip_packet(7)[..]);
+    p.connector.send_ip(&ip_packet(9)).unwrap();
+    p.run();
+    let n = p.agent.recv_ip(&mut out).unwrap();
+    assert_eq!(out[..n], ip_packet(9)[..]);
+    assert_eq!(p.agent.rejected() + p.connector.rejected(), 0);
+}
+
+#[test]
+fn only_max_pending_packets_wait_for_the_handshake() {
+    let mut p = Pair::healthy();
+    for i in 0..MAX_PENDING {
+        p.agent.send_ip(&ip_packet(i as u8)).unwrap();
+    }
+    assert_eq!(p.agent.send_ip(&ip_packet(0)), Err(session::SendIpError::Full));
+    // Nothing in clear or otherwise: no DATAGRAM before the session is up.
+    assert!(p.connector.recv_ip(&mut [0u8; 1500]).is_none());
+    assert_eq!(p.agent.send_ip(&vec![0x45; 1500]), Err(session::SendIpError::TooLarge));
+}
+
+#[test]
+fn a_connector_identity_other_than_the_named_one_is_refused() {
+    let ca = ca();
+    let other = format!("spiffe://{TD}/connector/other");
+    let mut p = Pair::new(tls(&ca, &ca, &agent_uri()), tls(&ca, &ca, &connector_uri()), &other);
+    p.agent.send_ip(&ip_packet(1)).unwrap();
+    let ev = p.run();
+    assert!(
+        ev.iter().any(|e| matches!(e, SessionEvent::Closed { identity_mismatch: true, .. })),
+        "{ev:?}"
+    );
+    assert!(p.connector.recv_ip(&mut [0u8; 1500]).is_none());
+    p.wait(Duration::from_secs(6));
+    assert!(p.connector.is_closed() && p.agent.is_closed());
+}
+
+#[test]
+fn an_agent_certificate_presented_as_connector_is_refused_by_the_agent() {
+    let ca = ca();
+    let fake = format!("spiffe://{TD}/agent/mallory");
+    let mut p = Pair::new(tls(&ca, &ca, &agent_uri()), tls(&ca, &ca, &fake), &fake);
+    p.run();
+    assert_eq!(p.agent_rej.identity.load(Ordering::Relaxed), 1);
+    assert!(p.agent.is_closed() && !p.connector.is_up());
+    p.wait(Duration::from_secs(6));
+    assert!(p.connector.is_closed());
+}
+
+#[test]
+fn a_relay_certificate_as_agent_is_refused_by_the_connector() {
+    let ca = ca();
+    let relay = format!("spiffe://{TD}/relay/r");
+    let mut p = Pair::new(tls(&ca, &ca, &relay), tls(&ca, &ca, &connector_uri()), &connector_uri());
+    p.run();
+    assert_eq!(p.connector_rej.identity.load(Ordering::Relaxed), 1);
+    assert!(!p.agent.is_up() && !p.connector.is_up());
+}
+
+#[test]
+fn a_peer_under_another_ca_is_refused() {
+    let (ca, rogue) = (ca(), ca());
+    let mut p = Pair::new(tls(&ca, &ca, &agent_uri()), tls(&rogue, &ca, &connector_uri()), &connector_uri());
+    p.run();
+    assert_eq!(p.agent_rej.unknown_ca.load(Ordering::Relaxed), 1);
+    assert!(!p.agent.is_up());
+}
+
+#[test]
+fn flipped_bits_are_rejected_and_the_session_recovers() {
+    let mut p = Pair::healthy();
+    p.run();
+    assert!(p.agent.is_up());
+    p.tamper = Some(|pkt: &mut Vec<u8>| {
+        let last = pkt.len() - 1;
+        pkt[last] ^= 0x01;
+    });
+    p.agent.send_ip(&ip_packet(3)).unwrap();
+    p.run();
+    assert!(p.connector.rejected() >= 1);
+    assert!(p.connector.recv_ip(&mut [0u8; 1500]).is_none(), "nothing altered is delivered");
+    p.tamper = None;
+    p.agent.send_ip(&ip_packet(4)).unwrap();
+    p.run();
+    let mut out = [0u8; 1500];
+    let n = p.connector.recv_ip(&mut out).expect("the session works again");
+    assert_eq!(out[..n], ip_packet(4)[..]);
+}
+
+#[test]
+fn a_refused_session_tells_the_agent_the_code() {
+    let mut p = Pair::healthy();
+    // Run without admitting: answer Hello with refuse.
+    let mut buf = [0u8; 1500];
+    let mut events = Vec::new();
+    for _ in 0..20 {
+        while let Some(n) = p.agent.poll_transmit(&mut buf, p.now) {
+            p.connector.recv(&mut buf[..n].to_vec(), p.now);
+        }
+        while let Some(e) = p.connector.poll_event() {
+            if matches!(e, SessionEvent::Hello { .. }) {
+                p.connector.refuse(Code::DENIED, "not allowed");
+            }
+        }
+        while let Some(n) = p.connector.poll_transmit(&mut buf, p.now) {
+            p.agent.recv(&mut buf[..n].to_vec(), p.now);
+        }
+        while let Some(e) = p.agent.poll_event() {
+            events.push(e);
+        }
+    }
+    assert!(
+        events.iter().any(|e| matches!(e, SessionEvent::Closed { code: Some(c), .. } if *c == u64::from(Code::DENIED.0))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn dcid_of_long_and_short_headers() {
+    let mut p = Pair::healthy();
+    let mut buf = [0u8; 1500];
+    let n = p.agent.poll_transmit(&mut buf, p.now).unwrap();
+    assert!(is_initial(&buf[..n]));
+    assert!(packet_dcid(&buf[..n]).is_some_and(|d| d.len() >= 8));
+    assert_eq!(packet_dcid(&[0x40, 1, 2, 3, 4, 5, 6, 7, 8]), Some(&[1, 2, 3, 4, 5, 6, 7, 8][..]));
+    assert_eq!(packet_dcid(&[0x40, 1]), None);
+    assert!(!is_initial(&[0x40, 0, 0, 0, 1]));
+}
