@@ -5,17 +5,28 @@
 //! tunnel device and the time; it yields UDP datagrams to send, inbound IP
 //! packets for the tunnel, events and its next deadline. Connection,
 //! registration, keepalive and reconnect with backoff are the shared
-//! [`ClientSession`]; this layer adds routing by destination.
+//! [`ClientSession`]; this layer adds routing by destination and, per
+//! service, the end-to-end session with the connector ([`Tunnel`]): every
+//! tunneled packet travels inside it, the relay carries ciphertext only.
+//!
+//! One UDP socket: datagrams from the relay go to the relay session, the
+//! inner packets they carry to the tunnel of their flow. Datagrams from any
+//! other address are dropped and counted (`drop_direct`) until direct paths
+//! exist.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
+use ztna_control::e2e::{self, E2eSession, Rejections, SessionEvent};
 use ztna_control::quic::{self, TlsConfigError, TlsOptions};
+use ztna_control::rng::SplitMix64;
 use ztna_control::{datagram, Code, Role, ServiceName};
 
 use crate::route::{Cidr, RouteTable};
+use crate::tunnel::Tunnel;
 
 /// What the agent is configured with.
 #[derive(Debug, Clone)]
@@ -30,6 +41,10 @@ pub struct AgentConfig {
     pub tls: TlsOptions,
     /// Service → destination prefixes reached through it.
     pub routes: Vec<(ServiceName, Cidr)>,
+    /// Service → a connector identity (SPIFFE ID) accepted for it. A
+    /// service with pins accepts only those; without, any connector the
+    /// relay binds (its certificate must still match the relay's word).
+    pub pinned_connectors: Vec<(ServiceName, String)>,
 }
 
 /// Something the embedding application should know.
@@ -54,6 +69,18 @@ pub enum AgentEvent {
     Goodbye {
         code: Code,
     },
+    /// The end-to-end session of `service` is up: `connector` proved its
+    /// identity, packets flow.
+    SessionUp {
+        service: ServiceName,
+        connector: String,
+    },
+    /// The end-to-end session of `service` ended (or was refused); another
+    /// is tried after a backoff.
+    SessionClosed {
+        service: ServiceName,
+        reason: String,
+    },
 }
 
 /// Why an outbound packet was not sent (each is counted).
@@ -63,8 +90,11 @@ pub enum DropReason {
     Malformed,
     /// No route for the destination: never leaves the device.
     Unmapped,
-    /// The service is mapped but not (yet) registered.
+    /// The service is mapped but not (yet) registered, or its end-to-end
+    /// session is not up and its queue is full.
     NoFlow,
+    /// The relay bound the service to a connector its pins do not accept.
+    NotPinned,
     /// Larger than the path to the relay allows.
     TooLarge,
     /// Not connected, or the send queue is full.
@@ -101,15 +131,43 @@ pub struct AgentStats {
     pub drop_spoofed: u64,
     pub connects: u64,
     pub disconnects: u64,
+    pub drop_not_pinned: u64,
+    /// Datagrams from an address other than the relay's.
+    pub drop_direct: u64,
+    /// End-to-end sessions started, and those that came up.
+    pub e2e_handshakes: u64,
+    pub e2e_established: u64,
+    /// Connector certificates refused in inner handshakes (CA, validity,
+    /// identity kind), and connectors whose identity was not the one the
+    /// relay named.
+    pub e2e_cert_rejected: u64,
+    pub e2e_identity_mismatch: u64,
+    /// Inner packets that failed authentication (altered on the way).
+    pub e2e_packets_rejected: u64,
+    /// Packets dropped because the session was not up and its queue full.
+    pub e2e_pending_dropped: u64,
 }
 
 /// The agent core.
 pub struct AgentCore {
     session: ClientSession,
     routes: RouteTable,
-    /// Registered service → flow id, and the reverse.
-    flows: HashMap<ServiceName, u32>,
+    /// Per service: flow, bound connector, end-to-end session.
+    tunnels: HashMap<ServiceName, Tunnel>,
+    /// Registered flow id → service.
     services_by_flow: HashMap<u32, ServiceName>,
+    /// FlowBound before its RegisterOk: flow → connector identity.
+    bound_early: HashMap<u32, String>,
+    e2e_cfg: quiche::Config,
+    trust_domain: String,
+    rejections: Arc<Rejections>,
+    rng: SplitMix64,
+    events: VecDeque<AgentEvent>,
+    /// Scratch for one inner packet (outbound) and one outer datagram (inbound).
+    inner_buf: Vec<u8>,
+    outer_buf: Vec<u8>,
+    /// The latest `now` the caller passed.
+    now: Instant,
     stats: AgentStats,
     observed: Option<SocketAddr>,
     /// Packets the agent itself answers toward the tunnel (ICMP
@@ -131,14 +189,31 @@ impl AgentCore {
         if !cfg.tls.verify_peer {
             tracing::warn!("relay certificate verification is OFF: anyone on the path can impersonate the relay");
         }
-        if cfg.tls.cert_pem.is_none() {
-            tracing::warn!("no client certificate configured: the relay will refuse this agent");
-        }
+        let rejections = Arc::new(Rejections::default());
+        let e2e_cfg = e2e::client_config(&cfg.tls, Arc::clone(&rejections))?;
+        let trust_domain = e2e::own_identity(&cfg.tls)?.trust_domain;
+        let tunnels = routes
+            .services()
+            .into_iter()
+            .map(|s| {
+                let pins = cfg.pinned_connectors.iter().filter(|(p, _)| *p == s).map(|(_, c)| c.clone()).collect();
+                (s, Tunnel::new(pins))
+            })
+            .collect();
         Ok(AgentCore {
             session: ClientSession::new(ccfg, qc, seed, now),
             routes,
-            flows: HashMap::new(),
+            tunnels,
             services_by_flow: HashMap::new(),
+            bound_early: HashMap::new(),
+            e2e_cfg,
+            trust_domain,
+            rejections,
+            rng: SplitMix64::new(seed ^ 0xe2e),
+            events: VecDeque::new(),
+            inner_buf: vec![0u8; 1500],
+            outer_buf: vec![0u8; 1500],
+            now,
             stats: AgentStats::default(),
             observed: None,
             local_replies: VecDeque::new(),
@@ -147,10 +222,13 @@ impl AgentCore {
 
     pub fn stats(&self) -> AgentStats {
         let c = self.session.stats();
+        let live: u64 = self.tunnels.values().filter_map(|t| t.session.as_ref()).map(E2eSession::rejected).sum();
         AgentStats {
             connects: c.connects,
             disconnects: c.disconnects,
             drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
+            e2e_cert_rejected: self.rejections.total(),
+            e2e_packets_rejected: self.stats.e2e_packets_rejected + live,
             ..self.stats
         }
     }
@@ -180,9 +258,40 @@ impl AgentCore {
         &self.routes
     }
 
-    /// A UDP datagram received from the relay.
+    /// A UDP datagram received on the agent's socket.
     pub fn recv_udp(&mut self, data: &mut [u8], from: SocketAddr, now: Instant) {
+        if from != self.session.relay() {
+            self.stats.drop_direct += 1;
+            return;
+        }
         self.session.recv(data, from, now);
+        self.drain_outer(now);
+    }
+
+    /// Hands the DATAGRAMs the relay session received to their tunnels.
+    fn drain_outer(&mut self, now: Instant) {
+        self.pump_events(now);
+        let mut buf = std::mem::take(&mut self.outer_buf);
+        while let Some(n) = self.session.recv_datagram(&mut buf) {
+            let Some(d) = buf.get_mut(..n) else {
+                self.stats.drop_truncated += 1;
+                continue;
+            };
+            let Ok((flow, payload)) = datagram::parse(d) else {
+                self.stats.drop_unknown_flow += 1;
+                continue;
+            };
+            let start = n - payload.len();
+            let t = self.services_by_flow.get(&flow).and_then(|s| self.tunnels.get_mut(s));
+            match (t.and_then(|t| t.session.as_mut()), buf.get_mut(start..n)) {
+                (Some(s), Some(inner)) => {
+                    s.recv(inner, now);
+                }
+                _ => self.stats.drop_unknown_flow += 1,
+            }
+        }
+        self.outer_buf = buf;
+        self.pump_sessions(now);
     }
 
     /// An IP packet read from the tunnel device.
@@ -196,6 +305,7 @@ impl AgentCore {
             Err(DropReason::Malformed) => self.stats.drop_malformed += 1,
             Err(DropReason::Unmapped) => self.stats.drop_unmapped += 1,
             Err(DropReason::NoFlow) => self.stats.drop_no_flow += 1,
+            Err(DropReason::NotPinned) => self.stats.drop_not_pinned += 1,
             Err(DropReason::TooLarge) => {
                 self.stats.drop_too_large += 1;
                 self.answer_too_big(pkt);
@@ -223,19 +333,30 @@ impl AgentCore {
     fn route(&mut self, pkt: &[u8]) -> Result<(), DropReason> {
         let dst = ztna_control::packet::destination(pkt).ok_or(DropReason::Malformed)?;
         let service = self.routes.lookup(dst).ok_or(DropReason::Unmapped)?;
-        let flow = *self.flows.get(service).ok_or(DropReason::NoFlow)?;
-        match self.session.send_datagram(flow, pkt) {
+        let t = self.tunnels.get_mut(service).ok_or(DropReason::NoFlow)?;
+        if t.connector.as_deref().is_some_and(|c| !t.accepts(c)) {
+            return Err(DropReason::NotPinned);
+        }
+        if pkt.len() > e2e::TUNNEL_MTU {
+            return Err(DropReason::TooLarge);
+        }
+        let s = t.session.as_mut().ok_or(DropReason::NoFlow)?;
+        let up = s.is_up();
+        match s.send_ip(pkt) {
             Ok(()) => Ok(()),
-            Err(SendError::TooLarge) => Err(DropReason::TooLarge),
-            Err(SendError::NotConnected | SendError::QueueFull) => Err(DropReason::Backpressure),
+            Err(e2e::SendIpError::TooLarge) => Err(DropReason::TooLarge),
+            Err(_) if !up => {
+                self.stats.e2e_pending_dropped += 1;
+                Err(DropReason::NoFlow)
+            }
+            Err(_) => Err(DropReason::Backpressure),
         }
     }
 
-    /// Largest IP packet the tunnel can carry right now (for the device MTU).
+    /// Largest IP packet the tunnel carries (for the device MTU): 1280,
+    /// IPv4 and IPv6, once connected.
     pub fn max_packet_size(&self) -> Option<usize> {
-        // Flow ids stay below 2^14 for agents in practice; use the 4-byte
-        // worst case so the answer holds for any flow.
-        self.session.max_datagram_payload(datagram::MAX_FLOW)
+        self.session.is_connected().then_some(e2e::TUNNEL_MTU)
     }
 
     /// Copies the next inbound IP packet into `out`; returns its length.
@@ -250,67 +371,219 @@ impl AgentCore {
                 None => self.stats.drop_truncated += 1,
             }
         }
-        loop {
-            let n = self.session.recv_datagram(out)?;
-            let Some(d) = out.get(..n) else {
-                self.stats.drop_truncated += 1;
-                continue;
-            };
-            let Ok((flow, payload)) = datagram::parse(d) else {
-                self.stats.drop_unknown_flow += 1;
-                continue;
-            };
-            let Some(service) = self.services_by_flow.get(&flow) else {
-                self.stats.drop_unknown_flow += 1;
-                continue;
-            };
-            // A connector may only answer for its own service.
-            let src = ztna_control::packet::source(payload);
-            if src.and_then(|a| self.routes.lookup(a)) != Some(service) {
-                self.stats.drop_spoofed += 1;
-                continue;
+        let (tunnels, routes, stats) = (&mut self.tunnels, &self.routes, &mut self.stats);
+        for (service, t) in tunnels.iter_mut() {
+            let Some(s) = t.session.as_mut() else { continue };
+            while let Some(n) = s.recv_ip(out) {
+                let Some(pkt) = out.get(..n) else {
+                    stats.drop_truncated += 1;
+                    continue;
+                };
+                // A connector may only answer for its own service.
+                let src = ztna_control::packet::source(pkt);
+                if src.and_then(|a| routes.lookup(a)) != Some(service) {
+                    stats.drop_spoofed += 1;
+                    continue;
+                }
+                stats.packets_in += 1;
+                stats.bytes_in += n as u64;
+                return Some(n);
             }
-            let (len, start) = (payload.len(), n - payload.len());
-            // Strip the flow header in place: one copy from quiche into
-            // the caller's buffer, one memmove, no allocation.
-            out.copy_within(start..n, 0);
-            self.stats.packets_in += 1;
-            self.stats.bytes_in += len as u64;
-            return Some(len);
         }
+        None
     }
 
     /// Writes the next UDP datagram to send into `out`.
     pub fn poll_udp(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
-        self.session.poll_transmit(out, now)
+        loop {
+            if let Some(sent) = self.session.poll_transmit(out, now) {
+                return Some(sent);
+            }
+            if !self.pump_sessions(now) {
+                return None;
+            }
+        }
+    }
+
+    /// Moves inner packets into the relay session's DATAGRAM queue (and
+    /// session events out). Returns whether anything moved.
+    fn pump_sessions(&mut self, now: Instant) -> bool {
+        self.now = now;
+        let mut moved = false;
+        let mut buf = std::mem::take(&mut self.inner_buf);
+        let mut names: Vec<ServiceName> = Vec::new();
+        for (service, t) in self.tunnels.iter_mut() {
+            let Some(s) = t.session.as_mut() else { continue };
+            // Without a flow the inner packets are dropped: QUIC
+            // retransmits what matters once the next flow is bound.
+            while let Some(n) = s.poll_transmit(&mut buf, now) {
+                let (Some(flow), Some(pkt)) = (t.flow, buf.get(..n)) else { continue };
+                match self.session.send_datagram(flow, pkt) {
+                    Ok(()) => moved = true,
+                    Err(SendError::QueueFull) => {
+                        self.stats.drop_backpressure += 1;
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            names.push(service.clone());
+        }
+        self.inner_buf = buf;
+        for service in names {
+            self.session_events(&service, now);
+        }
+        moved
+    }
+
+    /// Acts on what the session of `service` reported.
+    fn session_events(&mut self, service: &ServiceName, now: Instant) {
+        let Some(t) = self.tunnels.get_mut(service) else { return };
+        let Some(s) = t.session.as_mut() else { return };
+        let connector = s.peer().map(|p| p.uri()).unwrap_or_default();
+        let events: Vec<SessionEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        let finished = s.is_finished().then(|| s.rejected());
+        for e in events {
+            match e {
+                SessionEvent::Established { .. } | SessionEvent::Hello { .. } => {}
+                SessionEvent::Up => {
+                    self.stats.e2e_established += 1;
+                    t.succeeded();
+                    tracing::info!(%service, %connector, "end-to-end session up");
+                    self.events.push_back(AgentEvent::SessionUp { service: service.clone(), connector: connector.clone() });
+                }
+                SessionEvent::Closed { reason, identity_mismatch, .. } => {
+                    if identity_mismatch {
+                        self.stats.e2e_identity_mismatch += 1;
+                    }
+                    tracing::info!(%service, reason, "end-to-end session closed");
+                    self.events.push_back(AgentEvent::SessionClosed { service: service.clone(), reason });
+                    t.failed(now, &mut self.rng);
+                }
+            }
+        }
+        if let Some(rejected) = finished {
+            self.stats.e2e_packets_rejected += rejected;
+            t.session = None;
+        }
+    }
+
+    /// Starts the session of `service` with the connector its flow is
+    /// bound to, if the pins accept it and no live session exists.
+    fn start_session(&mut self, service: &ServiceName, now: Instant, restart: bool) {
+        let Some(t) = self.tunnels.get_mut(service) else { return };
+        let Some(connector) = t.connector.clone() else { return };
+        if !t.accepts(&connector) {
+            tracing::warn!(%service, %connector, "relay bound the service to a connector the pins do not accept");
+            return;
+        }
+        if let Some(s) = t.session.as_mut() {
+            let same = s.peer().is_none_or(|p| p.uri() == connector);
+            if !s.is_closed() && same && !restart {
+                return;
+            }
+            if !s.is_closed() {
+                s.close();
+            }
+            self.stats.e2e_packets_rejected += s.rejected();
+        }
+        let mut scid = [0u8; e2e::CID_LEN];
+        self.rng.fill(&mut scid);
+        match E2eSession::connect(&mut self.e2e_cfg, scid, &self.trust_domain, &connector, service.clone(), now) {
+            Ok(s) => {
+                self.stats.e2e_handshakes += 1;
+                t.session = Some(s);
+                t.retry_at = None;
+            }
+            Err(e) => {
+                tracing::warn!(%service, error = %e, "cannot start an end-to-end session");
+                t.failed(now, &mut self.rng);
+            }
+        }
+    }
+
+    /// The relay bound `flow` of `service` to `connector`.
+    fn bound(&mut self, service: &ServiceName, flow: u32, connector: String, now: Instant) {
+        let Some(t) = self.tunnels.get_mut(service) else { return };
+        // A rebind on the same flow means the connector changed (the old
+        // one left): a new session. A new flow (another relay) bound to the
+        // same identity keeps the session.
+        let restart = t.flow == Some(flow);
+        t.flow = Some(flow);
+        t.connector = Some(connector);
+        self.start_session(service, now, restart);
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.session.next_deadline()
+        let sessions = self.tunnels.values().filter_map(|t| {
+            let s = t.session.as_ref().and_then(E2eSession::next_deadline);
+            let retry = t.retry_at.filter(|_| t.session.is_none() && t.flow.is_some());
+            [s, retry].into_iter().flatten().min()
+        });
+        self.session.next_deadline().into_iter().chain(sessions).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+        let mut retry = Vec::new();
+        for (service, t) in self.tunnels.iter_mut() {
+            if let Some(s) = t.session.as_mut() {
+                if s.next_deadline().is_some_and(|d| d <= now) {
+                    s.handle_timeout(now);
+                }
+            } else if t.flow.is_some() && t.retry_at.is_some_and(|r| r <= now) {
+                retry.push(service.clone());
+            }
+        }
+        for service in retry {
+            self.start_session(&service, now, true);
+        }
+        self.pump_events(now);
+        self.pump_sessions(now);
     }
 
     /// Next event for the application.
     pub fn poll_event(&mut self) -> Option<AgentEvent> {
-        loop {
-            let e = self.session.poll_event()?;
+        self.events.pop_front()
+    }
+
+    /// Reads the relay session's events into ours.
+    fn pump_events(&mut self, now: Instant) {
+        while let Some(e) = self.session.poll_event() {
             let mapped = match e {
                 Event::Connected => {
-                    // Flow ids from an earlier connection are void.
-                    self.flows.clear();
-                    self.services_by_flow.clear();
+                    // Flow ids from an earlier connection are void; the
+                    // sessions are not.
+                    self.forget_flows();
                     Some(AgentEvent::Connected)
                 }
                 Event::ObservedAddress(a) => {
                     self.observed = Some(a);
                     Some(AgentEvent::ObservedAddress(a))
                 }
+                Event::FlowBound { flow, connector_id } => {
+                    match self.services_by_flow.get(&flow).cloned() {
+                        Some(service) => self.bound(&service, flow, connector_id, now),
+                        None => {
+                            // Before RegisterOk (the usual order); bounded
+                            // by the registrations this agent holds.
+                            if self.bound_early.len() < self.tunnels.len().max(1) * 4 {
+                                self.bound_early.insert(flow, connector_id);
+                            }
+                        }
+                    }
+                    None
+                }
                 Event::Registered { service, flow, role: Role::Agent } => {
-                    self.flows.insert(service.clone(), flow);
                     self.services_by_flow.insert(flow, service.clone());
+                    match self.bound_early.remove(&flow) {
+                        Some(c) => self.bound(&service, flow, c, now),
+                        None => {
+                            if let Some(t) = self.tunnels.get_mut(&service) {
+                                t.flow = Some(flow);
+                            }
+                        }
+                    }
                     Some(AgentEvent::Registered { service, flow })
                 }
                 Event::RegisterFailed { service, code, reason, .. } => {
@@ -318,26 +591,52 @@ impl AgentCore {
                 }
                 Event::FlowClosed { flow, .. } => {
                     if let Some(s) = self.services_by_flow.remove(&flow) {
-                        self.flows.remove(&s);
+                        if let Some(t) = self.tunnels.get_mut(&s) {
+                            t.flow = None;
+                        }
                     }
                     None
                 }
                 Event::Disconnected { reason, retry_in } => {
-                    self.flows.clear();
-                    self.services_by_flow.clear();
+                    self.forget_flows();
                     Some(AgentEvent::Disconnected { reason, retry_in })
                 }
                 Event::Goodbye { code, .. } => Some(AgentEvent::Goodbye { code }),
                 Event::Registered { .. } | Event::FlowOpened { .. } => None,
             };
-            if mapped.is_some() {
-                return mapped;
+            if let Some(m) = mapped {
+                self.events.push_back(m);
             }
         }
     }
 
-    /// Closes the session for good.
+    fn forget_flows(&mut self) {
+        self.services_by_flow.clear();
+        self.bound_early.clear();
+        for t in self.tunnels.values_mut() {
+            t.flow = None;
+        }
+    }
+
+    /// The connector identity the session of `service` proved, once up.
+    pub fn session_peer(&self, service: &ServiceName) -> Option<String> {
+        let s = self.tunnels.get(service)?.session.as_ref()?;
+        s.is_up().then(|| s.peer().map(|p| p.uri())).flatten()
+    }
+
+    /// End-to-end sessions that are up.
+    pub fn sessions_up(&self) -> usize {
+        self.tunnels.values().filter(|t| t.is_up()).count()
+    }
+
+    /// Closes the session for good (inner sessions first).
     pub fn close(&mut self) {
+        for t in self.tunnels.values_mut() {
+            if let Some(s) = t.session.as_mut() {
+                s.close();
+            }
+        }
+        self.pump_sessions(self.now);
         self.session.close();
     }
 }

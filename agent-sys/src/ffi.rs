@@ -49,9 +49,11 @@ pub const ZTNA_ERR_BACKPRESSURE: i32 = -9;
 pub const ZTNA_ERR_PANIC: i32 = -10;
 /// An argument is out of range (e.g. time going backwards, bad family).
 pub const ZTNA_ERR_INVALID: i32 = -11;
+/// The service's relay flow is bound to a connector its pins do not accept.
+pub const ZTNA_ERR_NOT_PINNED: i32 = -12;
 
 /// API version: major << 16 | minor. Bumped on any ABI change.
-pub const ZTNA_API_VERSION: u32 = 2 << 16;
+pub const ZTNA_API_VERSION: u32 = 3 << 16;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of
 /// `ip` are used.
@@ -93,6 +95,15 @@ pub struct ZtnaRoute {
     pub cidr: *const c_char,
 }
 
+/// A connector identity accepted for a service: its SPIFFE ID
+/// (e.g. "spiffe://corp.example/connector/db-1"). A service with pins
+/// accepts only those connectors end to end.
+#[repr(C)]
+pub struct ZtnaPin {
+    pub service: *const c_char,
+    pub connector: *const c_char,
+}
+
 /// Agent configuration. Strings are NUL-terminated UTF-8, borrowed only
 /// for the duration of `ztna_agent_new`.
 #[repr(C)]
@@ -101,7 +112,9 @@ pub struct ZtnaConfig {
     pub relay_addr: *const c_char,
     /// TLS server name of the relay (NULL: "localhost").
     pub server_name: *const c_char,
-    /// PEM file of the CA that signs the relay (NULL: system store).
+    /// PEM file of the organisation CA: it signs the relay and the
+    /// connectors (required: end-to-end sessions verify the connector
+    /// against it, never against the system store).
     pub ca_file: *const c_char,
     /// PEM certificate of this agent: one URI SAN
     /// `spiffe://<trust-domain>/agent/<name>`. The relay refuses agents
@@ -117,6 +130,9 @@ pub struct ZtnaConfig {
     pub local_addr: *const c_char,
     pub routes: *const ZtnaRoute,
     pub routes_len: usize,
+    /// Connector pins (may be NULL with `pins_len` 0).
+    pub pins: *const ZtnaPin,
+    pub pins_len: usize,
     /// Seed for connection ids and jitter (use a random value).
     pub seed: u64,
     /// The caller's clock now.
@@ -130,6 +146,12 @@ pub const ZTNA_EVENT_REGISTERED: u32 = 3;
 pub const ZTNA_EVENT_REGISTER_FAILED: u32 = 4;
 pub const ZTNA_EVENT_DISCONNECTED: u32 = 5;
 pub const ZTNA_EVENT_GOODBYE: u32 = 6;
+/// The service's end-to-end session is up; `text` holds the connector
+/// identity it proved.
+pub const ZTNA_EVENT_SESSION_UP: u32 = 7;
+/// The service's end-to-end session ended; `text` holds the reason. A new
+/// one is tried after a backoff.
+pub const ZTNA_EVENT_SESSION_CLOSED: u32 = 8;
 
 /// An event. Fields not used by `kind` are zero.
 #[repr(C)]
@@ -144,8 +166,11 @@ pub struct ZtnaEvent {
     pub code: u16,
     /// DISCONNECTED: milliseconds until the next connection attempt.
     pub retry_in_ms: u64,
-    /// REGISTERED / REGISTER_FAILED: service name, NUL-terminated.
+    /// REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
     pub service: [u8; 65],
+    /// SESSION_UP: connector identity; SESSION_CLOSED: reason.
+    /// NUL-terminated, cut at 255 bytes.
+    pub text: [u8; 256],
 }
 
 /// Counters. `reserved` keeps room for new fields without an ABI break.
@@ -169,7 +194,18 @@ pub struct ZtnaStats {
     pub connected: u64,
     /// Inbound packets whose source is outside their flow's service.
     pub drop_spoofed: u64,
-    pub reserved: [u64; 17],
+    pub drop_not_pinned: u64,
+    /// Datagrams from an address other than the relay's.
+    pub drop_direct: u64,
+    pub e2e_handshakes: u64,
+    pub e2e_established: u64,
+    pub e2e_cert_rejected: u64,
+    pub e2e_identity_mismatch: u64,
+    pub e2e_packets_rejected: u64,
+    pub e2e_pending_dropped: u64,
+    /// End-to-end sessions up now.
+    pub e2e_sessions_up: u64,
+    pub reserved: [u64; 8],
 }
 
 /// Opaque agent handle.
@@ -262,6 +298,7 @@ pub extern "C" fn ztna_strerror(code: i32) -> *const c_char {
         ZTNA_ERR_BACKPRESSURE => b"not connected or queue full\0",
         ZTNA_ERR_PANIC => b"internal panic\0",
         ZTNA_ERR_INVALID => b"invalid argument\0",
+        ZTNA_ERR_NOT_PINNED => b"connector not accepted by the pins\0",
         _ => b"unknown error code\0",
     };
     s.as_ptr().cast()
@@ -305,8 +342,21 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                     routes.push((service, cidr));
                 }
             }
+            let mut pinned_connectors = Vec::new();
+            if c.pins_len > 0 {
+                if c.pins.is_null() {
+                    return Err(ZTNA_ERR_NULL);
+                }
+                for p in std::slice::from_raw_parts(c.pins, c.pins_len) {
+                    let name = opt_str(p.service)?.ok_or(ZTNA_ERR_NULL)?;
+                    let service = ServiceName::new(name).ok_or(ZTNA_ERR_CONFIG)?;
+                    let connector = opt_str(p.connector)?.ok_or(ZTNA_ERR_NULL)?;
+                    ztna_control::identity::Identity::parse(connector).map_err(|_| ZTNA_ERR_CONFIG)?;
+                    pinned_connectors.push((service, connector.to_owned()));
+                }
+            }
             let tls = TlsOptions { ca_pem, cert_pem, key_pem, verify_peer: c.insecure_skip_verify == 0 };
-            Ok(AgentConfig { relay, fallback_relays: Vec::new(), server_name, local, tls, routes })
+            Ok(AgentConfig { relay, fallback_relays: Vec::new(), server_name, local, tls, routes, pinned_connectors })
         })();
         let acfg = match parsed {
             Ok(a) => a,
@@ -430,6 +480,7 @@ pub unsafe extern "C" fn ztna_agent_send_ip(
                     Err(DropReason::NoFlow) => ZTNA_ERR_NO_FLOW,
                     Err(DropReason::TooLarge) => ZTNA_ERR_TOO_LARGE,
                     Err(DropReason::Backpressure) => ZTNA_ERR_BACKPRESSURE,
+                    Err(DropReason::NotPinned) => ZTNA_ERR_NOT_PINNED,
                 }
             };
             if r == ZTNA_OK {
@@ -552,6 +603,12 @@ pub unsafe extern "C" fn ztna_agent_poll_event(agent: *mut ZtnaAgent, out: *mut 
             code: 0,
             retry_in_ms: 0,
             service: [0; 65],
+            text: [0; 256],
+        };
+        let set_text = |s: &str, ev: &mut ZtnaEvent| {
+            let b = s.as_bytes();
+            let n = b.len().min(255);
+            ev.text[..n].copy_from_slice(&b[..n]);
         };
         let set_service = |s: &ServiceName, ev: &mut ZtnaEvent| {
             let b = s.as_str().as_bytes();
@@ -581,6 +638,16 @@ pub unsafe extern "C" fn ztna_agent_poll_event(agent: *mut ZtnaAgent, out: *mut 
             AgentEvent::Goodbye { code } => {
                 ev.kind = ZTNA_EVENT_GOODBYE;
                 ev.code = code.0;
+            }
+            AgentEvent::SessionUp { service, connector } => {
+                ev.kind = ZTNA_EVENT_SESSION_UP;
+                set_service(&service, &mut ev);
+                set_text(&connector, &mut ev);
+            }
+            AgentEvent::SessionClosed { service, reason } => {
+                ev.kind = ZTNA_EVENT_SESSION_CLOSED;
+                set_service(&service, &mut ev);
+                set_text(&reason, &mut ev);
             }
         }
         // SAFETY: checked non-NULL.
@@ -665,7 +732,16 @@ pub unsafe extern "C" fn ztna_agent_stats(agent: *const ZtnaAgent, out: *mut Ztn
             disconnects: s.disconnects,
             connected: u64::from(a.core.is_connected()),
             drop_spoofed: s.drop_spoofed,
-            reserved: [0; 17],
+            drop_not_pinned: s.drop_not_pinned,
+            drop_direct: s.drop_direct,
+            e2e_handshakes: s.e2e_handshakes,
+            e2e_established: s.e2e_established,
+            e2e_cert_rejected: s.e2e_cert_rejected,
+            e2e_identity_mismatch: s.e2e_identity_mismatch,
+            e2e_packets_rejected: s.e2e_packets_rejected,
+            e2e_pending_dropped: s.e2e_pending_dropped,
+            e2e_sessions_up: a.core.sessions_up() as u64,
+            reserved: [0; 8],
         };
         // SAFETY: checked non-NULL.
         unsafe { *out = st };

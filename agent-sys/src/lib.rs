@@ -4,6 +4,7 @@
 pub mod agent_core;
 pub mod ffi;
 pub mod route;
+mod tunnel;
 
 /// Protocol version the agent speaks (from `ztna-control`).
 pub fn protocol_version() -> u16 {
@@ -13,8 +14,8 @@ pub fn protocol_version() -> u16 {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn speaks_protocol_v1() {
-        assert_eq!(super::protocol_version(), 1);
+    fn speaks_protocol_v2() {
+        assert_eq!(super::protocol_version(), 2);
         assert_eq!(ztna_control::wire::ALPN, b"ztna/1");
     }
 }

@@ -413,7 +413,7 @@ fn a_reload_swaps_the_relay_certificate_without_dropping_connections() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The connection made before the reload still works.
-    old.send_msg(&ztna_control::Message::Hello { version: 1, software: "old".into() });
+    old.send_msg(&ztna_control::Message::Hello { version: ztna_control::wire::VERSION, software: "old".into() });
     old.pump_for(Duration::from_millis(200));
     assert!(old.messages().iter().any(|m| matches!(m, ztna_control::Message::HelloAck { .. })));
     assert!(!old.conn.is_closed());

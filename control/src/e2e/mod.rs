@@ -29,7 +29,7 @@ use crate::cert::{self, PeerRule, Rejection};
 use crate::identity::{Identity, Kind};
 use crate::quic::{TlsConfigError, TlsOptions};
 
-pub use session::{E2eSession, SessionEvent, SessionState, MAX_PENDING};
+pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, MAX_PENDING};
 
 /// ALPN of the inner connection.
 pub const ALPN: &[u8] = b"ztna-e2e/1";
