@@ -372,6 +372,12 @@ impl Agent {
                     info!(%code, "relay says goodbye");
                     out(format_args!("goodbye {code}"));
                 }
+                AgentEvent::SessionUp { service, connector } => {
+                    out(format_args!("session up {service} {connector}"));
+                }
+                AgentEvent::SessionClosed { service, reason } => {
+                    out(format_args!("session closed {service} {reason}"));
+                }
             }
         }
     }

@@ -21,8 +21,8 @@ pub struct TunConfig {
     /// tunneled packets.
     #[serde(default = "default_tun_address")]
     pub address: String,
-    /// Device MTU. 1280 fits in one QUIC DATAGRAM on any path the relay
-    /// accepts (1350-byte UDP payloads, see PROTOCOL.md).
+    /// Device MTU, at most 1280: the end-to-end session carries 1280-byte
+    /// IP packets in 1400-byte UDP payloads (PROTOCOL.md §8.4).
     #[serde(default = "default_mtu")]
     pub mtu: u16,
 }
@@ -39,6 +39,11 @@ impl Default for TunConfig {
 pub struct ServiceConfig {
     pub name: String,
     pub cidrs: Vec<String>,
+    /// Connector SPIFFE IDs accepted for this service end to end (empty:
+    /// any connector the relay binds, whose certificate must then carry
+    /// the identity the relay named).
+    #[serde(default)]
+    pub connectors: Vec<String>,
 }
 
 /// Agent configuration (TOML, unknown keys rejected).
@@ -116,12 +121,14 @@ pub struct Config {
     pub tun_address: Cidr,
     pub mtu: u16,
     pub routes: Vec<(ServiceName, Cidr)>,
+    /// Service → accepted connector identity.
+    pub pins: Vec<(ServiceName, String)>,
 }
 
 /// Smallest MTU we accept (the IPv4 minimum datagram every host takes).
 pub const MIN_MTU: u16 = 576;
-/// Largest MTU we accept; the tunnel itself carries about 1300 bytes.
-pub const MAX_MTU: u16 = 9000;
+/// Largest MTU we accept: what the end-to-end session carries.
+pub const MAX_MTU: u16 = ztna_control::e2e::TUNNEL_MTU as u16;
 
 impl FileConfig {
     pub fn from_toml(s: &str) -> Result<FileConfig> {
@@ -167,8 +174,8 @@ impl FileConfig {
         if self.server_name.is_empty() {
             bail!("server_name is empty");
         }
-        if !self.insecure && self.ca.is_none() {
-            bail!("no CA: set `ca` (or --ca) to the file that signs the relay's certificate");
+        if self.ca.is_none() {
+            bail!("no CA: set `ca` (or --ca) to the organisation CA (it signs the relay and the connectors)");
         }
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
             bail!("no certificate: set `cert` and `key` (or --cert/--key); the relay authenticates every agent")
@@ -189,10 +196,17 @@ impl FileConfig {
             bail!("at least one [[service]] is required");
         }
         let mut routes = Vec::new();
+        let mut pins = Vec::new();
         for s in &self.services {
             let Some(svc) = ServiceName::new(&s.name) else {
                 bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name)
             };
+            for c in &s.connectors {
+                match ztna_control::identity::Identity::parse(c) {
+                    Ok(id) if id.kind == ztna_control::identity::Kind::Connector => pins.push((svc.clone(), c.clone())),
+                    _ => bail!("service {:?}: connectors entry {c:?} is not a connector SPIFFE ID", s.name),
+                }
+            }
             if s.cidrs.is_empty() {
                 bail!("service {:?} has no cidrs", s.name);
             }
@@ -234,6 +248,7 @@ impl FileConfig {
             tun_address,
             mtu: self.tun.mtu,
             routes,
+            pins,
         })
     }
 }
@@ -259,6 +274,7 @@ impl Config {
             local,
             tls,
             routes: self.routes.clone(),
+            pinned_connectors: self.pins.clone(),
         })
     }
 

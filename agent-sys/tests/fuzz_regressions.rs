@@ -8,6 +8,12 @@ use std::ptr;
 use ztna_agent::ffi::*;
 
 fn agent(now_us: u64) -> *mut ZtnaAgent {
+    // The agent needs its certificate and the organisation CA (end-to-end
+    // sessions), even if no relay ever answers.
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let (cert, key) = pki.issue(ztna_control::identity::Kind::Agent, "fuzz").unwrap();
+    let path = |p: &std::path::Path| CString::new(p.to_str().unwrap()).unwrap();
+    let (ca, cert, key) = (path(&pki.ca), path(&cert), path(&key));
     let relay = CString::new("127.0.0.1:4433").unwrap();
     let local = CString::new("127.0.0.1:5000").unwrap();
     let (svc, cidr) = (CString::new("echo").unwrap(), CString::new("100.100.0.10/32").unwrap());
@@ -15,19 +21,22 @@ fn agent(now_us: u64) -> *mut ZtnaAgent {
     let cfg = ZtnaConfig {
         relay_addr: relay.as_ptr(),
         server_name: ptr::null(),
-        ca_file: ptr::null(),
-        cert_file: ptr::null(),
-        key_file: ptr::null(),
+        ca_file: ca.as_ptr(),
+        cert_file: cert.as_ptr(),
+        key_file: key.as_ptr(),
         insecure_skip_verify: 1,
         local_addr: local.as_ptr(),
         routes: routes.as_ptr(),
         routes_len: routes.len(),
+        pins: ptr::null(),
+        pins_len: 0,
         seed: 1,
         now_us,
     };
     let mut h = ptr::null_mut();
     // SAFETY: `cfg` and everything it points to live across the call.
     assert_eq!(unsafe { ztna_agent_new(&cfg, &mut h) }, ZTNA_OK);
+    let _ = std::fs::remove_dir_all(&pki.dir);
     h
 }
 

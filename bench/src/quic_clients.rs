@@ -82,7 +82,7 @@ fn handle_event(info: &mut ClientInfo, e: Event) {
         }
         Event::FlowOpened { .. } => info.flows_opened += 1,
         Event::Disconnected { reason, .. } => info.disconnects.push(reason),
-        Event::Connected | Event::FlowClosed { .. } | Event::Goodbye { .. } => {}
+        Event::Connected | Event::FlowClosed { .. } | Event::FlowBound { .. } | Event::Goodbye { .. } => {}
     }
 }
 

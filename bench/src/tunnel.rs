@@ -49,6 +49,7 @@ impl AgentLink {
             server_name: "localhost".into(),
             local: sock.local_addr()?,
             tls,
+            pinned_connectors: Vec::new(),
             routes: vec![(
                 ServiceName::new(SERVICE).context("service name")?,
                 ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,

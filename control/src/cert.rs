@@ -86,7 +86,7 @@ fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// their bytes (a constructed `[6]` counts too). `None` when the structure
 /// cannot be walked, or the certificate has more than one subjectAltName
 /// extension (RFC 5280 §4.2 forbids it, and which one counts is ambiguous).
-fn uri_sans(cert: &[u8]) -> Option<Vec<&[u8]>> {
+pub fn uri_sans(cert: &[u8]) -> Option<Vec<&[u8]>> {
     let (0x30, cert, _) = der_element(cert)? else { return None };
     let (0x30, mut tbs, _) = der_element(cert)? else { return None };
     let mut uris = Vec::new();

@@ -55,6 +55,7 @@ fn agent(pki: &DevPki, i: usize, relay: SocketAddr, fallback: Vec<SocketAddr>, n
         server_name: "localhost".into(),
         local,
         tls: pki.client_tls(Kind::Agent, &format!("a{i}")).unwrap(),
+        pinned_connectors: Vec::new(),
         routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new(SERVICE_NET.parse().unwrap(), 24).unwrap())],
     };
     AgentHost::new(local, AgentCore::new(cfg, 100 + i as u64, now).unwrap())
@@ -110,7 +111,7 @@ impl Traffic {
             }
             let due = self.last.get(&i).is_none_or(|t| now.duration_since(*t) >= self.pace);
             let n = self.sent.entry(i).or_default();
-            if a.registered(1) && due && *n < self.per_agent && a.core.send_ip_packet(&probe(i, *n)).is_ok() {
+            if a.core.sessions_up() == 1 && due && *n < self.per_agent && a.core.send_ip_packet(&probe(i, *n)).is_ok() {
                 *n += 1;
                 self.last.insert(i, now);
             }
@@ -172,7 +173,7 @@ fn relay_connector_and_agents_deliver_each_echo_to_its_agent_over_a_lossy_networ
 }
 
 #[test]
-fn an_agent_that_moves_to_another_relay_keeps_its_flow_state_at_the_connector() {
+fn an_agent_that_moves_to_another_relay_keeps_its_end_to_end_session_and_flow_state() {
     let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
     let (relay_a, relay_b): (SocketAddr, SocketAddr) =
         ("127.0.0.1:4433".parse().unwrap(), "127.0.0.1:4435".parse().unwrap());
@@ -196,8 +197,8 @@ fn an_agent_that_moves_to_another_relay_keeps_its_flow_state_at_the_connector() 
     let before = sim.host::<ConnectorHost>(c).backends.udp_opened;
     assert_eq!(before, 1);
 
-    // Relay A drains: the agent moves to B, A tells the connector the
-    // agent is gone, and the agent's new flow through B adopts the state.
+    // Relay A drains: the agent moves to B; its end-to-end session (and
+    // with it the connector's flow state) carries on over B.
     let now = sim.now();
     for w in sim.host::<RelayHost>(a).workers_mut() {
         w.begin_drain(now);
@@ -210,9 +211,10 @@ fn an_agent_that_moves_to_another_relay_keeps_its_flow_state_at_the_connector() 
     }));
     let conn = sim.host::<ConnectorHost>(c);
     let stats = conn.engine.stats().snapshot();
-    assert_eq!(stats.flows_adopted, 1, "{stats:?}");
+    // The same end-to-end session went on over relay B: one handshake.
+    assert_eq!((stats.e2e_handshakes, stats.e2e_established), (1, 1), "{stats:?}");
     assert_eq!(conn.backends.udp_opened, 1, "the backend flow carried on: no new socket");
-    assert_eq!(conn.engine.parked_flows(), 0);
+    assert_eq!(sim.host::<AgentHost>(agents[0]).core.stats().e2e_handshakes, 1);
     assert_eq!(sim.host::<AgentHost>(agents[0]).core.relay().ip(), IpAddr::from([127, 0, 0, 1]));
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

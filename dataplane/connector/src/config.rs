@@ -117,7 +117,9 @@ pub struct ConnectorConfig {
     /// Local UDP address; the fixed port is what P2P peers will punch to.
     pub listen: SocketAddr,
     pub server_name: String,
-    /// CA that signs the relays' certificates.
+    /// The organisation CA: it signs the relays' certificates and the
+    /// agents' (required: every end-to-end session verifies its agent
+    /// against it).
     pub ca: Option<PathBuf>,
     /// This connector's certificate (one URI SAN:
     /// `spiffe://<trust-domain>/connector/<name>`) and key. Required: the
@@ -166,6 +168,17 @@ pub struct ConnectorConfig {
     /// A TCP connection that moves no byte and gets no segment for this
     /// long is reset on both sides.
     pub tcp_idle_secs: u64,
+    /// End-to-end sessions (one per agent and service) in total, and per
+    /// agent identity (proven in the inner handshake). Beyond either, a new
+    /// session is refused with `limit`.
+    pub max_e2e_sessions: usize,
+    pub max_e2e_sessions_per_identity: usize,
+    /// Inner handshakes in progress in total, and per agent identity (as
+    /// the relay named it: the only name before the handshake ends). Over
+    /// either, new Initials are dropped (`e2e_handshakes_refused`), so a
+    /// flood from one identity leaves room for the others.
+    pub max_e2e_handshakes: usize,
+    pub max_e2e_handshakes_per_identity: usize,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -207,6 +220,10 @@ impl Default for ConnectorConfig {
             max_tcp_queued_packets_per_identity: 4096,
             tcp_buffer_bytes: 256 * 1024,
             tcp_idle_secs: 600,
+            max_e2e_sessions: 1024,
+            max_e2e_sessions_per_identity: 64,
+            max_e2e_handshakes: 128,
+            max_e2e_handshakes_per_identity: 8,
             services: Vec::new(),
         }
     }
@@ -246,7 +263,19 @@ impl ConnectorConfig {
             bail!("at least one service is required");
         }
         if self.cert.is_none() || self.key.is_none() {
-            bail!("cert and key are required: the relay authenticates every connector");
+            bail!("cert and key are required: the relay and every agent authenticate the connector");
+        }
+        if self.ca.is_none() {
+            bail!("ca is required: end-to-end sessions verify every agent against the organisation CA");
+        }
+        let e2e = [
+            ("max_e2e_sessions", self.max_e2e_sessions),
+            ("max_e2e_sessions_per_identity", self.max_e2e_sessions_per_identity),
+            ("max_e2e_handshakes", self.max_e2e_handshakes),
+            ("max_e2e_handshakes_per_identity", self.max_e2e_handshakes_per_identity),
+        ];
+        if let Some((key, _)) = e2e.iter().find(|(_, v)| *v == 0) {
+            bail!("{key} must be positive");
         }
         for s in &self.services {
             if ServiceName::new(&s.name).is_none() {

@@ -4,13 +4,16 @@
 //! clock and the resolver; tests and the simulator drive it in memory.
 //!
 //! It holds one [`ClientSession`] per relay address (all on the driver's
-//! one UDP socket), registers every configured service on each, and maps
-//! each agent flow a relay opens to a [`FlowKey`] of its [`Gateway`], which
-//! turns the flow's IP packets into backend traffic. When an agent's relay
-//! leg ends (the agent left that relay, or the relay was lost) the flow's
-//! state is parked for [`PARK_TTL`] so the agent's next flow for the same
-//! service from the same address takes it over and its connections carry
-//! on.
+//! one UDP socket) and registers every configured service on each. Agents'
+//! packets arrive as inner QUIC packets of their end-to-end sessions
+//! ([`Peers`]), carried in the relay flows' DATAGRAMs: the relay sees only
+//! ciphertext. A session is admitted on the identity the agent proved in
+//! it (the service's `allow_agents`), and its tunneled IP packets go to the
+//! [`Gateway`], which turns them into backend traffic. Sessions outlive
+//! relay flows: when an agent moves to another relay its session's packets
+//! arrive on the new flow, and its TCP connections carry on (this replaced
+//! the parking and adoption of flow state that the cleartext design
+//! needed).
 //!
 //! Driving it: call [`Engine::handle_datagram`] for every packet from a
 //! relay, [`Engine::handle_backend`] for every backend event, and
@@ -19,49 +22,38 @@
 //! watch the sockets [`Engine::backend_interest`] names.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use tracing::{debug, info, warn};
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
+use ztna_control::e2e::{self, E2eSession, Rejections, SendIpError, SessionEvent};
+use ztna_control::quic::TlsOptions;
 use ztna_control::{datagram, Code, Role, ServiceName};
 
 use crate::backend::{BackendEvent, BackendId, BackendIo, Interest};
 use crate::config::{ConnectorConfig, Target};
 use crate::gateway::{FlowKey, Gateway};
+use crate::peers::{PeerLimits, Peers, RelayFlow};
 use crate::tcp::TxOutcome;
 use crate::{inc, ConnectorStats};
 
-/// How long the state of an agent's flow (its TCP connections to backends,
-/// its UDP flows) is kept after the flow closed because the agent left its
-/// relay or the relay was lost: if the same agent opens a flow for the same
-/// service from the same address within this time (through another relay,
-/// after a drain or a failover), the state is adopted and its connections
-/// carry on. Longer than the QUIC idle timeout, so a hard relay failure that
-/// both sides notice at the idle timeout is covered too.
-pub const PARK_TTL: Duration = Duration::from_secs(60);
-
-/// `FlowKey::session` of parked flows (no relay link has this index).
-const PARKED: usize = usize::MAX;
-
-/// Who a parked flow belongs to: agent identity, service, agent IP.
-type ParkKey = (Arc<str>, usize, IpAddr);
-
-/// An agent flow on a relay link.
+/// An agent flow on a relay link: its service, and the agent as the relay
+/// named it (only used to bound handshakes per identity).
 #[derive(Debug, Clone)]
 struct AgentFlow {
     service: usize,
     agent_id: Arc<str>,
-    agent_ip: IpAddr,
 }
 
 /// A relay session and what it learned.
 struct RelayLink {
     relay: SocketAddr,
     /// Its address left DNS while it was disconnected: closed, and its
-    /// slot reusable (slots are never removed: flow keys hold the index).
+    /// slot reusable (slots are never removed: sessions name the index).
     retired: bool,
     session: ClientSession,
     /// Service handle → service.
@@ -70,12 +62,18 @@ struct RelayLink {
     flows: HashMap<u32, AgentFlow>,
 }
 
-/// Sends an answer to the agent on flow `key` at once, counted as sent or
-/// as dropped.
-fn send_to_agent(links: &mut [RelayLink], stats: &ConnectorStats, key: FlowKey, pkt: &[u8]) {
-    match links.get_mut(key.session).map(|l| l.session.send_datagram(key.flow, pkt)) {
-        Some(Ok(())) => inc(&stats.packets_to_agents),
-        _ => inc(&stats.drop_send_to_agent),
+/// Hands an IP packet for the agent of gateway key `key` to its session.
+fn send_to_agent(peers: &mut Peers, stats: &ConnectorStats, key: FlowKey, pkt: &[u8]) -> TxOutcome {
+    match peers.by_key(key).map(|p| p.session.send_ip(pkt)) {
+        Some(Ok(())) => {
+            inc(&stats.packets_to_agents);
+            TxOutcome::Sent
+        }
+        Some(Err(SendIpError::Full)) => TxOutcome::Blocked,
+        _ => {
+            inc(&stats.drop_send_to_agent);
+            TxOutcome::Dropped
+        }
     }
 }
 
@@ -86,42 +84,63 @@ pub struct Engine {
     local: SocketAddr,
     links: Vec<RelayLink>,
     seed: u64,
-    /// State of agent flows whose relay leg ended, waiting to be adopted:
-    /// key → (parked id, expiry).
-    parked: HashMap<ParkKey, (u32, Instant)>,
-    next_park: u32,
+    peers: Peers,
+    /// The inner sessions' quiche config (server side, agents required).
+    e2e_cfg: quiche::Config,
+    trust_domain: String,
+    rejections: Arc<Rejections>,
     gateway: Gateway,
     stats: Arc<ConnectorStats>,
     /// Where [`Engine::poll_transmit`] goes on (round robin over links).
     tx_next: usize,
     buf: Vec<u8>,
+    ip: Vec<u8>,
+    /// The latest `now` passed in.
+    last_now: Instant,
 }
 
 impl Engine {
     /// An engine for `cfg` (validated here) whose driver's socket is
     /// `local`; `targets` holds the resolved address of every backend
-    /// target. Relays come with [`Engine::set_relays`].
+    /// target; `tls` is the connector's certificate, key and organisation
+    /// CA, for the end-to-end sessions. Relays come with
+    /// [`Engine::set_relays`].
     pub fn new(
         cfg: ConnectorConfig,
         targets: HashMap<Target, SocketAddr>,
         local: SocketAddr,
+        tls: &TlsOptions,
         seed: u64,
         now: Instant,
     ) -> Result<Engine> {
         cfg.validate()?;
+        let rejections = Arc::new(Rejections::default());
+        let e2e_cfg = e2e::server_config(tls, Arc::clone(&rejections))
+            .map_err(|e| anyhow::anyhow!("end-to-end TLS configuration: {e}"))?;
+        let trust_domain = e2e::own_identity(tls).map_err(|e| anyhow::anyhow!("own identity: {e}"))?.trust_domain;
         let stats = Arc::new(ConnectorStats::default());
         let gateway = Gateway::new(&cfg, targets, Arc::clone(&stats), seed, now);
+        let limits = PeerLimits {
+            sessions: cfg.max_e2e_sessions,
+            sessions_per_identity: cfg.max_e2e_sessions_per_identity,
+            handshakes: cfg.max_e2e_handshakes,
+            handshakes_per_identity: cfg.max_e2e_handshakes_per_identity,
+        };
         Ok(Engine {
             cfg,
             local,
             links: Vec::new(),
             seed,
-            parked: HashMap::new(),
-            next_park: 0,
+            peers: Peers::new(limits),
+            e2e_cfg,
+            trust_domain,
+            rejections,
             gateway,
             stats,
             tx_next: 0,
             buf: vec![0u8; 65_536],
+            ip: vec![0u8; 2048],
+            last_now: now,
         })
     }
 
@@ -143,7 +162,6 @@ impl Engine {
         addrs: &[SocketAddr],
         now: Instant,
         quic: &mut dyn FnMut() -> Result<quiche::Config>,
-        io: &mut dyn BackendIo,
     ) -> Result<()> {
         let v4 = self.local.is_ipv4();
         let addrs: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv4() == v4).collect();
@@ -158,7 +176,7 @@ impl Engine {
                 l.session.close();
                 l.handles.clear();
                 l.flows.clear();
-                self.gateway.drop_session_state(i, io);
+                self.peers.link_lost(i);
             }
         }
         for &relay in &addrs {
@@ -197,9 +215,13 @@ impl Engine {
         RelayLink { relay, retired: false, session, handles: HashMap::new(), flows: HashMap::new() }
     }
 
-    /// One UDP datagram from `from` (a relay; anything else is ignored).
+    /// One UDP datagram from `from` (a relay; anything else is dropped and
+    /// counted until direct paths exist).
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, pkt: &mut [u8], io: &mut dyn BackendIo) {
-        let Some(i) = self.links.iter().position(|l| l.relay == from && !l.retired) else { return };
+        let Some(i) = self.links.iter().position(|l| l.relay == from && !l.retired) else {
+            inc(&self.stats.drop_direct);
+            return;
+        };
         if let Some(l) = self.links.get_mut(i) {
             l.session.recv(pkt, from, now);
         }
@@ -209,26 +231,17 @@ impl Engine {
     /// One event of a backend socket.
     pub fn handle_backend(&mut self, now: Instant, ev: BackendEvent<'_>) {
         if let Some((key, pkt)) = self.gateway.handle_backend(now, ev) {
-            send_to_agent(&mut self.links, &self.stats, key, pkt);
+            send_to_agent(&mut self.peers, &self.stats, key, pkt);
         }
     }
 
     /// Runs what is due (safe to call at any time): TCP, the packets it
-    /// has for agents, relay session timers, parked flows' expiry.
+    /// has for agents, relay session and end-to-end session timers.
     pub fn handle_timeout(&mut self, now: Instant, io: &mut dyn BackendIo) {
+        self.last_now = now;
         self.gateway.poll(now, io);
-        let (links, stats) = (&mut self.links, &self.stats);
-        self.gateway.drain_tx(now, |k, pkt| {
-            let Some(l) = links.get_mut(k.session) else { return TxOutcome::Dropped };
-            match l.session.send_datagram(k.flow, pkt) {
-                Ok(()) => {
-                    inc(&stats.packets_to_agents);
-                    TxOutcome::Sent
-                }
-                Err(SendError::QueueFull) => TxOutcome::Blocked,
-                Err(_) => TxOutcome::Dropped,
-            }
-        });
+        let (peers, stats) = (&mut self.peers, &self.stats);
+        self.gateway.drain_tx(now, |k, pkt| send_to_agent(peers, stats, k, pkt));
         for i in 0..self.links.len() {
             let Some(l) = self.links.get_mut(i) else { continue };
             if l.session.next_deadline().is_some_and(|d| d <= now) {
@@ -236,29 +249,67 @@ impl Engine {
                 self.process_link(i, now, io);
             }
         }
-        self.expire_parked(now, io);
+        let due: Vec<usize> = self
+            .peers
+            .slots()
+            .filter(|s| self.peers.get(*s).and_then(|p| p.session.next_deadline()).is_some_and(|d| d <= now))
+            .collect();
+        for slot in due {
+            if let Some(p) = self.peers.get_mut(slot) {
+                p.session.handle_timeout(now);
+            }
+            self.after_session(slot, now, io);
+        }
+        self.stats.e2e_cert_rejected.store(self.rejections.total(), Ordering::Relaxed);
+        self.flush_sessions(now);
     }
 
     /// The next QUIC packet for a relay: its length in `out` and where to.
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
-        let n = self.links.len();
-        for step in 0..n {
-            let i = (self.tx_next + step) % n;
-            if let Some(sent) = self.links.get_mut(i).and_then(|l| l.session.poll_transmit(out, now)) {
-                self.tx_next = i;
-                return Some(sent);
+        loop {
+            let n = self.links.len();
+            for step in 0..n {
+                let i = (self.tx_next + step) % n;
+                if let Some(sent) = self.links.get_mut(i).and_then(|l| l.session.poll_transmit(out, now)) {
+                    self.tx_next = i;
+                    return Some(sent);
+                }
+            }
+            if !self.flush_sessions(now) {
+                return None;
             }
         }
-        None
+    }
+
+    /// Moves the sessions' inner packets into their relay flows' DATAGRAM
+    /// queues. Returns whether anything moved.
+    fn flush_sessions(&mut self, now: Instant) -> bool {
+        let mut moved = false;
+        let slots: Vec<usize> = self.peers.slots().collect();
+        let mut buf = std::mem::take(&mut self.buf);
+        for slot in slots {
+            let Some(p) = self.peers.get_mut(slot) else { continue };
+            while let Some(n) = p.session.poll_transmit(&mut buf, now) {
+                let Some(((link, flow), pkt)) = p.via.zip(buf.get(..n)) else { continue };
+                match self.links.get_mut(link).map(|l| l.session.send_datagram(flow, pkt)) {
+                    Some(Ok(())) => moved = true,
+                    Some(Err(SendError::QueueFull)) => {
+                        inc(&self.stats.drop_send_to_agent);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.buf = buf;
+        moved
     }
 
     /// When [`Engine::handle_timeout`] must run at the latest.
     pub fn next_timeout(&self, now: Instant) -> Option<Instant> {
         let sessions = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
-        match (sessions, self.gateway.next_timeout(now)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let peers = self.peers.slots().filter_map(|s| self.peers.get(s).and_then(|p| p.session.next_deadline())).min();
+        [sessions, peers, self.gateway.next_timeout(now)].into_iter().flatten().min()
     }
 
     /// Appends every TCP backend socket that waits for something.
@@ -266,9 +317,27 @@ impl Engine {
         self.gateway.backend_interest(out);
     }
 
-    /// Closes every relay session (then send what
+    /// Closes every end-to-end session and relay session (then send what
     /// [`Engine::poll_transmit`] still gives).
     pub fn close(&mut self) {
+        for slot in self.peers.slots().collect::<Vec<_>>() {
+            if let Some(p) = self.peers.get_mut(slot) {
+                p.session.close();
+            }
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        for slot in self.peers.slots().collect::<Vec<_>>() {
+            let Some(p) = self.peers.get_mut(slot) else { continue };
+            // The session's last packets, toward its relay flow.
+            while let Some(n) = p.session.poll_transmit(&mut buf, self.last_now) {
+                if let (Some((link, flow)), Some(pkt)) = (p.via, buf.get(..n)) {
+                    if let Some(l) = self.links.get_mut(link) {
+                        let _ = l.session.send_datagram(flow, pkt);
+                    }
+                }
+            }
+        }
+        self.buf = buf;
         for l in &mut self.links {
             l.session.close();
         }
@@ -281,25 +350,152 @@ impl Engine {
         }
         let mut d = std::mem::take(&mut self.buf);
         while let Some(n) = self.links.get_mut(i).and_then(|l| l.session.recv_datagram(&mut d)) {
-            let Some(raw) = d.get(..n) else { continue };
-            let Ok((flow, ip)) = datagram::parse(raw) else {
+            let Some(raw) = d.get_mut(..n) else { continue };
+            let Ok((flow, inner)) = datagram::parse(raw) else {
                 inc(&self.stats.drop_malformed);
                 continue;
             };
             inc(&self.stats.packets_from_agents);
-            let Some(f) = self.links.get(i).and_then(|l| l.flows.get(&flow)) else {
+            let start = n - inner.len();
+            let Some(f) = self.links.get(i).and_then(|l| l.flows.get(&flow)).cloned() else {
                 inc(&self.stats.drop_unknown_flow);
                 continue;
             };
-            let key = FlowKey { session: i, flow };
-            if let Some(reply) = self.gateway.handle_ip(now, key, (f.service, &f.agent_id), ip, io) {
-                send_to_agent(&mut self.links, &self.stats, key, reply);
+            if let Some(inner) = d.get_mut(start..n) {
+                self.inner_packet(i, flow, &f, inner, now, io);
             }
         }
         self.buf = d;
     }
 
-    fn handle_event(&mut self, i: usize, e: Event, now: Instant, io: &mut dyn BackendIo) {
+    /// One inner packet on relay flow (`link`, `flow`).
+    fn inner_packet(&mut self, link: usize, flow: u32, f: &AgentFlow, pkt: &mut [u8], now: Instant, io: &mut dyn BackendIo) {
+        let via: RelayFlow = (link, flow);
+        let slot = if e2e::is_initial(pkt) {
+            match self.peers.handshaking_on(via).or_else(|| e2e::packet_dcid(pkt).and_then(|c| self.peers.by_cid(c))) {
+                Some(s) => s,
+                None => match self.new_session(via, f, now) {
+                    Some(s) => s,
+                    None => return,
+                },
+            }
+        } else {
+            match e2e::packet_dcid(pkt).and_then(|c| self.peers.by_cid(c)) {
+                Some(s) => s,
+                None => {
+                    inc(&self.stats.drop_unknown_cid);
+                    return;
+                }
+            }
+        };
+        let Some(p) = self.peers.get_mut(slot) else { return };
+        if p.session.recv(pkt, now) {
+            if p.via != Some(via) {
+                debug!(slot, ?via, "end-to-end session moved to another relay flow");
+                self.peers.move_to(slot, via);
+            }
+        } else {
+            inc(&self.stats.e2e_packets_rejected);
+        }
+        self.after_session(slot, now, io);
+    }
+
+    fn new_session(&mut self, via: RelayFlow, f: &AgentFlow, now: Instant) -> Option<usize> {
+        if self.peers.admits_handshake(&f.agent_id).is_err() {
+            inc(&self.stats.e2e_handshakes_refused);
+            return None;
+        }
+        let mut scid = [0u8; e2e::CID_LEN];
+        boring::rand::rand_bytes(&mut scid).ok()?;
+        match E2eSession::accept(&mut self.e2e_cfg, scid, &self.trust_domain, now) {
+            Ok(s) => {
+                inc(&self.stats.e2e_handshakes);
+                Some(self.peers.insert(s, via, Arc::clone(&f.agent_id)))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot accept an end-to-end session");
+                None
+            }
+        }
+    }
+
+    /// Acts on a session's events, then hands its IP packets to the gateway.
+    fn after_session(&mut self, slot: usize, now: Instant, io: &mut dyn BackendIo) {
+        while let Some(e) = self.peers.get_mut(slot).and_then(|p| p.session.poll_event()) {
+            match e {
+                SessionEvent::Established { peer } => {
+                    if self.peers.prove(slot, Arc::from(peer.uri())).is_err() {
+                        inc(&self.stats.e2e_sessions_refused_identity);
+                        warn!(agent = %peer, "end-to-end session refused: the identity holds its share");
+                        if let Some(p) = self.peers.get_mut(slot) {
+                            p.session.refuse(Code::LIMIT, "sessions per identity");
+                        }
+                    }
+                }
+                SessionEvent::Hello { service } => self.admit(slot, &service),
+                SessionEvent::Up => inc(&self.stats.e2e_established),
+                SessionEvent::Closed { reason, .. } => {
+                    debug!(slot, reason, "end-to-end session closed");
+                }
+            }
+        }
+        let Some(p) = self.peers.get_mut(slot) else { return };
+        if p.session.is_finished() {
+            if let Some(p) = self.peers.remove(slot) {
+                inc(&self.stats.e2e_closed);
+                self.gateway.drop_flow_state(p.key, io);
+            }
+            return;
+        }
+        let (Some(si), key, who) = (p.service, p.key, Arc::clone(&p.agent_id)) else { return };
+        let mut ip = std::mem::take(&mut self.ip);
+        while let Some(n) = self.peers.get_mut(slot).and_then(|p| p.session.recv_ip(&mut ip)) {
+            let Some(pkt) = ip.get(..n) else { continue };
+            if let Some(reply) = self.gateway.handle_ip(now, key, (si, &who), pkt, io) {
+                send_to_agent(&mut self.peers, &self.stats, key, reply);
+            }
+        }
+        self.ip = ip;
+    }
+
+    /// The agent asked for `service`: admitted if this session's relay flow
+    /// is for that service and the proven identity may use it.
+    fn admit(&mut self, slot: usize, service: &ServiceName) {
+        let Some(p) = self.peers.get(slot) else { return };
+        let flow_service = p.via.and_then(|(l, f)| self.links.get(l)?.flows.get(&f)).map(|f| f.service);
+        let si = self.cfg.services.iter().position(|s| s.name == service.as_str());
+        let svc = si.and_then(|i| self.cfg.services.get(i));
+        let allowed = svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.iter().any(|a| **a == *p.agent_id));
+        let verdict = match (si, p.proven) {
+            (Some(i), true) if flow_service == Some(i) && allowed => Ok(i),
+            (Some(i), true) if flow_service == Some(i) => Err("agent not in allow_agents"),
+            _ => Err("service does not match the relay flow"),
+        };
+        let via = p.via;
+        let agent = Arc::clone(&p.agent_id);
+        match verdict {
+            Ok(i) => {
+                info!(agent = %agent, %service, "end-to-end session admitted");
+                if let Some(p) = self.peers.get_mut(slot) {
+                    p.service = Some(i);
+                    p.session.admit();
+                }
+            }
+            Err(why) => {
+                warn!(agent = %agent, %service, why, "end-to-end session refused");
+                inc(&self.stats.flows_refused);
+                if let Some(p) = self.peers.get_mut(slot) {
+                    p.session.refuse(Code::DENIED, why);
+                }
+                // The relay tells the agent too (its flow is closed).
+                if let Some(l) = via.and_then(|(l, f)| self.links.get_mut(l).map(|link| (link, f))) {
+                    l.0.session.refuse_flow(l.1, Code::DENIED);
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, i: usize, e: Event, _now: Instant, _io: &mut dyn BackendIo) {
         match e {
             Event::Registered { service, flow, .. } => {
                 info!(relay = i, %service, handle = flow, "registered");
@@ -314,110 +510,29 @@ impl Engine {
             Event::FlowOpened { flow, service, agent_addr, agent_id } => {
                 let Some(l) = self.links.get_mut(i) else { return };
                 let Some(si) = l.handles.get(&service).copied() else { return };
-                let svc = self.cfg.services.get(si);
-                let allowed = svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.contains(&agent_id));
-                if !allowed {
-                    warn!(relay = i, flow, agent = %agent_id, service = svc.map_or("", |s| s.name.as_str()),
-                          "flow refused: agent not in allow_agents");
-                    inc(&self.stats.flows_refused);
-                    l.session.refuse_flow(flow, Code::DENIED);
-                    return;
-                }
                 debug!(relay = i, flow, %agent_addr, agent = %agent_id, "flow opened");
-                let f = AgentFlow { service: si, agent_id: Arc::from(agent_id.as_str()), agent_ip: agent_addr.ip() };
-                let park = (Arc::clone(&f.agent_id), si, f.agent_ip);
-                l.flows.insert(flow, f);
-                let to = FlowKey { session: i, flow };
-                if let Some((pid, _)) = self.parked.remove(&park) {
-                    self.adopt(FlowKey { session: PARKED, flow: pid }, to);
-                    info!(relay = i, flow, agent = %agent_id, "flow adopted: its connections carry on");
-                } else if let Some(from) = self.live_flow_elsewhere(&park, to) {
-                    // The agent moved before this connector heard that its
-                    // old relay leg ended (a relay that died, or a FlowClose
-                    // still in flight): take the state over.
-                    self.adopt(from, to);
-                    info!(relay = i, flow, agent = %agent_id, from_relay = from.session,
-                          "flow adopted from another relay: its connections carry on");
-                }
+                l.flows.insert(flow, AgentFlow { service: si, agent_id: Arc::from(agent_id.as_str()) });
             }
-            Event::FlowClosed { flow, code } => {
-                let f = self.links.get_mut(i).and_then(|l| l.flows.remove(&flow));
-                let key = FlowKey { session: i, flow };
-                match f {
-                    // The agent left this relay (drain, failover, or for
-                    // good): keep its state a while.
-                    Some(f) if code == Code::AGENT_GONE => self.park(key, f, now, io),
-                    _ => self.gateway.drop_flow_state(key, io),
+            Event::FlowClosed { flow, .. } => {
+                if let Some(l) = self.links.get_mut(i) {
+                    l.flows.remove(&flow);
                 }
+                // Its sessions wait for the agent's next flow (or their
+                // silence timeout).
+                self.peers.flow_closed((i, flow));
             }
             Event::Disconnected { reason, retry_in } => {
                 warn!(relay = i, reason, ?retry_in, "relay connection lost");
-                let flows: Vec<(u32, AgentFlow)> = match self.links.get_mut(i) {
-                    Some(l) => {
-                        l.handles.clear();
-                        l.flows.drain().collect()
-                    }
-                    None => Vec::new(),
-                };
-                for (flow, f) in flows {
-                    self.park(FlowKey { session: i, flow }, f, now, io);
+                if let Some(l) = self.links.get_mut(i) {
+                    l.handles.clear();
+                    l.flows.clear();
                 }
-                self.gateway.drop_session_state(i, io);
+                self.peers.link_lost(i);
             }
             Event::Connected => info!(relay = i, "connected"),
             Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),
             Event::Goodbye { code, reason } => info!(relay = i, %code, reason, "relay says goodbye"),
-        }
-    }
-
-    /// Moves a closed flow's TCP and UDP state aside for [`PARK_TTL`].
-    fn park(&mut self, key: FlowKey, f: AgentFlow, now: Instant, io: &mut dyn BackendIo) {
-        let pid = self.next_park;
-        self.next_park = self.next_park.wrapping_add(1);
-        if !self.gateway.move_flow_state(key, FlowKey { session: PARKED, flow: pid }) {
-            return;
-        }
-        inc(&self.stats.flows_parked);
-        // One parked flow per (agent, service, address): a newer one wins.
-        if let Some((old, _)) = self.parked.insert((f.agent_id, f.service, f.agent_ip), (pid, now + PARK_TTL)) {
-            self.gateway.drop_flow_state(FlowKey { session: PARKED, flow: old }, io);
-        }
-    }
-
-    /// Another open flow (on any relay link, this one included) of the same
-    /// agent, service and address: the agent reconnected before its old leg
-    /// was closed (a relay that died, a FlowClose still in flight, or a
-    /// reconnect to the same relay after a silence). The old leg keeps its
-    /// mapping, so a second device under the same identity is not cut off;
-    /// only the connection state moves.
-    fn live_flow_elsewhere(&self, park: &ParkKey, new: FlowKey) -> Option<FlowKey> {
-        self.links.iter().enumerate().find_map(|(j, l)| {
-            l.flows
-                .iter()
-                .find(|(flow, f)| {
-                    (j, **flow) != (new.session, new.flow)
-                        && f.agent_id == park.0
-                        && f.service == park.1
-                        && f.agent_ip == park.2
-                })
-                .map(|(flow, _)| FlowKey { session: j, flow: *flow })
-        })
-    }
-
-    /// A new flow takes over the state under `from` (parked or live).
-    fn adopt(&mut self, from: FlowKey, to: FlowKey) {
-        if self.gateway.move_flow_state(from, to) {
-            inc(&self.stats.flows_adopted);
-        }
-    }
-
-    fn expire_parked(&mut self, now: Instant, io: &mut dyn BackendIo) {
-        let gone: Vec<(ParkKey, u32)> =
-            self.parked.iter().filter(|(_, (_, until))| *until <= now).map(|(k, (pid, _))| (k.clone(), *pid)).collect();
-        for (k, pid) in gone {
-            self.parked.remove(&k);
-            self.gateway.drop_flow_state(FlowKey { session: PARKED, flow: pid }, io);
-            inc(&self.stats.flows_park_expired);
+            Event::FlowBound { .. } => {}
         }
     }
 
@@ -456,8 +571,30 @@ impl Engine {
         self.links.iter().any(|l| !l.retired && l.handles.len() == self.cfg.services.len())
     }
 
-    /// Parked agent flows waiting to be adopted.
-    pub fn parked_flows(&self) -> usize {
-        self.parked.len()
+    /// End-to-end sessions held (handshaking, up or closing).
+    pub fn e2e_sessions(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// End-to-end sessions up.
+    pub fn e2e_sessions_up(&self) -> usize {
+        self.peers.up()
+    }
+
+    /// Inner handshakes in progress.
+    pub fn e2e_handshaking(&self) -> usize {
+        self.peers.handshaking()
+    }
+
+    /// The agent identities whose sessions are up, with their service.
+    pub fn e2e_agents(&self) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        for slot in self.peers.slots() {
+            if let Some(p) = self.peers.get(slot).filter(|p| p.session.is_up()) {
+                let svc = p.service.and_then(|i| self.cfg.services.get(i)).map(|s| s.name.clone()).unwrap_or_default();
+                v.push((p.agent_id.to_string(), svc));
+            }
+        }
+        v
     }
 }

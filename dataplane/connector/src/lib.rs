@@ -37,6 +37,7 @@ mod engine;
 mod fair;
 mod gateway;
 mod health;
+mod peers;
 pub mod memory_backends;
 mod tcp;
 mod udp;
@@ -47,7 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use self::backend::{BackendEvent, BackendId, BackendIo, Interest};
 pub use self::config::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR};
 pub use self::driver::{resolve_relays, Connector, RESOLVE_EVERY};
-pub use self::engine::{Engine, PARK_TTL};
+pub use self::engine::Engine;
 pub use self::gateway::{FlowKey, Gateway};
 pub use self::health::{serve_health, ConnectorHealth};
 pub use self::tcp::TxOutcome;
@@ -56,7 +57,9 @@ ztna_ops::counters! {
     /// Counters of a connector.
     ConnectorStats, ConnectorStatsSnapshot {
     packets_from_agents,
-    /// Flows refused by a service's `allow_agents` (FlowClose{denied}).
+    /// End-to-end sessions refused: the agent's proven identity is not in
+    /// the service's `allow_agents`, or it asked for a service this flow
+    /// is not for (closed with `denied`).
     flows_refused,
     packets_to_agents,
     udp_to_backend,
@@ -114,12 +117,25 @@ ztna_ops::counters! {
     drop_flow_table_full,
     drop_unknown_flow,
     drop_send_to_agent,
-    /// Agent flows whose state was kept after their relay leg ended, and
-    /// how many of them a new flow of the same agent took over (TCP
-    /// connections survive a relay drain or failover) or expired.
-    flows_parked,
-    flows_adopted,
-    flows_park_expired,
+    /// Datagrams from an address that is not a relay's.
+    drop_direct,
+    /// Inner packets on a relay flow whose connection ID no session has.
+    drop_unknown_cid,
+    /// End-to-end sessions accepted (Initials that created one), admitted
+    /// (up), and ended.
+    e2e_handshakes,
+    e2e_established,
+    e2e_closed,
+    /// Initials dropped at max_e2e_handshakes(_per_identity) or
+    /// max_e2e_sessions, and sessions refused at
+    /// max_e2e_sessions_per_identity.
+    e2e_handshakes_refused,
+    e2e_sessions_refused_identity,
+    /// Agent certificates refused in inner handshakes (CA, validity, kind).
+    e2e_cert_rejected,
+    /// Inner packets that failed authentication (altered on the way, or
+    /// for keys the session does not have).
+    e2e_packets_rejected,
     }
 }
 

@@ -247,6 +247,8 @@ fn der_tlv(tag: u8, body: &[u8]) -> Vec<u8> {
 
 pub use ztna_control::cert::{identity_from_der, CertIdentityError};
 use ztna_control::cert::URI_TAG;
+#[cfg(test)]
+use ztna_control::cert::uri_sans;
 
 #[cfg(test)]
 mod tests {

@@ -108,7 +108,8 @@ impl Connector {
             }
         }
         let backends = SocketBackends::new().context("creating the UDP backend sockets' epoll")?;
-        let engine = Engine::new(cfg, targets, local, seed, Instant::now())?;
+        let tls = tls_files.client_tls()?;
+        let engine = Engine::new(cfg, targets, local, &tls, seed, Instant::now())?;
         let mut c = Connector {
             stats: Arc::clone(engine.stats()),
             engine,
@@ -131,7 +132,7 @@ impl Connector {
         let files = &self.tls_files;
         let mut quic =
             || quic::client_config(&files.client_tls()?).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
-        let r = self.engine.set_relays(addrs, Instant::now(), &mut quic, &mut self.backends);
+        let r = self.engine.set_relays(addrs, Instant::now(), &mut quic);
         self.health.relays.store(self.engine.relays().len() as u64, Ordering::Relaxed);
         r
     }

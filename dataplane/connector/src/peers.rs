@@ -1,0 +1,230 @@
+//! The connector's end-to-end sessions: one per agent and service, found
+//! by the connection ID its packets carry, bounded in total and per
+//! identity.
+//!
+//! A session is created only by an inner Initial arriving on a relay flow
+//! (never from anywhere else). It remembers the relay flow that carries it
+//! now; an authenticated packet on another flow (the agent moved to
+//! another relay) moves it there. Its gateway state (TCP connections, UDP
+//! flows) is keyed by its slot and a generation, so it survives the move
+//! and a reused slot never sees a predecessor's state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ztna_control::e2e::{E2eSession, CID_LEN};
+
+use crate::gateway::FlowKey;
+
+/// A relay flow: (relay link index, connector-leg flow id).
+pub(crate) type RelayFlow = (usize, u32);
+
+pub(crate) struct Peer {
+    pub session: E2eSession,
+    /// The relay flow carrying the session now (None after it closed).
+    pub via: Option<RelayFlow>,
+    /// The agent identity: as the relay named it until the handshake
+    /// ends, then as the agent proved it.
+    pub agent_id: Arc<str>,
+    pub proven: bool,
+    /// The admitted service (index into the configuration).
+    pub service: Option<usize>,
+    pub key: FlowKey,
+}
+
+/// Limits of [`Peers`] (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerLimits {
+    pub sessions: usize,
+    pub sessions_per_identity: usize,
+    pub handshakes: usize,
+    pub handshakes_per_identity: usize,
+}
+
+/// Why a new session was not created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    Limit,
+}
+
+pub(crate) struct Peers {
+    slots: Vec<Option<Peer>>,
+    free: Vec<usize>,
+    by_cid: HashMap<[u8; CID_LEN], usize>,
+    /// Sessions still handshaking, by the relay flow their Initial came on
+    /// (an agent's Initials carry its own random DCID, not ours).
+    by_flow: HashMap<RelayFlow, usize>,
+    handshakes: HashMap<Arc<str>, usize>,
+    sessions: HashMap<Arc<str>, usize>,
+    handshaking: usize,
+    generation: u32,
+    limits: PeerLimits,
+}
+
+impl Peers {
+    pub fn new(limits: PeerLimits) -> Peers {
+        Peers {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_cid: HashMap::new(),
+            by_flow: HashMap::new(),
+            handshakes: HashMap::new(),
+            sessions: HashMap::new(),
+            handshaking: 0,
+            generation: 0,
+            limits,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Peer> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: usize) -> Option<&mut Peer> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    /// The session of gateway key `key` (generation checked).
+    pub fn by_key(&mut self, key: FlowKey) -> Option<&mut Peer> {
+        self.get_mut(key.session).filter(|p| p.key == key)
+    }
+
+    pub fn by_cid(&self, cid: &[u8]) -> Option<usize> {
+        let cid: [u8; CID_LEN] = cid.try_into().ok()?;
+        self.by_cid.get(&cid).copied()
+    }
+
+    pub fn handshaking_on(&self, via: RelayFlow) -> Option<usize> {
+        self.by_flow.get(&via).copied()
+    }
+
+    /// Whether a new session for `agent_id` (the relay's name) fits.
+    pub fn admits_handshake(&self, agent_id: &Arc<str>) -> Result<(), Refused> {
+        let mine = self.handshakes.get(agent_id).copied().unwrap_or(0);
+        if self.len() >= self.limits.sessions
+            || self.handshaking >= self.limits.handshakes
+            || mine >= self.limits.handshakes_per_identity
+        {
+            return Err(Refused::Limit);
+        }
+        Ok(())
+    }
+
+    /// Adds a handshaking session that came on `via`; returns its slot.
+    pub fn insert(&mut self, session: E2eSession, via: RelayFlow, agent_id: Arc<str>) -> usize {
+        self.generation = self.generation.wrapping_add(1);
+        let slot = self.free.pop().unwrap_or(self.slots.len());
+        let key = FlowKey { session: slot, flow: self.generation };
+        self.by_cid.insert(session.source_id(), slot);
+        self.by_flow.insert(via, slot);
+        *self.handshakes.entry(Arc::clone(&agent_id)).or_default() += 1;
+        self.handshaking += 1;
+        let peer = Peer { session, via: Some(via), agent_id, proven: false, service: None, key };
+        match self.slots.get_mut(slot) {
+            Some(s) => *s = Some(peer),
+            None => self.slots.push(Some(peer)),
+        }
+        slot
+    }
+
+    fn end_handshake(&mut self, slot: usize) {
+        let Some(p) = self.slots.get(slot).and_then(Option::as_ref) else { return };
+        if p.proven {
+            return;
+        }
+        let id = Arc::clone(&p.agent_id);
+        if let Some(via) = p.via {
+            if self.by_flow.get(&via) == Some(&slot) {
+                self.by_flow.remove(&via);
+            }
+        }
+        if let Some(n) = self.handshakes.get_mut(&id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.handshakes.remove(&id);
+            }
+        }
+        self.handshaking = self.handshaking.saturating_sub(1);
+    }
+
+    /// The handshake of `slot` proved `agent`: it now counts against that
+    /// identity's sessions. `Err` when the identity holds its share.
+    pub fn prove(&mut self, slot: usize, agent: Arc<str>) -> Result<(), Refused> {
+        self.end_handshake(slot);
+        let held = self.sessions.get(&agent).copied().unwrap_or(0);
+        let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else { return Err(Refused::Limit) };
+        p.proven = true;
+        if held >= self.limits.sessions_per_identity {
+            // Counted as proven with no session: removal must not
+            // decrement another session's share.
+            p.agent_id = Arc::from("");
+            return Err(Refused::Limit);
+        }
+        *self.sessions.entry(Arc::clone(&agent)).or_default() += 1;
+        p.agent_id = agent;
+        Ok(())
+    }
+
+    /// The session's packets now come on `via` (it moved relays).
+    pub fn move_to(&mut self, slot: usize, via: RelayFlow) {
+        if let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            p.via = Some(via);
+        }
+    }
+
+    /// A relay flow closed: sessions on it wait for their agent's next.
+    pub fn flow_closed(&mut self, via: RelayFlow) {
+        self.by_flow.remove(&via);
+        for p in self.slots.iter_mut().flatten() {
+            if p.via == Some(via) {
+                p.via = None;
+            }
+        }
+    }
+
+    /// A relay link was lost: none of its flows carry sessions now.
+    pub fn link_lost(&mut self, link: usize) {
+        self.by_flow.retain(|(l, _), _| *l != link);
+        for p in self.slots.iter_mut().flatten() {
+            if p.via.is_some_and(|(l, _)| l == link) {
+                p.via = None;
+            }
+        }
+    }
+
+    /// Removes a session; returns it (the caller drops its gateway state).
+    pub fn remove(&mut self, slot: usize) -> Option<Peer> {
+        self.end_handshake(slot);
+        let p = self.slots.get_mut(slot)?.take()?;
+        self.by_cid.remove(&p.session.source_id());
+        if p.proven && !p.agent_id.is_empty() {
+            if let Some(n) = self.sessions.get_mut(&p.agent_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.sessions.remove(&p.agent_id);
+                }
+            }
+        }
+        self.free.push(slot);
+        Some(p)
+    }
+
+    /// Slots in use.
+    pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i)
+    }
+
+    /// Sessions up.
+    pub fn up(&self) -> usize {
+        self.slots.iter().flatten().filter(|p| p.session.is_up()).count()
+    }
+
+    /// Inner handshakes in progress.
+    pub fn handshaking(&self) -> usize {
+        self.handshaking
+    }
+}
