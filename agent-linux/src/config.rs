@@ -370,7 +370,7 @@ mod tests {
         let c = f.validate().unwrap();
         assert_eq!(c.relay.port(), 443);
         assert_eq!(c.ca.unwrap(), PathBuf::from("/tmp/other.pem"));
-        assert_eq!((c.tun_name.as_str(), c.mtu), ("zt9", 1400));
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("zt9", 1200));
     }
 
     #[test]

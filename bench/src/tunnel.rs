@@ -3,8 +3,7 @@
 //! service, for UDP and TCP. Used by `ztna-bench demo` and
 //! `ztna-bench tunnel`.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use ztna_agent::agent_core::{AgentConfig, AgentCore, AgentEvent, DropReason};
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
@@ -21,7 +19,8 @@ use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 use ztna_relay::server::{self, RelayConfig, RelayHandle};
 use ztna_testkit::echo::EchoServer;
-use ztna_testkit::tunnel_tcp::{IpLink, LinkRefused, TunnelTcp};
+use ztna_testkit::agent_link::AgentLink;
+use ztna_testkit::tunnel_tcp::{IpLink, TunnelTcp};
 use ztna_udp::IoBackend;
 
 /// The service, its address as agents see it, and the echo port.
@@ -31,97 +30,13 @@ pub const ECHO_PORT: u16 = 7;
 /// The agent's own tunnel address (source of its inner packets).
 pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 
-/// The agent core on a real UDP socket, as an [`IpLink`].
-pub struct AgentLink {
-    pub core: AgentCore,
-    sock: UdpSocket,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-}
-
-impl AgentLink {
-    pub fn new(relay: SocketAddr, tls: TlsOptions, seed: u64) -> Result<AgentLink> {
-        let sock = UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?;
-        sock.set_nonblocking(true)?;
-        let cfg = AgentConfig {
-            relay,
-            fallback_relays: Vec::new(),
-            server_name: "localhost".into(),
-            local: sock.local_addr()?,
-            tls,
-            pinned_connectors: Vec::new(),
-            routes: vec![(
-                ServiceName::new(SERVICE).context("service name")?,
-                ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,
-            )],
-        };
-        let core = AgentCore::new(cfg, seed, Instant::now()).map_err(anyhow::Error::msg)?;
-        Ok(AgentLink { core, sock, buf: vec![0u8; 65_536], out: vec![0u8; 2048] })
-    }
-
-    /// Pumps until registered and the observed address is known.
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<SocketAddr> {
-        let end = Instant::now() + timeout;
-        let mut registered = false;
-        loop {
-            self.pump();
-            while let Some(e) = self.core.poll_event() {
-                match e {
-                    AgentEvent::Registered { .. } => registered = true,
-                    AgentEvent::RegisterFailed { service, code, reason } => {
-                        bail!("registration of {service} refused: {code} {reason}")
-                    }
-                    _ => {}
-                }
-            }
-            if let (true, Some(o)) = (registered, self.core.observed_address()) {
-                return Ok(o);
-            }
-            if Instant::now() > end {
-                bail!("agent did not register within {timeout:?}");
-            }
-            ztna_testkit::client_io::wait_readable(&[self.sock.as_raw_fd()], Duration::from_millis(5));
-        }
-    }
-}
-
-impl IpLink for AgentLink {
-    fn pump(&mut self) {
-        while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
-            if let Some(b) = self.buf.get_mut(..n) {
-                self.core.recv_udp(b, from, Instant::now());
-            }
-        }
-        let now = Instant::now();
-        if self.core.next_deadline().is_some_and(|d| d <= now) {
-            self.core.handle_timeout(now);
-        }
-        while let Some((n, to)) = self.core.poll_udp(&mut self.out, now) {
-            if let Some(b) = self.out.get(..n) {
-                let _ = self.sock.send_to(b, to);
-            }
-        }
-    }
-
-    fn recv_packet(&mut self, buf: &mut [u8]) -> Option<usize> {
-        self.core.poll_ip_packet(buf)
-    }
-
-    fn send_packet(&mut self, pkt: &[u8]) -> Result<(), LinkRefused> {
-        match self.core.send_ip_packet(pkt) {
-            Ok(()) => Ok(()),
-            Err(DropReason::Backpressure) => Err(LinkRefused::Full),
-            Err(_) => Err(LinkRefused::Dropped),
-        }
-    }
-
-    fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.core.next_deadline()
-    }
+/// An agent routing [`SERVICE_IP`] to [`SERVICE`], as an [`IpLink`].
+pub fn agent_link(relay: SocketAddr, tls: TlsOptions, seed: u64) -> Result<AgentLink> {
+    let routes = vec![(
+        ServiceName::new(SERVICE).context("service name")?,
+        ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,
+    )];
+    Ok(AgentLink::new(relay, tls, routes, seed)?)
 }
 
 /// Relay, echo service and connector, all in-process on loopback.
@@ -251,8 +166,8 @@ pub fn run(
 }
 
 fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_bytes: usize) -> Result<TunnelReport> {
-    let mut link = AgentLink::new(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
-    let observed = link.wait_ready(Duration::from_secs(10))?;
+    let mut link = agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
+    let observed = link.wait_ready(1, Duration::from_secs(10))?;
     let relay_before = env.relay.totals();
     let cpu0 = thread_cpu();
 

@@ -16,11 +16,12 @@ use common::*;
 use smoltcp::socket::tcp::State;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto};
 use ztna_control::identity::Kind;
-use ztna_control::{packet, Role};
+use ztna_agent::route::Cidr;
+use ztna_control::packet;
 use ztna_relay::server::RelayHandle;
-use ztna_testkit::client_io::UdpClient;
+use ztna_testkit::agent_link::AgentLink;
 use ztna_testkit::echo::EchoServer;
-use ztna_testkit::tunnel_tcp::{FlowLink, TcpConn, TunnelTcp};
+use ztna_testkit::tunnel_tcp::{IpLink, TcpConn, TunnelTcp};
 use ztna_udp::IoBackend;
 
 const AGENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -67,17 +68,18 @@ impl Setup {
         Setup { relay, stats, stop, connector: Some(t), _echo: echo }
     }
 
-    /// An agent flow of identity `name` (a client of its own).
-    fn agent_flow(&self, name: &str, seed: u64) -> (UdpClient, u32) {
+    /// An agent of identity `name` (a core and socket of its own) whose
+    /// end-to-end session is up.
+    fn agent_flow(&self, name: &str, seed: u64) -> AgentLink {
         let tls = tls_for(&self.relay, Kind::Agent, name);
-        let mut c = client_as(&self.relay, &tls, &[(Role::Agent, "web")], seed);
-        let flow = until_registered(&mut c, 1)[0];
-        (c, flow)
+        let routes = vec![(svc("web"), Cidr::new((*SERVICE.ip()).into(), 32).unwrap())];
+        let mut link = AgentLink::new(self.relay.local_addr, tls, routes, seed).unwrap();
+        link.wait_ready(1, T).unwrap();
+        link
     }
 
-    fn tcp_agent(&self, name: &str, seed: u64) -> TunnelTcp<FlowLink> {
-        let (c, flow) = self.agent_flow(name, seed);
-        TunnelTcp::new(FlowLink::new(c, flow), AGENT_IP, seed)
+    fn tcp_agent(&self, name: &str, seed: u64) -> TunnelTcp<AgentLink> {
+        TunnelTcp::new(self.agent_flow(name, seed), AGENT_IP, seed)
     }
 
     fn stat(&self, f: impl Fn(&ConnectorStats) -> &AtomicU64) -> u64 {
@@ -94,13 +96,13 @@ impl Drop for Setup {
     }
 }
 
-/// Sends one datagram from each of `ports` on agent flow `(c, flow)`.
-fn send_udp(c: &mut UdpClient, flow: u32, ports: impl IntoIterator<Item = u16>) {
+/// Sends one datagram from each of `ports` through agent `c`.
+fn send_udp(c: &mut AgentLink, ports: impl IntoIterator<Item = u16>) {
     let mut pkt = Vec::new();
     for p in ports {
         packet::build_ipv4_udp(SocketAddrV4::new(AGENT_IP, p), SERVICE, &p.to_be_bytes(), &mut pkt).unwrap();
         let end = Instant::now() + T;
-        while c.session.send_datagram(flow, &pkt).is_err() {
+        while c.send_packet(&pkt).is_err() {
             assert!(Instant::now() < end, "agent cannot send");
             c.pump();
             std::thread::sleep(Duration::from_millis(1));
@@ -111,16 +113,15 @@ fn send_udp(c: &mut UdpClient, flow: u32, ports: impl IntoIterator<Item = u16>) 
 
 /// Pumps `clients` for `d`, returning the source ports each one got echoes
 /// for (distinct, sorted).
-fn echoed_ports(clients: &mut [&mut UdpClient], d: Duration) -> Vec<Vec<u16>> {
+fn echoed_ports(clients: &mut [&mut AgentLink], d: Duration) -> Vec<Vec<u16>> {
     let mut got = vec![Vec::new(); clients.len()];
     let mut buf = [0u8; 2048];
     let end = Instant::now() + d;
     while Instant::now() < end {
         for (i, c) in clients.iter_mut().enumerate() {
             c.pump();
-            while let Some(n) = c.session.recv_datagram(&mut buf) {
-                let Ok((_, ip)) = ztna_control::datagram::parse(&buf[..n]) else { continue };
-                let Ok(v4) = packet::parse_ipv4(ip) else { continue };
+            while let Some(n) = c.recv_packet(&mut buf) {
+                let Ok(v4) = packet::parse_ipv4(&buf[..n]) else { continue };
                 if let Ok(packet::Transport::Udp { dst_port, .. }) = packet::parse_transport(&v4) {
                     if !got[i].contains(&dst_port) {
                         got[i].push(dst_port);
@@ -138,8 +139,8 @@ fn echoed_ports(clients: &mut [&mut UdpClient], d: Duration) -> Vec<Vec<u16>> {
 
 /// Pumps every agent until each of `conns` is established or closed (or
 /// `T` passes); returns (established, refused, still connecting).
-fn settle(agents: &mut [TunnelTcp<FlowLink>], conns: &[(usize, TcpConn)]) -> (usize, usize, usize) {
-    let count = |agents: &[TunnelTcp<FlowLink>]| {
+fn settle(agents: &mut [TunnelTcp<AgentLink>], conns: &[(usize, TcpConn)]) -> (usize, usize, usize) {
+    let count = |agents: &[TunnelTcp<AgentLink>]| {
         let (mut up, mut refused, mut waiting) = (0, 0, 0);
         for (a, c) in conns {
             match agents[*a].state(*c) {
@@ -163,7 +164,7 @@ fn settle(agents: &mut [TunnelTcp<FlowLink>], conns: &[(usize, TcpConn)]) -> (us
 }
 
 /// Opens `n` connections on each agent.
-fn connect_all(agents: &mut [TunnelTcp<FlowLink>], n: usize) -> Vec<(usize, TcpConn)> {
+fn connect_all(agents: &mut [TunnelTcp<AgentLink>], n: usize) -> Vec<(usize, TcpConn)> {
     let mut conns = Vec::new();
     for (i, a) in agents.iter_mut().enumerate() {
         for _ in 0..n {
@@ -173,7 +174,7 @@ fn connect_all(agents: &mut [TunnelTcp<FlowLink>], n: usize) -> Vec<(usize, TcpC
     conns
 }
 
-fn echo_through(a: &mut TunnelTcp<FlowLink>, c: TcpConn, msg: &[u8]) {
+fn echo_through(a: &mut TunnelTcp<AgentLink>, c: TcpConn, msg: &[u8]) {
     a.send_all(c, msg, T).unwrap();
     assert_eq!(a.recv_exact(c, msg.len(), T).unwrap(), msg);
 }
@@ -184,11 +185,11 @@ fn one_identity_cannot_lock_out_another() {
 
     // The flood: one identity, four agent flows, each trying more UDP
     // flows than the whole table holds.
-    let mut flood: Vec<(UdpClient, u32)> = (0..4).map(|i| s.agent_flow("flood", 10 + i)).collect();
-    for (i, (c, flow)) in flood.iter_mut().enumerate() {
-        send_udp(c, *flow, (0..UDP_FLOWS as u16).map(|p| 1000 + 100 * i as u16 + p));
+    let mut flood: Vec<AgentLink> = (0..4).map(|i| s.agent_flow("flood", 10 + i)).collect();
+    for (i, c) in flood.iter_mut().enumerate() {
+        send_udp(c, (0..UDP_FLOWS as u16).map(|p| 1000 + 100 * i as u16 + p));
     }
-    let mut refs: Vec<&mut UdpClient> = flood.iter_mut().map(|(c, _)| c).collect();
+    let mut refs: Vec<&mut AgentLink> = flood.iter_mut().collect();
     let got = echoed_ports(&mut refs, Duration::from_millis(1500));
     let flood_flows: usize = got.iter().map(Vec::len).sum();
     println!("flooding identity got {flood_flows} UDP flows of {UDP_FLOWS}; {:?}", s.stats);
@@ -196,15 +197,15 @@ fn one_identity_cannot_lock_out_another() {
     assert!(s.stat(|st| &st.udp_flows_refused_identity_share) > 0, "refusals not counted: {:?}", s.stats);
 
     // A second identity still gets its UDP flows.
-    let (mut other, flow) = s.agent_flow("other", 20);
-    send_udp(&mut other, flow, 2000..2004);
+    let mut other = s.agent_flow("other", 20);
+    send_udp(&mut other, 2000..2004);
     let got = echoed_ports(&mut [&mut other], Duration::from_millis(1500));
     assert_eq!(got[0], vec![2000, 2001, 2002, 2003], "second identity's UDP flows: {:?}", s.stats);
 
     // TCP: the flooding identity tries 4 connections on each of 4 agent
     // flows (twice the whole table). What is over its share is refused with
     // an RST, not left hanging.
-    let mut flood_tcp: Vec<TunnelTcp<FlowLink>> = (0..4).map(|i| s.tcp_agent("flood", 30 + i)).collect();
+    let mut flood_tcp: Vec<TunnelTcp<AgentLink>> = (0..4).map(|i| s.tcp_agent("flood", 30 + i)).collect();
     let conns = connect_all(&mut flood_tcp, 4);
     let (up, refused, waiting) = settle(&mut flood_tcp, &conns);
     println!("flooding identity: {up} TCP connections up, {refused} refused, {waiting} hanging; {:?}", s.stats);
@@ -229,25 +230,25 @@ fn full_tables_are_reclaimed_from_the_identity_holding_most() {
 
     // Four identities take their share each: the tables are full.
     let names = ["f0", "f1", "f2", "f3"];
-    let mut udp: Vec<(UdpClient, u32)> = names.iter().zip(0..).map(|(n, i)| s.agent_flow(n, 50 + i)).collect();
-    for (i, (c, flow)) in udp.iter_mut().enumerate() {
-        send_udp(c, *flow, (0..8).map(|p| 1000 + 100 * i as u16 + p));
+    let mut udp: Vec<AgentLink> = names.iter().zip(0..).map(|(n, i)| s.agent_flow(n, 50 + i)).collect();
+    for (i, c) in udp.iter_mut().enumerate() {
+        send_udp(c, (0..8).map(|p| 1000 + 100 * i as u16 + p));
     }
-    let mut refs: Vec<&mut UdpClient> = udp.iter_mut().map(|(c, _)| c).collect();
+    let mut refs: Vec<&mut AgentLink> = udp.iter_mut().collect();
     let got = echoed_ports(&mut refs, Duration::from_millis(1500));
     let held: usize = got.iter().map(Vec::len).sum();
     assert_eq!(held, UDP_FLOWS, "the four identities should fill the UDP table: {got:?} {:?}", s.stats);
     assert!(got.iter().all(|g| g.len() == UDP_FLOWS / 4), "each identity gets its share: {got:?}");
 
-    let mut tcp: Vec<TunnelTcp<FlowLink>> = names.iter().zip(0..).map(|(n, i)| s.tcp_agent(n, 60 + i)).collect();
+    let mut tcp: Vec<TunnelTcp<AgentLink>> = names.iter().zip(0..).map(|(n, i)| s.tcp_agent(n, 60 + i)).collect();
     let conns = connect_all(&mut tcp, 3);
     let (up, _, waiting) = settle(&mut tcp, &conns);
     assert_eq!((up, waiting), (TCP_CONNECTIONS, 0), "the four identities should fill the TCP table: {:?}", s.stats);
 
     // A fifth identity gets in: the least recently used entry of an
     // identity holding the most is reclaimed.
-    let (mut new, flow) = s.agent_flow("newcomer", 70);
-    send_udp(&mut new, flow, [3000, 3001]);
+    let mut new = s.agent_flow("newcomer", 70);
+    send_udp(&mut new, [3000, 3001]);
     let got = echoed_ports(&mut [&mut new], Duration::from_millis(1500));
     assert_eq!(got[0], vec![3000, 3001], "newcomer's UDP flows: {:?}", s.stats);
     assert_eq!(s.stat(|st| &st.udp_flows_reclaimed), 2, "{:?}", s.stats);
@@ -278,7 +279,7 @@ fn full_tcp_flow_table_is_reclaimed_too() {
         c.max_tcp_flows = 4;
         c.max_tcp_flows_per_identity = Some(2);
     });
-    let mut held: Vec<TunnelTcp<FlowLink>> =
+    let mut held: Vec<TunnelTcp<AgentLink>> =
         ["f0", "f0", "f1", "f1"].iter().zip(0..).map(|(n, i)| s.tcp_agent(n, 80 + i)).collect();
     let conns = connect_all(&mut held, 1);
     assert_eq!(settle(&mut held, &conns), (4, 0, 0), "{:?}", s.stats);

@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ztna_connector::{BackendRoute, Connector, Proto};
-use ztna_control::{packet, Role};
-use ztna_testkit::client_io::UdpClient;
+use ztna_agent::route::Cidr;
+use ztna_control::identity::Kind;
+use ztna_control::packet;
+use ztna_testkit::agent_link::AgentLink;
+use ztna_testkit::tunnel_tcp::IpLink;
 use ztna_testkit::echo::EchoServer;
 use ztna_udp::IoBackend;
 
@@ -20,12 +23,12 @@ const FLOWS: usize = 4096;
 
 /// Pumps the agent (discarding what it receives) and turns the connector
 /// until `done`.
-fn until(c: &mut Connector, agent: &mut UdpClient, what: &str, done: impl Fn(&Connector) -> bool) {
+fn until(c: &mut Connector, agent: &mut AgentLink, what: &str, done: impl Fn(&Connector) -> bool) {
     let end = Instant::now() + Duration::from_secs(60);
     let mut buf = [0u8; 2048];
     while !done(c) {
         agent.pump();
-        while agent.session.recv_datagram(&mut buf).is_some() {}
+        while agent.recv_packet(&mut buf).is_some() {}
         c.turn(Duration::from_millis(1)).unwrap();
         assert!(Instant::now() < end, "timed out waiting for {what}: {:?}", c.stats);
     }
@@ -52,8 +55,15 @@ fn idle_flows_cost_no_reads() {
         c.turn(Duration::from_millis(10)).unwrap();
         assert!(Instant::now() < end, "connector did not register");
     }
-    let mut agent = client(&relay, &[(Role::Agent, "echo")], 3);
-    let flow = until_registered(&mut agent, 1)[0];
+    let tls = tls_for(&relay, Kind::Agent, "idle");
+    let routes = vec![(svc("echo"), Cidr::new([100, 100, 0, 0].into(), 16).unwrap())];
+    let mut agent = AgentLink::new(relay.local_addr, tls, routes, 3).unwrap();
+    let end = Instant::now() + T;
+    while agent.core.sessions_up() == 0 {
+        assert!(Instant::now() < end, "no end-to-end session: {:?}", c.stats);
+        agent.pump();
+        c.turn(Duration::from_millis(1)).unwrap();
+    }
 
     // 4096 flows, each answered once by the echo service.
     let svc = SocketAddrV4::new([100, 100, 0, 10].into(), 7);
@@ -69,12 +79,12 @@ fn idle_flows_cost_no_reads() {
             for i in batch * 64..(batch + 1) * 64 {
                 let me = SocketAddrV4::new([10, 9, (i >> 8) as u8, i as u8].into(), 4000);
                 packet::build_ipv4_udp(me, svc, b"x", &mut pkt).unwrap();
-                let _ = agent.session.send_datagram(flow, &pkt);
+                let _ = agent.send_packet(&pkt);
             }
             let wait = Instant::now() + Duration::from_millis(200);
             while Instant::now() < wait && c.stats.snapshot().udp_flows_opened < target {
                 agent.pump();
-                while agent.session.recv_datagram(&mut buf).is_some() {}
+                while agent.recv_packet(&mut buf).is_some() {}
                 c.turn(Duration::from_millis(1)).unwrap();
             }
         }
@@ -100,11 +110,11 @@ fn idle_flows_cost_no_reads() {
     let end = Instant::now() + T;
     while c.stats.snapshot().udp_from_backend == want {
         assert!(Instant::now() < end, "no reply: {:?}", c.stats);
-        agent.session.send_datagram(flow, &pkt).unwrap();
+        let _ = agent.send_packet(&pkt);
         let wait = Instant::now() + Duration::from_millis(500);
         while Instant::now() < wait && c.stats.snapshot().udp_from_backend == want {
             agent.pump();
-            while agent.session.recv_datagram(&mut buf).is_some() {}
+            while agent.recv_packet(&mut buf).is_some() {}
             c.turn(Duration::from_millis(1)).unwrap();
         }
     }

@@ -16,10 +16,12 @@ use common::*;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
 use ztna_control::packet::{self, Transport};
 use ztna_control::rng::SplitMix64;
-use ztna_control::Role;
 use ztna_relay::server::RelayHandle;
 use ztna_testkit::echo::EchoServer;
-use ztna_testkit::tunnel_tcp::{FlowLink, TunnelTcp};
+use ztna_agent::route::Cidr;
+use ztna_control::identity::Kind;
+use ztna_testkit::agent_link::AgentLink;
+use ztna_testkit::tunnel_tcp::{IpLink, TunnelTcp};
 use ztna_udp::IoBackend;
 
 const AGENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -180,10 +182,17 @@ impl Setup {
         Setup { relay, stats, stop, connector: Some(t), connector_tid, echo, source, _sink: sink }
     }
 
-    fn agent(&self, seed: u64) -> TunnelTcp<FlowLink> {
-        let mut c = client(&self.relay, &[(Role::Agent, "web")], seed);
-        let flow = until_registered(&mut c, 1)[0];
-        TunnelTcp::new(FlowLink::new(c, flow), AGENT_IP, seed)
+    /// An agent core whose end-to-end session with the connector is up.
+    fn agent_link(&self, seed: u64) -> AgentLink {
+        let tls = tls_for(&self.relay, Kind::Agent, &format!("agent-{seed}"));
+        let routes = vec![(svc("web"), Cidr::new(VIP.into(), 32).unwrap())];
+        let mut link = AgentLink::new(self.relay.local_addr, tls, routes, seed).unwrap();
+        link.wait_ready(1, T).unwrap();
+        link
+    }
+
+    fn agent(&self, seed: u64) -> TunnelTcp<AgentLink> {
+        TunnelTcp::new(self.agent_link(seed), AGENT_IP, seed)
     }
 
     /// CPU time the connector's thread has used.
@@ -196,7 +205,7 @@ impl Setup {
     }
 
     /// Waits (pumping `agent`) until `pred` holds on the connector stats.
-    fn until(&self, agent: &mut TunnelTcp<FlowLink>, what: &str, pred: impl Fn(&ConnectorStats) -> bool) {
+    fn until(&self, agent: &mut TunnelTcp<AgentLink>, what: &str, pred: impl Fn(&ConnectorStats) -> bool) {
         let end = Instant::now() + T;
         while !pred(&self.stats) {
             assert!(Instant::now() < end, "timed out waiting for {what}: {:?}", self.stats);
@@ -334,7 +343,7 @@ fn flow_control_bounds_buffering_both_ways() {
     // backend's writes stall.
     let c = a.connect(vip(SOURCE)).unwrap();
     a.wait_connected(c, T).unwrap();
-    let settle = |a: &mut TunnelTcp<FlowLink>, d: Duration| {
+    let settle = |a: &mut TunnelTcp<AgentLink>, d: Duration| {
         let end = Instant::now() + d;
         while Instant::now() < end {
             a.wait(Duration::from_millis(10));
@@ -411,26 +420,28 @@ fn flow_control_bounds_buffering_both_ways() {
 #[test]
 fn too_big_with_df_gets_frag_needed() {
     let s = Setup::start();
-    let mut c = client(&s.relay, &[(Role::Agent, "web")], 4);
-    let flow = until_registered(&mut c, 1)[0];
+    let mut c = s.agent_link(4);
     let agent = SocketAddrV4::new(AGENT_IP, 5000);
     let mut pkt = Vec::new();
     let mut buf = vec![0u8; 2048];
+    let mut next_packet = |c: &mut AgentLink, what: &str| {
+        let end = Instant::now() + T;
+        loop {
+            assert!(Instant::now() < end, "no {what}");
+            c.pump();
+            if let Some(n) = c.recv_packet(&mut buf) {
+                break buf[..n].to_vec();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
 
-    // 1293 bytes with DF (every built packet has DF): refused with the MTU.
+    // 1293 bytes with DF (every built packet has DF): the agent refuses it
+    // and answers with the tunnel MTU itself; nothing leaves the device.
     packet::build_ipv4_udp(agent, vip(ECHO), &[7u8; 1265], &mut pkt).unwrap();
     assert_eq!(pkt.len(), 1293);
-    c.session.send_datagram(flow, &pkt).unwrap();
-    let end = Instant::now() + T;
-    let reply = loop {
-        assert!(Instant::now() < end, "no ICMP reply");
-        c.pump();
-        if let Some(n) = c.session.recv_datagram(&mut buf) {
-            let (_, ip) = ztna_control::datagram::parse(&buf[..n]).unwrap();
-            break ip.to_vec();
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    assert!(c.send_packet(&pkt).is_err());
+    let reply = next_packet(&mut c, "ICMP reply");
     let ip = packet::parse_ipv4(&reply).unwrap();
     assert_eq!((ip.src, ip.dst), (VIP, AGENT_IP));
     match packet::parse_transport(&ip).unwrap() {
@@ -438,25 +449,15 @@ fn too_big_with_df_gets_frag_needed() {
         other => panic!("not frag-needed: {other:?}"),
     }
     assert_eq!(u16::from_be_bytes([ip.payload[6], ip.payload[7]]), 1280);
-    assert_eq!(s.stat(|st| &st.drop_too_big), 1);
+    assert_eq!(c.core.stats().drop_too_large, 1);
     assert_eq!(s.echo.stats.udp_datagrams.load(Ordering::Relaxed), 0);
 
-    // Exactly 1280 bytes passes.
+    // Exactly 1280 bytes passes, end to end.
     packet::build_ipv4_udp(agent, vip(ECHO), &[8u8; 1252], &mut pkt).unwrap();
     assert_eq!(pkt.len(), 1280);
-    c.session.send_datagram(flow, &pkt).unwrap();
-    let end = Instant::now() + T;
-    loop {
-        assert!(Instant::now() < end, "no UDP echo");
-        c.pump();
-        if let Some(n) = c.session.recv_datagram(&mut buf) {
-            let (_, ip) = ztna_control::datagram::parse(&buf[..n]).unwrap();
-            assert_eq!(ip.len(), 1280);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(s.stat(|st| &st.drop_too_big), 1);
+    c.send_packet(&pkt).unwrap();
+    assert_eq!(next_packet(&mut c, "UDP echo").len(), 1280);
+    assert_eq!(s.stat(|st| &st.drop_too_big), 0);
 }
 
 #[test]
@@ -464,6 +465,7 @@ fn tcp_config_defaults_and_validation() {
     let cfg = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]
+        ca = "ca.pem"
         cert = "connector.pem"
         key = "connector.key"
         [[service]]
@@ -476,8 +478,12 @@ fn tcp_config_defaults_and_validation() {
     assert_eq!(cfg.services[0].allow_agents.as_deref(), Some(&["spiffe://corp/agent/alice".to_owned()][..]));
     let no_cert = ConnectorConfig::from_toml("relays = [\"127.0.0.1:4433\"]\n[[service]]\nname = \"web\"\n");
     assert!(no_cert.unwrap_err().to_string().contains("cert and key are required"));
+    let no_ca = ConnectorConfig::from_toml("relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n");
+    assert!(no_ca.unwrap_err().to_string().contains("ca is required"));
+    assert_eq!((cfg.max_e2e_sessions, cfg.max_e2e_sessions_per_identity), (1024, 64));
+    assert_eq!((cfg.max_e2e_handshakes, cfg.max_e2e_handshakes_per_identity), (128, 8));
     let bad_allow = ConnectorConfig::from_toml(
-        "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\nallow_agents = [\"alice\"]\n",
+        "relays = [\"127.0.0.1:4433\"]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\nallow_agents = [\"alice\"]\n",
     );
     assert!(bad_allow.unwrap_err().to_string().contains("not an agent SPIFFE ID"));
     assert_eq!(cfg.max_tcp_flows, 1024);
@@ -489,12 +495,13 @@ fn tcp_config_defaults_and_validation() {
     assert_eq!(cfg.max_tcp_queued_packets_per_identity, 4096);
     let with = |extra: &str| {
         ConnectorConfig::from_toml(&format!(
-            "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
+            "relays = [\"127.0.0.1:4433\"]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
         ))
     };
     let set = with("max_tcp_connections = 512\nmax_udp_flows_per_identity = 10").unwrap();
     assert_eq!((set.udp_flows_per_identity(), set.tcp_connections_per_identity()), (10, 128));
     assert!(with("max_tcp_connections_per_identity = 0").unwrap_err().to_string().contains("must be positive"));
+    assert!(with("max_e2e_handshakes_per_identity = 0").unwrap_err().to_string().contains("must be positive"));
     let bad = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]
@@ -513,7 +520,7 @@ fn tcp_config_defaults_and_validation() {
 fn relay_and_backend_names() {
     let text = |relay: &str, target: &str| {
         format!(
-            "relays = [\"{relay}\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n\
+            "relays = [\"{relay}\"]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n\
              backend = [{{ protocol = \"tcp\", port = 80, target = \"{target}\" }}]\n"
         )
     };

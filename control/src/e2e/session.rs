@@ -422,7 +422,8 @@ impl E2eSession {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.is_closed() {
-            return None;
+            // quiche's closing/draining timer: then the session is finished.
+            return self.conn.timeout_instant();
         }
         let quic = self.conn.timeout_instant();
         let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
@@ -432,6 +433,9 @@ impl E2eSession {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_closed() {
+            if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+                self.conn.on_timeout();
+            }
             return;
         }
         if self.conn.timeout_instant().is_some_and(|t| t <= now) {

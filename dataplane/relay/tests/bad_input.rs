@@ -81,9 +81,9 @@ fn random_garbage_and_truncated_quic_packets_are_dropped_and_counted() {
 
 fn raw_after_hello(relay: &RelayHandle) -> RawClient {
     let mut raw = RawClient::connect(relay);
-    raw.send_msg(&Message::Hello { version: 1, software: "raw".into() });
+    raw.send_msg(&Message::Hello { version: ztna_control::wire::VERSION, software: "raw".into() });
     raw.pump_for(Duration::from_millis(100));
-    assert!(matches!(raw.messages().first(), Some(Message::HelloAck { version: 1 })));
+    assert!(matches!(raw.messages().first(), Some(Message::HelloAck { version: ztna_control::wire::VERSION })));
     raw
 }
 

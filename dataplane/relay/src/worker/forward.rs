@@ -24,6 +24,9 @@ impl Worker {
         let mut buf = std::mem::take(&mut self.dgram_buf);
         while let Ok(n) = conn.quic.dgram_recv(&mut buf) {
             let Some(d) = buf.get_mut(..n) else { break };
+            if let Some(tap) = self.tap.as_mut() {
+                tap(d);
+            }
             self.forward(conn, d, now);
         }
         self.dgram_buf = buf;

@@ -182,6 +182,11 @@ struct Conn {
     identity_counted: bool,
 }
 
+/// Sees (and may alter) every DATAGRAM a worker receives from a client,
+/// flow id included, before it is forwarded: tests use it to check what a
+/// relay can read, and to play a relay that tampers with payloads.
+pub type DatagramTap = Box<dyn FnMut(&mut [u8]) + Send>;
+
 /// The worker state machine.
 pub struct Worker {
     cfg: WorkerConfig,
@@ -213,6 +218,7 @@ pub struct Worker {
     delivered_at: Vec<Instant>,
     scratch: Vec<u8>,
     dgram_buf: Vec<u8>,
+    tap: Option<DatagramTap>,
     stats: Arc<WorkerStats>,
     latency: metrics::Histogram,
     shutting_down: bool,
@@ -278,6 +284,7 @@ impl Worker {
             delivered_at: Vec::new(),
             scratch: Vec::with_capacity(2048),
             dgram_buf: vec![0u8; 65_536],
+            tap: None,
             stats,
             latency,
             shutting_down: false,
@@ -295,6 +302,11 @@ impl Worker {
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
+    }
+
+    /// Installs (or removes) a [`DatagramTap`].
+    pub fn set_datagram_tap(&mut self, tap: Option<DatagramTap>) {
+        self.tap = tap;
     }
 
     /// Open connections.
