@@ -340,6 +340,10 @@ impl AgentCore {
         if pkt.len() > e2e::TUNNEL_MTU {
             return Err(DropReason::TooLarge);
         }
+        // Between relay legs the session lives on, but nothing can leave.
+        if t.flow.is_none() {
+            return Err(DropReason::NoFlow);
+        }
         let s = t.session.as_mut().ok_or(DropReason::NoFlow)?;
         let up = s.is_up();
         match s.send_ip(pkt) {
@@ -374,7 +378,11 @@ impl AgentCore {
         let (tunnels, routes, stats) = (&mut self.tunnels, &self.routes, &mut self.stats);
         for (service, t) in tunnels.iter_mut() {
             let Some(s) = t.session.as_mut() else { continue };
-            while let Some(n) = s.recv_ip(out) {
+            loop {
+                let truncated = s.truncated();
+                let got = s.recv_ip(out);
+                stats.drop_truncated += s.truncated() - truncated;
+                let Some(n) = got else { break };
                 let Some(pkt) = out.get(..n) else {
                     stats.drop_truncated += 1;
                     continue;
@@ -450,7 +458,8 @@ impl AgentCore {
                     self.stats.e2e_established += 1;
                     t.succeeded();
                     tracing::info!(%service, %connector, "end-to-end session up");
-                    self.events.push_back(AgentEvent::SessionUp { service: service.clone(), connector: connector.clone() });
+                    self.events
+                        .push_back(AgentEvent::SessionUp { service: service.clone(), connector: connector.clone() });
                 }
                 SessionEvent::Closed { reason, identity_mismatch, .. } => {
                     if identity_mismatch {

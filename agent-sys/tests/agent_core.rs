@@ -11,6 +11,7 @@ use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
 use ztna_relay::server::{self, RelayConfig};
 use ztna_testkit::client_io::UdpClient;
+use ztna_testkit::raw_tunnel::RawConnector;
 
 /// What a connector's UDP echo sends back: the same payload, from the
 /// service address to the agent.
@@ -25,14 +26,11 @@ fn answer(ip: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One turn of the connector: answer every datagram as the service.
-fn serve(conn: &mut UdpClient) {
-    let mut b = [0u8; 2048];
+/// One turn of the connector: answer every tunneled packet as the service.
+fn serve(conn: &mut RawConnector) {
     conn.pump();
-    while let Some(n) = conn.session.recv_datagram(&mut b) {
-        let (flow, p) = ztna_control::datagram::parse(&b[..n]).unwrap();
-        let p = answer(p);
-        conn.session.send_datagram(flow, &p).unwrap();
+    while let Some((flow, p)) = conn.recv_ip() {
+        conn.send_ip(flow, &answer(&p)).unwrap();
     }
     conn.pump();
 }
@@ -75,7 +73,8 @@ fn routing_and_refusals() {
     let mut ccfg = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse().unwrap(), "localhost");
     ccfg.registrations = vec![(Role::Connector, ServiceName::new("echo").unwrap())];
     let ctls = pki.client_tls(Kind::Connector, "echo").unwrap();
-    let mut conn = UdpClient::new(ccfg, &ctls, "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let mut conn =
+        RawConnector::new(UdpClient::new(ccfg, &ctls, "127.0.0.1:0".parse().unwrap(), 1).unwrap(), &ctls).unwrap();
     let tls = pki.client_tls(Kind::Agent, "laptop").unwrap();
 
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -101,13 +100,15 @@ fn routing_and_refusals() {
     let end = Instant::now() + Duration::from_secs(10);
     let mut registered = false;
     let mut observed = None;
-    while !(registered && observed.is_some()) {
+    let mut up = None;
+    while !(registered && observed.is_some() && up.is_some()) {
         conn.pump();
         a.pump();
         while let Some(e) = a.core.poll_event() {
             match e {
                 AgentEvent::Registered { .. } => registered = true,
                 AgentEvent::ObservedAddress(o) => observed = Some(o),
+                AgentEvent::SessionUp { connector, .. } => up = Some(connector),
                 _ => {}
             }
         }
@@ -115,6 +116,8 @@ fn routing_and_refusals() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(observed, Some(a.sock.local_addr().unwrap()));
+    assert_eq!(up.as_deref(), Some("spiffe://dev.ztna/connector/echo"), "the connector proved the relay's name");
+    assert_eq!(a.core.session_peer(&ServiceName::new("echo").unwrap()), up);
 
     // Mapped: goes through and comes back.
     packet::build_ipv4_udp(me, svc, b"hello", &mut pkt).unwrap();
@@ -149,21 +152,20 @@ fn routing_and_refusals() {
     // whose source is outside the service's prefixes (here: pretending to be
     // some other host) is dropped and counted, never delivered.
     let flow = {
-        let mut b = [0u8; 2048];
         a.core.send_ip_packet(&pkt).unwrap();
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             a.pump();
             conn.pump();
-            if let Some(n) = conn.session.recv_datagram(&mut b) {
-                break ztna_control::datagram::parse(&b[..n]).unwrap().0;
+            if let Some((flow, _)) = conn.recv_ip() {
+                break flow;
             }
             assert!(Instant::now() < end, "connector got nothing");
         }
     };
     let mut spoof = Vec::new();
     packet::build_ipv4_udp(SocketAddrV4::new("8.8.8.8".parse().unwrap(), 53), me, b"forged", &mut spoof).unwrap();
-    conn.session.send_datagram(flow, &spoof).unwrap();
+    conn.send_ip(flow, &spoof).unwrap();
     let end = Instant::now() + Duration::from_secs(10);
     while a.core.stats().drop_spoofed == 0 {
         conn.pump();

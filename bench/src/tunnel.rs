@@ -18,8 +18,8 @@ use ztna_control::packet::{self, Transport};
 use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 use ztna_relay::server::{self, RelayConfig, RelayHandle};
-use ztna_testkit::echo::EchoServer;
 use ztna_testkit::agent_link::AgentLink;
+use ztna_testkit::echo::EchoServer;
 use ztna_testkit::tunnel_tcp::{IpLink, TunnelTcp};
 use ztna_udp::IoBackend;
 

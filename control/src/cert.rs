@@ -34,10 +34,7 @@ pub enum CertIdentityError {
 /// a second URI that is not ASCII cannot make the first look like the only
 /// one. The one URI must be ASCII (an IA5String), and BoringSSL's own
 /// reading of the SAN extension must agree with ours.
-pub fn identity_from_der(
-    der: &[u8],
-    trust_domain: &str,
-) -> std::result::Result<Identity, CertIdentityError> {
+pub fn identity_from_der(der: &[u8], trust_domain: &str) -> std::result::Result<Identity, CertIdentityError> {
     let cert = X509::from_der(der).map_err(|_| CertIdentityError::Unparseable)?;
     let uris = uri_sans(der).ok_or(CertIdentityError::Unparseable)?;
     let one = match uris.as_slice() {
@@ -127,7 +124,6 @@ pub fn uri_sans(cert: &[u8]) -> Option<Vec<&[u8]>> {
     }
     (sans <= 1).then_some(uris)
 }
-
 
 /// Why a peer certificate was refused (each endpoint counts them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,7 +27,12 @@ pub struct AgentLink {
 impl AgentLink {
     /// An agent for `routes`, on a socket bound next to `relay` (loopback
     /// for a local relay).
-    pub fn new(relay: SocketAddr, tls: TlsOptions, routes: Vec<(ServiceName, Cidr)>, seed: u64) -> io::Result<AgentLink> {
+    pub fn new(
+        relay: SocketAddr,
+        tls: TlsOptions,
+        routes: Vec<(ServiceName, Cidr)>,
+        seed: u64,
+    ) -> io::Result<AgentLink> {
         let sock = UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?;
         sock.set_nonblocking(true)?;
         let cfg = AgentConfig {

@@ -9,6 +9,8 @@
 //! - [`client_io`]: a UDP socket driver for `ztna_control`'s client session.
 //! - [`echo`]: UDP and TCP echo servers.
 //! - [`fixtures`]: relays, clients and configurations for integration tests.
+//! - [`raw_tunnel`]: an agent whose end-to-end session the test drives,
+//!   for bad input from an authenticated agent.
 //! - [`tunnel_tcp`]: agent-side TCP through the tunnel (smoltcp), without
 //!   a TUN device.
 
@@ -18,4 +20,5 @@ pub mod echo;
 pub mod fixtures;
 pub mod hosts;
 pub mod net;
+pub mod raw_tunnel;
 pub mod tunnel_tcp;

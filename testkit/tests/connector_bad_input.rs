@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ztna_connector::{BackendRoute, Connector, ConnectorStats, Proto};
+use ztna_control::identity::Kind;
 use ztna_control::{packet, Role};
 use ztna_testkit::echo::EchoServer;
+use ztna_testkit::raw_tunnel::RawTunnel;
 use ztna_udp::IoBackend;
 
 #[test]
@@ -38,12 +40,13 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || connector.run(&stop).unwrap())
     };
-    let mut agent = client(&relay, &[(Role::Agent, "echo")], 9);
-    let flow = until_registered(&mut agent, 1)[0];
+    let tls = tls_for(&relay, Kind::Agent, "a9");
+    let c = client_as(&relay, &tls, &[(Role::Agent, "echo")], 9);
+    let mut agent = RawTunnel::connect(c, &tls, svc("echo"), T).unwrap();
     let me = SocketAddrV4::new("10.9.0.2".parse().unwrap(), 5000);
     let svc = SocketAddrV4::new("100.100.0.10".parse().unwrap(), 7);
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let wait = |agent: &mut ztna_testkit::client_io::UdpClient, what: &str, f: &dyn Fn(&ConnectorStats) -> bool| {
+    let wait = |agent: &mut RawTunnel, what: &str, f: &dyn Fn(&ConnectorStats) -> bool| {
         let end = Instant::now() + T;
         while !f(&stats) {
             agent.pump();
@@ -51,9 +54,8 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
             std::thread::sleep(Duration::from_millis(2));
         }
     };
-    let send = |agent: &mut ztna_testkit::client_io::UdpClient, pkt: &[u8]| {
-        agent.session.send_datagram(flow, pkt).unwrap();
-        agent.pump();
+    let send = |agent: &mut RawTunnel, pkt: &[u8]| {
+        agent.send_ip(pkt).unwrap();
     };
 
     // IPv6 inner packet.
@@ -83,15 +85,13 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
     let mut buf = [0u8; 2048];
     let end = Instant::now() + T;
     let reply = loop {
-        agent.pump();
-        if let Some(n) = agent.session.recv_datagram(&mut buf) {
+        if let Some(n) = agent.recv_ip(&mut buf) {
             break buf[..n].to_vec();
         }
         assert!(Instant::now() < end, "no echo");
         std::thread::sleep(Duration::from_millis(2));
     };
-    let (_, ip) = ztna_control::datagram::parse(&reply).unwrap();
-    let v4 = packet::parse_ipv4(ip).unwrap();
+    let v4 = packet::parse_ipv4(&reply).unwrap();
     assert_eq!((v4.src, v4.dst), (*svc.ip(), *me.ip()), "reply comes from the service address");
     match packet::parse_transport(&v4).unwrap() {
         packet::Transport::Udp { src_port, dst_port, payload } => {

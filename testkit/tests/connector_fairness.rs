@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use smoltcp::socket::tcp::State;
+use ztna_agent::route::Cidr;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto};
 use ztna_control::identity::Kind;
-use ztna_agent::route::Cidr;
 use ztna_control::packet;
 use ztna_relay::server::RelayHandle;
 use ztna_testkit::agent_link::AgentLink;

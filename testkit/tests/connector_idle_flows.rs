@@ -10,13 +10,13 @@ use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ztna_connector::{BackendRoute, Connector, Proto};
 use ztna_agent::route::Cidr;
+use ztna_connector::{BackendRoute, Connector, Proto};
 use ztna_control::identity::Kind;
 use ztna_control::packet;
 use ztna_testkit::agent_link::AgentLink;
-use ztna_testkit::tunnel_tcp::IpLink;
 use ztna_testkit::echo::EchoServer;
+use ztna_testkit::tunnel_tcp::IpLink;
 use ztna_udp::IoBackend;
 
 const FLOWS: usize = 4096;

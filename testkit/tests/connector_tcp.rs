@@ -13,14 +13,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ztna_agent::route::Cidr;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, ConnectorStats, Proto, ServiceConfig};
+use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::rng::SplitMix64;
 use ztna_relay::server::RelayHandle;
-use ztna_testkit::echo::EchoServer;
-use ztna_agent::route::Cidr;
-use ztna_control::identity::Kind;
 use ztna_testkit::agent_link::AgentLink;
+use ztna_testkit::echo::EchoServer;
 use ztna_testkit::tunnel_tcp::{IpLink, TunnelTcp};
 use ztna_udp::IoBackend;
 
@@ -478,7 +478,9 @@ fn tcp_config_defaults_and_validation() {
     assert_eq!(cfg.services[0].allow_agents.as_deref(), Some(&["spiffe://corp/agent/alice".to_owned()][..]));
     let no_cert = ConnectorConfig::from_toml("relays = [\"127.0.0.1:4433\"]\n[[service]]\nname = \"web\"\n");
     assert!(no_cert.unwrap_err().to_string().contains("cert and key are required"));
-    let no_ca = ConnectorConfig::from_toml("relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n");
+    let no_ca = ConnectorConfig::from_toml(
+        "relays = [\"127.0.0.1:4433\"]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"web\"\n",
+    );
     assert!(no_ca.unwrap_err().to_string().contains("ca is required"));
     assert_eq!((cfg.max_e2e_sessions, cfg.max_e2e_sessions_per_identity), (1024, 64));
     assert_eq!((cfg.max_e2e_handshakes, cfg.max_e2e_handshakes_per_identity), (128, 8));

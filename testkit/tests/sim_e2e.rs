@@ -84,7 +84,8 @@ fn udp_probe(seq: u8) -> Vec<u8> {
 fn tcp_probe() -> Vec<u8> {
     let mut payload = MARKER.to_vec();
     payload.resize(1000, b'.');
-    let header = TcpHeader { seq: 1, ack: 1, flags: TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), window: 65535, mss: None };
+    let header =
+        TcpHeader { seq: 1, ack: 1, flags: TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), window: 65535, mss: None };
     let mut p = Vec::new();
     packet::build_ipv4_tcp(SocketAddrV4::new(*INNER_SRC.ip(), 5001), SERVICE_ADDR, &header, &payload, &mut p).unwrap();
     p

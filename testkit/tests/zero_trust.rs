@@ -4,7 +4,10 @@
 //! cross connections, policy reloads that revoke, and the connector's own
 //! allow-list. Each case asserts its documented outcome and counter.
 
+use ztna_agent::agent_core::AgentEvent;
+use ztna_testkit::agent_link::AgentLink;
 use ztna_testkit::fixtures as common;
+use ztna_testkit::tunnel_tcp::IpLink;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -325,16 +328,22 @@ fn a_connector_allow_list_refuses_other_agents() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || connector.run(&stop).unwrap())
     };
-    let mut bob = client_as(&relay, &id_tls(&relay, Kind::Agent, "bob"), &[(Role::Agent, "echo")], 2);
-    let bob_flow = until_registered(&mut bob, 1)[0];
-    match bob.wait_for(T, |e| matches!(e, Event::FlowClosed { .. }), |_| {}) {
-        Some(Event::FlowClosed { flow, code }) => assert_eq!((flow, code), (bob_flow, Code::DENIED)),
-        other => panic!("bob: {other:?}"),
-    }
-    assert_eq!(stats.flows_refused.load(Ordering::Relaxed), 1);
+    // Bob is allowed by the relay, not by the connector: it refuses his
+    // end-to-end session on the identity he proved in it.
+    let routes = || vec![(svc("echo"), ztna_agent::route::Cidr::new([100, 100, 0, 10].into(), 32).unwrap())];
+    let mut bob = AgentLink::new(relay.local_addr, id_tls(&relay, Kind::Agent, "bob"), routes(), 2).unwrap();
+    assert!(bob.wait_ready(1, Duration::from_secs(3)).is_err(), "bob's session must not come up");
+    let closed = bob.events.iter().find_map(|e| match e {
+        AgentEvent::SessionClosed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(closed.as_deref().is_some_and(|r| r.contains("allow_agents")), "bob: {:?}", bob.events);
+    assert!(!bob.events.iter().any(|e| matches!(e, AgentEvent::SessionUp { .. })));
+    // Bob retries with a backoff (1 s, 2 s, ...): each attempt is refused.
+    assert!((1..=3).contains(&stats.flows_refused.load(Ordering::Relaxed)));
     // Alice gets through to the real backend.
-    let mut alice = client_as(&relay, &id_tls(&relay, Kind::Agent, "alice"), &[(Role::Agent, "echo")], 3);
-    let flow = until_registered(&mut alice, 1)[0];
+    let mut alice = AgentLink::new(relay.local_addr, id_tls(&relay, Kind::Agent, "alice"), routes(), 3).unwrap();
+    alice.wait_ready(1, T).unwrap();
     let me = std::net::SocketAddrV4::new("10.9.0.2".parse().unwrap(), 5000);
     let svc_addr = std::net::SocketAddrV4::new("100.100.0.10".parse().unwrap(), 7);
     let mut pkt = Vec::new();
@@ -343,10 +352,10 @@ fn a_connector_allow_list_refuses_other_agents() {
     let end = Instant::now() + T;
     let mut buf = [0u8; 2048];
     while !got && Instant::now() < end {
-        let _ = alice.session.send_datagram(flow, &pkt);
+        let _ = alice.send_packet(&pkt);
         for _ in 0..20 {
             alice.pump();
-            while let Some(n) = alice.session.recv_datagram(&mut buf) {
+            while let Some(n) = alice.recv_packet(&mut buf) {
                 got |= buf[..n].windows(7).any(|w| w == b"allowed");
             }
             std::thread::sleep(Duration::from_millis(5));

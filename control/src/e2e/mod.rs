@@ -109,9 +109,8 @@ fn context(tls: &TlsOptions, peer: Kind, rejections: Arc<Rejections>) -> Result<
         store.add_cert(c).map_err(|_| E::Ca)?;
     }
     b.set_verify_cert_store(store.build()).map_err(|_| E::Context)?;
-    let mut chain = X509::stack_from_pem(tls.cert_pem.as_deref().ok_or(E::NoIdentity)?)
-        .map_err(|_| E::Certificate)?
-        .into_iter();
+    let mut chain =
+        X509::stack_from_pem(tls.cert_pem.as_deref().ok_or(E::NoIdentity)?).map_err(|_| E::Certificate)?.into_iter();
     let leaf = chain.next().ok_or(E::Certificate)?;
     b.set_certificate(&leaf).map_err(|_| E::Certificate)?;
     for c in chain {

@@ -89,6 +89,7 @@ pub struct E2eSession {
     recv_count: usize,
     rejected: u64,
     early_dropped: u64,
+    truncated: u64,
     identity_mismatch: bool,
     started: Instant,
     last_rx: Instant,
@@ -148,6 +149,7 @@ impl E2eSession {
             recv_count: 0,
             rejected: 0,
             early_dropped: 0,
+            truncated: 0,
             identity_mismatch: false,
             started: now,
             last_rx: now,
@@ -186,6 +188,11 @@ impl E2eSession {
     /// this session does not have).
     pub fn rejected(&self) -> u64 {
         self.rejected
+    }
+
+    /// Received packets dropped because the caller's buffer was too small.
+    pub fn truncated(&self) -> u64 {
+        self.truncated
     }
 
     /// Connector: DATAGRAMs the agent sent before the session was admitted.
@@ -391,7 +398,8 @@ impl E2eSession {
     }
 
     /// Copies the next tunneled IP packet into `out` (only once `Up`).
-    /// Packets larger than `out` are dropped by quiche and skipped.
+    /// Packets larger than `out` are dropped and counted
+    /// ([`E2eSession::truncated`]).
     pub fn recv_ip(&mut self, out: &mut [u8]) -> Option<usize> {
         if self.state != SessionState::Up {
             return None;
@@ -399,7 +407,7 @@ impl E2eSession {
         loop {
             match self.conn.dgram_recv(out) {
                 Ok(n) => return Some(n),
-                Err(quiche::Error::BufferTooShort) => continue,
+                Err(quiche::Error::BufferTooShort) => self.truncated += 1,
                 Err(_) => return None,
             }
         }

@@ -200,10 +200,7 @@ fn a_connector_identity_other_than_the_named_one_is_refused() {
     let mut p = Pair::new(tls(&ca, &ca, &agent_uri()), tls(&ca, &ca, &connector_uri()), &other);
     p.agent.send_ip(&ip_packet(1)).unwrap();
     let ev = p.run();
-    assert!(
-        ev.iter().any(|e| matches!(e, SessionEvent::Closed { identity_mismatch: true, .. })),
-        "{ev:?}"
-    );
+    assert!(ev.iter().any(|e| matches!(e, SessionEvent::Closed { identity_mismatch: true, .. })), "{ev:?}");
     assert!(p.connector.recv_ip(&mut [0u8; 1500]).is_none());
     p.wait(Duration::from_secs(6));
     assert!(p.connector.is_closed() && p.agent.is_closed());
@@ -284,7 +281,9 @@ fn a_refused_session_tells_the_agent_the_code() {
         }
     }
     assert!(
-        events.iter().any(|e| matches!(e, SessionEvent::Closed { code: Some(c), .. } if *c == u64::from(Code::DENIED.0))),
+        events
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Closed { code: Some(c), .. } if *c == u64::from(Code::DENIED.0))),
         "{events:?}"
     );
 }

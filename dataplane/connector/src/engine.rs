@@ -369,7 +369,15 @@ impl Engine {
     }
 
     /// One inner packet on relay flow (`link`, `flow`).
-    fn inner_packet(&mut self, link: usize, flow: u32, f: &AgentFlow, pkt: &mut [u8], now: Instant, io: &mut dyn BackendIo) {
+    fn inner_packet(
+        &mut self,
+        link: usize,
+        flow: u32,
+        f: &AgentFlow,
+        pkt: &mut [u8],
+        now: Instant,
+        io: &mut dyn BackendIo,
+    ) {
         let via: RelayFlow = (link, flow);
         let slot = if e2e::is_initial(pkt) {
             match self.peers.handshaking_on(via).or_else(|| e2e::packet_dcid(pkt).and_then(|c| self.peers.by_cid(c))) {
@@ -465,13 +473,13 @@ impl Engine {
         let flow_service = p.via.and_then(|(l, f)| self.links.get(l)?.flows.get(&f)).map(|f| f.service);
         let si = self.cfg.services.iter().position(|s| s.name == service.as_str());
         let svc = si.and_then(|i| self.cfg.services.get(i));
-        let allowed = svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.iter().any(|a| **a == *p.agent_id));
+        let allowed =
+            svc.and_then(|s| s.allow_agents.as_ref()).is_none_or(|list| list.iter().any(|a| **a == *p.agent_id));
         let verdict = match (si, p.proven) {
             (Some(i), true) if flow_service == Some(i) && allowed => Ok(i),
             (Some(i), true) if flow_service == Some(i) => Err("agent not in allow_agents"),
             _ => Err("service does not match the relay flow"),
         };
-        let via = p.via;
         let agent = Arc::clone(&p.agent_id);
         match verdict {
             Ok(i) => {
@@ -486,10 +494,6 @@ impl Engine {
                 inc(&self.stats.flows_refused);
                 if let Some(p) = self.peers.get_mut(slot) {
                     p.session.refuse(Code::DENIED, why);
-                }
-                // The relay tells the agent too (its flow is closed).
-                if let Some(l) = via.and_then(|(l, f)| self.links.get_mut(l).map(|link| (link, f))) {
-                    l.0.session.refuse_flow(l.1, Code::DENIED);
                 }
             }
         }

@@ -245,10 +245,10 @@ fn der_tlv(tag: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
-pub use ztna_control::cert::{identity_from_der, CertIdentityError};
-use ztna_control::cert::URI_TAG;
 #[cfg(test)]
 use ztna_control::cert::uri_sans;
+use ztna_control::cert::URI_TAG;
+pub use ztna_control::cert::{identity_from_der, CertIdentityError};
 
 #[cfg(test)]
 mod tests {

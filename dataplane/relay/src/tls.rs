@@ -19,8 +19,8 @@ use boring::x509::{X509StoreContextRef, X509};
 use tracing::warn;
 use ztna_control::identity::Kind;
 
-use ztna_control::cert::PeerRule;
 use crate::stats::WorkerStats;
+use ztna_control::cert::PeerRule;
 
 /// Certificate chain, key and client CA of the relay, parsed.
 #[derive(Clone)]
