@@ -31,6 +31,8 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
     }
 
     private func startAgent() -> Error? {
+        // The organisation CA: it signs the relay and the connectors (the end-to-end session
+        // verifies the connector against it; required).
         let ca = Bundle.main.path(forResource: "ca", ofType: "pem")
         // The agent's identity (spiffe://<trust-domain>/agent/<name>). In a real app, keep the key in the
         // keychain and export it to the extension's container only as long as needed.
@@ -52,6 +54,9 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
                                         ca_file: ca == nil ? nil : caPath,
                                         cert_file: certPath, key_file: keyPath, insecure_skip_verify: 0,
                                         local_addr: local, routes: routes, routes_len: 1,
+                                        // No pins: any connector the relay binds, whose
+                                        // certificate must carry the identity the relay named.
+                                        pins: nil, pins_len: 0,
                                         seed: UInt64.random(in: 0...UInt64.max), now_us: nowUs())
                                     return ztna_agent_new(&cfg, &agent)
                                 }
@@ -144,7 +149,12 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         withExtendedLifetime(buffers) {}
         var ev = ZtnaEvent()
         while ztna_agent_poll_event(agent, &ev) == 1 {
-            NSLog("ztna event %u code %u", ev.kind, ev.code)
+            let text = withUnsafeBytes(of: ev.text) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            switch ev.kind {
+            case UInt32(ZTNA_EVENT_SESSION_UP): NSLog("ztna end-to-end session up, connector %@", text)
+            case UInt32(ZTNA_EVENT_SESSION_CLOSED): NSLog("ztna end-to-end session closed: %@", text)
+            default: NSLog("ztna event %u code %u", ev.kind, ev.code)
+            }
         }
     }
 

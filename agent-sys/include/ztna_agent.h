@@ -64,8 +64,11 @@
 // An argument is out of range (e.g. time going backwards, bad family).
 #define ZTNA_ERR_INVALID -11
 
+// The service's relay flow is bound to a connector its pins do not accept.
+#define ZTNA_ERR_NOT_PINNED -12
+
 // API version: major << 16 | minor. Bumped on any ABI change.
-#define ZTNA_API_VERSION (2 << 16)
+#define ZTNA_API_VERSION (3 << 16)
 
 // Event kinds reported by `ztna_agent_poll_event`.
 #define ZTNA_EVENT_CONNECTED 1
@@ -80,6 +83,14 @@
 
 #define ZTNA_EVENT_GOODBYE 6
 
+// The service's end-to-end session is up; `text` holds the connector
+// identity it proved.
+#define ZTNA_EVENT_SESSION_UP 7
+
+// The service's end-to-end session ended; `text` holds the reason. A new
+// one is tried after a backoff.
+#define ZTNA_EVENT_SESSION_CLOSED 8
+
 // Opaque agent handle.
 typedef struct ZtnaAgent ZtnaAgent;
 
@@ -90,6 +101,14 @@ typedef struct ZtnaRoute {
   const char *cidr;
 } ZtnaRoute;
 
+// A connector identity accepted for a service: its SPIFFE ID
+// (e.g. "spiffe://corp.example/connector/db-1"). A service with pins
+// accepts only those connectors end to end.
+typedef struct ZtnaPin {
+  const char *service;
+  const char *connector;
+} ZtnaPin;
+
 // Agent configuration. Strings are NUL-terminated UTF-8, borrowed only
 // for the duration of `ztna_agent_new`.
 typedef struct ZtnaConfig {
@@ -97,7 +116,9 @@ typedef struct ZtnaConfig {
   const char *relay_addr;
   // TLS server name of the relay (NULL: "localhost").
   const char *server_name;
-  // PEM file of the CA that signs the relay (NULL: system store).
+  // PEM file of the organisation CA: it signs the relay and the
+  // connectors (required: end-to-end sessions verify the connector
+  // against it, never against the system store).
   const char *ca_file;
   // PEM certificate of this agent: one URI SAN
   // `spiffe://<trust-domain>/agent/<name>`. The relay refuses agents
@@ -113,6 +134,9 @@ typedef struct ZtnaConfig {
   const char *local_addr;
   const struct ZtnaRoute *routes;
   uintptr_t routes_len;
+  // Connector pins (may be NULL with `pins_len` 0).
+  const struct ZtnaPin *pins;
+  uintptr_t pins_len;
   // Seed for connection ids and jitter (use a random value).
   uint64_t seed;
   // The caller's clock now.
@@ -156,8 +180,11 @@ typedef struct ZtnaEvent {
   uint16_t code;
   // DISCONNECTED: milliseconds until the next connection attempt.
   uint64_t retry_in_ms;
-  // REGISTERED / REGISTER_FAILED: service name, NUL-terminated.
+  // REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
   uint8_t service[65];
+  // SESSION_UP: connector identity; SESSION_CLOSED: reason.
+  // NUL-terminated, cut at 255 bytes.
+  uint8_t text[256];
 } ZtnaEvent;
 
 // Counters. `reserved` keeps room for new fields without an ABI break.
@@ -179,7 +206,18 @@ typedef struct ZtnaStats {
   uint64_t connected;
   // Inbound packets whose source is outside their flow's service.
   uint64_t drop_spoofed;
-  uint64_t reserved[17];
+  uint64_t drop_not_pinned;
+  // Datagrams from an address other than the relay's.
+  uint64_t drop_direct;
+  uint64_t e2e_handshakes;
+  uint64_t e2e_established;
+  uint64_t e2e_cert_rejected;
+  uint64_t e2e_identity_mismatch;
+  uint64_t e2e_packets_rejected;
+  uint64_t e2e_pending_dropped;
+  // End-to-end sessions up now.
+  uint64_t e2e_sessions_up;
+  uint64_t reserved[8];
 } ZtnaStats;
 
 #ifdef __cplusplus

@@ -122,6 +122,8 @@ struct ctx {
     struct sockaddr_in relay;
     uint64_t ffi_calls;
     int registered;
+    int session_up;
+    char connector[256];
     int observed;
     ZtnaAddr observed_addr;
 };
@@ -187,6 +189,12 @@ static void pump(struct ctx *c, int wait_ms) {
     while (ztna_agent_poll_event(c->agent, &ev) == 1) {
         c->ffi_calls++;
         if (ev.kind == ZTNA_EVENT_REGISTERED) c->registered = 1;
+        if (ev.kind == ZTNA_EVENT_SESSION_UP) {
+            c->session_up = 1;
+            memcpy(c->connector, ev.text, sizeof c->connector);
+            c->connector[sizeof c->connector - 1] = 0;
+        }
+        if (ev.kind == ZTNA_EVENT_SESSION_CLOSED) fprintf(stderr, "session closed: %s\n", (const char *)ev.text);
         if (ev.kind == ZTNA_EVENT_OBSERVED_ADDRESS) {
             c->observed = 1;
             c->observed_addr = ev.addr;
@@ -229,7 +237,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s RELAY CA CERT KEY LOAD_SECONDS RSS_LIMIT_KB\n", argv[0]);
         return 2;
     }
-    if (ztna_version() >> 16 != 2) die("version", -1);
+    if (ztna_version() >> 16 != 3) die("version", -1);
     struct ctx c;
     memset(&c, 0, sizeof c);
     c.fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -265,10 +273,13 @@ int main(int argc, char **argv) {
     if (ztna_agent_send_ip(NULL, NULL, 0, NULL) != ZTNA_ERR_NULL) die("send_ip(NULL)", -1);
 
     uint64_t t0 = now_us();
-    while (!(c.registered && c.observed)) {
+    /* Registered, and the end-to-end session with the connector up: the
+     * connector proved the identity the relay named. */
+    while (!(c.registered && c.observed && c.session_up)) {
         pump(&c, 20);
-        if (now_us() - t0 > 10000000u) die("connect/register timeout", -1);
+        if (now_us() - t0 > 10000000u) die("connect/register/session timeout", -1);
     }
+    if (strcmp(c.connector, "spiffe://dev.ztna/connector/echo-connector") != 0) die("connector identity", -1);
     if (c.observed_addr.port != ntohs(local.sin_port)) die("observed port", (int32_t)c.observed_addr.port);
 
     const uint8_t me[4] = {10, 7, 0, 2}, svc[4] = {100, 100, 0, 10}, nowhere[4] = {10, 0, 0, 1};
@@ -337,10 +348,11 @@ int main(int argc, char **argv) {
     ZtnaStats st;
     if (ztna_agent_stats(c.agent, &st) != ZTNA_OK) die("stats", -1);
     if (st.drop_unmapped != 1 || st.drop_malformed != 1) die("drop counters", (int32_t)st.drop_unmapped);
+    if (st.e2e_handshakes != 1 || st.e2e_established != 1 || st.e2e_sessions_up != 1) die("e2e counters", (int32_t)st.e2e_handshakes);
     double calls_per_pkt = (double)(c.ffi_calls - calls_before) / (double)(sent + echoed);
-    printf("RESULT observed_port=%u echoes=100 pongs=1 load_sent=%llu load_echoed=%llu refused=%llu "
+    printf("RESULT observed_port=%u echoes=100 pongs=1 connector=%s load_sent=%llu load_echoed=%llu refused=%llu "
            "rss_max_kb=%ld ffi_calls_per_packet=%.3f\n",
-           c.observed_addr.port, (unsigned long long)sent, (unsigned long long)echoed,
+           c.observed_addr.port, c.connector, (unsigned long long)sent, (unsigned long long)echoed,
            (unsigned long long)refused, rss_max, calls_per_pkt);
     ztna_agent_free(c.agent);
     close(c.fd);
