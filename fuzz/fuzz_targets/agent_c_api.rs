@@ -95,6 +95,8 @@ impl Agent {
             local_addr: local.as_ptr(),
             routes: routes.as_ptr(),
             routes_len: routes.len(),
+            pins: ptr::null(),
+            pins_len: 0,
             seed,
             now_us,
         };
@@ -427,6 +429,8 @@ fn config_strings(bytes: &[u8]) {
         local_addr: p(1),
         routes: if routes.is_empty() { ptr::null() } else { routes.as_ptr() },
         routes_len: routes.len(),
+        pins: ptr::null(),
+        pins_len: 0,
         seed: 1,
         now_us: 0,
     };
