@@ -52,6 +52,22 @@ pub enum Cmd {
     /// CPU of a connector loop turn with many idle UDP flows against one
     /// flow (in-process relay, connector driven from this thread).
     ConnectorTurns(ConnectorTurnsArgs),
+    /// CPU per packet (agent + connector) of the end-to-end session against
+    /// the relay-terminated baseline, in memory.
+    E2eCost(E2eCostArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct E2eCostArgs {
+    /// IP packet size in bytes.
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+    /// Packets per variant.
+    #[arg(long, default_value_t = 60_000)]
+    pub packets: u64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -483,6 +499,13 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::ConnectorTurns(a) => {
             let r = crate::connector_turns::run(a.flows, a.turns)?;
+            r.print();
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
+            }
+        }
+        Cmd::E2eCost(a) => {
+            let r = crate::e2e_cost::run(a.size, a.packets)?;
             r.print();
             if let Some(p) = &a.json {
                 report::write_json(p, &r)?;

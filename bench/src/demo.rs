@@ -37,6 +37,12 @@ pub fn run(io_backend: IoBackend) -> Result<DemoReport> {
     if t.tcp_bytes_echoed != TCP_BYTES as u64 {
         failures.push(format!("TCP: {} of {TCP_BYTES} bytes echoed", t.tcp_bytes_echoed));
     }
+    if !t.end_to_end {
+        failures.push("the end-to-end session with the connector did not come up".to_owned());
+    }
+    if t.e2e_handshakes != 1 {
+        failures.push(format!("{} inner handshakes (one expected)", t.e2e_handshakes));
+    }
     if t.agent_drops != 0 {
         failures.push(format!("the agent dropped {} packets", t.agent_drops));
     }

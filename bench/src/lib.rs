@@ -12,6 +12,8 @@
 //!   and off and the relay's memory under an Initial flood.
 //! - [`connector_turns`]: `ztna-bench connector-turns`, a connector loop
 //!   turn's CPU with many idle UDP flows against one.
+//! - [`e2e_cost`]: `ztna-bench e2e-cost`, CPU per packet of the end-to-end
+//!   session against the relay-terminated baseline (bench only).
 //! - [`report`]: the summary, printed and as JSON.
 //! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
 //!   tests through a tunnel.
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod connector_turns;
 pub mod cpu;
 pub mod demo;
+pub mod e2e_cost;
 pub mod forwarder;
 pub mod handshakes;
 pub mod load;

@@ -140,6 +140,12 @@ pub struct TunnelReport {
     pub agent_drops: u64,
     pub relay_forwarded: u64,
     pub relay_cross_worker: u64,
+    /// Every tunneled packet went through an end-to-end session with the
+    /// connector (the relay carried ciphertext only).
+    pub end_to_end: bool,
+    /// The connector identity the agent verified in that session.
+    pub connector_identity: Option<String>,
+    pub e2e_handshakes: u64,
 }
 
 fn thread_cpu() -> Duration {
@@ -245,6 +251,7 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
     let tcp_seconds = t_tcp.elapsed().as_secs_f64();
     let cpu = thread_cpu().saturating_sub(cpu0);
     let st = tcp.link.core.stats();
+    let connector_identity = ServiceName::new(SERVICE).and_then(|s| tcp.link.core.session_peer(&s));
     let agent_packets = st.packets_out + st.packets_in;
     let relay_after = env.relay.totals();
     let q = |p: f64| hist.value_at_quantile(p);
@@ -267,6 +274,9 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
         agent_drops: st.drop_malformed + st.drop_unmapped + st.drop_no_flow + st.drop_too_large,
         relay_forwarded: relay_after.datagrams_forwarded - relay_before.datagrams_forwarded,
         relay_cross_worker: relay_after.datagrams_cross_worker - relay_before.datagrams_cross_worker,
+        end_to_end: tcp.link.core.sessions_up() == 1 && connector_identity.is_some(),
+        connector_identity,
+        e2e_handshakes: st.e2e_handshakes,
     })
 }
 
@@ -286,6 +296,12 @@ pub fn print_summary(r: &TunnelReport) {
     println!(
         "agent      {:.1} us CPU per packet through the core ({} packets)",
         r.agent_cpu_us_per_packet, r.agent_packets
+    );
+    println!(
+        "e2e        {} (connector {}, {} inner handshake(s)); the relay carried ciphertext only",
+        if r.end_to_end { "up" } else { "NOT UP" },
+        r.connector_identity.as_deref().unwrap_or("-"),
+        r.e2e_handshakes
     );
     println!("relay      forwarded {} datagrams, {} across workers", r.relay_forwarded, r.relay_cross_worker);
     println!("metrics    run `ztna-relay --dev --metrics 127.0.0.1:9090` and open http://127.0.0.1:9090/metrics");

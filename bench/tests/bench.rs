@@ -97,6 +97,16 @@ fn demo_succeeds() {
     for key in ["sent", "received", "observed_address", "relay_workers", "services", "tcp_bytes_echoed"] {
         assert!(!json[key].is_null(), "JSON summary has {key}");
     }
+    assert_eq!(json["end_to_end"], true);
+    assert_eq!(json["connector_identity"], "spiffe://dev.ztna/connector/tunnel-connector");
     assert!(json["rtt_us"]["p50"].as_u64().unwrap() > 0);
     assert!(json["rtt_us"]["p99"].as_u64().unwrap() >= json["rtt_us"]["p50"].as_u64().unwrap());
+}
+
+#[test]
+fn e2e_cost_measures_both_variants() {
+    let r = ztna_bench::e2e_cost::run(1200, 300).expect("e2e-cost runs");
+    assert_eq!((r.packet_bytes, r.packets), (1200, 300));
+    assert!(r.baseline_us_per_packet > 0.0 && r.e2e_us_per_packet > 0.0, "{r:?}");
+    assert!(r.ratio.is_finite());
 }

@@ -204,6 +204,7 @@ impl Agent {
             code: 0,
             retry_in_ms: 0,
             service: [0; 65],
+            text: [0; 256],
         };
         for _ in 0..64 {
             // SAFETY: the handle is live; `ev` is a valid place for an event.
@@ -235,6 +236,7 @@ impl Agent {
             code: 0,
             retry_in_ms: 0,
             service: [0; 65],
+            text: [0; 256],
         };
         let (mut connected, mut registered) = (false, 0);
         // SAFETY: the handle is live; `ev` is a valid place for an event.
