@@ -364,7 +364,7 @@ mod tests {
             relay: Some("198.51.100.1:443".parse().unwrap()),
             ca: Some("/tmp/other.pem".into()),
             tun_name: Some("zt9".into()),
-            mtu: Some(1400),
+            mtu: Some(1200),
             ..Overrides::default()
         });
         let c = f.validate().unwrap();

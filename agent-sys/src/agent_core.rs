@@ -489,6 +489,7 @@ impl AgentCore {
         if let Some(s) = t.session.as_mut() {
             let same = s.peer().is_none_or(|p| p.uri() == connector);
             if !s.is_closed() && same && !restart {
+                s.set_carried(true, now);
                 return;
             }
             if !s.is_closed() {
@@ -602,6 +603,9 @@ impl AgentCore {
                     if let Some(s) = self.services_by_flow.remove(&flow) {
                         if let Some(t) = self.tunnels.get_mut(&s) {
                             t.flow = None;
+                            if let Some(s) = t.session.as_mut() {
+                                s.set_carried(false, now);
+                            }
                         }
                     }
                     None
@@ -624,6 +628,9 @@ impl AgentCore {
         self.bound_early.clear();
         for t in self.tunnels.values_mut() {
             t.flow = None;
+            if let Some(s) = t.session.as_mut() {
+                s.set_carried(false, self.now);
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use common::*;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
 use ztna_control::{packet, Role};
 use ztna_testkit::echo::EchoServer;
+use ztna_testkit::raw_tunnel::RawTunnel;
 use ztna_udp::IoBackend;
 
 /// The IPv4 packet of fuzz/regressions/ip_packet/syn-from-unspecified-source
@@ -63,10 +64,11 @@ fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || connector.run(&stop))
     };
-    let mut agent = client(&relay, &[(Role::Agent, "echo")], 9);
-    let flow = until_registered(&mut agent, 1)[0];
+    let tls = tls_for(&relay, ztna_control::identity::Kind::Agent, "a9");
+    let c = client_as(&relay, &tls, &[(Role::Agent, "echo")], 9);
+    let mut agent = RawTunnel::connect(c, &tls, svc("echo"), T).unwrap();
 
-    agent.session.send_datagram(flow, &SYN_FROM_UNSPECIFIED).unwrap();
+    agent.send_ip(&SYN_FROM_UNSPECIFIED).unwrap();
     let end = Instant::now() + Duration::from_millis(500);
     while Instant::now() < end {
         agent.pump();
@@ -78,12 +80,11 @@ fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
     let svc = SocketAddrV4::new("100.100.0.10".parse().unwrap(), 7);
     let mut pkt = Vec::new();
     packet::build_ipv4_udp(me, svc, b"still alive", &mut pkt).unwrap();
-    agent.session.send_datagram(flow, &pkt).unwrap();
+    agent.send_ip(&pkt).unwrap();
     let mut buf = [0u8; 2048];
     let end = Instant::now() + T;
     loop {
-        agent.pump();
-        if agent.session.recv_datagram(&mut buf).is_some() {
+        if agent.recv_ip(&mut buf).is_some() {
             break;
         }
         assert!(!t.is_finished(), "the connector thread ended (panicked)");

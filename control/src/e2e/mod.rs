@@ -45,8 +45,11 @@ pub const MAX_INNER_PACKET: usize = crate::quic::MAX_UDP_PAYLOAD - 44 - 4;
 /// (4), AEAD tag (16), DATAGRAM frame type and length (3).
 pub const INNER_OVERHEAD: usize = 1 + CID_LEN + 4 + 16 + 3;
 const _: () = assert!(MAX_INNER_PACKET - INNER_OVERHEAD >= TUNNEL_MTU);
-/// Idle timeout of the inner connection (both ends).
-pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Idle timeout of the inner connection (both ends): long enough to ride
+/// out a relay failover (the agent's relay session notices a dead relay
+/// after 15 s of silence, then reconnects with a backoff); the agent
+/// notices a dead connector sooner (25 s of silence while carried).
+pub const IDLE_TIMEOUT_MS: u64 = 120_000;
 /// Bounded inner DATAGRAM queues (frames), per session and direction.
 pub const DGRAM_QUEUE_LEN: usize = 256;
 /// The synthetic addresses quiche sees for the relay path.

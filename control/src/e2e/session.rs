@@ -27,8 +27,13 @@ const CONTROL_STREAM: u64 = 0;
 /// An ack-eliciting packet after this much send silence (keeps the relay
 /// flow and the peer's idle timer fresh).
 const KEEPALIVE: Duration = Duration::from_secs(10);
-/// Nothing authenticated from the peer for this long: the session is gone
-/// (a connector that lost our state answers nothing we can decrypt).
+/// Agent side: nothing authenticated from the connector for this long
+/// while a relay flow carries the session: the session is gone (a
+/// connector that lost our state answers nothing we can decrypt). Not
+/// counted while no flow carries it (a relay failover takes up to the relay
+/// session's 15 s silence timeout plus a reconnect); the connector side
+/// relies on the QUIC idle timeout alone, as it cannot tell a dead agent
+/// from one between relays.
 const SILENCE: Duration = Duration::from_secs(25);
 /// Handshake and Hello exchange must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +96,9 @@ pub struct E2eSession {
     early_dropped: u64,
     truncated: u64,
     identity_mismatch: bool,
+    /// A relay flow carries the session now (agent side).
+    carried: bool,
+    uncarried_since: Instant,
     started: Instant,
     last_rx: Instant,
     last_tx: Instant,
@@ -151,6 +159,8 @@ impl E2eSession {
             early_dropped: 0,
             truncated: 0,
             identity_mismatch: false,
+            carried: true,
+            uncarried_since: now,
             started: now,
             last_rx: now,
             last_tx: now,
@@ -428,21 +438,62 @@ impl E2eSession {
         }
     }
 
+    /// Whether a relay flow carries the session now. While none does
+    /// (between relay legs) the session's timers are frozen: quiche's loss
+    /// recovery would otherwise back its probe timeout off exponentially
+    /// over an outage of many seconds and then wait that long again before
+    /// sending anything once the new leg is up. Back on a flow, an overdue
+    /// timer fires at once (one probe, new data follows). An uncarried
+    /// session ends after the idle timeout.
+    pub fn set_carried(&mut self, carried: bool, now: Instant) {
+        if carried && !self.carried {
+            self.last_rx = now;
+            self.last_tx = now;
+            self.carried = true;
+            if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+                self.conn.on_timeout();
+            }
+            self.progress();
+        } else if !carried && self.carried {
+            self.carried = false;
+            self.uncarried_since = now;
+        }
+    }
+
+    fn watches_silence(&self) -> bool {
+        !self.server && self.carried && self.state == SessionState::Up
+    }
+
+    fn uncarried_until(&self) -> Instant {
+        self.uncarried_since + Duration::from_millis(super::IDLE_TIMEOUT_MS)
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.is_closed() {
             // quiche's closing/draining timer: then the session is finished.
             return self.conn.timeout_instant();
         }
+        if !self.carried {
+            return Some(self.uncarried_until());
+        }
         let quic = self.conn.timeout_instant();
         let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
-        let keep = (self.state == SessionState::Up).then(|| (self.last_tx + KEEPALIVE).min(self.last_rx + SILENCE));
-        [quic, handshake, keep].into_iter().flatten().min()
+        let keepalive = (self.state == SessionState::Up).then(|| self.last_tx + KEEPALIVE);
+        let silence = self.watches_silence().then(|| self.last_rx + SILENCE);
+        [quic, handshake, keepalive, silence].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_closed() {
             if self.conn.timeout_instant().is_some_and(|t| t <= now) {
                 self.conn.on_timeout();
+            }
+            return;
+        }
+        if !self.carried {
+            if now >= self.uncarried_until() {
+                let _ = self.conn.close(false, 0, b"no relay flow");
+                self.state_closed("no relay flow for the idle timeout");
             }
             return;
         }
@@ -454,7 +505,7 @@ impl E2eSession {
             return;
         }
         let late = self.state != SessionState::Up && now >= self.started + HANDSHAKE_TIMEOUT;
-        let silent = self.state == SessionState::Up && now >= self.last_rx + SILENCE;
+        let silent = self.watches_silence() && now >= self.last_rx + SILENCE;
         if late || silent {
             let why = if late { "handshake timeout" } else { "peer silent" };
             // Nothing the peer could still act on: drop the connection.

@@ -299,3 +299,27 @@ fn dcid_of_long_and_short_headers() {
     assert_eq!(packet_dcid(&[0x40, 1]), None);
     assert!(!is_initial(&[0x40, 0, 0, 0, 1]));
 }
+
+#[test]
+fn an_uncarried_session_freezes_its_timers_and_ends_after_the_idle_timeout() {
+    let mut p = Pair::healthy();
+    p.run();
+    assert!(p.agent.is_up());
+    p.agent.set_carried(false, p.now);
+    // Frozen: no probe, keepalive or silence timer runs between relay legs.
+    let until = p.now + Duration::from_millis(IDLE_TIMEOUT_MS);
+    assert_eq!(p.agent.next_deadline(), Some(until));
+    p.agent.handle_timeout(p.now + Duration::from_secs(60));
+    assert!(p.agent.is_up(), "a minute between relays does not end the session");
+    // Back on a flow: it works at once.
+    p.now += Duration::from_secs(60);
+    p.agent.set_carried(true, p.now);
+    p.agent.send_ip(&ip_packet(5)).unwrap();
+    p.run();
+    let mut out = [0u8; 1500];
+    assert!(p.connector.recv_ip(&mut out).is_some());
+    // Never carried again: it ends.
+    p.agent.set_carried(false, p.now);
+    p.agent.handle_timeout(p.now + Duration::from_millis(IDLE_TIMEOUT_MS));
+    assert!(p.agent.is_closed());
+}

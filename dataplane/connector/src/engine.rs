@@ -176,7 +176,7 @@ impl Engine {
                 l.session.close();
                 l.handles.clear();
                 l.flows.clear();
-                self.peers.link_lost(i);
+                self.peers.link_lost(i, now);
             }
         }
         for &relay in &addrs {
@@ -400,7 +400,7 @@ impl Engine {
         if p.session.recv(pkt, now) {
             if p.via != Some(via) {
                 debug!(slot, ?via, "end-to-end session moved to another relay flow");
-                self.peers.move_to(slot, via);
+                self.peers.move_to(slot, via, now);
             }
         } else {
             inc(&self.stats.e2e_packets_rejected);
@@ -499,7 +499,7 @@ impl Engine {
         }
     }
 
-    fn handle_event(&mut self, i: usize, e: Event, _now: Instant, _io: &mut dyn BackendIo) {
+    fn handle_event(&mut self, i: usize, e: Event, now: Instant, _io: &mut dyn BackendIo) {
         match e {
             Event::Registered { service, flow, .. } => {
                 info!(relay = i, %service, handle = flow, "registered");
@@ -523,7 +523,7 @@ impl Engine {
                 }
                 // Its sessions wait for the agent's next flow (or their
                 // silence timeout).
-                self.peers.flow_closed((i, flow));
+                self.peers.flow_closed((i, flow), now);
             }
             Event::Disconnected { reason, retry_in } => {
                 warn!(relay = i, reason, ?retry_in, "relay connection lost");
@@ -531,7 +531,7 @@ impl Engine {
                     l.handles.clear();
                     l.flows.clear();
                 }
-                self.peers.link_lost(i);
+                self.peers.link_lost(i, now);
             }
             Event::Connected => info!(relay = i, "connected"),
             Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ztna_control::e2e::{E2eSession, CID_LEN};
 
@@ -170,28 +171,31 @@ impl Peers {
     }
 
     /// The session's packets now come on `via` (it moved relays).
-    pub fn move_to(&mut self, slot: usize, via: RelayFlow) {
+    pub fn move_to(&mut self, slot: usize, via: RelayFlow, now: Instant) {
         if let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) {
             p.via = Some(via);
+            p.session.set_carried(true, now);
         }
     }
 
     /// A relay flow closed: sessions on it wait for their agent's next.
-    pub fn flow_closed(&mut self, via: RelayFlow) {
+    pub fn flow_closed(&mut self, via: RelayFlow, now: Instant) {
         self.by_flow.remove(&via);
         for p in self.slots.iter_mut().flatten() {
             if p.via == Some(via) {
                 p.via = None;
+                p.session.set_carried(false, now);
             }
         }
     }
 
     /// A relay link was lost: none of its flows carry sessions now.
-    pub fn link_lost(&mut self, link: usize) {
+    pub fn link_lost(&mut self, link: usize, now: Instant) {
         self.by_flow.retain(|(l, _), _| *l != link);
         for p in self.slots.iter_mut().flatten() {
             if p.via.is_some_and(|(l, _)| l == link) {
                 p.via = None;
+                p.session.set_carried(false, now);
             }
         }
     }
