@@ -351,7 +351,10 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                     let name = opt_str(p.service)?.ok_or(ZTNA_ERR_NULL)?;
                     let service = ServiceName::new(name).ok_or(ZTNA_ERR_CONFIG)?;
                     let connector = opt_str(p.connector)?.ok_or(ZTNA_ERR_NULL)?;
-                    ztna_control::identity::Identity::parse(connector).map_err(|_| ZTNA_ERR_CONFIG)?;
+                    let id = ztna_control::identity::Identity::parse(connector).map_err(|_| ZTNA_ERR_CONFIG)?;
+                    if id.kind != ztna_control::identity::Kind::Connector {
+                        return Err(ZTNA_ERR_CONFIG);
+                    }
                     pinned_connectors.push((service, connector.to_owned()));
                 }
             }

@@ -454,7 +454,8 @@ impl E2eSession {
                 self.conn.on_timeout();
             }
             self.progress();
-        } else if !carried && self.carried {
+        } else if !carried && self.carried && self.state == SessionState::Up {
+            // A handshake in progress keeps its own timeout instead.
             self.carried = false;
             self.uncarried_since = now;
         }

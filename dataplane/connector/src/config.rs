@@ -90,8 +90,9 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub backend: Vec<BackendRoute>,
     /// Defence in depth: when set, only these agent identities (full
-    /// SPIFFE IDs) may use the service, whatever the relay's policy says.
-    /// Flows of other agents are refused with FlowClose{denied}.
+    /// SPIFFE IDs, as proven in the end-to-end session) may use the
+    /// service, whatever the relay's policy says. Sessions of other agents
+    /// are closed with the application code `denied`.
     #[serde(default)]
     pub allow_agents: Option<Vec<String>>,
 }

@@ -1,7 +1,7 @@
 //! The connector's IP layer: tunneled IP packets of agent flows in, packets
 //! for those flows and backend socket calls out. It knows services and
-//! backends, not relays: an agent flow is a [`FlowKey`] that the
-//! [`crate::Engine`] maps to a relay session.
+//! backends, not relays: an agent is a [`FlowKey`] (its end-to-end session) that the
+//! [`crate::Engine`] maps to that session.
 //!
 //! It answers ICMP echo itself, keeps a UDP flow table ([`crate::udp`]) and
 //! terminates TCP in smoltcp ([`crate::tcp`]). Only the configured
@@ -24,8 +24,8 @@ use crate::udp::{UdpKey, UdpLimits, UdpTable};
 use crate::vdev::TUNNEL_MTU;
 use crate::{add, inc, ConnectorStats};
 
-/// An agent flow: (relay session index, connector-leg flow id). The
-/// gateway treats it as an opaque name.
+/// An agent's end-to-end session: (session slot, generation), see
+/// `peers.rs`. The gateway treats it as an opaque name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub session: usize,

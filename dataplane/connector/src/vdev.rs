@@ -4,7 +4,7 @@
 //! agent side (`ztna_testkit::tunnel_tcp`) does the same from the other end.
 //!
 //! The MTU is [`TUNNEL_MTU`] (1280): a 1280-byte inner IP packet always
-//! fits a DATAGRAM on every leg (docs/PROTOCOL.md §5.4), so TCP over this
+//! fits the end-to-end session's DATAGRAMs on every leg (docs/PROTOCOL.md §8.4), so TCP over this
 //! device announces and uses an MSS of 1240.
 
 use std::collections::VecDeque;
