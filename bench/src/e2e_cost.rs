@@ -40,13 +40,19 @@ fn thread_cpu() -> Duration {
     Duration::from_nanos(ns)
 }
 
-/// A client/server pair, handshake and SessionHello done.
-fn pair(pki: &ztna_relay::pki::DevPki, tag: u8) -> Result<(E2eSession, E2eSession)> {
+/// A client/server pair, handshake and SessionHello done. `outer`: sized
+/// like a relay leg (1400-byte UDP payloads), else like an inner session
+/// (1352).
+fn pair(pki: &ztna_relay::pki::DevPki, tag: u8, outer: bool) -> Result<(E2eSession, E2eSession)> {
     let atls = pki.client_tls(Kind::Agent, "cost-agent")?;
     let ctls = pki.client_tls(Kind::Connector, "cost-connector")?;
     let td = e2e::own_identity(&atls)?.trust_domain;
     let mut acfg = e2e::client_config(&atls, std::sync::Arc::new(Rejections::default()))?;
     let mut ccfg = e2e::server_config(&ctls, std::sync::Arc::new(Rejections::default()))?;
+    if outer {
+        acfg.set_max_send_udp_payload_size(ztna_control::quic::MAX_UDP_PAYLOAD);
+        ccfg.set_max_send_udp_payload_size(ztna_control::quic::MAX_UDP_PAYLOAD);
+    }
     let expect = format!("spiffe://{td}/connector/cost-connector");
     let now = Instant::now();
     let svc = ServiceName::new("echo").context("service")?;
@@ -82,7 +88,7 @@ fn flush(from: &mut E2eSession, to: &mut E2eSession, buf: &mut [u8], now: Instan
 }
 
 fn baseline(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<Duration> {
-    let (mut a, mut c) = pair(pki, 1)?;
+    let (mut a, mut c) = pair(pki, 1, true)?;
     let (mut buf, mut out) = (vec![0u8; 1500], vec![0u8; 1500]);
     let now = Instant::now();
     let t0 = thread_cpu();
@@ -108,8 +114,8 @@ fn baseline(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<D
 }
 
 fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<Duration> {
-    let (mut ia, mut ic) = pair(pki, 2)?;
-    let (mut oa, mut oc) = pair(pki, 3)?;
+    let (mut ia, mut ic) = pair(pki, 2, false)?;
+    let (mut oa, mut oc) = pair(pki, 3, true)?;
     let (mut buf, mut outer, mut inner) = (vec![0u8; 1500], vec![0u8; 1500], vec![0u8; 1500]);
     let flow = 7u32;
     let now = Instant::now();
