@@ -73,16 +73,6 @@ impl ConnectorTurnsReport {
     }
 }
 
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
-}
-
 struct Bench {
     connector: Connector,
     agents: Vec<(UdpClient, u32)>,
@@ -94,9 +84,9 @@ struct Bench {
 
 impl Bench {
     fn turn(&mut self, wait: Duration) -> Result<()> {
-        let t0 = thread_cpu();
+        let t0 = crate::cpu::thread_cpu_time();
         self.connector.turn(wait)?;
-        self.connector_cpu += thread_cpu().saturating_sub(t0);
+        self.connector_cpu += crate::cpu::thread_cpu_time().saturating_sub(t0);
         Ok(())
     }
 
@@ -128,9 +118,9 @@ impl Bench {
             let end = Instant::now() + Duration::from_secs(10);
             while agent.session.send_datagram(*flow, &self.pkt).is_err() {
                 agent.pump();
-                let t0 = thread_cpu();
+                let t0 = crate::cpu::thread_cpu_time();
                 self.connector.turn(Duration::ZERO)?;
-                self.connector_cpu += thread_cpu().saturating_sub(t0);
+                self.connector_cpu += crate::cpu::thread_cpu_time().saturating_sub(t0);
                 if Instant::now() > end {
                     bail!("agent {a} cannot send");
                 }

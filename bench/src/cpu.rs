@@ -1,4 +1,5 @@
-//! CPU time of another process, from /proc/PID/stat.
+//! CPU time: of another process (from /proc/PID/stat), and of the
+//! calling thread.
 
 use std::time::Duration;
 
@@ -32,6 +33,17 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let ticks = parse_stat_ticks(&s).with_context(|| format!("parsing {path}"))?;
     Ok(Duration::from_secs_f64(ticks as f64 / ticks_per_sec()))
+}
+
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -31,15 +31,6 @@ pub struct CostReport {
     pub ratio: f64,
 }
 
-/// CPU time this thread has used.
-fn thread_cpu() -> Duration {
-    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
-}
-
 /// A client/server pair, handshake and SessionHello done. `outer`: sized
 /// like a relay leg (1400-byte UDP payloads), else like an inner session
 /// (1352).
@@ -91,7 +82,7 @@ fn baseline(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<D
     let (mut a, mut c) = pair(pki, 1, true)?;
     let (mut buf, mut out) = (vec![0u8; 1500], vec![0u8; 1500]);
     let now = Instant::now();
-    let t0 = thread_cpu();
+    let t0 = crate::cpu::thread_cpu_time();
     let mut got = 0u64;
     let mut sent = 0u64;
     while got < packets {
@@ -110,7 +101,7 @@ fn baseline(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<D
             sent = got;
         }
     }
-    Ok(thread_cpu().saturating_sub(t0))
+    Ok(crate::cpu::thread_cpu_time().saturating_sub(t0))
 }
 
 fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<Duration> {
@@ -119,7 +110,7 @@ fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result
     let (mut buf, mut outer, mut inner) = (vec![0u8; 1500], vec![0u8; 1500], vec![0u8; 1500]);
     let flow = 7u32;
     let now = Instant::now();
-    let t0 = thread_cpu();
+    let t0 = crate::cpu::thread_cpu_time();
     let (mut got, mut sent) = (0u64, 0u64);
     // Inner packets of `from` as outer DATAGRAMs of `via` (flow id first).
     let wrap = |from: &mut E2eSession, via: &mut E2eSession, buf: &mut Vec<u8>, outer: &mut Vec<u8>| {
@@ -158,7 +149,7 @@ fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result
             sent = got;
         }
     }
-    Ok(thread_cpu().saturating_sub(t0))
+    Ok(crate::cpu::thread_cpu_time().saturating_sub(t0))
 }
 
 /// Measures both for `packets` UDP packets of `size` bytes (IP included).

@@ -148,14 +148,6 @@ pub struct TunnelReport {
     pub e2e_handshakes: u64,
 }
 
-fn thread_cpu() -> Duration {
-    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
-}
-
 /// UDP echoes (`udp_count` datagrams, at most `window` in flight) then a
 /// TCP echo of `tcp_bytes`, both through the agent core.
 pub fn run(
@@ -175,7 +167,7 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
     let mut link = agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
     let observed = link.wait_ready(1, Duration::from_secs(10))?;
     let relay_before = env.relay.totals();
-    let cpu0 = thread_cpu();
+    let cpu0 = crate::cpu::thread_cpu_time();
 
     // UDP: sequence number + send time in each payload.
     let epoch = Instant::now();
@@ -249,7 +241,7 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
         tcp_bytes_echoed = back.len() as u64;
     }
     let tcp_seconds = t_tcp.elapsed().as_secs_f64();
-    let cpu = thread_cpu().saturating_sub(cpu0);
+    let cpu = crate::cpu::thread_cpu_time().saturating_sub(cpu0);
     let st = tcp.link.core.stats();
     let connector_identity = ServiceName::new(SERVICE).and_then(|s| tcp.link.core.session_peer(&s));
     let agent_packets = st.packets_out + st.packets_in;
