@@ -424,7 +424,10 @@ impl AgentCore {
             let Some(s) = t.session.as_mut() else { continue };
             // Without a flow the inner packets are dropped: QUIC
             // retransmits what matters once the next flow is bound.
-            while let Some(n) = s.poll_transmit(&mut buf, now) {
+            // A full relay queue leaves the inner packets with the inner
+            // session (backpressure), rather than losing them.
+            while t.flow.is_none() || self.session.datagram_room() {
+                let Some(n) = s.poll_transmit(&mut buf, now) else { break };
                 let (Some(flow), Some(pkt)) = (t.flow, buf.get(..n)) else { continue };
                 match self.session.send_datagram(flow, pkt) {
                     Ok(()) => moved = true,

@@ -107,25 +107,30 @@ fn baseline(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<D
 fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result<Duration> {
     let (mut ia, mut ic) = pair(pki, 2, false)?;
     let (mut oa, mut oc) = pair(pki, 3, true)?;
-    let (mut buf, mut outer, mut inner) = (vec![0u8; 1500], vec![0u8; 1500], vec![0u8; 1500]);
+    // `outer` is where wrap encodes (its length follows each packet); `rx`
+    // is the full-size buffer unwrap receives into.
+    let (mut buf, mut outer, mut rx, mut inner) = (vec![0u8; 1500], Vec::new(), vec![0u8; 1500], vec![0u8; 1500]);
     let flow = 7u32;
     let now = Instant::now();
     let t0 = crate::cpu::thread_cpu_time();
     let (mut got, mut sent) = (0u64, 0u64);
-    // Inner packets of `from` as outer DATAGRAMs of `via` (flow id first).
+    // Inner packets of `from` as outer DATAGRAMs of `via` (flow id first),
+    // while `via` has room: as the agent and connector do, a full outer
+    // queue leaves them with the inner session.
     let wrap = |from: &mut E2eSession, via: &mut E2eSession, buf: &mut Vec<u8>, outer: &mut Vec<u8>| {
-        while let Some(n) = from.poll_transmit(buf, now) {
+        while via.datagram_room() {
+            let Some(n) = from.poll_transmit(buf, now) else { break };
             datagram::encode_into(flow, buf.get(..n).unwrap_or_default(), outer);
             let _ = via.send_ip(outer);
         }
     };
     // Outer DATAGRAMs of `via` into the inner session `to`.
-    let unwrap = |via: &mut E2eSession, to: &mut E2eSession, outer: &mut Vec<u8>| {
-        while let Some(n) = via.recv_ip(outer) {
-            let Some(d) = outer.get_mut(..n) else { continue };
+    let unwrap = |via: &mut E2eSession, to: &mut E2eSession, rx: &mut Vec<u8>| {
+        while let Some(n) = via.recv_ip(rx) {
+            let Some(d) = rx.get_mut(..n) else { continue };
             let Ok((_, p)) = datagram::parse(d) else { continue };
             let start = n - p.len();
-            if let Some(p) = outer.get_mut(start..n) {
+            if let Some(p) = rx.get_mut(start..n) {
                 to.recv(p, now);
             }
         }
@@ -138,13 +143,13 @@ fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result
         }
         wrap(&mut ia, &mut oa, &mut buf, &mut outer);
         flush(&mut oa, &mut oc, &mut buf, now);
-        unwrap(&mut oc, &mut ic, &mut outer);
+        unwrap(&mut oc, &mut ic, &mut rx);
         while ic.recv_ip(&mut inner).is_some() {
             got += 1;
         }
         wrap(&mut ic, &mut oc, &mut buf, &mut outer);
         flush(&mut oc, &mut oa, &mut buf, now);
-        unwrap(&mut oa, &mut ia, &mut outer);
+        unwrap(&mut oa, &mut ia, &mut rx);
         if sent >= packets && got < packets {
             sent = got;
         }

@@ -347,6 +347,18 @@ impl ClientSession {
         }
     }
 
+    /// Whether [`ClientSession::send_datagram`] has room in the DATAGRAM
+    /// queue now. Callers that produce datagrams from another sender's
+    /// packets (the end-to-end sessions) check this first and leave the
+    /// packets with that sender, so a full queue becomes backpressure
+    /// instead of loss inside the inner session.
+    pub fn datagram_room(&self) -> bool {
+        match &self.phase {
+            Phase::Live { conn, hello_acked: true, .. } => conn.dgram_send_queue_len() < crate::quic::DGRAM_QUEUE_LEN,
+            _ => false,
+        }
+    }
+
     /// Largest datagram payload (after the flow header of `flow`) that fits now.
     pub fn max_datagram_payload(&self, flow: u32) -> Option<usize> {
         match &self.phase {

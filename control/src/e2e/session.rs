@@ -407,6 +407,11 @@ impl E2eSession {
         }
     }
 
+    /// Whether [`E2eSession::send_ip`] has room in the DATAGRAM queue now.
+    pub fn datagram_room(&self) -> bool {
+        self.state == SessionState::Up && self.conn.dgram_send_queue_len() < super::DGRAM_QUEUE_LEN
+    }
+
     /// Copies the next tunneled IP packet into `out` (only once `Up`).
     /// Packets larger than `out` are dropped and counted
     /// ([`E2eSession::truncated`]).

@@ -194,6 +194,23 @@ fn only_max_pending_packets_wait_for_the_handshake() {
 }
 
 #[test]
+fn datagram_room_reports_a_full_queue_before_send_ip_refuses() {
+    let mut p = Pair::healthy();
+    assert!(!p.agent.datagram_room(), "no room before the session is up");
+    p.run();
+    let mut queued = 0;
+    while p.agent.datagram_room() {
+        p.agent.send_ip(&ip_packet(1)).unwrap();
+        queued += 1;
+    }
+    assert_eq!(queued, super::DGRAM_QUEUE_LEN);
+    assert_eq!(p.agent.send_ip(&ip_packet(1)), Err(session::SendIpError::Full));
+    let mut buf = [0u8; 1500];
+    assert!(p.agent.poll_transmit(&mut buf, p.now).is_some());
+    assert!(p.agent.datagram_room(), "a sent packet makes room");
+}
+
+#[test]
 fn a_connector_identity_other_than_the_named_one_is_refused() {
     let ca = ca();
     let other = format!("spiffe://{TD}/connector/other");

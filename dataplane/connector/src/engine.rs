@@ -289,7 +289,10 @@ impl Engine {
         let mut buf = std::mem::take(&mut self.buf);
         for slot in slots {
             let Some(p) = self.peers.get_mut(slot) else { continue };
-            while let Some(n) = p.session.poll_transmit(&mut buf, now) {
+            // A full relay queue leaves the inner packets with the inner
+            // session (backpressure), rather than losing them.
+            while p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room()) {
+                let Some(n) = p.session.poll_transmit(&mut buf, now) else { break };
                 let Some(((link, flow), pkt)) = p.via.zip(buf.get(..n)) else { continue };
                 match self.links.get_mut(link).map(|l| l.session.send_datagram(flow, pkt)) {
                     Some(Ok(())) => moved = true,
