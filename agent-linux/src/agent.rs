@@ -355,13 +355,16 @@ impl Agent {
                     warn!(%service, %code, reason, "registration refused");
                     out(format_args!("register failed {service} {code}"));
                 }
-                AgentEvent::Disconnected { reason, retry_in } => {
+                AgentEvent::Disconnected { reason, retry_in, repeated } => {
                     if self.rebind && retry_in != Duration::MAX {
                         self.rebind = false;
                         self.new_socket();
                     }
                     if retry_in == Duration::MAX {
                         info!(reason, "disconnected");
+                    } else if repeated {
+                        debug!(reason, retry_in_ms = retry_in.as_millis() as u64, "disconnected again; reconnecting");
+                        out(format_args!("disconnected retry_in_ms={}", retry_in.as_millis()));
                     } else {
                         warn!(reason, retry_in_ms = retry_in.as_millis() as u64, "disconnected; reconnecting");
                         out(format_args!("disconnected retry_in_ms={}", retry_in.as_millis()));

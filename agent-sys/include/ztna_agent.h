@@ -67,8 +67,9 @@
 // The service's relay flow is bound to a connector its pins do not accept.
 #define ZTNA_ERR_NOT_PINNED -12
 
-// API version: major << 16 | minor. Bumped on any ABI change.
-#define ZTNA_API_VERSION (3 << 16)
+// API version: major << 16 | minor. Bumped on any ABI change (minor:
+// additions only; 3.1 added `ztna_agent_last_failure`).
+#define ZTNA_API_VERSION ((3 << 16) | 1)
 
 // Event kinds reported by `ztna_agent_poll_event`.
 #define ZTNA_EVENT_CONNECTED 1
@@ -182,8 +183,9 @@ typedef struct ZtnaEvent {
   uint64_t retry_in_ms;
   // REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
   uint8_t service[65];
-  // SESSION_UP: connector identity; SESSION_CLOSED: reason.
-  // NUL-terminated, cut at 255 bytes.
+  // SESSION_UP: connector identity; SESSION_CLOSED, DISCONNECTED:
+  // reason (whole: `ztna_agent_last_failure`). NUL-terminated, cut at
+  // 255 bytes.
   uint8_t text[256];
 } ZtnaEvent;
 
@@ -308,6 +310,17 @@ int32_t ztna_agent_next_timeout(const struct ZtnaAgent *agent, uint64_t *deadlin
 // # Safety
 // `agent` valid.
 int32_t ztna_agent_on_timeout(struct ZtnaAgent *agent, uint64_t now_us);
+
+// Copies why the relay connection last ended (the reason of the last
+// DISCONNECTED event, whole: for a refused relay certificate the expected
+// name, what the certificate holds and the CA) into `buf`, NUL-terminated
+// and cut to `len - 1` bytes. Returns the reason's full length (without
+// the NUL), 0 before the first disconnect; call again with a larger buffer
+// when it is `>= len`. `buf` may be NULL when `len` is 0.
+//
+// # Safety
+// `agent` valid; `buf` valid for `len` bytes.
+uintptr_t ztna_agent_last_failure(const struct ZtnaAgent *agent, char *buf, uintptr_t len);
 
 // Copies the counters into `*out`.
 //

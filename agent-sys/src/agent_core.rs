@@ -61,9 +61,13 @@ pub enum AgentEvent {
         code: Code,
         reason: String,
     },
+    /// `reason` in words (for a refused relay certificate: the expected
+    /// name, what the certificate holds, the CA); `repeated`: the same
+    /// reason was reported less than a minute ago.
     Disconnected {
         reason: String,
         retry_in: Duration,
+        repeated: bool,
     },
     /// The relay is going away (drain/shutdown); a reconnect follows.
     Goodbye {
@@ -173,6 +177,8 @@ pub struct AgentCore {
     /// Packets the agent itself answers toward the tunnel (ICMP
     /// fragmentation-needed for too-big packets); bounded.
     local_replies: VecDeque<Vec<u8>>,
+    /// The reason of the last disconnect (empty before the first).
+    last_failure: String,
 }
 
 /// Bound on locally generated replies waiting for the tunnel.
@@ -185,7 +191,7 @@ impl AgentCore {
         ccfg.fallbacks = cfg.fallback_relays.clone();
         ccfg.registrations = routes.services().into_iter().map(|s| (Role::Agent, s)).collect();
         ccfg.software = format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"));
-        let qc = quic::client_config(&cfg.tls)?;
+        let qc = quic::client_tls(&cfg.tls)?;
         if !cfg.tls.verify_peer {
             tracing::warn!("relay certificate verification is OFF: anyone on the path can impersonate the relay");
         }
@@ -217,6 +223,7 @@ impl AgentCore {
             stats: AgentStats::default(),
             observed: None,
             local_replies: VecDeque::new(),
+            last_failure: String::new(),
         })
     }
 
@@ -399,6 +406,12 @@ impl AgentCore {
             }
         }
         None
+    }
+
+    /// Why the relay connection last ended, in words (empty before the
+    /// first disconnect). Kept until the next one.
+    pub fn last_failure(&self) -> &str {
+        &self.last_failure
     }
 
     /// Writes the next UDP datagram to send into `out`.
@@ -613,9 +626,10 @@ impl AgentCore {
                     }
                     None
                 }
-                Event::Disconnected { reason, retry_in } => {
+                Event::Disconnected { reason, retry_in, repeated } => {
                     self.forget_flows();
-                    Some(AgentEvent::Disconnected { reason, retry_in })
+                    self.last_failure.clone_from(&reason);
+                    Some(AgentEvent::Disconnected { reason, retry_in, repeated })
                 }
                 Event::Goodbye { code, .. } => Some(AgentEvent::Goodbye { code }),
                 Event::Registered { .. } | Event::FlowOpened { .. } => None,

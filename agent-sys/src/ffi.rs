@@ -52,8 +52,9 @@ pub const ZTNA_ERR_INVALID: i32 = -11;
 /// The service's relay flow is bound to a connector its pins do not accept.
 pub const ZTNA_ERR_NOT_PINNED: i32 = -12;
 
-/// API version: major << 16 | minor. Bumped on any ABI change.
-pub const ZTNA_API_VERSION: u32 = 3 << 16;
+/// API version: major << 16 | minor. Bumped on any ABI change (minor:
+/// additions only; 3.1 added `ztna_agent_last_failure`).
+pub const ZTNA_API_VERSION: u32 = 3 << 16 | 1;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of
 /// `ip` are used.
@@ -168,8 +169,9 @@ pub struct ZtnaEvent {
     pub retry_in_ms: u64,
     /// REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
     pub service: [u8; 65],
-    /// SESSION_UP: connector identity; SESSION_CLOSED: reason.
-    /// NUL-terminated, cut at 255 bytes.
+    /// SESSION_UP: connector identity; SESSION_CLOSED, DISCONNECTED:
+    /// reason (whole: `ztna_agent_last_failure`). NUL-terminated, cut at
+    /// 255 bytes.
     pub text: [u8; 256],
 }
 
@@ -634,8 +636,9 @@ pub unsafe extern "C" fn ztna_agent_poll_event(agent: *mut ZtnaAgent, out: *mut 
                 ev.code = code.0;
                 set_service(&service, &mut ev);
             }
-            AgentEvent::Disconnected { retry_in, .. } => {
+            AgentEvent::Disconnected { retry_in, reason, .. } => {
                 ev.kind = ZTNA_EVENT_DISCONNECTED;
+                set_text(&reason, &mut ev);
                 ev.retry_in_ms = retry_in.as_millis().min(u128::from(u64::MAX)) as u64;
             }
             AgentEvent::Goodbye { code } => {
@@ -704,6 +707,37 @@ pub unsafe extern "C" fn ztna_agent_on_timeout(agent: *mut ZtnaAgent, now_us: u6
             Err(e) => e,
         }
     })
+}
+
+/// Copies why the relay connection last ended (the reason of the last
+/// DISCONNECTED event, whole: for a refused relay certificate the expected
+/// name, what the certificate holds and the CA) into `buf`, NUL-terminated
+/// and cut to `len - 1` bytes. Returns the reason's full length (without
+/// the NUL), 0 before the first disconnect; call again with a larger buffer
+/// when it is `>= len`. `buf` may be NULL when `len` is 0.
+///
+/// # Safety
+/// `agent` valid; `buf` valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ztna_agent_last_failure(agent: *const ZtnaAgent, buf: *mut c_char, len: usize) -> usize {
+    catch_unwind(AssertUnwindSafe(|| {
+        if agent.is_null() {
+            return 0;
+        }
+        // SAFETY: checked non-NULL.
+        let a = unsafe { &*agent };
+        let text = a.core.last_failure().as_bytes();
+        if !buf.is_null() && len > 0 {
+            let n = text.len().min(len - 1);
+            // SAFETY: the caller gives `len` writable bytes at `buf`; we
+            // write `n + 1 <= len`.
+            let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), n + 1) };
+            out[..n].copy_from_slice(&text[..n]);
+            out[n] = 0;
+        }
+        text.len()
+    }))
+    .unwrap_or(0)
 }
 
 /// Copies the counters into `*out`.

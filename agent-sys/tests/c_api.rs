@@ -117,6 +117,10 @@ fn c_program_against_real_relay_and_connector() {
     let result = stdout.lines().find(|l| l.starts_with("RESULT")).expect("RESULT line");
     println!("{result}");
     assert!(result.contains("echoes=100 pongs=1"));
+    // The agent with a wrong server_name got the whole reason.
+    let refused = stdout.lines().find(|l| l.starts_with("REFUSED")).expect("REFUSED line");
+    println!("{refused}");
+    assert!(refused.contains("TLS alert bad_certificate") && refused.contains("URI SANs: spiffe://dev.ztna/relay/"));
     assert!(asan_out.contains("echoes=100 pongs=1"));
     let st = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     assert!(st(&stats.icmp_echo_replies) >= 1);

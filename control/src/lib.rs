@@ -14,6 +14,7 @@ pub mod identity;
 pub mod packet;
 pub mod quic;
 pub mod rng;
+pub mod tls_report;
 pub mod varint;
 pub mod wire;
 

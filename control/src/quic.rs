@@ -107,19 +107,44 @@ pub fn apply_transport(cfg: &mut quiche::Config) -> Result<(), quiche::Error> {
 
 /// Client-side quiche config. With `ca_pem` the relay must chain to those
 /// CAs alone (the system store is not consulted: a public CA cannot vouch
-/// for a relay); without it, the system store is used.
+/// for a relay); without it, the system store is used. For callers that
+/// drive quiche themselves; a [`crate::client::ClientSession`] takes
+/// [`client_tls`], which also says why a handshake failed.
 pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, TlsConfigError> {
+    client_tls(tls).map(|c| c.quic)
+}
+
+/// A client's quiche config and the report its verification hook fills
+/// (see [`crate::tls_report`]).
+pub struct ClientTls {
+    pub quic: quiche::Config,
+    pub report: std::sync::Arc<crate::tls_report::HandshakeReport>,
+}
+
+impl From<quiche::Config> for ClientTls {
+    /// A config built elsewhere: no IP-address check, no failure report.
+    fn from(quic: quiche::Config) -> Self {
+        ClientTls { quic, report: std::sync::Arc::default() }
+    }
+}
+
+/// [`client_config`] with its [`crate::tls_report::HandshakeReport`].
+pub fn client_tls(tls: &TlsOptions) -> Result<ClientTls, TlsConfigError> {
     use boring::pkey::PKey;
     use boring::ssl::{SslContextBuilder, SslMethod};
     use boring::x509::X509;
     use TlsConfigError as E;
     let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(|_| E::Context)?;
+    let mut ca_names = "the system store".to_owned();
     match &tls.ca_pem {
         Some(pem) => {
             let cas = X509::stack_from_pem(pem).map_err(|_| E::Ca)?;
             if cas.is_empty() {
                 return Err(E::Ca);
             }
+            let names: Vec<String> =
+                cas.iter().map(|c| crate::tls_report::describe_subject(c.subject_name())).collect();
+            ca_names = names.join(" | ");
             let mut store = boring::x509::store::X509StoreBuilder::new().map_err(|_| E::Context)?;
             for c in cas {
                 store.add_cert(c).map_err(|_| E::Ca)?;
@@ -142,13 +167,22 @@ pub fn client_config(tls: &TlsOptions) -> Result<quiche::Config, TlsConfigError>
         b.set_private_key(&key).map_err(|_| E::KeyMismatch)?;
         b.check_private_key().map_err(|_| E::KeyMismatch)?;
     }
+    let report = std::sync::Arc::new(crate::tls_report::HandshakeReport::new(ca_names, tls.verify_peer));
+    if tls.verify_peer {
+        let r = std::sync::Arc::clone(&report);
+        b.set_verify_callback(boring::ssl::SslVerifyMode::PEER, move |ok, ctx| r.verify(ok, ctx));
+    }
     let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b).map_err(E::Quic)?;
     apply_transport(&mut cfg).map_err(E::Quic)?;
     // The client opens exactly one bidirectional stream (control); the
     // relay opens none.
     cfg.set_initial_max_streams_bidi(0);
-    cfg.verify_peer(tls.verify_peer);
-    Ok(cfg)
+    if !tls.verify_peer {
+        // Never with verification on: quiche would replace the hook
+        // installed above.
+        cfg.verify_peer(false);
+    }
+    Ok(ClientTls { quic: cfg, report })
 }
 
 #[cfg(test)]

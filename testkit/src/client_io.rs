@@ -46,7 +46,7 @@ impl UdpClient {
         } else {
             bound
         };
-        let qc = quic::client_config(tls).map_err(|e| io::Error::other(e.to_string()))?;
+        let qc = quic::client_tls(tls).map_err(|e| io::Error::other(e.to_string()))?;
         let session = ClientSession::new(cfg, qc, seed, Instant::now());
         Ok(UdpClient { session, socket, buf: vec![0u8; 65_536], out: vec![0u8; 2048], packets_rx: 0, packets_tx: 0 })
     }

@@ -339,7 +339,7 @@ impl ConnectorHost {
         let tls = cfg.client_tls()?;
         let mut engine = Engine::new(cfg, targets, addr, &tls, seed, now)?;
         let backends = MemoryBackends::default();
-        let mut quic = || quic::client_config(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
+        let mut quic = || quic::client_tls(&tls).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
         engine.set_relays(relays, now, &mut quic)?;
         Ok(ConnectorHost { addr, engine, backends, now, interest: Vec::new() })
     }

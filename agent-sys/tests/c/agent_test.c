@@ -126,6 +126,8 @@ struct ctx {
     char connector[256];
     int observed;
     ZtnaAddr observed_addr;
+    int disconnected;
+    char reason[256];
 };
 
 /* One event-loop turn: socket → agent, timers, agent → socket, events. */
@@ -200,6 +202,11 @@ static void pump(struct ctx *c, int wait_ms) {
             c->observed_addr = ev.addr;
         }
         if (ev.kind == ZTNA_EVENT_REGISTER_FAILED) fprintf(stderr, "register failed: code %u\n", ev.code);
+        if (ev.kind == ZTNA_EVENT_DISCONNECTED) {
+            c->disconnected = 1;
+            memcpy(c->reason, ev.text, sizeof c->reason);
+            c->reason[sizeof c->reason - 1] = 0;
+        }
     }
 }
 
@@ -354,6 +361,39 @@ int main(int argc, char **argv) {
            "rss_max_kb=%ld ffi_calls_per_packet=%.3f\n",
            c.observed_addr.port, c.connector, (unsigned long long)sent, (unsigned long long)echoed,
            (unsigned long long)refused, rss_max, calls_per_pkt);
+    /* A relay name its certificate does not cover: refused, and the
+     * reason says why, cut in the event, whole from last_failure. */
+    char none[8] = {1};
+    if (ztna_agent_last_failure(c.agent, none, sizeof none) != 0 || none[0] != 0) die("last_failure before any", -1);
+    struct ctx w;
+    memset(&w, 0, sizeof w);
+    w.fd = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in wl = {.sin_family = AF_INET};
+    inet_pton(AF_INET, "127.0.0.1", &wl.sin_addr);
+    if (bind(w.fd, (struct sockaddr *)&wl, sizeof wl) != 0) die("bind", -errno);
+    ll = sizeof wl;
+    getsockname(w.fd, (struct sockaddr *)&wl, &ll);
+    char wl_str[64];
+    snprintf(wl_str, sizeof wl_str, "127.0.0.1:%u", ntohs(wl.sin_port));
+    ZtnaConfig wrong = cfg;
+    wrong.server_name = "relay.example.com";
+    wrong.local_addr = wl_str;
+    if ((rc = ztna_agent_new(&wrong, &w.agent)) != ZTNA_OK) die("new(wrong name)", rc);
+    t0 = now_us();
+    while (!w.disconnected) {
+        pump(&w, 20);
+        if (now_us() - t0 > 10000000u) die("wrong name: no disconnect", -1);
+    }
+    if (!strstr(w.reason, "does not cover the server name")) die("disconnect event text", -1);
+    size_t need = ztna_agent_last_failure(w.agent, NULL, 0);
+    char *full = malloc(need + 1);
+    if (!full || ztna_agent_last_failure(w.agent, full, need + 1) != need || strlen(full) != need) die("last_failure", -1);
+    if (!strstr(full, "DNS SANs: localhost") || need < 256) die("last_failure text", (int32_t)need);
+    printf("REFUSED %s\n", full);
+    free(full);
+    ztna_agent_free(w.agent);
+    close(w.fd);
+
     ztna_agent_free(c.agent);
     close(c.fd);
     if (rss_max > limit_kb) {

@@ -31,7 +31,7 @@ use anyhow::Result;
 use tracing::{debug, info, warn};
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
 use ztna_control::e2e::{self, E2eSession, Rejections, SendIpError, SessionEvent};
-use ztna_control::quic::TlsOptions;
+use ztna_control::quic::{self, TlsOptions};
 use ztna_control::{datagram, Code, Role, ServiceName};
 
 use crate::backend::{BackendEvent, BackendId, BackendIo, Interest};
@@ -161,7 +161,7 @@ impl Engine {
         &mut self,
         addrs: &[SocketAddr],
         now: Instant,
-        quic: &mut dyn FnMut() -> Result<quiche::Config>,
+        quic: &mut dyn FnMut() -> Result<quic::ClientTls>,
     ) -> Result<()> {
         let v4 = self.local.is_ipv4();
         let addrs: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv4() == v4).collect();
@@ -197,7 +197,7 @@ impl Engine {
         Ok(())
     }
 
-    fn new_link(&mut self, relay: SocketAddr, quic: quiche::Config, now: Instant) -> RelayLink {
+    fn new_link(&mut self, relay: SocketAddr, quic: quic::ClientTls, now: Instant) -> RelayLink {
         let local = if self.local.ip().is_unspecified() && relay.ip().is_loopback() {
             SocketAddr::new(relay.ip(), self.local.port())
         } else {
@@ -528,8 +528,12 @@ impl Engine {
                 // silence timeout).
                 self.peers.flow_closed((i, flow), now);
             }
-            Event::Disconnected { reason, retry_in } => {
-                warn!(relay = i, reason, ?retry_in, "relay connection lost");
+            Event::Disconnected { reason, retry_in, repeated } => {
+                if repeated {
+                    debug!(relay = i, reason, ?retry_in, "relay connection lost again");
+                } else {
+                    warn!(relay = i, reason, ?retry_in, "relay connection lost");
+                }
                 if let Some(l) = self.links.get_mut(i) {
                     l.handles.clear();
                     l.flows.clear();

@@ -73,6 +73,10 @@ counters! {
     /// certificate), counted when the connection is reaped. A client that
     /// refuses the relay's certificate is not counted here.
     handshakes_failed,
+    /// Handshakes the client aborted with a TLS alert: it refused the
+    /// relay's certificate (a `server_name` the certificate does not
+    /// cover, or a CA the client does not trust).
+    handshakes_refused_by_client,
     /// Registrations refused by policy (RegisterError{denied}).
     registrations_denied,
     /// Flows and registrations closed because a policy reload revoked them.

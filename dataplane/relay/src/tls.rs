@@ -21,6 +21,7 @@ use ztna_control::identity::Kind;
 
 use crate::stats::WorkerStats;
 use ztna_control::cert::PeerRule;
+use ztna_control::tls_report::{describe, OncePerCause};
 
 /// Certificate chain, key and client CA of the relay, parsed.
 #[derive(Clone)]
@@ -91,8 +92,9 @@ impl TlsMaterial {
         b.set_options(SslOptions::NO_TICKET);
         b.set_session_cache_mode(SslSessionCacheMode::OFF);
         let trust_domain = self.trust_domain.clone();
+        let log = std::sync::Mutex::new(OncePerCause::new(std::time::Duration::from_secs(60)));
         b.set_verify_callback(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT, move |ok, ctx| {
-            verify(ok, ctx, &trust_domain, stats.as_deref())
+            verify(ok, ctx, &trust_domain, stats.as_deref(), &log)
         });
         Ok(b)
     }
@@ -127,12 +129,24 @@ fn count(stats: Option<&WorkerStats>, r: Rejection) {
 }
 
 /// The chain check plus the identity rule (agents and connectors only).
-fn verify(ok: bool, ctx: &mut X509StoreContextRef, trust_domain: &str, stats: Option<&WorkerStats>) -> bool {
+/// Each refusal is counted; its log line comes once per cause and minute.
+fn verify(
+    ok: bool,
+    ctx: &mut X509StoreContextRef,
+    trust_domain: &str,
+    stats: Option<&WorkerStats>,
+    log: &std::sync::Mutex<OncePerCause>,
+) -> bool {
     let rule = PeerRule { trust_domain, kinds: &[Kind::Agent, Kind::Connector], any_purpose: false };
     match ztna_control::cert::verify(ok, ctx, rule) {
         Ok(()) => true,
         Err(r) => {
-            warn!(reason = ?r.why, detail = r.detail, "client certificate rejected");
+            let cause = format!("{:?} {}", r.why, r.detail);
+            let now = std::time::Instant::now();
+            if log.lock().map(|mut l| l.allow(&cause, now)).unwrap_or(true) {
+                let certificate = ctx.current_cert().map(describe).unwrap_or_default();
+                warn!(reason = ?r.why, detail = r.detail, certificate, "client certificate rejected");
+            }
             count(stats, r.why);
             false
         }

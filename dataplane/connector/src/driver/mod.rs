@@ -130,8 +130,7 @@ impl Connector {
 
     fn set_relays(&mut self, addrs: &[SocketAddr]) -> Result<()> {
         let files = &self.tls_files;
-        let mut quic =
-            || quic::client_config(&files.client_tls()?).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
+        let mut quic = || quic::client_tls(&files.client_tls()?).map_err(|e| anyhow::anyhow!("TLS configuration: {e}"));
         let r = self.engine.set_relays(addrs, Instant::now(), &mut quic);
         self.health.relays.store(self.engine.relays().len() as u64, Ordering::Relaxed);
         r

@@ -162,16 +162,38 @@ impl Worker {
         if conn.identity.as_ref().is_some_and(|id| id.kind == Kind::Agent) {
             self.shared.agents.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(e) = conn.quic.local_error().filter(|e| !e.is_app && !conn.quic.is_established()) {
-            self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            warn!(worker = self.cfg.index, peer = %conn.peer, code = format!("{:#x}", e.error_code),
-                  reason = tls_alert_name(e.error_code), "TLS handshake failed; connection refused");
+        if !conn.quic.is_established() {
+            self.log_failed_handshake(&conn);
         }
         self.free.push(key.slot);
         self.stats.conns_closed.fetch_add(1, Ordering::Relaxed);
         self.stats.conns_active.fetch_sub(1, Ordering::Relaxed);
         let reason = conn.quic.peer_error().map(|e| e.error_code).or(conn.quic.local_error().map(|e| e.error_code));
         debug!(worker = self.cfg.index, peer = %conn.peer, ?reason, timed_out = conn.quic.is_timed_out(), "connection closed");
+    }
+
+    /// Why a handshake failed, once per cause and minute: the relay refused
+    /// the client (its certificate: the verify hook logged the details),
+    /// or the client refused the relay's certificate (most often a
+    /// `server_name` the certificate does not cover).
+    fn log_failed_handshake(&mut self, conn: &Conn) {
+        use ztna_control::tls_report::{alert_name, close_code_text, describe};
+        if let Some(e) = conn.quic.local_error().filter(|e| !e.is_app) {
+            self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            let reason = close_code_text(e.error_code);
+            if self.handshake_log.allow(&reason, self.now) {
+                warn!(worker = self.cfg.index, peer = %conn.peer, reason, "TLS handshake failed; connection refused");
+            }
+        } else if let Some(e) = conn.quic.peer_error().filter(|e| !e.is_app && alert_name(e.error_code).is_some()) {
+            self.stats.handshakes_refused_by_client.fetch_add(1, Ordering::Relaxed);
+            let reason = close_code_text(e.error_code);
+            if self.handshake_log.allow(&format!("peer {reason}"), self.now) {
+                let ours = self.security.tls.chain.first().map(|c| describe(c)).unwrap_or_default();
+                warn!(worker = self.cfg.index, peer = %conn.peer, reason, certificate = ours,
+                      "a client refused the relay's certificate: clients must name the relay (server_name) by a \
+                       DNS name or IP address the certificate covers, and trust the CA that signed it");
+            }
+        }
     }
 
     /// Moves outboxes into peers' inboxes and wakes them.

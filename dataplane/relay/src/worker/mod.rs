@@ -74,23 +74,6 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 const TRIM_IDLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A QUIC CRYPTO_ERROR (0x100 + TLS alert) as a name for logs.
-fn tls_alert_name(code: u64) -> &'static str {
-    match code.checked_sub(0x100) {
-        Some(40) => "handshake_failure",
-        Some(42) => "bad_certificate",
-        Some(43) => "unsupported_certificate",
-        Some(44) => "certificate_revoked",
-        Some(45) => "certificate_expired",
-        Some(46) => "certificate_unknown",
-        Some(48) => "unknown_ca",
-        Some(51) => "decrypt_error",
-        Some(116) => "certificate_required (no client certificate)",
-        Some(120) => "no_application_protocol",
-        Some(0..=255) => "other TLS alert",
-        _ => "transport error",
-    }
-}
-
 /// An address as clients should see it (IPv4-mapped IPv6 → IPv4).
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
@@ -232,6 +215,8 @@ pub struct Worker {
     /// Budget released since freed heap was last given back.
     released: u64,
     last_trim: Instant,
+    /// Handshake failures are logged once per cause and minute.
+    handshake_log: ztna_control::tls_report::OncePerCause,
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -293,6 +278,7 @@ impl Worker {
             budget: BudgetShare::default(),
             released: 0,
             last_trim: now,
+            handshake_log: ztna_control::tls_report::OncePerCause::new(Duration::from_secs(60)),
         })
     }
 

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::codes::Code;
 use crate::datagram;
+use crate::quic::ClientTls;
 use crate::rng::SplitMix64;
+use crate::tls_report::{HandshakeReport, OncePerCause};
 use crate::wire::{self, FrameDecoder, Message, Role, ServiceName};
 
 /// Stream that carries the control channel.
@@ -101,7 +103,10 @@ pub enum Event {
     /// The relay announced it is going away.
     Goodbye { code: Code, reason: String },
     /// The connection ended; a new attempt follows after `retry_in`.
-    Disconnected { reason: String, retry_in: Duration },
+    /// `repeated`: the same reason was reported less than a minute ago
+    /// (drivers log it at debug level then, so a failing handshake leaves
+    /// one warning per cause and minute).
+    Disconnected { reason: String, retry_in: Duration, repeated: bool },
 }
 
 /// Why a datagram could not be queued.
@@ -166,6 +171,9 @@ pub struct ClientStats {
 pub struct ClientSession {
     cfg: ClientConfig,
     quic: quiche::Config,
+    /// Filled by the TLS verification hook: why the relay was refused.
+    report: std::sync::Arc<HandshakeReport>,
+    reasons: OncePerCause,
     phase: Phase,
     rng: SplitMix64,
     backoff: Backoff,
@@ -190,8 +198,11 @@ pub struct ClientSession {
 
 impl ClientSession {
     /// Creates a session that connects at once (on the first
-    /// `poll_transmit`). `quic` comes from [`crate::quic::client_config`].
-    pub fn new(cfg: ClientConfig, quic: quiche::Config, seed: u64, now: Instant) -> Self {
+    /// `poll_transmit`). `quic` comes from [`crate::quic::client_tls`]
+    /// (a bare `quiche::Config` works too, without the IP-address check
+    /// and the reasons a handshake failed).
+    pub fn new(cfg: ClientConfig, quic: impl Into<ClientTls>, seed: u64, now: Instant) -> Self {
+        let ClientTls { quic, report } = quic.into();
         let regs = cfg
             .registrations
             .iter()
@@ -201,6 +212,8 @@ impl ClientSession {
         ClientSession {
             cfg,
             quic,
+            report,
+            reasons: OncePerCause::new(Duration::from_secs(60)),
             phase: Phase::Waiting { retry_at: now },
             rng: SplitMix64::new(seed),
             backoff,
@@ -481,7 +494,12 @@ impl ClientSession {
         self.rng.fill(&mut scid);
         let scid = quiche::ConnectionId::from_ref(&scid);
         let relay = self.relay();
-        match quiche::connect(Some(&self.cfg.server_name), &scid, self.cfg.local, relay, &mut self.quic) {
+        // An IP address is checked by the hook against the IP SANs, and
+        // never sent as SNI; a name goes to BoringSSL (SNI and DNS SANs).
+        self.report.expect(&self.cfg.server_name);
+        let by_ip = self.report.checks_ip() && self.cfg.server_name.parse::<std::net::IpAddr>().is_ok();
+        let sni = (!by_ip).then_some(self.cfg.server_name.as_str());
+        match quiche::connect(sni, &scid, self.cfg.local, relay, &mut self.quic) {
             Ok(conn) => {
                 self.stats.connects += 1;
                 self.leaving = false;
@@ -503,11 +521,16 @@ impl ClientSession {
         }
     }
 
+    fn disconnected(&mut self, reason: String, retry_in: Duration, now: Instant) {
+        let repeated = !self.reasons.allow(&reason, now);
+        self.push_event(Event::Disconnected { reason, retry_in, repeated });
+    }
+
     fn schedule_reconnect(&mut self, now: Instant, reason: String) {
         if self.stop_requested {
             // Closed for good while the attempt timed out: no new attempt.
             self.phase = Phase::Stopped;
-            self.push_event(Event::Disconnected { reason, retry_in: Duration::MAX });
+            self.disconnected(reason, Duration::MAX, now);
             return;
         }
         let retry_in = if self.leaving {
@@ -521,7 +544,7 @@ impl ClientSession {
         self.relay_index = (self.relay_index + 1) % (self.cfg.fallbacks.len() + 1);
         self.stats.disconnects += 1;
         self.phase = Phase::Waiting { retry_at: now + retry_in };
-        self.push_event(Event::Disconnected { reason, retry_in });
+        self.disconnected(reason, retry_in, now);
     }
 
     /// Processes what a recv/timeout may have produced: control messages,
@@ -538,17 +561,10 @@ impl ClientSession {
         if !(conn.is_closed() || (self.leaving && conn.is_draining())) {
             return;
         }
-        let reason = match (conn.peer_error(), conn.local_error()) {
-            (Some(e), _) => format!("closed by relay: code {:#x} {}", e.error_code, String::from_utf8_lossy(&e.reason)),
-            (None, Some(e)) => {
-                format!("closed locally: code {:#x} {}", e.error_code, String::from_utf8_lossy(&e.reason))
-            }
-            (None, None) if conn.is_timed_out() => "idle timeout".to_owned(),
-            (None, None) => "closed".to_owned(),
-        };
+        let reason = crate::tls_report::close_reason(conn, self.report.take_failure());
         if self.stop_requested {
             self.phase = Phase::Stopped;
-            self.push_event(Event::Disconnected { reason, retry_in: Duration::MAX });
+            self.disconnected(reason, Duration::MAX, now);
         } else {
             self.schedule_reconnect(now, reason);
         }
@@ -687,81 +703,4 @@ impl ClientSession {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::quic::{client_config, TlsOptions};
-
-    /// A relay that never answers: each attempt gives up after the
-    /// handshake timeout and the next one waits a jittered, doubling delay
-    /// (1 s, 2 s, 4 s, … capped at 30 s). Virtual time; no socket.
-    #[test]
-    fn unreachable_relay_backs_off_visibly() {
-        let start = Instant::now();
-        let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
-        let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
-        let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
-        let mut out = vec![0u8; 2048];
-        let mut waits = Vec::new();
-        let mut sent = 0;
-        let mut t = start;
-        while t < start + Duration::from_secs(120) {
-            while s.poll_transmit(&mut out, t).is_some() {
-                sent += 1; // into the void
-            }
-            if s.next_deadline().is_some_and(|d| d <= t) {
-                s.handle_timeout(t);
-            }
-            while let Some(e) = s.poll_event() {
-                match e {
-                    Event::Disconnected { reason, retry_in } => {
-                        assert!(reason.contains("no answer"), "{reason}");
-                        waits.push(retry_in);
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            t += Duration::from_millis(50);
-        }
-        assert!(sent > 0, "Initials were sent");
-        assert!(waits.len() >= 5, "{waits:?}");
-        let nominal = [1u64, 2, 4, 8, 16, 30, 30];
-        for (w, n) in waits.iter().zip(nominal) {
-            let n = Duration::from_secs(n);
-            assert!(*w >= n / 2 && *w <= n, "wait {w:?} outside [{:?}, {n:?}]", n / 2);
-        }
-        assert_eq!(s.stats().disconnects as usize, waits.len());
-        assert!(!s.is_connected());
-    }
-
-    /// Each failed attempt moves to the next relay of `[relay, fallbacks]`,
-    /// round robin: the Initials of successive attempts go to r0, r1, r2,
-    /// r0, …
-    #[test]
-    fn failed_attempts_rotate_through_the_fallback_relays() {
-        let start = Instant::now();
-        let relays: Vec<SocketAddr> =
-            ["127.0.0.1:9", "127.0.0.2:9", "127.0.0.3:9"].iter().map(|a| a.parse().unwrap()).collect();
-        let mut cfg = ClientConfig::new(relays[0], "127.0.0.1:5000".parse().unwrap(), "localhost");
-        cfg.fallbacks = relays[1..].to_vec();
-        let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
-        let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 7, start);
-        let mut out = vec![0u8; 2048];
-        let mut attempts: Vec<SocketAddr> = Vec::new();
-        let mut t = start;
-        while attempts.len() < 5 && t < start + Duration::from_secs(120) {
-            while let Some((_, to)) = s.poll_transmit(&mut out, t) {
-                if attempts.last() != Some(&to) {
-                    attempts.push(to);
-                }
-                assert_eq!(to, s.relay(), "sent to the relay the session reports");
-            }
-            if s.next_deadline().is_some_and(|d| d <= t) {
-                s.handle_timeout(t);
-            }
-            while s.poll_event().is_some() {}
-            t += Duration::from_millis(50);
-        }
-        let expected: Vec<SocketAddr> = relays.iter().cycle().take(5).copied().collect();
-        assert_eq!(attempts, expected);
-    }
-}
+mod tests;
