@@ -56,9 +56,12 @@ pub struct FileConfig {
     /// is lost, round robin.
     #[serde(default)]
     pub fallback_relays: Vec<SocketAddr>,
-    /// TLS server name of the relay (its certificate must cover it).
-    #[serde(default = "default_server_name")]
-    pub server_name: String,
+    /// TLS server name of the relay (its certificate must cover it): a DNS
+    /// name, or the relay's IP address when its certificate lists it as an
+    /// IP SAN. Required: `relay` is an address, and which name its
+    /// certificate covers cannot be guessed from it.
+    #[serde(default)]
+    pub server_name: Option<String>,
     /// CA file that signs the relay's certificate (default: none, so
     /// verification fails unless `insecure`).
     pub ca: Option<PathBuf>,
@@ -86,9 +89,6 @@ fn default_tun_address() -> String {
 }
 fn default_mtu() -> u16 {
     1280
-}
-fn default_server_name() -> String {
-    "localhost".into()
 }
 
 /// Command-line values that override the file.
@@ -140,7 +140,7 @@ impl FileConfig {
             self.relay = Some(v);
         }
         if let Some(v) = &o.server_name {
-            self.server_name = v.clone();
+            self.server_name = Some(v.clone());
         }
         if let Some(v) = &o.ca {
             self.ca = Some(v.clone());
@@ -171,9 +171,6 @@ impl FileConfig {
     /// Checks everything that can be checked without touching the system.
     pub fn validate(&self) -> Result<Config> {
         let Some(relay) = self.relay else { bail!("no relay: set `relay` in the file or pass --relay") };
-        if self.server_name.is_empty() {
-            bail!("server_name is empty");
-        }
         if self.ca.is_none() {
             bail!("no CA: set `ca` (or --ca) to the organisation CA (it signs the relay and the connectors)");
         }
@@ -235,10 +232,17 @@ impl FileConfig {
             None if relay.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
             None => SocketAddr::from(([0u16; 8], 0)),
         };
+        let server_name = match &self.server_name {
+            Some(n) => ztna_control::quic::check_server_name(n).map(|()| n.clone()),
+            // Not verified: any name will do.
+            None if self.insecure => Ok("localhost".to_owned()),
+            None => ztna_control::quic::default_server_name([relay.to_string().as_str()]),
+        }
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(Config {
             relay,
             fallback_relays: self.fallback_relays.clone(),
-            server_name: self.server_name.clone(),
+            server_name,
             ca: self.ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
@@ -333,7 +337,7 @@ mod tests {
             std::fs::write(dir.join(name), body).unwrap();
         }
         let toml = format!(
-            "relay = \"192.0.2.1:4433\"\nca = \"{0}/ca.pem\"\ncert = \"{0}/a.pem\"\nkey = \"{0}/a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
+            "relay = \"192.0.2.1:4433\"\nserver_name = \"192.0.2.1\"\nca = \"{0}/ca.pem\"\ncert = \"{0}/a.pem\"\nkey = \"{0}/a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
             dir.display()
         );
         let c = FileConfig::from_toml(&toml).unwrap().validate().unwrap();
@@ -347,12 +351,16 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let f = FileConfig::from_toml(
-            "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n",
-        )
-        .unwrap();
+        let toml = "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10\"]\n";
+        // The relay is an address: which name its certificate covers must
+        // be said.
+        let e = FileConfig::from_toml(toml).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("server_name is required"), "{e}");
+        let bad = FileConfig::from_toml(&format!("server_name = \"relay..example\"\n{toml}")).unwrap().validate();
+        assert!(bad.unwrap_err().to_string().contains("neither an IP address nor a DNS host name"));
+        let f = FileConfig::from_toml(&format!("server_name = \"192.0.2.1\"\n{toml}")).unwrap();
         let c = f.validate().unwrap();
-        assert_eq!((c.tun_name.as_str(), c.mtu, c.server_name.as_str()), ("ztna0", 1280, "localhost"));
+        assert_eq!((c.tun_name.as_str(), c.mtu, c.server_name.as_str()), ("ztna0", 1280, "192.0.2.1"));
         assert_eq!(c.tun_address.to_string(), "100.64.0.1/32");
         assert_eq!(c.routes[0].1.to_string(), "100.100.0.10/32");
     }
@@ -377,7 +385,7 @@ mod tests {
     fn rejects_bad_configs() {
         let err = |s: &str| FileConfig::from_toml(s).and_then(|f| f.validate()).unwrap_err().to_string();
         let svc = "[[service]]\nname = \"echo\"\ncidrs = [\"100.100.0.10/32\"]\n";
-        let head = "relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+        let head = "relay = \"192.0.2.1:4433\"\nserver_name = \"relay.example\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
         assert!(err(&format!("relay = \"192.0.2.1:4433\"\nca = \"ca.pem\"\n{svc}")).contains("no certificate"));
         assert!(err(&format!("{head}bogus = 1\n{svc}")).contains("unknown field"));
         assert!(err(&format!("{head}[tun]\nnmae = \"x\"\n{svc}")).contains("unknown field"));

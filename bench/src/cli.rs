@@ -134,8 +134,9 @@ pub struct RelayArgs {
     /// connector-bench-connector.pem/.key (external relay only).
     #[arg(long)]
     pub certs: Option<PathBuf>,
-    /// TLS server name (default: the host of --relay, or "localhost" when
-    /// that is an IP address: the TLS stack verifies DNS names only).
+    /// TLS server name: a DNS name or an IP address the relay's
+    /// certificate covers (default: the host of --relay when it is a DNS
+    /// name; required when --relay is an IP address).
     #[arg(long)]
     pub server_name: Option<String>,
     /// The external relay's process id, for CPU accounting.
@@ -342,17 +343,24 @@ impl HandshakesArgs {
     }
 }
 
-/// Resolves HOST:PORT (or [V6]:PORT); returns the address and the default
-/// TLS server name.
-fn resolve(relay: &str) -> Result<(SocketAddr, String)> {
-    let addr = relay
+/// Resolves HOST:PORT (or [V6]:PORT).
+fn resolve(relay: &str) -> Result<SocketAddr> {
+    relay
         .to_socket_addrs()
         .with_context(|| format!("resolving {relay}"))?
         .next()
-        .with_context(|| format!("{relay} resolves to nothing"))?;
-    let host = relay.rsplit_once(':').map_or(relay, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-    let name = if host.parse::<std::net::IpAddr>().is_ok() { "localhost" } else { host };
-    Ok((addr, name.to_owned()))
+        .with_context(|| format!("{relay} resolves to nothing"))
+}
+
+/// `--server-name`, else the host of `--relay` when it is a DNS name (the
+/// clients' rule: an IP address needs the name said).
+fn server_name(a: &RelayArgs, relay: &str) -> Result<String> {
+    match (&a.server_name, a.insecure) {
+        (Some(n), _) => ztna_control::quic::check_server_name(n).map(|()| n.clone()),
+        (None, true) => Ok("localhost".to_owned()),
+        (None, false) => ztna_control::quic::default_server_name([relay]),
+    }
+    .map_err(|e| anyhow::anyhow!("{e} (--server-name)"))
 }
 
 fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
@@ -372,10 +380,9 @@ fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
                 bail!("an external relay needs --certs DIR (client certificates: the relay authenticates every client)")
             };
             let pair = |stem: &str| (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
-            let (addr, host) = resolve(r)?;
             RelayTarget::External {
-                addr,
-                server_name: a.server_name.clone().unwrap_or(host),
+                addr: resolve(r)?,
+                server_name: server_name(a, r)?,
                 ca: a.ca.clone(),
                 agent_id: pair(&format!("agent-{}", crate::relay_bench::BENCH_AGENT)),
                 connector_id: pair(&format!("connector-{}", crate::relay_bench::BENCH_CONNECTOR)),

@@ -185,6 +185,60 @@ pub fn client_tls(tls: &TlsOptions) -> Result<ClientTls, TlsConfigError> {
     Ok(ClientTls { quic: cfg, report })
 }
 
+/// Whether `name` can be a relay's TLS server name: an IP address (either
+/// family; checked against the certificate's IP SANs) or a DNS host name
+/// (labels of letters, digits and inner hyphens, at most 63 bytes each and
+/// 253 in all).
+pub fn check_server_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("server_name {name:?} is neither an IP address nor a DNS host name"));
+    }
+    if name.split('.').next_back().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(format!("server_name {name:?} looks like a malformed IP address"));
+    }
+    Ok(())
+}
+
+/// The server name for relays given as `host:port` when none is
+/// configured: their host, when every relay is the same DNS name (a
+/// Kubernetes headless Service, a round-robin name). A relay given by IP
+/// address needs `server_name` set: which name or address its
+/// certificate covers is not something the client can guess.
+pub fn default_server_name<'a>(relays: impl IntoIterator<Item = &'a str>) -> Result<String, String> {
+    let mut name: Option<&str> = None;
+    for r in relays {
+        let host = r.rsplit_once(':').map_or(r, |(h, _)| h);
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!(
+                "server_name is required: relay {r} is given by IP address. Set server_name to the DNS name in \
+                 the relay's certificate, or to the IP address itself if the certificate lists it as an IP SAN \
+                 (ztna-relay ca issue --ip)"
+            ));
+        }
+        match name {
+            Some(n) if !n.eq_ignore_ascii_case(host) => {
+                return Err(format!("server_name is required: the relays have different host names ({n}, {host})"))
+            }
+            Some(_) => {}
+            None => name = Some(host),
+        }
+    }
+    let name = name.ok_or("no relay to take the server name from")?;
+    check_server_name(name)?;
+    Ok(name.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +298,27 @@ mod tests {
         let t = TlsOptions::mutual(b"ca".to_vec(), b"cert".to_vec(), b"SECRET KEY".to_vec());
         let s = format!("{t:?}");
         assert!(!s.contains("SECRET") && s.contains("redacted"), "{s}");
+    }
+
+    #[test]
+    fn server_names_are_ips_or_dns_host_names() {
+        for ok in ["relay.example.com", "localhost", "198.51.100.10", "2001:db8::1", "a-b.c1.", "xn--bcher-kva.de"] {
+            assert_eq!(check_server_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "relay..example", "-relay.example", "relay_1.example", "198.51.100.300", "https://relay", "a b"]
+        {
+            assert!(check_server_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_default_server_name_is_the_relays_one_dns_name() {
+        assert_eq!(default_server_name(["relay.example.org:4433"]).as_deref(), Ok("relay.example.org"));
+        let same = ["r.example.org:4433", "R.example.org:4434"];
+        assert_eq!(default_server_name(same).as_deref(), Ok("r.example.org"));
+        let ip = default_server_name(["198.51.100.10:4433"]).unwrap_err();
+        assert!(ip.contains("server_name is required") && ip.contains("198.51.100.10:4433"), "{ip}");
+        assert!(default_server_name(["[2001:db8::1]:4433"]).unwrap_err().contains("IP address"));
+        assert!(default_server_name(["a.example:1", "b.example:1"]).unwrap_err().contains("different host names"));
     }
 }

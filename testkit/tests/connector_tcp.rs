@@ -465,6 +465,7 @@ fn tcp_config_defaults_and_validation() {
     let cfg = ConnectorConfig::from_toml(
         r#"
         relays = ["127.0.0.1:4433"]
+        server_name = "localhost"
         ca = "ca.pem"
         cert = "connector.pem"
         key = "connector.key"
@@ -497,7 +498,7 @@ fn tcp_config_defaults_and_validation() {
     assert_eq!(cfg.max_tcp_queued_packets_per_identity, 4096);
     let with = |extra: &str| {
         ConnectorConfig::from_toml(&format!(
-            "relays = [\"127.0.0.1:4433\"]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
+            "relays = [\"127.0.0.1:4433\"]\nserver_name = \"localhost\"\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n{extra}\n[[service]]\nname = \"web\"\n"
         ))
     };
     let set = with("max_tcp_connections = 512\nmax_udp_flows_per_identity = 10").unwrap();

@@ -117,7 +117,11 @@ pub struct ConnectorConfig {
     pub health: Option<SocketAddr>,
     /// Local UDP address; the fixed port is what P2P peers will punch to.
     pub listen: SocketAddr,
-    pub server_name: String,
+    /// The TLS name the relays' certificate must cover: a DNS name or an
+    /// IP address (checked against its IP SANs). Default: the host of
+    /// `relays` when they are one DNS name; required when a relay is
+    /// given by IP address ([`ConnectorConfig::relay_server_name`]).
+    pub server_name: Option<String>,
     /// The organisation CA: it signs the relays' certificates and the
     /// agents' (required: every end-to-end session verifies its agent
     /// against it).
@@ -204,7 +208,7 @@ impl Default for ConnectorConfig {
             relays: Vec::new(),
             health: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
-            server_name: "localhost".into(),
+            server_name: None,
             ca: None,
             cert: None,
             key: None,
@@ -232,12 +236,26 @@ impl Default for ConnectorConfig {
 
 impl ConnectorConfig {
     /// A configuration with every optional setting at its default.
+    /// For tests and embedding: relays by address, verified under the
+    /// name `localhost` (the development relay's certificate).
     pub fn new(relays: Vec<SocketAddr>, services: Vec<ServiceConfig>) -> ConnectorConfig {
         ConnectorConfig {
             relays: relays.iter().map(SocketAddr::to_string).collect(),
+            server_name: Some("localhost".into()),
             services,
             ..ConnectorConfig::default()
         }
+    }
+
+    /// The name every relay's certificate must cover: `server_name`, else
+    /// the relays' one DNS name. An error says what to configure.
+    pub fn relay_server_name(&self) -> Result<String> {
+        match &self.server_name {
+            Some(n) => ztna_control::quic::check_server_name(n).map(|()| n.clone()),
+            None if self.insecure => Ok("localhost".to_owned()),
+            None => ztna_control::quic::default_server_name(self.relays.iter().map(String::as_str)),
+        }
+        .map_err(|e| anyhow::anyhow!(e))
     }
 
     pub fn from_toml(s: &str) -> Result<Self> {
@@ -311,6 +329,7 @@ impl ConnectorConfig {
         if self.max_tcp_queued_packets_per_identity == 0 {
             bail!("max_tcp_queued_packets_per_identity must be positive");
         }
+        self.relay_server_name()?;
         Ok(())
     }
 
@@ -343,9 +362,22 @@ mod tests {
         assert_eq!((c.max_udp_flows, c.udp_idle_secs, c.max_tcp_connections), (4096, 60, 2048));
         assert_eq!((c.listen, c.tcp_buffer_bytes, c.tcp_idle_secs), (d.listen, d.tcp_buffer_bytes, d.tcp_idle_secs));
         let n = ConnectorConfig::new(vec!["127.0.0.1:4433".parse().unwrap()], c.services.clone());
-        assert_eq!((n.max_tcp_per_flow, n.server_name.as_str()), (d.max_tcp_per_flow, "localhost"));
+        assert_eq!((n.max_tcp_per_flow, n.server_name.as_deref()), (d.max_tcp_per_flow, Some("localhost")));
         assert!(toml::from_str::<ConnectorConfig>(&format!("max_udp_flowz = 1\n{toml}")).is_err());
         let no_relay: ConnectorConfig = toml::from_str("insecure = true\n[[service]]\nname = \"echo\"\n").unwrap();
         assert!(no_relay.validate().is_err(), "a relay is required");
+    }
+
+    #[test]
+    fn server_name_defaults_to_the_relays_dns_name_and_is_required_for_ip_relays() {
+        let base = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n[[service]]\nname = \"echo\"\n";
+        let by_name = ConnectorConfig::from_toml(&format!("relays = [\"relay.example.org:4433\"]\n{base}")).unwrap();
+        assert_eq!(by_name.relay_server_name().unwrap(), "relay.example.org");
+        let err = ConnectorConfig::from_toml(&format!("relays = [\"198.51.100.10:4433\"]\n{base}")).unwrap_err();
+        assert!(err.to_string().contains("server_name is required"), "{err}");
+        let named = format!("relays = [\"198.51.100.10:4433\"]\nserver_name = \"198.51.100.10\"\n{base}");
+        assert_eq!(ConnectorConfig::from_toml(&named).unwrap().relay_server_name().unwrap(), "198.51.100.10");
+        let bad = format!("relays = [\"198.51.100.10:4433\"]\nserver_name = \"relay_1\"\n{base}");
+        assert!(ConnectorConfig::from_toml(&bad).unwrap_err().to_string().contains("neither an IP address"));
     }
 }

@@ -80,6 +80,8 @@ fn send_to_agent(peers: &mut Peers, stats: &ConnectorStats, key: FlowKey, pkt: &
 /// The connector engine.
 pub struct Engine {
     cfg: ConnectorConfig,
+    /// What every relay's certificate must cover.
+    server_name: String,
     /// The driver's socket address (what relay sessions are bound to).
     local: SocketAddr,
     links: Vec<RelayLink>,
@@ -127,6 +129,7 @@ impl Engine {
             handshakes_per_identity: cfg.max_e2e_handshakes_per_identity,
         };
         Ok(Engine {
+            server_name: cfg.relay_server_name()?,
             cfg,
             local,
             links: Vec::new(),
@@ -203,7 +206,7 @@ impl Engine {
         } else {
             self.local
         };
-        let mut c = ClientConfig::new(relay, local, &self.cfg.server_name);
+        let mut c = ClientConfig::new(relay, local, &self.server_name);
         c.registrations =
             self.cfg.services.iter().filter_map(|s| ServiceName::new(&s.name)).map(|s| (Role::Connector, s)).collect();
         c.software = format!("ztna-connector/{}", env!("CARGO_PKG_VERSION"));
