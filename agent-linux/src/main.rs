@@ -50,6 +50,10 @@ use crate::config::{Config, Overrides};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// Log format on stderr: text (colour only on a terminal) or json (one
+    /// object per line, for log shippers).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: ztna_ops::logging::LogFormat,
     /// TOML config file (required; flags override it).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -87,17 +91,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Parse and validate the config file and flags, then exit.
+    /// Check the config file and flags offline, then exit: the config, and
+    /// that certificate and key belong together, the certificate is an
+    /// agent identity, valid now and signed by the CA.
     CheckConfig,
 }
 
 fn main() -> std::process::ExitCode {
-    ztna_ops::logging::init("info");
-    ztna_ops::logging::exit_code(run_cli())
+    let cli = Cli::parse();
+    ztna_ops::logging::init("info", cli.log_format);
+    ztna_ops::logging::exit_code(run_cli(cli))
 }
 
-fn run_cli() -> Result<()> {
-    let cli = Cli::parse();
+fn run_cli(cli: Cli) -> Result<()> {
     let o = Overrides {
         relay: cli.relay,
         server_name: cli.server_name.clone(),
@@ -119,6 +125,11 @@ fn run_cli() -> Result<()> {
         );
     }
     if let Some(Cmd::CheckConfig) = cli.cmd {
+        if let Some(ca) = &cfg.ca {
+            let own =
+                ztna_ops::tls::check_own_files(ca, &cfg.cert, &cfg.key, ztna_control::identity::Kind::Agent, true)?;
+            ztna_ops::tls::print_own(&own);
+        }
         println!(
             "config ok: relay {} ({}), tun {} {} mtu {}, {} service(s), {} route(s)",
             cfg.relay,

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod cert;
+pub mod cert_check;
 pub mod client;
 pub mod codes;
 pub mod datagram;
@@ -14,6 +15,8 @@ pub mod identity;
 pub mod packet;
 pub mod quic;
 pub mod rng;
+#[cfg(test)]
+mod test_pki;
 pub mod tls_report;
 pub mod varint;
 pub mod wire;

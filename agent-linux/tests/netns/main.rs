@@ -31,6 +31,7 @@
 //! echo service, connector and agent; `probe`: counters, ping and the
 //! `ztna-bench` probes; the tests are in `single_relay` and `scale_out`.
 
+mod binaries;
 mod lab;
 mod probe;
 mod scale_out;

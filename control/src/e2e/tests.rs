@@ -4,70 +4,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boring::asn1::Asn1Time;
-use boring::ec::{EcGroup, EcKey};
-use boring::hash::MessageDigest;
-use boring::nid::Nid;
-use boring::pkey::{PKey, Private};
-use boring::x509::extension::{BasicConstraints, ExtendedKeyUsage, SubjectAlternativeName};
-use boring::x509::{X509NameBuilder, X509};
-
 use super::*;
 use crate::codes::Code;
+use crate::test_pki::{ca, leaf, Ca};
 use crate::wire::ServiceName;
 
 const TD: &str = "corp.test";
 
-struct Ca {
-    cert: X509,
-    key: PKey<Private>,
-}
-
-fn key() -> PKey<Private> {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
-}
-
-fn ca() -> Ca {
-    let key = key();
-    let mut n = X509NameBuilder::new().unwrap();
-    n.append_entry_by_text("CN", "test ca").unwrap();
-    let n = n.build();
-    let mut b = X509::builder().unwrap();
-    b.set_version(2).unwrap();
-    b.set_subject_name(&n).unwrap();
-    b.set_issuer_name(&n).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
-    b.append_extension(&BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
-    Ca { cert: b.build(), key }
-}
-
 /// TLS options holding a certificate for `uri` issued by `ca` (client
 /// authentication only, as the organisation CA issues them), trusting `trust`.
 fn tls(ca: &Ca, trust: &Ca, uri: &str) -> TlsOptions {
-    let key = key();
-    let mut n = X509NameBuilder::new().unwrap();
-    n.append_entry_by_text("CN", "leaf").unwrap();
-    let n = n.build();
-    let mut b = X509::builder().unwrap();
-    b.set_version(2).unwrap();
-    b.set_subject_name(&n).unwrap();
-    b.set_issuer_name(ca.cert.subject_name()).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
-    let san = SubjectAlternativeName::new().uri(uri).build(&b.x509v3_context(Some(&ca.cert), None)).unwrap();
-    b.append_extension(&san).unwrap();
-    b.append_extension(&ExtendedKeyUsage::new().client_auth().build().unwrap()).unwrap();
-    b.sign(&ca.key, MessageDigest::sha256()).unwrap();
-    TlsOptions::mutual(
-        trust.cert.to_pem().unwrap(),
-        b.build().to_pem().unwrap(),
-        key.private_key_to_pem_pkcs8().unwrap(),
-    )
+    let (cert, key) = leaf(ca, uri, 1);
+    TlsOptions::mutual(trust.cert.to_pem().unwrap(), cert.to_pem().unwrap(), key.private_key_to_pem_pkcs8().unwrap())
 }
 
 fn agent_uri() -> String {

@@ -15,6 +15,10 @@ use ztna_connector::{Connector, ConnectorConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// Log format on stderr: text (colour only on a terminal) or json (one
+    /// object per line, for log shippers).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: ztna_ops::logging::LogFormat,
     /// TOML config file (required; clap cannot make a global flag required).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -44,17 +48,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Validate the configuration and exit.
+    /// Check the configuration offline and exit: the config, and that
+    /// certificate and key belong together, the certificate is a connector
+    /// identity, valid now and signed by the CA.
     CheckConfig,
 }
 
 fn main() -> ExitCode {
-    ztna_ops::logging::init("info");
-    ztna_ops::logging::exit_code(run())
+    let cli = Cli::parse();
+    ztna_ops::logging::init("info", cli.log_format);
+    ztna_ops::logging::exit_code(run(cli))
 }
 
-fn run() -> Result<()> {
-    let cli = Cli::parse();
+fn run(cli: Cli) -> Result<()> {
     let Some(path) = &cli.config else { anyhow::bail!("--config FILE is required") };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut cfg: ConnectorConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -81,7 +87,16 @@ fn run() -> Result<()> {
     }
     cfg.validate()?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
-        println!("config ok: {} relay(s), {} service(s)", cfg.relays.len(), cfg.services.len());
+        if let (Some(ca), Some(cert), Some(key)) = (&cfg.ca, &cfg.cert, &cfg.key) {
+            let own = ztna_ops::tls::check_own_files(ca, cert, key, ztna_control::identity::Kind::Connector, true)?;
+            ztna_ops::tls::print_own(&own);
+        }
+        println!(
+            "config ok: {} relay(s) (server name {}), {} service(s)",
+            cfg.relays.len(),
+            cfg.relay_server_name()?,
+            cfg.services.len()
+        );
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));

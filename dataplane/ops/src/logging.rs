@@ -3,17 +3,39 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// How log lines are written: `text` for people (colour only on a
+/// terminal), `json` (one object per line: timestamp, level, target,
+/// fields) for log shippers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?} (text or json)")),
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`, e.g.
-/// `"info"`). Colour only when stderr is a terminal, so files and journald
-/// get plain text.
-pub fn init(default_filter: &str) {
+/// `"info"`), in `format`. Text has colour only when stderr is a terminal,
+/// so files and journald get plain text. Every binary calls this once,
+/// first thing after parsing its command line.
+pub fn init(default_filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt.json().with_ansi(false).flatten_event(true).init(),
+    }
 }
 
 /// The cause chain of `e` as the binaries print it: `Error: …` and one

@@ -34,6 +34,32 @@ pub fn read_mutual_tls(ca: &Path, cert: &Path, key: &Path) -> Result<TlsOptions>
     read_client_tls(Some(ca), Some(cert), Some(key), true)
 }
 
+/// `check-config`'s offline check of an endpoint's own certificate (see
+/// [`ztna_control::cert_check::check_own`]) on files, at the current time.
+/// Errors name the files.
+pub fn check_own_files(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    want: ztna_control::identity::Kind,
+    ca_must_verify: bool,
+) -> Result<ztna_control::cert_check::OwnCert> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    ztna_control::cert_check::check_own(&read(ca)?, &read(cert)?, &read(key)?, want, now, ca_must_verify).map_err(|e| {
+        anyhow::anyhow!("{e} (certificate {}, key {}, CA {})", cert.display(), key.display(), ca.display())
+    })
+}
+
+/// Prints what `check-config` found in a checked certificate: the
+/// identity, its validity, and every warning (on stderr, as `warning:`).
+pub fn print_own(c: &ztna_control::cert_check::OwnCert) {
+    println!("certificate: {} ({} day(s) left)", c.identity, c.days_left);
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

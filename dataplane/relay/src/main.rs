@@ -18,52 +18,68 @@ use ztna_udp::IoBackend;
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// Log format on stderr: text (colour only on a terminal) or json (one
+    /// object per line, for log shippers).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: ztna_ops::logging::LogFormat,
+    /// The relay's options (also after `check-config`).
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// What the relay serves with: the config file and the flags that
+/// override it. `ca` subcommands take none of these.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct ServerArgs {
     /// TOML config file (flags override it).
-    #[arg(long, global = true)]
+    #[arg(long)]
     config: Option<PathBuf>,
     /// UDP listen address ([::]:4433 is dual-stack).
-    #[arg(long, global = true)]
+    #[arg(long)]
     listen: Option<SocketAddr>,
     /// Worker threads (default: available cores).
-    #[arg(long, global = true)]
+    #[arg(long)]
     workers: Option<usize>,
     /// Ephemeral development CA and certificate (prints the CA path).
-    #[arg(long, global = true)]
+    #[arg(long)]
     dev: bool,
     /// PEM certificate chain.
-    #[arg(long, global = true)]
+    #[arg(long)]
     cert: Option<PathBuf>,
     /// PEM private key.
-    #[arg(long, global = true)]
+    #[arg(long)]
     key: Option<PathBuf>,
     /// PEM bundle of the organisation CA that signs client certificates.
-    #[arg(long, global = true)]
+    #[arg(long)]
     client_ca: Option<PathBuf>,
     /// Trust domain of client identities (spiffe://<trust-domain>/...).
-    #[arg(long, global = true)]
+    #[arg(long)]
     trust_domain: Option<String>,
     /// Policy file (default deny; reloaded on SIGHUP).
-    #[arg(long, global = true)]
+    #[arg(long)]
     policy: Option<PathBuf>,
     /// Prometheus /metrics listener, e.g. 127.0.0.1:9090.
-    #[arg(long, global = true)]
+    #[arg(long)]
     metrics: Option<SocketAddr>,
     /// I/O backend.
-    #[arg(long, value_enum, global = true)]
+    #[arg(long, value_enum)]
     io_backend: Option<IoBackend>,
     /// Disable the reuseport BPF steering program.
-    #[arg(long, global = true)]
+    #[arg(long)]
     no_steering: bool,
     /// CID node id, stable across restarts (default: random per start; see
     /// `node_id` in SECURITY.md, "Stateless resets").
-    #[arg(long, global = true)]
+    #[arg(long)]
     node_id: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Parse and validate the config file and flags, then exit.
-    CheckConfig,
+    /// Check the config file and flags offline, then exit: the config,
+    /// certificate and key belong together, the certificate is a relay
+    /// identity, valid, signed by the client CA, and which server names it
+    /// covers (what clients must use).
+    CheckConfig(ServerArgs),
     /// A small certificate authority for the organisation's identities.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -75,8 +91,10 @@ enum CaCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// Trust domain of every identity the CA issues (spiffe://<trust-domain>/...).
         #[arg(long)]
         trust_domain: String,
+        /// Validity of the CA certificate.
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
@@ -86,19 +104,22 @@ enum CaCmd {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
+        /// The CA's trust domain.
         #[arg(long)]
         trust_domain: String,
         /// agent, connector or relay.
         #[arg(long)]
         kind: String,
+        /// The identity's name (spiffe://<trust-domain>/<kind>/<name>).
         #[arg(long)]
         name: String,
-        /// DNS names (relays).
+        /// DNS names (relays; repeatable): what clients may use as server_name.
         #[arg(long)]
         dns: Vec<String>,
-        /// IP addresses (relays).
+        /// IP addresses (relays; repeatable): for clients that reach the relay by address.
         #[arg(long)]
         ip: Vec<std::net::IpAddr>,
+        /// Validity in days.
         #[arg(long, default_value_t = 90)]
         days: u32,
         /// Where to write <kind>-<name>.pem/.key (default: DIR).
@@ -132,7 +153,7 @@ fn run_ca(cmd: &CaCmd) -> Result<()> {
     Ok(())
 }
 
-fn load(cli: &Cli) -> Result<RelayConfig> {
+fn load(cli: &ServerArgs) -> Result<RelayConfig> {
     let mut cfg = match &cli.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -180,22 +201,48 @@ fn load(cli: &Cli) -> Result<RelayConfig> {
     Ok(cfg)
 }
 
-fn main() -> ExitCode {
-    ztna_ops::logging::init("info");
-    ztna_ops::logging::exit_code(run())
+/// `check-config`: everything that can be checked without serving.
+fn check_config(args: &ServerArgs) -> Result<()> {
+    use ztna_control::identity::Kind;
+    let cfg = load(args)?;
+    cfg.check_security()?;
+    if let (false, Some(cert), Some(key), Some(ca)) = (cfg.dev, &cfg.cert, &cfg.key, &cfg.client_ca) {
+        // A relay may carry a publicly issued certificate: a client CA that
+        // does not sign it is a warning (clients then need its issuer).
+        let own = ztna_ops::tls::check_own_files(ca, cert, key, Kind::Relay, false)?;
+        ztna_ops::tls::print_own(&own);
+        let ips: Vec<String> = own.ips.iter().map(ToString::to_string).collect();
+        if own.dns.is_empty() && own.ips.is_empty() {
+            eprintln!("warning: the certificate covers no DNS name and no IP address: no client can verify it");
+        } else {
+            eprintln!(
+                "warning: clients must set server_name to a name this certificate covers: DNS {}; IP {}",
+                if own.dns.is_empty() { "none".to_owned() } else { own.dns.join(", ") },
+                if ips.is_empty() { "none".to_owned() } else { ips.join(", ") }
+            );
+        }
+        let ip = cfg.listen.ip();
+        if !ip.is_unspecified() && own.dns.is_empty() && !own.ips.contains(&ip) {
+            eprintln!("warning: the certificate does not cover the listen address {ip} and names no DNS name");
+        }
+    }
+    println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
+    Ok(())
 }
 
-fn run() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Ca(c)) = &cli.cmd {
-        return run_ca(c);
-    }
-    let cfg = load(&cli)?;
-    if let Some(Cmd::CheckConfig) = cli.cmd {
-        cfg.check_security()?;
-        println!("config ok: listen {} workers {} backend {:?}", cfg.listen, cfg.worker_count(), cfg.io_backend);
-        return Ok(());
-    }
+    ztna_ops::logging::init("info", cli.log_format);
+    ztna_ops::logging::exit_code(run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let args = match &cli.cmd {
+        Some(Cmd::Ca(c)) => return run_ca(c),
+        Some(Cmd::CheckConfig(a)) => return check_config(a),
+        None => &cli.server,
+    };
+    let cfg = load(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
