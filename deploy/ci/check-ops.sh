@@ -372,12 +372,19 @@ print(u.getsockname()[1], t.getsockname()[1])')
   RELAY_PID=$!
   run "relay /readyz 200 after start" relay_ready "http://127.0.0.1:$tcp/readyz"
   run "relay /healthz 200" wait_status "http://127.0.0.1:$tcp/healthz" 200 5
-  run "ztna-bench: 1 s of traffic through the relay" "$bench" relay --relay "127.0.0.1:$udp" --ca "$pki/ca.pem" \
-    --certs "$pki" --server-name relay --agents 1 --duration 1 --rate 200 --quiet
+  run "ztna-bench: 3 s of traffic through the relay" "$bench" relay --relay "127.0.0.1:$udp" --ca "$pki/ca.pem" \
+    --certs "$pki" --server-name relay --agents 1 --duration 3 --rate 200 --quiet
   sleep 1.5 # the publisher copies worker counters into /metrics once a second
   http_get "http://127.0.0.1:$tcp/metrics" | sed '1s/^200 //' >"$TMP/metrics.txt"
   run "every family of metrics.txt is exported (histogram: _bucket/_sum/_count), label values used exist" \
     check_py live-metrics "$TMP/metrics.txt"
+  http_get "http://127.0.0.1:$tcp/status" | sed '1s/^200 //' >"$TMP/status.json"
+  run "relay /status is a JSON report (counts, services, connections)" py -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k in ("uptime_secs", "agents", "connectors", "flows", "services", "connections", "connections_omitted"):
+    assert k in d, f"no {k} in {d}"
+' "$TMP/status.json"
   kill -TERM "$RELAY_PID" 2>/dev/null || true
   run "relay exits within shutdown_grace_ms after SIGTERM" gone_within 25 "$RELAY_PID"
   local rc=0

@@ -67,6 +67,11 @@ pub struct Response {
 }
 
 impl Response {
+    /// A JSON document (`/status`).
+    pub fn json(body: String) -> Response {
+        Response { status: 200, content_type: "application/json", body }
+    }
+
     pub fn text(status: u16, body: impl Into<String>) -> Response {
         Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
     }

@@ -26,5 +26,6 @@ pub mod routing;
 pub mod security;
 pub mod server;
 pub mod stats;
+pub mod status;
 pub mod tls;
 pub mod worker;

@@ -252,9 +252,9 @@ fn run(cli: Cli) -> Result<()> {
     let prom = cfg.metrics.map(|_| ztna_ops::prometheus::install_recorder()).transpose()?;
     let handle = server::start(&cfg)?;
     if let (Some(addr), Some(prom)) = (cfg.metrics, prom) {
-        let addr = ztna_relay::metrics::serve_relay(addr, prom, handle.lifecycle())?;
+        let addr = ztna_relay::metrics::serve_relay(addr, prom, handle.lifecycle(), handle.status())?;
         handle.spawn_metrics_publisher()?;
-        info!(%addr, "http://{addr}/metrics, /healthz and /readyz");
+        info!(%addr, "http://{addr}/metrics, /status, /healthz and /readyz");
     }
     info!(addr = %handle.local_addr, backend = ?handle.backend, steering = handle.steering, "relay running");
     // systemd Type=notify: ready now; watchdog pings while every worker loop turns.

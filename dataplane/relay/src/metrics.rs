@@ -19,7 +19,12 @@ use ztna_ops::http::{self, Handler};
 /// within 5 s) and `/readyz` (healthy and not draining) on `addr`. Returns
 /// the bound address. Install the recorder before starting the relay: the
 /// workers register their histograms when they start.
-pub fn serve_relay(addr: SocketAddr, prom: PrometheusHandle, life: Arc<Lifecycle>) -> Result<SocketAddr> {
+pub fn serve_relay(
+    addr: SocketAddr,
+    prom: PrometheusHandle,
+    life: Arc<Lifecycle>,
+    status: Arc<crate::status::StatusBoard>,
+) -> Result<SocketAddr> {
     // Histogram samples are buffered until upkeep drains them: do it once a
     // second, not only when someone scrapes (or memory grows with traffic).
     let upkeep = prom.clone();
@@ -36,9 +41,41 @@ pub fn serve_relay(addr: SocketAddr, prom: PrometheusHandle, life: Arc<Lifecycle
             resp.body.push_str(&counted.render_prometheus("ztna_relay_http_events_total"));
             Some(resp)
         }
+        None if path == "/status" => Some(http::Response::json(status.render_json(Instant::now()))),
         None => http::probe(path, life.all_alive(Instant::now()), !life.is_draining()),
     });
     http::serve_counted(addr, "relay", handler, http_stats)
+}
+
+/// Gauges of who is connected: clients per role, and per service its
+/// agents, connectors and flows. A service nobody holds any more is set
+/// to zero (its series stays, as Prometheus gauges do).
+pub fn publish_status(rows: &[crate::status::ConnStatus]) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    for role in ["agent", "connector"] {
+        let n = rows.iter().filter(|r| r.role.contains(role)).count();
+        metrics::gauge!("ztna_relay_clients", "role" => role).set(n as f64);
+    }
+    let services = crate::status::StatusBoard::services(rows);
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for name in seen.iter().filter(|s| !services.contains_key(s.as_str())) {
+        for role in ["agent", "connector"] {
+            metrics::gauge!("ztna_relay_service_clients", "service" => name.clone(), "role" => role).set(0.0);
+        }
+        metrics::gauge!("ztna_relay_service_flows", "service" => name.clone()).set(0.0);
+    }
+    for (name, s) in &services {
+        let name = name.to_string();
+        metrics::gauge!("ztna_relay_service_clients", "service" => name.clone(), "role" => "agent")
+            .set(s.agents as f64);
+        metrics::gauge!("ztna_relay_service_clients", "service" => name.clone(), "role" => "connector")
+            .set(s.connectors as f64);
+        metrics::gauge!("ztna_relay_service_flows", "service" => name.clone()).set(s.flows as f64);
+        if !seen.contains(&name) {
+            seen.push(name);
+        }
+    }
 }
 
 /// Copies one worker's counters into the recorder.

@@ -101,6 +101,8 @@ pub struct Shared {
     pub agents: AtomicUsize,
     /// The relay's start (Retry token clock, per-IP rate windows).
     pub started: Instant,
+    /// Who is connected, per worker (`/status`, gauges per service).
+    pub status: Arc<crate::status::StatusBoard>,
 }
 
 impl Shared {
@@ -114,6 +116,8 @@ impl Shared {
             conns: AtomicUsize::new(0),
             agents: AtomicUsize::new(0),
             started: start,
+            // Workers are at most 255 (`RelayConfig::worker_count`).
+            status: Arc::new(crate::status::StatusBoard::new(256, start)),
         }
     }
 }

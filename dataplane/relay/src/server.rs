@@ -433,6 +433,11 @@ impl RelayHandle {
 
     /// Starts a thread that copies the counters into the `metrics`
     /// recorder once a second (the exporter must be installed first).
+    /// Who is connected (what `/status` serves).
+    pub fn status(&self) -> Arc<crate::status::StatusBoard> {
+        Arc::clone(&self.shared.status)
+    }
+
     pub fn spawn_metrics_publisher(&self) -> Result<()> {
         let stats = self.stats.clone();
         let life = Arc::clone(&self.life);
@@ -445,6 +450,7 @@ impl RelayHandle {
                 metrics::gauge!("ztna_relay_draining").set(if life.drain.load(Ordering::Acquire) { 1.0 } else { 0.0 });
                 metrics::gauge!("ztna_relay_memory_budget_bytes").set(shared.budget.limit() as f64);
                 metrics::gauge!("ztna_relay_memory_budget_used_bytes").set(shared.budget.used() as f64);
+                crate::metrics::publish_status(&shared.status.rows());
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;

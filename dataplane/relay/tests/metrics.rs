@@ -24,7 +24,9 @@ fn scrape(addr: std::net::SocketAddr) -> String {
 fn metrics_endpoint_serves_counters_and_latency_histogram() {
     let prom = ztna_ops::prometheus::install_recorder().unwrap();
     let relay = start_relay(2, IoBackend::Auto, true);
-    let port = ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
+    let port =
+        ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle(), relay.status())
+            .unwrap();
     relay.spawn_metrics_publisher().unwrap();
     let mut c = client(&relay, &[(Role::Connector, "echo")], 1);
     until_registered(&mut c, 1);
@@ -49,6 +51,63 @@ fn metrics_endpoint_serves_counters_and_latency_histogram() {
     assert!(body.contains("reason=\"unknown_flow\""), "{body}");
     assert!(body.contains("ztna_relay_registrations_total{"), "{body}");
     assert!(body.contains("ztna_relay_connections{worker=\""), "{body}");
+    // Who is connected, as gauges and as the /status document.
+    for _ in 0..50 {
+        if body.contains("ztna_relay_service_clients{") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        body = scrape(port);
+    }
+    let gauge = |name: &str| body.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned);
+    assert_eq!(gauge("ztna_relay_clients{role=\"agent\"}").as_deref(), Some("1"), "{body}");
+    assert_eq!(gauge("ztna_relay_clients{role=\"connector\"}").as_deref(), Some("1"), "{body}");
+    let per_service = |role: &str| {
+        body.lines()
+            .filter(|l| l.starts_with("ztna_relay_service_clients{"))
+            .find(|l| l.contains("service=\"echo\"") && l.contains(&format!("role=\"{role}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(per_service("agent").as_deref(), Some("1"), "{body}");
+    assert_eq!(per_service("connector").as_deref(), Some("1"), "{body}");
+    assert!(body.contains("ztna_relay_service_flows{service=\"echo\"} "), "{body}");
+    let (status, text) = ztna_ops::http::get(port, "/status").unwrap();
+    assert_eq!(status, 200, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["agents"], 1, "{text}");
+    assert_eq!(json["connectors"], 1, "{text}");
+    assert_eq!(json["services"]["echo"]["agents"], 1, "{text}");
+    assert_eq!(json["services"]["echo"]["connectors"], 1, "{text}");
+    let conns = json["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 2, "{text}");
+    for (role, kind) in [("agent", "/agent/"), ("connector", "/connector/")] {
+        let c = conns.iter().find(|c| c["role"] == role).unwrap();
+        let id = c["identity"].as_str().unwrap();
+        assert!(id.starts_with("spiffe://") && id.contains(kind), "{text}");
+        let observed: std::net::SocketAddr = c["observed"].as_str().unwrap().parse().unwrap();
+        assert!(observed.ip().is_loopback() && observed.port() != 0, "{text}");
+        assert_eq!(c["services"], serde_json::json!(["echo"]), "{text}");
+    }
+    let agent = conns.iter().find(|c| c["role"] == "agent").unwrap();
+    assert_eq!(agent["flows"], 1, "{text}");
+    // A client that leaves is gone from /status within a second or two.
+    a.session.close();
+    for _ in 0..50 {
+        a.pump();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut left = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let (_, text) = ztna_ops::http::get(port, "/status").unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if json["agents"] == 0 && json["connectors"] == 1 {
+            left = true;
+            break;
+        }
+    }
+    assert!(left, "the agent's row stays after it closed");
     relay.shutdown();
 }
 
@@ -61,7 +120,9 @@ fn healthz_keeps_answering_while_idle_connections_flood_the_port() {
     use ztna_ops::http::{self, IdleFlood, MAX_CLIENTS, MAX_PER_SOURCE};
     let relay = start_relay(1, IoBackend::Auto, true);
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let addr = ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle()).unwrap();
+    let addr =
+        ztna_relay::metrics::serve_relay("127.0.0.1:0".parse().unwrap(), prom, relay.lifecycle(), relay.status())
+            .unwrap();
     let lo = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
     let floods = [
         ("16 other sources", (2..18).map(lo).collect::<Vec<_>>(), MAX_CLIENTS + 16),

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 from k8s_checks.common import BINARIES, ROOT, Problems
@@ -52,7 +53,9 @@ class BinaryCheck:
             r = str(self.bindir / "ztna-relay")
             for args in (["ca", "init", "--dir", str(d), "--trust-domain", trust_domain],
                          ["ca", "issue", "--dir", str(d), "--trust-domain", trust_domain,
-                          "--kind", "relay", "--name", "relay", "--dns", "relay.example.org"]):
+                          "--kind", "relay", "--name", "relay", "--dns", "relay.example.org"],
+                         ["ca", "issue", "--dir", str(d), "--trust-domain", trust_domain,
+                          "--kind", "connector", "--name", "check"]):
                 rc, out = self._run([r] + args)
                 if rc != 0:
                     raise RuntimeError(f"ztna-relay {' '.join(args[:2])} failed: {out}")
@@ -75,31 +78,42 @@ class BinaryCheck:
                 out.append(a)
         return out
 
-    def relay(self, relay_text: str, relay_toml: dict, policy_text: str | None, args: list[str],
-              cfg_path: str, pr: Problems) -> None:
-        """The relay's files laid out under a temporary root: relay.toml, policy.toml, and
-        a throw-away CA's certificate, key and CA in place of the Secret's files."""
-        root = Path(tempfile.mkdtemp(prefix="relay-", dir=self.workdir))
-        try:
-            pki = self._ca(str(relay_toml.get("trust_domain") or "example.org"))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            pr.err(f"ztna-relay check-config: cannot make a test CA: {e}")
-            return
-        files = {"cert": pki / "relay-relay.pem", "key": pki / "relay-relay.key", "client_ca": pki / "ca.pem"}
-        text = relay_text
-        for key in ("cert", "key", "client_ca", "policy"):
-            v = relay_toml.get(key)
+    def _lay_out(self, prefix: str, text: str, toml: dict, files: dict[str, Path],
+                 extra: dict[str, str | None]) -> tuple[Path, str]:
+        """A temporary root with `files` (certificate material) and `extra` (text files, None = skip)
+        at the absolute paths the config names; returns the root and the config text pointing there."""
+        root = Path(tempfile.mkdtemp(prefix=prefix, dir=self.workdir))
+        for key in list(files) + list(extra):
+            v = toml.get(key)
             if not isinstance(v, str) or not v.startswith("/"):
                 continue
             dest = root / v.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if key == "policy":
-                if policy_text is None:
+            if key in extra:
+                if extra[key] is None:
                     continue
-                dest.write_text(policy_text)
+                dest.write_text(extra[key] or "")
             else:
                 shutil.copyfile(files[key], dest)
             text = re.sub(r"""(["'])""" + re.escape(v) + r"\1", lambda m: m.group(1) + str(dest) + m.group(1), text)
+        return root, text
+
+    def _pki(self, trust_domain: str, what: str, pr: Problems) -> Path | None:
+        try:
+            return self._ca(trust_domain)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            pr.err(f"{what} check-config: cannot make a test CA: {e}")
+            return None
+
+    def relay(self, relay_text: str, relay_toml: dict, policy_text: str | None, args: list[str],
+              cfg_path: str, pr: Problems) -> None:
+        """The relay's files laid out under a temporary root: relay.toml, policy.toml, and
+        a throw-away CA's certificate, key and CA in place of the Secret's files."""
+        pki = self._pki(str(relay_toml.get("trust_domain") or "example.org"), "ztna-relay", pr)
+        if pki is None:
+            return
+        files = {"cert": pki / "relay-relay.pem", "key": pki / "relay-relay.key", "client_ca": pki / "ca.pem"}
+        root, text = self._lay_out("relay-", relay_text, relay_toml, files, {"policy": policy_text})
         cfg = root / cfg_path.lstrip("/")
         cfg.parent.mkdir(parents=True, exist_ok=True)
         cfg.write_text(text)
@@ -109,8 +123,18 @@ class BinaryCheck:
             pr.err(f"ztna-relay check-config rejects the rendered relay.toml/policy.toml (args {args}): {out}")
 
     def connector(self, text: str, args: list[str], cfg_path: str, pr: Problems) -> None:
-        """Format only: check-config resolves no names and reads no certificate."""
-        root = Path(tempfile.mkdtemp(prefix="connector-", dir=self.workdir))
+        """check-config resolves no names; it reads the certificate files, so a throw-away CA's
+        connector certificate, key and CA stand in for the Secret's files."""
+        try:
+            toml = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            pr.err(f"ztna-connector: the rendered connector.toml is not TOML: {e}")
+            return
+        pki = self._pki("example.org", "ztna-connector", pr)
+        if pki is None:
+            return
+        files = {"cert": pki / "connector-check.pem", "key": pki / "connector-check.key", "ca": pki / "ca.pem"}
+        root, text = self._lay_out("connector-", text, toml, files, {})
         cfg = root / cfg_path.lstrip("/")
         cfg.parent.mkdir(parents=True, exist_ok=True)
         cfg.write_text(text)

@@ -270,6 +270,7 @@ impl Worker {
             amplification_hit: false,
             charged_queues: 0,
             identity_counted: false,
+            opened: now,
         };
         self.charge(CONN_CHARGE as i64);
         if let Some(s) = self.slots.get_mut(slot as usize) {

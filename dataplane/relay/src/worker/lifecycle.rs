@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// How often a worker refreshes its `/status` rows.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// After a connection closed, sooner, but not more often than this (a
+/// client that reconnects in a loop must not make every turn O(connections)).
+const STATUS_DIRTY_EVERY: Duration = Duration::from_millis(100);
+
 impl Worker {
     /// Runs connection timers that expired by `now`.
     pub fn handle_timeouts(&mut self, now: Instant) {
@@ -114,6 +120,59 @@ impl Worker {
         for t in self.delivered_at.drain(..) {
             self.latency.record(now.saturating_duration_since(t).as_secs_f64());
         }
+        let since = now.saturating_duration_since(self.last_status);
+        if since >= STATUS_EVERY || (self.status_dirty && since >= STATUS_DIRTY_EVERY) {
+            self.status_dirty = false;
+            self.last_status = now;
+            self.publish_status(now);
+        }
+    }
+
+    /// One `/status` row per authenticated connection of this worker.
+    fn publish_status(&self, now: Instant) {
+        use crate::routing::Flow;
+        let rows = self
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|c| {
+                let id = c.identity.as_ref()?;
+                let (mut agent, mut connector, mut flows) = (false, false, 0);
+                let mut services: Vec<String> = Vec::new();
+                for (_, f) in c.flows.iter() {
+                    match f {
+                        Flow::Agent { service, .. } => {
+                            agent = true;
+                            flows += 1;
+                            services.push(service.to_string());
+                        }
+                        Flow::Service { service } => {
+                            connector = true;
+                            services.push(service.to_string());
+                        }
+                        Flow::Peer { .. } => flows += 1,
+                    }
+                }
+                services.sort();
+                services.dedup();
+                let role = match (agent, connector) {
+                    (true, true) => "agent+connector",
+                    (true, false) => "agent",
+                    (false, true) => "connector",
+                    (false, false) => "none",
+                };
+                Some(crate::status::ConnStatus {
+                    identity: id.to_string(),
+                    role,
+                    observed: canonical(c.peer),
+                    services,
+                    flows,
+                    connected_secs: now.saturating_duration_since(c.opened).as_secs(),
+                    worker: self.cfg.index,
+                })
+            })
+            .collect();
+        self.shared.status.publish(self.cfg.index, rows);
     }
 
     pub(super) fn update_timer(&mut self, conn: &mut Conn) {
@@ -165,6 +224,8 @@ impl Worker {
         if !conn.quic.is_established() {
             self.log_failed_handshake(&conn);
         }
+        // Its /status row goes within STATUS_DIRTY_EVERY, not a second later.
+        self.status_dirty |= conn.identity.is_some();
         self.free.push(key.slot);
         self.stats.conns_closed.fetch_add(1, Ordering::Relaxed);
         self.stats.conns_active.fetch_sub(1, Ordering::Relaxed);

@@ -163,6 +163,8 @@ struct Conn {
     charged_queues: u64,
     /// Counted in the per-identity connection table (released on reap).
     identity_counted: bool,
+    /// When the connection was accepted (`/status`).
+    opened: Instant,
 }
 
 /// Sees (and may alter) every DATAGRAM a worker receives from a client,
@@ -217,6 +219,10 @@ pub struct Worker {
     last_trim: Instant,
     /// Handshake failures are logged once per cause and minute.
     handshake_log: ztna_control::tls_report::OncePerCause,
+    /// When this worker last published its `/status` rows, and whether an
+    /// authenticated connection ended since.
+    last_status: Instant,
+    status_dirty: bool,
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -279,6 +285,8 @@ impl Worker {
             released: 0,
             last_trim: now,
             handshake_log: ztna_control::tls_report::OncePerCause::new(Duration::from_secs(60)),
+            last_status: now,
+            status_dirty: false,
         })
     }
 
