@@ -23,6 +23,9 @@ use ztna_agent::agent_core::{AgentCore, AgentEvent};
 use ztna_udp::batch::Batch;
 use ztna_udp::BATCH;
 
+pub use crate::status::serve_status;
+use crate::status::{self, StatusBoard};
+
 /// Packets read from the TUN device per loop turn.
 const TUN_BUDGET: usize = 64;
 /// `recvmmsg` calls per loop turn.
@@ -31,6 +34,8 @@ const UDP_BATCHES: usize = 4;
 const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Largest IP packet the device can hand us (MTU is at most 9000).
 const PKT_BUF: usize = 65_536;
+/// How often the loop refreshes what `/status` serves.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Signals the loop reacts to: SIGTERM/SIGINT set `stop`, SIGUSR1 sets
 /// `dump`; each also writes to `wake` so poll(2) returns.
@@ -90,6 +95,9 @@ pub struct Agent {
     tun_buf: Box<[u8]>,
     in_buf: Box<[u8]>,
     io: IoStats,
+    started: Instant,
+    status: StatusBoard,
+    status_at: Instant,
 }
 
 fn out(line: std::fmt::Arguments<'_>) {
@@ -122,7 +130,16 @@ impl Agent {
             tun_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             in_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             io: IoStats::default(),
+            started: Instant::now(),
+            status: StatusBoard::default(),
+            status_at: Instant::now(),
         }
+    }
+
+    /// What `/status` serves (see [`serve_status`]).
+    pub fn status_board(&self) -> StatusBoard {
+        status::publish(&self.status, status::status_json(&self.core, self.started, Instant::now()));
+        Arc::clone(&self.status)
     }
 
     /// Runs until SIGTERM/SIGINT, then closes the session.
@@ -150,6 +167,10 @@ impl Agent {
             self.events();
             self.deliver();
             self.transmit(now);
+            if now.saturating_duration_since(self.status_at) >= STATUS_EVERY {
+                self.status_at = now;
+                status::publish(&self.status, status::status_json(&self.core, self.started, now));
+            }
         }
         self.shutdown();
         Ok(())
@@ -392,6 +413,8 @@ impl Agent {
         out(format_args!(
             "stats packets_out={} bytes_out={} packets_in={} bytes_in={} drop_malformed={} drop_unmapped={} \
              drop_no_flow={} drop_too_large={} drop_backpressure={} drop_unknown_flow={} drop_truncated={} \
+             drop_spoofed={} drop_not_pinned={} drop_direct={} e2e_handshakes={} e2e_established={} \
+             e2e_cert_rejected={} e2e_identity_mismatch={} e2e_packets_rejected={} e2e_pending_dropped={} \
              connects={} disconnects={} udp_rx={} udp_tx={} udp_send_errors={} udp_recv_errors={} tun_rx={} \
              tun_tx={} tun_write_errors={}",
             s.packets_out,
@@ -405,6 +428,15 @@ impl Agent {
             s.drop_backpressure,
             s.drop_unknown_flow,
             s.drop_truncated,
+            s.drop_spoofed,
+            s.drop_not_pinned,
+            s.drop_direct,
+            s.e2e_handshakes,
+            s.e2e_established,
+            s.e2e_cert_rejected,
+            s.e2e_identity_mismatch,
+            s.e2e_packets_rejected,
+            s.e2e_pending_dropped,
             s.connects,
             s.disconnects,
             io.udp_rx,
@@ -415,6 +447,7 @@ impl Agent {
             io.tun_tx,
             io.tun_write_errors,
         ));
+        out(format_args!("status {}", status::status_json(&self.core, self.started, Instant::now())));
     }
 
     /// CONNECTION_CLOSE to the relay (best effort, ~100 ms), final stats.

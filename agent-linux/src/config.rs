@@ -75,6 +75,10 @@ pub struct FileConfig {
     pub insecure: bool,
     /// Local UDP address (default: any address, ephemeral port).
     pub listen: Option<SocketAddr>,
+    /// HTTP `GET /status` (JSON: relay session, observed address,
+    /// services and their end-to-end sessions, counters) on this address;
+    /// default none. As private as the address: bind it to loopback.
+    pub status: Option<SocketAddr>,
     #[serde(default)]
     pub tun: TunConfig,
     #[serde(rename = "service", default)]
@@ -101,6 +105,7 @@ pub struct Overrides {
     pub key: Option<PathBuf>,
     pub insecure: bool,
     pub listen: Option<SocketAddr>,
+    pub status: Option<SocketAddr>,
     pub tun_name: Option<String>,
     pub tun_address: Option<String>,
     pub mtu: Option<u16>,
@@ -117,6 +122,7 @@ pub struct Config {
     pub key: PathBuf,
     pub insecure: bool,
     pub listen: SocketAddr,
+    pub status: Option<SocketAddr>,
     pub tun_name: String,
     pub tun_address: Cidr,
     pub mtu: u16,
@@ -153,6 +159,9 @@ impl FileConfig {
         }
         if o.insecure {
             self.insecure = true;
+        }
+        if let Some(v) = o.status {
+            self.status = Some(v);
         }
         if let Some(v) = o.listen {
             self.listen = Some(v);
@@ -248,6 +257,7 @@ impl FileConfig {
             key: key.clone(),
             insecure: self.insecure,
             listen,
+            status: self.status,
             tun_name: name.clone(),
             tun_address,
             mtu: self.tun.mtu,

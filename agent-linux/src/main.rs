@@ -4,17 +4,20 @@
 //!
 //! stdout carries one line per event for scripts and tests (`connected`,
 //! `observed address ADDR`, `registered SERVICE flow N`, `disconnected
-//! retry_in_ms=N`, `stats k=v …` on SIGUSR1 and at exit); logs go to
-//! stderr (`RUST_LOG`, default info).
+//! retry_in_ms=N`, `stats k=v …` and `status {JSON}` on SIGUSR1 and at
+//! exit); logs go to stderr (`RUST_LOG`, default info; `--log-format
+//! json`). With `status = "127.0.0.1:9092"` the same JSON is served at
+//! `GET /status`.
 //!
 //! ```toml
 //! relay = "203.0.113.7:4433"
-//! server_name = "relay.example.com"   # default "localhost"
+//! server_name = "relay.example.com"   # required: a name (or the IP) the relay certificate covers
 //! ca = "/etc/ztna/ca.pem"
 //! cert = "/etc/ztna/agent.pem"         # spiffe://<trust-domain>/agent/<name>
 //! key = "/etc/ztna/agent.key"
 //! # insecure = false                  # skip certificate verification
 //! # listen = "0.0.0.0:0"              # local UDP address
+//! # status = "127.0.0.1:9092"         # GET /status (JSON)
 //!
 //! [tun]                               # all optional
 //! name = "ztna0"
@@ -27,13 +30,15 @@
 //! ```
 //!
 //! Flags (`--relay`, `--server-name`, `--ca`, `--cert`, `--key`, `--insecure`, `--listen`,
-//! `--tun-name`, `--tun-address`, `--mtu`) override the file;
+//! `--status`, `--tun-name`, `--tun-address`, `--mtu`) override the file;
 //! `ztna-agent check-config --config FILE` validates without touching the
 //! system. Needs CAP_NET_ADMIN (TUN device, routes) and iproute2.
 
 #[cfg(target_os = "linux")]
 mod agent;
 mod config;
+#[cfg(target_os = "linux")]
+mod status;
 #[cfg(target_os = "linux")]
 mod tun;
 #[cfg(target_os = "linux")]
@@ -78,6 +83,9 @@ struct Cli {
     /// Local UDP address (default: any, ephemeral port).
     #[arg(long, global = true)]
     listen: Option<SocketAddr>,
+    /// Serve `GET /status` (JSON) on this address (e.g. 127.0.0.1:9092).
+    #[arg(long, global = true)]
+    status: Option<SocketAddr>,
     /// TUN device name.
     #[arg(long, global = true)]
     tun_name: Option<String>,
@@ -112,6 +120,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         key: cli.key.clone(),
         insecure: cli.insecure,
         listen: cli.listen,
+        status: cli.status,
         tun_name: cli.tun_name.clone(),
         tun_address: cli.tun_address.clone(),
         mtu: cli.mtu,
@@ -169,6 +178,10 @@ fn run(cfg: &Config) -> Result<()> {
     info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
     let core = AgentCore::new(cfg.agent_config(local)?, seed()?, Instant::now())?;
     let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.listen, cfg.mtu);
+    if let Some(addr) = cfg.status {
+        let addr = agent::serve_status(addr, a.status_board())?;
+        info!(%addr, "http://{addr}/status");
+    }
     a.run(&signals)?;
     // Dropping the device (end of `a`) deletes it and its routes.
     info!("stopped");

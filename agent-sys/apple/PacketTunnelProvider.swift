@@ -153,6 +153,13 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
             switch ev.kind {
             case UInt32(ZTNA_EVENT_SESSION_UP): NSLog("ztna end-to-end session up, connector %@", text)
             case UInt32(ZTNA_EVENT_SESSION_CLOSED): NSLog("ztna end-to-end session closed: %@", text)
+            case UInt32(ZTNA_EVENT_DISCONNECTED):
+                // The whole reason (the event's text is cut at its buffer):
+                // show it to the user, e.g. a relay certificate that does not
+                // cover server_name.
+                var reason = [CChar](repeating: 0, count: 1024)
+                _ = ztna_agent_last_failure(agent, &reason, reason.count)
+                NSLog("ztna disconnected (retry in %llu ms): %@", ev.retry_in_ms, String(cString: reason))
             default: NSLog("ztna event %u code %u", ev.kind, ev.code)
             }
         }

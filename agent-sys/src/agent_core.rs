@@ -152,6 +152,44 @@ pub struct AgentStats {
     pub e2e_pending_dropped: u64,
 }
 
+/// The state of a service's end-to-end session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// None yet (no flow bound, or waiting to retry).
+    None,
+    Handshaking,
+    Up,
+    Closed,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::None => "none",
+            SessionState::Handshaking => "handshaking",
+            SessionState::Up => "up",
+            SessionState::Closed => "closed",
+        }
+    }
+}
+
+/// One service's tunnel, for a status report.
+#[derive(Debug, Clone)]
+pub struct TunnelStatus {
+    pub service: String,
+    /// The relay flow carrying it now.
+    pub flow: Option<u32>,
+    /// The connector identity the relay bound the flow to.
+    pub connector: Option<String>,
+    pub session: SessionState,
+    /// The connector identity the session proved (once up).
+    pub proven: Option<String>,
+    /// The inner connection's path (RTT, congestion window, losses).
+    pub path: Option<quiche::PathStats>,
+    /// Its relay leg went quiet: loss recovery is held.
+    pub stalled: bool,
+}
+
 /// The agent core.
 pub struct AgentCore {
     session: ClientSession,
@@ -272,6 +310,10 @@ impl AgentCore {
             return;
         }
         self.session.recv(data, from, now);
+        // The relay was heard: sessions it carries resume loss recovery.
+        for s in self.tunnels.values_mut().filter_map(|t| t.session.as_mut()) {
+            s.set_stalled(false, now);
+        }
         self.drain_outer(now);
     }
 
@@ -420,6 +462,10 @@ impl AgentCore {
             if let Some(sent) = self.session.poll_transmit(out, now) {
                 return Some(sent);
             }
+            // What sending produced (a Disconnected once a close went out)
+            // reaches the application now, not at the next timer: it may
+            // have to act before the next attempt (a new socket).
+            self.pump_events(now);
             if !self.pump_sessions(now) {
                 return None;
             }
@@ -551,15 +597,23 @@ impl AgentCore {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+        let stalled = self.session.silent_for(now).is_some_and(|d| d >= e2e::RELAY_STALL);
         let mut retry = Vec::new();
+        let mut ping = false;
         for (service, t) in self.tunnels.iter_mut() {
             if let Some(s) = t.session.as_mut() {
+                s.set_stalled(stalled, now);
+                ping |= s.is_stalled();
                 if s.next_deadline().is_some_and(|d| d <= now) {
                     s.handle_timeout(now);
                 }
             } else if t.flow.is_some() && t.retry_at.is_some_and(|r| r <= now) {
                 retry.push(service.clone());
             }
+        }
+        if ping {
+            // Held sessions wait for the relay to be heard: ask it.
+            self.session.ping_relay();
         }
         for service in retry {
             self.start_session(&service, now, true);
@@ -655,6 +709,31 @@ impl AgentCore {
     pub fn session_peer(&self, service: &ServiceName) -> Option<String> {
         let s = self.tunnels.get(service)?.session.as_ref()?;
         s.is_up().then(|| s.peer().map(|p| p.uri())).flatten()
+    }
+
+    /// Per service (by name): its relay flow, the connector the relay
+    /// bound it to, and its end-to-end session's state.
+    pub fn tunnel_status(&self) -> Vec<TunnelStatus> {
+        let mut v: Vec<TunnelStatus> = self
+            .tunnels
+            .iter()
+            .map(|(service, t)| TunnelStatus {
+                service: service.to_string(),
+                flow: t.flow,
+                connector: t.connector.clone(),
+                session: match t.session.as_ref() {
+                    None => SessionState::None,
+                    Some(s) if s.is_up() => SessionState::Up,
+                    Some(s) if s.is_closed() => SessionState::Closed,
+                    Some(_) => SessionState::Handshaking,
+                },
+                proven: self.session_peer(service),
+                path: t.session.as_ref().and_then(E2eSession::path_stats),
+                stalled: t.session.as_ref().is_some_and(E2eSession::is_stalled),
+            })
+            .collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v
     }
 
     /// End-to-end sessions that are up.

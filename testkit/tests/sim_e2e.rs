@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ztna_agent::agent_core::{AgentConfig, AgentCore};
+use ztna_agent::agent_core::{AgentConfig, AgentCore, SessionState};
 use ztna_agent::route::Cidr;
 use ztna_connector::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target};
 use ztna_control::client::{ClientConfig, ClientSession};
@@ -162,7 +162,32 @@ fn the_relay_never_sees_a_tunneled_byte() {
         let pkt = inner(d);
         assert!(pkt.first().is_some_and(|f| f & 0x80 != 0) || pkt.len() < 600, "{} bytes before up", pkt.len());
     }
+    drop(seen);
+    who_is_connected(&mut sim, c, a);
     let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// What the connector's `/status` and the agent's status report: the relay
+/// session with the observed address, and the session with the identity
+/// each end proved.
+fn who_is_connected(sim: &mut Sim, c: HostId, a: HostId) {
+    let st = sim.host::<ConnectorHost>(c).engine.status();
+    let [r] = st.relays.as_slice() else { panic!("one relay: {st:?}") };
+    assert_eq!(r.relay, relay());
+    assert!(r.connected, "{st:?}");
+    assert_eq!(r.observed, Some("127.0.0.3:4434".parse().unwrap()), "{st:?}");
+    assert_eq!(r.services, ["echo"]);
+    assert_eq!(r.agent_flows, 1);
+    assert_eq!((st.sessions_total, st.sessions_up, st.sessions_omitted), (1, 1, 0), "{st:?}");
+    let [s] = st.sessions.as_slice() else { panic!("one session: {st:?}") };
+    assert!(s.proven && s.up && s.agent.ends_with("/agent/a"), "{s:?}");
+    assert_eq!((s.service.as_deref(), s.relay), (Some("echo"), Some(relay())));
+    assert!(st.udp_flows >= 1, "{st:?}");
+    let t = sim.host::<AgentHost>(a).core.tunnel_status();
+    let [echo] = t.as_slice() else { panic!("one tunnel: {t:?}") };
+    assert_eq!((echo.service.as_str(), echo.session), ("echo", SessionState::Up));
+    assert!(echo.flow.is_some() && echo.proven.as_deref().is_some_and(|p| p.ends_with("/connector/c")), "{echo:?}");
+    assert_eq!(echo.connector, echo.proven);
 }
 
 #[test]

@@ -27,6 +27,26 @@ pub fn agent_stats(agent: &mut Proc) -> HashMap<String, u64> {
     parse_stats(&line)
 }
 
+/// `GET path` from inside namespace `ns` ((0, "") when it cannot connect).
+pub fn http_get_in(ns: &str, addr: SocketAddr, path: &'static str) -> (u16, String) {
+    with_netns(ns, move || ztna_ops::http::get(addr, path).unwrap_or((0, String::new())))
+}
+
+/// The JSON of `GET path` from inside namespace `ns` (panics unless 200).
+pub fn json_in(ns: &str, addr: SocketAddr, path: &'static str) -> serde_json::Value {
+    let (status, body) = http_get_in(ns, addr, path);
+    assert_eq!(status, 200, "GET {path} in {ns}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path} in {ns} is not JSON ({e}): {body}"))
+}
+
+/// Asks the agent for its status (SIGUSR1 prints `status {JSON}`).
+pub fn agent_status(agent: &mut Proc) -> serde_json::Value {
+    let from = agent.out_len();
+    agent.signal(libc::SIGUSR1);
+    let line = agent.wait_out(from, Duration::from_secs(5), |l| l.starts_with("status ")).expect("agent prints status");
+    serde_json::from_str(line.trim_start_matches("status ")).unwrap()
+}
+
 /// Sum of a counter over the relay's workers, from its Prometheus
 /// endpoint inside the relay namespace.
 pub fn relay_counter(lab: &Lab, metrics: SocketAddr, name: &'static str) -> u64 {
@@ -58,6 +78,18 @@ pub fn ping_from(ns: &str, to: &str, count: u32) -> u32 {
             rest.split_whitespace().next()?.parse().ok()
         })
         .unwrap_or(0)
+}
+
+/// Pings `to` once at a time until one answers: how long that took, or
+/// None after `within`.
+pub fn ping_until(ns: &str, to: &str, within: Duration) -> Option<Duration> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        if ping_from(ns, to, 1) == 1 {
+            return Some(t.elapsed());
+        }
+    }
+    None
 }
 
 /// `ztna-bench udp-probe` from the agent namespace to the VIP's echo port.

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::lab::{can_run, ip, Lab};
-use crate::probe::{agent_stats, ping, relay_counter, tcp_probe, udp_probe};
-use crate::start::{bins, bring_up, start_relay, Running};
-use crate::{AGENT_IP, NAT_WAN_IP, RELAY_IP, UNMAPPED, VIP};
+use crate::probe::{agent_stats, agent_status, json_in, ping, relay_counter, tcp_probe, udp_probe};
+use crate::start::{bins, bring_up, start_relay, Running, AGENT_STATUS, CONNECTOR_HEALTH};
+use crate::{AGENT_IP, NAT_WAN_IP, RELAY_IP, SITE_IP, UNMAPPED, VIP};
 
 /// Ping and UDP echo through NAT → relay → connector; the observed address
 /// is the NAT's; an unmapped destination never leaves the agent; the agent
@@ -31,6 +31,7 @@ fn agent_through_nat_relay_restart_and_loss() {
 
     // ICMP echo, answered by the connector.
     assert_eq!(ping(&lab, VIP, 3), 3, "ping {VIP} through the tunnel");
+    who_is_connected(&lab, &mut agent);
 
     // UDP echo through the tunnel to the backend.
     let (sent, got) = udp_probe(&lab, &b, 50, 5);
@@ -91,6 +92,53 @@ fn agent_through_nat_relay_restart_and_loss() {
     assert!(!routes.contains("100.100.0."), "routes gone with the device: {routes}");
     drop(relay);
     eprintln!("total {:?}", t0.elapsed());
+}
+
+/// Issue 15: relay, connector and agent each say who is connected, with
+/// the observed addresses (the agent's is the NAT's) and the identities
+/// the end-to-end session proved.
+fn who_is_connected(lab: &Lab, agent: &mut crate::lab::Proc) {
+    let metrics: SocketAddr = format!("{RELAY_IP}:9090").parse().unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // status rows are refreshed every second
+    let relay = json_in(&lab.relay, metrics, "/status");
+    assert_eq!((relay["agents"].as_u64(), relay["connectors"].as_u64()), (Some(1), Some(1)), "{relay}");
+    let conns = relay["connections"].as_array().unwrap();
+    let row = |kind: &str| conns.iter().find(|c| c["identity"].as_str().unwrap().contains(kind)).unwrap().clone();
+    let (a, c) = (row("/agent/laptop"), row("/connector/site"));
+    assert!(a["observed"].as_str().unwrap().starts_with(&format!("{NAT_WAN_IP}:")), "{relay}");
+    assert!(c["observed"].as_str().unwrap().starts_with(&format!("{SITE_IP}:")), "{relay}");
+    assert_eq!((a["role"].as_str(), a["flows"].as_u64()), (Some("agent"), Some(1)), "{relay}");
+    assert_eq!(relay["services"]["echo"]["connectors"], 1, "{relay}");
+
+    let connector = json_in(&lab.site, CONNECTOR_HEALTH.parse().unwrap(), "/status");
+    let r = &connector["relays"][0];
+    assert_eq!(r["relay"].as_str(), Some(format!("{RELAY_IP}:4433").as_str()), "{connector}");
+    assert_eq!(r["connected"], true, "{connector}");
+    assert!(r["observed"].as_str().unwrap().starts_with(&format!("{SITE_IP}:")), "{connector}");
+    assert_eq!(r["services"], serde_json::json!(["echo"]), "{connector}");
+    assert_eq!(connector["sessions_up"], 1, "{connector}");
+    let s = &connector["sessions"][0];
+    assert!(s["agent"].as_str().unwrap().ends_with("/agent/laptop"), "{connector}");
+    assert_eq!(
+        (s["proven"].as_bool(), s["up"].as_bool(), s["service"].as_str()),
+        (Some(true), Some(true), Some("echo"))
+    );
+
+    for (what, status) in [
+        ("SIGUSR1", agent_status(agent)),
+        ("GET /status", json_in(&lab.agent, AGENT_STATUS.parse().unwrap(), "/status")),
+    ] {
+        assert_eq!(status["connected"], true, "{what}: {status}");
+        assert!(status["observed"].as_str().unwrap().starts_with(&format!("{NAT_WAN_IP}:")), "{what}: {status}");
+        let echo = &status["services"][0];
+        assert_eq!(
+            (echo["service"].as_str(), echo["session"].as_str()),
+            (Some("echo"), Some("up")),
+            "{what}: {status}"
+        );
+        assert!(echo["proven"].as_str().unwrap().ends_with("/connector/site"), "{what}: {status}");
+        assert_eq!(echo["connector"], echo["proven"], "{what}: {status}");
+    }
 }
 
 /// 1 MB without loss, then 10 MB with 5% loss, through a TCP connection

@@ -62,6 +62,11 @@ pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki, ip: &s
     relay
 }
 
+/// The connector's health listener and the agent's status listener, on
+/// loopback inside their namespaces.
+pub const CONNECTOR_HEALTH: &str = "127.0.0.1:9091";
+pub const AGENT_STATUS: &str = "127.0.0.1:9092";
+
 /// Everything up to an agent registered for `echo`.
 pub struct Running {
     pub pki: ztna_relay::pki::DevPki,
@@ -85,7 +90,7 @@ pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
         "connector.toml",
         &format!(
             "relays = [\"{RELAY_IP}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nserver_name = \"localhost\"\nca = \"{}\"\n\
-             cert = \"{}\"\nkey = \"{}\"\n\n\
+             cert = \"{}\"\nkey = \"{}\"\nhealth = \"{CONNECTOR_HEALTH}\"\n\n\
              [[service]]\nname = \"echo\"\nicmp = true\n\n\
              [[service.backend]]\nprotocol = \"udp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n\n\
              [[service.backend]]\nprotocol = \"tcp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n",
@@ -100,7 +105,8 @@ pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let acfg = lab.write(
         "agent.toml",
         &format!(
-            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             status = \"{AGENT_STATUS}\"\n\n\
              [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n\
              [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\n",
             pki.ca.display(),

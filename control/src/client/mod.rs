@@ -235,7 +235,18 @@ impl ClientSession {
     /// Sets the local address reported to quiche for the next connection
     /// attempt (the driver rebound its socket).
     pub fn set_local(&mut self, local: SocketAddr) {
+        if self.cfg.local == local {
+            return;
+        }
         self.cfg.local = local;
+        // An attempt that started on the old address would never hear the
+        // relay's answers (quiche drops packets on a path it does not
+        // know): start it again on the new one. An established connection
+        // keeps its path; the address applies from the next connection.
+        if matches!(&self.phase, Phase::Live { conn, .. } if !conn.is_established()) {
+            let now = self.now;
+            self.start_connection(now);
+        }
     }
 
     /// The relay of the current (or next) connection attempt.
@@ -318,6 +329,27 @@ impl ClientSession {
             *last_recv = now;
         }
         self.after_io(now);
+    }
+
+    /// How long nothing arrived from the relay (None while not connected).
+    /// End-to-end sessions carried by this relay hold their loss recovery
+    /// while it is longer than [`crate::e2e::RELAY_STALL`].
+    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+        match &self.phase {
+            Phase::Live { last_recv, .. } => Some(now.saturating_duration_since(*last_recv)),
+            _ => None,
+        }
+    }
+
+    /// Asks the relay for a sign of life: the next packet is ack-eliciting
+    /// (a PING if nothing else), so a relay that is there answers within a
+    /// round trip. For end-to-end sessions that hold their loss recovery
+    /// while the relay is quiet: an idle relay would otherwise never be
+    /// heard again and hold them for good.
+    pub fn ping_relay(&mut self) {
+        if let Phase::Live { conn, hello_acked: true, .. } = &mut self.phase {
+            let _ = conn.send_ack_eliciting();
+        }
     }
 
     /// Reads the next received datagram into `out` (flow header included,

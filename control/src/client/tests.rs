@@ -76,3 +76,24 @@ fn failed_attempts_rotate_through_the_fallback_relays() {
     let expected: Vec<SocketAddr> = relays.iter().cycle().take(5).copied().collect();
     assert_eq!(attempts, expected);
 }
+
+/// The driver rebinds its socket (a new port after a Goodbye) while an
+/// attempt is under way: the attempt starts again from the new address
+/// (quiche would drop the relay's answers on a path it does not know);
+/// the same address changes nothing.
+#[test]
+fn a_new_local_address_restarts_an_attempt_in_progress() {
+    let start = Instant::now();
+    let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
+    let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
+    let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
+    let mut out = vec![0u8; 2048];
+    assert!(s.poll_transmit(&mut out, start).is_some(), "the first Initial");
+    assert_eq!(s.stats().connects, 1);
+    s.set_local("127.0.0.1:5000".parse().unwrap());
+    assert_eq!(s.stats().connects, 1, "same address: the attempt goes on");
+    s.set_local("127.0.0.1:5001".parse().unwrap());
+    assert_eq!(s.stats().connects, 2, "a new attempt from the new address");
+    let (n, to) = s.poll_transmit(&mut out, start).expect("its Initial");
+    assert!(n >= 1200 && to == "127.0.0.1:9".parse().unwrap(), "{n} bytes to {to}");
+}

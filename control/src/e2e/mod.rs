@@ -52,6 +52,10 @@ const _: () = assert!(MAX_INNER_PACKET - INNER_OVERHEAD >= TUNNEL_MTU);
 pub const IDLE_TIMEOUT_MS: u64 = 120_000;
 /// Bounded inner DATAGRAM queues (frames), per session and direction.
 pub const DGRAM_QUEUE_LEN: usize = 256;
+/// A relay leg from which nothing arrived for this long is stalled: the
+/// sessions it carries hold their loss-recovery timer (see
+/// [`E2eSession::set_stalled`]).
+pub const RELAY_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 /// The synthetic addresses quiche sees for the relay path.
 pub const RELAY_PATH_LOCAL: SocketAddr =
     SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1), 1, 0, 0));

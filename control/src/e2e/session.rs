@@ -99,6 +99,8 @@ pub struct E2eSession {
     /// A relay flow carries the session now (agent side).
     carried: bool,
     uncarried_since: Instant,
+    /// The relay leg went quiet ([`E2eSession::set_stalled`]).
+    stalled: bool,
     started: Instant,
     last_rx: Instant,
     last_tx: Instant,
@@ -161,6 +163,7 @@ impl E2eSession {
             identity_mismatch: false,
             carried: true,
             uncarried_since: now,
+            stalled: false,
             started: now,
             last_rx: now,
             last_tx: now,
@@ -177,6 +180,12 @@ impl E2eSession {
 
     pub fn is_closed(&self) -> bool {
         self.state == SessionState::Closed
+    }
+
+    /// The inner connection's path: RTT, congestion window, packets sent,
+    /// lost and probe timeouts (for status reports).
+    pub fn path_stats(&self) -> Option<quiche::PathStats> {
+        self.conn.path_stats().next()
     }
 
     /// The identity the peer proved (after `Established`).
@@ -455,6 +464,8 @@ impl E2eSession {
             self.last_rx = now;
             self.last_tx = now;
             self.carried = true;
+            // A flow was just bound: its relay is alive.
+            self.stalled = false;
             if self.conn.timeout_instant().is_some_and(|t| t <= now) {
                 self.conn.on_timeout();
             }
@@ -464,6 +475,29 @@ impl E2eSession {
             self.carried = false;
             self.uncarried_since = now;
         }
+    }
+
+    /// Whether the relay leg carrying the session went quiet (nothing from
+    /// the relay for [`super::RELAY_STALL`]; the relay session knows). A
+    /// dead relay is noticed only after the relay session's silence
+    /// timeout, and all that time quiche's loss recovery would back its
+    /// probe timeout off exponentially, then wait as long again before it
+    /// sends anything over the next relay. While stalled, that timer (and
+    /// the peer-silence check) is held; keepalives go on. When the relay is
+    /// heard again, an overdue timer fires at once.
+    pub fn set_stalled(&mut self, stalled: bool, now: Instant) {
+        if stalled == self.stalled {
+            return;
+        }
+        self.stalled = stalled;
+        if !stalled && self.carried && self.conn.timeout_instant().is_some_and(|t| t <= now) {
+            self.conn.on_timeout();
+            self.progress();
+        }
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled
     }
 
     fn watches_silence(&self) -> bool {
@@ -482,10 +516,10 @@ impl E2eSession {
         if !self.carried {
             return Some(self.uncarried_until());
         }
-        let quic = self.conn.timeout_instant();
+        let quic = self.conn.timeout_instant().filter(|_| !self.stalled);
         let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
         let keepalive = (self.state == SessionState::Up).then(|| self.last_tx + KEEPALIVE);
-        let silence = self.watches_silence().then(|| self.last_rx + SILENCE);
+        let silence = (self.watches_silence() && !self.stalled).then(|| self.last_rx + SILENCE);
         [quic, handshake, keepalive, silence].into_iter().flatten().min()
     }
 
@@ -503,7 +537,7 @@ impl E2eSession {
             }
             return;
         }
-        if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+        if !self.stalled && self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
         }
         self.progress();
@@ -511,7 +545,7 @@ impl E2eSession {
             return;
         }
         let late = self.state != SessionState::Up && now >= self.started + HANDSHAKE_TIMEOUT;
-        let silent = self.watches_silence() && now >= self.last_rx + SILENCE;
+        let silent = !self.stalled && self.watches_silence() && now >= self.last_rx + SILENCE;
         if late || silent {
             let why = if late { "handshake timeout" } else { "peer silent" };
             // Nothing the peer could still act on: drop the connection.

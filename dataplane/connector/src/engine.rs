@@ -21,6 +21,8 @@
 //! anything arrived; then send what [`Engine::poll_transmit`] gives and
 //! watch the sockets [`Engine::backend_interest`] names.
 
+pub mod status;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -60,6 +62,9 @@ struct RelayLink {
     handles: HashMap<u32, usize>,
     /// Connector-leg flow → service and agent.
     flows: HashMap<u32, AgentFlow>,
+    /// Sessions carried here were found stalled (nothing from the relay
+    /// for [`e2e::RELAY_STALL`]); the next packet from it resumes them.
+    stalled: bool,
 }
 
 /// Hands an IP packet for the agent of gateway key `key` to its session.
@@ -215,7 +220,7 @@ impl Engine {
         c.leave_on_goodbye = false;
         self.seed = self.seed.wrapping_add(1);
         let session = ClientSession::new(c, quic, self.seed, now);
-        RelayLink { relay, retired: false, session, handles: HashMap::new(), flows: HashMap::new() }
+        RelayLink { relay, retired: false, session, handles: HashMap::new(), flows: HashMap::new(), stalled: false }
     }
 
     /// One UDP datagram from `from` (a relay; anything else is dropped and
@@ -227,6 +232,9 @@ impl Engine {
         };
         if let Some(l) = self.links.get_mut(i) {
             l.session.recv(pkt, from, now);
+            if std::mem::take(&mut l.stalled) {
+                self.peers.link_heard(i, now);
+            }
         }
         self.process_link(i, now, io);
     }
@@ -259,6 +267,18 @@ impl Engine {
             .collect();
         for slot in due {
             if let Some(p) = self.peers.get_mut(slot) {
+                // A relay leg that went quiet holds the session's loss
+                // recovery until it is heard again (or the session moves).
+                let link = p.via.and_then(|(i, _)| self.links.get_mut(i));
+                let stalled = link.is_some_and(|l| {
+                    if l.session.silent_for(now).is_some_and(|d| d >= e2e::RELAY_STALL) {
+                        // Held sessions wait for the relay to be heard: ask it.
+                        l.session.ping_relay();
+                        l.stalled = true;
+                    }
+                    l.stalled
+                });
+                p.session.set_stalled(stalled, now);
                 p.session.handle_timeout(now);
             }
             self.after_session(slot, now, io);

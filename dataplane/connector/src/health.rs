@@ -1,14 +1,14 @@
-//! Liveness, readiness and metrics of a running connector, served over
-//! HTTP (`/healthz`, `/readyz`, `/metrics`).
+//! Liveness, readiness, metrics and status of a running connector, served
+//! over HTTP (`/healthz`, `/readyz`, `/metrics`, `/status`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use anyhow::Result;
 
-use super::ConnectorStats;
+use super::{ConnectorStats, ConnectorStatus};
 use ztna_ops::heartbeat::Heartbeat;
 
 /// Liveness and readiness of a running connector, shared with its HTTP
@@ -21,6 +21,16 @@ pub struct ConnectorHealth {
     pub(super) serving: AtomicBool,
     pub(super) relays: AtomicU64,
     pub(super) relays_connected: AtomicU64,
+    started: Instant,
+    /// The loop's latest [`ConnectorStatus`] (refreshed about once a second).
+    status: Mutex<Option<ConnectorStatus>>,
+}
+
+#[derive(serde::Serialize)]
+struct StatusDoc<'a> {
+    uptime_secs: u64,
+    #[serde(flatten)]
+    status: &'a ConnectorStatus,
 }
 
 impl ConnectorHealth {
@@ -30,7 +40,21 @@ impl ConnectorHealth {
             serving: AtomicBool::new(false),
             relays: AtomicU64::new(0),
             relays_connected: AtomicU64::new(0),
+            started: Instant::now(),
+            status: Mutex::new(None),
         }
+    }
+
+    pub(super) fn set_status(&self, s: ConnectorStatus) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
+    }
+
+    /// The `/status` document (JSON); `{}` before the loop's first turn.
+    pub fn status_json(&self, now: Instant) -> String {
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(status) = status.as_ref() else { return "{}".into() };
+        let doc = StatusDoc { uptime_secs: now.saturating_duration_since(self.started).as_secs(), status };
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
     /// The loop turned within [`ztna_ops::heartbeat::HEARTBEAT_STALE`].
@@ -43,7 +67,8 @@ impl ConnectorHealth {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` of a connector on `addr`.
+/// Serves `/healthz`, `/readyz`, `/metrics` and `/status` of a connector
+/// on `addr` (as private as that address: `/status` names agents).
 pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<ConnectorStats>) -> Result<SocketAddr> {
     let http_stats = Arc::new(ztna_ops::http::HttpStats::default());
     let counted = Arc::clone(&http_stats);
@@ -52,6 +77,9 @@ pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<C
             let mut body = render_metrics(&health, &stats);
             body.push_str(&counted.render_prometheus("ztna_connector_http_events_total"));
             return Some(ztna_ops::http::Response { status: 200, content_type: "text/plain; version=0.0.4", body });
+        }
+        if path == "/status" {
+            return Some(ztna_ops::http::Response::json(health.status_json(Instant::now())));
         }
         ztna_ops::http::probe(path, health.alive(Instant::now()), health.serving())
     });

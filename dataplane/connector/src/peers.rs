@@ -175,6 +175,8 @@ impl Peers {
         if let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) {
             p.via = Some(via);
             p.session.set_carried(true, now);
+            // Its packet just came through this relay: it is alive.
+            p.session.set_stalled(false, now);
         }
     }
 
@@ -196,6 +198,16 @@ impl Peers {
             if p.via.is_some_and(|(l, _)| l == link) {
                 p.via = None;
                 p.session.set_carried(false, now);
+            }
+        }
+    }
+
+    /// Link `link`'s relay was heard again: its sessions resume loss
+    /// recovery ([`ztna_control::e2e::E2eSession::set_stalled`]).
+    pub fn link_heard(&mut self, link: usize, now: Instant) {
+        for p in self.slots.iter_mut().flatten() {
+            if p.via.is_some_and(|(l, _)| l == link) {
+                p.session.set_stalled(false, now);
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::backend::{BackendEvent, BackendId, Interest};
 use crate::config::ConnectorConfig;
 use crate::engine::Engine;
 use crate::health::ConnectorHealth;
-use crate::ConnectorStats;
+use crate::{ConnectorStats, ConnectorStatus};
 
 /// How often relay names are resolved again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
@@ -82,7 +82,12 @@ pub struct Connector {
     tx: Batch,
     interest: Vec<(BackendId, Interest)>,
     readable: Vec<BackendId>,
+    /// When `/status` was last refreshed.
+    status_at: Option<Instant>,
 }
+
+/// How often the loop refreshes what `/status` serves.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 impl Connector {
     pub fn new(cfg: ConnectorConfig, seed: u64) -> Result<Connector> {
@@ -123,6 +128,7 @@ impl Connector {
             tx: Batch::new(ztna_udp::BATCH),
             interest: Vec::new(),
             readable: Vec::new(),
+            status_at: None,
         };
         c.set_relays(&addrs)?;
         Ok(c)
@@ -279,10 +285,19 @@ impl Connector {
         self.engine.is_serving()
     }
 
-    fn update_health(&self, now: Instant) {
+    fn update_health(&mut self, now: Instant) {
         let h = &self.health;
         h.heartbeat.beat(now);
         h.serving.store(self.is_serving(), Ordering::Relaxed);
         h.relays_connected.store(self.engine.relays_connected() as u64, Ordering::Relaxed);
+        if self.status_at.is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY) {
+            self.status_at = Some(now);
+            h.set_status(self.engine.status());
+        }
+    }
+
+    /// Relay sessions, observed addresses and end-to-end sessions.
+    pub fn status(&self) -> ConnectorStatus {
+        self.engine.status()
     }
 }
