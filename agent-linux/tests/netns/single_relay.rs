@@ -9,8 +9,9 @@ use crate::probe::{agent_stats, agent_status, json_in, ping, relay_counter, tcp_
 use crate::start::{bins, bring_up, start_relay, Running, AGENT_STATUS, CONNECTOR_HEALTH};
 use crate::{AGENT_IP, NAT_WAN_IP, RELAY_IP, SITE_IP, UNMAPPED, VIP};
 
-/// Ping and UDP echo through NAT → relay → connector; the observed address
-/// is the NAT's; an unmapped destination never leaves the agent; the agent
+/// Ping and UDP echo through NAT → relay → connector (agent and connector
+/// verify the relay by its IP address: `server_name` is the address, the
+/// certificate has it as an IP SAN); the observed address is the NAT's; an unmapped destination never leaves the agent; the agent
 /// survives a relay restart; traffic flows with 5% loss on the uplink.
 #[test]
 fn agent_through_nat_relay_restart_and_loss() {

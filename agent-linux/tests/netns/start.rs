@@ -24,8 +24,9 @@ pub fn bins() -> Bins {
     }
 }
 
-/// The relay with a fixed certificate (so a restart keeps the CA the
-/// clients trust), mutual TLS against the same CA, a policy letting
+/// The relay with a certificate for its address and `localhost` (the
+/// CA stays, so a restart keeps what clients trust), mutual TLS against
+/// the same CA, a policy letting
 /// connector `site` serve `echo` to agents `laptop` and `phone`, one
 /// worker, metrics on the wan address.
 pub fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki) -> Proc {
@@ -33,6 +34,19 @@ pub fn start_relay(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki) -> Proc {
 }
 
 pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki, ip: &str) -> Proc {
+    // A certificate for this relay's address (an IP SAN, as a cloud VM
+    // without a DNS name would have) and for `localhost`.
+    let id = ztna_control::identity::Identity {
+        trust_domain: ztna_relay::pki::DEV_TRUST_DOMAIN.into(),
+        kind: ztna_control::identity::Kind::Relay,
+        name: format!("wan-{}", ip.replace('.', "-")),
+    };
+    let stem = lab.dir.join(format!("relay-{}", id.name));
+    let (cert, key) = (stem.with_extension("pem"), stem.with_extension("key"));
+    if !cert.exists() {
+        // (A restart reuses it.)
+        ztna_relay::pki::issue(&pki.ca_files, &id, &["localhost".into()], &[ip.parse().unwrap()], 7, &lab.dir).unwrap();
+    }
     let policy =
         lab.write("policy.toml", "[services.echo]\nconnectors = [\"site\"]\nagents = [\"laptop\", \"phone\"]\n");
     let mut relay = Proc::spawn(
@@ -43,9 +57,9 @@ pub fn start_relay_at(lab: &Lab, b: &Bins, pki: &ztna_relay::pki::DevPki, ip: &s
             "--listen",
             &format!("{ip}:4433"),
             "--cert",
-            pki.cert.to_str().unwrap(),
+            cert.to_str().unwrap(),
             "--key",
-            pki.key.to_str().unwrap(),
+            key.to_str().unwrap(),
             "--client-ca",
             pki.ca.to_str().unwrap(),
             "--trust-domain",
@@ -89,7 +103,7 @@ pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let ccfg = lab.write(
         "connector.toml",
         &format!(
-            "relays = [\"{RELAY_IP}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nserver_name = \"localhost\"\nca = \"{}\"\n\
+            "relays = [\"{RELAY_IP}:4433\"]\nlisten = \"{SITE_IP}:4434\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\n\
              cert = \"{}\"\nkey = \"{}\"\nhealth = \"{CONNECTOR_HEALTH}\"\n\n\
              [[service]]\nname = \"echo\"\nicmp = true\n\n\
              [[service.backend]]\nprotocol = \"udp\"\nport = 7\ntarget = \"127.0.0.1:7007\"\n\n\
@@ -105,7 +119,7 @@ pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
     let acfg = lab.write(
         "agent.toml",
         &format!(
-            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+            "relay = \"{RELAY_IP}:4433\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              status = \"{AGENT_STATUS}\"\n\n\
              [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n\
              [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\n",
