@@ -96,7 +96,8 @@ pub struct Agent {
     in_buf: Box<[u8]>,
     io: IoStats,
     started: Instant,
-    status: StatusBoard,
+    /// What `/status` serves, when it is served.
+    status: Option<StatusBoard>,
     status_at: Instant,
 }
 
@@ -131,15 +132,17 @@ impl Agent {
             in_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             io: IoStats::default(),
             started: Instant::now(),
-            status: StatusBoard::default(),
+            status: None,
             status_at: Instant::now(),
         }
     }
 
-    /// What `/status` serves (see [`serve_status`]).
-    pub fn status_board(&self) -> StatusBoard {
-        status::publish(&self.status, status::status_json(&self.core, self.started, Instant::now()));
-        Arc::clone(&self.status)
+    /// What `/status` serves (see [`serve_status`]); from now on the loop
+    /// refreshes it.
+    pub fn status_board(&mut self) -> StatusBoard {
+        let board = StatusBoard::default();
+        status::publish(&board, status::status_json(&self.core, self.started, Instant::now()));
+        Arc::clone(self.status.insert(board))
     }
 
     /// Runs until SIGTERM/SIGINT, then closes the session.
@@ -167,9 +170,11 @@ impl Agent {
             self.events();
             self.deliver();
             self.transmit(now);
-            if now.saturating_duration_since(self.status_at) >= STATUS_EVERY {
+            if let Some(board) =
+                self.status.as_ref().filter(|_| now.saturating_duration_since(self.status_at) >= STATUS_EVERY)
+            {
                 self.status_at = now;
-                status::publish(&self.status, status::status_json(&self.core, self.started, now));
+                status::publish(board, status::status_json(&self.core, self.started, now));
             }
         }
         self.shutdown();

@@ -599,11 +599,11 @@ impl AgentCore {
         self.session.handle_timeout(now);
         let stalled = self.session.silent_for(now).is_some_and(|d| d >= e2e::RELAY_STALL);
         let mut retry = Vec::new();
-        let mut ping = false;
+        let mut held = false;
         for (service, t) in self.tunnels.iter_mut() {
             if let Some(s) = t.session.as_mut() {
                 s.set_stalled(stalled, now);
-                ping |= s.is_stalled();
+                held = stalled;
                 if s.next_deadline().is_some_and(|d| d <= now) {
                     s.handle_timeout(now);
                 }
@@ -611,7 +611,7 @@ impl AgentCore {
                 retry.push(service.clone());
             }
         }
-        if ping {
+        if held {
             // Held sessions wait for the relay to be heard: ask it.
             self.session.ping_relay();
         }

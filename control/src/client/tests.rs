@@ -3,15 +3,21 @@
 use super::*;
 use crate::quic::{client_config, TlsOptions};
 
+/// A session to a relay address where nothing answers (127.0.0.1:9),
+/// from 127.0.0.1:5000, relay certificate not verified.
+fn unreachable_session(start: Instant) -> ClientSession {
+    let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
+    let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
+    ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start)
+}
+
 /// A relay that never answers: each attempt gives up after the
 /// handshake timeout and the next one waits a jittered, doubling delay
 /// (1 s, 2 s, 4 s, … capped at 30 s). Virtual time; no socket.
 #[test]
 fn unreachable_relay_backs_off_visibly() {
     let start = Instant::now();
-    let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
-    let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
-    let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
+    let mut s = unreachable_session(start);
     let mut out = vec![0u8; 2048];
     let mut waits = Vec::new();
     let mut sent = 0;
@@ -84,9 +90,7 @@ fn failed_attempts_rotate_through_the_fallback_relays() {
 #[test]
 fn a_new_local_address_restarts_an_attempt_in_progress() {
     let start = Instant::now();
-    let cfg = ClientConfig::new("127.0.0.1:9".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), "localhost");
-    let tls = TlsOptions { verify_peer: false, ..TlsOptions::default() };
-    let mut s = ClientSession::new(cfg, client_config(&tls).unwrap(), 1, start);
+    let mut s = unreachable_session(start);
     let mut out = vec![0u8; 2048];
     assert!(s.poll_transmit(&mut out, start).is_some(), "the first Initial");
     assert_eq!(s.stats().connects, 1);

@@ -49,16 +49,14 @@ pub fn serve_relay(
 
 /// Gauges of who is connected: clients per role, and per service its
 /// agents, connectors and flows. A service nobody holds any more is set
-/// to zero (its series stays, as Prometheus gauges do).
-pub fn publish_status(rows: &[crate::status::ConnStatus]) {
-    use std::sync::Mutex;
-    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// to zero (its series stays, as Prometheus gauges do); `seen` holds the
+/// services published so far (the caller keeps it between calls).
+pub fn publish_status(rows: &[crate::status::ConnStatus], seen: &mut Vec<String>) {
     for role in ["agent", "connector"] {
         let n = rows.iter().filter(|r| r.role.contains(role)).count();
         metrics::gauge!("ztna_relay_clients", "role" => role).set(n as f64);
     }
     let services = crate::status::StatusBoard::services(rows);
-    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for name in seen.iter().filter(|s| !services.contains_key(s.as_str())) {
         for role in ["agent", "connector"] {
             metrics::gauge!("ztna_relay_service_clients", "service" => name.clone(), "role" => role).set(0.0);

@@ -431,18 +431,19 @@ impl RelayHandle {
         }
     }
 
-    /// Starts a thread that copies the counters into the `metrics`
-    /// recorder once a second (the exporter must be installed first).
     /// Who is connected (what `/status` serves).
     pub fn status(&self) -> Arc<crate::status::StatusBoard> {
         Arc::clone(&self.shared.status)
     }
 
+    /// Starts a thread that copies the counters into the `metrics`
+    /// recorder once a second (the exporter must be installed first).
     pub fn spawn_metrics_publisher(&self) -> Result<()> {
         let stats = self.stats.clone();
         let life = Arc::clone(&self.life);
         let shared = Arc::clone(&self.shared);
         std::thread::Builder::new().name("relay-metrics".into()).spawn(move || {
+            let mut services_seen = Vec::new();
             while !life.shutdown.load(Ordering::Acquire) {
                 for (w, s) in stats.iter().enumerate() {
                     crate::metrics::publish(w, &s.snapshot());
@@ -450,7 +451,7 @@ impl RelayHandle {
                 metrics::gauge!("ztna_relay_draining").set(if life.drain.load(Ordering::Acquire) { 1.0 } else { 0.0 });
                 metrics::gauge!("ztna_relay_memory_budget_bytes").set(shared.budget.limit() as f64);
                 metrics::gauge!("ztna_relay_memory_budget_used_bytes").set(shared.budget.used() as f64);
-                crate::metrics::publish_status(&shared.status.rows());
+                crate::metrics::publish_status(&shared.status.rows(), &mut services_seen);
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;

@@ -20,12 +20,18 @@ pub struct ConnStatus {
     pub role: &'static str,
     /// The client's address as the relay sees it (what it was told).
     pub observed: SocketAddr,
-    /// Services it registered for (as agent or connector).
-    pub services: Vec<String>,
+    /// Services it registered for (as agent or connector), each with this
+    /// connection's flows of it; served as the list of names.
+    #[serde(serialize_with = "service_names")]
+    pub services: BTreeMap<String, usize>,
     /// Flows: an agent's relay flows, a connector's agent legs.
     pub flows: usize,
     pub connected_secs: u64,
     pub worker: usize,
+}
+
+fn service_names<S: serde::Serializer>(m: &BTreeMap<String, usize>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(m.keys())
 }
 
 /// Per service: how many agents and connectors hold it, and its flows.
@@ -85,7 +91,7 @@ impl StatusBoard {
     pub fn services(rows: &[ConnStatus]) -> BTreeMap<&str, ServiceStatus> {
         let mut m: BTreeMap<&str, ServiceStatus> = BTreeMap::new();
         for r in rows {
-            for s in &r.services {
+            for (s, flows) in &r.services {
                 let e = m.entry(s.as_str()).or_default();
                 if r.role.contains("agent") {
                     e.agents += 1;
@@ -93,11 +99,7 @@ impl StatusBoard {
                 if r.role.contains("connector") {
                     e.connectors += 1;
                 }
-            }
-            // Flows count once, under the connection's first service
-            // when it has one only; several services share them out.
-            if let [one] = r.services.as_slice() {
-                m.entry(one.as_str()).or_default().flows += r.flows;
+                e.flows += flows;
             }
         }
         m
@@ -124,12 +126,17 @@ impl StatusBoard {
 mod tests {
     use super::*;
 
+    /// A row whose `flows` are all of its first service.
     fn row(id: &str, role: &'static str, services: &[&str], flows: usize, w: usize) -> ConnStatus {
         ConnStatus {
             identity: id.into(),
             role,
             observed: "192.0.2.1:5000".parse().unwrap_or_else(|_| unreachable!()),
-            services: services.iter().map(|s| s.to_string()).collect(),
+            services: services
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.to_string(), if i == 0 { flows } else { 0 }))
+                .collect(),
             flows,
             connected_secs: 3,
             worker: w,

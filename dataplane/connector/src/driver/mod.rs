@@ -23,7 +23,7 @@ use crate::backend::{BackendEvent, BackendId, Interest};
 use crate::config::ConnectorConfig;
 use crate::engine::Engine;
 use crate::health::ConnectorHealth;
-use crate::{ConnectorStats, ConnectorStatus};
+use crate::ConnectorStats;
 
 /// How often relay names are resolved again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
@@ -294,10 +294,5 @@ impl Connector {
             self.status_at = Some(now);
             h.set_status(self.engine.status());
         }
-    }
-
-    /// Relay sessions, observed addresses and end-to-end sessions.
-    pub fn status(&self) -> ConnectorStatus {
-        self.engine.status()
     }
 }

@@ -131,6 +131,7 @@ impl Worker {
     /// One `/status` row per authenticated connection of this worker.
     fn publish_status(&self, now: Instant) {
         use crate::routing::Flow;
+        use std::collections::BTreeMap;
         let rows = self
             .slots
             .iter()
@@ -138,23 +139,29 @@ impl Worker {
             .filter_map(|c| {
                 let id = c.identity.as_ref()?;
                 let (mut agent, mut connector, mut flows) = (false, false, 0);
-                let mut services: Vec<String> = Vec::new();
+                // Service → this connection's flows of it (an agent's
+                // relay flows; a connector's legs, by their handle).
+                let mut services: BTreeMap<String, usize> = BTreeMap::new();
                 for (_, f) in c.flows.iter() {
-                    match f {
+                    let (service, flow) = match f {
                         Flow::Agent { service, .. } => {
                             agent = true;
-                            flows += 1;
-                            services.push(service.to_string());
+                            (Some(service), 1)
                         }
                         Flow::Service { service } => {
                             connector = true;
-                            services.push(service.to_string());
+                            (Some(service), 0)
                         }
-                        Flow::Peer { .. } => flows += 1,
+                        Flow::Peer { handle, .. } => match c.flows.get(*handle) {
+                            Some(Flow::Service { service }) => (Some(service), 1),
+                            _ => (None, 1),
+                        },
+                    };
+                    flows += flow;
+                    if let Some(service) = service {
+                        *services.entry(service.to_string()).or_default() += flow;
                     }
                 }
-                services.sort();
-                services.dedup();
                 let role = match (agent, connector) {
                     (true, true) => "agent+connector",
                     (true, false) => "agent",
