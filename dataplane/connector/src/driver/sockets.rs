@@ -52,19 +52,20 @@ impl SocketBackends {
         self.tcp.get(&id).map(AsRawFd::as_raw_fd)
     }
 
-    /// Appends the UDP backend sockets epoll reports readable.
+    /// Appends UDP backend sockets epoll reports readable: at most one
+    /// buffer of events per call. The set is level-triggered, so asking
+    /// again before reading would return the same sockets forever (more
+    /// readable sockets than the buffer holds made this loop without end
+    /// and grow `out` until the process ran out of memory); the rest come
+    /// at the next turn, whose poll returns at once while the epoll
+    /// descriptor is readable.
     pub(crate) fn udp_readable(&mut self, out: &mut Vec<BackendId>) {
-        loop {
-            let cap = i32::try_from(self.events.len()).unwrap_or(i32::MAX);
-            // SAFETY: `events` is a live buffer of `cap` epoll_event entries
-            // that the kernel fills; timeout 0 never blocks.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), cap, 0) };
-            let n = usize::try_from(n).unwrap_or(0);
-            out.extend(self.events.iter().take(n).map(|e| BackendId(e.u64)));
-            if n < self.events.len() {
-                return;
-            }
-        }
+        let cap = i32::try_from(self.events.len()).unwrap_or(i32::MAX);
+        // SAFETY: `events` is a live buffer of `cap` epoll_event entries
+        // that the kernel fills; timeout 0 never blocks.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), cap, 0) };
+        let n = usize::try_from(n).unwrap_or(0);
+        out.extend(self.events.iter().take(n).map(|e| BackendId(e.u64)));
     }
 
     /// Reads one datagram from UDP backend socket `id`.
