@@ -135,7 +135,10 @@ fn healthz_keeps_answering_while_idle_connections_flood_the_port() {
                 std::thread::sleep(Duration::from_millis(150));
                 let t = std::time::Instant::now();
                 let status = http::get(addr, "/healthz").map(|(s, _)| s).unwrap_or(0);
-                status == 200 && t.elapsed() < Duration::from_millis(500)
+                // Within a kubelet probe's default timeout (1 s): on two
+                // cores the flood threads share the CPU with the listener,
+                // and a 500 ms bound failed about one CI run in six.
+                status == 200 && t.elapsed() < Duration::from_secs(1)
             })
             .count();
         let opened = flood.stop();
