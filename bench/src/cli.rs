@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use ztna_udp::IoBackend;
 
 use crate::handshakes::{FloodSource, HandshakeConfig, RetryModeName};
 use crate::load::{LoadConfig, DEFAULT_WINDOW};
 use crate::relay_bench::{RelayBenchConfig, RelayTarget};
 use crate::report::{self, Report};
-use crate::{demo, probe, relay_bench, udp_bench};
+use crate::{compare, demo, probe, relay_bench, udp_bench};
 
 #[derive(Parser, Debug)]
 #[command(name = "ztna-bench", version, about = "Load generator and demo for the ZTNA relay")]
@@ -31,8 +30,9 @@ pub enum Cmd {
     Relay(RelayArgs),
     /// The same load through a plain UDP forwarder (no QUIC): the I/O floor.
     UdpForwarder(ForwarderArgs),
-    /// Runs `relay` (in-process) and `udp-forwarder` with the same load and
-    /// backend and prints the CPU-per-datagram ratio.
+    /// In one run with the same load: the naive stock-quiche echo (E) and
+    /// relay (N), then per backend the relay (R) and the UDP forwarder (U);
+    /// prints CPU per datagram and R/E, N/R, R/U.
     Compare(CompareArgs),
     /// A relay, one echo connector, three agents: a short tour.
     Demo(DemoArgs),
@@ -166,9 +166,10 @@ pub struct ForwarderArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
-    /// I/O backend of both targets.
-    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
-    pub io_backend: IoBackend,
+    /// I/O backends of the relay and the forwarder (each is run; one that
+    /// this kernel lacks is skipped).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [IoBackend::Uring, IoBackend::Portable])]
+    pub io_backend: Vec<IoBackend>,
     /// Worker threads of the relay.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -401,42 +402,6 @@ fn finish(report: &Report, json: &Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Both reports and the ratio, for `compare --json`.
-#[derive(Debug, Serialize)]
-pub struct Comparison {
-    pub relay: Report,
-    pub udp_forwarder: Report,
-    /// Relay CPU per forwarded datagram over forwarder CPU per packet.
-    pub cpu_ratio: Option<f64>,
-}
-
-/// Runs `compare`.
-pub fn compare(a: &CompareArgs) -> Result<Comparison> {
-    let load = a.load.to_config()?;
-    let relay = relay_bench::run(&RelayBenchConfig {
-        target: RelayTarget::InProcess { workers: a.workers, io_backend: a.io_backend, pin_cores: true },
-        load: load.clone(),
-    })?;
-    relay.print();
-    println!();
-    let fwd = udp_bench::run(a.io_backend, &load)?;
-    fwd.print();
-    let cpu_ratio = match (relay.cpu_us_per_forwarded, fwd.cpu_us_per_forwarded) {
-        (Some(r), Some(f)) if f > 0.0 => Some(r / f),
-        _ => None,
-    };
-    println!();
-    match cpu_ratio {
-        Some(x) => println!(
-            "relay/forwarder CPU per datagram: {:.3} us / {:.3} us = {x:.1}x",
-            relay.cpu_us_per_forwarded.unwrap_or(0.0),
-            fwd.cpu_us_per_forwarded.unwrap_or(0.0)
-        ),
-        None => println!("relay/forwarder CPU ratio unavailable"),
-    }
-    Ok(Comparison { relay, udp_forwarder: fwd, cpu_ratio })
-}
-
 /// Entry point of the binary.
 pub fn main_with(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
@@ -449,7 +414,7 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
             finish(&report, &a.load.json)?;
         }
         Cmd::Compare(a) => {
-            let c = compare(&a)?;
+            let c = compare::run(&a.io_backend, a.workers, &a.load.to_config()?)?;
             if let Some(p) = &a.load.json {
                 report::write_json(p, &c)?;
             }

@@ -35,6 +35,16 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / ticks_per_sec()))
 }
 
+/// CPU time thread `tid` of this process has run so far (from
+/// /proc/self/task/TID/schedstat; zero if it cannot be read).
+pub fn task_cpu_time(tid: i32) -> Duration {
+    let ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
+}
+
 /// CPU time the calling thread has used so far.
 pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -252,12 +252,7 @@ impl ForwarderHandle {
     /// CPU time of the forwarder thread so far (from
     /// /proc/self/task/TID/schedstat).
     pub fn cpu_time(&self) -> Duration {
-        let tid = self.tid.load(Ordering::Relaxed);
-        let ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-            .unwrap_or(0);
-        Duration::from_nanos(ns)
+        crate::cpu::task_cpu_time(self.tid.load(Ordering::Relaxed))
     }
 
     /// Stops the thread and waits for it.

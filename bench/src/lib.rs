@@ -5,6 +5,9 @@
 //! - [`quic_clients`]: protocol-v1 agents and echo connectors on a relay.
 //! - [`relay_bench`]: `ztna-bench relay`, in-process or external.
 //! - [`udp_bench`]: `ztna-bench udp-forwarder`, the same load without QUIC.
+//! - [`naive`]: the stock-quiche references of `compare`: a relay (N) and
+//!   a DATAGRAM echo (E), written the obvious way.
+//! - [`compare`]: `ztna-bench compare`, R/E, N/R and R/U in one run.
 //! - [`demo`]: `ztna-bench demo`, a short guided run.
 //! - [`tunnel`]: traffic through agent core → relay → connector → echo
 //!   (UDP and TCP), for the demo and `ztna-bench tunnel`.
@@ -19,6 +22,7 @@
 //!   tests through a tunnel.
 
 pub mod cli;
+pub mod compare;
 pub mod connector_turns;
 pub mod cpu;
 pub mod demo;
@@ -26,6 +30,7 @@ pub mod e2e_cost;
 pub mod forwarder;
 pub mod handshakes;
 pub mod load;
+pub mod naive;
 pub mod probe;
 pub mod quic_clients;
 pub mod relay_bench;

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ztna_bench::load::LoadConfig;
+use ztna_bench::naive::{self, NaiveMode};
 use ztna_bench::relay_bench::{self, RelayBenchConfig, RelayTarget};
 use ztna_bench::{demo, udp_bench};
 use ztna_udp::IoBackend;
@@ -109,4 +110,32 @@ fn e2e_cost_measures_both_variants() {
     assert_eq!((r.packet_bytes, r.packets), (1200, 300));
     assert!(r.baseline_us_per_packet > 0.0 && r.e2e_us_per_packet > 0.0, "{r:?}");
     assert!(r.ratio.is_finite());
+}
+
+#[test]
+fn naive_references_echo_and_forward_every_agent() {
+    let load = LoadConfig {
+        agents: 2,
+        connectors: 1,
+        size: 1200,
+        rate: 2000,
+        duration: Duration::from_secs(1),
+        progress: false,
+        ..LoadConfig::default()
+    };
+    for (mode, per_round_trip) in [(NaiveMode::Echo, 1), (NaiveMode::Relay, 2)] {
+        let r = naive::run(mode, &load).expect("naive reference runs");
+        let res = &r.result;
+        assert!(res.sent >= 1500, "{mode:?}: about 2000 sent in 1 s: {}", res.sent);
+        assert!(res.loss_pct < 1.0, "{mode:?}: loss {:.3}%", res.loss_pct);
+        assert_eq!(res.misrouted, 0, "{mode:?}: every echo on the agent's own flow");
+        assert!(res.per_agent.iter().all(|a| a.received > 0), "{mode:?}: every agent served");
+        assert!(
+            r.forwarded >= per_round_trip * res.received,
+            "{mode:?}: {} datagrams handled for {} round trips",
+            r.forwarded,
+            res.received
+        );
+        assert!(r.cpu_us_per_forwarded.is_some_and(|c| c > 0.0), "{mode:?}: CPU measured");
+    }
 }
