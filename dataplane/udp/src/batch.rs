@@ -9,13 +9,23 @@
 //! The slots are allocated once; the `iovec`/`mmsghdr` arrays that point
 //! into them live on the stack of each call, so a `Batch` may move and be
 //! sent to another thread.
+//!
+//! With [`Batch::enable_gso`] a flush sends consecutive datagrams of one
+//! size to one destination as one GSO message (one `mmsghdr` whose iovecs
+//! are the slots, plus the `UDP_SEGMENT` control message); with
+//! [`Batch::enable_gro`] each slot holds a whole coalesced receive and
+//! [`Batch::received`] yields its datagrams one by one. See
+//! [`crate::offload`].
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
+use std::sync::Arc;
+
 use socket2::SockAddr;
 
+use crate::offload::{self, GsoCmsg, OffloadStats, RecvCmsgBuf};
 use crate::RX_BUF;
 
 /// Bytes per slot: larger than any QUIC packet we send or accept; a longer
@@ -27,8 +37,16 @@ pub const MAX_BATCH: usize = 64;
 
 /// Datagram slots for one direction of one socket.
 pub struct Batch {
-    bufs: Vec<[u8; SLOT]>,
+    /// Slots of [`SLOT`] bytes ([`offload::GRO_BUF`] with GRO).
+    bufs: Vec<Box<[u8]>>,
     lens: Vec<usize>,
+    /// Receive with GRO: each slot's segment size (None: one datagram).
+    segs: Vec<Option<usize>>,
+    /// Receive with GRO: each slot's control buffer.
+    cmsgs: Vec<RecvCmsgBuf>,
+    gro: bool,
+    gso: bool,
+    offload: Arc<OffloadStats>,
     /// Receive: each datagram's source (None if the kernel gave none).
     /// Send: each datagram's destination (None: the connected peer).
     addrs: Vec<Option<SocketAddr>>,
@@ -65,8 +83,13 @@ impl Batch {
     pub fn new(capacity: usize) -> Batch {
         let n = capacity.clamp(1, MAX_BATCH);
         Batch {
-            bufs: vec![[0u8; SLOT]; n],
+            bufs: (0..n).map(|_| vec![0u8; SLOT].into_boxed_slice()).collect(),
             lens: vec![0; n],
+            segs: vec![None; n],
+            cmsgs: Vec::new(),
+            gro: false,
+            gso: false,
+            offload: Arc::default(),
             addrs: vec![None; n],
             filled: 0,
             sent: 0,
@@ -74,6 +97,45 @@ impl Batch {
             names: vec![zeroed_name(); n],
             to: Vec::with_capacity(n),
         }
+    }
+
+    /// Receive side: asks the kernel to coalesce datagrams on `sock`
+    /// (GRO) and makes every slot large enough for a coalesced receive.
+    /// Returns whether GRO is on.
+    pub fn enable_gro(&mut self, sock: &impl AsRawFd) -> bool {
+        if !self.gro && offload::enable_gro(sock.as_raw_fd()) {
+            self.gro = true;
+            self.bufs = (0..self.bufs.len()).map(|_| vec![0u8; offload::GRO_BUF].into_boxed_slice()).collect();
+            self.cmsgs = vec![RecvCmsgBuf([0; 64]); self.bufs.len()];
+        }
+        self.offload.set_gro(self.gro);
+        self.gro
+    }
+
+    /// Send side: sends runs of equal-size datagrams to one destination as
+    /// one GSO message when the kernel supports it on `sock`. Returns
+    /// whether GSO is on.
+    pub fn enable_gso(&mut self, sock: &impl AsRawFd) -> bool {
+        self.gso = offload::probe_gso(sock.as_raw_fd());
+        self.offload.set_gso(self.gso);
+        self.gso
+    }
+
+    /// Turns GSO off (as after a refusal); for tests of the fallback.
+    pub fn disable_gso(&mut self) {
+        self.gso = false;
+        self.offload.set_gso(false);
+    }
+
+    /// What offload this batch uses and did, shared for `/metrics`.
+    pub fn offload_stats(&self) -> Arc<OffloadStats> {
+        Arc::clone(&self.offload)
+    }
+
+    /// Makes this batch count into `stats` (one set for a socket's two
+    /// batches); call before enabling offload.
+    pub fn share_offload_stats(&mut self, stats: Arc<OffloadStats>) {
+        self.offload = stats;
     }
 
     /// Slots in this batch.
@@ -88,19 +150,25 @@ impl Batch {
     pub fn recv(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
         let (mut iovs, mut hdrs) = (zeroed_iovs(), zeroed_hdrs());
         let mut count = 0;
+        let mut cmsgs = self.cmsgs.iter_mut();
         for (((b, name), v), h) in self.bufs.iter_mut().zip(self.names.iter_mut()).zip(&mut iovs).zip(&mut hdrs) {
-            *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: SLOT };
+            *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() };
             h.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = v;
             h.msg_hdr.msg_iovlen = 1;
+            if let Some(c) = cmsgs.next() {
+                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = c.0.len();
+            }
             count += 1;
         }
         // SAFETY: the first `count` headers are initialised, each with one
-        // iovec into a live SLOT-byte buffer and a name buffer of
-        // sockaddr_storage size, all owned by `self` or this frame and
+        // iovec into a live slot buffer of iov_len bytes, a name buffer of
+        // sockaddr_storage size and (GRO) a control buffer of
+        // msg_controllen bytes, all owned by `self` or this frame and
         // untouched until the call returns; the kernel writes at most
-        // iov_len bytes.
+        // those lengths.
         let n = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -115,26 +183,34 @@ impl Batch {
             return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
         }
         let n = n as usize;
-        for ((h, name), (len, from)) in
-            hdrs.iter().zip(&self.names).zip(self.lens.iter_mut().zip(self.addrs.iter_mut())).take(n)
+        for (((h, name), (len, from)), (seg, b)) in hdrs
+            .iter()
+            .zip(&self.names)
+            .zip(self.lens.iter_mut().zip(self.addrs.iter_mut()))
+            .zip(self.segs.iter_mut().zip(&self.bufs))
+            .take(n)
         {
-            *len = (h.msg_len as usize).min(SLOT);
+            *len = (h.msg_len as usize).min(b.len());
             *from = crate::sockaddr_to_std(name, h.msg_hdr.msg_namelen);
+            *seg = if self.gro { offload::gro_segment(&h.msg_hdr) } else { None };
+            self.offload.received(*len, *seg);
         }
         Ok(n)
     }
 
-    /// The `i`-th datagram of the last [`Batch::recv`] and its source.
-    pub fn received(&mut self, i: usize) -> Option<(&mut [u8], Option<SocketAddr>)> {
+    /// The datagrams of the `i`-th receive of the last [`Batch::recv`]
+    /// (one, or with GRO several of one sender) and their source.
+    pub fn received(&mut self, i: usize) -> Option<(std::slice::ChunksMut<'_, u8>, Option<SocketAddr>)> {
         let len = *self.lens.get(i)?;
         let from = *self.addrs.get(i)?;
-        Some((self.bufs.get_mut(i)?.get_mut(..len)?, from))
+        let seg = *self.segs.get(i)?;
+        Some((offload::segments(self.bufs.get_mut(i)?.get_mut(..len)?, seg), from))
     }
 
     /// Send side: the next free slot, to be filled and then committed with
     /// [`Batch::commit`]. None when the batch is full.
     pub fn slot(&mut self) -> Option<&mut [u8]> {
-        self.bufs.get_mut(self.filled).map(|b| &mut b[..])
+        self.bufs.get_mut(self.filled).and_then(|b| b.get_mut(..SLOT))
     }
 
     /// Queues the first `len` bytes of the last [`Batch::slot`] for `to`
@@ -186,43 +262,72 @@ impl Batch {
             self.to.clear();
             self.to.extend(self.addrs.get(run.clone()).unwrap_or_default().iter().map(|a| a.map(SockAddr::from)));
             let (mut iovs, mut hdrs) = (zeroed_iovs(), zeroed_hdrs());
-            let bufs = self.bufs.get_mut(run.clone()).unwrap_or_default();
-            let mut count = 0;
-            for ((((b, len), to), v), h) in
-                bufs.iter_mut().zip(self.lens.get(run).unwrap_or_default()).zip(&self.to).zip(&mut iovs).zip(&mut hdrs)
-            {
+            let mut cmsgs = [GsoCmsg::new(0); MAX_BATCH];
+            // Datagrams in each message (more than one: a GSO message).
+            let mut groups = [0usize; MAX_BATCH];
+            let lens = self.lens.get(run.clone()).unwrap_or_default();
+            let addrs = self.addrs.get(run.clone()).unwrap_or_default();
+            for ((b, len), v) in self.bufs.get_mut(run).unwrap_or_default().iter_mut().zip(lens).zip(&mut iovs) {
                 *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: *len };
-                if let Some(to) = to {
+            }
+            let max_segments = if self.gso { offload::MAX_SEGMENTS } else { 1 };
+            let (mut first, mut count) = (0, 0);
+            for ((h, g), c) in hdrs.iter_mut().zip(&mut groups).zip(&mut cmsgs) {
+                let n = offload::group_len(lens.get(first..).unwrap_or_default(), addrs.get(first..).unwrap_or_default(), max_segments);
+                if n == 0 {
+                    break;
+                }
+                if let Some(Some(to)) = self.to.get(first) {
                     h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
                     h.msg_hdr.msg_namelen = to.len();
                 }
-                h.msg_hdr.msg_iov = v;
-                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_iov = iovs.get_mut(first..).map_or(std::ptr::null_mut(), |v| v.as_mut_ptr());
+                h.msg_hdr.msg_iovlen = n;
+                if n > 1 {
+                    *c = GsoCmsg::new(lens.get(first).copied().unwrap_or(0) as u16);
+                    h.msg_hdr.msg_control = (c as *mut GsoCmsg).cast();
+                    h.msg_hdr.msg_controllen = GsoCmsg::SPACE;
+                }
+                *g = n;
+                first += n;
                 count += 1;
             }
             // SAFETY: the first `count` headers are initialised, one per
-            // queued datagram, each with one iovec into a live buffer of
-            // `self` (length ≤ SLOT) and a destination owned by `self.to` (or
-            // none: the connected peer); nothing is touched until the call
-            // returns.
+            // message, each with `msg_iovlen` iovecs (within `iovs`) into
+            // live buffers of `self` (length ≤ SLOT), a destination owned
+            // by `self.to` (or none: the connected peer) and, for a GSO
+            // message, a control message in `cmsgs`; nothing is touched
+            // until the call returns.
             let n = unsafe {
                 libc::sendmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), count as libc::c_uint, libc::MSG_DONTWAIT)
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
+                let head = groups.first().copied().unwrap_or(1);
                 match e.kind() {
                     io::ErrorKind::WouldBlock => return Ok(false),
                     io::ErrorKind::Interrupted => continue,
+                    _ if head > 1 && offload::is_gso_refusal(&e) => {
+                        // The device or path cannot do GSO: send these
+                        // one by one from now on.
+                        tracing::warn!(error = %e, "UDP GSO refused; sending datagrams one by one on this socket");
+                        self.gso = false;
+                        self.offload.gso_refused();
+                        continue;
+                    }
                     _ => {
-                        // The first datagram of the run failed: drop it.
-                        self.dropped += 1;
-                        self.sent += 1;
+                        // The first message of the run failed: drop it.
+                        self.dropped += head as u64;
+                        self.sent += head;
                         failed = Some(e);
                         continue;
                     }
                 }
             }
-            self.sent += n as usize;
+            for g in groups.iter().take(n as usize) {
+                self.offload.sent_group(*g);
+                self.sent += g;
+            }
         }
         self.clear();
         failed.map_or(Ok(true), Err)
@@ -252,8 +357,10 @@ mod tests {
         for _ in 0..200 {
             let n = rx.recv(sock).unwrap();
             for i in 0..n {
-                let (d, from) = rx.received(i).unwrap();
-                got.push((d.to_vec(), from));
+                let (datagrams, from) = rx.received(i).unwrap();
+                for d in datagrams {
+                    got.push((d.to_vec(), from));
+                }
             }
             if got.len() >= want {
                 break;
@@ -327,5 +434,102 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(errors > 0 && tx.dropped() == errors, "errors {errors}, dropped {}", tx.dropped());
+    }
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    /// Queues `lens` (each datagram filled with its index) for `to`.
+    fn queue(tx: &mut Batch, lens: &[usize], to: SocketAddr) {
+        for (i, len) in lens.iter().enumerate() {
+            tx.slot().unwrap()[..*len].fill(i as u8);
+            tx.commit(*len, Some(to));
+        }
+    }
+
+    fn expect_datagrams(got: &[(Vec<u8>, Option<SocketAddr>)], lens: &[usize]) {
+        assert_eq!(got.iter().map(|(d, _)| d.len()).collect::<Vec<_>>(), lens, "every datagram, its length, in order");
+        for (i, (d, _)) in got.iter().enumerate() {
+            assert!(d.iter().all(|b| *b == i as u8), "datagram {i} intact");
+        }
+    }
+
+    #[test]
+    fn gso_sends_reach_a_gro_receiver_and_a_plain_one_datagram_by_datagram() {
+        let lens: Vec<usize> = [1200; 20].into_iter().chain([700, 1200, 1200, 1300]).collect();
+        for gro in [true, false] {
+            let (a, b) = pair();
+            let mut tx = Batch::new(MAX_BATCH);
+            assert!(tx.enable_gso(&a), "this kernel has UDP GSO");
+            let mut rx = Batch::new(8);
+            if gro {
+                assert!(rx.enable_gro(&b), "this kernel has UDP GRO");
+            }
+            queue(&mut tx, &lens, b.local_addr().unwrap());
+            assert!(tx.flush(&a).unwrap());
+            let sent = tx.offload_stats().snapshot();
+            assert_eq!(sent.gso_sends, 2, "1200 x 20 + 700, then 1200 x 2, then 1300 alone: {sent:?}");
+            assert_eq!(sent.gso_segments, 23);
+            let got = recv_all(&mut rx, &b, lens.len());
+            expect_datagrams(&got, &lens);
+            assert!(got.iter().all(|(_, from)| *from == Some(a.local_addr().unwrap())));
+            let seen = rx.offload_stats().snapshot();
+            if gro {
+                assert!(seen.gro && seen.gro_receives >= 1, "coalesced on loopback: {seen:?}");
+            } else {
+                assert_eq!(seen.gro_receives, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn gso_groups_end_where_the_destination_changes() {
+        let (a, b) = pair();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_nonblocking(true).unwrap();
+        let mut tx = Batch::new(MAX_BATCH);
+        assert!(tx.enable_gso(&a));
+        queue(&mut tx, &[1000; 5], b.local_addr().unwrap());
+        queue(&mut tx, &[1000; 5], c.local_addr().unwrap());
+        assert!(tx.flush(&a).unwrap());
+        assert_eq!(tx.offload_stats().snapshot().gso_sends, 2);
+        let (mut rb, mut rc) = (Batch::new(8), Batch::new(8));
+        expect_datagrams(&recv_all(&mut rb, &b, 5), &[1000; 5]);
+        expect_datagrams(&recv_all(&mut rc, &c, 5), &[1000; 5]);
+    }
+
+    #[test]
+    fn a_refused_gso_send_falls_back_to_single_datagrams_without_loss() {
+        let (a, b) = pair();
+        // A socket without UDP checksums cannot do GSO: the kernel refuses
+        // the segmented send at run time (EINVAL), as a device without
+        // checksum offload does (EIO).
+        let one: libc::c_int = 1;
+        // SAFETY: sets SO_NO_CHECK from a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut tx = Batch::new(MAX_BATCH);
+        assert!(tx.enable_gso(&a));
+        let lens = [1100; 12];
+        queue(&mut tx, &lens, b.local_addr().unwrap());
+        assert!(tx.flush(&a).unwrap());
+        let st = tx.offload_stats().snapshot();
+        assert_eq!((st.gso, st.gso_errors, st.gso_sends), (false, 1, 0), "{st:?}");
+        assert_eq!(tx.dropped(), 0);
+        let mut rx = Batch::new(16);
+        expect_datagrams(&recv_all(&mut rx, &b, lens.len()), &lens);
     }
 }

@@ -13,6 +13,7 @@
 //! a [`Transmit`], and gets received packets through [`Backend::poll`].
 
 pub mod batch;
+pub mod offload;
 pub mod portable;
 pub mod steering;
 pub mod uring;
@@ -58,6 +59,10 @@ pub trait Backend {
     /// Packets the socket refused or no send slot could take, so far.
     fn tx_dropped(&self) -> u64 {
         0
+    }
+    /// Whether GSO/GRO are in use on the socket, and what they did.
+    fn offload(&self) -> offload::OffloadSnapshot {
+        offload::OffloadSnapshot::default()
     }
 }
 

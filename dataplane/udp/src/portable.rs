@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{Backend, BATCH};
 use crate::batch::Batch;
+use crate::offload::OffloadSnapshot;
 use crate::Transmit;
 
 /// Packets queued before a sendmmsg is forced.
@@ -30,14 +31,20 @@ impl Portable {
     pub fn new(socket: UdpSocket, eventfd: RawFd) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let fd = socket.as_raw_fd();
-        Ok(Portable { socket, eventfd, rx: Batch::new(BATCH), tx: TxQueue { socket: fd, batch: Batch::new(TX_BATCH) } })
+        let (mut rx, mut tx) = (Batch::new(BATCH), Batch::new(TX_BATCH));
+        tx.share_offload_stats(rx.offload_stats());
+        rx.enable_gro(&socket);
+        tx.enable_gso(&socket);
+        Ok(Portable { socket, eventfd, rx, tx: TxQueue { socket: fd, batch: tx } })
     }
 
     fn recv_batch(&mut self, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<usize> {
         let n = self.rx.recv(&self.socket)?;
         for i in 0..n {
-            if let Some((d, Some(from))) = self.rx.received(i) {
-                on_packet(d, from);
+            if let Some((datagrams, Some(from))) = self.rx.received(i) {
+                for d in datagrams {
+                    on_packet(d, from);
+                }
             }
         }
         Ok(n)
@@ -108,5 +115,9 @@ impl Backend for Portable {
 
     fn tx_dropped(&self) -> u64 {
         self.tx.batch.dropped()
+    }
+
+    fn offload(&self) -> OffloadSnapshot {
+        self.rx.offload_stats().snapshot()
     }
 }
