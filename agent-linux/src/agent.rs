@@ -118,6 +118,7 @@ impl Agent {
         listen: SocketAddr,
         mtu: u16,
     ) -> Agent {
+        let (rx, tx) = Batch::offloaded_pair(&sock, BATCH);
         Agent {
             core,
             tun,
@@ -126,8 +127,8 @@ impl Agent {
             listen,
             rebind: false,
             mtu: usize::from(mtu),
-            rx: Batch::new(BATCH),
-            tx: Batch::new(BATCH),
+            rx,
+            tx,
             tun_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             in_buf: vec![0u8; PKT_BUF].into_boxed_slice(),
             io: IoStats::default(),
@@ -224,11 +225,13 @@ impl Agent {
                 }
             };
             for i in 0..n {
-                if let Some((d, _)) = self.rx.received(i) {
-                    self.core.recv_udp(d, self.relay, now);
+                if let Some((datagrams, _)) = self.rx.received(i) {
+                    for d in datagrams {
+                        self.core.recv_udp(d, self.relay, now);
+                        self.io.udp_rx += 1;
+                    }
                 }
             }
-            self.io.udp_rx += n as u64;
             // Hand what arrived to the device before reading more, so the
             // core's inbound queue stays short.
             self.deliver();
@@ -330,6 +333,8 @@ impl Agent {
         match ztna_udp::bind_connected(self.listen, to) {
             Ok((sock, local)) => {
                 self.tx.clear();
+                self.rx.enable_gro(&sock);
+                self.tx.enable_gso(&sock);
                 self.sock = sock;
                 self.relay = to;
                 self.core.set_local(local);

@@ -102,9 +102,10 @@ impl Batch {
     /// Receive side: asks the kernel to coalesce datagrams on `sock`
     /// (GRO) and makes every slot large enough for a coalesced receive.
     /// Returns whether GRO is on.
+    /// Call again for a new socket.
     pub fn enable_gro(&mut self, sock: &impl AsRawFd) -> bool {
-        if !self.gro && offload::enable_gro(sock.as_raw_fd()) {
-            self.gro = true;
+        self.gro = offload::enable_gro(sock.as_raw_fd());
+        if self.gro && self.cmsgs.is_empty() {
             self.bufs = (0..self.bufs.len()).map(|_| vec![0u8; offload::GRO_BUF].into_boxed_slice()).collect();
             self.cmsgs = vec![RecvCmsgBuf([0; 64]); self.bufs.len()];
         }
@@ -112,9 +113,19 @@ impl Batch {
         self.gro
     }
 
+    /// A receive batch with GRO and a send batch with GSO on `sock`, as far
+    /// as the kernel supports them, counting into one [`OffloadStats`].
+    pub fn offloaded_pair(sock: &impl AsRawFd, capacity: usize) -> (Batch, Batch) {
+        let (mut rx, mut tx) = (Batch::new(capacity), Batch::new(capacity));
+        tx.share_offload_stats(rx.offload_stats());
+        rx.enable_gro(sock);
+        tx.enable_gso(sock);
+        (rx, tx)
+    }
+
     /// Send side: sends runs of equal-size datagrams to one destination as
     /// one GSO message when the kernel supports it on `sock`. Returns
-    /// whether GSO is on.
+    /// whether GSO is on. Call again for a new socket.
     pub fn enable_gso(&mut self, sock: &impl AsRawFd) -> bool {
         self.gso = offload::probe_gso(sock.as_raw_fd());
         self.offload.set_gso(self.gso);
@@ -183,16 +194,20 @@ impl Batch {
             return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
         }
         let n = n as usize;
-        for (((h, name), (len, from)), (seg, b)) in hdrs
+        for (i, (((h, name), (len, from)), (seg, b))) in hdrs
             .iter()
             .zip(&self.names)
             .zip(self.lens.iter_mut().zip(self.addrs.iter_mut()))
             .zip(self.segs.iter_mut().zip(&self.bufs))
             .take(n)
+            .enumerate()
         {
             *len = (h.msg_len as usize).min(b.len());
             *from = crate::sockaddr_to_std(name, h.msg_hdr.msg_namelen);
-            *seg = if self.gro { offload::gro_segment(&h.msg_hdr) } else { None };
+            *seg = match self.cmsgs.get(i) {
+                Some(c) if self.gro => c.0.get(..h.msg_hdr.msg_controllen).and_then(offload::gro_segment),
+                _ => None,
+            };
             self.offload.received(*len, *seg);
         }
         Ok(n)
@@ -273,7 +288,11 @@ impl Batch {
             let max_segments = if self.gso { offload::MAX_SEGMENTS } else { 1 };
             let (mut first, mut count) = (0, 0);
             for ((h, g), c) in hdrs.iter_mut().zip(&mut groups).zip(&mut cmsgs) {
-                let n = offload::group_len(lens.get(first..).unwrap_or_default(), addrs.get(first..).unwrap_or_default(), max_segments);
+                let n = offload::group_len(
+                    lens.get(first..).unwrap_or_default(),
+                    addrs.get(first..).unwrap_or_default(),
+                    max_segments,
+                );
                 if n == 0 {
                     break;
                 }

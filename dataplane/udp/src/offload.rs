@@ -89,25 +89,27 @@ impl GsoCmsg {
 #[derive(Clone, Copy)]
 pub struct RecvCmsgBuf(pub [u8; 64]);
 
-/// The GRO segment size in the control messages of a received `msg`, if
-/// the kernel coalesced it.
-pub fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
-    if msg.msg_control.is_null() || msg.msg_controllen == 0 {
-        return None;
-    }
-    // SAFETY: `msg` was filled by recvmsg; msg_control points to a live
-    // buffer of msg_controllen bytes, which the CMSG macros walk without
-    // leaving it.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
-                let p = libc::CMSG_DATA(c).cast::<i32>();
-                let v = std::ptr::read_unaligned(p);
-                return usize::try_from(v).ok().filter(|v| *v > 0);
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
+/// The GRO segment size in the control messages of a receive (the bytes
+/// the kernel wrote to `msg_control`), if it coalesced datagrams. Parsed
+/// from the bytes: each message is `cmsg_len` (usize), level and type
+/// (i32), data, padded to the alignment of usize.
+pub fn gro_segment(control: &[u8]) -> Option<usize> {
+    const W: usize = std::mem::size_of::<usize>();
+    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+    let mut rest = control;
+    while rest.len() >= HDR {
+        let len = usize::from_ne_bytes(rest.get(..W)?.try_into().ok()?);
+        let level = i32::from_ne_bytes(rest.get(W..W + 4)?.try_into().ok()?);
+        let ty = i32::from_ne_bytes(rest.get(W + 4..W + 8)?.try_into().ok()?);
+        if len < HDR {
+            return None;
         }
+        if level == libc::SOL_UDP && ty == libc::UDP_GRO {
+            let v = rest.get(HDR..HDR + 4)?;
+            let v = i32::from_ne_bytes(v.try_into().ok()?);
+            return usize::try_from(v).ok().filter(|v| *v > 0);
+        }
+        rest = rest.get(len.next_multiple_of(W)..)?;
     }
     None
 }
@@ -260,6 +262,31 @@ mod tests {
         assert!(n * 1400 <= MAX_GSO_BYTES);
         assert_eq!(group_len(&[], &[], 64), 0);
         assert_eq!(group_len(&[0, 0], &[a(1), a(1)], 64), 1, "empty datagrams go alone");
+    }
+
+    fn cmsg(level: i32, ty: i32, data: &[u8]) -> Vec<u8> {
+        let hdr = std::mem::size_of::<libc::cmsghdr>();
+        let mut v = Vec::new();
+        v.extend_from_slice(&(hdr + data.len()).to_ne_bytes());
+        v.extend_from_slice(&level.to_ne_bytes());
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(data);
+        v.resize((hdr + data.len()).next_multiple_of(8), 0);
+        v
+    }
+
+    #[test]
+    fn the_gro_size_is_found_among_control_messages() {
+        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
+        assert_eq!(gro_segment(&gro), Some(1200));
+        let mut two = cmsg(libc::SOL_IP, libc::IP_TOS, &[0x10, 0, 0, 0]);
+        two.extend_from_slice(&gro);
+        assert_eq!(gro_segment(&two), Some(1200), "after another message");
+        assert_eq!(gro_segment(&two[..two.len() - 8]), None, "cut short");
+        assert_eq!(gro_segment(&[]), None);
+        let mut bad = gro.clone();
+        bad[..8].copy_from_slice(&3usize.to_ne_bytes());
+        assert_eq!(gro_segment(&bad), None, "a length below the header never loops");
     }
 
     #[test]

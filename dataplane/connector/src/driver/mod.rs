@@ -115,6 +115,7 @@ impl Connector {
         let backends = SocketBackends::new().context("creating the UDP backend sockets' epoll")?;
         let tls = tls_files.client_tls()?;
         let engine = Engine::new(cfg, targets, local, &tls, seed, Instant::now())?;
+        let (rx, tx) = Batch::offloaded_pair(&socket, ztna_udp::BATCH);
         let mut c = Connector {
             stats: Arc::clone(engine.stats()),
             engine,
@@ -124,8 +125,8 @@ impl Connector {
             resolver,
             health: Arc::new(ConnectorHealth::new()),
             buf: vec![0u8; 65_536],
-            rx: Batch::new(ztna_udp::BATCH),
-            tx: Batch::new(ztna_udp::BATCH),
+            rx,
+            tx,
             interest: Vec::new(),
             readable: Vec::new(),
             status_at: None,
@@ -203,8 +204,10 @@ impl Connector {
         while let Ok(n) = self.rx.recv(&self.socket) {
             let now = Instant::now();
             for i in 0..n {
-                if let Some((b, Some(from))) = self.rx.received(i) {
-                    self.engine.handle_datagram(now, from, b, &mut self.backends);
+                if let Some((datagrams, Some(from))) = self.rx.received(i) {
+                    for b in datagrams {
+                        self.engine.handle_datagram(now, from, b, &mut self.backends);
+                    }
                 }
             }
             if n < self.rx.capacity() {
