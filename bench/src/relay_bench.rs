@@ -88,7 +88,8 @@ pub fn counter_deltas(
     let mut drops = std::collections::BTreeMap::new();
     let mut other = std::collections::BTreeMap::new();
     for ((name, va), (_, vb)) in a.fields().into_iter().zip(b.fields()) {
-        let v = if name == "conns_active" { vb } else { vb.saturating_sub(va) };
+        let gauge = matches!(name, "conns_active" | "udp_gso" | "udp_gro");
+        let v = if gauge { vb } else { vb.saturating_sub(va) };
         if v == 0 {
             continue;
         }

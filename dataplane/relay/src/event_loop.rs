@@ -9,6 +9,7 @@ use ztna_control::Code;
 use ztna_ops::heartbeat::Heartbeat;
 use ztna_udp::Backend;
 
+use crate::stats::WorkerStats;
 use crate::worker::Worker;
 
 /// What the relay handle asks of its workers, and their heartbeats.
@@ -57,6 +58,7 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecyc
     let linger = (grace / 4).min(Duration::from_millis(500));
     let mut drain_end: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
+    record_io(worker.stats(), backend);
     loop {
         let now = Instant::now();
         life.beat(worker.index(), now);
@@ -97,6 +99,20 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecyc
         if let Err(e) = backend.flush() {
             tracing::debug!(worker = worker.index(), error = %e, "send failed");
         }
-        worker.stats().drop_tx.store(backend.tx_dropped(), Ordering::Relaxed);
+        record_io(worker.stats(), backend);
     }
+}
+
+/// Copies the backend's own counters (send drops, UDP offload) into the
+/// worker's stats.
+fn record_io(st: &WorkerStats, backend: &dyn Backend) {
+    st.drop_tx.store(backend.tx_dropped(), Ordering::Relaxed);
+    let o = backend.offload();
+    st.udp_gso.store(u64::from(o.gso), Ordering::Relaxed);
+    st.udp_gro.store(u64::from(o.gro), Ordering::Relaxed);
+    st.udp_gso_sends.store(o.gso_sends, Ordering::Relaxed);
+    st.udp_gso_segments.store(o.gso_segments, Ordering::Relaxed);
+    st.udp_gso_errors.store(o.gso_errors, Ordering::Relaxed);
+    st.udp_gro_receives.store(o.gro_receives, Ordering::Relaxed);
+    st.udp_gro_segments.store(o.gro_segments, Ordering::Relaxed);
 }

@@ -91,6 +91,10 @@ pub fn publish(worker: usize, s: &StatsSnapshot) {
         }
         match field {
             "conns_active" => metrics::gauge!("ztna_relay_connections", "worker" => w.clone()).set(value as f64),
+            "udp_gso" | "udp_gro" => {
+                let kind = field.trim_start_matches("udp_");
+                metrics::gauge!("ztna_relay_udp_offload", "worker" => w.clone(), "kind" => kind).set(value as f64)
+            }
             "packets_rx" => {
                 metrics::counter!("ztna_relay_packets_received_total", "worker" => w.clone()).absolute(value)
             }

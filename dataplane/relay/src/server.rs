@@ -292,6 +292,8 @@ pub fn start(cfg: &RelayConfig) -> Result<RelayHandle> {
                     mesh.inboxes.get(index).ok_or("no inbox")?.eventfd().as_raw_fd()
                 };
                 let backend = ztna_udp::make_backend(backend, socket, efd).map_err(|e| e.to_string())?;
+                let o = backend.offload();
+                info!(worker = index, backend = backend.name(), gso = o.gso, gro = o.gro, "UDP socket ready");
                 Ok((worker, backend))
             })();
             let (mut worker, mut be) = match setup {

@@ -59,6 +59,20 @@ counters! {
     /// Packets the socket refused (buffer full, unreachable) or no send
     /// slot could take.
     drop_tx,
+    /// UDP GSO in use on the worker's socket (gauge, 0 or 1; 0 after the
+    /// kernel refused a segmented send).
+    udp_gso,
+    /// UDP GRO in use on the worker's socket (gauge, 0 or 1).
+    udp_gro,
+    /// GSO sends of more than one datagram, and the datagrams they carried.
+    udp_gso_sends,
+    udp_gso_segments,
+    /// GSO sends the kernel refused (GSO is then turned off).
+    udp_gso_errors,
+    /// Receives that carried several coalesced datagrams (GRO), and those
+    /// datagrams.
+    udp_gro_receives,
+    udp_gro_segments,
     /// Goodbyes sent.
     goodbyes_sent,
     /// Client certificates refused: not signed by the organisation CA.

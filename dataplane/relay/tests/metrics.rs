@@ -40,7 +40,14 @@ fn metrics_endpoint_serves_counters_and_latency_histogram() {
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(200));
         body = scrape(port);
-        if body.contains("ztna_relay_datagrams_forwarded_total") && body.contains("_bucket") {
+        // Published after the traffic (the first publication may precede
+        // the workers' first turn).
+        let forwarded: u64 = body
+            .lines()
+            .filter(|l| l.starts_with("ztna_relay_datagrams_forwarded_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if forwarded > 0 && body.contains("_bucket") {
             break;
         }
     }
@@ -51,6 +58,15 @@ fn metrics_endpoint_serves_counters_and_latency_histogram() {
     assert!(body.contains("reason=\"unknown_flow\""), "{body}");
     assert!(body.contains("ztna_relay_registrations_total{"), "{body}");
     assert!(body.contains("ztna_relay_connections{worker=\""), "{body}");
+    // What UDP offload each worker's socket uses (this kernel has both,
+    // unless the suite runs with ZTNA_UDP_OFFLOAD=off).
+    let on = if ztna_udp::offload::allowed() { "1" } else { "0" };
+    for kind in ["gso", "gro"] {
+        let line =
+            body.lines().find(|l| l.starts_with("ztna_relay_udp_offload{") && l.contains(&format!("kind=\"{kind}\"")));
+        assert_eq!(line.and_then(|l| l.rsplit(' ').next()), Some(on), "{kind}:\n{body}");
+    }
+    assert!(body.contains("ztna_relay_udp_gso_sends_total{"), "{body}");
     // Who is connected, as gauges and as the /status document.
     for _ in 0..50 {
         if body.contains("ztna_relay_service_clients{") {

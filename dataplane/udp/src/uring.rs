@@ -13,12 +13,14 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use socket2::SockAddr;
 
 use super::{Backend, RX_BUF};
+use crate::offload::{self, GsoCmsg, OffloadSnapshot, OffloadStats, RecvCmsgBuf};
 use crate::Transmit;
 
 const KIND_SHIFT: u64 = 32;
@@ -32,8 +34,12 @@ const KIND_MULTI: u64 = 4;
 const RECV_SLOTS: usize = 4;
 /// Provided buffers for multishot receive (power of two).
 const RING_BUFS: u16 = 512;
-/// One provided buffer: recvmsg_out header, the source address, payload.
-const RING_BUF_SIZE: usize = 16 + std::mem::size_of::<libc::sockaddr_storage>() + RX_BUF;
+/// With GRO each buffer holds a whole coalesced receive, so fewer.
+const RING_BUFS_GRO: u16 = 64;
+/// Room for control messages (the GRO segment size) in a buffer.
+const CONTROL_LEN: usize = std::mem::size_of::<RecvCmsgBuf>();
+/// The recvmsg_out header at the start of every provided buffer.
+const RECVMSG_OUT: usize = 16;
 /// Buffer group id of the provided-buffer ring.
 const BGID: u16 = 7;
 /// Send buffers in the pool (packets in flight to the kernel at once).
@@ -49,15 +55,40 @@ struct RecvSlot {
 
 struct SendSlot {
     buf: [u8; RX_BUF],
-    iov: libc::iovec,
+    len: usize,
+    to: SocketAddr,
     name: libc::sockaddr_storage,
+    namelen: libc::socklen_t,
+    /// As the leader of a send: one iovec per datagram of the group.
+    iovs: [libc::iovec; offload::MAX_SEGMENTS],
+    cmsg: GsoCmsg,
     msg: libc::msghdr,
+    /// As the leader: the other slots of its group, freed with it.
+    members: Vec<usize>,
 }
 
 fn zeroed_slot<T>() -> Box<T> {
-    // SAFETY: only used for RecvSlot/SendSlot, plain C data (bytes, iovec,
+    // SAFETY: only used for RecvSlot, plain C data (bytes, iovec,
     // sockaddr_storage, msghdr) for which all-zero is a valid value.
     Box::new(unsafe { std::mem::zeroed() })
+}
+
+fn send_slot() -> Box<SendSlot> {
+    Box::new(SendSlot {
+        buf: [0; RX_BUF],
+        len: 0,
+        to: SocketAddr::from(([0, 0, 0, 0], 0)),
+        // SAFETY: sockaddr_storage, iovec and msghdr are plain C structs
+        // for which all-zero is a valid value.
+        name: unsafe { std::mem::zeroed() },
+        namelen: 0,
+        // SAFETY: as above.
+        iovs: unsafe { std::mem::zeroed() },
+        cmsg: GsoCmsg::new(0),
+        // SAFETY: as above.
+        msg: unsafe { std::mem::zeroed() },
+        members: Vec::with_capacity(offload::MAX_SEGMENTS),
+    })
 }
 
 pub struct Uring {
@@ -74,33 +105,40 @@ pub struct Uring {
     send: SendPool,
     /// Completions seen while reclaiming send slots, handled next poll.
     deferred: Vec<(u64, i32, u32)>,
+    offload: Arc<OffloadStats>,
 }
 
 /// A provided-buffer ring shared with the kernel plus the msghdr template
 /// of the multishot RecvMsg.
 struct MultiRecv {
-    /// `RING_BUFS` entries, page aligned, registered with the kernel.
+    /// `count` entries, page aligned, registered with the kernel.
     ring: *mut types::BufRingEntry,
+    count: u16,
+    /// Bytes per buffer: header, address, control, payload.
+    buf_size: usize,
     bufs: Box<[u8]>,
     tail: u16,
     msg: Box<libc::msghdr>,
 }
 
 impl MultiRecv {
-    fn new(ring: &IoUring) -> io::Result<MultiRecv> {
-        let layout = std::alloc::Layout::from_size_align(
-            usize::from(RING_BUFS) * std::mem::size_of::<types::BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
+    /// `gro`: buffers for whole coalesced receives, with room for the
+    /// control message that gives their segment size.
+    fn new(ring: &IoUring, gro: bool) -> io::Result<MultiRecv> {
+        let (count, payload, control) =
+            if gro { (RING_BUFS_GRO, offload::GRO_BUF, CONTROL_LEN) } else { (RING_BUFS, RX_BUF, 0) };
+        let buf_size = RECVMSG_OUT + std::mem::size_of::<libc::sockaddr_storage>() + control + payload;
+        let layout =
+            std::alloc::Layout::from_size_align(usize::from(count) * std::mem::size_of::<types::BufRingEntry>(), 4096)
+                .map_err(io::Error::other)?;
         // SAFETY: non-zero size; zeroed memory is a valid (empty) ring.
         let mem = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
         if mem.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
-        // SAFETY: `mem` is a page-aligned array of RING_BUFS entries that
+        // SAFETY: `mem` is a page-aligned array of `count` entries that
         // stays allocated (leaked on drop) for as long as the ring exists.
-        if let Err(e) = unsafe { ring.submitter().register_buf_ring_with_flags(mem as u64, RING_BUFS, BGID, 0) } {
+        if let Err(e) = unsafe { ring.submitter().register_buf_ring_with_flags(mem as u64, count, BGID, 0) } {
             // SAFETY: allocated above with `layout`, never shared.
             unsafe { std::alloc::dealloc(mem.cast(), layout) };
             return Err(e);
@@ -108,13 +146,16 @@ impl MultiRecv {
         // SAFETY: a zeroed msghdr is valid; only the lengths matter here.
         let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_controllen = control;
         let mut m = MultiRecv {
             ring: mem,
-            bufs: vec![0u8; usize::from(RING_BUFS) * RING_BUF_SIZE].into_boxed_slice(),
+            count,
+            buf_size,
+            bufs: vec![0u8; usize::from(count) * buf_size].into_boxed_slice(),
             tail: 0,
             msg,
         };
-        for bid in 0..RING_BUFS {
+        for bid in 0..count {
             m.provide(bid);
         }
         Ok(m)
@@ -122,15 +163,15 @@ impl MultiRecv {
 
     /// Hands buffer `bid` (back) to the kernel.
     fn provide(&mut self, bid: u16) {
-        let mask = RING_BUFS - 1;
-        let addr = self.bufs.as_mut_ptr() as u64 + u64::from(bid) * RING_BUF_SIZE as u64;
-        // SAFETY: `tail & mask` < RING_BUFS indexes the registered array;
+        let mask = self.count - 1;
+        let addr = self.bufs.as_mut_ptr() as u64 + u64::from(bid) * self.buf_size as u64;
+        // SAFETY: `tail & mask` < count indexes the registered array;
         // the kernel reads an entry only after the tail store below
         // publishes it, and never writes entries.
         unsafe {
             let e = &mut *self.ring.add(usize::from(self.tail & mask));
             e.set_addr(addr);
-            e.set_len(RING_BUF_SIZE as u32);
+            e.set_len(self.buf_size as u32);
             e.set_bid(bid);
         }
         self.tail = self.tail.wrapping_add(1);
@@ -144,8 +185,8 @@ impl MultiRecv {
 
     /// The buffer the kernel filled for completion `bid`.
     fn buffer(&mut self, bid: u16, len: usize) -> Option<&mut [u8]> {
-        let start = usize::from(bid) * RING_BUF_SIZE;
-        self.bufs.get_mut(start..start + len.min(RING_BUF_SIZE))
+        let start = usize::from(bid) * self.buf_size;
+        self.bufs.get_mut(start..start + len.min(self.buf_size))
     }
 }
 
@@ -160,6 +201,8 @@ struct SendPool {
     /// Packets that could not get a slot (counted, dropped).
     dropped: u64,
     overflow: [u8; RX_BUF],
+    /// Group equal-size sends to one destination into GSO sends.
+    gso: bool,
 }
 
 impl Uring {
@@ -187,20 +230,19 @@ impl Uring {
             eventfd_buf: Box::new(0),
             recv: Vec::new(),
             multi: None,
-            send: SendPool {
-                slots: (0..SEND_SLOTS).map(|_| zeroed_slot()).collect(),
-                free: (0..SEND_SLOTS).rev().collect(),
-                current: None,
-                ready: Vec::with_capacity(SEND_SLOTS),
-                dropped: 0,
-                overflow: [0u8; RX_BUF],
-            },
+            send: SendPool::new(SEND_SLOTS),
             deferred: Vec::new(),
+            offload: Arc::default(),
         };
-        let multi = if multishot { MultiRecv::new(&u.ring) } else { Err(io::Error::other("disabled")) };
+        u.send.gso = offload::probe_gso(u.socket.as_raw_fd());
+        // GRO needs receive buffers for whole coalesced datagrams: only
+        // with provided buffers (the single-shot slots are small).
+        let gro = multishot && offload::enable_gro(u.socket.as_raw_fd());
+        let multi = if multishot { MultiRecv::new(&u.ring, gro) } else { Err(io::Error::other("disabled")) };
         match multi {
             Ok(m) => {
                 u.multi = Some(m);
+                u.offload.set_gro(gro);
                 u.arm_multi()?;
             }
             Err(e) => {
@@ -211,6 +253,7 @@ impl Uring {
                 }
             }
         }
+        u.offload.set_gso(u.send.gso);
         u.arm_eventfd()?;
         u.ring.submit()?;
         Ok(u)
@@ -279,13 +322,18 @@ impl Uring {
                     };
                     let from = super::sockaddr_to_std(&storage, out.incoming_name_len() as libc::socklen_t);
                     let truncated = out.is_payload_truncated() || out.is_name_data_truncated();
-                    (from, out.payload_data().len(), truncated)
+                    let segment = offload::gro_segment(out.control_data());
+                    (from, out.payload_data().len(), truncated, segment)
                 });
-                if let Some((Some(from), payload_len, false)) = parsed {
-                    // Payload follows the header and the name area.
-                    let off = 16 + msg.msg_namelen as usize + msg.msg_controllen;
+                if let Some((Some(from), payload_len, false, segment)) = parsed {
+                    // Payload follows the header, the name and the control
+                    // areas.
+                    let off = RECVMSG_OUT + msg.msg_namelen as usize + msg.msg_controllen;
                     if let Some(p) = buf.get_mut(off..off + payload_len) {
-                        on_packet(p, from);
+                        self.offload.received(payload_len, segment);
+                        for d in offload::segments(p, segment) {
+                            on_packet(d, from);
+                        }
                     }
                 }
             }
@@ -307,18 +355,79 @@ impl Uring {
         out
     }
 
+    /// Puts the committed sends on the submission queue, consecutive
+    /// datagrams of one size to one destination as one GSO send.
     fn push_ready_sends(&mut self) -> io::Result<()> {
         let fd = self.socket.as_raw_fd();
         let ready = std::mem::take(&mut self.send.ready);
-        for i in ready.iter().copied() {
-            let Some(slot) = self.send.slots.get_mut(i) else { continue };
+        let max_segments = if self.send.gso { offload::MAX_SEGMENTS } else { 1 };
+        let (mut lens, mut addrs) = (Vec::with_capacity(ready.len()), Vec::with_capacity(ready.len()));
+        for i in &ready {
+            let s = self.send.slots.get(*i);
+            lens.push(s.map_or(0, |s| s.len));
+            addrs.push(s.map(|s| s.to));
+        }
+        let mut first = 0;
+        while first < ready.len() {
+            let n = offload::group_len(
+                lens.get(first..).unwrap_or_default(),
+                addrs.get(first..).unwrap_or_default(),
+                max_segments,
+            )
+            .max(1);
+            let group = ready.get(first..first + n).unwrap_or_default();
+            first += n;
+            let Some((&leader, members)) = group.split_first() else { continue };
+            let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; offload::MAX_SEGMENTS];
+            for (v, i) in iovs.iter_mut().zip(group) {
+                if let Some(s) = self.send.slots.get_mut(*i) {
+                    *v = libc::iovec { iov_base: s.buf.as_mut_ptr().cast(), iov_len: s.len };
+                }
+            }
+            let Some(slot) = self.send.slots.get_mut(leader) else { continue };
+            let s = &mut **slot;
+            s.iovs = iovs;
+            s.members.clear();
+            s.members.extend_from_slice(members);
+            s.msg.msg_name = (&mut s.name as *mut libc::sockaddr_storage).cast();
+            s.msg.msg_namelen = s.namelen;
+            s.msg.msg_iov = s.iovs.as_mut_ptr();
+            s.msg.msg_iovlen = group.len();
+            if group.len() > 1 {
+                s.cmsg = GsoCmsg::new(s.len as u16);
+                s.msg.msg_control = (&mut s.cmsg as *mut GsoCmsg).cast();
+                s.msg.msg_controllen = GsoCmsg::SPACE;
+            } else {
+                s.msg.msg_control = std::ptr::null_mut();
+                s.msg.msg_controllen = 0;
+            }
             let e =
-                opcode::SendMsg::new(types::Fd(fd), &slot.msg).build().user_data(KIND_SEND << KIND_SHIFT | i as u64);
+                opcode::SendMsg::new(types::Fd(fd), &s.msg).build().user_data(KIND_SEND << KIND_SHIFT | leader as u64);
             self.push(&e)?;
         }
         self.send.ready = ready;
         self.send.ready.clear();
         Ok(())
+    }
+
+    /// A send completed: its slots are free again, or, when the kernel
+    /// refused GSO, they are sent again one by one.
+    fn send_done(&mut self, leader: usize, res: i32) {
+        let Some(slot) = self.send.slots.get_mut(leader) else { return };
+        let segments = 1 + slot.members.len();
+        if res < 0 && segments > 1 && offload::is_gso_refusal(&io::Error::from_raw_os_error(-res)) {
+            tracing::warn!(error = %io::Error::from_raw_os_error(-res), "UDP GSO refused; sending datagrams one by one on this socket");
+            self.send.gso = false;
+            self.offload.gso_refused();
+            self.send.ready.push(leader);
+            self.send.ready.append(&mut slot.members);
+            return;
+        }
+        if res >= 0 {
+            self.offload.sent_group(segments);
+        }
+        self.send.free.push(leader);
+        self.send.free.append(&mut slot.members);
     }
 }
 
@@ -326,13 +435,14 @@ impl Uring {
     /// Waits for in-flight sends to complete until a slot is free. Called
     /// only when all slots are in flight, so a completion is due.
     fn reclaim_send_slot(&mut self) -> io::Result<()> {
-        self.push_ready_sends()?;
         loop {
+            // Sends handed back after a GSO refusal go out again too.
+            self.push_ready_sends()?;
             for (ud, res, flags) in
                 self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect::<Vec<_>>()
             {
                 if ud >> KIND_SHIFT == KIND_SEND {
-                    self.send.free.push((ud & 0xffff_ffff) as usize);
+                    self.send_done((ud & 0xffff_ffff) as usize, res);
                 } else {
                     self.deferred.push((ud, res, flags));
                 }
@@ -361,6 +471,18 @@ impl Transmit for Uring {
 }
 
 impl SendPool {
+    fn new(n: usize) -> SendPool {
+        SendPool {
+            slots: (0..n).map(|_| send_slot()).collect(),
+            free: (0..n).rev().collect(),
+            current: None,
+            ready: Vec::with_capacity(n),
+            dropped: 0,
+            overflow: [0u8; RX_BUF],
+            gso: false,
+        }
+    }
+
     fn buf(&mut self) -> &mut [u8] {
         // A slot handed out but not committed (the caller had nothing to
         // send) is reused, not leaked.
@@ -400,11 +522,9 @@ impl SendPool {
                 n,
             );
         }
-        s.iov = libc::iovec { iov_base: s.buf.as_mut_ptr().cast(), iov_len: len.min(RX_BUF) };
-        s.msg.msg_name = (&mut s.name as *mut libc::sockaddr_storage).cast();
-        s.msg.msg_namelen = n as libc::socklen_t;
-        s.msg.msg_iov = &mut s.iov;
-        s.msg.msg_iovlen = 1;
+        s.namelen = n as libc::socklen_t;
+        s.len = len.min(RX_BUF);
+        s.to = to;
         self.ready.push(i);
     }
 }
@@ -465,7 +585,7 @@ impl Backend for Uring {
                         rearm_error = Some(e);
                     }
                 }
-                KIND_SEND => self.send.free.push(idx),
+                KIND_SEND => self.send_done(idx, res),
                 KIND_EVENTFD => {
                     if let Err(e) = self.arm_eventfd() {
                         rearm_error = Some(e);
@@ -489,7 +609,7 @@ impl Backend for Uring {
         let done = self.reap();
         for (ud, res, flags) in done {
             if ud >> KIND_SHIFT == KIND_SEND {
-                self.send.free.push((ud & 0xffff_ffff) as usize);
+                self.send_done((ud & 0xffff_ffff) as usize, res);
             } else {
                 self.deferred.push((ud, res, flags));
             }
@@ -504,6 +624,10 @@ impl Backend for Uring {
     fn tx_dropped(&self) -> u64 {
         self.send.dropped
     }
+
+    fn offload(&self) -> OffloadSnapshot {
+        self.offload.snapshot()
+    }
 }
 
 #[cfg(test)]
@@ -511,14 +635,7 @@ mod tests {
     use super::*;
 
     fn pool(n: usize) -> SendPool {
-        SendPool {
-            slots: (0..n).map(|_| zeroed_slot()).collect(),
-            free: (0..n).rev().collect(),
-            current: None,
-            ready: Vec::new(),
-            dropped: 0,
-            overflow: [0u8; RX_BUF],
-        }
+        SendPool::new(n)
     }
 
     #[test]
@@ -560,25 +677,109 @@ mod tests {
         for i in 0..10u8 {
             peer.send_to(&[i; 100], addr).unwrap();
         }
-        let mut got = Vec::new();
-        let end = std::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < 10 && std::time::Instant::now() < end {
-            u.poll(Duration::from_millis(50), &mut |b, from| got.push((b.to_vec(), from))).unwrap();
-        }
+        let got = poll_until(&mut u, 10);
         assert_eq!(got.len(), 10);
         let from = got[0].1;
         assert_eq!(from, peer.local_addr().unwrap());
-        for (b, _) in &got {
-            let t = u.transmit();
-            t.buf()[..b.len()].copy_from_slice(b);
-            t.commit(b.len(), from);
-        }
-        u.flush().unwrap();
+        echo(&mut u, &got);
         let mut buf = [0u8; 200];
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        for _ in 0..10 {
+        for i in 0..10u8 {
             let (n, _) = peer.recv_from(&mut buf).unwrap();
-            assert_eq!(n, 100);
+            assert_eq!(buf[..n], [i; 100], "every datagram, in order");
         }
+        let st = u.offload();
+        assert_eq!((st.gso, st.gso_sends, st.gso_segments), (true, 1, 10), "ten equal sends, one GSO send: {st:?}");
+        assert_eq!(st.gro, multishot, "GRO only with provided buffers");
+    }
+
+    fn poll_until(u: &mut Uring, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut got = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want && std::time::Instant::now() < end {
+            u.poll(Duration::from_millis(50), &mut |b, from| got.push((b.to_vec(), from))).unwrap();
+        }
+        got
+    }
+
+    fn echo(u: &mut Uring, got: &[(Vec<u8>, SocketAddr)]) {
+        for (b, from) in got {
+            let t = u.transmit();
+            t.buf()[..b.len()].copy_from_slice(b);
+            t.commit(b.len(), *from);
+        }
+        u.flush().unwrap();
+    }
+
+    fn ring(server: UdpSocket) -> Uring {
+        // SAFETY: test-only eventfd, closed when the test ends.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+        Uring::new(server, efd).unwrap()
+    }
+
+    #[test]
+    fn coalesced_receives_are_split_into_their_datagrams() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut u = ring(server);
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_nonblocking(true).unwrap();
+        // The peer sends with GSO: on loopback the coalesced datagram
+        // reaches a GRO socket whole.
+        let mut tx = crate::batch::Batch::new(32);
+        assert!(tx.enable_gso(&peer));
+        let lens: Vec<usize> = [1200; 30].into_iter().chain([333]).collect();
+        for (i, len) in lens.iter().enumerate() {
+            tx.slot().unwrap()[..*len].fill(i as u8);
+            tx.commit(*len, Some(addr));
+        }
+        assert!(tx.flush(&peer).unwrap());
+        let got = poll_until(&mut u, lens.len());
+        assert_eq!(got.iter().map(|(d, _)| d.len()).collect::<Vec<_>>(), lens);
+        assert!(got.iter().enumerate().all(|(i, (d, _))| d.iter().all(|b| *b == i as u8)));
+        let st = u.offload();
+        assert!(st.gro && st.gro_receives >= 1 && st.gro_segments >= 2, "{st:?}");
+    }
+
+    #[test]
+    fn a_refused_gso_send_is_sent_again_one_by_one() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        // Without UDP checksums the kernel refuses segmented sends (EINVAL),
+        // as a device without checksum offload does (EIO).
+        let one: libc::c_int = 1;
+        // SAFETY: sets SO_NO_CHECK from a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut u = ring(server);
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..8u8 {
+            peer.send_to(&[i; 900], addr).unwrap();
+        }
+        let got = poll_until(&mut u, 8);
+        echo(&mut u, &got);
+        // The refusal arrives as a completion; the next turns resend.
+        peer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut back = Vec::new();
+        let mut buf = [0u8; 2000];
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while back.len() < 8 && std::time::Instant::now() < end {
+            u.poll(Duration::from_millis(10), &mut |_, _| {}).unwrap();
+            u.flush().unwrap();
+            while let Ok((n, _)) = peer.recv_from(&mut buf) {
+                back.push(buf[..n].to_vec());
+            }
+        }
+        assert_eq!(back, (0..8u8).map(|i| vec![i; 900]).collect::<Vec<_>>(), "all eight, in order");
+        let st = u.offload();
+        assert_eq!((st.gso, st.gso_errors, st.gso_sends), (false, 1, 0), "{st:?}");
     }
 }
