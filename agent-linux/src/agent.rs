@@ -119,6 +119,8 @@ impl Agent {
         mtu: u16,
     ) -> Agent {
         let (rx, tx) = Batch::offloaded_pair(&sock, BATCH);
+        let o = rx.offload_stats().snapshot();
+        info!(gso = o.gso, gro = o.gro, "UDP socket ready");
         Agent {
             core,
             tun,

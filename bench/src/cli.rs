@@ -90,6 +90,10 @@ pub struct LoadArgs {
     /// Flat out: datagrams in flight per agent.
     #[arg(long, default_value_t = DEFAULT_WINDOW)]
     pub window: u64,
+    /// QUIC clients send one datagram per syscall entry instead of with
+    /// UDP GSO (the default, as modern QUIC clients send).
+    #[arg(long)]
+    pub no_client_gso: bool,
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -110,6 +114,7 @@ impl LoadArgs {
             rate: self.rate,
             duration: Duration::from_secs_f64(self.duration),
             window: self.window,
+            client_gso: !self.no_client_gso,
             progress: !self.quiet,
             ..LoadConfig::default()
         };

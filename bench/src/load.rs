@@ -36,6 +36,8 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// Outstanding datagrams per agent in flat-out mode.
     pub window: u64,
+    /// QUIC clients send with UDP GSO (see `ClientSetup::gso`).
+    pub client_gso: bool,
     /// Stop each agent after this many datagrams (the demo).
     pub max_per_agent: Option<u64>,
     /// Wait for stragglers after the send phase (ends early when nothing
@@ -60,6 +62,7 @@ impl Default for LoadConfig {
             rate: 0,
             duration: Duration::from_secs(5),
             window: DEFAULT_WINDOW,
+            client_gso: true,
             max_per_agent: None,
             grace: DEFAULT_GRACE,
             progress: true,

@@ -14,6 +14,7 @@ use ztna_control::datagram;
 use ztna_control::quic::TlsOptions;
 use ztna_control::{Role, ServiceName};
 use ztna_testkit::client_io::{self, UdpClient};
+use ztna_udp::batch::Batch;
 
 use crate::load::{is_ready, Transport};
 
@@ -23,6 +24,8 @@ const ECHO_BACKLOG: usize = 4096;
 const SOCKET_BUF: usize = 4 << 20;
 /// UDP packets fed to one session before its datagrams are taken out.
 const RX_BATCH: usize = 64;
+/// Packets a client queues before a sendmmsg.
+const TX_BATCH: usize = 64;
 
 /// Where and how the clients connect.
 #[derive(Debug, Clone)]
@@ -38,6 +41,10 @@ pub struct ClientSetup {
     pub agents: usize,
     /// Give up on connecting and registering after this long.
     pub timeout: Duration,
+    /// Send each client's packets with UDP GSO (as a modern QUIC client
+    /// does); receives stay one datagram per call, so a target that sends
+    /// with GSO still pays the kernel's segmentation.
+    pub gso: bool,
 }
 
 /// What one client saw while connecting and registering.
@@ -67,7 +74,8 @@ pub struct QuicClients {
     dirty: Vec<bool>,
     buf: Vec<u8>,
     pkt: Vec<u8>,
-    out: Vec<u8>,
+    /// Per client: its send batch (GSO when `ClientSetup::gso`).
+    tx: Vec<Batch>,
     echo_drops: u64,
     send_errors: u64,
     udp_send_errors: u64,
@@ -127,6 +135,16 @@ impl QuicClients {
         Self::wait_registered(&mut clients, &mut info, s.connectors, s.timeout).context("agents did not register")?;
         let flows = info.iter().skip(s.connectors).map(|i| i.flow.unwrap_or(0)).collect();
         let n = clients.len();
+        let tx = clients
+            .iter()
+            .map(|c| {
+                let mut b = Batch::new(TX_BATCH);
+                if s.gso {
+                    b.enable_gso(c.socket());
+                }
+                b
+            })
+            .collect();
         Ok(QuicClients {
             clients,
             connectors: s.connectors,
@@ -136,7 +154,7 @@ impl QuicClients {
             dirty: vec![false; n],
             buf: vec![0u8; 65_536],
             pkt: vec![0u8; 65_536],
-            out: vec![0u8; 2048],
+            tx,
             echo_drops: 0,
             send_errors: 0,
             udp_send_errors: 0,
@@ -218,15 +236,27 @@ impl QuicClients {
         }
     }
 
-    fn flush_one(c: &mut UdpClient, out: &mut [u8], errors: &mut u64) {
+    /// Puts what client `i`'s session has to send on the wire, in batches.
+    fn flush_one(&mut self, i: usize) {
+        let (Some(c), Some(tx)) = (self.clients.get_mut(i), self.tx.get_mut(i)) else { return };
         let now = Instant::now();
-        while let Some((n, to)) = c.session.poll_transmit(out, now) {
-            if let Some(b) = out.get(..n) {
-                if c.socket().send_to(b, to).is_err() {
-                    *errors += 1;
-                }
-            }
+        loop {
+            let Some(slot) = tx.slot() else {
+                Self::send_batch(c, tx, &mut self.udp_send_errors);
+                continue;
+            };
+            let Some((n, to)) = c.session.poll_transmit(slot, now) else { break };
+            tx.commit(n, Some(to));
         }
+        Self::send_batch(c, tx, &mut self.udp_send_errors);
+    }
+
+    /// What the socket does not take now is dropped and counted (QUIC
+    /// recovers).
+    fn send_batch(c: &UdpClient, tx: &mut Batch, errors: &mut u64) {
+        let before = tx.dropped();
+        let _ = tx.flush_or_drop(c.socket());
+        *errors += tx.dropped() - before;
     }
 
     fn echo(&mut self, i: usize, flow: u32, payload: &[u8]) {
@@ -244,7 +274,8 @@ impl QuicClients {
             Ok(()) => {}
             Err(SendError::QueueFull) => {
                 // Put what quiche holds on the wire and try once more.
-                Self::flush_one(c, &mut self.out, &mut self.udp_send_errors);
+                self.flush_one(i);
+                let (Some(c), Some(backlog)) = (self.clients.get_mut(i), self.backlog.get_mut(i)) else { return };
                 if c.session.send_datagram(flow, payload).is_err() {
                     backlog.push_back((flow, payload.to_vec()));
                 }
@@ -317,9 +348,7 @@ impl Transport for QuicClients {
                         }
                     }
                     // Put the echoes on the wire before reading more.
-                    if let Some(c) = self.clients.get_mut(i) {
-                        Self::flush_one(c, &mut self.out, &mut self.udp_send_errors);
-                    }
+                    self.flush_one(i);
                 } else {
                     let a = i - self.connectors;
                     while let Some(n) = c.session.recv_datagram(&mut dgram) {
@@ -366,9 +395,9 @@ impl Transport for QuicClients {
     }
 
     fn flush(&mut self) {
-        for (c, d) in self.clients.iter_mut().zip(self.dirty.iter_mut()) {
-            if std::mem::take(d) {
-                Self::flush_one(c, &mut self.out, &mut self.udp_send_errors);
+        for i in 0..self.clients.len() {
+            if self.dirty.get_mut(i).is_some_and(std::mem::take) {
+                self.flush_one(i);
             }
         }
     }

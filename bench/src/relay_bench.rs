@@ -154,6 +154,7 @@ fn setup(relay: SocketAddr, server_name: &str, tls: (TlsOptions, TlsOptions), lo
         connectors: load.connectors,
         agents: load.agents,
         timeout: Duration::from_secs(15),
+        gso: load.client_gso,
     }
 }
 

@@ -134,6 +134,12 @@ fn two_relays_connector_on_both_drain_and_failover() {
     assert_eq!(http_get_in(&lab.site, health, "/readyz").0, 200, "connector ready");
     let (_, m) = http_get_in(&lab.site, health, "/metrics");
     assert!(m.lines().any(|l| l == "ztna_connector_relays_connected 2"), "{m}");
+    // The real connector's relay socket uses GSO and GRO (this kernel has
+    // both; the suite may run with ZTNA_UDP_OFFLOAD=off).
+    let on = u8::from(ztna_udp::offload::allowed());
+    for kind in ["gso", "gro"] {
+        assert!(m.lines().any(|l| l == format!("ztna_connector_udp_offload{{kind=\"{kind}\"}} {on}")), "{kind}: {m}");
+    }
 
     let lcfg = agent_config(&lab, &pki, "laptop", RELAY_IP, RELAY2_IP);
     let pcfg = agent_config(&lab, &pki, "phone", RELAY2_IP, RELAY_IP);

@@ -21,6 +21,8 @@ pub struct ConnectorHealth {
     pub(super) serving: AtomicBool,
     pub(super) relays: AtomicU64,
     pub(super) relays_connected: AtomicU64,
+    /// UDP GSO/GRO on the relay socket.
+    pub(super) offload: Arc<ztna_udp::offload::OffloadStats>,
     started: Instant,
     /// The loop's latest [`ConnectorStatus`] (refreshed about once a second).
     status: Mutex<Option<ConnectorStatus>>,
@@ -34,12 +36,13 @@ struct StatusDoc<'a> {
 }
 
 impl ConnectorHealth {
-    pub(super) fn new() -> ConnectorHealth {
+    pub(super) fn new(offload: Arc<ztna_udp::offload::OffloadStats>) -> ConnectorHealth {
         ConnectorHealth {
             heartbeat: Heartbeat::new(),
             serving: AtomicBool::new(false),
             relays: AtomicU64::new(0),
             relays_connected: AtomicU64::new(0),
+            offload,
             started: Instant::now(),
             status: Mutex::new(None),
         }
@@ -96,6 +99,20 @@ fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     ];
     for (name, v) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
+    }
+    let o = h.offload.snapshot();
+    let _ = writeln!(out, "# TYPE ztna_connector_udp_offload gauge");
+    let _ = writeln!(out, "ztna_connector_udp_offload{{kind=\"gso\"}} {}", u64::from(o.gso));
+    let _ = writeln!(out, "ztna_connector_udp_offload{{kind=\"gro\"}} {}", u64::from(o.gro));
+    let offload_counters = [
+        ("gso_sends", o.gso_sends),
+        ("gso_segments", o.gso_segments),
+        ("gso_errors", o.gso_errors),
+        ("gro_receives", o.gro_receives),
+        ("gro_segments", o.gro_segments),
+    ];
+    for (field, v) in offload_counters {
+        let _ = writeln!(out, "# TYPE ztna_connector_udp_{field}_total counter\nztna_connector_udp_{field}_total {v}");
     }
     for (field, v) in s.snapshot().fields() {
         let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");

@@ -88,7 +88,13 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecyc
         if worker.has_backlog() {
             timeout = timeout.min(Duration::from_millis(1));
         }
-        let r = backend.poll(timeout, &mut |buf, from| worker.handle_packet(buf, from, Instant::now()));
+        // One clock read per receive batch, not per packet (a batch is
+        // microseconds long; quiche reads its own clock as well).
+        let mut batch_now = None;
+        let r = backend.poll(timeout, &mut |buf, from| {
+            let now = *batch_now.get_or_insert_with(Instant::now);
+            worker.handle_packet(buf, from, now)
+        });
         if let Err(e) = r {
             tracing::warn!(worker = worker.index(), error = %e, "poll failed");
         }
@@ -96,10 +102,14 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecyc
         worker.drain_inbox(now);
         worker.handle_timeouts(now);
         worker.flush(backend.transmit(), now);
-        if let Err(e) = backend.flush() {
+        if let Err(e) = backend.queue_sends() {
             tracing::debug!(worker = worker.index(), error = %e, "send failed");
         }
         record_io(worker.stats(), backend);
+    }
+    // The last turn's sends (closes) were only queued.
+    if let Err(e) = backend.flush() {
+        tracing::debug!(worker = worker.index(), error = %e, "send failed");
     }
 }
 

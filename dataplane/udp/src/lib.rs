@@ -54,6 +54,13 @@ pub trait Backend {
     fn transmit(&mut self) -> &mut dyn Transmit;
     /// Submits queued sends.
     fn flush(&mut self) -> io::Result<()>;
+    /// Hands queued sends to the kernel no later than the start of the
+    /// next [`Backend::poll`]: io_uring submits them with that poll's wait,
+    /// one syscall per loop turn instead of two. A loop that stops polling
+    /// calls [`Backend::flush`] once more.
+    fn queue_sends(&mut self) -> io::Result<()> {
+        self.flush()
+    }
     /// Name for logs.
     fn name(&self) -> &'static str;
     /// Packets the socket refused or no send slot could take, so far.

@@ -617,6 +617,12 @@ impl Backend for Uring {
         Ok(())
     }
 
+    fn queue_sends(&mut self) -> io::Result<()> {
+        // The next poll's io_uring_enter submits them (and reaps their
+        // completions with the receives).
+        self.push_ready_sends()
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }

@@ -116,6 +116,8 @@ impl Connector {
         let tls = tls_files.client_tls()?;
         let engine = Engine::new(cfg, targets, local, &tls, seed, Instant::now())?;
         let (rx, tx) = Batch::offloaded_pair(&socket, ztna_udp::BATCH);
+        let o = rx.offload_stats().snapshot();
+        info!(gso = o.gso, gro = o.gro, "UDP socket ready");
         let mut c = Connector {
             stats: Arc::clone(engine.stats()),
             engine,
@@ -123,7 +125,7 @@ impl Connector {
             backends,
             tls_files,
             resolver,
-            health: Arc::new(ConnectorHealth::new()),
+            health: Arc::new(ConnectorHealth::new(rx.offload_stats())),
             buf: vec![0u8; 65_536],
             rx,
             tx,
