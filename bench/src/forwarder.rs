@@ -214,7 +214,7 @@ fn run(be: &mut dyn Backend, stats: &ForwarderStats, shutdown: &AtomicBool, mesh
     let mut table = Table::default();
     let mut outbox = Outbox::default();
     while !shutdown.load(Ordering::Acquire) {
-        let r = be.poll(Duration::from_millis(100), &mut |buf, from| {
+        let r = be.poll(Duration::from_millis(100), &mut |buf, from, _| {
             stats.packets_rx.fetch_add(1, Ordering::Relaxed);
             let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
                 stats.drop_short.fetch_add(1, Ordering::Relaxed);

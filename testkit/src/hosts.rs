@@ -50,7 +50,9 @@ impl Transmit for Collect {
     fn buf(&mut self) -> &mut [u8] {
         &mut self.buf
     }
-    fn commit(&mut self, len: usize, to: SocketAddr) {
+    fn commit_from(&mut self, len: usize, to: SocketAddr, _from: Option<std::net::IpAddr>) {
+        // One address per host in the simulated network: the source is
+        // the host's.
         if let Some(b) = self.buf.get(..len) {
             self.out.push((b.to_vec(), to));
         }
@@ -155,7 +157,7 @@ impl RelayHost {
             Steering::Random(_) => (self.rng.next_u64() % n as u64) as usize,
         };
         if let Some(w) = self.workers.get_mut(w) {
-            w.handle_packet(bytes, from, now);
+            w.handle_packet(bytes, from, None, now);
         }
     }
 

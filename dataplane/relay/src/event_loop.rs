@@ -91,9 +91,9 @@ pub fn run_worker(worker: &mut Worker, backend: &mut dyn Backend, life: &Lifecyc
         // One clock read per receive batch, not per packet (a batch is
         // microseconds long; quiche reads its own clock as well).
         let mut batch_now = None;
-        let r = backend.poll(timeout, &mut |buf, from| {
+        let r = backend.poll(timeout, &mut |buf, from, dst| {
             let now = *batch_now.get_or_insert_with(Instant::now);
-            worker.handle_packet(buf, from, now)
+            worker.handle_packet(buf, from, dst, now)
         });
         if let Err(e) = r {
             tracing::warn!(worker = worker.index(), error = %e, "poll failed");

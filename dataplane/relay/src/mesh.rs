@@ -36,8 +36,9 @@ pub enum Data {
     /// length of its payload (so the receiver need not parse it again).
     /// `bytes` goes back to the sender's recycle queue after delivery.
     Datagram { to: ConnKey, bytes: Vec<u8>, payload_len: usize, received: Instant, sender: u16 },
-    /// A QUIC packet that arrived at the wrong worker.
-    Packet { from: SocketAddr, bytes: Vec<u8>, sender: u16 },
+    /// A QUIC packet that arrived at the wrong worker (`local`: the relay
+    /// address it was sent to).
+    Packet { from: SocketAddr, local: SocketAddr, bytes: Vec<u8>, sender: u16 },
 }
 
 /// Registry message.
@@ -179,7 +180,12 @@ mod tests {
     fn bounded_queue_and_coalesced_wake() {
         let mesh = Mesh::new(2, 2, 2).unwrap();
         let inbox = &mesh.inboxes[1];
-        let d = || Data::Packet { from: "127.0.0.1:1".parse().unwrap(), bytes: vec![1], sender: 0 };
+        let d = || Data::Packet {
+            from: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+            bytes: vec![1],
+            sender: 0,
+        };
         assert!(inbox.data.push(d()).is_ok());
         assert!(inbox.data.push(d()).is_ok());
         assert!(inbox.data.push(d()).is_err(), "full queue refuses, never blocks");

@@ -19,11 +19,15 @@ use ztna_testkit::client_io::UdpClient;
 use ztna_udp::IoBackend;
 
 fn relay() -> RelayHandle {
+    relay_on(IoBackend::Auto)
+}
+
+fn relay_on(io_backend: IoBackend) -> RelayHandle {
     server::start(&RelayConfig {
         listen: "[::]:0".parse().unwrap(),
         workers: Some(1),
         dev: true,
-        io_backend: IoBackend::Auto,
+        io_backend,
         pin_cores: false,
         policy_toml: Some(test_policy()),
         ..RelayConfig::default()
@@ -43,6 +47,21 @@ fn client(relay: &RelayHandle, to: &str, server_name: &str, seed: u64) -> UdpCli
 /// The first event that is a connection or a disconnection.
 fn outcome(c: &mut UdpClient) -> Event {
     c.wait_for(T, |e| matches!(e, Event::Connected | Event::Disconnected { .. }), |_| {}).expect("an outcome")
+}
+
+/// The dual-stack relay on `[::]` answers from the address the client sent
+/// to (PKTINFO): 127.0.0.2 here, where the route would pick 127.0.0.1 and
+/// the client would drop every answer.
+#[test]
+fn a_wildcard_relay_answers_from_the_address_the_client_used() {
+    for backend in [IoBackend::Uring, IoBackend::Portable] {
+        let relay = relay_on(backend);
+        let mut c = client(&relay, "127.0.0.2:PORT", "localhost", 3);
+        assert!(matches!(outcome(&mut c), Event::Connected), "{backend:?}");
+        let seen = c.wait_for(T, |e| matches!(e, Event::Registered { .. } | Event::RegisterFailed { .. }), |_| {});
+        assert!(seen.is_some(), "{backend:?}: the control stream works both ways");
+        relay.shutdown();
+    }
 }
 
 #[test]

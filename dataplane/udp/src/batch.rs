@@ -25,8 +25,10 @@ use std::sync::Arc;
 
 use socket2::SockAddr;
 
-use crate::offload::{self, GsoCmsg, OffloadStats, RecvCmsgBuf};
+use crate::cmsg::{self, RecvCmsgBuf, SendCmsgs};
+use crate::offload::{self, OffloadStats};
 use crate::RX_BUF;
+use std::net::IpAddr;
 
 /// Bytes per slot: larger than any QUIC packet we send or accept; a longer
 /// datagram is truncated to this (and then rejected by quiche).
@@ -42,10 +44,17 @@ pub struct Batch {
     lens: Vec<usize>,
     /// Receive with GRO: each slot's segment size (None: one datagram).
     segs: Vec<Option<usize>>,
-    /// Receive with GRO: each slot's control buffer.
+    /// Receive with GRO or PKTINFO: each slot's control buffer.
     cmsgs: Vec<RecvCmsgBuf>,
+    /// Receive with PKTINFO: the local address each datagram was sent to.
+    /// Send: the source address of each datagram (None: the kernel's
+    /// choice).
+    locals: Vec<Option<IpAddr>>,
     gro: bool,
     gso: bool,
+    /// PKTINFO is on (receive), and the socket's family (send).
+    pktinfo: bool,
+    v6_socket: bool,
     offload: Arc<OffloadStats>,
     /// Receive: each datagram's source (None if the kernel gave none).
     /// Send: each datagram's destination (None: the connected peer).
@@ -60,6 +69,8 @@ pub struct Batch {
     names: Vec<libc::sockaddr_storage>,
     /// Send: the destinations of the run being sent (reused).
     to: Vec<Option<SockAddr>>,
+    /// Send: what a GSO run must share, destination and source (reused).
+    keys: Vec<(Option<SocketAddr>, Option<IpAddr>)>,
 }
 
 fn zeroed_hdrs() -> [libc::mmsghdr; MAX_BATCH] {
@@ -87,8 +98,11 @@ impl Batch {
             lens: vec![0; n],
             segs: vec![None; n],
             cmsgs: Vec::new(),
+            locals: vec![None; n],
             gro: false,
             gso: false,
+            pktinfo: false,
+            v6_socket: false,
             offload: Arc::default(),
             addrs: vec![None; n],
             filled: 0,
@@ -96,6 +110,7 @@ impl Batch {
             dropped: 0,
             names: vec![zeroed_name(); n],
             to: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
         }
     }
 
@@ -104,13 +119,30 @@ impl Batch {
     /// Returns whether GRO is on.
     /// Call again for a new socket.
     pub fn enable_gro(&mut self, sock: &impl AsRawFd) -> bool {
+        let was = self.gro;
         self.gro = offload::enable_gro(sock.as_raw_fd());
-        if self.gro && self.cmsgs.is_empty() {
+        if self.gro && !was {
             self.bufs = (0..self.bufs.len()).map(|_| vec![0u8; offload::GRO_BUF].into_boxed_slice()).collect();
-            self.cmsgs = vec![RecvCmsgBuf([0; 64]); self.bufs.len()];
+        }
+        if self.gro && self.cmsgs.is_empty() {
+            self.cmsgs = vec![RecvCmsgBuf::default(); self.bufs.len()];
         }
         self.offload.set_gro(self.gro);
         self.gro
+    }
+
+    /// Receive side: reports the local address each datagram was sent to
+    /// ([`Batch::received_local`]); send side: honours the source of
+    /// [`Batch::commit_from`]. For a socket bound to a wildcard address on
+    /// a host with several. Returns whether the kernel does it.
+    pub fn enable_pktinfo(&mut self, sock: &impl std::os::fd::AsFd) -> bool {
+        let local = socket2::SockRef::from(sock).local_addr().ok().and_then(|a| a.as_socket());
+        self.v6_socket = local.is_some_and(|a| a.is_ipv6());
+        self.pktinfo = cmsg::enable_pktinfo(sock.as_fd().as_raw_fd(), self.v6_socket);
+        if self.pktinfo && self.cmsgs.is_empty() {
+            self.cmsgs = vec![RecvCmsgBuf::default(); self.bufs.len()];
+        }
+        self.pktinfo
     }
 
     /// A receive batch with GRO and a send batch with GSO on `sock`, as far
@@ -204,13 +236,20 @@ impl Batch {
         {
             *len = (h.msg_len as usize).min(b.len());
             *from = crate::sockaddr_to_std(name, h.msg_hdr.msg_namelen);
-            *seg = match self.cmsgs.get(i) {
-                Some(c) if self.gro => c.0.get(..h.msg_hdr.msg_controllen).and_then(offload::gro_segment),
-                _ => None,
-            };
+            let meta = self.cmsgs.get(i).and_then(|c| c.0.get(..h.msg_hdr.msg_controllen)).map(cmsg::parse);
+            *seg = meta.and_then(|m| m.segment).filter(|_| self.gro);
+            if let Some(l) = self.locals.get_mut(i) {
+                *l = meta.and_then(|m| m.dst);
+            }
             self.offload.received(*len, *seg);
         }
         Ok(n)
+    }
+
+    /// The local address the `i`-th receive was sent to (with
+    /// [`Batch::enable_pktinfo`]).
+    pub fn received_local(&self, i: usize) -> Option<IpAddr> {
+        self.locals.get(i).copied().flatten()
     }
 
     /// The datagrams of the `i`-th receive of the last [`Batch::recv`]
@@ -231,9 +270,17 @@ impl Batch {
     /// Queues the first `len` bytes of the last [`Batch::slot`] for `to`
     /// (None: the connected peer).
     pub fn commit(&mut self, len: usize, to: Option<SocketAddr>) {
-        if let (Some(l), Some(a)) = (self.lens.get_mut(self.filled), self.addrs.get_mut(self.filled)) {
+        self.commit_from(len, to, None);
+    }
+
+    /// [`Batch::commit`], sent from the local address `from` (with
+    /// [`Batch::enable_pktinfo`]; None: the kernel picks).
+    pub fn commit_from(&mut self, len: usize, to: Option<SocketAddr>, from: Option<IpAddr>) {
+        let i = self.filled;
+        if let (Some(l), Some(a), Some(f)) = (self.lens.get_mut(i), self.addrs.get_mut(i), self.locals.get_mut(i)) {
             *l = len.min(SLOT);
             *a = to;
+            *f = from.filter(|_| self.pktinfo);
             self.filled += 1;
         }
     }
@@ -277,11 +324,14 @@ impl Batch {
             self.to.clear();
             self.to.extend(self.addrs.get(run.clone()).unwrap_or_default().iter().map(|a| a.map(SockAddr::from)));
             let (mut iovs, mut hdrs) = (zeroed_iovs(), zeroed_hdrs());
-            let mut cmsgs = [GsoCmsg::new(0); MAX_BATCH];
+            let mut cmsgs = [SendCmsgs::default(); MAX_BATCH];
             // Datagrams in each message (more than one: a GSO message).
             let mut groups = [0usize; MAX_BATCH];
             let lens = self.lens.get(run.clone()).unwrap_or_default();
             let addrs = self.addrs.get(run.clone()).unwrap_or_default();
+            let locals = self.locals.get(run.clone()).unwrap_or_default();
+            self.keys.clear();
+            self.keys.extend(addrs.iter().copied().zip(locals.iter().copied()));
             for ((b, len), v) in self.bufs.get_mut(run).unwrap_or_default().iter_mut().zip(lens).zip(&mut iovs) {
                 *v = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: *len };
             }
@@ -303,9 +353,15 @@ impl Batch {
                 h.msg_hdr.msg_iov = iovs.get_mut(first..).map_or(std::ptr::null_mut(), |v| v.as_mut_ptr());
                 h.msg_hdr.msg_iovlen = n;
                 if n > 1 {
-                    *c = GsoCmsg::new(lens.get(first).copied().unwrap_or(0) as u16);
-                    h.msg_hdr.msg_control = (c as *mut GsoCmsg).cast();
-                    h.msg_hdr.msg_controllen = GsoCmsg::SPACE;
+                    c.segment(lens.get(first).copied().unwrap_or(0) as u16);
+                }
+                if let Some(Some(src)) = locals.get(first) {
+                    c.source(*src, self.v6_socket);
+                }
+                let (control, len) = c.bytes();
+                if len > 0 {
+                    h.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = len;
                 }
                 *g = n;
                 first += n;
@@ -314,9 +370,9 @@ impl Batch {
             // SAFETY: the first `count` headers are initialised, one per
             // message, each with `msg_iovlen` iovecs (within `iovs`) into
             // live buffers of `self` (length ≤ SLOT), a destination owned
-            // by `self.to` (or none: the connected peer) and, for a GSO
-            // message, a control message in `cmsgs`; nothing is touched
-            // until the call returns.
+            // by `self.to` (or none: the connected peer) and maybe control
+            // messages (GSO size, source) in `cmsgs` of this frame; nothing
+            // is touched until the call returns.
             let n = unsafe {
                 libc::sendmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), count as libc::c_uint, libc::MSG_DONTWAIT)
             };
@@ -480,6 +536,12 @@ mod tests {
 
     #[test]
     fn gso_sends_reach_a_gro_receiver_and_a_plain_one_datagram_by_datagram() {
+        if !offload::allowed() {
+            // ZTNA_UDP_OFFLOAD=off: the switch holds.
+            let (a, b) = pair();
+            assert!(!Batch::new(4).enable_gso(&a) && !Batch::new(4).enable_gro(&b));
+            return;
+        }
         let lens: Vec<usize> = [1200; 20].into_iter().chain([700, 1200, 1200, 1300]).collect();
         for gro in [true, false] {
             let (a, b) = pair();
@@ -508,6 +570,12 @@ mod tests {
 
     #[test]
     fn gso_groups_end_where_the_destination_changes() {
+        if !offload::allowed() {
+            // ZTNA_UDP_OFFLOAD=off: the switch holds.
+            let (a, b) = pair();
+            assert!(!Batch::new(4).enable_gso(&a) && !Batch::new(4).enable_gro(&b));
+            return;
+        }
         let (a, b) = pair();
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         c.set_nonblocking(true).unwrap();
@@ -524,6 +592,12 @@ mod tests {
 
     #[test]
     fn a_refused_gso_send_falls_back_to_single_datagrams_without_loss() {
+        if !offload::allowed() {
+            // ZTNA_UDP_OFFLOAD=off: the switch holds.
+            let (a, b) = pair();
+            assert!(!Batch::new(4).enable_gso(&a) && !Batch::new(4).enable_gro(&b));
+            return;
+        }
         let (a, b) = pair();
         // A socket without UDP checksums cannot do GSO: the kernel refuses
         // the segmented send at run time (EINVAL), as a device without

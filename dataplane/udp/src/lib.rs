@@ -13,13 +13,14 @@
 //! a [`Transmit`], and gets received packets through [`Backend::poll`].
 
 pub mod batch;
+pub mod cmsg;
 pub mod offload;
 pub mod portable;
 pub mod steering;
 pub mod uring;
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -41,15 +42,26 @@ pub const RX_BUF: usize = 2048;
 pub trait Transmit {
     /// A buffer for the next packet (at least the max UDP payload).
     fn buf(&mut self) -> &mut [u8];
-    /// Sends the first `len` bytes of the last [`Transmit::buf`] to `to`.
-    fn commit(&mut self, len: usize, to: SocketAddr);
+    /// Sends the first `len` bytes of the last [`Transmit::buf`] to `to`,
+    /// from the local address `from` when given and the socket reports
+    /// local addresses (PKTINFO on a wildcard-bound socket).
+    fn commit_from(&mut self, len: usize, to: SocketAddr, from: Option<IpAddr>);
+    /// [`Transmit::commit_from`] from whatever address the kernel picks.
+    fn commit(&mut self, len: usize, to: SocketAddr) {
+        self.commit_from(len, to, None);
+    }
 }
+
+/// What a backend hands each received datagram to: the datagram, its
+/// source, and the local address it was sent to (when the socket is bound
+/// to a wildcard address and the kernel reports it).
+pub type OnPacket<'a> = dyn FnMut(&mut [u8], SocketAddr, Option<IpAddr>) + 'a;
 
 /// What an event loop needs from a backend.
 pub trait Backend {
     /// Waits up to `timeout` for packets or a mesh wake-up and hands each
     /// received packet to `on_packet`.
-    fn poll(&mut self, timeout: Duration, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<()>;
+    fn poll(&mut self, timeout: Duration, on_packet: &mut OnPacket<'_>) -> io::Result<()>;
     /// Where the worker writes packets to send.
     fn transmit(&mut self) -> &mut dyn Transmit;
     /// Submits queued sends.
@@ -172,5 +184,44 @@ pub fn sockaddr_to_std(name: &libc::sockaddr_storage, len: libc::socklen_t) -> O
             Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// A backend bound to 0.0.0.0 answers from the address the peer sent
+    /// to (127.0.0.2 here), not from the one the route would pick
+    /// (127.0.0.1), on both backends.
+    #[test]
+    fn a_wildcard_socket_answers_from_the_address_the_peer_used() {
+        for kind in [IoBackend::Uring, IoBackend::Portable] {
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let port = sock.local_addr().unwrap().port();
+            // SAFETY: test-only eventfd, closed when the test ends.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+            let mut be = make_backend(kind, sock, efd).unwrap();
+            let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let second = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), port));
+            peer.send_to(b"ping", second).unwrap();
+            let mut got = None;
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while got.is_none() && std::time::Instant::now() < end {
+                be.poll(Duration::from_millis(50), &mut |b, from, dst| got = Some((b.to_vec(), from, dst))).unwrap();
+            }
+            let (data, from, dst) = got.unwrap();
+            assert_eq!((data.as_slice(), from), (&b"ping"[..], peer.local_addr().unwrap()), "{kind:?}");
+            assert_eq!(dst, Some(second.ip()), "{kind:?}: the local address of the receive");
+            let t = be.transmit();
+            t.buf()[..4].copy_from_slice(b"pong");
+            t.commit_from(4, from, dst);
+            be.flush().unwrap();
+            let mut buf = [0u8; 16];
+            let (n, src) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], src), (&b"pong"[..], second), "{kind:?}: answered from 127.0.0.2");
+        }
     }
 }

@@ -6,7 +6,7 @@
 //!   decides which queued packets go together.
 //! - **GRO** (`UDP_GRO`, Linux 5.0): the kernel hands several datagrams of
 //!   one flow to one receive, with their size in a control message
-//!   ([`gro_segment`]); the caller splits them ([`segments`]).
+//!   ([`crate::cmsg::parse`]); the caller splits them ([`segments`]).
 //!
 //! Support is probed per socket when a backend starts
 //! ([`probe_gso`], [`enable_gro`]); a GSO send the device refuses at run
@@ -14,7 +14,6 @@
 //! and the packets go out one by one. `ZTNA_UDP_OFFLOAD=off` in the
 //! environment turns both off (tests run the suites both ways).
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -58,62 +57,6 @@ pub fn enable_gro(fd: RawFd) -> bool {
     allowed() && setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1)
 }
 
-/// A control message carrying the GSO segment size, laid out as
-/// `CMSG_SPACE(sizeof(u16))`: the header, then the value at CMSG_DATA.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GsoCmsg {
-    hdr: libc::cmsghdr,
-    segment: u16,
-}
-
-impl GsoCmsg {
-    /// The message for segments of `size` bytes.
-    pub fn new(size: u16) -> GsoCmsg {
-        // SAFETY: cmsghdr is a plain C struct; all-zero is valid.
-        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
-        hdr.cmsg_level = libc::SOL_UDP;
-        hdr.cmsg_type = libc::UDP_SEGMENT;
-        // SAFETY: CMSG_LEN only computes a length.
-        hdr.cmsg_len = unsafe { libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) } as _;
-        GsoCmsg { hdr, segment: size }
-    }
-
-    /// Bytes for `msg_controllen`.
-    pub const SPACE: usize = std::mem::size_of::<GsoCmsg>();
-}
-
-/// Control buffer for one received datagram: room for a GRO segment size
-/// (and a spare message), aligned for cmsghdr.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct RecvCmsgBuf(pub [u8; 64]);
-
-/// The GRO segment size in the control messages of a receive (the bytes
-/// the kernel wrote to `msg_control`), if it coalesced datagrams. Parsed
-/// from the bytes: each message is `cmsg_len` (usize), level and type
-/// (i32), data, padded to the alignment of usize.
-pub fn gro_segment(control: &[u8]) -> Option<usize> {
-    const W: usize = std::mem::size_of::<usize>();
-    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
-    let mut rest = control;
-    while rest.len() >= HDR {
-        let len = usize::from_ne_bytes(rest.get(..W)?.try_into().ok()?);
-        let level = i32::from_ne_bytes(rest.get(W..W + 4)?.try_into().ok()?);
-        let ty = i32::from_ne_bytes(rest.get(W + 4..W + 8)?.try_into().ok()?);
-        if len < HDR {
-            return None;
-        }
-        if level == libc::SOL_UDP && ty == libc::UDP_GRO {
-            let v = rest.get(HDR..HDR + 4)?;
-            let v = i32::from_ne_bytes(v.try_into().ok()?);
-            return usize::try_from(v).ok().filter(|v| *v > 0);
-        }
-        rest = rest.get(len.next_multiple_of(W)..)?;
-    }
-    None
-}
-
 /// The datagrams in one received buffer: cut every `segment` bytes (the
 /// last may be shorter); `None` (no GRO) is the whole buffer.
 pub fn segments(buf: &mut [u8], segment: Option<usize>) -> std::slice::ChunksMut<'_, u8> {
@@ -122,10 +65,10 @@ pub fn segments(buf: &mut [u8], segment: Option<usize>) -> std::slice::ChunksMut
 }
 
 /// How many of the queued packets, from the first, go in one GSO send:
-/// same destination, each as long as the first except a shorter last one,
-/// at most `max_segments` and [`MAX_GSO_BYTES`] in all. At least 1 (when
-/// any is queued).
-pub fn group_len(lens: &[usize], addrs: &[Option<SocketAddr>], max_segments: usize) -> usize {
+/// same destination (`keys`: destination and source address), each as long
+/// as the first except a shorter last one, at most `max_segments` and
+/// [`MAX_GSO_BYTES`] in all. At least 1 (when any is queued).
+pub fn group_len<K: PartialEq>(lens: &[usize], addrs: &[K], max_segments: usize) -> usize {
     let (Some(&size), Some(to)) = (lens.first(), addrs.first()) else { return 0 };
     if size == 0 || size > usize::from(u16::MAX) {
         return 1;
@@ -225,6 +168,7 @@ pub fn is_gso_refusal(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn a(p: u16) -> Option<SocketAddr> {
         Some(SocketAddr::from(([127, 0, 0, 1], p)))
@@ -260,33 +204,8 @@ mod tests {
         let n = group_len(&lens, &addrs, 64);
         assert_eq!(n, MAX_GSO_BYTES / 1400);
         assert!(n * 1400 <= MAX_GSO_BYTES);
-        assert_eq!(group_len(&[], &[], 64), 0);
+        assert_eq!(group_len::<u8>(&[], &[], 64), 0);
         assert_eq!(group_len(&[0, 0], &[a(1), a(1)], 64), 1, "empty datagrams go alone");
-    }
-
-    fn cmsg(level: i32, ty: i32, data: &[u8]) -> Vec<u8> {
-        let hdr = std::mem::size_of::<libc::cmsghdr>();
-        let mut v = Vec::new();
-        v.extend_from_slice(&(hdr + data.len()).to_ne_bytes());
-        v.extend_from_slice(&level.to_ne_bytes());
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(data);
-        v.resize((hdr + data.len()).next_multiple_of(8), 0);
-        v
-    }
-
-    #[test]
-    fn the_gro_size_is_found_among_control_messages() {
-        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
-        assert_eq!(gro_segment(&gro), Some(1200));
-        let mut two = cmsg(libc::SOL_IP, libc::IP_TOS, &[0x10, 0, 0, 0]);
-        two.extend_from_slice(&gro);
-        assert_eq!(gro_segment(&two), Some(1200), "after another message");
-        assert_eq!(gro_segment(&two[..two.len() - 8]), None, "cut short");
-        assert_eq!(gro_segment(&[]), None);
-        let mut bad = gro.clone();
-        bad[..8].copy_from_slice(&3usize.to_ne_bytes());
-        assert_eq!(gro_segment(&bad), None, "a length below the header never loops");
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! recvmmsg/sendmmsg batches.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use super::{Backend, BATCH};
+use super::{Backend, OnPacket, BATCH};
 use crate::batch::Batch;
 use crate::offload::OffloadSnapshot;
 use crate::Transmit;
@@ -35,15 +35,21 @@ impl Portable {
         tx.share_offload_stats(rx.offload_stats());
         rx.enable_gro(&socket);
         tx.enable_gso(&socket);
+        // The local address of each receive, for a wildcard-bound socket.
+        if socket.local_addr()?.ip().is_unspecified() {
+            rx.enable_pktinfo(&socket);
+            tx.enable_pktinfo(&socket);
+        }
         Ok(Portable { socket, eventfd, rx, tx: TxQueue { socket: fd, batch: tx } })
     }
 
-    fn recv_batch(&mut self, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<usize> {
+    fn recv_batch(&mut self, on_packet: &mut OnPacket<'_>) -> io::Result<usize> {
         let n = self.rx.recv(&self.socket)?;
         for i in 0..n {
+            let local = self.rx.received_local(i);
             if let Some((datagrams, Some(from))) = self.rx.received(i) {
                 for d in datagrams {
-                    on_packet(d, from);
+                    on_packet(d, from, local);
                 }
             }
         }
@@ -61,13 +67,13 @@ impl Transmit for TxQueue {
         self.batch.slot().unwrap_or_default()
     }
 
-    fn commit(&mut self, len: usize, to: SocketAddr) {
-        self.batch.commit(len, Some(to));
+    fn commit_from(&mut self, len: usize, to: SocketAddr, from: Option<IpAddr>) {
+        self.batch.commit_from(len, Some(to), from);
     }
 }
 
 impl Backend for Portable {
-    fn poll(&mut self, timeout: Duration, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<()> {
+    fn poll(&mut self, timeout: Duration, on_packet: &mut OnPacket<'_>) -> io::Result<()> {
         // Data may already be waiting from the last turn: try first.
         let mut got = self.recv_batch(on_packet)?;
         if got == 0 {

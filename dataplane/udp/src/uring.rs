@@ -11,7 +11,7 @@
 //! messages; see ARCHITECTURE.md.)
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +19,9 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types, IoUring};
 use socket2::SockAddr;
 
-use super::{Backend, RX_BUF};
-use crate::offload::{self, GsoCmsg, OffloadSnapshot, OffloadStats, RecvCmsgBuf};
+use super::{Backend, OnPacket, RX_BUF};
+use crate::cmsg::{self, RecvCmsgBuf, SendCmsgs};
+use crate::offload::{self, OffloadSnapshot, OffloadStats};
 use crate::Transmit;
 
 const KIND_SHIFT: u64 = 32;
@@ -57,11 +58,13 @@ struct SendSlot {
     buf: [u8; RX_BUF],
     len: usize,
     to: SocketAddr,
+    /// The source address to send from (PKTINFO), if any.
+    from: Option<IpAddr>,
     name: libc::sockaddr_storage,
     namelen: libc::socklen_t,
     /// As the leader of a send: one iovec per datagram of the group.
     iovs: [libc::iovec; offload::MAX_SEGMENTS],
-    cmsg: GsoCmsg,
+    cmsgs: SendCmsgs,
     msg: libc::msghdr,
     /// As the leader: the other slots of its group, freed with it.
     members: Vec<usize>,
@@ -78,13 +81,14 @@ fn send_slot() -> Box<SendSlot> {
         buf: [0; RX_BUF],
         len: 0,
         to: SocketAddr::from(([0, 0, 0, 0], 0)),
+        from: None,
         // SAFETY: sockaddr_storage, iovec and msghdr are plain C structs
         // for which all-zero is a valid value.
         name: unsafe { std::mem::zeroed() },
         namelen: 0,
         // SAFETY: as above.
         iovs: unsafe { std::mem::zeroed() },
-        cmsg: GsoCmsg::new(0),
+        cmsgs: SendCmsgs::default(),
         // SAFETY: as above.
         msg: unsafe { std::mem::zeroed() },
         members: Vec::with_capacity(offload::MAX_SEGMENTS),
@@ -122,11 +126,11 @@ struct MultiRecv {
 }
 
 impl MultiRecv {
-    /// `gro`: buffers for whole coalesced receives, with room for the
-    /// control message that gives their segment size.
-    fn new(ring: &IoUring, gro: bool) -> io::Result<MultiRecv> {
-        let (count, payload, control) =
-            if gro { (RING_BUFS_GRO, offload::GRO_BUF, CONTROL_LEN) } else { (RING_BUFS, RX_BUF, 0) };
+    /// `gro`: buffers for whole coalesced receives; `control`: room for
+    /// control messages (their segment size, the local address).
+    fn new(ring: &IoUring, gro: bool, control: bool) -> io::Result<MultiRecv> {
+        let (count, payload) = if gro { (RING_BUFS_GRO, offload::GRO_BUF) } else { (RING_BUFS, RX_BUF) };
+        let control = if gro || control { CONTROL_LEN } else { 0 };
         let buf_size = RECVMSG_OUT + std::mem::size_of::<libc::sockaddr_storage>() + control + payload;
         let layout =
             std::alloc::Layout::from_size_align(usize::from(count) * std::mem::size_of::<types::BufRingEntry>(), 4096)
@@ -203,6 +207,9 @@ struct SendPool {
     overflow: [u8; RX_BUF],
     /// Group equal-size sends to one destination into GSO sends.
     gso: bool,
+    /// Sends name their source address (PKTINFO); the socket's family.
+    pktinfo: bool,
+    v6_socket: bool,
 }
 
 impl Uring {
@@ -238,7 +245,14 @@ impl Uring {
         // GRO needs receive buffers for whole coalesced datagrams: only
         // with provided buffers (the single-shot slots are small).
         let gro = multishot && offload::enable_gro(u.socket.as_raw_fd());
-        let multi = if multishot { MultiRecv::new(&u.ring, gro) } else { Err(io::Error::other("disabled")) };
+        // PKTINFO for a socket bound to a wildcard address (also only
+        // with provided buffers, which have a control area).
+        let local = u.socket.local_addr()?;
+        u.send.v6_socket = local.is_ipv6();
+        u.send.pktinfo =
+            multishot && local.ip().is_unspecified() && cmsg::enable_pktinfo(u.socket.as_raw_fd(), local.is_ipv6());
+        let multi =
+            if multishot { MultiRecv::new(&u.ring, gro, u.send.pktinfo) } else { Err(io::Error::other("disabled")) };
         match multi {
             Ok(m) => {
                 u.multi = Some(m);
@@ -294,7 +308,7 @@ impl Uring {
     }
 
     /// Handles one multishot completion; returns whether to re-arm.
-    fn on_multi(&mut self, res: i32, flags: u32, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> bool {
+    fn on_multi(&mut self, res: i32, flags: u32, on_packet: &mut OnPacket<'_>) -> bool {
         let rearm = !io_uring::cqueue::more(flags);
         let Some(m) = &mut self.multi else { return false };
         let Some(bid) = io_uring::cqueue::buffer_select(flags) else {
@@ -322,17 +336,18 @@ impl Uring {
                     };
                     let from = super::sockaddr_to_std(&storage, out.incoming_name_len() as libc::socklen_t);
                     let truncated = out.is_payload_truncated() || out.is_name_data_truncated();
-                    let segment = offload::gro_segment(out.control_data());
-                    (from, out.payload_data().len(), truncated, segment)
+                    let meta = cmsg::parse(out.control_data());
+                    (from, out.payload_data().len(), truncated, meta)
                 });
-                if let Some((Some(from), payload_len, false, segment)) = parsed {
+                if let Some((Some(from), payload_len, false, meta)) = parsed {
+                    let segment = meta.segment;
                     // Payload follows the header, the name and the control
                     // areas.
                     let off = RECVMSG_OUT + msg.msg_namelen as usize + msg.msg_controllen;
                     if let Some(p) = buf.get_mut(off..off + payload_len) {
                         self.offload.received(payload_len, segment);
                         for d in offload::segments(p, segment) {
-                            on_packet(d, from);
+                            on_packet(d, from, meta.dst);
                         }
                     }
                 }
@@ -365,7 +380,7 @@ impl Uring {
         for i in &ready {
             let s = self.send.slots.get(*i);
             lens.push(s.map_or(0, |s| s.len));
-            addrs.push(s.map(|s| s.to));
+            addrs.push(s.map(|s| (s.to, s.from)));
         }
         let mut first = 0;
         while first < ready.len() {
@@ -393,14 +408,16 @@ impl Uring {
             s.msg.msg_namelen = s.namelen;
             s.msg.msg_iov = s.iovs.as_mut_ptr();
             s.msg.msg_iovlen = group.len();
+            s.cmsgs.clear();
             if group.len() > 1 {
-                s.cmsg = GsoCmsg::new(s.len as u16);
-                s.msg.msg_control = (&mut s.cmsg as *mut GsoCmsg).cast();
-                s.msg.msg_controllen = GsoCmsg::SPACE;
-            } else {
-                s.msg.msg_control = std::ptr::null_mut();
-                s.msg.msg_controllen = 0;
+                s.cmsgs.segment(s.len as u16);
             }
+            if let Some(src) = s.from {
+                s.cmsgs.source(src, self.send.v6_socket);
+            }
+            let (control, len) = s.cmsgs.bytes();
+            s.msg.msg_control = if len > 0 { control.as_mut_ptr().cast() } else { std::ptr::null_mut() };
+            s.msg.msg_controllen = len;
             let e =
                 opcode::SendMsg::new(types::Fd(fd), &s.msg).build().user_data(KIND_SEND << KIND_SHIFT | leader as u64);
             self.push(&e)?;
@@ -456,6 +473,17 @@ impl Uring {
 }
 
 impl Transmit for Uring {
+    fn commit_from(&mut self, len: usize, to: SocketAddr, from: Option<IpAddr>) {
+        let from = from.filter(|_| self.send.pktinfo);
+        let queued = self.send.ready.len();
+        self.send.commit(len, to);
+        if self.send.ready.len() > queued {
+            if let Some(s) = self.send.ready.last().and_then(|i| self.send.slots.get_mut(*i)) {
+                s.from = from;
+            }
+        }
+    }
+
     fn buf(&mut self) -> &mut [u8] {
         if self.send.current.is_none() && self.send.free.is_empty() {
             // More packets this turn than slots: flush and wait for the
@@ -463,10 +491,6 @@ impl Transmit for Uring {
             let _ = self.reclaim_send_slot();
         }
         self.send.buf()
-    }
-
-    fn commit(&mut self, len: usize, to: SocketAddr) {
-        self.send.commit(len, to);
     }
 }
 
@@ -480,6 +504,8 @@ impl SendPool {
             dropped: 0,
             overflow: [0u8; RX_BUF],
             gso: false,
+            pktinfo: false,
+            v6_socket: false,
         }
     }
 
@@ -525,6 +551,7 @@ impl SendPool {
         s.namelen = n as libc::socklen_t;
         s.len = len.min(RX_BUF);
         s.to = to;
+        s.from = None;
         self.ready.push(i);
     }
 }
@@ -545,7 +572,7 @@ impl Drop for Uring {
 }
 
 impl Backend for Uring {
-    fn poll(&mut self, timeout: Duration, on_packet: &mut dyn FnMut(&mut [u8], SocketAddr)) -> io::Result<()> {
+    fn poll(&mut self, timeout: Duration, on_packet: &mut OnPacket<'_>) -> io::Result<()> {
         // Submits what was queued since (re-armed receives) and waits.
         let ready = !self.deferred.is_empty() || !self.ring.completion().is_empty();
         let r = if ready {
@@ -575,7 +602,7 @@ impl Backend for Uring {
                         if let Some(slot) = self.recv.get_mut(idx) {
                             let len = (res as usize).min(RX_BUF);
                             if let Some(from) = super::sockaddr_to_std(&slot.name, slot.msg.msg_namelen) {
-                                on_packet(&mut slot.buf[..len], from);
+                                on_packet(&mut slot.buf[..len], from, None);
                             }
                         }
                     }
@@ -695,6 +722,10 @@ mod tests {
             assert_eq!(buf[..n], [i; 100], "every datagram, in order");
         }
         let st = u.offload();
+        if !offload::allowed() {
+            assert_eq!((st.gso, st.gro, st.gso_sends), (false, false, 0), "ZTNA_UDP_OFFLOAD=off: {st:?}");
+            return;
+        }
         assert_eq!((st.gso, st.gso_sends, st.gso_segments), (true, 1, 10), "ten equal sends, one GSO send: {st:?}");
         assert_eq!(st.gro, multishot, "GRO only with provided buffers");
     }
@@ -703,7 +734,7 @@ mod tests {
         let mut got = Vec::new();
         let end = std::time::Instant::now() + Duration::from_secs(5);
         while got.len() < want && std::time::Instant::now() < end {
-            u.poll(Duration::from_millis(50), &mut |b, from| got.push((b.to_vec(), from))).unwrap();
+            u.poll(Duration::from_millis(50), &mut |b, from, _| got.push((b.to_vec(), from))).unwrap();
         }
         got
     }
@@ -725,6 +756,9 @@ mod tests {
 
     #[test]
     fn coalesced_receives_are_split_into_their_datagrams() {
+        if !offload::allowed() {
+            return; // ZTNA_UDP_OFFLOAD=off: nothing is coalesced.
+        }
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = server.local_addr().unwrap();
         let mut u = ring(server);
@@ -749,6 +783,9 @@ mod tests {
 
     #[test]
     fn a_refused_gso_send_is_sent_again_one_by_one() {
+        if !offload::allowed() {
+            return; // ZTNA_UDP_OFFLOAD=off: no GSO to refuse.
+        }
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = server.local_addr().unwrap();
         // Without UDP checksums the kernel refuses segmented sends (EINVAL),
@@ -778,7 +815,7 @@ mod tests {
         let mut buf = [0u8; 2000];
         let end = std::time::Instant::now() + Duration::from_secs(5);
         while back.len() < 8 && std::time::Instant::now() < end {
-            u.poll(Duration::from_millis(10), &mut |_, _| {}).unwrap();
+            u.poll(Duration::from_millis(10), &mut |_, _, _| {}).unwrap();
             u.flush().unwrap();
             while let Ok((n, _)) = peer.recv_from(&mut buf) {
                 back.push(buf[..n].to_vec());

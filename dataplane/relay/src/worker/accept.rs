@@ -3,11 +3,14 @@
 //! identity check once the handshake is done.
 
 use super::*;
+use std::net::IpAddr;
 
 impl Worker {
-    /// A packet read from this worker's socket.
-    pub fn handle_packet(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+    /// A packet read from this worker's socket; `dst` is the local address
+    /// it was sent to when the socket reports it (bound to a wildcard).
+    pub fn handle_packet(&mut self, buf: &mut [u8], from: SocketAddr, dst: Option<IpAddr>, now: Instant) {
         self.now = now;
+        let local = self.local_for(dst);
         self.stats.packets_rx.fetch_add(1, Ordering::Relaxed);
         let Some(owner) = cid::owner(buf, self.cfg.workers) else {
             self.stats.drop_bad_packet.fetch_add(1, Ordering::Relaxed);
@@ -16,8 +19,12 @@ impl Worker {
         if owner != self.cfg.index {
             // Steering missed (no BPF, or the worker count changed): hand the
             // packet to its owner instead of dropping it.
-            let msg =
-                Data::Packet { from, bytes: self.mesh.buffer(self.cfg.index, buf), sender: self.cfg.index as u16 };
+            let msg = Data::Packet {
+                from,
+                local,
+                bytes: self.mesh.buffer(self.cfg.index, buf),
+                sender: self.cfg.index as u16,
+            };
             if let Some(inbox) = self.mesh.inboxes.get(owner) {
                 if inbox.data.push(msg).is_ok() {
                     self.charge(buf.len() as i64);
@@ -29,10 +36,23 @@ impl Worker {
             }
             return;
         }
-        self.process_packet(buf, from, now);
+        self.process_packet(buf, from, local, now);
     }
 
-    pub(super) fn process_packet(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+    /// The relay's address as the client sees it: the socket's, with the
+    /// IP the packet was sent to when the socket is bound to a wildcard (in
+    /// the socket's family, IPv4 mapped on a dual-stack socket).
+    fn local_for(&self, dst: Option<IpAddr>) -> SocketAddr {
+        let bound = self.cfg.local_addr;
+        let ip = match dst {
+            Some(IpAddr::V4(a)) if bound.is_ipv6() => IpAddr::V6(a.to_ipv6_mapped()),
+            Some(ip) if !ip.is_unspecified() => ip,
+            _ => bound.ip(),
+        };
+        SocketAddr::new(ip, bound.port())
+    }
+
+    pub(super) fn process_packet(&mut self, buf: &mut [u8], from: SocketAddr, local: SocketAddr, now: Instant) {
         let hdr = match quiche::Header::from_slice(buf, CID_LEN) {
             Ok(h) => h,
             Err(_) => {
@@ -47,7 +67,7 @@ impl Worker {
                     self.stats.drop_unknown_cid.fetch_add(1, Ordering::Relaxed);
                     if hdr.ty == quiche::Type::Short {
                         let dcid = hdr.dcid.to_vec();
-                        self.stateless_reset(&dcid, buf.len(), from, now);
+                        self.stateless_reset(&dcid, buf.len(), (from, local), now);
                     }
                     return;
                 }
@@ -61,7 +81,7 @@ impl Worker {
                     let mut out = vec![0u8; 256];
                     if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
                         out.truncate(n);
-                        self.pending_tx.push((out, from));
+                        self.pending_tx.push((out, from, local));
                     }
                     self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -72,7 +92,7 @@ impl Worker {
                     token: hdr.token.clone().unwrap_or_default(),
                     version: hdr.version,
                 };
-                match self.accept(&initial, from, buf.len(), now) {
+                match self.accept(&initial, (from, local), buf.len(), now) {
                     Some(s) => s,
                     None => return,
                 }
@@ -85,7 +105,7 @@ impl Worker {
         if let Some((rx, _)) = conn.amplification.as_mut() {
             *rx += buf.len() as u64;
         }
-        let info = quiche::RecvInfo { from, to: self.cfg.local_addr };
+        let info = quiche::RecvInfo { from, to: local };
         if let Err(e) = conn.quic.recv(buf, info) {
             debug!(worker = self.cfg.index, error = %e, "packet rejected by connection");
         }
@@ -96,7 +116,8 @@ impl Worker {
     /// Answers a short-header packet for an unknown CID with a stateless
     /// reset (rate-limited), so a client of a relay that restarted or lost
     /// the connection learns it at once instead of after the idle timeout.
-    pub(super) fn stateless_reset(&mut self, dcid: &[u8], len: usize, from: SocketAddr, now: Instant) {
+    pub(super) fn stateless_reset(&mut self, dcid: &[u8], len: usize, path: (SocketAddr, SocketAddr), now: Instant) {
+        let (from, local) = path;
         if !cid::is_ours(dcid, self.cfg.node_id) {
             return;
         }
@@ -106,13 +127,14 @@ impl Worker {
         }
         let mut out = [0u8; 64];
         if let Some(n) = self.security.reset.write_reset(dcid, len, &mut out) {
-            self.pending_tx.push((out[..n].to_vec(), from));
+            self.pending_tx.push((out[..n].to_vec(), from, local));
             self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Sends a Retry carrying a token bound to the client's address.
-    pub(super) fn send_retry(&mut self, initial: &Initial, from: SocketAddr, now: Instant) {
+    pub(super) fn send_retry(&mut self, initial: &Initial, path: (SocketAddr, SocketAddr), now: Instant) {
+        let (from, local) = path;
         let new_scid = cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes());
         let token = self.shared.retry_keys.mint(from, &initial.dcid, &new_scid, now);
         let mut out = vec![0u8; 256];
@@ -126,14 +148,22 @@ impl Worker {
         );
         if let Ok(n) = r {
             out.truncate(n);
-            self.pending_tx.push((out, from));
+            self.pending_tx.push((out, from, local));
             self.stats.retries_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A new connection for an Initial with an unknown CID, after the
     /// limits, the per-IP limits and (when required) address validation.
-    pub(super) fn accept(&mut self, initial: &Initial, from: SocketAddr, len: usize, now: Instant) -> Option<u32> {
+    /// `path`: the client's address and ours as it sent to it.
+    pub(super) fn accept(
+        &mut self,
+        initial: &Initial,
+        path: (SocketAddr, SocketAddr),
+        len: usize,
+        now: Instant,
+    ) -> Option<u32> {
+        let (from, local) = path;
         let limits = &self.cfg.limits;
         if len < MIN_INITIAL_LEN || self.shutting_down || self.draining {
             self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +202,7 @@ impl Worker {
                 }
             };
             if retry {
-                self.send_retry(initial, from, now);
+                self.send_retry(initial, (from, local), now);
                 return None;
             }
             (cid::make(self.cfg.node_id, self.cfg.index as u8, random_bytes()), None)
@@ -212,7 +242,7 @@ impl Worker {
         let quic = match quiche::accept(
             &quiche::ConnectionId::from_ref(&scid),
             odcid_ref.as_ref(),
-            self.cfg.local_addr,
+            local,
             from,
             &mut self.quic_cfg,
         ) {

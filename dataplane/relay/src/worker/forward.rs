@@ -158,10 +158,10 @@ impl Worker {
                     }
                     mesh.recycle(usize::from(sender), bytes);
                 }
-                Data::Packet { from, mut bytes, sender } => {
+                Data::Packet { from, local, mut bytes, sender } => {
                     self.charge(-(bytes.len() as i64));
                     self.stats.handoff_in.fetch_add(1, Ordering::Relaxed);
-                    self.process_packet(&mut bytes, from, now);
+                    self.process_packet(&mut bytes, from, local, now);
                     mesh.recycle(usize::from(sender), bytes);
                 }
             }

@@ -74,7 +74,7 @@ impl Worker {
                 let len = buf.len().min(room);
                 match conn.quic.send(&mut buf[..len]) {
                     Ok((n, info)) => {
-                        tx.commit(n, info.to);
+                        tx.commit_from(n, info.to, Some(info.from.ip()));
                         if let Some((_, sent)) = conn.amplification.as_mut() {
                             *sent += n as u64;
                         }
@@ -100,11 +100,11 @@ impl Worker {
             // Reaping may have queued local control work and new dirt.
             self.run_local_ctrl();
         }
-        for (bytes, to) in self.pending_tx.drain(..) {
+        for (bytes, to, from) in self.pending_tx.drain(..) {
             let buf = tx.buf();
             let n = bytes.len().min(buf.len());
             buf[..n].copy_from_slice(&bytes[..n]);
-            tx.commit(n, to);
+            tx.commit_from(n, to, Some(from.ip()));
         }
         self.publish();
         let since = now.saturating_duration_since(self.last_trim);

@@ -199,7 +199,8 @@ pub struct Worker {
     wake: Vec<bool>,
     timers: BTreeSet<(Instant, u32)>,
     dirty: Vec<u32>,
-    pending_tx: Vec<(Vec<u8>, SocketAddr)>,
+    /// Packets outside any connection: (bytes, to, from our address).
+    pending_tx: Vec<(Vec<u8>, SocketAddr, SocketAddr)>,
     delivered_at: Vec<Instant>,
     scratch: Vec<u8>,
     dgram_buf: Vec<u8>,
