@@ -178,6 +178,10 @@ pub struct CompareArgs {
     /// Worker threads of the relay.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Draw CPU per datagram (bars) and the RTT distributions (CDF) into
+    /// this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -420,6 +424,10 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Compare(a) => {
             let c = compare::run(&a.io_backend, a.workers, &a.load.to_config()?)?;
+            if let Some(p) = &a.plot {
+                compare::plot(&c, p)?;
+                println!("plot: {}", p.display());
+            }
             if let Some(p) = &a.load.json {
                 report::write_json(p, &c)?;
             }

@@ -15,6 +15,7 @@ use ztna_udp::IoBackend;
 
 use crate::load::LoadConfig;
 use crate::naive::{self, NaiveMode};
+use crate::plot::Series;
 use crate::relay_bench::{self, RelayBenchConfig, RelayTarget};
 use crate::report::Report;
 use crate::udp_bench;
@@ -137,4 +138,39 @@ pub fn print(c: &Comparison) {
             fmt_ratio(b.r_over_u)
         );
     }
+}
+
+/// Draws the comparison (see [`crate::plot`]).
+pub fn plot(c: &Comparison, path: &std::path::Path) -> Result<()> {
+    let mut series = vec![
+        Series {
+            name: "E naive echo".into(),
+            cpu_us: c.naive_echo.cpu_us_per_forwarded,
+            rtt: c.naive_echo.result.histogram.as_ref(),
+        },
+        Series {
+            name: "N naive relay".into(),
+            cpu_us: c.naive_relay.cpu_us_per_forwarded,
+            rtt: c.naive_relay.result.histogram.as_ref(),
+        },
+    ];
+    for b in &c.backends {
+        series.push(Series {
+            name: format!("R {}", b.io_backend),
+            cpu_us: b.relay.cpu_us_per_forwarded,
+            rtt: b.relay.result.histogram.as_ref(),
+        });
+        series.push(Series {
+            name: format!("U {}", b.io_backend),
+            cpu_us: b.udp_forwarder.cpu_us_per_forwarded,
+            rtt: b.udp_forwarder.result.histogram.as_ref(),
+        });
+    }
+    let load = &c.naive_echo.load;
+    let rate = if load.rate == 0 { "flat out".to_owned() } else { format!("{}/s", load.rate) };
+    let title = format!(
+        "ztna-bench compare: E naive quiche echo, N naive quiche relay, R relay, U UDP forwarder; {} B, {rate}, {} agents",
+        load.size, load.agents
+    );
+    crate::plot::draw(path, &title, &series)
 }

@@ -17,6 +17,8 @@
 //!   turn's CPU with many idle UDP flows against one.
 //! - [`e2e_cost`]: `ztna-bench e2e-cost`, CPU per packet of the end-to-end
 //!   session against the relay-terminated baseline (bench only).
+//! - [`plot`]: `compare --plot`: CPU bars and RTT CDFs as SVG.
+//! - [`progress`]: a progress bar on a terminal, lines otherwise.
 //! - [`report`]: the summary, printed and as JSON.
 //! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
 //!   tests through a tunnel.
@@ -31,7 +33,9 @@ pub mod forwarder;
 pub mod handshakes;
 pub mod load;
 pub mod naive;
+pub mod plot;
 pub mod probe;
+pub mod progress;
 pub mod quic_clients;
 pub mod relay_bench;
 pub mod report;

@@ -4,7 +4,6 @@
 //! the forwarder); this module never touches a socket itself.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -353,6 +352,7 @@ pub fn run_load(
     let mut in_grace = false;
     let mut send_phase_end = send_end;
     let mut next_progress = start + Duration::from_secs(1);
+    let progress = crate::progress::Progress::new(cfg.duration, cfg.progress);
     let mut last_progress = (start, 0u64, 0u64, samples.start.forwarded.unwrap_or(0));
     // Rate mode: no burst larger than 10 ms worth of sends.
     let max_debt = (cfg.rate / 100).max(1);
@@ -461,10 +461,8 @@ pub fn run_load(
                 .forwarded
                 .map_or(String::new(), |f| format!(" fwd/s {:>9.0}", f.saturating_sub(last_progress.3) as f64 / dt));
             let loss = if sent > 0 { 100.0 * sent.saturating_sub(rx) as f64 / sent as f64 } else { 0.0 };
-            let _ = writeln!(
-                std::io::stderr(),
-                "[{:>5.1}s] sent {:>9} echoed {:>9} rt/s {:>9.0}{} in-flight {:>5} unanswered {:.2}%",
-                now.saturating_duration_since(start).as_secs_f64(),
+            let line = format!(
+                "sent {:>9} echoed {:>9} rt/s {:>9.0}{} in-flight {:>5} unanswered {:.2}%",
                 sent,
                 rx,
                 rx.saturating_sub(last_progress.2) as f64 / dt,
@@ -472,6 +470,7 @@ pub fn run_load(
                 outstanding,
                 loss
             );
+            progress.update(now.saturating_duration_since(start), &line);
             last_progress = (now, sent, rx, s.forwarded.unwrap_or(last_progress.3));
             next_progress += Duration::from_secs(1);
         }
@@ -497,6 +496,7 @@ pub fn run_load(
         }
     }
     samples.end = probe();
+    progress.finish();
     let end = Instant::now();
 
     let sent: u64 = tracks.iter().map(|tr| tr.next_seq).sum();
