@@ -421,14 +421,16 @@ impl Agent {
     fn print_stats(&self) {
         let s = self.core.stats();
         let io = self.io;
-        info!(?s, ?io, "stats");
+        let o = self.rx.offload_stats().snapshot();
+        info!(?s, ?io, ?o, "stats");
         out(format_args!(
             "stats packets_out={} bytes_out={} packets_in={} bytes_in={} drop_malformed={} drop_unmapped={} \
              drop_no_flow={} drop_too_large={} drop_backpressure={} drop_unknown_flow={} drop_truncated={} \
              drop_spoofed={} drop_not_pinned={} drop_direct={} e2e_handshakes={} e2e_established={} \
              e2e_cert_rejected={} e2e_identity_mismatch={} e2e_packets_rejected={} e2e_pending_dropped={} \
              connects={} disconnects={} udp_rx={} udp_tx={} udp_send_errors={} udp_recv_errors={} tun_rx={} \
-             tun_tx={} tun_write_errors={}",
+             tun_tx={} tun_write_errors={} udp_gso={} udp_gro={} udp_gso_sends={} udp_gso_errors={} \
+             udp_gro_receives={}",
             s.packets_out,
             s.bytes_out,
             s.packets_in,
@@ -458,6 +460,11 @@ impl Agent {
             io.tun_rx,
             io.tun_tx,
             io.tun_write_errors,
+            u8::from(o.gso),
+            u8::from(o.gro),
+            o.gso_sends,
+            o.gso_errors,
+            o.gro_receives,
         ));
         out(format_args!("status {}", status::status_json(&self.core, self.started, Instant::now())));
     }

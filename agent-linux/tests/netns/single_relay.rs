@@ -73,6 +73,10 @@ fn agent_through_nat_relay_restart_and_loss() {
     assert_eq!(got, 20, "UDP echo after the relay restart");
     let s = agent_stats(&mut agent);
     assert!(s["connects"] >= 2 && s["disconnects"] >= 1, "reconnect counted: {s:?}");
+    // The agent's UDP socket (a new one after the restart) uses GSO and GRO
+    // unless the suite runs with ZTNA_UDP_OFFLOAD=off.
+    let on = u64::from(ztna_udp::offload::allowed());
+    assert_eq!((s["udp_gso"], s["udp_gro"], s["udp_gso_errors"]), (on, on, 0), "{s:?}");
 
     // 5% random loss each way on the NAT's uplink: traffic still flows.
     lab.add_uplink_loss(true);
