@@ -52,6 +52,7 @@ pub struct Batch {
     locals: Vec<Option<IpAddr>>,
     gro: bool,
     gso: bool,
+    refusals: offload::RefusalTracker,
     /// PKTINFO is on (receive), and the socket's family (send).
     pktinfo: bool,
     v6_socket: bool,
@@ -101,6 +102,7 @@ impl Batch {
             locals: vec![None; n],
             gro: false,
             gso: false,
+            refusals: offload::RefusalTracker::default(),
             pktinfo: false,
             v6_socket: false,
             offload: Arc::default(),
@@ -319,6 +321,9 @@ impl Batch {
     /// were tried.
     pub fn flush(&mut self, sock: &impl AsRawFd) -> io::Result<bool> {
         let mut failed = None;
+        // Slots before this index were refused as one GSO send (EINVAL)
+        // and go out one by one.
+        let mut split_until = 0;
         while self.sent < self.filled {
             let run = self.sent..self.filled;
             self.to.clear();
@@ -338,10 +343,12 @@ impl Batch {
             let max_segments = if self.gso { offload::MAX_SEGMENTS } else { 1 };
             let (mut first, mut count) = (0, 0);
             for ((h, g), c) in hdrs.iter_mut().zip(&mut groups).zip(&mut cmsgs) {
+                // After an EINVAL refusal the refused run goes one by one.
+                let max = if self.sent + first < split_until { 1 } else { max_segments };
                 let n = offload::group_len(
                     lens.get(first..).unwrap_or_default(),
-                    addrs.get(first..).unwrap_or_default(),
-                    max_segments,
+                    self.keys.get(first..).unwrap_or_default(),
+                    max,
                 );
                 if n == 0 {
                     break;
@@ -382,12 +389,15 @@ impl Batch {
                 match e.kind() {
                     io::ErrorKind::WouldBlock => return Ok(false),
                     io::ErrorKind::Interrupted => continue,
-                    _ if head > 1 && offload::is_gso_refusal(&e) => {
-                        // The device or path cannot do GSO: send these
-                        // one by one from now on.
-                        tracing::warn!(error = %e, "UDP GSO refused; sending datagrams one by one on this socket");
-                        self.gso = false;
-                        self.offload.gso_refused();
+                    _ if head > 1 && offload::gso_refusal(&e).is_some() => {
+                        // Send this run one by one; the device (or a run of
+                        // refusals) may turn GSO off for good.
+                        let refusal = offload::gso_refusal(&e).unwrap_or(offload::GsoRefusal::Unsupported);
+                        split_until = self.sent + head;
+                        if self.refusals.refused(refusal, &self.offload) {
+                            tracing::warn!(error = %e, "UDP GSO refused; sending datagrams one by one on this socket");
+                            self.gso = false;
+                        }
                         continue;
                     }
                     _ => {
@@ -400,6 +410,9 @@ impl Batch {
                 }
             }
             for g in groups.iter().take(n as usize) {
+                if *g > 1 {
+                    self.refusals.sent();
+                }
                 self.offload.sent_group(*g);
                 self.sent += g;
             }
@@ -617,12 +630,46 @@ mod tests {
         let mut tx = Batch::new(MAX_BATCH);
         assert!(tx.enable_gso(&a));
         let lens = [1100; 12];
+        let mut rx = Batch::new(16);
+        // Each refused run goes out one by one; EINVAL turns GSO off after
+        // a few refusals in a row.
+        for round in 1..=offload::GSO_EINVAL_LIMIT {
+            queue(&mut tx, &lens, b.local_addr().unwrap());
+            assert!(tx.flush(&a).unwrap());
+            let st = tx.offload_stats().snapshot();
+            let on = round < offload::GSO_EINVAL_LIMIT;
+            assert_eq!((st.gso, st.gso_errors, st.gso_sends), (on, u64::from(round), 0), "round {round}: {st:?}");
+            assert_eq!(tx.dropped(), 0);
+            expect_datagrams(&recv_all(&mut rx, &b, lens.len()), &lens);
+        }
         queue(&mut tx, &lens, b.local_addr().unwrap());
         assert!(tx.flush(&a).unwrap());
-        let st = tx.offload_stats().snapshot();
-        assert_eq!((st.gso, st.gso_errors, st.gso_sends), (false, 1, 0), "{st:?}");
-        assert_eq!(tx.dropped(), 0);
-        let mut rx = Batch::new(16);
+        assert_eq!(tx.offload_stats().snapshot().gso_errors, u64::from(offload::GSO_EINVAL_LIMIT), "no more tries");
         expect_datagrams(&recv_all(&mut rx, &b, lens.len()), &lens);
+    }
+
+    #[test]
+    fn gso_runs_keep_each_datagrams_source_address() {
+        let a = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut tx = Batch::new(MAX_BATCH);
+        tx.enable_gso(&a);
+        assert!(tx.enable_pktinfo(&a));
+        let to = Some(b.local_addr().unwrap());
+        let port = a.local_addr().unwrap().port();
+        let sources = [[127, 0, 0, 1], [127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 2], [127, 0, 0, 1]];
+        for (i, ip) in sources.iter().enumerate() {
+            tx.slot().unwrap()[..1000].fill(i as u8);
+            tx.commit_from(1000, to, Some(IpAddr::from(*ip)));
+        }
+        assert!(tx.flush(&a).unwrap());
+        let mut rx = Batch::new(8);
+        let got = recv_all(&mut rx, &b, sources.len());
+        expect_datagrams(&got, &[1000; 5]);
+        let seen: Vec<_> = got.iter().map(|(_, f)| f.unwrap()).collect();
+        let want: Vec<_> = sources.iter().map(|ip| SocketAddr::from((*ip, port))).collect();
+        assert_eq!(seen, want, "one GSO run never mixes sources");
     }
 }

@@ -53,8 +53,10 @@ pub fn parse(control: &[u8]) -> RecvMeta {
                     .filter(|v| *v > 0);
             }
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                // struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
-                if let Some(a) = data.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+                // struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }:
+                // spec_dst, the local address an answer leaves from (addr
+                // is the header's destination, a broadcast one included).
+                if let Some(a) = data.get(4..8).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
                     meta.dst = Some(IpAddr::V4(Ipv4Addr::from(a)));
                 }
             }
@@ -131,7 +133,11 @@ impl SendCmsgs {
 
     /// The datagram leaves from `src` (on a socket of `v6` family; an IPv4
     /// source on an IPv6 socket is sent as IPv4).
+    /// An unspecified `src` adds nothing (the kernel picks).
     pub fn source(&mut self, src: IpAddr, v6_socket: bool) {
+        if src.is_unspecified() {
+            return;
+        }
         let v4 = match src {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(a) => a.to_ipv4_mapped(),
@@ -190,7 +196,7 @@ mod tests {
         let gro = msg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
         assert_eq!(parse(&gro).segment, Some(1200));
         let mut pkt = [0u8; 12];
-        pkt[8..].copy_from_slice(&[127, 0, 0, 2]);
+        pkt[4..8].copy_from_slice(&[127, 0, 0, 2]);
         let mut both = msg(libc::IPPROTO_IP, libc::IP_PKTINFO, &pkt);
         both.extend_from_slice(&gro);
         let m = parse(&both);
@@ -224,5 +230,9 @@ mod tests {
         let (level, ty, data, _) = next_message(rest).unwrap();
         assert_eq!((level, ty), (libc::IPPROTO_IP, libc::IP_PKTINFO), "a mapped source goes out as IPv4");
         assert_eq!(&data[4..8], &[10, 0, 0, 1]);
+        let mut none = SendCmsgs::default();
+        none.source(IpAddr::V6(Ipv6Addr::UNSPECIFIED), true);
+        none.source(IpAddr::V4(Ipv4Addr::UNSPECIFIED), false);
+        assert_eq!(none.bytes().1, 0, "an unspecified source adds nothing");
     }
 }

@@ -9,9 +9,10 @@
 //!   ([`crate::cmsg::parse`]); the caller splits them ([`segments`]).
 //!
 //! Support is probed per socket when a backend starts
-//! ([`probe_gso`], [`enable_gro`]); a GSO send the device refuses at run
-//! time (EIO: no checksum offload, or EINVAL) turns GSO off for that socket
-//! and the packets go out one by one. `ZTNA_UDP_OFFLOAD=off` in the
+//! ([`probe_gso`], [`enable_gro`]). A GSO send the kernel refuses at run
+//! time is sent again one datagram at a time; EIO (a device without
+//! checksum offload) turns GSO off for that socket at once, EINVAL after a
+//! few in a row ([`GsoRefusal`]). `ZTNA_UDP_OFFLOAD=off` in the
 //! environment turns both off (tests run the suites both ways).
 
 use std::os::fd::RawFd;
@@ -55,6 +56,11 @@ pub fn probe_gso(fd: RawFd) -> bool {
 /// it will (the receive buffers must then hold [`GRO_BUF`] bytes).
 pub fn enable_gro(fd: RawFd) -> bool {
     allowed() && setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1)
+}
+
+/// Turns GRO off again (for receive buffers too small for it).
+pub fn disable_gro(fd: RawFd) {
+    setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0);
 }
 
 /// The datagrams in one received buffer: cut every `segment` bytes (the
@@ -152,17 +158,60 @@ impl OffloadStats {
             self.gro_segments.fetch_add(len.div_ceil(s) as u64, Ordering::Relaxed);
         }
     }
+}
 
-    pub(crate) fn gso_refused(&self) {
-        self.gso_errors.fetch_add(1, Ordering::Relaxed);
-        self.gso.store(0, Ordering::Relaxed);
+/// How a refused GSO send is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GsoRefusal {
+    /// EIO or EOPNOTSUPP: the device cannot do it (no checksum offload);
+    /// GSO is turned off for the socket.
+    Unsupported,
+    /// EINVAL: this send could not be segmented (a segment plus headers
+    /// above the path MTU, a source no longer local): its datagrams go out
+    /// one by one; GSO is turned off only after [`GSO_EINVAL_LIMIT`] such
+    /// refusals in a row.
+    ThisSend,
+}
+
+/// EINVAL refusals of GSO sends in a row after which GSO is turned off.
+pub const GSO_EINVAL_LIMIT: u32 = 3;
+
+/// Whether a send error of a segmented send is a GSO refusal, and which.
+pub fn gso_refusal(e: &std::io::Error) -> Option<GsoRefusal> {
+    match e.raw_os_error() {
+        Some(libc::EIO | libc::EOPNOTSUPP) => Some(GsoRefusal::Unsupported),
+        Some(libc::EINVAL) => Some(GsoRefusal::ThisSend),
+        _ => None,
     }
 }
 
-/// True for a send error that means "this socket or device cannot do
-/// GSO" rather than a problem with one packet.
-pub fn is_gso_refusal(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP))
+/// Per socket: what to do after a refused GSO send.
+#[derive(Debug, Default)]
+pub struct RefusalTracker {
+    einval_streak: u32,
+}
+
+impl RefusalTracker {
+    /// A GSO send was refused; returns true if GSO must now be off.
+    pub fn refused(&mut self, r: GsoRefusal, stats: &OffloadStats) -> bool {
+        let off = match r {
+            GsoRefusal::Unsupported => true,
+            GsoRefusal::ThisSend => {
+                self.einval_streak += 1;
+                self.einval_streak >= GSO_EINVAL_LIMIT
+            }
+        };
+        stats.gso_errors.fetch_add(1, Ordering::Relaxed);
+        if off {
+            stats.gso.store(0, Ordering::Relaxed);
+        }
+        off
+    }
+
+    /// A GSO send went out.
+    pub fn sent(&mut self) {
+        self.einval_streak = 0;
+    }
 }
 
 #[cfg(test)]

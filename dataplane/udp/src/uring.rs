@@ -68,6 +68,8 @@ struct SendSlot {
     msg: libc::msghdr,
     /// As the leader: the other slots of its group, freed with it.
     members: Vec<usize>,
+    /// Refused as part of a GSO send: goes out alone.
+    single: bool,
 }
 
 fn zeroed_slot<T>() -> Box<T> {
@@ -92,6 +94,7 @@ fn send_slot() -> Box<SendSlot> {
         // SAFETY: as above.
         msg: unsafe { std::mem::zeroed() },
         members: Vec::with_capacity(offload::MAX_SEGMENTS),
+        single: false,
     })
 }
 
@@ -207,6 +210,7 @@ struct SendPool {
     overflow: [u8; RX_BUF],
     /// Group equal-size sends to one destination into GSO sends.
     gso: bool,
+    refusals: offload::RefusalTracker,
     /// Sends name their source address (PKTINFO); the socket's family.
     pktinfo: bool,
     v6_socket: bool,
@@ -260,6 +264,13 @@ impl Uring {
                 u.arm_multi()?;
             }
             Err(e) => {
+                // Single-shot receives have small buffers and no control
+                // area: no GRO (a coalesced receive would be cut) and no
+                // PKTINFO.
+                if gro {
+                    offload::disable_gro(u.socket.as_raw_fd());
+                }
+                u.send.pktinfo = false;
                 tracing::info!(error = %e, "no provided-buffer rings; using single-shot receives");
                 u.recv = (0..RECV_SLOTS).map(|_| zeroed_slot()).collect();
                 for i in 0..RECV_SLOTS {
@@ -380,7 +391,8 @@ impl Uring {
         for i in &ready {
             let s = self.send.slots.get(*i);
             lens.push(s.map_or(0, |s| s.len));
-            addrs.push(s.map(|s| (s.to, s.from)));
+            // A slot refused in a GSO send shares its key with no other.
+            addrs.push(s.map(|s| (s.to, s.from, s.single.then_some(*i))));
         }
         let mut first = 0;
         while first < ready.len() {
@@ -432,13 +444,27 @@ impl Uring {
     fn send_done(&mut self, leader: usize, res: i32) {
         let Some(slot) = self.send.slots.get_mut(leader) else { return };
         let segments = 1 + slot.members.len();
-        if res < 0 && segments > 1 && offload::is_gso_refusal(&io::Error::from_raw_os_error(-res)) {
-            tracing::warn!(error = %io::Error::from_raw_os_error(-res), "UDP GSO refused; sending datagrams one by one on this socket");
-            self.send.gso = false;
-            self.offload.gso_refused();
+        let err = io::Error::from_raw_os_error(res.saturating_neg());
+        if let Some(refusal) = offload::gso_refusal(&err).filter(|_| res < 0 && segments > 1) {
+            // Sent again one by one; the device (or a run of refusals)
+            // may turn GSO off for good.
+            if self.send.refusals.refused(refusal, &self.offload) {
+                tracing::warn!(error = %err, "UDP GSO refused; sending datagrams one by one on this socket");
+                self.send.gso = false;
+            }
+            let members = std::mem::take(&mut slot.members);
+            slot.single = true;
             self.send.ready.push(leader);
-            self.send.ready.append(&mut slot.members);
+            for m in members {
+                if let Some(s) = self.send.slots.get_mut(m) {
+                    s.single = true;
+                }
+                self.send.ready.push(m);
+            }
             return;
+        }
+        if res >= 0 && segments > 1 {
+            self.send.refusals.sent();
         }
         if res >= 0 {
             self.offload.sent_group(segments);
@@ -504,6 +530,7 @@ impl SendPool {
             dropped: 0,
             overflow: [0u8; RX_BUF],
             gso: false,
+            refusals: offload::RefusalTracker::default(),
             pktinfo: false,
             v6_socket: false,
         }
@@ -552,6 +579,7 @@ impl SendPool {
         s.len = len.min(RX_BUF);
         s.to = to;
         s.from = None;
+        s.single = false;
         self.ready.push(i);
     }
 }
@@ -823,6 +851,6 @@ mod tests {
         }
         assert_eq!(back, (0..8u8).map(|i| vec![i; 900]).collect::<Vec<_>>(), "all eight, in order");
         let st = u.offload();
-        assert_eq!((st.gso, st.gso_errors, st.gso_sends), (false, 1, 0), "{st:?}");
+        assert_eq!((st.gso, st.gso_errors, st.gso_sends), (true, 1, 0), "EINVAL: sent one by one, GSO kept: {st:?}");
     }
 }
