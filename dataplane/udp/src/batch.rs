@@ -615,18 +615,7 @@ mod tests {
         // A socket without UDP checksums cannot do GSO: the kernel refuses
         // the segmented send at run time (EINVAL), as a device without
         // checksum offload does (EIO).
-        let one: libc::c_int = 1;
-        // SAFETY: sets SO_NO_CHECK from a live c_int.
-        let rc = unsafe {
-            libc::setsockopt(
-                a.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NO_CHECK,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        assert!(crate::offload::setsockopt_int(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1));
         let mut tx = Batch::new(MAX_BATCH);
         assert!(tx.enable_gso(&a));
         let lens = [1100; 12];

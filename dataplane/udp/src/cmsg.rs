@@ -13,6 +13,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
+use crate::offload::setsockopt_int;
+
 const W: usize = std::mem::size_of::<usize>();
 const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
 
@@ -159,22 +161,13 @@ impl SendCmsgs {
     }
 }
 
-fn setsockopt_on(fd: RawFd, level: i32, name: i32) -> bool {
-    let v: i32 = 1;
-    // SAFETY: passes a live i32 and its size; the kernel only reads it.
-    let rc = unsafe {
-        libc::setsockopt(fd, level, name, (&v as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-    };
-    rc == 0
-}
-
 /// Asks for each receive's local address (IPv4, and IPv6 on an IPv6
 /// socket, whose IPv4-mapped receives report IPv4). True if the kernel
 /// will report it.
 pub fn enable_pktinfo(fd: RawFd, v6_socket: bool) -> bool {
-    let v4 = setsockopt_on(fd, libc::IPPROTO_IP, libc::IP_PKTINFO);
+    let v4 = setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
     if v6_socket {
-        setsockopt_on(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) || v4
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1) || v4
     } else {
         v4
     }

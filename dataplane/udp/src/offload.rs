@@ -31,7 +31,8 @@ pub fn allowed() -> bool {
     !matches!(std::env::var("ZTNA_UDP_OFFLOAD").as_deref(), Ok("off" | "0" | "false"))
 }
 
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> bool {
+/// `setsockopt` of one `int` option; true on success.
+pub(crate) fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> bool {
     // SAFETY: passes a live i32 and its size; the kernel only reads it.
     let rc = unsafe {
         libc::setsockopt(fd, level, name, (&v as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)

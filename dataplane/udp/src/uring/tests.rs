@@ -125,18 +125,7 @@ fn a_refused_gso_send_is_sent_again_one_by_one() {
     let addr = server.local_addr().unwrap();
     // Without UDP checksums the kernel refuses segmented sends (EINVAL),
     // as a device without checksum offload does (EIO).
-    let one: libc::c_int = 1;
-    // SAFETY: sets SO_NO_CHECK from a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            server.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NO_CHECK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    assert!(crate::offload::setsockopt_int(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1));
     let mut u = ring(server);
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..8u8 {
