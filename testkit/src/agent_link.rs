@@ -33,8 +33,7 @@ impl AgentLink {
         routes: Vec<(ServiceName, Cidr)>,
         seed: u64,
     ) -> io::Result<AgentLink> {
-        let sock = UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?;
-        sock.set_nonblocking(true)?;
+        let sock = ztna_udp::bind(SocketAddr::new(relay.ip(), 0))?;
         let cfg = AgentConfig {
             relay,
             fallback_relays: Vec::new(),

@@ -36,8 +36,7 @@ impl UdpClient {
     /// Binds `local` (port 0 for ephemeral) and prepares a session per
     /// `cfg` (its `local` field is overwritten with the bound address).
     pub fn new(mut cfg: ClientConfig, tls: &TlsOptions, local: SocketAddr, seed: u64) -> io::Result<Self> {
-        let socket = UdpSocket::bind(local)?;
-        socket.set_nonblocking(true)?;
+        let socket = ztna_udp::bind(local)?;
         let bound = socket.local_addr()?;
         // quiche wants the address the peer sends to; with an unspecified
         // bind use the loopback of the same family when the relay is local.

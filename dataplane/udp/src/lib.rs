@@ -148,15 +148,32 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
     Ok(out)
 }
 
+/// A UDP socket for `family_of` with large buffers: a burst from the
+/// relay must not overflow the kernel's default (about 200 KB, some 90
+/// full-size datagrams), which loses packets long before the CPU is busy.
+/// The kernel caps the sizes at rmem_max / wmem_max.
+fn socket_with_buffers(family_of: SocketAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    Ok(s)
+}
+
+/// A non-blocking UDP socket bound to `listen`, with large buffers (the
+/// connector's and the test agents' one socket).
+pub fn bind(listen: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket_with_buffers(listen)?;
+    s.bind(&listen.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 /// A non-blocking UDP socket bound to `listen` and connected to `peer`
 /// (the kernel then filters other senders and picks the source address),
 /// with large buffers; returns it and its local address.
 pub fn bind_connected(listen: SocketAddr, peer: SocketAddr) -> io::Result<(UdpSocket, SocketAddr)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
-    // The kernel caps these at rmem_max / wmem_max.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
+    let s = socket_with_buffers(peer)?;
     s.bind(&listen.into())?;
     s.connect(&peer.into())?;
     s.set_nonblocking(true)?;

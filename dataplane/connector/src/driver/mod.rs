@@ -92,8 +92,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 impl Connector {
     pub fn new(cfg: ConnectorConfig, seed: u64) -> Result<Connector> {
         cfg.validate()?;
-        let socket = UdpSocket::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-        socket.set_nonblocking(true)?;
+        let socket = ztna_udp::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let local = socket.local_addr()?;
         if cfg.insecure {
             warn!("relay certificate verification is OFF (--insecure): anyone can impersonate the relay");
