@@ -37,6 +37,16 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 const SILENCE: Duration = Duration::from_secs(25);
 /// Handshake and Hello exchange must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Delayed ACKs (once `Up`): quiche acknowledges on every send, so a
+/// session that received a packet and has nothing of its own to send
+/// would spend a whole inner packet (and an outer DATAGRAM, and a relay
+/// forward) on an ACK. It waits instead for its next tunneled packet, which
+/// carries the ACK, for at most this long, or until [`ACK_EVERY`] packets
+/// are unacknowledged (RFC 9000 §13.2.2 recommends acknowledging every
+/// second ack-eliciting packet). Well below the 25 ms max_ack_delay the
+/// session advertises, which the peer adds to its probe timeout.
+pub const ACK_DELAY: Duration = Duration::from_millis(5);
+const ACK_EVERY: u32 = 2;
 
 /// Where a session is (module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +100,10 @@ pub struct E2eSession {
     events: VecDeque<SessionEvent>,
     rx: FrameDecoder,
     tx: Vec<u8>,
-    /// quiche's count of packets it authenticated, at the last look.
+    /// quiche's count of packets it authenticated, and of DATAGRAMs it
+    /// received, at the last look.
     recv_count: usize,
+    dgram_recv_count: usize,
     rejected: u64,
     early_dropped: u64,
     truncated: u64,
@@ -104,6 +116,12 @@ pub struct E2eSession {
     started: Instant,
     last_rx: Instant,
     last_tx: Instant,
+    /// Authenticated packets with DATAGRAMs since our last send, and when
+    /// the ACK for them is due at the latest ([`ACK_DELAY`]).
+    unacked: u32,
+    ack_due: Option<Instant>,
+    /// A timer fired or a keepalive is queued: send without delay.
+    must_send: bool,
 }
 
 impl E2eSession {
@@ -157,6 +175,7 @@ impl E2eSession {
             rx: FrameDecoder::default(),
             tx: Vec::new(),
             recv_count: 0,
+            dgram_recv_count: 0,
             rejected: 0,
             early_dropped: 0,
             truncated: 0,
@@ -167,6 +186,9 @@ impl E2eSession {
             started: now,
             last_rx: now,
             last_tx: now,
+            unacked: 0,
+            ack_due: None,
+            must_send: false,
         }
     }
 
@@ -242,11 +264,19 @@ impl E2eSession {
         }
         let info = quiche::RecvInfo { from: RELAY_PATH_PEER, to: RELAY_PATH_LOCAL };
         let _ = self.conn.recv(pkt, info);
-        let count = self.conn.stats().recv;
-        let authentic = count > self.recv_count;
-        self.recv_count = count;
+        let stats = self.conn.stats();
+        let authentic = stats.recv > self.recv_count;
+        self.recv_count = stats.recv;
+        // Only packets carrying DATAGRAMs (tunneled packets) have their ACK
+        // delayed; anything else is acknowledged as quiche sees fit.
+        let tunneled = stats.dgram_recv > self.dgram_recv_count;
+        self.dgram_recv_count = stats.dgram_recv;
         if authentic {
             self.last_rx = now;
+            if tunneled && self.state == SessionState::Up {
+                self.unacked += 1;
+                self.ack_due.get_or_insert(now + ACK_DELAY);
+            }
         } else {
             self.rejected += 1;
         }
@@ -393,6 +423,8 @@ impl E2eSession {
         }
         if let Ok(n) = self.conn.stream_send(CONTROL_STREAM, &self.tx, false) {
             self.tx.drain(..n);
+            // Stream data is ours to send: no ACK delay for it.
+            self.must_send |= n > 0;
         }
     }
 
@@ -437,19 +469,39 @@ impl E2eSession {
         }
     }
 
-    /// Writes the next inner packet to send into `out`.
+    /// Writes the next inner packet to send into `out`. An ACK with
+    /// nothing else to send waits ([`ACK_DELAY`]).
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<usize> {
         self.flush_control();
+        if self.holds_ack(now) {
+            return None;
+        }
         match self.conn.send(out) {
             Ok((n, _)) => {
                 self.last_tx = now;
+                (self.unacked, self.ack_due, self.must_send) = (0, None, false);
                 Some(n)
             }
             Err(_) => {
+                self.must_send = false;
                 self.progress();
                 None
             }
         }
+    }
+
+    /// Whether all there is to send is an ACK that may still wait: Up, no
+    /// timer fired, nothing of our own queued (DATAGRAMs, control stream
+    /// data since the last send), fewer than [`ACK_EVERY`]
+    /// packets unacknowledged and not yet [`ACK_DELAY`] old.
+    fn holds_ack(&self, now: Instant) -> bool {
+        self.state == SessionState::Up
+            && !self.must_send
+            && self.unacked > 0
+            && self.unacked < ACK_EVERY
+            && self.ack_due.is_some_and(|d| now < d)
+            && self.tx.is_empty()
+            && self.conn.dgram_send_queue_len() == 0
     }
 
     /// Whether a relay flow carries the session now. While none does
@@ -468,6 +520,7 @@ impl E2eSession {
             self.stalled = false;
             if self.conn.timeout_instant().is_some_and(|t| t <= now) {
                 self.conn.on_timeout();
+                self.must_send = true;
             }
             self.progress();
         } else if !carried && self.carried && self.state == SessionState::Up {
@@ -492,6 +545,7 @@ impl E2eSession {
         self.stalled = stalled;
         if !stalled && self.carried && self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
+            self.must_send = true;
             self.progress();
         }
     }
@@ -520,7 +574,8 @@ impl E2eSession {
         let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
         let keepalive = (self.state == SessionState::Up).then(|| self.last_tx + KEEPALIVE);
         let silence = (self.watches_silence() && !self.stalled).then(|| self.last_rx + SILENCE);
-        [quic, handshake, keepalive, silence].into_iter().flatten().min()
+        let ack = self.ack_due.filter(|_| self.unacked > 0 && self.state == SessionState::Up);
+        [quic, handshake, keepalive, silence, ack].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -539,6 +594,7 @@ impl E2eSession {
         }
         if !self.stalled && self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
+            self.must_send = true;
         }
         self.progress();
         if self.is_closed() {
@@ -556,6 +612,7 @@ impl E2eSession {
         if self.state == SessionState::Up && now >= self.last_tx + KEEPALIVE {
             let _ = self.conn.send_ack_eliciting();
             self.last_tx = now;
+            self.must_send = true;
         }
         self.progress();
     }

@@ -288,3 +288,48 @@ fn an_uncarried_session_freezes_its_timers_and_ends_after_the_idle_timeout() {
     p.agent.handle_timeout(p.now + Duration::from_millis(IDLE_TIMEOUT_MS));
     assert!(p.agent.is_closed());
 }
+
+/// One packet `from` → `to`, what `from` sends now (None: nothing).
+fn one(from: &mut E2eSession, to: &mut E2eSession, now: Instant) -> Option<usize> {
+    let mut buf = [0u8; 1500];
+    let n = from.poll_transmit(&mut buf, now)?;
+    to.recv(&mut buf[..n], now);
+    Some(n)
+}
+
+#[test]
+fn an_ack_waits_for_the_next_packet_or_the_ack_delay() {
+    let mut p = Pair::healthy();
+    p.run();
+    p = Pair { now: p.now + Duration::from_millis(100), ..p };
+    let now = p.now;
+    // One tunneled packet in: nothing of the connector's own to send, so
+    // its ACK waits, with a deadline no later than ACK_DELAY.
+    p.agent.send_ip(&ip_packet(1)).unwrap();
+    assert!(one(&mut p.agent, &mut p.connector, now).is_some());
+    assert!(p.agent.poll_transmit(&mut [0u8; 1500], now).is_none());
+    assert_eq!(one(&mut p.connector, &mut p.agent, now), None, "a lone ACK waits");
+    let due = p.connector.next_deadline().unwrap();
+    assert!(due <= now + session::ACK_DELAY, "{:?}", due - now);
+    // The reply carries the ACK: one packet, not two.
+    p.connector.send_ip(&ip_packet(2)).unwrap();
+    assert!(one(&mut p.connector, &mut p.agent, now).is_some());
+    assert_eq!(one(&mut p.connector, &mut p.agent, now), None);
+    let mut out = [0u8; 1500];
+    assert!(p.agent.recv_ip(&mut out).is_some());
+    // A second unacknowledged packet is acknowledged at once.
+    p.connector.recv_ip(&mut out).unwrap();
+    for tag in [3, 4] {
+        p.agent.send_ip(&ip_packet(tag)).unwrap();
+        assert!(one(&mut p.agent, &mut p.connector, now).is_some());
+    }
+    assert!(one(&mut p.connector, &mut p.agent, now).is_some(), "every second packet is acknowledged at once");
+    // A lone packet's ACK goes when the delay has passed.
+    p.agent.send_ip(&ip_packet(5)).unwrap();
+    assert!(one(&mut p.agent, &mut p.connector, now).is_some());
+    assert_eq!(one(&mut p.connector, &mut p.agent, now), None);
+    let later = now + session::ACK_DELAY;
+    p.connector.handle_timeout(later);
+    assert!(one(&mut p.connector, &mut p.agent, later).is_some(), "the ACK goes after ACK_DELAY");
+    assert_eq!(p.agent.rejected() + p.connector.rejected(), 0);
+}
