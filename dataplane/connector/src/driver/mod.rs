@@ -3,7 +3,10 @@
 //! resolver and the health state, around an [`Engine`] that holds all the
 //! protocol logic.
 
+mod driven;
 mod sockets;
+
+pub use self::driven::{DrivenEngine, EngineInputs};
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -65,9 +68,10 @@ fn spawn_resolver(entries: &[String]) -> mpsc::Receiver<Vec<SocketAddr>> {
     rx
 }
 
-/// The running connector.
-pub struct Connector {
-    engine: Engine,
+/// The running connector: the product's [`Engine`] unless the benchmark
+/// runs another (see [`DrivenEngine`]).
+pub struct Connector<E: DrivenEngine = Engine> {
+    engine: E,
     socket: UdpSocket,
     backends: SocketBackends,
     /// The configuration's TLS files, read again for each new relay.
@@ -91,6 +95,13 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 impl Connector {
     pub fn new(cfg: ConnectorConfig, seed: u64) -> Result<Connector> {
+        Connector::with_engine(cfg, seed, |i| Engine::new(i.cfg, i.targets, i.local, &i.tls, i.seed, i.now))
+    }
+}
+
+impl<E: DrivenEngine> Connector<E> {
+    /// A connector whose engine `build` makes from what the driver set up.
+    pub fn with_engine(cfg: ConnectorConfig, seed: u64, build: impl FnOnce(EngineInputs) -> Result<E>) -> Result<Self> {
         cfg.validate()?;
         let socket = ztna_udp::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let local = socket.local_addr()?;
@@ -113,7 +124,7 @@ impl Connector {
         }
         let backends = SocketBackends::new().context("creating the UDP backend sockets' epoll")?;
         let tls = tls_files.client_tls()?;
-        let engine = Engine::new(cfg, targets, local, &tls, seed, Instant::now())?;
+        let engine = build(EngineInputs { cfg, targets, local, tls, seed, now: Instant::now() })?;
         let (rx, tx) = Batch::offloaded_pair(&socket, ztna_udp::BATCH);
         let o = rx.offload_stats().snapshot();
         info!(gso = o.gso, gro = o.gro, "UDP socket ready");
@@ -150,7 +161,7 @@ impl Connector {
     }
 
     /// The engine (read-only: its state, for tests and tools).
-    pub fn engine(&self) -> &Engine {
+    pub fn engine(&self) -> &E {
         &self.engine
     }
 
