@@ -55,6 +55,43 @@ pub enum Cmd {
     /// CPU per packet (agent + connector) of the end-to-end session against
     /// the relay-terminated baseline, in memory.
     E2eCost(E2eCostArgs),
+    /// The whole system on loopback, end to end against a bench-only
+    /// cleartext baseline in the same run: RTT, CPU per packet of agent,
+    /// connector and relay, TCP goodput, and the ratios.
+    E2eSystem(E2eSystemArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct E2eSystemArgs {
+    /// I/O backend of the in-process relay.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io_backend: IoBackend,
+    /// Relay worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// UDP payload bytes of the echo datagrams.
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+    /// Echoes one at a time (RTT) per variant and round.
+    #[arg(long, default_value_t = 2000)]
+    pub rtt_echoes: u64,
+    /// Echoes of the flood (CPU) per variant and round, and how many in flight.
+    #[arg(long, default_value_t = 30_000)]
+    pub echoes: u64,
+    #[arg(long, default_value_t = 32)]
+    pub window: u64,
+    /// Bytes of the TCP echo per variant and round.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub tcp_bytes: usize,
+    /// Rounds; the variants alternate.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
+    /// Run only this variant (to profile it).
+    #[arg(long, value_parser = ["cleartext", "end_to_end"])]
+    pub only: Option<String>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -491,6 +528,27 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::E2eCost(a) => {
             let r = crate::e2e_cost::run(a.size, a.packets)?;
+            r.print();
+            if let Some(p) = &a.json {
+                report::write_json(p, &r)?;
+            }
+        }
+        Cmd::E2eSystem(a) => {
+            let plan = crate::e2e_system::SystemPlan {
+                payload: a.size,
+                rtt_echoes: a.rtt_echoes,
+                flood_echoes: a.echoes,
+                window: a.window,
+                tcp_bytes: a.tcp_bytes,
+                rounds: a.rounds,
+                relay_workers: a.workers,
+                skip: match a.only.as_deref() {
+                    Some("cleartext") => Some("end_to_end"),
+                    Some(_) => Some("cleartext"),
+                    None => None,
+                },
+            };
+            let r = crate::e2e_system::run(plan, a.io_backend)?;
             r.print();
             if let Some(p) = &a.json {
                 report::write_json(p, &r)?;

@@ -45,6 +45,12 @@ pub fn task_cpu_time(tid: i32) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// The calling thread's id (for [`task_cpu_time`] from another thread).
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
 /// CPU time the calling thread has used so far.
 pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

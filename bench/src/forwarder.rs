@@ -175,8 +175,7 @@ pub fn start(addr: SocketAddr, kind: IoBackend) -> Result<ForwarderHandle> {
         let (mesh, stats, tid, shutdown) =
             (Arc::clone(&mesh), Arc::clone(&stats), Arc::clone(&tid), Arc::clone(&shutdown));
         std::thread::Builder::new().name("udp-forwarder".into()).spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+            tid.store(crate::cpu::current_tid(), Ordering::Relaxed);
             let be = match mesh.inboxes.first() {
                 Some(inbox) => {
                     ztna_udp::make_backend(backend, socket, inbox.eventfd().as_raw_fd()).map_err(|e| e.to_string())

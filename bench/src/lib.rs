@@ -23,12 +23,14 @@
 //! - [`probe`]: `echo`, `udp-probe`, `tcp-probe`: tools for end-to-end
 //!   tests through a tunnel.
 
+pub mod cleartext;
 pub mod cli;
 pub mod compare;
 pub mod connector_turns;
 pub mod cpu;
 pub mod demo;
 pub mod e2e_cost;
+pub mod e2e_system;
 pub mod forwarder;
 pub mod handshakes;
 pub mod load;

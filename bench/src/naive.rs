@@ -110,8 +110,7 @@ pub fn start(mode: NaiveMode) -> Result<NaiveHandle> {
     let thread = {
         let (forwarded, tid, shutdown) = (Arc::clone(&forwarded), Arc::clone(&tid), Arc::clone(&shutdown));
         std::thread::Builder::new().name("naive-quiche".into()).spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+            tid.store(crate::cpu::current_tid(), Ordering::Relaxed);
             let seed =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64);
             let mut server =

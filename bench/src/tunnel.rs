@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
+use ztna_connector::{
+    BackendRoute, Connector, ConnectorConfig, ConnectorStats, DrivenEngine, Engine, EngineInputs, Proto, ServiceConfig,
+};
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::quic::TlsOptions;
@@ -45,10 +47,24 @@ pub struct TunnelEnv {
     pub echo: EchoServer,
     stop: Arc<AtomicBool>,
     connector: Option<JoinHandle<Result<()>>>,
+    /// The connector thread's id (for its CPU time), and its counters.
+    pub connector_tid: i32,
+    pub connector_stats: Arc<ConnectorStats>,
 }
 
 impl TunnelEnv {
+    /// With the product's connector engine.
     pub fn start(workers: usize, io_backend: IoBackend) -> Result<TunnelEnv> {
+        TunnelEnv::start_with(workers, io_backend, |i| Engine::new(i.cfg, i.targets, i.local, &i.tls, i.seed, i.now))
+    }
+
+    /// With the connector engine `build` makes (the product's, or the
+    /// bench's cleartext baseline) on the product's driver.
+    pub fn start_with<E: DrivenEngine + Send + 'static>(
+        workers: usize,
+        io_backend: IoBackend,
+        build: impl FnOnce(EngineInputs) -> Result<E>,
+    ) -> Result<TunnelEnv> {
         let relay = server::start(&RelayConfig {
             listen: "127.0.0.1:0".parse()?,
             workers: Some(workers),
@@ -78,7 +94,7 @@ impl TunnelEnv {
         cfg.ca = Some(ca);
         cfg.cert = Some(cert);
         cfg.key = Some(key);
-        let mut connector = Connector::new(cfg, 11)?;
+        let mut connector = Connector::with_engine(cfg, 11, build)?;
         let end = Instant::now() + Duration::from_secs(10);
         while !connector.is_ready() {
             connector.turn(Duration::from_millis(10))?;
@@ -88,8 +104,14 @@ impl TunnelEnv {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
-        let t = std::thread::Builder::new().name("connector".into()).spawn(move || connector.run(&s))?;
-        Ok(TunnelEnv { relay, echo, stop, connector: Some(t) })
+        let connector_stats = Arc::clone(&connector.stats);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = std::thread::Builder::new().name("connector".into()).spawn(move || {
+            let _ = tid_tx.send(crate::cpu::current_tid());
+            connector.run(&s)
+        })?;
+        let connector_tid = tid_rx.recv().context("connector thread")?;
+        Ok(TunnelEnv { relay, echo, stop, connector: Some(t), connector_tid, connector_stats })
     }
 
     /// TLS options for an agent called `name` (dev trust domain).
@@ -169,81 +191,14 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
     let relay_before = env.relay.totals();
     let cpu0 = crate::cpu::thread_cpu_time();
 
-    // UDP: sequence number + send time in each payload.
-    let epoch = Instant::now();
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
-    let (mut sent, mut received) = (0u64, 0u64);
-    let mut pkt = Vec::with_capacity(2048);
-    let mut buf = vec![0u8; 2048];
-    let me = SocketAddrV4::new(AGENT_IP, 40_000);
-    let svc = SocketAddrV4::new(SERVICE_IP, ECHO_PORT);
-    let udp_end = Instant::now() + Duration::from_secs(30);
     let t_udp = Instant::now();
-    while received < udp_count && Instant::now() < udp_end {
-        while sent < udp_count && sent - received < window {
-            let mut payload = [0u8; 64];
-            payload[..8].copy_from_slice(&sent.to_be_bytes());
-            let at = epoch.elapsed().as_nanos() as u64;
-            payload[8..16].copy_from_slice(&at.to_be_bytes());
-            packet::build_ipv4_udp(me, svc, &payload, &mut pkt)?;
-            if link.send_packet(&pkt).is_err() {
-                break;
-            }
-            sent += 1;
-        }
-        link.pump();
-        while let Some(n) = link.recv_packet(&mut buf) {
-            let Some(b) = buf.get(..n) else { continue };
-            let Ok(ip) = packet::parse_ipv4(b) else { continue };
-            if let Ok(Transport::Udp { payload, .. }) = packet::parse_transport(&ip) {
-                if let Some(t) = payload.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
-                    let rtt = epoch.elapsed().as_nanos() as u64 - u64::from_be_bytes(t);
-                    let _ = hist.record((rtt / 1000).max(1));
-                    received += 1;
-                }
-            }
-        }
-        if sent - received >= window || sent == udp_count {
-            ztna_testkit::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
-        }
-    }
+    let (sent, received) = udp_echoes(&mut link, (udp_count, window, 64), &mut hist);
     let udp_seconds = t_udp.elapsed().as_secs_f64();
-
-    // TCP: echo `tcp_bytes` through smoltcp over the agent core.
-    let mut tcp = TunnelTcp::new(link, AGENT_IP, 9);
-    let t_tcp = Instant::now();
-    let mut tcp_bytes_echoed = 0u64;
-    if tcp_bytes > 0 {
-        let c = tcp.connect(svc)?;
-        tcp.wait_connected(c, Duration::from_secs(10))?;
-        let data: Vec<u8> = (0..tcp_bytes).map(|i| (i * 31 % 251) as u8).collect();
-        let (mut off, mut back) = (0usize, Vec::with_capacity(tcp_bytes));
-        let end = Instant::now() + Duration::from_secs(60);
-        let mut chunk = vec![0u8; 65_536];
-        while back.len() < tcp_bytes {
-            if off < tcp_bytes {
-                off += tcp.send(c, data.get(off..).unwrap_or_default())?;
-            }
-            match tcp.recv(c, &mut chunk) {
-                Ok(0) => bail!("TCP echo closed early at {} of {tcp_bytes} bytes", back.len()),
-                Ok(n) => back.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tcp.wait(Duration::from_millis(5)),
-                Err(e) => return Err(e.into()),
-            }
-            if Instant::now() > end {
-                bail!("TCP echo stalled at {} of {tcp_bytes} bytes", back.len());
-            }
-        }
-        if back != data {
-            bail!("TCP echo corrupted");
-        }
-        tcp.close(c);
-        tcp_bytes_echoed = back.len() as u64;
-    }
-    let tcp_seconds = t_tcp.elapsed().as_secs_f64();
+    let (link, tcp_bytes_echoed, tcp_seconds) = tcp_echo(link, tcp_bytes)?;
     let cpu = crate::cpu::thread_cpu_time().saturating_sub(cpu0);
-    let st = tcp.link.core.stats();
-    let connector_identity = ServiceName::new(SERVICE).and_then(|s| tcp.link.core.session_peer(&s));
+    let st = link.core.stats();
+    let connector_identity = ServiceName::new(SERVICE).and_then(|s| link.core.session_peer(&s));
     let agent_packets = st.packets_out + st.packets_in;
     let relay_after = env.relay.totals();
     let q = |p: f64| hist.value_at_quantile(p);
@@ -266,10 +221,94 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
         agent_drops: st.drop_malformed + st.drop_unmapped + st.drop_no_flow + st.drop_too_large,
         relay_forwarded: relay_after.datagrams_forwarded - relay_before.datagrams_forwarded,
         relay_cross_worker: relay_after.datagrams_cross_worker - relay_before.datagrams_cross_worker,
-        end_to_end: tcp.link.core.sessions_up() == 1 && connector_identity.is_some(),
+        end_to_end: link.core.sessions_up() == 1 && connector_identity.is_some(),
         connector_identity,
         e2e_handshakes: st.e2e_handshakes,
     })
+}
+
+/// Echoes `count` UDP datagrams of `payload` bytes (at least 16) to the
+/// [`ECHO_PORT`] service through `link`, at most `window` in flight, each
+/// carrying its sequence number and send time; records each round trip
+/// (µs) in `hist`. Gives up after 30 s. Returns (sent, echoes received).
+pub fn udp_echoes<L: IpLink>(
+    link: &mut L,
+    (count, window, payload): (u64, u64, usize),
+    hist: &mut Histogram<u64>,
+) -> (u64, u64) {
+    let epoch = Instant::now();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut pkt = Vec::with_capacity(2048);
+    let mut buf = vec![0u8; 2048];
+    let mut data = vec![0u8; payload.max(16)];
+    let me = SocketAddrV4::new(AGENT_IP, 40_000);
+    let svc = SocketAddrV4::new(SERVICE_IP, ECHO_PORT);
+    let end = Instant::now() + Duration::from_secs(30);
+    while received < count && Instant::now() < end {
+        while sent < count && sent - received < window {
+            data[..8].copy_from_slice(&sent.to_be_bytes());
+            let at = epoch.elapsed().as_nanos() as u64;
+            data[8..16].copy_from_slice(&at.to_be_bytes());
+            if packet::build_ipv4_udp(me, svc, &data, &mut pkt).is_err() || link.send_packet(&pkt).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        link.pump();
+        while let Some(n) = link.recv_packet(&mut buf) {
+            let Some(b) = buf.get(..n) else { continue };
+            let Ok(ip) = packet::parse_ipv4(b) else { continue };
+            if let Ok(Transport::Udp { payload, .. }) = packet::parse_transport(&ip) {
+                if let Some(t) = payload.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                    let rtt = (epoch.elapsed().as_nanos() as u64).saturating_sub(u64::from_be_bytes(t));
+                    let _ = hist.record((rtt / 1000).max(1));
+                    received += 1;
+                }
+            }
+        }
+        if sent - received >= window || sent == count {
+            ztna_testkit::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
+        }
+    }
+    (sent, received)
+}
+
+/// Echoes `bytes` over one TCP connection (smoltcp on the agent side)
+/// through `link` and checks them byte for byte. Returns the link back,
+/// the bytes echoed and the seconds it took.
+pub fn tcp_echo<L: IpLink>(link: L, bytes: usize) -> Result<(L, u64, f64)> {
+    let mut tcp = TunnelTcp::new(link, AGENT_IP, 9);
+    let t_tcp = Instant::now();
+    if bytes == 0 {
+        return Ok((tcp.link, 0, 0.0));
+    }
+    let svc = SocketAddrV4::new(SERVICE_IP, ECHO_PORT);
+    let c = tcp.connect(svc)?;
+    tcp.wait_connected(c, Duration::from_secs(10))?;
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();
+    let (mut off, mut back) = (0usize, Vec::with_capacity(bytes));
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut chunk = vec![0u8; 65_536];
+    while back.len() < bytes {
+        if off < bytes {
+            off += tcp.send(c, data.get(off..).unwrap_or_default())?;
+        }
+        match tcp.recv(c, &mut chunk) {
+            Ok(0) => bail!("TCP echo closed early at {} of {bytes} bytes", back.len()),
+            Ok(n) => back.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tcp.wait(Duration::from_millis(5)),
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() > end {
+            bail!("TCP echo stalled at {} of {bytes} bytes", back.len());
+        }
+    }
+    if back != data {
+        bail!("TCP echo corrupted");
+    }
+    tcp.close(c);
+    let secs = t_tcp.elapsed().as_secs_f64();
+    Ok((tcp.link, back.len() as u64, secs))
 }
 
 /// The human summary of a run.
