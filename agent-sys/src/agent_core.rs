@@ -148,7 +148,8 @@ pub struct AgentStats {
     pub e2e_identity_mismatch: u64,
     /// Inner packets that failed authentication (altered on the way).
     pub e2e_packets_rejected: u64,
-    /// Packets dropped because the session was not up and its queue full.
+    /// Packets dropped because the session was not up: its queue was full,
+    /// or it came up with no room in the DATAGRAM queue for them.
     pub e2e_pending_dropped: u64,
 }
 
@@ -513,23 +514,30 @@ impl AgentCore {
         let connector = s.peer().map(|p| p.uri()).unwrap_or_default();
         let events: Vec<SessionEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         let finished = s.is_finished().then(|| s.rejected());
+        let pending_lost = s.pending_lost();
         for e in events {
             match e {
                 SessionEvent::Established { .. } | SessionEvent::Hello { .. } => {}
                 SessionEvent::Up => {
                     self.stats.e2e_established += 1;
+                    // Queued packets the inner DATAGRAM queue had no room for.
+                    self.stats.e2e_pending_dropped += pending_lost;
                     t.succeeded();
                     tracing::info!(%service, %connector, "end-to-end session up");
                     self.events
                         .push_back(AgentEvent::SessionUp { service: service.clone(), connector: connector.clone() });
                 }
-                SessionEvent::Closed { reason, identity_mismatch, .. } => {
+                SessionEvent::Closed { reason, identity_mismatch, code } => {
                     if identity_mismatch {
                         self.stats.e2e_identity_mismatch += 1;
                     }
                     tracing::info!(%service, reason, "end-to-end session closed");
                     self.events.push_back(AgentEvent::SessionClosed { service: service.clone(), reason });
-                    t.failed(now, &mut self.rng);
+                    if code == Some(u64::from(ztna_control::Code::DENIED.0)) {
+                        t.refused(now);
+                    } else {
+                        t.failed(now, &mut self.rng);
+                    }
                 }
             }
         }

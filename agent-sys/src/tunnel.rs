@@ -54,6 +54,14 @@ impl Tunnel {
         self.retry_at = Some(now + self.backoff.next_delay(rng));
     }
 
+    /// The connector refused the session (DENIED: its allow-list or the
+    /// service's rules): that does not change in a second, so wait the
+    /// longest backoff. A policy fix still takes effect within
+    /// [`RETRY_MAX`], without restarting the agent.
+    pub fn refused(&mut self, now: Instant) {
+        self.retry_at = Some(now + RETRY_MAX);
+    }
+
     /// The session came up: the next failure starts the backoff afresh.
     pub fn succeeded(&mut self) {
         self.backoff.reset();

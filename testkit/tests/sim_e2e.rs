@@ -343,3 +343,29 @@ fn an_inner_handshake_flood_from_one_identity_leaves_room_for_others() {
     assert!(sim.run_until(Duration::from_secs(10), |sim| sim.host::<ConnectorHost>(c).engine.e2e_handshaking() == 0));
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+#[test]
+fn an_agent_the_connector_denies_retries_at_the_backoff_cap_not_every_second() {
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let (mut sim, _) = sim_with_relay(&pki, |_| {});
+    let now = sim.now();
+    let td =
+        pki.client_tls(Kind::Agent, "x").map(|t| ztna_control::e2e::own_identity(&t).unwrap().trust_domain).unwrap();
+    let c = sim.add(connector(&pki, now, |cfg| {
+        cfg.services[0].allow_agents = Some(vec![format!("spiffe://{td}/agent/someone-else")]);
+    }));
+    let a = sim.add(agent(&pki, "a", 5000, now));
+    let handshakes = |sim: &mut Sim| sim.host::<AgentHost>(a).core.stats().e2e_handshakes;
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        sim.host::<ConnectorHost>(c).engine.stats().snapshot().flows_refused >= 1
+    }));
+    assert_eq!(handshakes(&mut sim), 1);
+    // A refused session is not retried on the short backoff (1 s, 2 s, …) ...
+    // (quiche's timers run on the wall clock, so this takes 25 s of it.)
+    sim.run_until(Duration::from_secs(25), |_| false);
+    assert_eq!(handshakes(&mut sim), 1, "retried before the backoff cap");
+    assert_eq!(sim.host::<AgentHost>(a).core.sessions_up(), 0);
+    // ... but it is retried: a policy fix needs no agent restart.
+    assert!(sim.run_until(Duration::from_secs(10), |sim| handshakes(sim) >= 2));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

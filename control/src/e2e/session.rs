@@ -106,6 +106,7 @@ pub struct E2eSession {
     dgram_recv_count: usize,
     rejected: u64,
     early_dropped: u64,
+    pending_lost: u64,
     truncated: u64,
     identity_mismatch: bool,
     /// A relay flow carries the session now (agent side).
@@ -178,6 +179,7 @@ impl E2eSession {
             dgram_recv_count: 0,
             rejected: 0,
             early_dropped: 0,
+            pending_lost: 0,
             truncated: 0,
             identity_mismatch: false,
             carried: true,
@@ -234,6 +236,12 @@ impl E2eSession {
     /// Received packets dropped because the caller's buffer was too small.
     pub fn truncated(&self) -> u64 {
         self.truncated
+    }
+
+    /// Agent: packets queued before `Up` that the DATAGRAM queue had no
+    /// room for when the session came up (dropped).
+    pub fn pending_lost(&self) -> u64 {
+        self.pending_lost
     }
 
     /// Connector: DATAGRAMs the agent sent before the session was admitted.
@@ -397,9 +405,11 @@ impl E2eSession {
         self.events.push_back(SessionEvent::Up);
         while let Some(p) = self.pending.pop_front() {
             if self.conn.dgram_send(&p).is_err() {
+                self.pending_lost += 1;
                 break;
             }
         }
+        self.pending_lost += self.pending.len() as u64;
         self.pending.clear();
     }
 
