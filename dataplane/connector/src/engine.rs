@@ -423,7 +423,10 @@ impl Engine {
             }
         };
         let Some(p) = self.peers.get_mut(slot) else { return };
-        if p.session.recv(pkt, now) {
+        let early = p.session.early_dropped();
+        let authentic = p.session.recv(pkt, now);
+        crate::add(&self.stats.e2e_early_dropped, p.session.early_dropped() - early);
+        if authentic {
             if p.via != Some(via) {
                 debug!(slot, ?via, "end-to-end session moved to another relay flow");
                 self.peers.move_to(slot, via, now);

@@ -226,24 +226,10 @@ impl Gateway {
         self.tcp.interest(out);
     }
 
-    /// Moves a flow's TCP connections and UDP flows to another key (to
-    /// park and to adopt a flow); false if there was nothing to move.
-    pub fn move_flow_state(&mut self, from: FlowKey, to: FlowKey) -> bool {
-        let tcp = self.tcp.rekey(from, to);
-        let udp = self.udp.rekey_agent_flow(from, to);
-        tcp || udp
-    }
-
     /// Drops a flow's TCP connections (reset) and UDP flows.
     pub fn drop_flow_state(&mut self, key: FlowKey, io: &mut dyn BackendIo) {
         self.udp.remove_agent_flow(key, io);
         self.tcp.remove_flow(key, io);
-    }
-
-    /// Drops every flow's state of relay session `session`.
-    pub fn drop_session_state(&mut self, session: usize, io: &mut dyn BackendIo) {
-        self.udp.remove_session(session, io);
-        self.tcp.remove_session(session, io);
     }
 
     /// UDP flows (backend sockets) open.

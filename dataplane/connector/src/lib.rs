@@ -137,6 +137,9 @@ ztna_ops::counters! {
     /// Inner packets that failed authentication (altered on the way, or
     /// for keys the session does not have).
     e2e_packets_rejected,
+    /// Tunneled packets an agent sent before the connector admitted its
+    /// session (dropped: nothing passes before admission).
+    e2e_early_dropped,
     }
 }
 

@@ -575,25 +575,6 @@ impl TcpEngine {
         }
     }
 
-    /// Moves a flow's connections to another key (parking an agent's flow
-    /// while it moves to another relay, and adopting it there). False if
-    /// there is nothing under `from` or `to` is taken.
-    pub(crate) fn rekey(&mut self, from: FlowKey, to: FlowKey) -> bool {
-        if self.flows.contains_key(&to) {
-            return false;
-        }
-        match self.flows.remove(&from) {
-            Some(f) => {
-                for (t, c) in &f.conns {
-                    self.by_backend.insert(c.backend, (to, *t));
-                }
-                self.flows.insert(to, f);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Budgets no flow holds any more (only the map's reference is left).
     fn forget_unused_budgets(&mut self) {
         self.queue_budgets.retain(|_, b| Arc::strong_count(b) > 1);
@@ -610,14 +591,6 @@ impl TcpEngine {
                 inc(&self.stats.tcp_connections_closed);
             }
             self.forget_unused_budgets();
-        }
-    }
-
-    /// Drops every flow of a relay session (the connection was lost).
-    pub(crate) fn remove_session(&mut self, session: usize, io: &mut dyn BackendIo) {
-        let keys: Vec<FlowKey> = self.flows.keys().filter(|k| k.session == session).copied().collect();
-        for k in keys {
-            self.remove_flow(k, io);
         }
     }
 }

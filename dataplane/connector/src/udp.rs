@@ -171,33 +171,10 @@ impl UdpTable {
         Some(f.key)
     }
 
-    /// Moves an agent flow's UDP flows to another agent flow key (parking
-    /// and adopting); false if there were none.
-    pub(crate) fn rekey_agent_flow(&mut self, from: FlowKey, to: FlowKey) -> bool {
-        let Some(tokens) = self.by_agent_flow.remove(&from) else { return false };
-        for t in &tokens {
-            let Some(f) = self.flows.get_mut(t) else { continue };
-            self.index.remove(&f.key);
-            f.key = UdpKey { session: to.session, flow: to.flow, ..f.key };
-            self.index.insert(f.key, *t);
-        }
-        let moved = !tokens.is_empty();
-        self.by_agent_flow.entry(to).or_default().extend(tokens);
-        moved
-    }
-
     /// Drops an agent flow's UDP flows.
     pub(crate) fn remove_agent_flow(&mut self, key: FlowKey, io: &mut dyn BackendIo) {
         for t in self.by_agent_flow.remove(&key).unwrap_or_default() {
             self.remove(t, io);
-        }
-    }
-
-    /// Drops every UDP flow of relay session `session`.
-    pub(crate) fn remove_session(&mut self, session: usize, io: &mut dyn BackendIo) {
-        let keys: Vec<FlowKey> = self.by_agent_flow.keys().filter(|k| k.session == session).copied().collect();
-        for k in keys {
-            self.remove_agent_flow(k, io);
         }
     }
 

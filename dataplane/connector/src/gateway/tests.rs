@@ -370,40 +370,27 @@ fn tcp_connections_per_flow_are_limited() {
 }
 
 #[test]
-fn moved_flow_state_keeps_connections_and_drops_cleanly() {
+fn dropped_flow_state_resets_backends_and_leaves_other_flows_alone() {
     let mut b = Bench::new(|_| {});
+    let other = FlowKey { session: 1, flow: 12 };
     let mut c = Client::connect(&mut b, KEY, 41_000);
+    let mut o = Client::connect(&mut b, other, 41_001);
     assert_eq!(c.exchange(&mut b, KEY, b"before", 6), b"before");
     b.send(KEY, &udp_packet(40_000, DNS_PORT, b"u1"));
     b.settle();
-    b.out.clear();
+    assert_eq!((b.io.tcp_open(), b.io.udp_open()), (2, 1));
 
-    // Park (the agent's relay leg ended) and adopt under a new flow on
-    // another relay session: the same backend connection carries on.
-    let parked = FlowKey { session: usize::MAX, flow: 0 };
-    let adopted = FlowKey { session: 1, flow: 12 };
-    assert!(b.gw.move_flow_state(KEY, parked));
-    assert!(b.gw.move_flow_state(parked, adopted));
-    assert!(!b.gw.move_flow_state(KEY, parked), "nothing is left under the old key");
-    assert_eq!(c.exchange(&mut b, adopted, b"after", 5), b"after");
-    assert_eq!(b.io.tcp_open(), 1, "no new backend connection");
-    assert_eq!(b.io.tcp_received(), vec![11]);
-    b.send(adopted, &udp_packet(40_000, DNS_PORT, b"u2"));
+    // The session ended: its backends are reset and its sockets closed.
+    b.gw.drop_flow_state(KEY, &mut b.io);
     b.settle();
-    assert_eq!(b.io.udp_opened, 1, "the UDP flow moved too");
-    assert!(b.out.iter().all(|(k, _)| *k == adopted), "every answer goes to the new flow");
-
-    // The old key is unknown now: a segment there is answered with an RST
-    // and does not reach the connection.
+    assert_eq!((b.io.tcp_open(), b.io.udp_open()), (1, 0));
+    assert!(b.io.tcp_closed.iter().all(|c| c.aborted));
+    assert_eq!((b.gw.tcp_connections(), b.gw.udp_flows()), (1, 0));
+    // A late segment of the dropped flow finds no connection (RST) ...
     b.send(KEY, &tcp_packet(c.port, WEB_PORT, c.header(TcpFlags::ACK | TcpFlags::PSH), b"lost"));
     assert_eq!(count(&b.stats.drop_tcp_no_connection), 1);
-
-    // Dropping the flow's state resets its backend and closes its sockets.
-    b.gw.drop_flow_state(adopted, &mut b.io);
-    b.settle();
-    assert_eq!((b.io.tcp_open(), b.io.udp_open()), (0, 0));
-    assert!(b.io.tcp_closed.iter().all(|c| c.aborted));
-    assert_eq!((b.gw.tcp_connections(), b.gw.udp_flows()), (0, 0));
+    // ... and the other session's connection carries on.
+    assert_eq!(o.exchange(&mut b, other, b"still here", 10), b"still here");
 }
 
 #[test]
