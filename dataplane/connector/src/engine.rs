@@ -72,6 +72,7 @@ fn send_to_agent(peers: &mut Peers, stats: &ConnectorStats, key: FlowKey, pkt: &
     match peers.by_key(key).map(|p| p.session.send_ip(pkt)) {
         Some(Ok(())) => {
             inc(&stats.packets_to_agents);
+            peers.mark(key.session);
             TxOutcome::Sent
         }
         Some(Err(SendIpError::Full)) => TxOutcome::Blocked,
@@ -102,6 +103,8 @@ pub struct Engine {
     tx_next: usize,
     buf: Vec<u8>,
     ip: Vec<u8>,
+    /// Reused for the due and send lists.
+    slots_scratch: Vec<usize>,
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -148,6 +151,7 @@ impl Engine {
             tx_next: 0,
             buf: vec![0u8; 65_536],
             ip: vec![0u8; 2048],
+            slots_scratch: Vec::new(),
             last_now: now,
         })
     }
@@ -260,12 +264,9 @@ impl Engine {
                 self.process_link(i, now, io);
             }
         }
-        let due: Vec<usize> = self
-            .peers
-            .slots()
-            .filter(|s| self.peers.get(*s).and_then(|p| p.session.next_deadline()).is_some_and(|d| d <= now))
-            .collect();
-        for slot in due {
+        let mut due = std::mem::take(&mut self.slots_scratch);
+        self.peers.due(now, &mut due);
+        for &slot in &due {
             if let Some(p) = self.peers.get_mut(slot) {
                 // A relay leg that went quiet holds the session's loss
                 // recovery until it is heard again (or the session moves).
@@ -283,6 +284,7 @@ impl Engine {
             }
             self.after_session(slot, now, io);
         }
+        self.slots_scratch = due;
         self.stats.e2e_cert_rejected.store(self.rejections.total(), Ordering::Relaxed);
         self.flush_sessions(now);
     }
@@ -308,34 +310,46 @@ impl Engine {
     /// queues. Returns whether anything moved.
     fn flush_sessions(&mut self, now: Instant) -> bool {
         let mut moved = false;
-        let slots: Vec<usize> = self.peers.slots().collect();
+        let mut slots = std::mem::take(&mut self.slots_scratch);
+        self.peers.take_send_list(&mut slots);
         let mut buf = std::mem::take(&mut self.buf);
-        for slot in slots {
+        for &slot in &slots {
             let Some(p) = self.peers.get_mut(slot) else { continue };
             // A full relay queue leaves the inner packets with the inner
-            // session (backpressure), rather than losing them.
-            while p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room()) {
+            // session (backpressure), rather than losing them; it stays on
+            // the send list.
+            let mut blocked = false;
+            loop {
+                if !p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room()) {
+                    blocked = true;
+                    break;
+                }
                 let Some(n) = p.session.poll_transmit(&mut buf, now) else { break };
                 let Some(((link, flow), pkt)) = p.via.zip(buf.get(..n)) else { continue };
                 match self.links.get_mut(link).map(|l| l.session.send_datagram(flow, pkt)) {
                     Some(Ok(())) => moved = true,
                     Some(Err(SendError::QueueFull)) => {
                         inc(&self.stats.drop_send_to_agent);
+                        blocked = true;
                         break;
                     }
                     _ => {}
                 }
             }
+            self.peers.rearm(slot);
+            if blocked {
+                self.peers.mark(slot);
+            }
         }
         self.buf = buf;
+        self.slots_scratch = slots;
         moved
     }
 
     /// When [`Engine::handle_timeout`] must run at the latest.
     pub fn next_timeout(&self, now: Instant) -> Option<Instant> {
         let sessions = self.links.iter().filter_map(|l| l.session.next_deadline()).min();
-        let peers = self.peers.slots().filter_map(|s| self.peers.get(s).and_then(|p| p.session.next_deadline())).min();
-        [sessions, peers, self.gateway.next_timeout(now)].into_iter().flatten().min()
+        [sessions, self.peers.next_deadline(), self.gateway.next_timeout(now)].into_iter().flatten().min()
     }
 
     /// Appends every TCP backend socket that waits for something.
@@ -456,8 +470,14 @@ impl Engine {
         }
     }
 
-    /// Acts on a session's events, then hands its IP packets to the gateway.
+    /// Acts on a session's events, hands its IP packets to the gateway, and
+    /// puts it on the send list with its timer re-read.
     fn after_session(&mut self, slot: usize, now: Instant, io: &mut dyn BackendIo) {
+        self.session_work(slot, now, io);
+        self.peers.touch(slot);
+    }
+
+    fn session_work(&mut self, slot: usize, now: Instant, io: &mut dyn BackendIo) {
         while let Some(e) = self.peers.get_mut(slot).and_then(|p| p.session.poll_event()) {
             match e {
                 SessionEvent::Established { peer } => {

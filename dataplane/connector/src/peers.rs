@@ -2,6 +2,12 @@
 //! by the connection ID its packets carry, bounded in total and per
 //! identity.
 //!
+//! The engine never scans every session per packet: a session it touched
+//! (received a packet, ran its timer, was handed an IP packet) goes on the
+//! send list that the next flush works through, and each session's next
+//! deadline sits in one ordered timer set, so finding what is due costs
+//! O(log n).
+//!
 //! A session is created only by an inner Initial arriving on a relay flow
 //! (never from anywhere else). It remembers the relay flow that carries it
 //! now; an authenticated packet on another flow (the agent moved to
@@ -9,7 +15,7 @@
 //! flows) is keyed by its slot and a generation, so it survives the move
 //! and a reused slot never sees a predecessor's state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +37,9 @@ pub(crate) struct Peer {
     /// The admitted service (index into the configuration).
     pub service: Option<usize>,
     pub key: FlowKey,
+    /// Its entry in the timer set, and whether it is on the send list.
+    armed: Option<Instant>,
+    queued: bool,
 }
 
 /// Limits of [`Peers`] (from the configuration).
@@ -60,6 +69,10 @@ pub(crate) struct Peers {
     handshaking: usize,
     generation: u32,
     limits: PeerLimits,
+    /// (deadline, slot) of every session with a timer.
+    timers: BTreeSet<(Instant, usize)>,
+    /// Sessions that may have something to send (module docs).
+    send_list: Vec<usize>,
 }
 
 impl Peers {
@@ -74,7 +87,65 @@ impl Peers {
             handshaking: 0,
             generation: 0,
             limits,
+            timers: BTreeSet::new(),
+            send_list: Vec::new(),
         }
+    }
+
+    /// The session in `slot` changed: its timer is re-read and it goes on
+    /// the send list.
+    pub fn touch(&mut self, slot: usize) {
+        self.rearm(slot);
+        self.mark(slot);
+    }
+
+    /// Puts the session in `slot` on the send list (once).
+    pub fn mark(&mut self, slot: usize) {
+        if let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            if !p.queued {
+                p.queued = true;
+                self.send_list.push(slot);
+            }
+        }
+    }
+
+    /// Re-reads the session's next deadline into the timer set.
+    pub fn rearm(&mut self, slot: usize) {
+        let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else { return };
+        let next = p.session.next_deadline();
+        if p.armed == next {
+            return;
+        }
+        if let Some(old) = p.armed {
+            self.timers.remove(&(old, slot));
+        }
+        if let Some(t) = next {
+            self.timers.insert((t, slot));
+        }
+        p.armed = next;
+    }
+
+    /// The send list, emptied (each session's mark cleared): the caller
+    /// flushes them and [`Peers::mark`]s again those it could not finish.
+    pub fn take_send_list(&mut self, out: &mut Vec<usize>) {
+        out.clear();
+        std::mem::swap(out, &mut self.send_list);
+        for &slot in out.iter() {
+            if let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+                p.queued = false;
+            }
+        }
+    }
+
+    /// Sessions whose timer is due at `now`.
+    pub fn due(&self, now: Instant, out: &mut Vec<usize>) {
+        out.clear();
+        out.extend(self.timers.range(..=(now, usize::MAX)).map(|&(_, slot)| slot));
+    }
+
+    /// The earliest session timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.first().map(|&(t, _)| t)
     }
 
     pub fn len(&self) -> usize {
@@ -124,7 +195,8 @@ impl Peers {
         self.by_flow.insert(via, slot);
         *self.handshakes.entry(Arc::clone(&agent_id)).or_default() += 1;
         self.handshaking += 1;
-        let peer = Peer { session, via: Some(via), agent_id, proven: false, service: None, key };
+        let peer =
+            Peer { session, via: Some(via), agent_id, proven: false, service: None, key, armed: None, queued: false };
         match self.slots.get_mut(slot) {
             Some(s) => *s = Some(peer),
             None => self.slots.push(Some(peer)),
@@ -178,44 +250,61 @@ impl Peers {
             // Its packet just came through this relay: it is alive.
             p.session.set_stalled(false, now);
         }
+        self.touch(slot);
+    }
+
+    /// Applies `f` to every session that `pick` selects, then re-reads
+    /// their timers (relay events: rare, so a scan is fine here).
+    fn each_then_rearm(&mut self, pick: impl Fn(&Peer) -> bool, mut f: impl FnMut(&mut Peer)) {
+        let mut changed = Vec::new();
+        for (slot, p) in self.slots.iter_mut().enumerate() {
+            if let Some(p) = p.as_mut().filter(|p| pick(p)) {
+                f(p);
+                changed.push(slot);
+            }
+        }
+        for slot in changed {
+            self.touch(slot);
+        }
     }
 
     /// A relay flow closed: sessions on it wait for their agent's next.
     pub fn flow_closed(&mut self, via: RelayFlow, now: Instant) {
         self.by_flow.remove(&via);
-        for p in self.slots.iter_mut().flatten() {
-            if p.via == Some(via) {
+        self.each_then_rearm(
+            |p| p.via == Some(via),
+            |p| {
                 p.via = None;
                 p.session.set_carried(false, now);
-            }
-        }
+            },
+        );
     }
 
     /// A relay link was lost: none of its flows carry sessions now.
     pub fn link_lost(&mut self, link: usize, now: Instant) {
         self.by_flow.retain(|(l, _), _| *l != link);
-        for p in self.slots.iter_mut().flatten() {
-            if p.via.is_some_and(|(l, _)| l == link) {
+        self.each_then_rearm(
+            |p| p.via.is_some_and(|(l, _)| l == link),
+            |p| {
                 p.via = None;
                 p.session.set_carried(false, now);
-            }
-        }
+            },
+        );
     }
 
     /// Link `link`'s relay was heard again: its sessions resume loss
     /// recovery ([`ztna_control::e2e::E2eSession::set_stalled`]).
     pub fn link_heard(&mut self, link: usize, now: Instant) {
-        for p in self.slots.iter_mut().flatten() {
-            if p.via.is_some_and(|(l, _)| l == link) {
-                p.session.set_stalled(false, now);
-            }
-        }
+        self.each_then_rearm(|p| p.via.is_some_and(|(l, _)| l == link), |p| p.session.set_stalled(false, now));
     }
 
     /// Removes a session; returns it (the caller drops its gateway state).
     pub fn remove(&mut self, slot: usize) -> Option<Peer> {
         self.end_handshake(slot);
         let p = self.slots.get_mut(slot)?.take()?;
+        if let Some(t) = p.armed {
+            self.timers.remove(&(t, slot));
+        }
         self.by_cid.remove(&p.session.source_id());
         if p.proven && !p.agent_id.is_empty() {
             if let Some(n) = self.sessions.get_mut(&p.agent_id) {
