@@ -307,6 +307,9 @@ pub struct TcpProbeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ConnectorTurnsArgs {
+    /// End-to-end sessions (one agent identity each) of the large case.
+    #[arg(long, default_value_t = 512)]
+    pub sessions: usize,
     /// Idle UDP flows of the large table.
     #[arg(long, default_value_t = 4096)]
     pub flows: usize,
@@ -520,7 +523,7 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::ConnectorTurns(a) => {
-            let r = crate::connector_turns::run(a.flows, a.turns)?;
+            let r = crate::connector_turns::run(a.sessions, a.flows, a.turns)?;
             r.print();
             if let Some(p) = &a.json {
                 report::write_json(p, &r)?;

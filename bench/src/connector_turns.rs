@@ -1,32 +1,36 @@
 //! `ztna-bench connector-turns`: what one connector loop turn costs with
-//! many idle UDP flows, against the same connector with one flow.
+//! many end-to-end sessions and many idle UDP flows, against the same
+//! connector with one of each.
 //!
 //! An in-process relay, a UDP echo service and a connector driven turn by
-//! turn from this thread; agents (one identity each) open UDP flows by
-//! sending from distinct source ports. Measured, each on this thread's CPU
-//! clock:
+//! turn from this thread; agents (one identity and one end-to-end session
+//! each, hand-driven [`RawTunnel`]s) open UDP flows by sending from
+//! distinct source ports. Measured, each on this thread's CPU clock:
 //!
-//! - an idle turn (`turn(0)`, nothing arrived) with 1 flow and with
-//!   `--flows` flows;
+//! - an idle turn (`turn(0)`, nothing arrived) with 1 session and 1 flow,
+//!   with `--sessions` sessions, and with those sessions holding `--flows`
+//!   flows;
 //! - the turns that set up a batch of new 5-tuples (packet in, backend
-//!   socket, echo back), per new flow, with 1 flow and with `--flows`
-//!   already open.
+//!   socket, echo back), per new flow, with 1 flow and with all of them.
 //!
 //! Ratios large / small near 1 mean the turn costs what arrived, not what
 //! the tables hold.
 
 use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use ztna_connector::{BackendRoute, Connector, ConnectorConfig, Proto, ServiceConfig};
-use ztna_control::client::{ClientConfig, Event};
+use ztna_control::client::ClientConfig;
 use ztna_control::identity::Kind;
 use ztna_control::{packet, Role, ServiceName};
-use ztna_relay::server::{self, RelayConfig};
+use ztna_relay::server::{self, RelayConfig, RelayHandle};
 use ztna_testkit::client_io::UdpClient;
 use ztna_testkit::echo::EchoServer;
+use ztna_testkit::raw_tunnel::RawTunnel;
 
 const SERVICE: &str = "echo";
 const ECHO_PORT: u16 = 7;
@@ -39,12 +43,15 @@ const BATCH: usize = 64;
 /// What `connector-turns` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectorTurnsReport {
+    pub sessions: usize,
     pub flows: usize,
-    pub agents: usize,
     pub idle_turns: usize,
-    /// CPU microseconds of one idle turn with 1 flow / with `flows`.
+    /// CPU microseconds of one idle turn with 1 session and 1 flow, with
+    /// `sessions` sessions, and with `sessions` sessions holding `flows`.
     pub idle_turn_us_1: f64,
+    pub idle_turn_us_sessions: f64,
     pub idle_turn_us_n: f64,
+    pub idle_sessions_ratio: f64,
     pub idle_ratio: f64,
     /// CPU microseconds per new flow (batches of [`BATCH`]) with 1 flow /
     /// with `flows` open.
@@ -52,30 +59,32 @@ pub struct ConnectorTurnsReport {
     pub new_flow_us_n: f64,
     pub new_flow_ratio: f64,
     /// The connector's `udp_backend_reads` counter over the idle turns with
-    /// `flows` open (None when the connector has no such counter).
-    pub backend_reads_idle_n: Option<u64>,
+    /// `flows` open.
+    pub backend_reads_idle_n: u64,
 }
 
 impl ConnectorTurnsReport {
     pub fn print(&self) {
-        println!("connector turn cost, {} agents, {} idle turns per measurement", self.agents, self.idle_turns);
+        println!("connector turn cost, {} idle turns per measurement", self.idle_turns);
         println!(
-            "  idle turn:  1 flow {:>9.2} us   {} flows {:>9.2} us   ratio {:.2}",
+            "  idle turn:  1 session {:>8.2} us   {} sessions {:>8.2} us   ratio {:.2}",
+            self.idle_turn_us_1, self.sessions, self.idle_turn_us_sessions, self.idle_sessions_ratio
+        );
+        println!(
+            "  idle turn:  1 flow    {:>8.2} us   {} flows    {:>8.2} us   ratio {:.2}",
             self.idle_turn_us_1, self.flows, self.idle_turn_us_n, self.idle_ratio
         );
         println!(
-            "  new flow:   1 flow {:>9.2} us   {} flows {:>9.2} us   ratio {:.2}",
+            "  new flow:   1 flow    {:>8.2} us   {} flows    {:>8.2} us   ratio {:.2}",
             self.new_flow_us_1, self.flows, self.new_flow_us_n, self.new_flow_ratio
         );
-        if let Some(r) = self.backend_reads_idle_n {
-            println!("  backend reads during the idle turns with {} flows: {r}", self.flows);
-        }
+        println!("  backend reads during the idle turns with {} flows: {}", self.flows, self.backend_reads_idle_n);
     }
 }
 
 struct Bench {
     connector: Connector,
-    agents: Vec<(UdpClient, u32)>,
+    agents: Vec<RawTunnel>,
     /// CPU spent in `Connector::turn`.
     connector_cpu: Duration,
     pkt: Vec<u8>,
@@ -90,15 +99,19 @@ impl Bench {
         Ok(())
     }
 
-    /// Pumps agents (discarding what they receive) and turns the connector
-    /// until `done` holds on its stats.
+    /// Pumps every agent, discarding the tunneled packets they receive.
+    fn pump_agents(&mut self) {
+        for a in &mut self.agents {
+            a.pump();
+            while a.session.recv_ip(&mut self.buf).is_some() {}
+        }
+    }
+
+    /// Pumps agents and turns the connector until `done` holds.
     fn run_until(&mut self, what: &str, done: impl Fn(&Connector) -> bool) -> Result<()> {
         let end = Instant::now() + Duration::from_secs(30);
         while !done(&self.connector) {
-            for (a, _) in &mut self.agents {
-                a.pump();
-                while a.session.recv_datagram(&mut self.buf).is_some() {}
-            }
+            self.pump_agents();
             self.turn(Duration::from_millis(1))?;
             if Instant::now() > end {
                 bail!("timed out waiting for {what}: {:?}", self.connector.stats);
@@ -113,20 +126,17 @@ impl Bench {
         for p in ports {
             let me = SocketAddrV4::new([10, 9, (a >> 8) as u8, a as u8].into(), p);
             packet::build_ipv4_udp(me, svc, b"bench", &mut self.pkt)?;
-            let (agent, flow) = self.agents.get_mut(a).context("agent")?;
             // The session queue is bounded: pump until it takes the datagram.
             let end = Instant::now() + Duration::from_secs(10);
-            while agent.session.send_datagram(*flow, &self.pkt).is_err() {
-                agent.pump();
-                let t0 = crate::cpu::thread_cpu_time();
-                self.connector.turn(Duration::ZERO)?;
-                self.connector_cpu += crate::cpu::thread_cpu_time().saturating_sub(t0);
+            while self.agents.get_mut(a).context("agent")?.session.send_ip(&self.pkt).is_err() {
+                self.pump_agents();
+                self.turn(Duration::ZERO)?;
                 if Instant::now() > end {
                     bail!("agent {a} cannot send");
                 }
             }
         }
-        if let Some((agent, _)) = self.agents.get_mut(a) {
+        if let Some(agent) = self.agents.get_mut(a) {
             agent.pump();
         }
         Ok(())
@@ -161,16 +171,59 @@ impl Bench {
         })?;
         Ok((self.connector_cpu - c0).as_secs_f64() * 1e6 / BATCH as f64)
     }
+
+    /// Brings up agents until there are `n`, each with its own identity and
+    /// end-to-end session. The connector runs on a helper thread meanwhile
+    /// (each agent's handshake pumps that agent alone); it comes back.
+    fn connect_agents(self, relay: &RelayHandle, n: usize) -> Result<Bench> {
+        let Bench { connector, mut agents, connector_cpu, pkt, buf } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let helper = std::thread::Builder::new().name("connector".into()).spawn(move || -> Result<Connector> {
+            let mut c = connector;
+            while !s.load(Ordering::Acquire) {
+                c.turn(Duration::from_millis(1))?;
+            }
+            Ok(c)
+        })?;
+        let pki = relay.dev_pki.as_ref().context("dev PKI")?;
+        let connected = (|| -> Result<()> {
+            while agents.len() < n {
+                let i = agents.len();
+                let tls = pki.client_tls(Kind::Agent, &format!("bench-agent-{i}"))?;
+                let mut c = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse()?, "localhost");
+                c.registrations = vec![(Role::Agent, ServiceName::new(SERVICE).context("service")?)];
+                let client = UdpClient::new(c, &tls, "127.0.0.1:0".parse()?, 100 + i as u64)?;
+                let svc = ServiceName::new(SERVICE).context("service")?;
+                agents.push(RawTunnel::connect(client, &tls, svc, Duration::from_secs(10))?);
+                if i % 32 == 31 {
+                    // Keep the earlier ones' relay and inner sessions alive.
+                    for a in &mut agents {
+                        a.pump();
+                    }
+                }
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        let connector = helper.join().map_err(|_| anyhow::anyhow!("connector thread panicked"))??;
+        connected?;
+        Ok(Bench { connector, agents, connector_cpu, pkt, buf })
+    }
 }
 
-/// Runs the measurement with `flows` idle UDP flows (at most 4096, the
-/// connector's default table) and `turns` idle turns per figure.
-pub fn run(flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
+/// Runs the measurement with `sessions` end-to-end sessions (at most the
+/// connector's default 1024) holding `flows` idle UDP flows (at most
+/// 4096, its default table; 256 per session), `turns` idle turns per
+/// figure.
+pub fn run(sessions: usize, flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
     if !(BATCH + 1..=4096).contains(&flows) {
         bail!("--flows must be between {} and 4096", BATCH + 1);
     }
-    // Agents: enough for the flows plus one batch on a fresh agent.
-    let agents = flows.div_ceil(FLOWS_PER_AGENT) + 1;
+    // The flows' agents plus one with room for the last batch.
+    if !(flows.div_ceil(FLOWS_PER_AGENT) + 1..=1024).contains(&sessions) {
+        bail!("--sessions must be between {} and 1024 for {flows} flows", flows.div_ceil(FLOWS_PER_AGENT) + 1);
+    }
     let relay = server::start(&RelayConfig {
         listen: "127.0.0.1:0".parse()?,
         workers: Some(1),
@@ -179,12 +232,12 @@ pub fn run(flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
         policy_toml: Some(format!("[services.{SERVICE}]\nconnectors = [\"bench-connector\"]\nagents = [\"*\"]\n")),
         ..RelayConfig::default()
     })?;
-    let r = run_with(&relay, flows, agents, turns);
+    let r = run_with(&relay, sessions, flows, turns);
     relay.shutdown();
     r
 }
 
-fn run_with(relay: &server::RelayHandle, flows: usize, agents: usize, turns: usize) -> Result<ConnectorTurnsReport> {
+fn run_with(relay: &RelayHandle, sessions: usize, flows: usize, turns: usize) -> Result<ConnectorTurnsReport> {
     let pki = relay.dev_pki.as_ref().context("dev PKI")?;
     let (cert, key) = pki.issue(Kind::Connector, "bench-connector")?;
     let echo = EchoServer::start("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)?;
@@ -213,52 +266,23 @@ fn run_with(relay: &server::RelayHandle, flows: usize, agents: usize, turns: usi
             bail!("connector did not register");
         }
     }
-    let mut b =
-        Bench { connector, agents: Vec::new(), connector_cpu: Duration::ZERO, pkt: Vec::new(), buf: vec![0; 2048] };
-    for i in 0..agents {
-        let tls = pki.client_tls(Kind::Agent, &format!("bench-agent-{i}"))?;
-        let mut c = ClientConfig::new(relay.local_addr, "127.0.0.1:0".parse()?, "localhost");
-        c.registrations = vec![(Role::Agent, ServiceName::new(SERVICE).context("service")?)];
-        let client = UdpClient::new(c, &tls, "127.0.0.1:0".parse()?, 100 + i as u64)?;
-        b.agents.push((client, 0));
-    }
-    // Registration: pump everyone until each agent has its flow.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        for (a, flow) in &mut b.agents {
-            a.pump();
-            while let Some(e) = a.session.poll_event() {
-                match e {
-                    Event::Registered { flow: f, .. } => *flow = f + 1,
-                    Event::RegisterFailed { code, reason, .. } => bail!("agent registration refused: {code} {reason}"),
-                    _ => {}
-                }
-            }
-        }
-        b.turn(Duration::from_millis(1))?;
-        if b.agents.iter().all(|(_, f)| *f != 0) {
-            break;
-        }
-        if Instant::now() > end {
-            bail!("agents did not register");
-        }
-    }
-    for (_, f) in &mut b.agents {
-        *f -= 1;
-    }
+    let b = Bench { connector, agents: Vec::new(), connector_cpu: Duration::ZERO, pkt: Vec::new(), buf: vec![0; 2048] };
 
-    // One flow.
+    // One session, one flow.
+    let mut b = b.connect_agents(relay, 1)?;
     b.open(0, 1000..1001)?;
     b.run_until("the first flow", |c| c.stats.snapshot().udp_from_backend >= 1)?;
     let idle_1 = b.idle_turns(turns)?;
-    let new_1 = b.new_flows(agents - 1, 20_000)?;
-    // Back to one flow is not possible without waiting for expiry; the
-    // batch's agent is not used again, and the large table is built next.
+    let new_1 = b.new_flows(0, 20_000)?;
 
-    // `flows` flows: agent a opens ports 1000.. (agent 0 already has 1000).
+    // `sessions` sessions, nothing else open.
+    let mut b = b.connect_agents(relay, sessions)?;
+    b.run_until("the sessions to settle", |c| c.engine().e2e_sessions_up() >= sessions)?;
+    let idle_sessions = b.idle_turns(turns)?;
+
+    // `flows` flows: agent a opens ports 1000.. (agent 0 holds 1 + BATCH).
     let mut left = flows - 1 - BATCH;
-    let mut a = 0usize;
-    let mut next_port = 1001u16;
+    let (mut a, mut next_port) = (1usize, 1000u16);
     while left > 0 {
         let room = FLOWS_PER_AGENT - usize::from(next_port - 1000);
         let n = left.min(room).min(BATCH);
@@ -277,26 +301,23 @@ fn run_with(relay: &server::RelayHandle, flows: usize, agents: usize, turns: usi
     if b.opened() != want {
         bail!("expected {flows} flows, the connector opened {}", b.opened());
     }
-    let reads0 = backend_reads(&b.connector);
+    let reads0 = b.connector.stats.snapshot().udp_backend_reads;
     let idle_n = b.idle_turns(turns)?;
-    let reads_n = backend_reads(&b.connector).zip(reads0).map(|(a, b)| a - b);
-    // The fresh agent has room for one more batch under its per-flow limit.
-    let new_n = b.new_flows(agents - 1, 21_000)?;
+    let reads_n = b.connector.stats.snapshot().udp_backend_reads - reads0;
+    // The last agent holds no flow yet: room for one more batch.
+    let new_n = b.new_flows(sessions - 1, 21_000)?;
     Ok(ConnectorTurnsReport {
+        sessions,
         flows,
-        agents,
         idle_turns: turns,
         idle_turn_us_1: idle_1,
+        idle_turn_us_sessions: idle_sessions,
         idle_turn_us_n: idle_n,
+        idle_sessions_ratio: idle_sessions / idle_1.max(1e-9),
         idle_ratio: idle_n / idle_1.max(1e-9),
         new_flow_us_1: new_1,
         new_flow_us_n: new_n,
         new_flow_ratio: new_n / new_1.max(1e-9),
         backend_reads_idle_n: reads_n,
     })
-}
-
-/// The connector's count of recv calls on UDP backend sockets, if it has one.
-fn backend_reads(c: &Connector) -> Option<u64> {
-    c.stats.snapshot().fields().into_iter().find(|(name, _)| *name == "udp_backend_reads").map(|(_, v)| v)
 }
