@@ -14,6 +14,7 @@ pub mod e2e;
 pub mod identity;
 pub mod packet;
 pub mod quic;
+pub mod reset;
 pub mod rng;
 #[cfg(test)]
 mod test_pki;

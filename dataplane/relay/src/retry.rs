@@ -21,6 +21,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ztna_control::reset::hmac;
+pub use ztna_control::reset::MIN_RESET_LEN;
+
 use crate::cid::Instance;
 
 /// How long a Retry token is accepted.
@@ -41,12 +44,6 @@ pub enum TokenError {
     BadMac,
     /// Older than [`TOKEN_LIFETIME`] (or from the future).
     Expired,
-}
-
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    // HMAC-SHA256 cannot fail for in-memory inputs; an all-zero MAC would
-    // simply never verify.
-    boring::hash::hmac_sha256(key, data).unwrap_or([0u8; 32])
 }
 
 fn addr_bytes(a: SocketAddr) -> [u8; 18] {
@@ -162,11 +159,6 @@ impl std::fmt::Debug for ResetKey {
     }
 }
 
-/// Smallest stateless reset (RFC 9000 §10.3).
-pub const MIN_RESET_LEN: usize = 21;
-/// Largest reset we send: enough to look like a short packet.
-const MAX_RESET_LEN: usize = 43;
-
 impl ResetKey {
     /// `secret` is the relay's private key (DER).
     pub fn derive(secret: &[u8], instance: &Instance) -> ResetKey {
@@ -183,9 +175,7 @@ impl ResetKey {
 
     /// The reset token the relay announces for `cid`.
     pub fn token(&self, cid: &[u8]) -> u128 {
-        let mut t = [0u8; 16];
-        t.copy_from_slice(&hmac(&self.key, cid)[..16]);
-        u128::from_be_bytes(t)
+        ztna_control::reset::token(&self.key, cid)
     }
 
     /// Writes a stateless reset for a packet of `trigger_len` bytes to
@@ -197,18 +187,7 @@ impl ResetKey {
         if !crate::cid::is_ours(cid, self.node_id) {
             return None;
         }
-        let len = trigger_len.checked_sub(1)?.min(MAX_RESET_LEN);
-        if len < MIN_RESET_LEN {
-            return None;
-        }
-        let out = out.get_mut(..len)?;
-        let _ = boring::rand::rand_bytes(out);
-        if let Some(first) = out.first_mut() {
-            // Short header form with the fixed bit: 0b01xx_xxxx.
-            *first = (*first & 0x3f) | 0x40;
-        }
-        out.get_mut(len - 16..)?.copy_from_slice(&self.token(cid).to_be_bytes());
-        Some(len)
+        ztna_control::reset::write(self.token(cid), trigger_len, out)
     }
 }
 
