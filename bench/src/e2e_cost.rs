@@ -48,7 +48,7 @@ fn pair(pki: &ztna_relay::pki::DevPki, tag: u8, outer: bool) -> Result<(E2eSessi
     let now = Instant::now();
     let svc = ServiceName::new("echo").context("service")?;
     let mut a = E2eSession::connect(&mut acfg, [tag; 8], &td, &expect, svc, now)?;
-    let mut c = E2eSession::accept(&mut ccfg, [tag ^ 0xff; 8], &td, now)?;
+    let mut c = E2eSession::accept(&mut ccfg, [tag ^ 0xff; 8], &td, &e2e::ResetKey::from_tls(&ctls)?, now)?;
     let mut buf = vec![0u8; 1500];
     for _ in 0..100 {
         while let Some(n) = a.poll_transmit(&mut buf, now) {

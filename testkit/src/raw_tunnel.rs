@@ -112,6 +112,7 @@ impl RawTunnel {
 pub struct RawConnector {
     pub client: UdpClient,
     cfg: quiche::Config,
+    reset: e2e::ResetKey,
     trust_domain: String,
     /// Flow → its session.
     pub sessions: std::collections::HashMap<u32, E2eSession>,
@@ -122,9 +123,11 @@ impl RawConnector {
     pub fn new(client: UdpClient, tls: &TlsOptions) -> io::Result<RawConnector> {
         let own = e2e::own_identity(tls).map_err(io::Error::other)?;
         let cfg = e2e::server_config(tls, Arc::new(Rejections::default())).map_err(io::Error::other)?;
+        let reset = e2e::ResetKey::from_tls(tls).map_err(io::Error::other)?;
         Ok(RawConnector {
             client,
             cfg,
+            reset,
             trust_domain: own.trust_domain,
             sessions: Default::default(),
             buf: vec![0u8; 2048],
@@ -142,7 +145,7 @@ impl RawConnector {
             if !self.sessions.contains_key(&flow) && e2e::is_initial(inner) {
                 let mut scid = [0u8; e2e::CID_LEN];
                 let _ = boring::rand::rand_bytes(&mut scid);
-                if let Ok(s) = E2eSession::accept(&mut self.cfg, scid, &self.trust_domain, now) {
+                if let Ok(s) = E2eSession::accept(&mut self.cfg, scid, &self.trust_domain, &self.reset, now) {
                     self.sessions.insert(flow, s);
                 }
             }

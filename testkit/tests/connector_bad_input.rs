@@ -28,6 +28,7 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
         vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
     );
     cfg.max_udp_flows_per_agent = 2;
+    let reset_key = ztna_control::e2e::ResetKey::from_tls(&cfg.client_tls().unwrap()).unwrap();
     let mut connector = Connector::new(cfg, 3).unwrap();
     let end = Instant::now() + T;
     while !connector.is_ready() {
@@ -106,6 +107,37 @@ fn every_bad_packet_has_a_counter_and_good_traffic_survives() {
     }
     wait(&mut agent, "per-agent flow limit", &|s| get(&s.drop_flow_table_full) == 1);
     assert_eq!(get(&stats.udp_flows_opened), 2);
+
+    // An inner packet for a session the connector does not hold gets a
+    // stateless reset back on the same flow (shorter than the trigger, the
+    // token of that CID under the connector's key); a second one within
+    // RESET_EVERY gets nothing.
+    let mut junk = vec![0x41u8; 60];
+    junk[1..9].copy_from_slice(b"nosuchid");
+    let unknown = get(&stats.drop_unknown_cid);
+    agent.client.session.send_datagram(agent.flow, &junk).unwrap();
+    let mut got = Vec::new();
+    let end = Instant::now() + T;
+    while got.is_empty() {
+        agent.client.pump();
+        let mut d = [0u8; 2048];
+        while let Some(n) = agent.client.session.recv_datagram(&mut d) {
+            let (flow, p) = ztna_control::datagram::parse(&d[..n]).unwrap();
+            if flow == agent.flow && p.len() < 40 + 4 {
+                got.push(p.to_vec());
+            }
+        }
+        assert!(Instant::now() < end, "no reset: {stats:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let reset = &got[0];
+    assert!(reset.len() < junk.len() && reset.len() >= ztna_control::reset::MIN_RESET_LEN);
+    assert_eq!(reset[0] & 0xc0, 0x40, "looks like a short-header packet");
+    assert_eq!(reset[reset.len() - 16..], reset_key.token(b"nosuchid").to_be_bytes());
+    assert_eq!(get(&stats.e2e_resets_sent), 1);
+    agent.client.session.send_datagram(agent.flow, &junk).unwrap();
+    wait(&mut agent, "second unknown CID", &|s| get(&s.drop_unknown_cid) == unknown + 2);
+    assert_eq!(get(&stats.e2e_resets_sent), 1, "at most one reset per flow per second");
     stop.store(true, Ordering::Release);
     t.join().unwrap();
     relay.shutdown();

@@ -29,7 +29,7 @@ use crate::cert::{self, PeerRule, Rejection};
 use crate::identity::{Identity, Kind};
 use crate::quic::{TlsConfigError, TlsOptions};
 
-pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, MAX_PENDING};
+pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, ACK_DELAY, MAX_PENDING};
 
 /// ALPN of the inner connection.
 pub const ALPN: &[u8] = b"ztna-e2e/1";
@@ -90,6 +90,41 @@ impl Rejections {
     /// All refusals together.
     pub fn total(&self) -> u64 {
         [&self.unknown_ca, &self.validity, &self.identity, &self.other].iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A connector's stateless reset key for end-to-end sessions
+/// (docs/PROTOCOL.md §8.7). Derived from its private key: every replica
+/// holding the same identity and key can reset the sessions of any of
+/// them, a restarted connector those of its previous run, and no one
+/// without the key (the relay included) can forge a reset.
+#[derive(Clone)]
+pub struct ResetKey([u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+impl ResetKey {
+    /// The key of the endpoint whose private key `tls` holds.
+    pub fn from_tls(tls: &TlsOptions) -> Result<ResetKey, TlsConfigError> {
+        let key = PKey::private_key_from_pem(tls.key_pem.as_deref().ok_or(TlsConfigError::Key)?)
+            .map_err(|_| TlsConfigError::Key)?;
+        let der = key.private_key_to_der().map_err(|_| TlsConfigError::Key)?;
+        Ok(ResetKey(crate::reset::hmac(b"ztna e2e stateless reset v1", &der)))
+    }
+
+    /// The token a session whose connection ID is `cid` announces.
+    pub fn token(&self, cid: &[u8]) -> u128 {
+        crate::reset::token(&self.0, cid)
+    }
+
+    /// A stateless reset for a packet of `trigger_len` bytes to `cid`
+    /// ([`crate::reset::write`]).
+    pub fn write_reset(&self, cid: &[u8], trigger_len: usize, out: &mut [u8]) -> Option<usize> {
+        crate::reset::write(self.token(cid), trigger_len, out)
     }
 }
 

@@ -109,6 +109,8 @@ pub struct E2eSession {
     pending_lost: u64,
     truncated: u64,
     identity_mismatch: bool,
+    /// Agent: the connector answered with a stateless reset.
+    reset: bool,
     /// A relay flow carries the session now (agent side).
     carried: bool,
     uncarried_since: Instant,
@@ -141,13 +143,16 @@ impl E2eSession {
         Ok(Self::new(conn, false, scid, trust_domain, Some(expect.to_owned()), Some(service), now))
     }
 
-    /// Connector side: a session for an agent's first Initial packet.
+    /// Connector side: a session for an agent's first Initial packet. It
+    /// announces the stateless reset token `reset` gives for `scid`.
     pub fn accept(
         cfg: &mut quiche::Config,
         scid: [u8; CID_LEN],
         trust_domain: &str,
+        reset: &super::ResetKey,
         now: Instant,
     ) -> Result<E2eSession, quiche::Error> {
+        cfg.set_stateless_reset_token(Some(reset.token(&scid)));
         let id = quiche::ConnectionId::from_ref(&scid);
         let conn = quiche::accept(&id, None, RELAY_PATH_LOCAL, RELAY_PATH_PEER, cfg)?;
         Ok(Self::new(conn, true, scid, trust_domain, None, None, now))
@@ -182,6 +187,7 @@ impl E2eSession {
             pending_lost: 0,
             truncated: 0,
             identity_mismatch: false,
+            reset: false,
             carried: true,
             uncarried_since: now,
             stalled: false,
@@ -279,6 +285,11 @@ impl E2eSession {
         // delayed; anything else is acknowledged as quiche sees fit.
         let tunneled = stats.dgram_recv > self.dgram_recv_count;
         self.dgram_recv_count = stats.dgram_recv;
+        if !authentic && self.conn.is_closed() && self.conn.local_error().is_none() && self.conn.peer_error().is_none()
+        {
+            // quiche took it for the stateless reset the connector announced.
+            self.reset = true;
+        }
         if authentic {
             self.last_rx = now;
             if tunneled && self.state == SessionState::Up {
@@ -315,6 +326,9 @@ impl E2eSession {
             let (reason, code) = match (self.conn.peer_error(), self.conn.local_error()) {
                 (Some(e), _) => (format!("closed by peer: {}", String::from_utf8_lossy(&e.reason)), Some(e.error_code)),
                 (None, Some(e)) => (format!("closed: {}", String::from_utf8_lossy(&e.reason)), Some(e.error_code)),
+                (None, None) if self.reset => {
+                    ("reset by the connector: it holds no state for this session".to_owned(), None)
+                }
                 (None, None) if self.conn.is_timed_out() => ("idle timeout".to_owned(), None),
                 (None, None) => ("closed".to_owned(), None),
             };

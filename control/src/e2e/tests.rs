@@ -46,7 +46,8 @@ impl Pair {
         let mut ccfg = server_config(&connector_tls, Arc::clone(&connector_rej)).unwrap();
         let td = own_identity(&agent_tls).unwrap().trust_domain;
         let agent = E2eSession::connect(&mut acfg, [1; CID_LEN], &td, expect, svc(), now).unwrap();
-        let connector = E2eSession::accept(&mut ccfg, [2; CID_LEN], TD, now).unwrap();
+        let reset = ResetKey::from_tls(&connector_tls).unwrap();
+        let connector = E2eSession::accept(&mut ccfg, [2; CID_LEN], TD, &reset, now).unwrap();
         Pair { agent, connector, agent_rej, connector_rej, now, tamper: None }
     }
 
@@ -332,4 +333,33 @@ fn an_ack_waits_for_the_next_packet_or_the_ack_delay() {
     p.connector.handle_timeout(later);
     assert!(one(&mut p.connector, &mut p.agent, later).is_some(), "the ACK goes after ACK_DELAY");
     assert_eq!(p.agent.rejected() + p.connector.rejected(), 0);
+}
+
+#[test]
+fn a_stateless_reset_from_the_connectors_key_ends_the_session_and_one_from_another_key_does_not() {
+    let ca = ca();
+    let connector_tls = tls(&ca, &ca, &connector_uri());
+    let mut p = Pair::new(tls(&ca, &ca, &agent_uri()), connector_tls.clone(), &connector_uri());
+    p.run();
+    assert!(p.agent.is_up());
+    // The agent's packets carry the connector's connection ID.
+    let cid = p.connector.source_id();
+    let mut out = [0u8; 64];
+    // Someone without the key (the relay, another connector) cannot reset it.
+    let other = ResetKey::from_tls(&tls(&ca, &ca, &connector_uri())).unwrap();
+    let n = other.write_reset(&cid, 60, &mut out).unwrap();
+    assert!(!p.agent.recv(&mut out[..n], p.now), "a forged reset is not authentic");
+    assert!(p.agent.is_up(), "a reset under another key changes nothing");
+    // A connector holding the key (restarted, or a replica with the same
+    // identity) that has no state for the session resets it.
+    let same = ResetKey::from_tls(&connector_tls).unwrap();
+    let n = same.write_reset(&cid, 60, &mut out).unwrap();
+    p.agent.recv(&mut out[..n], p.now);
+    let ev: Vec<_> = std::iter::from_fn(|| p.agent.poll_event()).collect();
+    assert!(p.agent.is_closed());
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, SessionEvent::Closed { reason, .. } if reason.contains("reset by the connector"))),
+        "{ev:?}"
+    );
 }

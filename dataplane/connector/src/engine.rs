@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tracing::{debug, info, warn};
@@ -49,7 +49,16 @@ use crate::{inc, ConnectorStats};
 struct AgentFlow {
     service: usize,
     agent_id: Arc<str>,
+    /// When a stateless reset last went back on this flow.
+    last_reset: Option<Instant>,
 }
+
+/// Stateless resets for inner packets of sessions this connector does not
+/// hold: at most one per relay flow per [`RESET_EVERY`] (an agent's junk
+/// earns it nothing but its own, rare, resets), and [`RESETS_PER_SEC`] in
+/// total (CPU).
+const RESET_EVERY: Duration = Duration::from_secs(1);
+const RESETS_PER_SEC: u32 = 256;
 
 /// A relay session and what it learned.
 struct RelayLink {
@@ -105,6 +114,10 @@ pub struct Engine {
     ip: Vec<u8>,
     /// Reused for the due and send lists.
     slots_scratch: Vec<usize>,
+    /// Stateless resets for unknown sessions: the key, and (window start,
+    /// resets sent in it).
+    reset_key: e2e::ResetKey,
+    resets: (Instant, u32),
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -128,6 +141,7 @@ impl Engine {
         let e2e_cfg = e2e::server_config(tls, Arc::clone(&rejections))
             .map_err(|e| anyhow::anyhow!("end-to-end TLS configuration: {e}"))?;
         let trust_domain = e2e::own_identity(tls).map_err(|e| anyhow::anyhow!("own identity: {e}"))?.trust_domain;
+        let reset_key = e2e::ResetKey::from_tls(tls).map_err(|e| anyhow::anyhow!("stateless reset key: {e}"))?;
         let stats = Arc::new(ConnectorStats::default());
         let gateway = Gateway::new(&cfg, targets, Arc::clone(&stats), seed, now);
         let limits = PeerLimits {
@@ -152,6 +166,8 @@ impl Engine {
             buf: vec![0u8; 65_536],
             ip: vec![0u8; 2048],
             slots_scratch: Vec::new(),
+            reset_key,
+            resets: (now, 0),
             last_now: now,
         })
     }
@@ -432,6 +448,7 @@ impl Engine {
                 Some(s) => s,
                 None => {
                     inc(&self.stats.drop_unknown_cid);
+                    self.reset_unknown(via, pkt, now);
                     return;
                 }
             }
@@ -451,6 +468,37 @@ impl Engine {
         self.after_session(slot, now, io);
     }
 
+    /// A short-header inner packet on `via` for a session this connector
+    /// does not hold (it restarted, or the agent came from a replica with
+    /// the same identity): a stateless reset tells the agent at once, so
+    /// it handshakes again instead of waiting out its silence timeout.
+    fn reset_unknown(&mut self, (link, flow): RelayFlow, pkt: &[u8], now: Instant) {
+        if pkt.first().is_none_or(|f| f & 0x80 != 0) {
+            return;
+        }
+        let Some(cid) = e2e::packet_dcid(pkt) else { return };
+        let Some(l) = self.links.get_mut(link) else { return };
+        let Some(f) = l.flows.get_mut(&flow) else { return };
+        if f.last_reset.is_some_and(|t| now.saturating_duration_since(t) < RESET_EVERY) {
+            return;
+        }
+        if now.saturating_duration_since(self.resets.0) >= Duration::from_secs(1) {
+            self.resets = (now, 0);
+        }
+        if self.resets.1 >= RESETS_PER_SEC {
+            return;
+        }
+        let mut out = [0u8; ztna_control::reset::MAX_RESET_LEN];
+        let Some(n) = self.reset_key.write_reset(cid, pkt.len(), &mut out) else { return };
+        if let Some(reset) = out.get(..n) {
+            if l.session.send_datagram(flow, reset).is_ok() {
+                f.last_reset = Some(now);
+                self.resets.1 += 1;
+                inc(&self.stats.e2e_resets_sent);
+            }
+        }
+    }
+
     fn new_session(&mut self, via: RelayFlow, f: &AgentFlow, now: Instant) -> Option<usize> {
         if self.peers.admits_handshake(&f.agent_id).is_err() {
             inc(&self.stats.e2e_handshakes_refused);
@@ -458,7 +506,7 @@ impl Engine {
         }
         let mut scid = [0u8; e2e::CID_LEN];
         boring::rand::rand_bytes(&mut scid).ok()?;
-        match E2eSession::accept(&mut self.e2e_cfg, scid, &self.trust_domain, now) {
+        match E2eSession::accept(&mut self.e2e_cfg, scid, &self.trust_domain, &self.reset_key, now) {
             Ok(s) => {
                 inc(&self.stats.e2e_handshakes);
                 Some(self.peers.insert(s, via, Arc::clone(&f.agent_id)))
@@ -564,7 +612,8 @@ impl Engine {
                 let Some(l) = self.links.get_mut(i) else { return };
                 let Some(si) = l.handles.get(&service).copied() else { return };
                 debug!(relay = i, flow, %agent_addr, agent = %agent_id, "flow opened");
-                l.flows.insert(flow, AgentFlow { service: si, agent_id: Arc::from(agent_id.as_str()) });
+                l.flows
+                    .insert(flow, AgentFlow { service: si, agent_id: Arc::from(agent_id.as_str()), last_reset: None });
             }
             Event::FlowClosed { flow, .. } => {
                 if let Some(l) = self.links.get_mut(i) {

@@ -137,6 +137,9 @@ ztna_ops::counters! {
     /// Inner packets that failed authentication (altered on the way, or
     /// for keys the session does not have).
     e2e_packets_rejected,
+    /// Stateless resets sent for inner packets of sessions this connector
+    /// does not hold (after a restart, or from a same-identity replica).
+    e2e_resets_sent,
     /// Tunneled packets an agent sent before the connector admitted its
     /// session (dropped: nothing passes before admission).
     e2e_early_dropped,
