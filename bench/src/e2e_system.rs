@@ -169,7 +169,10 @@ fn clear_link(env: &TunnelEnv) -> Result<FlowLink> {
     let relay = env.relay.local_addr;
     let mut cfg = ClientConfig::new(relay, relay, "localhost");
     cfg.registrations = vec![(Role::Agent, ServiceName::new(SERVICE).context("service")?)];
-    let mut client = UdpClient::new(cfg, &env.agent_tls("tunnel-agent")?, SocketAddr::new(relay.ip(), 0), 5)?;
+    // Buffers as large as the agent core's socket (AgentLink), or the
+    // baseline would lose packets the end-to-end variant does not.
+    let mut client =
+        UdpClient::new(cfg, &env.agent_tls("tunnel-agent")?, SocketAddr::new(relay.ip(), 0), 5)?.with_large_buffers();
     let done = |e: &Event| matches!(e, Event::Registered { .. } | Event::RegisterFailed { .. });
     match client.wait_for(Duration::from_secs(10), done, |_| {}) {
         Some(Event::Registered { flow, .. }) => Ok(FlowLink::new(client, flow)),

@@ -36,7 +36,8 @@ impl UdpClient {
     /// Binds `local` (port 0 for ephemeral) and prepares a session per
     /// `cfg` (its `local` field is overwritten with the bound address).
     pub fn new(mut cfg: ClientConfig, tls: &TlsOptions, local: SocketAddr, seed: u64) -> io::Result<Self> {
-        let socket = ztna_udp::bind(local)?;
+        let socket = UdpSocket::bind(local)?;
+        socket.set_nonblocking(true)?;
         let bound = socket.local_addr()?;
         // quiche wants the address the peer sends to; with an unspecified
         // bind use the loopback of the same family when the relay is local.
@@ -63,6 +64,14 @@ impl UdpClient {
 
     pub fn socket(&self) -> &UdpSocket {
         &self.socket
+    }
+
+    /// Gives the socket the product's large buffers (`ztna_udp::bind`).
+    /// The default is the kernel's (about 200 KB): the flood tests are
+    /// calibrated to clients with it.
+    pub fn with_large_buffers(self) -> Self {
+        ztna_udp::enlarge_buffers(&self.socket);
+        self
     }
 
     /// Replaces the socket with a new one on another port, as a NAT

@@ -233,7 +233,14 @@ fn one_identity_flood_stays_within_the_budget_and_others_keep_working() {
         bystander.0,
         max_used >> 20
     );
-    assert!(max_used > 0 && max_used <= BUDGET_MIB << 20, "what the relay holds for peers stays within its budget");
+    // The shared figure lags each worker's own by less than one publish
+    // step (budget.rs), so the relay may go past the limit by up to that
+    // much per worker (2 here) before it notices.
+    let slack = 2 * ztna_relay::budget::PUBLISH_STEP.unsigned_abs();
+    assert!(
+        max_used > 0 && max_used <= (BUDGET_MIB << 20) + slack,
+        "what the relay holds for peers stays within its budget (and its documented publish slack)"
+    );
     assert!(
         // What the budget does not see: quiche's loss-recovery state (a
         // record per packet in flight, each with a copy of the ACK ranges),

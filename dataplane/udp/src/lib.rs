@@ -155,9 +155,18 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
 fn socket_with_buffers(family_of: SocketAddr) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP))?;
+    large_buffers(&socket2::SockRef::from(&s));
+    Ok(s)
+}
+
+fn large_buffers(s: &socket2::SockRef<'_>) {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
-    Ok(s)
+}
+
+/// Gives an existing socket the same large buffers as [`bind`].
+pub fn enlarge_buffers(s: &UdpSocket) {
+    large_buffers(&socket2::SockRef::from(s));
 }
 
 /// A non-blocking UDP socket bound to `listen`, with large buffers (the
