@@ -6,7 +6,7 @@
 //! and go straight to the same [`Gateway`] the product uses; the replies
 //! go back the same way. It runs on the product's driver
 //! ([`ztna_connector::Connector::with_engine`]), so sockets, batching and
-//! backend I/O are the product's: what `ztna-bench e2e-cost` measures
+//! backend I/O are the product's: what `ztna-bench e2e-system` measures
 //! between this and [`ztna_connector::Engine`] is the end-to-end session
 //! alone. One relay, no policy of its own (the relay's applies), nothing
 //! a production connector needs beyond the data path.

@@ -304,7 +304,7 @@ fn run_with(relay: &RelayHandle, sessions: usize, flows: usize, turns: usize) ->
     let reads0 = b.connector.stats.snapshot().udp_backend_reads;
     let idle_n = b.idle_turns(turns)?;
     let reads_n = b.connector.stats.snapshot().udp_backend_reads - reads0;
-    // The last agent holds no flow yet: room for one more batch.
+    // The last agent opened at most one batch of its 256: room for one more.
     let new_n = b.new_flows(sessions - 1, 21_000)?;
     Ok(ConnectorTurnsReport {
         sessions,

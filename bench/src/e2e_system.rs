@@ -14,7 +14,7 @@
 //! Per variant: UDP echo round trips one at a time (RTT p50/p99), a UDP
 //! echo flood (`window` in flight) over which agent, connector and relay
 //! CPU are measured, and one TCP echo (goodput). Variants alternate
-//! `rounds` times so neither gets a warmer machine; sums and merged
+//! `rounds` times, A B B A, so neither gets a warmer machine; sums and merged
 //! histograms are reported, and the ratios end to end / cleartext.
 
 use std::net::SocketAddr;
@@ -115,6 +115,7 @@ pub struct SystemReport {
 struct Totals {
     rtt: Histogram<u64>,
     flood_echoes: u64,
+    flood_packets: u64,
     flood_secs: f64,
     lost: u64,
     agent_cpu: Duration,
@@ -132,6 +133,7 @@ impl Totals {
         Ok(Totals {
             rtt: Histogram::new(3).context("histogram")?,
             flood_echoes: 0,
+            flood_packets: 0,
             flood_secs: 0.0,
             lost: 0,
             agent_cpu: Duration::ZERO,
@@ -151,10 +153,10 @@ impl Totals {
             rtt_us: Rtt { p50: q(0.5), p90: q(0.9), p99: q(0.99), max: self.rtt.max() },
             echoes_per_sec: self.flood_echoes as f64 / self.flood_secs.max(1e-9),
             echoes_lost: self.lost,
-            agent_cpu_us_per_packet: per(self.agent_cpu, 2 * self.flood_echoes),
-            connector_cpu_us_per_packet: per(self.connector_cpu, 2 * self.flood_echoes),
+            agent_cpu_us_per_packet: per(self.agent_cpu, self.flood_packets),
+            connector_cpu_us_per_packet: per(self.connector_cpu, self.flood_packets),
             relay_cpu_us_per_datagram: per(self.relay_cpu, self.forwarded),
-            relay_cpu_us_per_packet: per(self.relay_cpu, 2 * self.flood_echoes),
+            relay_cpu_us_per_packet: per(self.relay_cpu, self.flood_packets),
             relay_datagrams_per_echo: self.forwarded as f64 / self.flood_echoes.max(1) as f64,
             relay_packets_per_echo: self.relay_packets as f64 / self.flood_echoes.max(1) as f64,
             tcp_goodput_mbit_s: median(&self.tcp_goodput),
@@ -186,28 +188,30 @@ fn measure<L: IpLink>(env: &TunnelEnv, link: L, plan: &SystemPlan, t: &mut Total
     // Warm-up: the flow reaches the connector, backend sockets open.
     let mut scratch = Histogram::<u64>::new(3).context("histogram")?;
     let end = Instant::now() + Duration::from_secs(10);
-    while tunnel::udp_echoes(&mut link, (20, 4, plan.payload), &mut scratch).1 < 20 {
+    while tunnel::udp_echoes(&mut link, (20, 4, plan.payload), &mut scratch).received < 20 {
         if Instant::now() > end {
             bail!("no UDP echoes through the tunnel");
         }
     }
-    let (_, got) = tunnel::udp_echoes(&mut link, (plan.rtt_echoes, 1, plan.payload), &mut t.rtt);
-    t.lost += plan.rtt_echoes - got;
+    let e = tunnel::udp_echoes(&mut link, (plan.rtt_echoes, 1, plan.payload), &mut t.rtt);
+    t.lost += e.sent - e.received;
 
     let (a0, c0, r0) = (cpu::thread_cpu_time(), cpu::task_cpu_time(env.connector_tid), env.relay.cpu_time());
     let rt0 = env.relay.totals();
     let f0 = rt0.datagrams_forwarded;
-    let start = Instant::now();
-    let (sent, got) = tunnel::udp_echoes(&mut link, (plan.flood_echoes, plan.window, plan.payload), &mut scratch);
-    t.flood_secs += start.elapsed().as_secs_f64();
+    let e = tunnel::udp_echoes(&mut link, (plan.flood_echoes, plan.window, plan.payload), &mut scratch);
+    t.flood_secs += e.secs;
     t.agent_cpu += cpu::thread_cpu_time().saturating_sub(a0);
     t.connector_cpu += cpu::task_cpu_time(env.connector_tid).saturating_sub(c0);
     t.relay_cpu += env.relay.cpu_time().saturating_sub(r0);
     let rt1 = env.relay.totals();
     t.forwarded += rt1.datagrams_forwarded - f0;
     t.relay_packets += rt1.packets_rx - rt0.packets_rx;
-    t.flood_echoes += got;
-    t.lost += sent - got;
+    t.flood_echoes += e.received;
+    // Tunneled packets through agent and connector: each sent datagram
+    // once, each echo once more.
+    t.flood_packets += e.sent + e.received;
+    t.lost += e.sent - e.received;
 
     let (_, bytes, secs) = tunnel::tcp_echo(link, plan.tcp_bytes)?;
     t.tcp_goodput.push(bytes as f64 * 8.0 / 1e6 / secs.max(1e-9));
@@ -217,25 +221,31 @@ fn measure<L: IpLink>(env: &TunnelEnv, link: L, plan: &SystemPlan, t: &mut Total
 pub fn run(plan: SystemPlan, io_backend: IoBackend) -> Result<SystemReport> {
     let (mut clear, mut e2e) = (Totals::new()?, Totals::new()?);
     let mut backend = String::new();
-    for _ in 0..plan.rounds.max(1) {
-        if plan.skip != Some("cleartext") {
-            let env = TunnelEnv::start_with(plan.relay_workers, io_backend, ClearEngine::new)?;
-            backend = format!("{:?}", env.relay.backend).to_lowercase();
-            let r = clear_link(&env).and_then(|l| measure(&env, l, &plan, &mut clear));
-            env.stop();
-            r.context("cleartext")?;
+    for round in 0..plan.rounds.max(1) {
+        // A B B A …: neither variant always goes first.
+        let order = if round % 2 == 0 { ["cleartext", "end_to_end"] } else { ["end_to_end", "cleartext"] };
+        for variant in order {
+            if plan.skip == Some(variant) {
+                continue;
+            }
+            if variant == "cleartext" {
+                let env = TunnelEnv::start_with(plan.relay_workers, io_backend, ClearEngine::new)?;
+                backend = format!("{:?}", env.relay.backend).to_lowercase();
+                let r = clear_link(&env).and_then(|l| measure(&env, l, &plan, &mut clear));
+                env.stop();
+                r.context("cleartext")?;
+            } else {
+                let env = TunnelEnv::start(plan.relay_workers, io_backend)?;
+                backend = format!("{:?}", env.relay.backend).to_lowercase();
+                let r = (|| {
+                    let mut link = tunnel::agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
+                    link.wait_ready(1, Duration::from_secs(10))?;
+                    measure(&env, link, &plan, &mut e2e)
+                })();
+                env.stop();
+                r.context("end to end")?;
+            }
         }
-        if plan.skip == Some("end_to_end") {
-            continue;
-        }
-        let env = TunnelEnv::start(plan.relay_workers, io_backend)?;
-        let r = (|| {
-            let mut link = tunnel::agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
-            link.wait_ready(1, Duration::from_secs(10))?;
-            measure(&env, link, &plan, &mut e2e)
-        })();
-        env.stop();
-        r.context("end to end")?;
     }
     let (c, e) = (clear.report("cleartext"), e2e.report("end_to_end"));
     let ratio = |a: f64, b: f64| a / b.max(1e-9);

@@ -192,9 +192,7 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
     let cpu0 = crate::cpu::thread_cpu_time();
 
     let mut hist = Histogram::<u64>::new(3).context("histogram")?;
-    let t_udp = Instant::now();
-    let (sent, received) = udp_echoes(&mut link, (udp_count, window, 64), &mut hist);
-    let udp_seconds = t_udp.elapsed().as_secs_f64();
+    let Echoes { sent, received, secs: udp_seconds } = udp_echoes(&mut link, (udp_count, window, 64), &mut hist);
     let (link, tcp_bytes_echoed, tcp_seconds) = tcp_echo(link, tcp_bytes)?;
     let cpu = crate::cpu::thread_cpu_time().saturating_sub(cpu0);
     let st = link.core.stats();
@@ -227,25 +225,40 @@ fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_byte
     })
 }
 
-/// Echoes `count` UDP datagrams of `payload` bytes (at least 16) to the
+/// What [`udp_echoes`] did: datagrams sent, their echoes received, and
+/// the seconds from the start to the last echo.
+#[derive(Debug, Clone, Copy)]
+pub struct Echoes {
+    pub sent: u64,
+    pub received: u64,
+    pub secs: f64,
+}
+
+/// Echoes `count` UDP datagrams of `payload` bytes (at least 24) to the
 /// [`ECHO_PORT`] service through `link`, at most `window` in flight, each
-/// carrying its sequence number and send time; records each round trip
-/// (µs) in `hist`. Gives up after 30 s. Returns (sent, echoes received).
+/// carrying its sequence number, send time and this call's nonce (echoes
+/// of an earlier call do not count); records each round trip (µs) in
+/// `hist`. Lost datagrams shrink the window for good, so it stops 1 s
+/// after the last echo when they stop coming, and after 30 s at most.
 pub fn udp_echoes<L: IpLink>(
     link: &mut L,
     (count, window, payload): (u64, u64, usize),
     hist: &mut Histogram<u64>,
-) -> (u64, u64) {
+) -> Echoes {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let nonce = CALLS.fetch_add(1, Ordering::Relaxed).to_be_bytes();
     let epoch = Instant::now();
     let (mut sent, mut received) = (0u64, 0u64);
     let mut pkt = Vec::with_capacity(2048);
     let mut buf = vec![0u8; 2048];
-    let mut data = vec![0u8; payload.max(16)];
+    let mut data = vec![0u8; payload.max(24)];
+    data[16..24].copy_from_slice(&nonce);
     let me = SocketAddrV4::new(AGENT_IP, 40_000);
     let svc = SocketAddrV4::new(SERVICE_IP, ECHO_PORT);
-    let end = Instant::now() + Duration::from_secs(30);
-    while received < count && Instant::now() < end {
-        while sent < count && sent - received < window {
+    let end = epoch + Duration::from_secs(30);
+    let mut last_echo = epoch;
+    while received < count && Instant::now() < end && last_echo.elapsed() < Duration::from_secs(1) {
+        while sent < count && sent.saturating_sub(received) < window {
             data[..8].copy_from_slice(&sent.to_be_bytes());
             let at = epoch.elapsed().as_nanos() as u64;
             data[8..16].copy_from_slice(&at.to_be_bytes());
@@ -258,19 +271,22 @@ pub fn udp_echoes<L: IpLink>(
         while let Some(n) = link.recv_packet(&mut buf) {
             let Some(b) = buf.get(..n) else { continue };
             let Ok(ip) = packet::parse_ipv4(b) else { continue };
-            if let Ok(Transport::Udp { payload, .. }) = packet::parse_transport(&ip) {
-                if let Some(t) = payload.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
-                    let rtt = (epoch.elapsed().as_nanos() as u64).saturating_sub(u64::from_be_bytes(t));
-                    let _ = hist.record((rtt / 1000).max(1));
-                    received += 1;
-                }
+            let Ok(Transport::Udp { payload, .. }) = packet::parse_transport(&ip) else { continue };
+            if payload.get(16..24) != Some(&nonce[..]) {
+                continue;
+            }
+            if let Some(t) = payload.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                let rtt = (epoch.elapsed().as_nanos() as u64).saturating_sub(u64::from_be_bytes(t));
+                let _ = hist.record((rtt / 1000).max(1));
+                received += 1;
+                last_echo = Instant::now();
             }
         }
-        if sent - received >= window || sent == count {
+        if sent.saturating_sub(received) >= window || sent == count {
             ztna_testkit::client_io::wait_readable(&[link.fd()], Duration::from_millis(2));
         }
     }
-    (sent, received)
+    Echoes { sent, received, secs: last_echo.duration_since(epoch).as_secs_f64() }
 }
 
 /// Echoes `bytes` over one TCP connection (smoltcp on the agent side)

@@ -8,7 +8,7 @@
 //! restarted process, a replica with the same key) can compute it and no
 //! one else can. The relay resets its client connections this way; a
 //! connector resets end-to-end sessions it does not hold
-//! (docs/PROTOCOL.md §8.7).
+//! (docs/protocol/e2e.md §8.7).
 
 /// Smallest stateless reset (RFC 9000 §10.3).
 pub const MIN_RESET_LEN: usize = 21;

@@ -94,7 +94,7 @@ impl Rejections {
 }
 
 /// A connector's stateless reset key for end-to-end sessions
-/// (docs/PROTOCOL.md §8.7). Derived from its private key: every replica
+/// (docs/protocol/e2e.md §8.7). Derived from its private key: every replica
 /// holding the same identity and key can reset the sessions of any of
 /// them, a restarted connector those of its previous run, and no one
 /// without the key (the relay included) can forge a reset.

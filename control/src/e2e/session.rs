@@ -296,7 +296,7 @@ impl E2eSession {
                 self.unacked += 1;
                 self.ack_due.get_or_insert(now + ACK_DELAY);
             }
-        } else {
+        } else if !self.reset {
             self.rejected += 1;
         }
         self.progress();
@@ -418,9 +418,14 @@ impl E2eSession {
         self.state = SessionState::Up;
         self.events.push_back(SessionEvent::Up);
         while let Some(p) = self.pending.pop_front() {
-            if self.conn.dgram_send(&p).is_err() {
-                self.pending_lost += 1;
-                break;
+            match self.conn.dgram_send(&p) {
+                Ok(()) => {}
+                // Too large for the path now: only this one is lost.
+                Err(quiche::Error::BufferTooShort) => self.pending_lost += 1,
+                Err(_) => {
+                    self.pending_lost += 1;
+                    break;
+                }
             }
         }
         self.pending_lost += self.pending.len() as u64;
@@ -507,7 +512,8 @@ impl E2eSession {
                 Some(n)
             }
             Err(_) => {
-                self.must_send = false;
+                // Nothing to send: no ACK is waiting any more either.
+                (self.unacked, self.ack_due, self.must_send) = (0, None, false);
                 self.progress();
                 None
             }
@@ -618,6 +624,13 @@ impl E2eSession {
         }
         if !self.stalled && self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
+            self.must_send = true;
+        }
+        if self.ack_due.is_some_and(|d| d <= now) {
+            // The delayed ACK is due: it goes with the next send, and its
+            // deadline is spent (a full relay queue may hold that send; the
+            // deadline must not stay in the past and spin the driver).
+            self.ack_due = None;
             self.must_send = true;
         }
         self.progress();

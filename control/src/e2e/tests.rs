@@ -331,6 +331,9 @@ fn an_ack_waits_for_the_next_packet_or_the_ack_delay() {
     assert_eq!(one(&mut p.connector, &mut p.agent, now), None);
     let later = now + session::ACK_DELAY;
     p.connector.handle_timeout(later);
+    // A driver that cannot send now (a full relay queue) must not find the
+    // spent ACK deadline still due: it would spin.
+    assert!(p.connector.next_deadline().is_none_or(|d| d > later), "the ACK deadline is spent");
     assert!(one(&mut p.connector, &mut p.agent, later).is_some(), "the ACK goes after ACK_DELAY");
     assert_eq!(p.agent.rejected() + p.connector.rejected(), 0);
 }

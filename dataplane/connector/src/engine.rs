@@ -253,7 +253,11 @@ impl Engine {
         if let Some(l) = self.links.get_mut(i) {
             l.session.recv(pkt, from, now);
             if std::mem::take(&mut l.stalled) {
-                self.peers.link_heard(i, now);
+                // Resuming may fire an overdue timer that ends a session:
+                // those are acted on (and removed) like any other.
+                for slot in self.peers.link_heard(i, now) {
+                    self.after_session(slot, now, io);
+                }
             }
         }
         self.process_link(i, now, io);
@@ -329,6 +333,10 @@ impl Engine {
         let mut slots = std::mem::take(&mut self.slots_scratch);
         self.peers.take_send_list(&mut slots);
         let mut buf = std::mem::take(&mut self.buf);
+        // The first session a full relay queue stops is the one that filled
+        // it: it goes back on the list after the others, so one busy
+        // session does not take the queue's room at every flush.
+        let mut filled_by = None;
         for &slot in &slots {
             let Some(p) = self.peers.get_mut(slot) else { continue };
             // A full relay queue leaves the inner packets with the inner
@@ -354,8 +362,14 @@ impl Engine {
             }
             self.peers.rearm(slot);
             if blocked {
-                self.peers.mark(slot);
+                match filled_by {
+                    None => filled_by = Some(slot),
+                    Some(_) => self.peers.mark(slot),
+                }
             }
+        }
+        if let Some(slot) = filled_by {
+            self.peers.mark(slot);
         }
         self.buf = buf;
         self.slots_scratch = slots;

@@ -255,7 +255,7 @@ impl Peers {
 
     /// Applies `f` to every session that `pick` selects, then re-reads
     /// their timers (relay events: rare, so a scan is fine here).
-    fn each_then_rearm(&mut self, pick: impl Fn(&Peer) -> bool, mut f: impl FnMut(&mut Peer)) {
+    fn each_then_rearm(&mut self, pick: impl Fn(&Peer) -> bool, mut f: impl FnMut(&mut Peer)) -> Vec<usize> {
         let mut changed = Vec::new();
         for (slot, p) in self.slots.iter_mut().enumerate() {
             if let Some(p) = p.as_mut().filter(|p| pick(p)) {
@@ -263,9 +263,10 @@ impl Peers {
                 changed.push(slot);
             }
         }
-        for slot in changed {
+        for &slot in &changed {
             self.touch(slot);
         }
+        changed
     }
 
     /// A relay flow closed: sessions on it wait for their agent's next.
@@ -294,8 +295,9 @@ impl Peers {
 
     /// Link `link`'s relay was heard again: its sessions resume loss
     /// recovery ([`ztna_control::e2e::E2eSession::set_stalled`]).
-    pub fn link_heard(&mut self, link: usize, now: Instant) {
-        self.each_then_rearm(|p| p.via.is_some_and(|(l, _)| l == link), |p| p.session.set_stalled(false, now));
+    /// Returns the sessions it resumed.
+    pub fn link_heard(&mut self, link: usize, now: Instant) -> Vec<usize> {
+        self.each_then_rearm(|p| p.via.is_some_and(|(l, _)| l == link), |p| p.session.set_stalled(false, now))
     }
 
     /// Removes a session; returns it (the caller drops its gateway state).

@@ -4,7 +4,7 @@
 //! The product has one engine, [`Engine`] (relay sessions, end-to-end
 //! sessions, gateway). The seam exists so that the benchmark can run a
 //! cleartext baseline engine on the very same driver, sockets and backend
-//! I/O (`ztna-bench e2e-cost`): the measured difference is then the
+//! I/O (`ztna-bench e2e-system`): the measured difference is then the
 //! end-to-end session and nothing else. Nothing in the product implements
 //! it but [`Engine`].
 
