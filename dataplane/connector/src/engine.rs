@@ -344,7 +344,8 @@ impl Engine {
             // the send list.
             let mut blocked = false;
             loop {
-                if !p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room()) {
+                let room = p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room());
+                if !room {
                     blocked = true;
                     break;
                 }

@@ -253,9 +253,9 @@ impl Peers {
         self.touch(slot);
     }
 
-    /// Applies `f` to every session that `pick` selects, then re-reads
-    /// their timers (relay events: rare, so a scan is fine here).
-    fn each_then_rearm(&mut self, pick: impl Fn(&Peer) -> bool, mut f: impl FnMut(&mut Peer)) -> Vec<usize> {
+    /// Applies `f` to every session that `pick` selects, then touches them
+    /// (relay events: rare, so a scan is fine here); returns their slots.
+    fn each_then_touch(&mut self, pick: impl Fn(&Peer) -> bool, mut f: impl FnMut(&mut Peer)) -> Vec<usize> {
         let mut changed = Vec::new();
         for (slot, p) in self.slots.iter_mut().enumerate() {
             if let Some(p) = p.as_mut().filter(|p| pick(p)) {
@@ -272,7 +272,7 @@ impl Peers {
     /// A relay flow closed: sessions on it wait for their agent's next.
     pub fn flow_closed(&mut self, via: RelayFlow, now: Instant) {
         self.by_flow.remove(&via);
-        self.each_then_rearm(
+        self.each_then_touch(
             |p| p.via == Some(via),
             |p| {
                 p.via = None;
@@ -284,7 +284,7 @@ impl Peers {
     /// A relay link was lost: none of its flows carry sessions now.
     pub fn link_lost(&mut self, link: usize, now: Instant) {
         self.by_flow.retain(|(l, _), _| *l != link);
-        self.each_then_rearm(
+        self.each_then_touch(
             |p| p.via.is_some_and(|(l, _)| l == link),
             |p| {
                 p.via = None;
@@ -297,7 +297,7 @@ impl Peers {
     /// recovery ([`ztna_control::e2e::E2eSession::set_stalled`]).
     /// Returns the sessions it resumed.
     pub fn link_heard(&mut self, link: usize, now: Instant) -> Vec<usize> {
-        self.each_then_rearm(|p| p.via.is_some_and(|(l, _)| l == link), |p| p.session.set_stalled(false, now))
+        self.each_then_touch(|p| p.via.is_some_and(|(l, _)| l == link), |p| p.session.set_stalled(false, now))
     }
 
     /// Removes a session; returns it (the caller drops its gateway state).
