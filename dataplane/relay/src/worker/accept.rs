@@ -226,6 +226,7 @@ impl Worker {
                 }
             }
         };
+        let scid_key = CidKey::new(&scid)?;
         let ip = from.ip();
         let per_ip = &self.shared.per_ip;
         let secs = u32::try_from(now.saturating_duration_since(self.shared.started).as_secs()).unwrap_or(u32::MAX);
@@ -235,6 +236,17 @@ impl Worker {
         }
         if !per_ip.try_open(ip) {
             self.stats.drop_ip_conn_limit.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // The check above is cheap but racy: two workers may both see one
+        // slot left. Reserving it atomically keeps the total exact.
+        let reserved = self
+            .shared
+            .conns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limits.max_conns).then_some(n + 1));
+        if reserved.is_err() {
+            per_ip.close(ip);
+            self.stats.drop_conn_limit.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         self.quic_cfg.set_stateless_reset_token(Some(self.security.reset.token(&scid)));
@@ -249,11 +261,11 @@ impl Worker {
             Ok(q) => q,
             Err(_) => {
                 per_ip.close(ip);
+                self.shared.conns.fetch_sub(1, Ordering::Relaxed);
                 self.stats.drop_initial.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         };
-        self.shared.conns.fetch_add(1, Ordering::Relaxed);
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -264,7 +276,6 @@ impl Worker {
         };
         let gen = self.gens.get(slot as usize).copied().unwrap_or(0);
         let key = ConnKey { worker: self.cfg.index as u16, slot, gen };
-        let scid_key = CidKey::new(&scid)?;
         self.by_cid.insert(scid_key, slot);
         let mut cids = vec![scid_key];
         if odcid.is_none() {
