@@ -5,6 +5,7 @@
 //! depends on no other crate of the workspace.
 
 pub mod backoff;
+pub mod candidate;
 pub mod cert;
 pub mod cert_check;
 pub mod client;

@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
 use crate::codes::Code;
 
 /// The protocol version this crate speaks.
@@ -39,6 +40,9 @@ pub mod ty {
     pub const FLOW_BOUND: u8 = 0x32;
     /// End-to-end control stream (inner session), not the relay's.
     pub const SESSION_HELLO: u8 = 0x38;
+    /// Direct paths, inner stream 0 (docs/protocol/direct.md).
+    pub const CANDIDATES: u8 = 0x40;
+    pub const PUNCH_NOW: u8 = 0x41;
     /// First type reserved for hole-punch signalling.
     pub const RESERVED_P2P_FIRST: u8 = 0x40;
     /// First type reserved for flow control.
@@ -130,6 +134,14 @@ pub enum Message {
     /// Inner session, agent → connector: the service this session is for;
     /// connector → agent, the same message: accepted.
     SessionHello { version: u16, service: ServiceName },
+    /// Inner session, either way: where the sender may be reached directly
+    /// and its path policy. `generation` grows with every change; a
+    /// message replaces the previous one whole. At most
+    /// [`MAX_CANDIDATES`] entries.
+    Candidates { generation: u32, policy: PathPolicy, list: Vec<Candidate> },
+    /// Inner session, agent → connector: punching round `round` starts now;
+    /// the connector's punch packets carry `nonce`.
+    PunchNow { round: u32, nonce: u64 },
     /// A message of an extension type this implementation does not know.
     Unknown { ty: u8 },
 }
@@ -180,6 +192,10 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         let b = self.take(4)?;
         Some(u32::from_be_bytes(b.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let b = self.take(8)?;
+        Some(u64::from_be_bytes(b.try_into().ok()?))
     }
     fn string(&mut self) -> Option<String> {
         let n = usize::from(self.u8()?);
@@ -246,6 +262,8 @@ impl Message {
             Message::FlowClose { .. } => ty::FLOW_CLOSE,
             Message::FlowBound { .. } => ty::FLOW_BOUND,
             Message::SessionHello { .. } => ty::SESSION_HELLO,
+            Message::Candidates { .. } => ty::CANDIDATES,
+            Message::PunchNow { .. } => ty::PUNCH_NOW,
             Message::Unknown { ty } => *ty,
         }
     }
@@ -299,6 +317,21 @@ impl Message {
                 out.extend_from_slice(&version.to_be_bytes());
                 put_string(out, service.as_str());
             }
+            Message::Candidates { generation, policy, list } => {
+                out.extend_from_slice(&generation.to_be_bytes());
+                out.push(policy.to_u8());
+                // Longer lists are cut: the decoder refuses them.
+                let list = list.get(..MAX_CANDIDATES).unwrap_or(list);
+                out.push(list.len() as u8);
+                for c in list {
+                    out.push(c.kind.to_u8());
+                    put_addr(out, &c.addr);
+                }
+            }
+            Message::PunchNow { round, nonce } => {
+                out.extend_from_slice(&round.to_be_bytes());
+                out.extend_from_slice(&nonce.to_be_bytes());
+            }
             Message::Unknown { .. } => {}
         }
         // Every body above is far below MAX_BODY (strings are capped at 255).
@@ -351,6 +384,21 @@ impl Message {
                 let service = ServiceName::new(&r.string().ok_or(bad)?).ok_or(bad)?;
                 Message::SessionHello { version, service }
             }
+            ty::CANDIDATES => {
+                let generation = r.u32().ok_or(bad)?;
+                let policy = PathPolicy::from_u8(r.u8().ok_or(bad)?).ok_or(bad)?;
+                let n = usize::from(r.u8().ok_or(bad)?);
+                if n > MAX_CANDIDATES {
+                    return Err(bad);
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let kind = CandidateKind::from_u8(r.u8().ok_or(bad)?).ok_or(bad)?;
+                    list.push(Candidate { kind, addr: r.addr().ok_or(bad)? });
+                }
+                Message::Candidates { generation, policy, list }
+            }
+            ty::PUNCH_NOW => Message::PunchNow { round: r.u32().ok_or(bad)?, nonce: r.u64().ok_or(bad)? },
             t if t >= ty::EXTENSION_FIRST => return Ok(Message::Unknown { ty: t }),
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -471,6 +519,17 @@ mod tests {
             (any::<u32>(), any::<u16>()).prop_map(|(flow, c)| Message::FlowClose { flow, code: Code(c) }),
             (any::<u32>(), s).prop_map(|(flow, connector_id)| Message::FlowBound { flow, connector_id }),
             (any::<u16>(), arb_service()).prop_map(|(version, service)| Message::SessionHello { version, service }),
+            (any::<u32>(), 0..3u8, proptest::collection::vec((1..5u8, arb_addr()), 0..=MAX_CANDIDATES)).prop_map(
+                |(generation, p, l)| Message::Candidates {
+                    generation,
+                    policy: PathPolicy::from_u8(p).unwrap(),
+                    list: l
+                        .into_iter()
+                        .map(|(k, addr)| Candidate { kind: CandidateKind::from_u8(k).unwrap(), addr })
+                        .collect(),
+                }
+            ),
+            (any::<u32>(), any::<u64>()).prop_map(|(round, nonce)| Message::PunchNow { round, nonce }),
         ]
     }
 
@@ -505,6 +564,20 @@ mod tests {
         d.push(&out);
         assert_eq!(d.next_message(), Err(DecodeError::BadServiceName { request_id: 7 }));
         assert_eq!(d.next_message(), Ok(Some(Message::HelloAck { version: 1 })));
+        // A Candidates list longer than MAX_CANDIDATES is malformed; the
+        // encoder cuts it.
+        let c = Candidate { kind: CandidateKind::Host, addr: "192.0.2.1:9".parse().unwrap() };
+        let long = Message::Candidates { generation: 1, policy: PathPolicy::Auto, list: vec![c; MAX_CANDIDATES + 1] };
+        out.clear();
+        long.encode(&mut out);
+        let Ok(Some((Message::Candidates { list, .. }, _))) = decode_frame(&out) else { panic!("cut list decodes") };
+        assert_eq!(list.len(), MAX_CANDIDATES);
+        let mut forged = out.clone();
+        forged[8] = MAX_CANDIDATES as u8 + 1;
+        assert_eq!(decode_frame(&forged), Err(DecodeError::Malformed(ty::CANDIDATES)));
+        forged[8] = MAX_CANDIDATES as u8;
+        forged[9] = 9; // unknown candidate kind
+        assert_eq!(decode_frame(&forged), Err(DecodeError::Malformed(ty::CANDIDATES)));
     }
 
     #[test]

@@ -700,6 +700,8 @@ impl ClientSession {
             }
             Message::Unknown { .. } => {}
             Message::SessionHello { .. }
+            | Message::Candidates { .. }
+            | Message::PunchNow { .. }
             | Message::HelloAck { .. }
             | Message::Hello { .. }
             | Message::Register { .. }
