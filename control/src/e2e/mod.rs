@@ -12,6 +12,7 @@
 //! use the fixed synthetic pair [`RELAY_PATH_LOCAL`]/[`RELAY_PATH_PEER`]
 //! whatever relay carries them, so a relay change is not a QUIC migration.
 
+pub mod paths;
 mod session;
 #[cfg(test)]
 mod tests;

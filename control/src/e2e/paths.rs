@@ -1,0 +1,509 @@
+//! Direct paths of one end-to-end session, sans I/O and without quiche:
+//! candidate exchange, punching rounds, probe backoff, path selection with
+//! hysteresis and fallback to the relay (docs/protocol/direct.md). The
+//! session ([`super::E2eSession`]) feeds it what quiche reports and carries
+//! out the [`PathAction`]s it gives.
+//!
+//! The agent decides: it starts rounds (PunchNow), probes candidate pairs
+//! with QUIC path validation and migrates the session. The connector
+//! follows: on PunchNow it sends punch packets toward the agent's
+//! candidates to open its own NAT, and its quiche follows the agent's
+//! migrations.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
+use crate::rng::SplitMix64;
+
+/// Timings of direct paths. The defaults and where they come from are in
+/// docs/protocol/direct.md §9.4.
+#[derive(Debug, Clone)]
+pub struct DirectConfig {
+    /// First probe interval of a round; it doubles up to `probe_max`.
+    pub probe_first: Duration,
+    pub probe_max: Duration,
+    /// How long one round probes (agent) or punches (connector).
+    pub round_len: Duration,
+    /// Least time between the starts of two rounds.
+    pub min_round_gap: Duration,
+    /// A second round this long after the first, if still on the relay
+    /// (stale conntrack entries from the first round have expired).
+    pub second_round: Duration,
+    /// While on the relay, a new round this often.
+    pub upgrade_every: Duration,
+    /// On a direct path, an ack-eliciting packet after this much silence.
+    pub keepalive: Duration,
+    /// The direct path in use is dead when nothing came over it this long.
+    pub direct_timeout: Duration,
+    /// Another direct path is taken only if its RTT is below this fraction
+    /// of the current one's (or it is of a better class).
+    pub rtt_hysteresis: f64,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        DirectConfig {
+            probe_first: Duration::from_millis(50),
+            probe_max: Duration::from_secs(1),
+            round_len: Duration::from_secs(8),
+            min_round_gap: Duration::from_secs(5),
+            second_round: Duration::from_secs(31),
+            upgrade_every: Duration::from_secs(60),
+            keepalive: Duration::from_secs(1),
+            direct_timeout: Duration::from_secs(3),
+            rtt_hysteresis: 0.75,
+        }
+    }
+}
+
+/// What the session must do for its paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathAction {
+    /// Send a Candidates message on the end-to-end stream.
+    SendCandidates { generation: u32, policy: PathPolicy, list: Vec<Candidate> },
+    /// Agent: send PunchNow on the end-to-end stream.
+    SendPunchNow { round: u32, nonce: u64 },
+    /// Agent: probe the path to `addr` (QUIC path validation).
+    Probe(SocketAddr),
+    /// Connector: send a punch packet to `to`.
+    Punch { to: SocketAddr, round: u32, nonce: u64 },
+    /// Agent: make this the session's path (`None`: the relay).
+    Migrate(Option<SocketAddr>),
+    /// Agent: an ack-eliciting packet on the current direct path.
+    Keepalive,
+}
+
+/// Counters of one session's paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathCounters {
+    pub rounds: u64,
+    pub probes: u64,
+    pub punches: u64,
+    pub to_direct: u64,
+    pub to_relay: u64,
+    /// Direct paths given up because nothing came over them.
+    pub direct_timeouts: u64,
+    /// From the first tunneled packet to the first direct path.
+    pub time_to_direct: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+struct Round {
+    number: u32,
+    nonce: u64,
+    started: Instant,
+    next: Instant,
+    interval: Duration,
+    targets: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+struct DirectPath {
+    kind: CandidateKind,
+    rtt: Duration,
+    last_rx: Instant,
+}
+
+/// Path preference: lower is better. Direct on the LAN (the peer's host
+/// address), then direct over the WAN with IPv6 before IPv4.
+fn class(kind: CandidateKind, addr: SocketAddr) -> u8 {
+    match (kind, addr.is_ipv6()) {
+        (CandidateKind::Host, true) => 0,
+        (CandidateKind::Host, false) => 1,
+        (_, true) => 2,
+        (_, false) => 3,
+    }
+}
+
+/// The direct paths of one session (module docs).
+#[derive(Debug)]
+pub struct PathManager {
+    cfg: DirectConfig,
+    agent: bool,
+    created: Instant,
+    policy: PathPolicy,
+    peer_policy: PathPolicy,
+    local: Vec<Candidate>,
+    local_gen: u32,
+    /// Our candidates changed since the last Candidates sent.
+    local_dirty: bool,
+    peer: Vec<Candidate>,
+    peer_gen: Option<u32>,
+    up: bool,
+    rng: SplitMix64,
+    round: Option<Round>,
+    rounds_started: u32,
+    first_round: Option<Instant>,
+    last_round: Option<Instant>,
+    second_done: bool,
+    /// A change asks for a round (started once `min_round_gap` allows).
+    want_round: bool,
+    direct: BTreeMap<SocketAddr, DirectPath>,
+    /// The path in use: `None` is the relay.
+    current: Option<SocketAddr>,
+    last_keepalive: Instant,
+    first_tunneled: Option<Instant>,
+    actions: VecDeque<PathAction>,
+    counters: PathCounters,
+}
+
+impl PathManager {
+    pub fn new(cfg: DirectConfig, agent: bool, seed: u64, now: Instant) -> PathManager {
+        PathManager {
+            cfg,
+            agent,
+            created: now,
+            policy: PathPolicy::Auto,
+            peer_policy: PathPolicy::Auto,
+            local: Vec::new(),
+            local_gen: 0,
+            local_dirty: true,
+            peer: Vec::new(),
+            peer_gen: None,
+            up: false,
+            rng: SplitMix64::new(seed),
+            round: None,
+            rounds_started: 0,
+            first_round: None,
+            last_round: None,
+            second_done: false,
+            want_round: false,
+            direct: BTreeMap::new(),
+            current: None,
+            last_keepalive: now,
+            first_tunneled: None,
+            actions: VecDeque::new(),
+            counters: PathCounters::default(),
+        }
+    }
+
+    /// This end's policy (before the session is up).
+    pub fn set_policy(&mut self, policy: PathPolicy) {
+        self.policy = policy;
+        self.local_dirty = true;
+    }
+
+    /// The policy both ends' wishes leave.
+    pub fn policy(&self) -> PathPolicy {
+        self.policy.strictest(self.peer_policy)
+    }
+
+    fn direct_allowed(&self) -> bool {
+        self.policy() != PathPolicy::RelayOnly
+    }
+
+    /// Whether tunneled packets may go through the relay now.
+    pub fn relay_allowed(&self) -> bool {
+        self.policy() != PathPolicy::DirectOnly
+    }
+
+    /// The path in use: `None` is the relay.
+    pub fn current(&self) -> Option<SocketAddr> {
+        self.current
+    }
+
+    pub fn counters(&self) -> &PathCounters {
+        &self.counters
+    }
+
+    /// This end's candidates, replacing the previous ones (cut to
+    /// [`MAX_CANDIDATES`]). A change is announced and starts a round.
+    pub fn set_candidates(&mut self, mut list: Vec<Candidate>) {
+        list.sort();
+        list.dedup();
+        list.truncate(MAX_CANDIDATES);
+        if list != self.local {
+            self.local = list;
+            self.local_dirty = true;
+            self.want_round = true;
+        }
+    }
+
+    /// The session is up: candidates may be exchanged.
+    pub fn set_up(&mut self) {
+        self.up = true;
+    }
+
+    /// The first tunneled packet of the session (time to direct counts
+    /// from here).
+    pub fn note_tunneled(&mut self, now: Instant) {
+        self.first_tunneled.get_or_insert(now);
+    }
+
+    /// The peer's Candidates. Older or repeated generations are ignored.
+    pub fn on_candidates(&mut self, generation: u32, policy: PathPolicy, list: Vec<Candidate>) {
+        if self.peer_gen.is_some_and(|g| generation <= g) {
+            return;
+        }
+        self.peer_gen = Some(generation);
+        self.peer_policy = policy;
+        self.peer = list.into_iter().take(MAX_CANDIDATES).collect();
+        self.want_round = true;
+        if !self.direct_allowed() {
+            self.round = None;
+            if self.agent && self.current.is_some() {
+                self.switch(None, self.last_keepalive);
+            }
+        }
+    }
+
+    /// Connector: the agent started round `round`.
+    pub fn on_punch_now(&mut self, round: u32, nonce: u64, now: Instant) {
+        if self.agent || !self.direct_allowed() {
+            return;
+        }
+        let targets = self.peer.iter().map(|c| c.addr).collect();
+        self.round =
+            Some(Round { number: round, nonce, started: now, next: now, interval: self.cfg.probe_first, targets });
+        self.counters.rounds += 1;
+    }
+
+    /// Agent: a punch packet from `from`. One of the current round whose
+    /// source is no candidate adds that source as a peer-reflexive target
+    /// (the connector's NAT mapped it elsewhere than its relay saw).
+    /// Returns whether it belonged to this session's round.
+    pub fn on_punch(&mut self, from: SocketAddr, round: u32, nonce: u64) -> bool {
+        let Some(r) = self.round.as_mut().filter(|r| r.number == round && r.nonce == nonce) else {
+            return false;
+        };
+        if !r.targets.contains(&from) && r.targets.len() < 2 * MAX_CANDIDATES {
+            r.targets.push(from);
+            if self.peer.len() < 2 * MAX_CANDIDATES && !self.peer.iter().any(|c| c.addr == from) {
+                self.peer.push(Candidate { kind: CandidateKind::PeerReflexive, addr: from });
+            }
+        }
+        true
+    }
+
+    /// Agent: quiche validated the path to `addr`.
+    pub fn on_validated(&mut self, addr: SocketAddr, rtt: Duration, now: Instant) {
+        let kind = self.peer.iter().find(|c| c.addr == addr).map_or(CandidateKind::PeerReflexive, |c| c.kind);
+        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now });
+    }
+
+    /// Agent: a new RTT estimate of a validated direct path.
+    pub fn on_rtt(&mut self, addr: SocketAddr, rtt: Duration) {
+        if let Some(p) = self.direct.get_mut(&addr) {
+            p.rtt = rtt;
+        }
+    }
+
+    /// Agent: the path to `addr` failed validation.
+    pub fn on_failed(&mut self, addr: SocketAddr) {
+        self.direct.remove(&addr);
+        if self.current == Some(addr) {
+            self.switch(None, self.last_keepalive);
+        }
+    }
+
+    /// An authenticated packet arrived over `from` (`None`: a relay).
+    pub fn on_rx(&mut self, from: Option<SocketAddr>, now: Instant) {
+        if let Some(p) = from.and_then(|a| self.direct.get_mut(&a)) {
+            p.last_rx = now;
+        }
+    }
+
+    /// Connector: the agent moved the session to `to` (`None`: a relay).
+    pub fn on_peer_migrated(&mut self, to: Option<SocketAddr>, now: Instant) {
+        if self.agent || to == self.current {
+            return;
+        }
+        self.current = to;
+        match to {
+            Some(_) => {
+                self.counters.to_direct += 1;
+                if self.counters.time_to_direct.is_none() {
+                    self.counters.time_to_direct =
+                        Some(self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)));
+                }
+                // The agent's NAT is open: no more punching this round.
+                self.round = None;
+            }
+            None => self.counters.to_relay += 1,
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<PathAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next time [`PathManager::handle_timeout`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.up {
+            return None;
+        }
+        let round = self.round.as_ref().map(|r| r.next.min(r.started + self.cfg.round_len));
+        let start = self.next_round_start();
+        let keepalive = self.current.map(|_| self.last_keepalive + self.cfg.keepalive).filter(|_| self.agent);
+        let dead = self.current.and_then(|a| self.direct.get(&a)).map(|p| p.last_rx + self.cfg.direct_timeout);
+        [round, start, keepalive, dead].into_iter().flatten().min()
+    }
+
+    /// When the agent starts its next round, if it wants one.
+    fn next_round_start(&self) -> Option<Instant> {
+        if !self.agent || !self.direct_allowed() || self.peer.is_empty() || self.round.is_some() {
+            return None;
+        }
+        let gap = self.last_round.map(|t| t + self.cfg.min_round_gap);
+        let wanted = if self.want_round {
+            Some(gap)
+        } else if self.current.is_none() {
+            // On the relay: the second round, then upgrade attempts.
+            let second = self.first_round.filter(|_| !self.second_done).map(|t| t + self.cfg.second_round);
+            let upgrade = self.last_round.map(|t| t + self.cfg.upgrade_every);
+            second.or(upgrade).map(Some)
+        } else {
+            None
+        };
+        // `None` inside: at once (no earlier round to keep a gap from).
+        wanted.map(|at| match (at, gap) {
+            (Some(a), Some(g)) => a.max(g),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => self.created,
+        })
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.up {
+            return;
+        }
+        if self.local_dirty {
+            self.local_dirty = false;
+            self.local_gen = self.local_gen.wrapping_add(1);
+            let list = if self.policy == PathPolicy::RelayOnly { Vec::new() } else { self.local.clone() };
+            self.actions.push_back(PathAction::SendCandidates {
+                generation: self.local_gen,
+                policy: self.policy,
+                list,
+            });
+        }
+        if self.agent {
+            self.agent_timers(now);
+        } else {
+            self.connector_timers(now);
+        }
+    }
+
+    fn agent_timers(&mut self, now: Instant) {
+        // Failure first: a dead direct path goes, and the relay (or
+        // another direct path) takes over.
+        if let Some(addr) = self.current {
+            if self.direct.get(&addr).is_none_or(|p| now >= p.last_rx + self.cfg.direct_timeout) {
+                self.direct.remove(&addr);
+                self.counters.direct_timeouts += 1;
+                self.switch(None, now);
+                self.want_round = true;
+            }
+        }
+        if self.next_round_start().is_some_and(|t| t <= now) {
+            self.start_round(now);
+        }
+        if let Some(best) = self.best() {
+            if self.better_than_current(best) {
+                self.switch(Some(best), now);
+            }
+        }
+        if self.current.is_some() && now >= self.last_keepalive + self.cfg.keepalive {
+            self.last_keepalive = now;
+            self.actions.push_back(PathAction::Keepalive);
+        }
+        let Some(r) = self.round.as_mut() else { return };
+        if now >= r.started + self.cfg.round_len || self.current.is_some() {
+            self.round = None;
+            return;
+        }
+        if now >= r.next {
+            for &t in &r.targets {
+                if !self.direct.contains_key(&t) {
+                    self.actions.push_back(PathAction::Probe(t));
+                    self.counters.probes += 1;
+                }
+            }
+            r.next = now + r.interval;
+            r.interval = (r.interval * 2).min(self.cfg.probe_max);
+        }
+    }
+
+    fn connector_timers(&mut self, now: Instant) {
+        let Some(r) = self.round.as_mut() else { return };
+        if now >= r.started + self.cfg.round_len {
+            self.round = None;
+            return;
+        }
+        if now >= r.next {
+            for &to in &r.targets {
+                self.actions.push_back(PathAction::Punch { to, round: r.number, nonce: r.nonce });
+                self.counters.punches += 1;
+            }
+            r.next = now + r.interval;
+            r.interval = (r.interval * 2).min(self.cfg.probe_max);
+        }
+    }
+
+    fn start_round(&mut self, now: Instant) {
+        self.want_round = false;
+        if self.first_round.is_some() && self.current.is_none() {
+            self.second_done = true;
+        }
+        self.first_round.get_or_insert(now);
+        self.last_round = Some(now);
+        self.rounds_started = self.rounds_started.wrapping_add(1);
+        let nonce = self.rng.next_u64();
+        let targets = self.peer.iter().map(|c| c.addr).collect();
+        self.round = Some(Round {
+            number: self.rounds_started,
+            nonce,
+            started: now,
+            next: now,
+            interval: self.cfg.probe_first,
+            targets,
+        });
+        self.counters.rounds += 1;
+        self.actions.push_back(PathAction::SendPunchNow { round: self.rounds_started, nonce });
+    }
+
+    /// The best validated direct path.
+    fn best(&self) -> Option<SocketAddr> {
+        if !self.direct_allowed() {
+            return None;
+        }
+        self.direct.iter().min_by_key(|(a, p)| (class(p.kind, **a), p.rtt)).map(|(a, _)| *a)
+    }
+
+    fn better_than_current(&self, cand: SocketAddr) -> bool {
+        let Some(cur) = self.current else { return true };
+        if cur == cand {
+            return false;
+        }
+        let (Some(c), Some(n)) = (self.direct.get(&cur), self.direct.get(&cand)) else { return true };
+        let (cc, nc) = (class(c.kind, cur), class(n.kind, cand));
+        nc < cc || (nc == cc && n.rtt.as_secs_f64() < c.rtt.as_secs_f64() * self.cfg.rtt_hysteresis)
+    }
+
+    /// Agent: moves the session (`None`: to the relay).
+    fn switch(&mut self, to: Option<SocketAddr>, now: Instant) {
+        if to == self.current {
+            return;
+        }
+        self.current = to;
+        self.actions.push_back(PathAction::Migrate(to));
+        match to {
+            Some(_) => {
+                self.counters.to_direct += 1;
+                self.round = None;
+                self.last_keepalive = now;
+                if self.counters.time_to_direct.is_none() {
+                    self.counters.time_to_direct =
+                        Some(self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)));
+                }
+            }
+            None => self.counters.to_relay += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "paths_tests.rs"]
+mod tests;

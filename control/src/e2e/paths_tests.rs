@@ -1,0 +1,223 @@
+use super::*;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn cand(kind: CandidateKind, a: &str) -> Candidate {
+    Candidate { kind, addr: addr(a) }
+}
+
+/// Runs the manager's timers from `from` to `to` in 1 ms steps and
+/// returns the actions with their times (ms after `t0`).
+fn run(m: &mut PathManager, t0: Instant, from_ms: u64, to_ms: u64) -> Vec<(u64, PathAction)> {
+    let mut out = Vec::new();
+    for ms in from_ms..=to_ms {
+        let now = t0 + Duration::from_millis(ms);
+        if m.next_deadline().is_some_and(|d| d <= now) || ms == from_ms {
+            m.handle_timeout(now);
+        }
+        while let Some(a) = m.poll_action() {
+            out.push((ms, a));
+        }
+    }
+    out
+}
+
+fn agent(t0: Instant) -> PathManager {
+    let mut m = PathManager::new(DirectConfig::default(), true, 7, t0);
+    m.set_candidates(vec![cand(CandidateKind::Host, "192.168.1.2:5000")]);
+    m.set_up();
+    m
+}
+
+#[test]
+fn a_round_probes_with_backoff_and_the_first_validated_path_is_taken() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    let got = run(&mut m, t0, 0, 10);
+    assert!(
+        matches!(&got[..], [(0, PathAction::SendCandidates { generation: 1, policy: PathPolicy::Auto, list })] if list.len() == 1)
+    );
+    // Nothing to punch toward before the connector's candidates.
+    assert_eq!(m.counters().rounds, 0);
+    let peer =
+        vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000"), cand(CandidateKind::Host, "10.0.0.5:4000")];
+    m.on_candidates(1, PathPolicy::Auto, peer);
+    m.note_tunneled(t0 + Duration::from_millis(10));
+    let got = run(&mut m, t0, 11, 3000);
+    assert!(matches!(got[0], (11, PathAction::SendPunchNow { round: 1, .. })));
+    let probe_times: Vec<u64> =
+        got.iter().filter(|(_, a)| *a == PathAction::Probe(addr("10.0.0.5:4000"))).map(|(t, _)| *t).collect();
+    // 50 ms doubling up to 1 s.
+    assert_eq!(probe_times, [11, 61, 161, 361, 761, 1561, 2561]);
+    assert_eq!(m.counters().probes, 14);
+    // The LAN path validates: it is taken, the round ends.
+    let now = t0 + Duration::from_millis(3000);
+    m.on_validated(addr("10.0.0.5:4000"), Duration::from_millis(2), now);
+    let got = run(&mut m, t0, 3001, 3001);
+    assert_eq!(got, [(3001, PathAction::Migrate(Some(addr("10.0.0.5:4000"))))]);
+    assert_eq!(m.current(), Some(addr("10.0.0.5:4000")));
+    assert_eq!(m.counters().time_to_direct, Some(Duration::from_millis(2991)));
+    assert!(run(&mut m, t0, 3002, 3900).iter().all(|(_, a)| !matches!(a, PathAction::Probe(_))), "round over");
+}
+
+#[test]
+fn a_silent_direct_path_falls_back_to_the_relay_and_a_new_round_follows() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    let direct = addr("203.0.113.5:4000");
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    run(&mut m, t0, 0, 100);
+    m.on_validated(direct, Duration::from_millis(20), t0 + Duration::from_millis(100));
+    let got = run(&mut m, t0, 101, 101);
+    assert_eq!(got, [(101, PathAction::Migrate(Some(direct)))]);
+    // Alive while packets come over it; a keepalive every second.
+    for s in 1..=5u64 {
+        m.on_rx(Some(direct), t0 + Duration::from_millis(101 + s * 1000 - 500));
+    }
+    let got = run(&mut m, t0, 102, 5101);
+    let keepalives: Vec<u64> = got.iter().filter(|(_, a)| *a == PathAction::Keepalive).map(|(t, _)| *t).collect();
+    assert_eq!(keepalives, [1101, 2101, 3101, 4101, 5101]);
+    assert!(got.iter().all(|(_, a)| matches!(a, PathAction::Keepalive)), "{got:?}");
+    // Then silence: 3 s after the last packet (4601 ms) it is given up.
+    let got = run(&mut m, t0, 5102, 7700);
+    let back = got.iter().find(|(_, a)| *a == PathAction::Migrate(None)).map(|(t, _)| *t);
+    assert_eq!(back, Some(7601));
+    assert_eq!(m.current(), None);
+    assert_eq!(m.counters().direct_timeouts, 1);
+    // A new round at once (the last started 7.6 s ago, more than the gap).
+    assert!(got.iter().any(|(t, a)| *t == 7601 && matches!(a, PathAction::SendPunchNow { round: 2, .. })), "{got:?}");
+}
+
+#[test]
+fn rounds_repeat_at_31_s_then_every_60_s_while_on_the_relay_and_not_within_the_gap() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    let got = run(&mut m, t0, 0, 200_000);
+    let rounds: Vec<u64> =
+        got.iter().filter(|(_, a)| matches!(a, PathAction::SendPunchNow { .. })).map(|(t, _)| *t).collect();
+    assert_eq!(rounds, [0, 31_000, 91_000, 151_000]);
+    // A candidate change asks for a round, but not sooner than 5 s after
+    // the last one.
+    m.on_candidates(2, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4001")]);
+    let got = run(&mut m, t0, 151_001, 160_000);
+    let rounds: Vec<u64> =
+        got.iter().filter(|(_, a)| matches!(a, PathAction::SendPunchNow { .. })).map(|(t, _)| *t).collect();
+    assert_eq!(rounds, [156_000]);
+    // A stale generation is ignored.
+    m.on_candidates(1, PathPolicy::RelayOnly, Vec::new());
+    assert_eq!(m.policy(), PathPolicy::Auto);
+}
+
+#[test]
+fn lan_beats_wan_ipv6_beats_ipv4_and_similar_rtts_do_not_flap() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    let v4 = addr("203.0.113.5:4000");
+    let v6 = addr("[2001:db8::5]:4000");
+    let lan = addr("10.0.0.5:4000");
+    let v4b = addr("198.51.100.7:4000");
+    let peer = vec![
+        cand(CandidateKind::ServerReflexive, "203.0.113.5:4000"),
+        cand(CandidateKind::ServerReflexive, "198.51.100.7:4000"),
+        cand(CandidateKind::Configured, "[2001:db8::5]:4000"),
+        cand(CandidateKind::Host, "10.0.0.5:4000"),
+    ];
+    m.on_candidates(1, PathPolicy::Auto, peer);
+    run(&mut m, t0, 0, 10);
+    let ms = Duration::from_millis;
+    m.on_validated(v4, ms(20), t0 + ms(10));
+    assert_eq!(run(&mut m, t0, 11, 11), [(11, PathAction::Migrate(Some(v4)))]);
+    // A similar IPv4 path: no switch; a much faster one: switch.
+    m.on_validated(v4b, ms(18), t0 + ms(12));
+    m.on_rx(Some(v4), t0 + ms(12));
+    assert!(run(&mut m, t0, 12, 13).is_empty());
+    m.on_rtt(v4b, ms(10));
+    assert_eq!(run(&mut m, t0, 14, 14), [(14, PathAction::Migrate(Some(v4b)))]);
+    // IPv6 beats IPv4 whatever the RTT; the LAN beats both.
+    m.on_validated(v6, ms(40), t0 + ms(15));
+    assert_eq!(run(&mut m, t0, 15, 15), [(15, PathAction::Migrate(Some(v6)))]);
+    m.on_validated(lan, ms(1), t0 + ms(16));
+    assert_eq!(run(&mut m, t0, 16, 16), [(16, PathAction::Migrate(Some(lan)))]);
+    assert_eq!(m.counters().to_direct, 4);
+}
+
+#[test]
+fn relay_only_on_either_side_means_no_rounds_and_no_candidates() {
+    let t0 = Instant::now();
+    // The agent's own relay-only: its Candidates carry no address.
+    let mut m = agent(t0);
+    m.set_policy(PathPolicy::RelayOnly);
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    let got = run(&mut m, t0, 0, 100_000);
+    assert!(
+        matches!(&got[..], [(0, PathAction::SendCandidates { policy: PathPolicy::RelayOnly, list, .. })] if list.is_empty()),
+        "{got:?}"
+    );
+    // The connector's relay-only: the agent never probes, and leaves a
+    // direct path it was on.
+    let mut m = agent(t0);
+    let direct = addr("203.0.113.5:4000");
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    run(&mut m, t0, 0, 10);
+    m.on_validated(direct, Duration::from_millis(5), t0);
+    run(&mut m, t0, 11, 11);
+    assert_eq!(m.current(), Some(direct));
+    m.on_candidates(2, PathPolicy::RelayOnly, Vec::new());
+    assert_eq!(m.current(), None);
+    let got = run(&mut m, t0, 12, 100_000);
+    assert_eq!(got.first().map(|(_, a)| a), Some(&PathAction::Migrate(None)));
+    assert!(got.iter().all(|(_, a)| !matches!(a, PathAction::Probe(_) | PathAction::SendPunchNow { .. })));
+    assert!(!m.relay_allowed() || m.policy() == PathPolicy::RelayOnly);
+}
+
+#[test]
+fn the_connector_punches_toward_the_agent_until_it_migrates() {
+    let t0 = Instant::now();
+    let mut m = PathManager::new(DirectConfig::default(), false, 9, t0);
+    m.set_candidates(vec![cand(CandidateKind::Configured, "198.51.100.1:443")]);
+    m.set_up();
+    m.on_candidates(
+        1,
+        PathPolicy::Auto,
+        vec![cand(CandidateKind::Host, "192.168.1.2:5000"), cand(CandidateKind::ServerReflexive, "203.0.113.9:6000")],
+    );
+    let got = run(&mut m, t0, 0, 5);
+    assert!(matches!(got[..], [(0, PathAction::SendCandidates { .. })]), "the connector starts no round: {got:?}");
+    m.on_punch_now(1, 42, t0 + Duration::from_millis(5));
+    let got = run(&mut m, t0, 5, 1000);
+    let to_nat: Vec<u64> = got
+        .iter()
+        .filter(|(_, a)| *a == PathAction::Punch { to: addr("203.0.113.9:6000"), round: 1, nonce: 42 })
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(to_nat, [5, 55, 155, 355, 755]);
+    assert_eq!(m.counters().punches, 10);
+    m.on_peer_migrated(Some(addr("203.0.113.9:6000")), t0 + Duration::from_millis(1000));
+    assert!(run(&mut m, t0, 1001, 9000).is_empty(), "no punching once direct");
+    assert_eq!(m.current(), Some(addr("203.0.113.9:6000")));
+    m.on_peer_migrated(None, t0 + Duration::from_millis(9000));
+    assert_eq!((m.counters().to_direct, m.counters().to_relay), (1, 1));
+}
+
+#[test]
+fn punches_of_the_round_teach_the_agent_peer_reflexive_targets() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    let got = run(&mut m, t0, 0, 0);
+    let Some(PathAction::SendPunchNow { round, nonce }) = got.iter().map(|(_, a)| a.clone()).nth(1) else {
+        panic!("{got:?}")
+    };
+    let prflx = addr("203.0.113.5:4999");
+    assert!(!m.on_punch(prflx, round, nonce ^ 1), "a wrong nonce is not ours");
+    assert!(!m.on_punch(prflx, round + 1, nonce));
+    assert!(m.on_punch(prflx, round, nonce));
+    let got = run(&mut m, t0, 1, 100);
+    assert!(got.contains(&(50, PathAction::Probe(prflx))), "{got:?}");
+    m.on_validated(prflx, Duration::from_millis(9), t0 + Duration::from_millis(100));
+    run(&mut m, t0, 101, 101);
+    assert_eq!(m.current(), Some(prflx));
+}
