@@ -12,6 +12,7 @@
 //! use the fixed synthetic pair [`RELAY_PATH_LOCAL`]/[`RELAY_PATH_PEER`]
 //! whatever relay carries them, so a relay change is not a QUIC migration.
 
+mod direct;
 pub mod paths;
 mod session;
 #[cfg(test)]
@@ -30,6 +31,8 @@ use crate::cert::{self, PeerRule, Rejection};
 use crate::identity::{Identity, Kind};
 use crate::quic::{TlsConfigError, TlsOptions};
 
+pub use direct::Via;
+pub use paths::{DirectConfig, PathCounters};
 pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, ACK_DELAY, MAX_PENDING};
 
 /// ALPN of the inner connection.
@@ -62,6 +65,14 @@ pub const RELAY_PATH_LOCAL: SocketAddr =
     SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1), 1, 0, 0));
 pub const RELAY_PATH_PEER: SocketAddr =
     SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 2), 2, 0, 0));
+/// The local address quiche sees for every direct path (the one socket;
+/// like the relay pair it never goes on the wire). The peer address of a
+/// direct path is the real one.
+pub const DIRECT_PATH_LOCAL: SocketAddr =
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1), 3, 0, 0));
+/// Connection IDs each end keeps active: one per path (the relay path and
+/// up to seven direct ones).
+pub const ACTIVE_CIDS: u64 = 8;
 /// Application close codes and the TLS alert of a refused identity, as
 /// the peer sees them in CONNECTION_CLOSE: `bad_certificate` (42) in the
 /// crypto error range.
@@ -194,7 +205,7 @@ fn transport(b: SslContextBuilder) -> Result<quiche::Config, TlsConfigError> {
     cfg.set_initial_max_streams_uni(0);
     // The agent opens one bidirectional stream: end-to-end control.
     cfg.set_initial_max_streams_bidi(1);
-    cfg.set_active_connection_id_limit(2);
+    cfg.set_active_connection_id_limit(ACTIVE_CIDS);
     cfg.enable_dgram(true, DGRAM_QUEUE_LEN, DGRAM_QUEUE_LEN);
     Ok(cfg)
 }

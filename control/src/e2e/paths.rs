@@ -81,6 +81,8 @@ pub struct PathCounters {
     pub rounds: u64,
     pub probes: u64,
     pub punches: u64,
+    /// Probes quiche could not send (no spare connection ID).
+    pub probes_skipped: u64,
     pub to_direct: u64,
     pub to_relay: u64,
     /// Direct paths given up because nothing came over them.
@@ -146,7 +148,7 @@ pub struct PathManager {
     last_keepalive: Instant,
     first_tunneled: Option<Instant>,
     actions: VecDeque<PathAction>,
-    counters: PathCounters,
+    pub(super) counters: PathCounters,
 }
 
 impl PathManager {
@@ -283,6 +285,21 @@ impl PathManager {
         self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now });
     }
 
+    /// Agent: an authenticated packet came over `addr`, a path quiche
+    /// validated before but this manager gave up (it went silent). During
+    /// a round that probes it, this answer to a probe validates it again;
+    /// outside one (a late packet) it does not.
+    pub fn on_revalidated(&mut self, addr: SocketAddr, rtt: Duration, now: Instant) {
+        if !self.direct.contains_key(&addr) && self.round.as_ref().is_some_and(|r| r.targets.contains(&addr)) {
+            self.on_validated(addr, rtt, now);
+        }
+    }
+
+    /// Whether `addr` is a validated direct path in use or in reserve.
+    pub fn is_validated(&self, addr: SocketAddr) -> bool {
+        self.direct.contains_key(&addr)
+    }
+
     /// Agent: a new RTT estimate of a validated direct path.
     pub fn on_rtt(&mut self, addr: SocketAddr, rtt: Duration) {
         if let Some(p) = self.direct.get_mut(&addr) {
@@ -333,6 +350,10 @@ impl PathManager {
     pub fn next_deadline(&self) -> Option<Instant> {
         if !self.up {
             return None;
+        }
+        if self.local_dirty {
+            // Candidates to announce: at once.
+            return Some(self.created);
         }
         let round = self.round.as_ref().map(|r| r.next.min(r.started + self.cfg.round_len));
         let start = self.next_round_start();

@@ -18,6 +18,8 @@ use crate::codes::Code;
 use crate::identity::Identity;
 use crate::wire::{self, FrameDecoder, Message, ServiceName};
 
+use super::direct::Via;
+use super::paths::{DirectConfig, PathManager};
 use super::{CID_LEN, CLOSE_BAD_CERTIFICATE, RELAY_PATH_LOCAL, RELAY_PATH_PEER};
 
 /// Tunneled packets an agent holds while its session comes up.
@@ -48,6 +50,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACK_DELAY: Duration = Duration::from_millis(5);
 const ACK_EVERY: u32 = 2;
 
+/// Seeds the path manager's nonces (PunchNow): unpredictable to the relay.
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    let _ = boring::rand::rand_bytes(&mut seed);
+    u64::from_le_bytes(seed)
+}
+
 /// Where a session is (module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
@@ -70,6 +79,11 @@ pub enum SessionEvent {
     /// The session ended. `code` is the QUIC close code (application codes
     /// are [`Code`] values; `CLOSE_BAD_CERTIFICATE` is the TLS alert).
     Closed { reason: String, code: Option<u64>, identity_mismatch: bool },
+    /// This end issued a connection ID for new paths: packets to it belong
+    /// to this session (the engine routes direct packets by it).
+    NewCid([u8; CID_LEN]),
+    /// The peer retired a connection ID this end had issued.
+    RetiredCid([u8; CID_LEN]),
 }
 
 /// Why an IP packet was not taken.
@@ -81,12 +95,15 @@ pub enum SendIpError {
     Full,
     /// The session is closed.
     Closed,
+    /// The path policy keeps tunneled packets off the relay and no direct
+    /// path is up (`direct-only`).
+    NoPath,
 }
 
 /// One inner QUIC connection.
 pub struct E2eSession {
-    conn: quiche::Connection,
-    server: bool,
+    pub(super) conn: quiche::Connection,
+    pub(super) server: bool,
     state: SessionState,
     trust_domain: String,
     /// Agent: the connector identity the relay named; the certificate
@@ -97,9 +114,9 @@ pub struct E2eSession {
     service: Option<ServiceName>,
     scid: [u8; CID_LEN],
     pending: VecDeque<Vec<u8>>,
-    events: VecDeque<SessionEvent>,
+    pub(super) events: VecDeque<SessionEvent>,
     rx: FrameDecoder,
-    tx: Vec<u8>,
+    pub(super) tx: Vec<u8>,
     /// quiche's count of packets it authenticated, and of DATAGRAMs it
     /// received, at the last look.
     recv_count: usize,
@@ -124,7 +141,13 @@ pub struct E2eSession {
     unacked: u32,
     ack_due: Option<Instant>,
     /// A timer fired or a keepalive is queued: send without delay.
-    must_send: bool,
+    pub(super) must_send: bool,
+    /// Direct paths (docs/protocol/direct.md).
+    pub(super) paths: PathManager,
+    /// Connector: what the tokens of the connection IDs it issues derive from.
+    pub(super) reset_key: Option<super::ResetKey>,
+    /// The latest `now` the session was given.
+    now: Instant,
 }
 
 impl E2eSession {
@@ -155,7 +178,9 @@ impl E2eSession {
         cfg.set_stateless_reset_token(Some(reset.token(&scid)));
         let id = quiche::ConnectionId::from_ref(&scid);
         let conn = quiche::accept(&id, None, RELAY_PATH_LOCAL, RELAY_PATH_PEER, cfg)?;
-        Ok(Self::new(conn, true, scid, trust_domain, None, None, now))
+        let mut s = Self::new(conn, true, scid, trust_domain, None, None, now);
+        s.reset_key = Some(reset.clone());
+        Ok(s)
     }
 
     fn new(
@@ -197,7 +222,15 @@ impl E2eSession {
             unacked: 0,
             ack_due: None,
             must_send: false,
+            paths: PathManager::new(DirectConfig::default(), !server, random_seed(), now),
+            reset_key: None,
+            now,
         }
+    }
+
+    /// Timings of direct paths (before the session is up).
+    pub fn set_direct_config(&mut self, cfg: DirectConfig) {
+        self.paths = PathManager::new(cfg, !self.server, random_seed(), self.now);
     }
 
     pub fn state(&self) -> SessionState {
@@ -270,13 +303,21 @@ impl E2eSession {
         self.events.pop_front()
     }
 
-    /// One inner packet. Returns whether quiche authenticated anything in
-    /// it; packets it could not are counted in [`E2eSession::rejected`].
+    /// One inner packet from a relay flow ([`E2eSession::recv_via`]).
     pub fn recv(&mut self, pkt: &mut [u8], now: Instant) -> bool {
+        self.recv_via(pkt, Via::Relay, now)
+    }
+
+    /// One inner packet that came `via` a relay flow or a direct path.
+    /// Returns whether quiche authenticated anything in it; packets it
+    /// could not are counted in [`E2eSession::rejected`].
+    pub fn recv_via(&mut self, pkt: &mut [u8], via: Via, now: Instant) -> bool {
+        self.now = now;
         if self.is_closed() {
             return false;
         }
-        let info = quiche::RecvInfo { from: RELAY_PATH_PEER, to: RELAY_PATH_LOCAL };
+        let (to, from) = via.quic_addrs();
+        let info = quiche::RecvInfo { from, to };
         let _ = self.conn.recv(pkt, info);
         let stats = self.conn.stats();
         let authentic = stats.recv > self.recv_count;
@@ -290,7 +331,9 @@ impl E2eSession {
             // quiche took it for the stateless reset the connector announced.
             self.reset = true;
         }
+        self.path_events(now);
         if authentic {
+            self.path_rx(via, now);
             self.last_rx = now;
             if tunneled && self.state == SessionState::Up {
                 self.unacked += 1;
@@ -405,6 +448,12 @@ impl E2eSession {
                 }
             }
             Message::SessionHello { .. } => self.fail(Code::UNSUPPORTED_VERSION, "unsupported version"),
+            Message::Candidates { generation, policy, list } if self.state == SessionState::Up => {
+                self.paths.on_candidates(generation, policy, list);
+            }
+            Message::PunchNow { round, nonce } if self.server && self.state == SessionState::Up => {
+                self.paths.on_punch_now(round, nonce, self.now);
+            }
             Message::Unknown { .. } => {}
             _ => self.fail(Code::UNEXPECTED_MESSAGE, "unexpected message on the end-to-end stream"),
         }
@@ -416,6 +465,7 @@ impl E2eSession {
 
     fn go_up(&mut self) {
         self.state = SessionState::Up;
+        self.paths.set_up();
         self.events.push_back(SessionEvent::Up);
         while let Some(p) = self.pending.pop_front() {
             match self.conn.dgram_send(&p) {
@@ -464,8 +514,14 @@ impl E2eSession {
         }
         match self.state {
             SessionState::Closed => Err(SendIpError::Closed),
+            SessionState::Up if !self.paths.relay_allowed() && self.paths.current().is_none() => {
+                Err(SendIpError::NoPath)
+            }
             SessionState::Up => match self.conn.dgram_send(pkt) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    self.paths.note_tunneled(self.now);
+                    Ok(())
+                }
                 Err(quiche::Error::BufferTooShort) => Err(SendIpError::TooLarge),
                 Err(_) => Err(SendIpError::Full),
             },
@@ -498,18 +554,25 @@ impl E2eSession {
         }
     }
 
-    /// Writes the next inner packet to send into `out`. An ACK with
-    /// nothing else to send waits ([`ACK_DELAY`]).
-    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<usize> {
+    /// Writes the next packet to send into `out`: its length and the way
+    /// it goes (a relay flow, or a direct path). An ACK with nothing else
+    /// to send waits ([`ACK_DELAY`]).
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, Via)> {
+        self.now = now;
+        self.top_up_cids();
+        if let Some(punch) = self.path_actions(out) {
+            return Some(punch);
+        }
         self.flush_control();
         if self.holds_ack(now) {
             return None;
         }
         match self.conn.send(out) {
-            Ok((n, _)) => {
+            Ok((n, info)) => {
                 self.last_tx = now;
                 (self.unacked, self.ack_due, self.must_send) = (0, None, false);
-                Some(n)
+                let via = if info.to == RELAY_PATH_PEER { Via::Relay } else { Via::Direct(info.to) };
+                Some((n, via))
             }
             Err(_) => {
                 // Nothing to send: no ACK is waiting any more either.
@@ -605,10 +668,12 @@ impl E2eSession {
         let keepalive = (self.state == SessionState::Up).then(|| self.last_tx + KEEPALIVE);
         let silence = (self.watches_silence() && !self.stalled).then(|| self.last_rx + SILENCE);
         let ack = self.ack_due.filter(|_| self.unacked > 0 && self.state == SessionState::Up);
-        [quic, handshake, keepalive, silence, ack].into_iter().flatten().min()
+        let paths = self.paths.next_deadline().filter(|_| self.state == SessionState::Up);
+        [quic, handshake, keepalive, silence, ack, paths].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         if self.is_closed() {
             if self.conn.timeout_instant().is_some_and(|t| t <= now) {
                 self.conn.on_timeout();
@@ -650,6 +715,11 @@ impl E2eSession {
             let _ = self.conn.send_ack_eliciting();
             self.last_tx = now;
             self.must_send = true;
+        }
+        if self.state == SessionState::Up {
+            self.path_rtts();
+            self.path_events(now);
+            self.paths.handle_timeout(now);
         }
         self.progress();
     }

@@ -28,15 +28,31 @@ fn svc() -> ServiceName {
     ServiceName::new("echo").unwrap()
 }
 
-struct Pair {
-    agent: E2eSession,
-    connector: E2eSession,
+pub(super) struct Pair {
+    pub(super) agent: E2eSession,
+    pub(super) connector: E2eSession,
     agent_rej: Arc<Rejections>,
     connector_rej: Arc<Rejections>,
-    now: Instant,
+    pub(super) now: Instant,
     /// Applied to every packet on its way (a misbehaving relay).
     tamper: Option<fn(&mut Vec<u8>)>,
+    /// The direct network: packets to `connector_addr` (from the agent)
+    /// and to `agent_addr` (from the connector) pass while it is open;
+    /// each end sees the other's address as the source.
+    pub(super) direct: Direct,
 }
+
+#[derive(Default)]
+pub(super) struct Direct {
+    pub(super) open: bool,
+    /// Inner packets each way through the relay, and directly.
+    pub(super) relay_packets: u64,
+    pub(super) direct_packets: u64,
+    pub(super) punches: u64,
+}
+
+pub(super) const AGENT_ADDR: &str = "198.51.100.2:5000";
+pub(super) const CONNECTOR_ADDR: &str = "203.0.113.3:4433";
 
 impl Pair {
     fn new(agent_tls: TlsOptions, connector_tls: TlsOptions, expect: &str) -> Pair {
@@ -48,16 +64,16 @@ impl Pair {
         let agent = E2eSession::connect(&mut acfg, [1; CID_LEN], &td, expect, svc(), now).unwrap();
         let reset = ResetKey::from_tls(&connector_tls).unwrap();
         let connector = E2eSession::accept(&mut ccfg, [2; CID_LEN], TD, &reset, now).unwrap();
-        Pair { agent, connector, agent_rej, connector_rej, now, tamper: None }
+        Pair { agent, connector, agent_rej, connector_rej, now, tamper: None, direct: Direct::default() }
     }
 
-    fn healthy() -> Pair {
+    pub(super) fn healthy() -> Pair {
         let ca = ca();
         Pair::new(tls(&ca, &ca, &agent_uri()), tls(&ca, &ca, &connector_uri()), &connector_uri())
     }
 
     /// Lets `d` pass (timers run on both ends), then moves what is due.
-    fn wait(&mut self, d: Duration) -> Vec<SessionEvent> {
+    pub(super) fn wait(&mut self, d: Duration) -> Vec<SessionEvent> {
         self.now += d;
         self.agent.handle_timeout(self.now);
         self.connector.handle_timeout(self.now);
@@ -65,26 +81,51 @@ impl Pair {
     }
 
     /// Moves packets both ways until quiet; answers Hello with admit.
-    fn run(&mut self) -> Vec<SessionEvent> {
+    pub(super) fn run(&mut self) -> Vec<SessionEvent> {
         let mut events = Vec::new();
         let mut buf = [0u8; 1500];
+        let (agent_addr, connector_addr) = (AGENT_ADDR.parse().unwrap(), CONNECTOR_ADDR.parse().unwrap());
         for _ in 0..50 {
             let mut moved = false;
-            while let Some(n) = self.agent.poll_transmit(&mut buf, self.now) {
+            while let Some((n, via)) = self.agent.poll_transmit(&mut buf, self.now) {
                 let mut p = buf[..n].to_vec();
-                if let Some(t) = self.tamper {
-                    t(&mut p);
-                }
-                self.connector.recv(&mut p, self.now);
                 moved = true;
+                match via {
+                    Via::Relay => {
+                        if let Some(t) = self.tamper {
+                            t(&mut p);
+                        }
+                        self.direct.relay_packets += 1;
+                        self.connector.recv(&mut p, self.now);
+                    }
+                    Via::Direct(to) if to == connector_addr && self.direct.open => {
+                        self.direct.direct_packets += 1;
+                        self.connector.recv_via(&mut p, Via::Direct(agent_addr), self.now);
+                    }
+                    Via::Direct(_) => {}
+                }
             }
-            while let Some(n) = self.connector.poll_transmit(&mut buf, self.now) {
+            while let Some((n, via)) = self.connector.poll_transmit(&mut buf, self.now) {
                 let mut p = buf[..n].to_vec();
-                if let Some(t) = self.tamper {
-                    t(&mut p);
-                }
-                self.agent.recv(&mut p, self.now);
                 moved = true;
+                match via {
+                    Via::Relay => {
+                        if let Some(t) = self.tamper {
+                            t(&mut p);
+                        }
+                        self.direct.relay_packets += 1;
+                        self.agent.recv(&mut p, self.now);
+                    }
+                    Via::Direct(to) if to == agent_addr && self.direct.open => {
+                        if self.agent.on_punch(connector_addr, &p) {
+                            self.direct.punches += 1;
+                        } else {
+                            self.direct.direct_packets += 1;
+                            self.agent.recv_via(&mut p, Via::Direct(connector_addr), self.now);
+                        }
+                    }
+                    Via::Direct(_) => {}
+                }
             }
             while let Some(e) = self.connector.poll_event() {
                 if matches!(e, SessionEvent::Hello { .. }) {
@@ -104,7 +145,7 @@ impl Pair {
     }
 }
 
-fn ip_packet(tag: u8) -> Vec<u8> {
+pub(super) fn ip_packet(tag: u8) -> Vec<u8> {
     let mut p = vec![tag; TUNNEL_MTU];
     p[0] = 0x45;
     p
@@ -231,7 +272,7 @@ fn a_refused_session_tells_the_agent_the_code() {
     let mut buf = [0u8; 1500];
     let mut events = Vec::new();
     for _ in 0..20 {
-        while let Some(n) = p.agent.poll_transmit(&mut buf, p.now) {
+        while let Some((n, _)) = p.agent.poll_transmit(&mut buf, p.now) {
             p.connector.recv(&mut buf[..n].to_vec(), p.now);
         }
         while let Some(e) = p.connector.poll_event() {
@@ -239,7 +280,7 @@ fn a_refused_session_tells_the_agent_the_code() {
                 p.connector.refuse(Code::DENIED, "not allowed");
             }
         }
-        while let Some(n) = p.connector.poll_transmit(&mut buf, p.now) {
+        while let Some((n, _)) = p.connector.poll_transmit(&mut buf, p.now) {
             p.agent.recv(&mut buf[..n].to_vec(), p.now);
         }
         while let Some(e) = p.agent.poll_event() {
@@ -258,7 +299,7 @@ fn a_refused_session_tells_the_agent_the_code() {
 fn dcid_of_long_and_short_headers() {
     let mut p = Pair::healthy();
     let mut buf = [0u8; 1500];
-    let n = p.agent.poll_transmit(&mut buf, p.now).unwrap();
+    let (n, _) = p.agent.poll_transmit(&mut buf, p.now).unwrap();
     assert!(is_initial(&buf[..n]));
     assert!(packet_dcid(&buf[..n]).is_some_and(|d| d.len() >= 8));
     assert_eq!(packet_dcid(&[0x40, 1, 2, 3, 4, 5, 6, 7, 8]), Some(&[1, 2, 3, 4, 5, 6, 7, 8][..]));
@@ -293,7 +334,7 @@ fn an_uncarried_session_freezes_its_timers_and_ends_after_the_idle_timeout() {
 /// One packet `from` → `to`, what `from` sends now (None: nothing).
 fn one(from: &mut E2eSession, to: &mut E2eSession, now: Instant) -> Option<usize> {
     let mut buf = [0u8; 1500];
-    let n = from.poll_transmit(&mut buf, now)?;
+    let (n, _) = from.poll_transmit(&mut buf, now)?;
     to.recv(&mut buf[..n], now);
     Some(n)
 }
@@ -366,3 +407,6 @@ fn a_stateless_reset_from_the_connectors_key_ends_the_session_and_one_from_anoth
         "{ev:?}"
     );
 }
+
+#[path = "direct_tests.rs"]
+mod direct;

@@ -1,0 +1,196 @@
+//! The direct-path side of an [`E2eSession`]: it carries out what its
+//! [`PathManager`] decides with quiche's path API (probing, migration,
+//! connection IDs for new paths) and feeds it what quiche reports
+//! (docs/protocol/direct.md).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use quiche::PathEvent;
+
+use crate::candidate::{punch, Candidate, PathPolicy};
+use crate::wire::Message;
+
+use super::paths::{PathAction, PathCounters};
+use super::session::{E2eSession, SessionEvent};
+use super::{CID_LEN, DIRECT_PATH_LOCAL, RELAY_PATH_LOCAL, RELAY_PATH_PEER};
+
+/// Which way an inner packet travels: through the relay flow, or over a
+/// direct path to (or from) an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Relay,
+    Direct(SocketAddr),
+}
+
+impl Via {
+    /// quiche's (local, peer) addresses for this way.
+    pub(super) fn quic_addrs(self) -> (SocketAddr, SocketAddr) {
+        match self {
+            Via::Relay => (RELAY_PATH_LOCAL, RELAY_PATH_PEER),
+            Via::Direct(a) => (DIRECT_PATH_LOCAL, a),
+        }
+    }
+
+    fn of_peer(peer: SocketAddr) -> Via {
+        if peer == RELAY_PATH_PEER {
+            Via::Relay
+        } else {
+            Via::Direct(peer)
+        }
+    }
+
+    pub fn direct(self) -> Option<SocketAddr> {
+        match self {
+            Via::Relay => None,
+            Via::Direct(a) => Some(a),
+        }
+    }
+}
+
+impl E2eSession {
+    /// This end's direct-path candidates (replacing the previous ones).
+    pub fn set_candidates(&mut self, list: Vec<Candidate>) {
+        self.paths.set_candidates(list);
+    }
+
+    /// This end's path policy; set it before the session is up.
+    pub fn set_path_policy(&mut self, policy: PathPolicy) {
+        self.paths.set_policy(policy);
+    }
+
+    /// The policy both ends' wishes leave.
+    pub fn path_policy(&self) -> PathPolicy {
+        self.paths.policy()
+    }
+
+    /// The path tunneled packets take now: `None` is the relay.
+    pub fn current_path(&self) -> Option<SocketAddr> {
+        self.paths.current()
+    }
+
+    pub fn path_counters(&self) -> &PathCounters {
+        self.paths.counters()
+    }
+
+    /// Agent: a punch packet from `from`. Returns whether it belongs to
+    /// this session's current round.
+    pub fn on_punch(&mut self, from: SocketAddr, pkt: &[u8]) -> bool {
+        punch::parse(pkt).is_some_and(|(round, nonce)| self.paths.on_punch(from, round, nonce))
+    }
+
+    /// quiche's path events, into the path manager.
+    pub(super) fn path_events(&mut self, now: Instant) {
+        while let Some(e) = self.conn.path_event_next() {
+            match e {
+                PathEvent::Validated(_, peer) if peer != RELAY_PATH_PEER => {
+                    let rtt = self.path_rtt(peer).unwrap_or(Duration::from_millis(100));
+                    self.paths.on_validated(peer, rtt, now);
+                }
+                PathEvent::FailedValidation(_, peer) if peer != RELAY_PATH_PEER => self.paths.on_failed(peer),
+                PathEvent::PeerMigrated(_, peer) => self.paths.on_peer_migrated(Via::of_peer(peer).direct(), now),
+                _ => {}
+            }
+        }
+    }
+
+    /// An authenticated packet came `via`.
+    pub(super) fn path_rx(&mut self, via: Via, now: Instant) {
+        if let Via::Direct(a) = via {
+            if !self.server && !self.paths.is_validated(a) {
+                // quiche reports a path's validation once; a path it still
+                // holds as validated answers a new round's probe silently.
+                if self.conn.is_path_validated(DIRECT_PATH_LOCAL, a).unwrap_or(false) {
+                    let rtt = self.path_rtt(a).unwrap_or(Duration::from_millis(100));
+                    self.paths.on_revalidated(a, rtt, now);
+                }
+            }
+        }
+        self.paths.on_rx(via.direct(), now);
+    }
+
+    fn path_rtt(&self, peer: SocketAddr) -> Option<Duration> {
+        self.conn.path_stats().find(|p| p.peer_addr == peer).map(|p| p.rtt)
+    }
+
+    /// Fresh RTT estimates of the direct paths (agent: path selection).
+    pub(super) fn path_rtts(&mut self) {
+        let rtts: Vec<(SocketAddr, Duration)> =
+            self.conn.path_stats().filter(|p| p.peer_addr != RELAY_PATH_PEER).map(|p| (p.peer_addr, p.rtt)).collect();
+        for (peer, rtt) in rtts {
+            self.paths.on_rtt(peer, rtt);
+        }
+    }
+
+    /// Keeps the peer supplied with spare connection IDs (a new path needs
+    /// one of each end's), and reports the ones issued and retired: the
+    /// engine routes direct packets by them.
+    pub(super) fn top_up_cids(&mut self) {
+        if !self.conn.is_established() || self.is_closed() {
+            return;
+        }
+        while self.conn.scids_left() > 0 {
+            let mut cid = [0u8; CID_LEN];
+            let mut token = [0u8; 16];
+            if boring::rand::rand_bytes(&mut cid).is_err() || boring::rand::rand_bytes(&mut token).is_err() {
+                return;
+            }
+            // The connector's tokens derive from its reset key (every
+            // replica can reset); the agent sends no resets.
+            let token = self.reset_key.as_ref().map_or(u128::from_be_bytes(token), |k| k.token(&cid));
+            match self.conn.new_scid(&quiche::ConnectionId::from_ref(&cid), token, false) {
+                Ok(_) => self.events.push_back(SessionEvent::NewCid(cid)),
+                Err(_) => return,
+            }
+        }
+        while let Some(c) = self.conn.retired_scid_next() {
+            if let Ok(cid) = <[u8; CID_LEN]>::try_from(c.as_ref()) {
+                self.events.push_back(SessionEvent::RetiredCid(cid));
+            }
+        }
+    }
+
+    /// Carries out the path manager's actions. A punch packet is written
+    /// into `out` and returned (the caller sends it); the other actions
+    /// become control messages, probes and migrations in quiche.
+    pub(super) fn path_actions(&mut self, out: &mut [u8]) -> Option<(usize, Via)> {
+        while let Some(a) = self.paths.poll_action() {
+            match a {
+                PathAction::SendCandidates { generation, policy, list } => {
+                    Message::Candidates { generation, policy, list }.encode(&mut self.tx);
+                }
+                PathAction::SendPunchNow { round, nonce } => Message::PunchNow { round, nonce }.encode(&mut self.tx),
+                PathAction::Probe(addr) => {
+                    if self.conn.probe_path(DIRECT_PATH_LOCAL, addr).is_err() {
+                        // No spare connection ID (or a server asked to
+                        // probe an unseen path): this probe is skipped.
+                        self.paths.counters.probes_skipped += 1;
+                    }
+                }
+                PathAction::Punch { to, round, nonce } => {
+                    if let Some(n) = punch::write(round, nonce, out) {
+                        return Some((n, Via::Direct(to)));
+                    }
+                }
+                PathAction::Migrate(to) => {
+                    let (local, peer) = to.map_or(Via::Relay, Via::Direct).quic_addrs();
+                    if self.conn.migrate(local, peer).is_ok() {
+                        // A non-probing packet on the new path moves the
+                        // connector's side too.
+                        let _ = self.conn.send_ack_eliciting();
+                        self.must_send = true;
+                    } else if let Some(a) = to {
+                        // quiche refused (no connection ID): back to where
+                        // it still is.
+                        self.paths.on_failed(a);
+                    }
+                }
+                PathAction::Keepalive => {
+                    let _ = self.conn.send_ack_eliciting();
+                    self.must_send = true;
+                }
+            }
+        }
+        None
+    }
+}
