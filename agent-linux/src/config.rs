@@ -289,6 +289,7 @@ impl Config {
             tls,
             routes: self.routes.clone(),
             pinned_connectors: self.pins.clone(),
+            paths: Default::default(),
         })
     }
 

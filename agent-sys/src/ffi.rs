@@ -361,7 +361,16 @@ pub unsafe extern "C" fn ztna_agent_new(cfg: *const ZtnaConfig, out: *mut *mut Z
                 }
             }
             let tls = TlsOptions { ca_pem, cert_pem, key_pem, verify_peer: c.insecure_skip_verify == 0 };
-            Ok(AgentConfig { relay, fallback_relays: Vec::new(), server_name, local, tls, routes, pinned_connectors })
+            Ok(AgentConfig {
+                relay,
+                fallback_relays: Vec::new(),
+                server_name,
+                local,
+                tls,
+                routes,
+                pinned_connectors,
+                paths: Default::default(),
+            })
         })();
         let acfg = match parsed {
             Ok(a) => a,

@@ -2,6 +2,7 @@
 //! packets to services by destination, and a C API over it (`ffi`).
 
 pub mod agent_core;
+pub mod direct;
 pub mod ffi;
 pub mod route;
 mod tunnel;

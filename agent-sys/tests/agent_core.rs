@@ -86,6 +86,7 @@ fn routing_and_refusals() {
         local: sock.local_addr().unwrap(),
         tls,
         pinned_connectors: Vec::new(),
+        paths: Default::default(),
         routes: vec![(ServiceName::new("echo").unwrap(), "100.100.0.0/24".parse().unwrap())],
     };
     let mut a = Driver { core: AgentCore::new(cfg, 2, Instant::now()).unwrap(), sock, buf: vec![0; 65536] };

@@ -73,6 +73,7 @@ fn c_program_against_real_relay_and_connector() {
             icmp: true,
             backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: None,
+            path: Default::default(),
         }],
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();

@@ -248,6 +248,7 @@ fn run_with(relay: &RelayHandle, sessions: usize, flows: usize, turns: usize) ->
             icmp: true,
             backend: vec![BackendRoute { protocol: Proto::Udp, port: ECHO_PORT, target: echo.udp_addr.into() }],
             allow_agents: None,
+            path: Default::default(),
         }],
     );
     cfg.listen = "127.0.0.1:0".parse()?;

@@ -51,7 +51,7 @@ fn pair(pki: &ztna_relay::pki::DevPki, tag: u8, outer: bool) -> Result<(E2eSessi
     let mut c = E2eSession::accept(&mut ccfg, [tag ^ 0xff; 8], &td, &e2e::ResetKey::from_tls(&ctls)?, now)?;
     let mut buf = vec![0u8; 1500];
     for _ in 0..100 {
-        while let Some(n) = a.poll_transmit(&mut buf, now) {
+        while let Some((n, _)) = a.poll_transmit(&mut buf, now) {
             c.recv(&mut buf[..n], now);
         }
         while let Some(e) = c.poll_event() {
@@ -59,7 +59,7 @@ fn pair(pki: &ztna_relay::pki::DevPki, tag: u8, outer: bool) -> Result<(E2eSessi
                 c.admit();
             }
         }
-        while let Some(n) = c.poll_transmit(&mut buf, now) {
+        while let Some((n, _)) = c.poll_transmit(&mut buf, now) {
             a.recv(&mut buf[..n], now);
         }
         if a.is_up() && c.is_up() {
@@ -71,7 +71,7 @@ fn pair(pki: &ztna_relay::pki::DevPki, tag: u8, outer: bool) -> Result<(E2eSessi
 
 /// Moves everything `from` has to send into `to` (through `wrap` first).
 fn flush(from: &mut E2eSession, to: &mut E2eSession, buf: &mut [u8], now: Instant) {
-    while let Some(n) = from.poll_transmit(buf, now) {
+    while let Some((n, _)) = from.poll_transmit(buf, now) {
         if let Some(p) = buf.get_mut(..n) {
             to.recv(p, now);
         }
@@ -119,7 +119,7 @@ fn end_to_end(pki: &ztna_relay::pki::DevPki, pkt: &[u8], packets: u64) -> Result
     // queue leaves them with the inner session.
     let wrap = |from: &mut E2eSession, via: &mut E2eSession, buf: &mut Vec<u8>, outer: &mut Vec<u8>| {
         while via.datagram_room() {
-            let Some(n) = from.poll_transmit(buf, now) else { break };
+            let Some((n, _)) = from.poll_transmit(buf, now) else { break };
             datagram::encode_into(flow, buf.get(..n).unwrap_or_default(), outer);
             let _ = via.send_ip(outer);
         }

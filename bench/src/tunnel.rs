@@ -88,6 +88,7 @@ impl TunnelEnv {
                     BackendRoute { protocol: Proto::Tcp, port: ECHO_PORT, target: echo.tcp_addr.into() },
                 ],
                 allow_agents: None,
+                path: Default::default(),
             }],
         );
         cfg.listen = "127.0.0.1:0".parse()?;

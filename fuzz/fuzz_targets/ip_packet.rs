@@ -126,7 +126,7 @@ impl Harness {
                 routes.push(BackendRoute { protocol, port, target });
             }
         }
-        let svc = ServiceConfig { name: "fuzz".into(), icmp: true, backend: routes, allow_agents: None };
+        let svc = ServiceConfig { name: "fuzz".into(), icmp: true, backend: routes, allow_agents: None, path: Default::default() };
         let mut cfg = ConnectorConfig::new(Vec::new(), vec![svc]);
         // Small tables, so the fuzzer reaches their limits.
         cfg.max_tcp_per_flow = 4;

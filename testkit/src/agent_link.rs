@@ -41,6 +41,7 @@ impl AgentLink {
             local: sock.local_addr()?,
             tls,
             pinned_connectors: Vec::new(),
+            paths: Default::default(),
             routes,
         };
         let core = AgentCore::new(cfg, seed, Instant::now()).map_err(io::Error::other)?;

@@ -323,7 +323,13 @@ pub fn connector_config(
     backends: Vec<ztna_connector::BackendRoute>,
 ) -> ztna_connector::ConnectorConfig {
     use ztna_connector::{ConnectorConfig, ServiceConfig};
-    let service = ServiceConfig { name: name.into(), icmp: true, backend: backends, allow_agents: None };
+    let service = ServiceConfig {
+        name: name.into(),
+        icmp: true,
+        backend: backends,
+        allow_agents: None,
+        path: Default::default(),
+    };
     let mut cfg = ConnectorConfig::new(vec![relay.local_addr], vec![service]);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     connector_tls(relay, &mut cfg, n);

@@ -52,6 +52,9 @@ impl RawTunnel {
         boring::rand::rand_bytes(&mut scid).map_err(io::Error::other)?;
         let session = E2eSession::connect(&mut cfg, scid, &own.trust_domain, &connector, service, Instant::now())
             .map_err(io::Error::other)?;
+        let mut session = session;
+        // A tool of the relay path: it never punches or goes direct.
+        session.set_path_policy(ztna_control::candidate::PathPolicy::RelayOnly);
         let mut t = RawTunnel { client, flow, session, buf: vec![0u8; 2048] };
         while !t.session.is_up() {
             if t.session.is_closed() || Instant::now() > end {
@@ -82,7 +85,8 @@ impl RawTunnel {
         if self.session.next_deadline().is_some_and(|d| d <= now) {
             self.session.handle_timeout(now);
         }
-        while let Some(n) = self.session.poll_transmit(&mut self.buf, now) {
+        // Relay-only sessions (below): every packet goes on the flow.
+        while let Some((n, _)) = self.session.poll_transmit(&mut self.buf, now) {
             if let Some(p) = self.buf.get(..n) {
                 let _ = self.client.session.send_datagram(self.flow, p);
             }
@@ -145,7 +149,8 @@ impl RawConnector {
             if !self.sessions.contains_key(&flow) && e2e::is_initial(inner) {
                 let mut scid = [0u8; e2e::CID_LEN];
                 let _ = boring::rand::rand_bytes(&mut scid);
-                if let Ok(s) = E2eSession::accept(&mut self.cfg, scid, &self.trust_domain, &self.reset, now) {
+                if let Ok(mut s) = E2eSession::accept(&mut self.cfg, scid, &self.trust_domain, &self.reset, now) {
+                    s.set_path_policy(ztna_control::candidate::PathPolicy::RelayOnly);
                     self.sessions.insert(flow, s);
                 }
             }
@@ -162,7 +167,7 @@ impl RawConnector {
                     s.admit();
                 }
             }
-            while let Some(n) = s.poll_transmit(&mut self.buf, now) {
+            while let Some((n, _)) = s.poll_transmit(&mut self.buf, now) {
                 if let Some(p) = self.buf.get(..n) {
                     let _ = self.client.session.send_datagram(*flow, p);
                 }

@@ -157,6 +157,7 @@ impl Setup {
                     BackendRoute { protocol: Proto::Udp, port: ECHO, target: echo.udp_addr.into() },
                 ],
                 allow_agents: None,
+                path: Default::default(),
             }],
         );
         cfg.listen = "127.0.0.1:0".parse().unwrap();

@@ -49,6 +49,7 @@ fn tcp_syn_from_unspecified_source_does_not_kill_the_connector() {
                 BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() },
             ],
             allow_agents: None,
+            path: Default::default(),
         }],
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();

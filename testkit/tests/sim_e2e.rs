@@ -46,6 +46,7 @@ fn connector(pki: &DevPki, now: Instant, tune: impl FnOnce(&mut ConnectorConfig)
             BackendRoute { protocol: Proto::Tcp, port: 7, target: Target::from(backend()) },
         ],
         allow_agents: None,
+        path: Default::default(),
     };
     let mut cfg = ConnectorConfig::new(vec![relay()], vec![svc]);
     let (cert, key) = pki.issue(Kind::Connector, "c").unwrap();
@@ -66,6 +67,7 @@ fn agent(pki: &DevPki, name: &str, port: u16, now: Instant) -> AgentHost {
         local,
         tls: pki.client_tls(Kind::Agent, name).unwrap(),
         pinned_connectors: Vec::new(),
+        paths: Default::default(),
         routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new("100.100.0.0".parse().unwrap(), 24).unwrap())],
     };
     AgentHost::new(local, AgentCore::new(cfg, u64::from(port), now).unwrap())
@@ -323,7 +325,7 @@ fn an_inner_handshake_flood_from_one_identity_leaves_room_for_others() {
         let svc = ServiceName::new("echo").unwrap();
         let mut s = E2eSession::connect(&mut cfg, [i as u8 + 1; 8], "dev.ztna", connector_id, svc, sim.now()).unwrap();
         let mut out = [0u8; 1500];
-        let n = s.poll_transmit(&mut out, sim.now()).unwrap();
+        let (n, _) = s.poll_transmit(&mut out, sim.now()).unwrap();
         let h = sim.host::<ClientHost>(*f);
         let flow = flow_of(h).unwrap();
         h.session.send_datagram(flow, &out[..n]).unwrap();

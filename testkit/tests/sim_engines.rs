@@ -37,6 +37,7 @@ fn connector(pki: &DevPki, at: SocketAddr, relays: &[SocketAddr], now: Instant) 
         icmp: true,
         backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: Target::from(backend()) }],
         allow_agents: None,
+        path: Default::default(),
     };
     let mut cfg = ConnectorConfig::new(relays.to_vec(), vec![svc]);
     let (cert, key) = pki.issue(Kind::Connector, "c").unwrap();
@@ -56,6 +57,7 @@ fn agent(pki: &DevPki, i: usize, relay: SocketAddr, fallback: Vec<SocketAddr>, n
         local,
         tls: pki.client_tls(Kind::Agent, &format!("a{i}")).unwrap(),
         pinned_connectors: Vec::new(),
+        paths: Default::default(),
         routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new(SERVICE_NET.parse().unwrap(), 24).unwrap())],
     };
     AgentHost::new(local, AgentCore::new(cfg, 100 + i as u64, now).unwrap())

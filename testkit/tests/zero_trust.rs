@@ -309,6 +309,7 @@ fn a_connector_allow_list_refuses_other_agents() {
             icmp: true,
             backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: echo.udp_addr.into() }],
             allow_agents: Some(vec!["spiffe://dev.ztna/agent/alice".into()]),
+            path: Default::default(),
         }],
     );
     let (cert, key) = pki.issue(Kind::Connector, "echo-conn").unwrap();

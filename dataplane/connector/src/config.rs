@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use ztna_control::candidate::PathPolicy;
 use ztna_control::ServiceName;
 
 #[allow(unused_imports)] // doc links
@@ -95,6 +96,30 @@ pub struct ServiceConfig {
     /// are closed with the application code `denied`.
     #[serde(default)]
     pub allow_agents: Option<Vec<String>>,
+    /// Whether agents may reach the service over a direct path:
+    /// `"auto"` (default), `"direct-only"` or `"relay-only"`; the stricter
+    /// of the connector's and the agent's wish holds.
+    #[serde(default)]
+    pub path: PathMode,
+}
+
+/// A service's path policy in the configuration (`"auto"`,
+/// `"direct-only"`, `"relay-only"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathMode(pub PathPolicy);
+
+impl TryFrom<String> for PathMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<PathMode, String> {
+        PathPolicy::parse(&s).map(PathMode).ok_or_else(|| format!("path {s:?} is not auto, direct-only or relay-only"))
+    }
+}
+
+impl From<PathMode> for String {
+    fn from(p: PathMode) -> String {
+        p.0.as_str().to_owned()
+    }
 }
 
 fn yes() -> bool {
@@ -115,8 +140,13 @@ pub struct ConnectorConfig {
     /// HTTP `/healthz`, `/readyz` (every service registered at one relay
     /// or more) and `/metrics`, e.g. `0.0.0.0:9091`.
     pub health: Option<SocketAddr>,
-    /// Local UDP address; the fixed port is what P2P peers will punch to.
+    /// Local UDP address; agents punch to its port on the host's addresses.
     pub listen: SocketAddr,
+    /// Addresses at which agents may reach this connector directly, as
+    /// `ip:port` (a public address a firewall forwards to `listen`, say):
+    /// advertised as configured candidates, besides the host's own
+    /// addresses and the ones the relays observe.
+    pub advertise: Vec<SocketAddr>,
     /// The TLS name the relays' certificate must cover: a DNS name or an
     /// IP address (checked against its IP SANs). Default: the host of
     /// `relays` when they are one DNS name; required when a relay is
@@ -208,6 +238,7 @@ impl Default for ConnectorConfig {
             relays: Vec::new(),
             health: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
+            advertise: Vec::new(),
             server_name: None,
             ca: None,
             cert: None,

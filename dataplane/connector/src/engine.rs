@@ -21,6 +21,7 @@
 //! anything arrived; then send what [`Engine::poll_transmit`] gives and
 //! watch the sockets [`Engine::backend_interest`] names.
 
+mod direct;
 pub mod status;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tracing::{debug, info, warn};
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
-use ztna_control::e2e::{self, E2eSession, Rejections, SendIpError, SessionEvent};
+use ztna_control::e2e::{self, E2eSession, Rejections, SendIpError, SessionEvent, Via};
 use ztna_control::quic::{self, TlsOptions};
 use ztna_control::{datagram, Code, Role, ServiceName};
 
@@ -118,6 +119,7 @@ pub struct Engine {
     /// resets sent in it).
     reset_key: e2e::ResetKey,
     resets: (Instant, u32),
+    direct: direct::DirectState,
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -150,7 +152,7 @@ impl Engine {
             handshakes: cfg.max_e2e_handshakes,
             handshakes_per_identity: cfg.max_e2e_handshakes_per_identity,
         };
-        Ok(Engine {
+        let mut engine = Engine {
             server_name: cfg.relay_server_name()?,
             cfg,
             local,
@@ -168,8 +170,12 @@ impl Engine {
             slots_scratch: Vec::new(),
             reset_key,
             resets: (now, 0),
+            direct: direct::DirectState::default(),
             last_now: now,
-        })
+        };
+        // The configured candidates, until interfaces and relays add theirs.
+        engine.refresh_candidates();
+        Ok(engine)
     }
 
     /// The engine's counters (shared: the metrics endpoint reads them).
@@ -243,12 +249,11 @@ impl Engine {
         RelayLink { relay, retired: false, session, handles: HashMap::new(), flows: HashMap::new(), stalled: false }
     }
 
-    /// One UDP datagram from `from` (a relay; anything else is dropped and
-    /// counted until direct paths exist).
+    /// One UDP datagram from `from`: a relay's, or a direct path's
+    /// ([`direct`]).
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, pkt: &mut [u8], io: &mut dyn BackendIo) {
         let Some(i) = self.links.iter().position(|l| l.relay == from && !l.retired) else {
-            inc(&self.stats.drop_direct);
-            return;
+            return self.handle_direct(now, from, pkt, io);
         };
         if let Some(l) = self.links.get_mut(i) {
             l.session.recv(pkt, from, now);
@@ -309,9 +314,18 @@ impl Engine {
         self.flush_sessions(now);
     }
 
-    /// The next QUIC packet for a relay: its length in `out` and where to.
+    /// The next UDP datagram (for a relay, or on a direct path): its
+    /// length in `out` and where to.
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
         loop {
+            if let Some((pkt, to)) = self.direct.tx.pop_front() {
+                if let Some(dst) = out.get_mut(..pkt.len()) {
+                    dst.copy_from_slice(&pkt);
+                    inc(&self.stats.direct_packets_out);
+                    return Some((pkt.len(), to));
+                }
+                continue;
+            }
             let n = self.links.len();
             for step in 0..n {
                 let i = (self.tx_next + step) % n;
@@ -344,12 +358,24 @@ impl Engine {
             // the send list.
             let mut blocked = false;
             loop {
-                let room = p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room());
+                let room = if p.session.current_path().is_some() {
+                    self.direct.tx_room()
+                } else {
+                    p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room())
+                };
                 if !room {
                     blocked = true;
                     break;
                 }
-                let Some(n) = p.session.poll_transmit(&mut buf, now) else { break };
+                let Some((n, via)) = p.session.poll_transmit(&mut buf, now) else { break };
+                if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
+                    if self.direct.push(pkt, to) {
+                        moved = true;
+                    } else {
+                        inc(&self.stats.drop_direct_queue_full);
+                    }
+                    continue;
+                }
                 let Some(((link, flow), pkt)) = p.via.zip(buf.get(..n)) else { continue };
                 match self.links.get_mut(link).map(|l| l.session.send_datagram(flow, pkt)) {
                     Some(Ok(())) => moved = true,
@@ -400,8 +426,10 @@ impl Engine {
         for slot in self.peers.slots().collect::<Vec<_>>() {
             let Some(p) = self.peers.get_mut(slot) else { continue };
             // The session's last packets, toward its relay flow.
-            while let Some(n) = p.session.poll_transmit(&mut buf, self.last_now) {
-                if let (Some((link, flow)), Some(pkt)) = (p.via, buf.get(..n)) {
+            while let Some((n, via)) = p.session.poll_transmit(&mut buf, self.last_now) {
+                if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
+                    self.direct.push(pkt, to);
+                } else if let (Some((link, flow)), Some(pkt)) = (p.via, buf.get(..n)) {
                     if let Some(l) = self.links.get_mut(link) {
                         let _ = l.session.send_datagram(flow, pkt);
                     }
@@ -554,6 +582,8 @@ impl Engine {
                 }
                 SessionEvent::Hello { service } => self.admit(slot, &service),
                 SessionEvent::Up => inc(&self.stats.e2e_established),
+                SessionEvent::NewCid(cid) => self.peers.add_cid(slot, cid),
+                SessionEvent::RetiredCid(cid) => self.peers.remove_cid(slot, cid),
                 SessionEvent::Closed { reason, .. } => {
                     debug!(slot, reason, "end-to-end session closed");
                 }
@@ -596,8 +626,11 @@ impl Engine {
         match verdict {
             Ok(i) => {
                 info!(agent = %agent, %service, "end-to-end session admitted");
+                let path = self.cfg.services.get(i).map(|s| s.path.0).unwrap_or_default();
                 if let Some(p) = self.peers.get_mut(slot) {
                     p.service = Some(i);
+                    p.session.set_path_policy(path);
+                    p.session.set_candidates(self.direct.candidates.clone());
                     p.session.admit();
                 }
             }
@@ -651,7 +684,10 @@ impl Engine {
                 self.peers.link_lost(i, now);
             }
             Event::Connected => info!(relay = i, "connected"),
-            Event::ObservedAddress(a) => info!(relay = i, observed = %a, "observed address"),
+            Event::ObservedAddress(a) => {
+                info!(relay = i, observed = %a, "observed address");
+                self.refresh_candidates();
+            }
             Event::Goodbye { code, reason } => info!(relay = i, %code, reason, "relay says goodbye"),
             Event::FlowBound { .. } => {}
         }

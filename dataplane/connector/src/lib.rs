@@ -118,8 +118,15 @@ ztna_ops::counters! {
     drop_flow_table_full,
     drop_unknown_flow,
     drop_send_to_agent,
-    /// Datagrams from an address that is not a relay's.
+    /// Datagrams from an address that is not a relay's that no session
+    /// took: unknown connection IDs, Initials, punch packets.
     drop_direct,
+    /// Inner packets authenticated over direct paths, and sent over them
+    /// (punch packets included).
+    direct_packets_in,
+    direct_packets_out,
+    /// Direct-path packets a full direct queue dropped.
+    drop_direct_queue_full,
     /// Inner packets on a relay flow whose connection ID no session has.
     drop_unknown_cid,
     /// End-to-end sessions accepted (Initials that created one), admitted

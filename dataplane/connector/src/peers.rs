@@ -37,6 +37,8 @@ pub(crate) struct Peer {
     /// The admitted service (index into the configuration).
     pub service: Option<usize>,
     pub key: FlowKey,
+    /// Connection IDs it issued for direct paths (besides its first).
+    cids: Vec<[u8; CID_LEN]>,
     /// Its entry in the timer set, and whether it is on the send list.
     armed: Option<Instant>,
     queued: bool,
@@ -170,6 +172,25 @@ impl Peers {
         self.by_cid.get(&cid).copied()
     }
 
+    /// The session in `slot` issued `cid` (for a direct path). A session
+    /// holds at most [`ztna_control::e2e::ACTIVE_CIDS`] at a time.
+    pub fn add_cid(&mut self, slot: usize, cid: [u8; CID_LEN]) {
+        let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else { return };
+        if p.cids.len() < 2 * ztna_control::e2e::ACTIVE_CIDS as usize && !self.by_cid.contains_key(&cid) {
+            p.cids.push(cid);
+            self.by_cid.insert(cid, slot);
+        }
+    }
+
+    /// The agent retired `cid` of the session in `slot`.
+    pub fn remove_cid(&mut self, slot: usize, cid: [u8; CID_LEN]) {
+        let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else { return };
+        if let Some(i) = p.cids.iter().position(|c| *c == cid) {
+            p.cids.swap_remove(i);
+            self.by_cid.remove(&cid);
+        }
+    }
+
     pub fn handshaking_on(&self, via: RelayFlow) -> Option<usize> {
         self.by_flow.get(&via).copied()
     }
@@ -195,8 +216,17 @@ impl Peers {
         self.by_flow.insert(via, slot);
         *self.handshakes.entry(Arc::clone(&agent_id)).or_default() += 1;
         self.handshaking += 1;
-        let peer =
-            Peer { session, via: Some(via), agent_id, proven: false, service: None, key, armed: None, queued: false };
+        let peer = Peer {
+            session,
+            via: Some(via),
+            agent_id,
+            proven: false,
+            service: None,
+            key,
+            cids: Vec::new(),
+            armed: None,
+            queued: false,
+        };
         match self.slots.get_mut(slot) {
             Some(s) => *s = Some(peer),
             None => self.slots.push(Some(peer)),
@@ -308,6 +338,9 @@ impl Peers {
             self.timers.remove(&(t, slot));
         }
         self.by_cid.remove(&p.session.source_id());
+        for c in &p.cids {
+            self.by_cid.remove(c);
+        }
         if p.proven && !p.agent_id.is_empty() {
             if let Some(n) = self.sessions.get_mut(&p.agent_id) {
                 *n = n.saturating_sub(1);

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod cmsg;
+pub mod ifaddrs;
 pub mod offload;
 pub mod portable;
 pub mod steering;

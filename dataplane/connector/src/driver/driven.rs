@@ -61,6 +61,9 @@ pub trait DrivenEngine {
     fn is_ready(&self) -> bool;
     fn is_serving(&self) -> bool;
     fn status(&self) -> ConnectorStatus;
+    /// The host's interface addresses (direct-path candidates); an engine
+    /// without direct paths ignores them.
+    fn set_host_addresses(&mut self, _ips: Vec<std::net::IpAddr>) {}
 }
 
 impl DrivenEngine for Engine {
@@ -119,5 +122,8 @@ impl DrivenEngine for Engine {
     }
     fn status(&self) -> ConnectorStatus {
         Engine::status(self)
+    }
+    fn set_host_addresses(&mut self, ips: Vec<std::net::IpAddr>) {
+        Engine::set_host_addresses(self, ips)
     }
 }

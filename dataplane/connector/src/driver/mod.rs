@@ -88,6 +88,8 @@ pub struct Connector<E: DrivenEngine = Engine> {
     readable: Vec<BackendId>,
     /// When `/status` was last refreshed.
     status_at: Option<Instant>,
+    /// When the host's interface addresses are read next.
+    hosts_at: Option<Instant>,
 }
 
 /// How often the loop refreshes what `/status` serves.
@@ -142,6 +144,7 @@ impl<E: DrivenEngine> Connector<E> {
             interest: Vec::new(),
             readable: Vec::new(),
             status_at: None,
+            hosts_at: None,
         };
         c.set_relays(&addrs)?;
         Ok(c)
@@ -191,6 +194,12 @@ impl<E: DrivenEngine> Connector<E> {
     pub fn turn(&mut self, max_wait: Duration) -> Result<()> {
         let now = Instant::now();
         self.update_health(now);
+        if self.hosts_at.is_none_or(|t| now >= t) {
+            // Interfaces come and go (DHCP, a new route): read them again
+            // now and then; the engine re-announces candidates on change.
+            self.engine.set_host_addresses(ztna_udp::ifaddrs::host_addresses(&[]));
+            self.hosts_at = Some(now + RESOLVE_EVERY);
+        }
         if let Some(addrs) = self.resolver.as_ref().and_then(|r| r.try_iter().last()) {
             // A link that cannot be set up now (unreadable TLS files during a
             // rotation) is retried at the next resolution.

@@ -78,6 +78,7 @@ impl Bench {
                 BackendRoute { protocol: Proto::Tcp, port: WEB_PORT, target: Target::from(tcp_backend()) },
             ],
             allow_agents: None,
+            path: Default::default(),
         };
         let mut cfg = ConnectorConfig::new(Vec::new(), vec![svc]);
         tune(&mut cfg);

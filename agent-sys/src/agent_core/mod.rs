@@ -11,20 +11,22 @@
 //!
 //! One UDP socket: datagrams from the relay go to the relay session, the
 //! inner packets they carry to the tunnel of their flow. Datagrams from any
-//! other address are dropped and counted (`drop_direct`) until direct paths
-//! exist.
+//! other address belong to direct paths ([`crate::direct`]): punch packets
+//! and inner packets, found by their connection ID; the rest is dropped and
+//! counted (`drop_direct`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
-use ztna_control::e2e::{self, E2eSession, Rejections, SessionEvent};
-use ztna_control::quic::{self, TlsConfigError, TlsOptions};
+use ztna_control::e2e::{self, E2eSession, Rejections, SessionEvent, Via};
+use ztna_control::quic::{self, TlsOptions};
 use ztna_control::rng::SplitMix64;
-use ztna_control::{datagram, Code, Role, ServiceName};
+use ztna_control::{datagram, Role, ServiceName};
 
+use crate::direct::{DirectState, PathSettings};
 use crate::route::{Cidr, RouteTable};
 use crate::tunnel::Tunnel;
 
@@ -45,151 +47,12 @@ pub struct AgentConfig {
     /// service with pins accepts only those; without, any connector the
     /// relay binds (its certificate must still match the relay's word).
     pub pinned_connectors: Vec<(ServiceName, String)>,
+    /// Direct paths: policies and timings.
+    pub paths: PathSettings,
 }
 
-/// Something the embedding application should know.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentEvent {
-    Connected,
-    ObservedAddress(SocketAddr),
-    Registered {
-        service: ServiceName,
-        flow: u32,
-    },
-    RegisterFailed {
-        service: ServiceName,
-        code: Code,
-        reason: String,
-    },
-    /// `reason` in words (for a refused relay certificate: the expected
-    /// name, what the certificate holds, the CA); `repeated`: the same
-    /// reason was reported less than a minute ago.
-    Disconnected {
-        reason: String,
-        retry_in: Duration,
-        repeated: bool,
-    },
-    /// The relay is going away (drain/shutdown); a reconnect follows.
-    Goodbye {
-        code: Code,
-    },
-    /// The end-to-end session of `service` is up: `connector` proved its
-    /// identity, packets flow.
-    SessionUp {
-        service: ServiceName,
-        connector: String,
-    },
-    /// The end-to-end session of `service` ended (or was refused); another
-    /// is tried after a backoff.
-    SessionClosed {
-        service: ServiceName,
-        reason: String,
-    },
-}
-
-/// Why an outbound packet was not sent (each is counted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Not an IPv4/IPv6 packet, or too short to carry a destination.
-    Malformed,
-    /// No route for the destination: never leaves the device.
-    Unmapped,
-    /// The service is mapped but not (yet) registered, or its end-to-end
-    /// session is not up and its queue is full.
-    NoFlow,
-    /// The relay bound the service to a connector its pins do not accept.
-    NotPinned,
-    /// Larger than the path to the relay allows.
-    TooLarge,
-    /// Not connected, or the send queue is full.
-    Backpressure,
-}
-
-/// Why [`AgentCore::new`] failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AgentError {
-    /// The TLS material is unusable.
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] TlsConfigError),
-}
-
-/// Counters (all monotonically increasing).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct AgentStats {
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub drop_malformed: u64,
-    pub drop_unmapped: u64,
-    pub drop_no_flow: u64,
-    pub drop_too_large: u64,
-    pub drop_backpressure: u64,
-    /// Inbound datagrams on a flow this agent does not hold.
-    pub drop_unknown_flow: u64,
-    /// Inbound packets larger than the caller's buffer.
-    pub drop_truncated: u64,
-    /// Inbound packets whose source address is not in the prefixes of the
-    /// service their flow belongs to (a connector speaking for another
-    /// service, or for the agent's own host).
-    pub drop_spoofed: u64,
-    pub connects: u64,
-    pub disconnects: u64,
-    pub drop_not_pinned: u64,
-    /// Datagrams from an address other than the relay's.
-    pub drop_direct: u64,
-    /// End-to-end sessions started, and those that came up.
-    pub e2e_handshakes: u64,
-    pub e2e_established: u64,
-    /// Connector certificates refused in inner handshakes (CA, validity,
-    /// identity kind), and connectors whose identity was not the one the
-    /// relay named.
-    pub e2e_cert_rejected: u64,
-    pub e2e_identity_mismatch: u64,
-    /// Inner packets that failed authentication (altered on the way).
-    pub e2e_packets_rejected: u64,
-    /// Packets dropped because the session was not up: its queue was full,
-    /// or it came up with no room in the DATAGRAM queue for them.
-    pub e2e_pending_dropped: u64,
-}
-
-/// The state of a service's end-to-end session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionState {
-    /// None yet (no flow bound, or waiting to retry).
-    None,
-    Handshaking,
-    Up,
-    Closed,
-}
-
-impl SessionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionState::None => "none",
-            SessionState::Handshaking => "handshaking",
-            SessionState::Up => "up",
-            SessionState::Closed => "closed",
-        }
-    }
-}
-
-/// One service's tunnel, for a status report.
-#[derive(Debug, Clone)]
-pub struct TunnelStatus {
-    pub service: String,
-    /// The relay flow carrying it now.
-    pub flow: Option<u32>,
-    /// The connector identity the relay bound the flow to.
-    pub connector: Option<String>,
-    pub session: SessionState,
-    /// The connector identity the session proved (once up).
-    pub proven: Option<String>,
-    /// The inner connection's path (RTT, congestion window, losses).
-    pub path: Option<quiche::PathStats>,
-    /// Its relay leg went quiet: loss recovery is held.
-    pub stalled: bool,
-}
+pub use types::*;
+mod types;
 
 /// The agent core.
 pub struct AgentCore {
@@ -218,6 +81,9 @@ pub struct AgentCore {
     local_replies: VecDeque<Vec<u8>>,
     /// The reason of the last disconnect (empty before the first).
     last_failure: String,
+    /// The UDP socket's local address.
+    local: SocketAddr,
+    pub(crate) direct: DirectState,
 }
 
 /// Bound on locally generated replies waiting for the tunnel.
@@ -263,6 +129,8 @@ impl AgentCore {
             observed: None,
             local_replies: VecDeque::new(),
             last_failure: String::new(),
+            local: cfg.local,
+            direct: DirectState { settings: cfg.paths, ..DirectState::default() },
         })
     }
 
@@ -283,6 +151,24 @@ impl AgentCore {
     /// this local address.
     pub fn set_local(&mut self, local: SocketAddr) {
         self.session.set_local(local);
+        self.local = local;
+        self.refresh_candidates();
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub(crate) fn tunnels_mut(&mut self) -> impl Iterator<Item = &mut Tunnel> {
+        self.tunnels.values_mut()
+    }
+
+    pub(crate) fn tunnel_mut(&mut self, service: &ServiceName) -> Option<&mut Tunnel> {
+        self.tunnels.get_mut(service)
+    }
+
+    pub(crate) fn stats_mut(&mut self) -> &mut AgentStats {
+        &mut self.stats
     }
 
     /// The relay of the current (or next) connection attempt: changes on
@@ -307,8 +193,7 @@ impl AgentCore {
     /// A UDP datagram received on the agent's socket.
     pub fn recv_udp(&mut self, data: &mut [u8], from: SocketAddr, now: Instant) {
         if from != self.session.relay() {
-            self.stats.drop_direct += 1;
-            return;
+            return self.recv_direct(data, from, now);
         }
         self.session.recv(data, from, now);
         // The relay was heard: sessions it carries resume loss recovery.
@@ -460,6 +345,14 @@ impl AgentCore {
     /// Writes the next UDP datagram to send into `out`.
     pub fn poll_udp(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
         loop {
+            if let Some((pkt, to)) = self.direct.tx.pop_front() {
+                if let Some(dst) = out.get_mut(..pkt.len()) {
+                    dst.copy_from_slice(&pkt);
+                    self.stats.direct_packets_out += 1;
+                    return Some((pkt.len(), to));
+                }
+                continue;
+            }
             if let Some(sent) = self.session.poll_transmit(out, now) {
                 return Some(sent);
             }
@@ -473,8 +366,13 @@ impl AgentCore {
         }
     }
 
-    /// Moves inner packets into the relay session's DATAGRAM queue (and
-    /// session events out). Returns whether anything moved.
+    /// Moves inner packets into the relay session's DATAGRAM queue or the
+    /// direct-path queue (and session events out). Returns whether anything
+    /// moved.
+    pub(crate) fn pump_sessions_now(&mut self, now: Instant) -> bool {
+        self.pump_sessions(now)
+    }
+
     fn pump_sessions(&mut self, now: Instant) -> bool {
         self.now = now;
         let mut moved = false;
@@ -486,8 +384,17 @@ impl AgentCore {
             // retransmits what matters once the next flow is bound.
             // A full relay queue leaves the inner packets with the inner
             // session (backpressure), rather than losing them.
-            while t.flow.is_none() || self.session.datagram_room() {
-                let Some(n) = s.poll_transmit(&mut buf, now) else { break };
+            // Direct-path packets go to their own bounded queue.
+            let direct = s.current_path().is_some();
+            while t.flow.is_none() || self.session.datagram_room() || (direct && self.direct.tx_room()) {
+                let Some((n, via)) = s.poll_transmit(&mut buf, now) else { break };
+                if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
+                    if self.direct.tx_room() {
+                        self.direct.tx.push_back((pkt.to_vec(), to));
+                        moved = true;
+                    }
+                    continue;
+                }
                 let (Some(flow), Some(pkt)) = (t.flow, buf.get(..n)) else { continue };
                 match self.session.send_datagram(flow, pkt) {
                     Ok(()) => moved = true,
@@ -518,6 +425,12 @@ impl AgentCore {
         for e in events {
             match e {
                 SessionEvent::Established { .. } | SessionEvent::Hello { .. } => {}
+                SessionEvent::NewCid(cid) => {
+                    self.direct.by_cid.insert(cid, service.clone());
+                }
+                SessionEvent::RetiredCid(cid) => {
+                    self.direct.by_cid.remove(&cid);
+                }
                 SessionEvent::Up => {
                     self.stats.e2e_established += 1;
                     // Queued packets the inner DATAGRAM queue had no room for.
@@ -544,6 +457,7 @@ impl AgentCore {
         if let Some(rejected) = finished {
             self.stats.e2e_packets_rejected += rejected;
             t.session = None;
+            self.direct.by_cid.retain(|_, s| s != service);
         }
     }
 
@@ -570,7 +484,13 @@ impl AgentCore {
         let mut scid = [0u8; e2e::CID_LEN];
         self.rng.fill(&mut scid);
         match E2eSession::connect(&mut self.e2e_cfg, scid, &self.trust_domain, &connector, service.clone(), now) {
-            Ok(s) => {
+            Ok(mut s) => {
+                let paths = &self.direct.settings;
+                s.set_direct_config(paths.timing.clone());
+                s.set_path_policy(paths.policy(service));
+                s.set_candidates(self.direct.candidates(self.local, self.observed));
+                self.direct.by_cid.retain(|_, s| s != service);
+                self.direct.by_cid.insert(scid, service.clone());
                 self.stats.e2e_handshakes += 1;
                 t.session = Some(s);
                 t.retry_at = None;
@@ -647,6 +567,7 @@ impl AgentCore {
                 }
                 Event::ObservedAddress(a) => {
                     self.observed = Some(a);
+                    self.refresh_candidates();
                     Some(AgentEvent::ObservedAddress(a))
                 }
                 Event::FlowBound { flow, connector_id } => {
@@ -738,6 +659,8 @@ impl AgentCore {
                 proven: self.session_peer(service),
                 path: t.session.as_ref().and_then(E2eSession::path_stats),
                 stalled: t.session.as_ref().is_some_and(E2eSession::is_stalled),
+                direct: t.session.as_ref().and_then(E2eSession::current_path),
+                paths: t.session.as_ref().map(|s| s.path_counters().clone()),
             })
             .collect();
         v.sort_by(|a, b| a.service.cmp(&b.service));

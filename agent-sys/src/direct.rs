@@ -1,0 +1,120 @@
+//! The agent's direct paths (docs/protocol/direct.md): datagrams from
+//! addresses other than the relay, the candidates the agent advertises,
+//! and the packets its sessions send over direct paths. The one UDP socket
+//! carries all of it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use ztna_control::candidate::{punch, usable_host_ip, Candidate, CandidateKind, PathPolicy};
+use ztna_control::e2e::{self, DirectConfig, Via};
+use ztna_control::ServiceName;
+
+use crate::agent_core::AgentCore;
+
+/// Direct-path settings of an agent.
+#[derive(Debug, Clone, Default)]
+pub struct PathSettings {
+    /// The policy of services not listed in `policies`.
+    pub default_policy: PathPolicy,
+    /// Per service.
+    pub policies: Vec<(ServiceName, PathPolicy)>,
+    pub timing: DirectConfig,
+}
+
+impl PathSettings {
+    pub fn policy(&self, service: &ServiceName) -> PathPolicy {
+        self.policies.iter().find(|(s, _)| s == service).map_or(self.default_policy, |(_, p)| *p)
+    }
+}
+
+/// Inner packets waiting for the socket on direct paths (bounded: the
+/// sessions' own queues hold the rest).
+const MAX_DIRECT_TX: usize = 256;
+
+/// The agent core's direct-path state.
+#[derive(Debug, Default)]
+pub(crate) struct DirectState {
+    pub settings: PathSettings,
+    /// Connection IDs the agent's sessions issued → their service.
+    pub by_cid: HashMap<[u8; e2e::CID_LEN], ServiceName>,
+    /// Interface addresses the driver reported.
+    pub host_ips: Vec<IpAddr>,
+    pub tx: VecDeque<(Vec<u8>, SocketAddr)>,
+}
+
+impl DirectState {
+    pub fn tx_room(&self) -> bool {
+        self.tx.len() < MAX_DIRECT_TX
+    }
+
+    /// The candidates for a socket at `local` that a relay sees at
+    /// `observed`.
+    pub fn candidates(&self, local: SocketAddr, observed: Option<SocketAddr>) -> Vec<Candidate> {
+        let mut list: Vec<Candidate> = self
+            .host_ips
+            .iter()
+            .filter(|ip| usable_host_ip(**ip))
+            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(*ip, local.port()) })
+            .collect();
+        if let Some(o) = observed {
+            list.push(Candidate { kind: CandidateKind::ServerReflexive, addr: o });
+        }
+        list
+    }
+}
+
+impl AgentCore {
+    /// The addresses of the host's interfaces (the driver enumerates them;
+    /// loopback, link-local and tunnel addresses are left out by the
+    /// driver or here). Host candidates pair them with the socket's port.
+    pub fn set_host_addresses(&mut self, ips: Vec<IpAddr>) {
+        self.direct.host_ips = ips;
+        self.refresh_candidates();
+    }
+
+    /// Tells every session the agent's current candidates.
+    pub(crate) fn refresh_candidates(&mut self) {
+        let list = self.direct.candidates(self.local_addr(), self.observed_address());
+        for t in self.tunnels_mut() {
+            if let Some(s) = t.session.as_mut() {
+                s.set_candidates(list.clone());
+            }
+        }
+    }
+
+    /// A datagram from an address that is not the relay: a punch packet
+    /// of a session's round, or an inner packet of a session on a direct
+    /// path (by its destination CID). Anything else is dropped and counted.
+    pub(crate) fn recv_direct(&mut self, data: &mut [u8], from: SocketAddr, now: Instant) {
+        if punch::parse(data).is_some() {
+            let mine = self.tunnels_mut().filter_map(|t| t.session.as_mut()).any(|s| s.on_punch(from, data));
+            let stats = self.stats_mut();
+            if mine {
+                stats.direct_punches_in += 1;
+            } else {
+                stats.drop_direct += 1;
+            }
+            self.pump_sessions_now(now);
+            return;
+        }
+        let service = (!e2e::is_initial(data))
+            .then(|| e2e::packet_dcid(data))
+            .flatten()
+            .and_then(|c| <[u8; e2e::CID_LEN]>::try_from(c).ok())
+            .and_then(|c| self.direct.by_cid.get(&c).cloned());
+        let Some(service) = service else {
+            self.stats_mut().drop_direct += 1;
+            return;
+        };
+        let authentic = self
+            .tunnel_mut(&service)
+            .and_then(|t| t.session.as_mut())
+            .is_some_and(|s| s.recv_via(data, Via::Direct(from), now));
+        if authentic {
+            self.stats_mut().direct_packets_in += 1;
+        }
+        self.pump_sessions_now(now);
+    }
+}

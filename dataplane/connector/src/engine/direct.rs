@@ -1,0 +1,107 @@
+//! The connector's direct paths (docs/protocol/direct.md): inner packets
+//! that arrive from agents' addresses instead of relays, the candidates the
+//! connector advertises, and the packets its sessions send over direct
+//! paths. The one UDP socket carries all of it.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use ztna_control::candidate::{punch, usable_host_ip, Candidate, CandidateKind};
+use ztna_control::e2e::{self, Via};
+
+use super::Engine;
+use crate::backend::BackendIo;
+use crate::inc;
+
+/// Inner packets waiting for the socket on direct paths (bounded: the
+/// sessions' own queues hold the rest).
+const MAX_DIRECT_TX: usize = 1024;
+
+/// The engine's direct-path state.
+#[derive(Debug, Default)]
+pub(super) struct DirectState {
+    /// Interface addresses the driver reported.
+    pub host_ips: Vec<IpAddr>,
+    /// The candidates sessions were last told.
+    pub candidates: Vec<Candidate>,
+    pub tx: VecDeque<(Vec<u8>, SocketAddr)>,
+}
+
+impl DirectState {
+    pub fn tx_room(&self) -> bool {
+        self.tx.len() < MAX_DIRECT_TX
+    }
+
+    /// Queues one packet for `to`; returns whether there was room.
+    pub fn push(&mut self, pkt: &[u8], to: SocketAddr) -> bool {
+        let room = self.tx_room();
+        if room {
+            self.tx.push_back((pkt.to_vec(), to));
+        }
+        room
+    }
+}
+
+impl Engine {
+    /// The addresses of the host's interfaces (the driver enumerates them);
+    /// host candidates pair them with the socket's port.
+    pub fn set_host_addresses(&mut self, ips: Vec<IpAddr>) {
+        self.direct.host_ips = ips;
+        self.refresh_candidates();
+    }
+
+    /// Host addresses, the operator's `advertise` list and what the relays
+    /// observe, told to every session when they change.
+    pub(super) fn refresh_candidates(&mut self) {
+        let port = self.local.port();
+        let mut list: Vec<Candidate> = self
+            .direct
+            .host_ips
+            .iter()
+            .filter(|ip| usable_host_ip(**ip))
+            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(*ip, port) })
+            .collect();
+        list.extend(self.cfg.advertise.iter().map(|a| Candidate { kind: CandidateKind::Configured, addr: *a }));
+        list.extend(
+            self.links
+                .iter()
+                .filter_map(|l| l.session.observed_address())
+                .map(|addr| Candidate { kind: CandidateKind::ServerReflexive, addr }),
+        );
+        list.sort();
+        list.dedup();
+        if list == self.direct.candidates {
+            return;
+        }
+        self.direct.candidates = list;
+        for slot in self.peers.slots().collect::<Vec<_>>() {
+            if let Some(p) = self.peers.get_mut(slot) {
+                p.session.set_candidates(self.direct.candidates.clone());
+            }
+            self.peers.touch(slot);
+        }
+    }
+
+    /// A datagram from an address that is not a relay: an inner packet of
+    /// a session on a direct path, found by its connection ID. Initials
+    /// (sessions start only on relay flows), punch packets (only agents
+    /// receive them) and unknown CIDs are dropped and counted.
+    pub(super) fn handle_direct(&mut self, now: Instant, from: SocketAddr, pkt: &mut [u8], io: &mut dyn BackendIo) {
+        if punch::parse(pkt).is_some() || e2e::is_initial(pkt) {
+            inc(&self.stats.drop_direct);
+            return;
+        }
+        let Some(slot) = e2e::packet_dcid(pkt).and_then(|c| self.peers.by_cid(c)) else {
+            inc(&self.stats.drop_direct);
+            return;
+        };
+        let Some(p) = self.peers.get_mut(slot) else { return };
+        if p.session.recv_via(pkt, Via::Direct(from), now) {
+            inc(&self.stats.direct_packets_in);
+        } else {
+            inc(&self.stats.e2e_packets_rejected);
+        }
+        self.after_session(slot, now, io);
+    }
+}
