@@ -58,6 +58,8 @@ pub struct NetStats {
     pub delivered: u64,
     /// Delivered to an address no host owns.
     pub unroutable: u64,
+    /// Dropped between blocked address pairs ([`Network::block`]).
+    pub blocked: u64,
 }
 
 /// A datagram in flight or delivered.
@@ -76,6 +78,8 @@ pub struct Network {
     seq: u64,
     inflight: BinaryHeap<Reverse<(Instant, u64)>>,
     payloads: std::collections::HashMap<u64, Datagram>,
+    /// IP pairs between which nothing passes (either way).
+    blocked: Vec<(std::net::IpAddr, std::net::IpAddr)>,
     pub stats: NetStats,
 }
 
@@ -88,6 +92,7 @@ impl Network {
             seq: 0,
             inflight: BinaryHeap::new(),
             payloads: std::collections::HashMap::new(),
+            blocked: Vec::new(),
             stats: NetStats::default(),
         }
     }
@@ -101,9 +106,24 @@ impl Network {
         &mut self.cfg
     }
 
+    /// From now on nothing passes between `a` and `b` (either way), as
+    /// when a firewall starts dropping a path; [`Network::unblock`] ends it.
+    pub fn block(&mut self, a: std::net::IpAddr, b: std::net::IpAddr) {
+        self.blocked.push((a, b));
+    }
+
+    pub fn unblock(&mut self, a: std::net::IpAddr, b: std::net::IpAddr) {
+        self.blocked.retain(|p| *p != (a, b));
+    }
+
     /// Sends `bytes` from `from` to `to` now.
     pub fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
         self.stats.sent += 1;
+        let (f, t) = (from.ip(), to.ip());
+        if self.blocked.iter().any(|p| *p == (f, t) || *p == (t, f)) {
+            self.stats.blocked += 1;
+            return;
+        }
         if bytes.len() > self.cfg.mtu {
             self.stats.too_big += 1;
             return;

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ztna_agent::agent_core::{AgentConfig, AgentCore, SessionState};
+use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
 use ztna_connector::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target};
+use ztna_control::candidate::PathPolicy;
 use ztna_control::client::{ClientConfig, ClientSession};
 use ztna_control::e2e::{self, E2eSession, Rejections};
 use ztna_control::identity::Kind;
@@ -67,7 +69,9 @@ fn agent(pki: &DevPki, name: &str, port: u16, now: Instant) -> AgentHost {
         local,
         tls: pki.client_tls(Kind::Agent, name).unwrap(),
         pinned_connectors: Vec::new(),
-        paths: Default::default(),
+        // What the relay sees and does is the subject here: every packet
+        // goes through it (sim_direct.rs has direct paths).
+        paths: PathSettings { default_policy: PathPolicy::RelayOnly, ..PathSettings::default() },
         routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new("100.100.0.0".parse().unwrap(), 24).unwrap())],
     };
     AgentHost::new(local, AgentCore::new(cfg, u64::from(port), now).unwrap())

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ztna_agent::agent_core::{AgentConfig, AgentCore};
+use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
-use ztna_connector::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target};
+use ztna_connector::{BackendRoute, ConnectorConfig, PathMode, Proto, ServiceConfig, Target};
+use ztna_control::candidate::PathPolicy;
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::ServiceName;
@@ -32,12 +34,22 @@ fn backend() -> SocketAddr {
 }
 
 fn connector(pki: &DevPki, at: SocketAddr, relays: &[SocketAddr], now: Instant) -> ConnectorHost {
+    connector_with(pki, at, relays, PathPolicy::Auto, now)
+}
+
+fn connector_with(
+    pki: &DevPki,
+    at: SocketAddr,
+    relays: &[SocketAddr],
+    path: PathPolicy,
+    now: Instant,
+) -> ConnectorHost {
     let svc = ServiceConfig {
         name: "echo".into(),
         icmp: true,
         backend: vec![BackendRoute { protocol: Proto::Udp, port: 7, target: Target::from(backend()) }],
         allow_agents: None,
-        path: Default::default(),
+        path: PathMode(path),
     };
     let mut cfg = ConnectorConfig::new(relays.to_vec(), vec![svc]);
     let (cert, key) = pki.issue(Kind::Connector, "c").unwrap();
@@ -49,6 +61,19 @@ fn connector(pki: &DevPki, at: SocketAddr, relays: &[SocketAddr], now: Instant) 
 }
 
 fn agent(pki: &DevPki, i: usize, relay: SocketAddr, fallback: Vec<SocketAddr>, now: Instant) -> AgentHost {
+    // These tests are about the relay path unless they say otherwise: the
+    // agent never leaves it.
+    agent_with(pki, i, relay, fallback, PathPolicy::RelayOnly, now)
+}
+
+fn agent_with(
+    pki: &DevPki,
+    i: usize,
+    relay: SocketAddr,
+    fallback: Vec<SocketAddr>,
+    policy: PathPolicy,
+    now: Instant,
+) -> AgentHost {
     let local: SocketAddr = format!("127.0.0.2:{}", 5000 + i).parse().unwrap();
     let cfg = AgentConfig {
         relay,
@@ -57,7 +82,7 @@ fn agent(pki: &DevPki, i: usize, relay: SocketAddr, fallback: Vec<SocketAddr>, n
         local,
         tls: pki.client_tls(Kind::Agent, &format!("a{i}")).unwrap(),
         pinned_connectors: Vec::new(),
-        paths: Default::default(),
+        paths: PathSettings { default_policy: policy, ..PathSettings::default() },
         routes: vec![(ServiceName::new("echo").unwrap(), Cidr::new(SERVICE_NET.parse().unwrap(), 24).unwrap())],
     };
     AgentHost::new(local, AgentCore::new(cfg, 100 + i as u64, now).unwrap())
@@ -220,5 +245,111 @@ fn an_agent_that_moves_to_another_relay_keeps_its_end_to_end_session_and_flow_st
     assert_eq!(conn.backends.udp_opened, 1, "the backend flow carried on: no new socket");
     assert_eq!(sim.host::<AgentHost>(agents[0]).core.stats().e2e_handshakes, 1);
     assert_eq!(sim.host::<AgentHost>(agents[0]).core.relay().ip(), IpAddr::from([127, 0, 0, 1]));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+fn forwarded(sim: &mut Sim, r: HostId) -> u64 {
+    sim.host::<RelayHost>(r).workers().iter().map(|w| w.stats().snapshot().datagrams_forwarded).sum()
+}
+
+fn direct_path(sim: &mut Sim, a: HostId) -> Option<SocketAddr> {
+    sim.host::<AgentHost>(a).core.tunnel_status().first().and_then(|t| t.direct)
+}
+
+/// Runs `traffic` until `done`; returns (virtual time taken, probes sent
+/// and echoes received meanwhile).
+fn phase(
+    sim: &mut Sim,
+    traffic: &mut Traffic,
+    agents: &[HostId],
+    limit: Duration,
+    mut done: impl FnMut(&mut Sim) -> bool,
+) -> (Option<Duration>, u32, u32) {
+    let (start, sent, echoed) = (sim.now(), traffic.sent.get(&0).copied().unwrap_or(0), traffic.echoed(0));
+    let ok = sim.run_until(limit, |sim| {
+        traffic.step(sim, agents);
+        done(sim)
+    });
+    let took = ok.then(|| sim.now() - start);
+    (took, traffic.sent.get(&0).copied().unwrap_or(0) - sent, traffic.echoed(0) - echoed)
+}
+
+#[test]
+fn a_session_goes_direct_falls_back_to_the_relay_when_the_path_is_blocked_and_returns() {
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let relay: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+    let cfg = NetConfig { delay: Duration::from_millis(5), jitter: Duration::from_millis(1), ..NetConfig::default() };
+    let mut sim = Sim::new(cfg);
+    let r = sim.add(RelayHost::new(RelaySpec::dev(relay, 1, &pki, POLICY).unwrap(), sim.now()).unwrap());
+    let now = sim.now();
+    let c = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay], now));
+    let agents = vec![sim.add(agent_with(&pki, 0, relay, Vec::new(), PathPolicy::Auto, now))];
+    let a = agents[0];
+    let (agent_ip, connector_ip) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 3]));
+    // 100 probes a second.
+    let mut traffic = Traffic::new(Duration::from_millis(10), 100_000);
+    sim.max_step = Duration::from_millis(2);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| sim.host::<AgentHost>(a).core.sessions_up() == 1));
+
+    // The first packet goes through the relay; the session is direct
+    // within a second (the connector's candidate is what the relay
+    // observed; nothing stands between them).
+    let (took, sent, echoed) =
+        phase(&mut sim, &mut traffic, &agents, Duration::from_secs(3), |s| direct_path(s, a).is_some());
+    assert!(took.is_some_and(|t| t < Duration::from_secs(1)), "time to direct {took:?}");
+    assert_eq!(direct_path(&mut sim, a), Some("127.0.0.3:4434".parse().unwrap()));
+    eprintln!("to direct: {took:?}, {echoed}/{sent} echoes");
+    // Packets in flight when the agent moved still cross the relay, and
+    // the connector moves at the first of the agent's it gets directly.
+    phase(&mut sim, &mut traffic, &agents, Duration::from_millis(100), |_| false);
+    let before = forwarded(&mut sim, r);
+    let (_, sent, echoed) = phase(&mut sim, &mut traffic, &agents, Duration::from_secs(2), |_| false);
+    assert!(echoed + 3 >= sent, "direct: {echoed}/{sent}");
+    assert_eq!(forwarded(&mut sim, r) - before, 0, "nothing through the relay while direct");
+
+    // A firewall starts dropping the direct path: back on the relay.
+    sim.net.block(agent_ip, connector_ip);
+    let (took, sent, echoed) =
+        phase(&mut sim, &mut traffic, &agents, Duration::from_secs(6), |s| direct_path(s, a).is_none());
+    eprintln!("back to the relay: {took:?}, {echoed}/{sent} echoes");
+    assert!(took.is_some_and(|t| t <= Duration::from_secs(4)), "fallback {took:?}");
+    // The connector follows at the agent's first packet over the relay;
+    // what it had in flight on the dead path is lost.
+    phase(&mut sim, &mut traffic, &agents, Duration::from_millis(500), |_| false);
+    let (_, sent, echoed) = phase(&mut sim, &mut traffic, &agents, Duration::from_secs(2), |_| false);
+    assert!(echoed + 3 >= sent, "on the relay: {echoed}/{sent}");
+
+    // Unblocked: a later round takes it direct again.
+    sim.net.unblock(agent_ip, connector_ip);
+    let (took, sent, echoed) =
+        phase(&mut sim, &mut traffic, &agents, Duration::from_secs(70), |s| direct_path(s, a).is_some());
+    eprintln!("direct again: {took:?}, {echoed}/{sent} echoes");
+    assert!(took.is_some(), "direct again");
+    let h = sim.host::<AgentHost>(a);
+    assert_eq!(h.core.stats().e2e_handshakes, 1, "one session throughout");
+    let paths = h.core.tunnel_status().first().and_then(|t| t.paths.clone()).unwrap();
+    assert_eq!((paths.to_direct, paths.to_relay), (2, 1), "{paths:?}");
+    let conn = sim.host::<ConnectorHost>(c).engine.stats().snapshot();
+    assert!(conn.direct_packets_in > 0 && conn.direct_packets_out > 0, "{conn:?}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[test]
+fn a_relay_only_service_never_goes_direct() {
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let relay: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+    let mut sim = Sim::new(NetConfig { delay: Duration::from_millis(2), ..NetConfig::default() });
+    let r = sim.add(RelayHost::new(RelaySpec::dev(relay, 1, &pki, POLICY).unwrap(), sim.now()).unwrap());
+    let now = sim.now();
+    let c = sim.add(connector_with(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay], PathPolicy::RelayOnly, now));
+    let agents = vec![sim.add(agent_with(&pki, 0, relay, Vec::new(), PathPolicy::Auto, now))];
+    let mut traffic = Traffic::new(Duration::from_millis(10), 100_000);
+    sim.max_step = Duration::from_millis(5);
+    let (_, sent, echoed) = phase(&mut sim, &mut traffic, &agents, Duration::from_secs(12), |_| false);
+    assert!(sent > 1000 && echoed + 3 >= sent, "{echoed}/{sent}");
+    assert_eq!(direct_path(&mut sim, agents[0]), None);
+    let conn = sim.host::<ConnectorHost>(c).engine.stats().snapshot();
+    assert_eq!((conn.direct_packets_in, conn.direct_packets_out), (0, 0), "{conn:?}");
+    assert!(forwarded(&mut sim, r) >= 2 * u64::from(echoed));
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

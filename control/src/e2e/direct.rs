@@ -113,12 +113,20 @@ impl E2eSession {
         self.conn.path_stats().find(|p| p.peer_addr == peer).map(|p| p.rtt)
     }
 
-    /// Fresh RTT estimates of the direct paths (agent: path selection).
+    /// Fresh RTT estimates and probe-timeout counts of the direct paths
+    /// (agent: path selection and failover).
     pub(super) fn path_rtts(&mut self) {
-        let rtts: Vec<(SocketAddr, Duration)> =
-            self.conn.path_stats().filter(|p| p.peer_addr != RELAY_PATH_PEER).map(|p| (p.peer_addr, p.rtt)).collect();
-        for (peer, rtt) in rtts {
-            self.paths.on_rtt(peer, rtt);
+        if self.server {
+            return;
+        }
+        let stats: Vec<(SocketAddr, Duration, u64)> = self
+            .conn
+            .path_stats()
+            .filter(|p| p.peer_addr != RELAY_PATH_PEER)
+            .map(|p| (p.peer_addr, p.rtt, p.total_pto_count as u64))
+            .collect();
+        for (peer, rtt, ptos) in stats {
+            self.paths.on_path_stats(peer, rtt, ptos);
         }
     }
 

@@ -37,6 +37,10 @@ pub struct DirectConfig {
     pub keepalive: Duration,
     /// The direct path in use is dead when nothing came over it this long.
     pub direct_timeout: Duration,
+    /// ... or sooner, when this many QUIC probe timeouts fired on it with
+    /// nothing received in between (its packets stopped being
+    /// acknowledged while it carried traffic).
+    pub pto_failover: u64,
     /// Another direct path is taken only if its RTT is below this fraction
     /// of the current one's (or it is of a better class).
     pub rtt_hysteresis: f64,
@@ -53,6 +57,7 @@ impl Default for DirectConfig {
             upgrade_every: Duration::from_secs(60),
             keepalive: Duration::from_secs(1),
             direct_timeout: Duration::from_secs(3),
+            pto_failover: 2,
             rtt_hysteresis: 0.75,
         }
     }
@@ -106,6 +111,10 @@ struct DirectPath {
     kind: CandidateKind,
     rtt: Duration,
     last_rx: Instant,
+    /// QUIC probe timeouts on the path: the latest count, and the count
+    /// when something last arrived over it.
+    ptos: u64,
+    ptos_at_rx: u64,
 }
 
 /// Path preference: lower is better. Direct on the LAN (the peer's host
@@ -281,8 +290,13 @@ impl PathManager {
 
     /// Agent: quiche validated the path to `addr`.
     pub fn on_validated(&mut self, addr: SocketAddr, rtt: Duration, now: Instant) {
+        if !self.agent {
+            // The connector follows the agent's migrations; it keeps no
+            // direct paths of its own.
+            return;
+        }
         let kind = self.peer.iter().find(|c| c.addr == addr).map_or(CandidateKind::PeerReflexive, |c| c.kind);
-        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now });
+        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now, ptos: 0, ptos_at_rx: 0 });
     }
 
     /// Agent: an authenticated packet came over `addr`, a path quiche
@@ -300,10 +314,16 @@ impl PathManager {
         self.direct.contains_key(&addr)
     }
 
-    /// Agent: a new RTT estimate of a validated direct path.
-    pub fn on_rtt(&mut self, addr: SocketAddr, rtt: Duration) {
+    /// Agent: quiche's RTT estimate and probe-timeout count of a
+    /// validated direct path.
+    pub fn on_path_stats(&mut self, addr: SocketAddr, rtt: Duration, ptos: u64) {
         if let Some(p) = self.direct.get_mut(&addr) {
             p.rtt = rtt;
+            if p.ptos == 0 && p.ptos_at_rx == 0 {
+                // The first look: count from here.
+                p.ptos_at_rx = ptos;
+            }
+            p.ptos = ptos;
         }
     }
 
@@ -319,6 +339,7 @@ impl PathManager {
     pub fn on_rx(&mut self, from: Option<SocketAddr>, now: Instant) {
         if let Some(p) = from.and_then(|a| self.direct.get_mut(&a)) {
             p.last_rx = now;
+            p.ptos_at_rx = p.ptos;
         }
     }
 
@@ -359,6 +380,7 @@ impl PathManager {
         let start = self.next_round_start();
         let keepalive = self.current.map(|_| self.last_keepalive + self.cfg.keepalive).filter(|_| self.agent);
         let dead = self.current.and_then(|a| self.direct.get(&a)).map(|p| p.last_rx + self.cfg.direct_timeout);
+        let dead = dead.filter(|_| self.agent);
         [round, start, keepalive, dead].into_iter().flatten().min()
     }
 
@@ -411,7 +433,11 @@ impl PathManager {
         // Failure first: a dead direct path goes, and the relay (or
         // another direct path) takes over.
         if let Some(addr) = self.current {
-            if self.direct.get(&addr).is_none_or(|p| now >= p.last_rx + self.cfg.direct_timeout) {
+            let dead = |p: &DirectPath| {
+                now >= p.last_rx + self.cfg.direct_timeout
+                    || p.ptos.saturating_sub(p.ptos_at_rx) >= self.cfg.pto_failover
+            };
+            if self.direct.get(&addr).is_none_or(dead) {
                 self.direct.remove(&addr);
                 self.counters.direct_timeouts += 1;
                 self.switch(None, now);

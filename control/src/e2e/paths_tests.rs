@@ -134,7 +134,7 @@ fn lan_beats_wan_ipv6_beats_ipv4_and_similar_rtts_do_not_flap() {
     m.on_validated(v4b, ms(18), t0 + ms(12));
     m.on_rx(Some(v4), t0 + ms(12));
     assert!(run(&mut m, t0, 12, 13).is_empty());
-    m.on_rtt(v4b, ms(10));
+    m.on_path_stats(v4b, ms(10), 0);
     assert_eq!(run(&mut m, t0, 14, 14), [(14, PathAction::Migrate(Some(v4b)))]);
     // IPv6 beats IPv4 whatever the RTT; the LAN beats both.
     m.on_validated(v6, ms(40), t0 + ms(15));
@@ -220,4 +220,29 @@ fn punches_of_the_round_teach_the_agent_peer_reflexive_targets() {
     m.on_validated(prflx, Duration::from_millis(9), t0 + Duration::from_millis(100));
     run(&mut m, t0, 101, 101);
     assert_eq!(m.current(), Some(prflx));
+}
+
+#[test]
+fn probe_timeouts_without_an_answer_fail_the_direct_path_over_at_once() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    let direct = addr("203.0.113.5:4000");
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    run(&mut m, t0, 0, 10);
+    let ms = Duration::from_millis;
+    m.on_validated(direct, ms(20), t0 + ms(10));
+    run(&mut m, t0, 11, 11);
+    // quiche has counted 5 probe timeouts on the path so far (while it
+    // was validated); one more with an answer in between changes nothing.
+    m.on_path_stats(direct, ms(20), 5);
+    m.on_path_stats(direct, ms(20), 6);
+    m.on_rx(Some(direct), t0 + ms(12));
+    assert!(run(&mut m, t0, 12, 12).is_empty());
+    assert_eq!(m.current(), Some(direct));
+    // Two with nothing received: the relay takes over, long before the
+    // 3 s silence timeout.
+    m.on_path_stats(direct, ms(20), 8);
+    let got = run(&mut m, t0, 150, 150);
+    assert_eq!(got.first(), Some(&(150, PathAction::Migrate(None))), "{got:?}");
+    assert_eq!(m.counters().direct_timeouts, 1);
 }

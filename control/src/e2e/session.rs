@@ -644,7 +644,13 @@ impl E2eSession {
     }
 
     pub fn is_stalled(&self) -> bool {
-        self.stalled
+        self.held()
+    }
+
+    /// Whether the stalled relay leg holds the session's timers: only
+    /// while the relay carries it (a direct path has its own liveness).
+    fn held(&self) -> bool {
+        self.stalled && self.paths.current().is_none()
     }
 
     fn watches_silence(&self) -> bool {
@@ -663,10 +669,10 @@ impl E2eSession {
         if !self.carried {
             return Some(self.uncarried_until());
         }
-        let quic = self.conn.timeout_instant().filter(|_| !self.stalled);
+        let quic = self.conn.timeout_instant().filter(|_| !self.held());
         let handshake = (self.state != SessionState::Up).then(|| self.started + HANDSHAKE_TIMEOUT);
         let keepalive = (self.state == SessionState::Up).then(|| self.last_tx + KEEPALIVE);
-        let silence = (self.watches_silence() && !self.stalled).then(|| self.last_rx + SILENCE);
+        let silence = (self.watches_silence() && !self.held()).then(|| self.last_rx + SILENCE);
         let ack = self.ack_due.filter(|_| self.unacked > 0 && self.state == SessionState::Up);
         let paths = self.paths.next_deadline().filter(|_| self.state == SessionState::Up);
         [quic, handshake, keepalive, silence, ack, paths].into_iter().flatten().min()
@@ -687,7 +693,7 @@ impl E2eSession {
             }
             return;
         }
-        if !self.stalled && self.conn.timeout_instant().is_some_and(|t| t <= now) {
+        if !self.held() && self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
             self.must_send = true;
         }
@@ -703,7 +709,7 @@ impl E2eSession {
             return;
         }
         let late = self.state != SessionState::Up && now >= self.started + HANDSHAKE_TIMEOUT;
-        let silent = !self.stalled && self.watches_silence() && now >= self.last_rx + SILENCE;
+        let silent = !self.held() && self.watches_silence() && now >= self.last_rx + SILENCE;
         if late || silent {
             let why = if late { "handshake timeout" } else { "peer silent" };
             // Nothing the peer could still act on: drop the connection.

@@ -46,7 +46,9 @@ pub mod vdev;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use self::backend::{BackendEvent, BackendId, BackendIo, Interest};
-pub use self::config::{BackendRoute, ConnectorConfig, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR};
+pub use self::config::{
+    BackendRoute, ConnectorConfig, PathMode, Proto, ServiceConfig, Target, DEFAULT_IDENTITY_SHARE_DIVISOR,
+};
 pub use self::driver::{resolve_relays, Connector, DrivenEngine, EngineInputs, RESOLVE_EVERY};
 pub use self::engine::status::{ConnectorStatus, RelayStatus, SessionStatus};
 pub use self::engine::Engine;
