@@ -346,7 +346,7 @@ fn a_relay_only_service_never_goes_direct() {
     let mut traffic = Traffic::new(Duration::from_millis(10), 100_000);
     sim.max_step = Duration::from_millis(5);
     let (_, sent, echoed) = phase(&mut sim, &mut traffic, &agents, Duration::from_secs(12), |_| false);
-    assert!(sent > 1000 && echoed + 3 >= sent, "{echoed}/{sent}");
+    assert!(sent > 500 && echoed + 3 >= sent, "{echoed}/{sent}");
     assert_eq!(direct_path(&mut sim, agents[0]), None);
     let conn = sim.host::<ConnectorHost>(c).engine.stats().snapshot();
     assert_eq!((conn.direct_packets_in, conn.direct_packets_out), (0, 0), "{conn:?}");
