@@ -34,6 +34,10 @@ const UDP_BATCHES: usize = 4;
 const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Largest IP packet the device can hand us (MTU is at most 9000).
 const PKT_BUF: usize = 65_536;
+/// How often the agent looks for path changes to report.
+const PATHS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often the host's interface addresses are read again.
+const HOSTS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the loop refreshes what `/status` serves.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -99,6 +103,13 @@ pub struct Agent {
     /// What `/status` serves, when it is served.
     status: Option<StatusBoard>,
     status_at: Instant,
+    /// Host candidates: the TUN device left out, read again now and then.
+    tun_name: Option<String>,
+    hosts_at: Instant,
+    /// Per service, the path last reported (`path` lines), checked every
+    /// [`PATHS_EVERY`].
+    paths: std::collections::HashMap<String, Option<SocketAddr>>,
+    paths_at: Instant,
 }
 
 fn out(line: std::fmt::Arguments<'_>) {
@@ -137,6 +148,10 @@ impl Agent {
             started: Instant::now(),
             status: None,
             status_at: Instant::now(),
+            tun_name: None,
+            hosts_at: Instant::now(),
+            paths: std::collections::HashMap::new(),
+            paths_at: Instant::now(),
         }
     }
 
@@ -146,6 +161,43 @@ impl Agent {
         let board = StatusBoard::default();
         status::publish(&board, status::status_json(&self.core, self.started, Instant::now()));
         Arc::clone(self.status.insert(board))
+    }
+
+    /// Advertises the host's interface addresses (all but the TUN device
+    /// `tun_name`) as direct-path candidates, now and every
+    /// [`HOSTS_EVERY`].
+    pub fn advertise_host_addresses(&mut self, tun_name: &str) {
+        self.tun_name = Some(tun_name.to_owned());
+        self.core.set_host_addresses(ztna_udp::ifaddrs::host_addresses(&[tun_name]));
+        self.hosts_at = Instant::now() + HOSTS_EVERY;
+    }
+
+    /// Prints a `path` line for every service whose path changed:
+    /// `path service=S via=direct addr=A time_to_direct_ms=T` or
+    /// `path service=S via=relay`.
+    fn report_paths(&mut self) {
+        for t in self.core.tunnel_status() {
+            if self.paths.get(&t.service) == Some(&t.direct) {
+                continue;
+            }
+            let ttd = t.paths.as_ref().and_then(|c| c.time_to_direct).map(|d| d.as_millis());
+            match t.direct {
+                Some(a) => {
+                    info!(service = %t.service, addr = %a, time_to_direct_ms = ?ttd, "direct path");
+                    out(format_args!(
+                        "path service={} via=direct addr={a} time_to_direct_ms={}",
+                        t.service,
+                        ttd.unwrap_or(0)
+                    ));
+                }
+                None if self.paths.contains_key(&t.service) => {
+                    info!(service = %t.service, "relay path");
+                    out(format_args!("path service={} via=relay", t.service));
+                }
+                None => {}
+            }
+            self.paths.insert(t.service, t.direct);
+        }
     }
 
     /// Runs until SIGTERM/SIGINT, then closes the session.
@@ -173,6 +225,15 @@ impl Agent {
             self.events();
             self.deliver();
             self.transmit(now);
+            if now >= self.paths_at {
+                self.paths_at = now + PATHS_EVERY;
+                self.report_paths();
+            }
+            if now >= self.hosts_at {
+                if let Some(name) = self.tun_name.clone() {
+                    self.advertise_host_addresses(&name);
+                }
+            }
             if let Some(board) =
                 self.status.as_ref().filter(|_| now.saturating_duration_since(self.status_at) >= STATUS_EVERY)
             {
@@ -227,9 +288,9 @@ impl Agent {
                 }
             };
             for i in 0..n {
-                if let Some((datagrams, _)) = self.rx.received(i) {
+                if let Some((datagrams, Some(from))) = self.rx.received(i) {
                     for d in datagrams {
-                        self.core.recv_udp(d, self.relay, now);
+                        self.core.recv_udp(d, from, now);
                         self.io.udp_rx += 1;
                     }
                 }
@@ -293,10 +354,8 @@ impl Agent {
             while !self.tx.is_full() {
                 let Some(slot) = self.tx.slot() else { break };
                 match self.core.poll_udp(slot, now) {
-                    Some((n, to)) if to == self.relay => self.tx.commit(n, None),
-                    // The socket is connected to the relay; the core never
-                    // addresses anyone else.
-                    Some((_, to)) => debug!(%to, "datagram for another address dropped"),
+                    // The relay, or a connector over a direct path.
+                    Some((n, to)) => self.tx.commit(n, Some(to)),
                     None => break,
                 }
             }
@@ -310,20 +369,11 @@ impl Agent {
         }
     }
 
-    /// The core moved to another relay (drain or failover): point the
-    /// connected socket there. The old connection is over (the core only
-    /// moves after it closed), so its unsent packets may go.
+    /// The core moved to another relay (drain or failover). The socket is
+    /// not connected (direct paths share it), so only the address changes.
     fn switch_relay(&mut self, to: SocketAddr) {
-        if self.tx.pending() && !self.flush() {
-            self.tx.clear();
-        }
-        match self.sock.connect(to) {
-            Ok(()) => {
-                info!(from = %self.relay, %to, "switching relay");
-                self.relay = to;
-            }
-            Err(e) => warn!(%to, error = %e, "cannot connect the UDP socket to the next relay"),
-        }
+        info!(from = %self.relay, %to, "switching relay");
+        self.relay = to;
     }
 
     /// After a Goodbye: a new UDP socket (a new source port unless `listen`
@@ -332,7 +382,7 @@ impl Agent {
     /// entry to the one that is draining.
     fn new_socket(&mut self) {
         let to = self.core.relay();
-        match ztna_udp::bind_connected(self.listen, to) {
+        match ztna_udp::bind(self.listen).and_then(|s| Ok((s.local_addr()?, s))).map(|(l, s)| (s, l)) {
             Ok((sock, local)) => {
                 self.tx.clear();
                 self.rx.enable_gro(&sock);
@@ -430,7 +480,7 @@ impl Agent {
              e2e_cert_rejected={} e2e_identity_mismatch={} e2e_packets_rejected={} e2e_pending_dropped={} \
              connects={} disconnects={} udp_rx={} udp_tx={} udp_send_errors={} udp_recv_errors={} tun_rx={} \
              tun_tx={} tun_write_errors={} udp_gso={} udp_gro={} udp_gso_sends={} udp_gso_errors={} \
-             udp_gro_receives={}",
+             udp_gro_receives={} direct_packets_in={} direct_packets_out={} direct_punches_in={}",
             s.packets_out,
             s.bytes_out,
             s.packets_in,
@@ -465,6 +515,9 @@ impl Agent {
             o.gso_sends,
             o.gso_errors,
             o.gro_receives,
+            s.direct_packets_in,
+            s.direct_packets_out,
+            s.direct_punches_in,
         ));
         out(format_args!("status {}", status::status_json(&self.core, self.started, Instant::now())));
     }

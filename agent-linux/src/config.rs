@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use ztna_agent::agent_core::AgentConfig;
+use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
+use ztna_control::candidate::PathPolicy;
 use ztna_control::ServiceName;
 
 /// The TUN device.
@@ -44,6 +46,11 @@ pub struct ServiceConfig {
     /// the identity the relay named).
     #[serde(default)]
     pub connectors: Vec<String>,
+    /// Whether the service may be reached over a direct path: `"auto"`
+    /// (default), `"direct-only"` or `"relay-only"`; the stricter of this
+    /// and the connector's wish holds.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// Agent configuration (TOML, unknown keys rejected).
@@ -129,6 +136,8 @@ pub struct Config {
     pub routes: Vec<(ServiceName, Cidr)>,
     /// Service → accepted connector identity.
     pub pins: Vec<(ServiceName, String)>,
+    /// Service → path policy (services not listed: auto).
+    pub path_policies: Vec<(ServiceName, PathPolicy)>,
 }
 
 /// Smallest MTU we accept (the IPv4 minimum datagram every host takes).
@@ -203,10 +212,17 @@ impl FileConfig {
         }
         let mut routes = Vec::new();
         let mut pins = Vec::new();
+        let mut path_policies = Vec::new();
         for s in &self.services {
             let Some(svc) = ServiceName::new(&s.name) else {
                 bail!("invalid service name {:?} (1-64 of [a-z0-9._-])", s.name)
             };
+            if let Some(p) = &s.path {
+                let Some(policy) = PathPolicy::parse(p) else {
+                    bail!("service {:?}: path {p:?} is not auto, direct-only or relay-only", s.name)
+                };
+                path_policies.push((svc.clone(), policy));
+            }
             for c in &s.connectors {
                 match ztna_control::identity::Identity::parse(c) {
                     Ok(id) if id.kind == ztna_control::identity::Kind::Connector => pins.push((svc.clone(), c.clone())),
@@ -263,6 +279,7 @@ impl FileConfig {
             mtu: self.tun.mtu,
             routes,
             pins,
+            path_policies,
         })
     }
 }
@@ -289,7 +306,7 @@ impl Config {
             tls,
             routes: self.routes.clone(),
             pinned_connectors: self.pins.clone(),
-            paths: Default::default(),
+            paths: PathSettings { policies: self.path_policies.clone(), ..PathSettings::default() },
         })
     }
 

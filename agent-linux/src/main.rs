@@ -173,11 +173,13 @@ fn run(cfg: &Config) -> Result<()> {
     }
     info!(dev = %cfg.tun_name, address = %cfg.tun_address, mtu = cfg.mtu, "TUN device up");
     println!("tun {} address {} mtu {}", cfg.tun_name, cfg.tun_address, cfg.mtu);
-    let (sock, local) =
-        ztna_udp::bind_connected(cfg.listen, cfg.relay).with_context(|| format!("UDP socket to {}", cfg.relay))?;
+    // One socket, not connected: relays and direct paths share it.
+    let sock = ztna_udp::bind(cfg.listen).with_context(|| format!("UDP socket on {}", cfg.listen))?;
+    let local = sock.local_addr()?;
     info!(%local, relay = %cfg.relay, server_name = %cfg.server_name, "connecting");
     let core = AgentCore::new(cfg.agent_config(local)?, seed()?, Instant::now())?;
     let mut a = agent::Agent::new(core, dev, sock, cfg.relay, cfg.listen, cfg.mtu);
+    a.advertise_host_addresses(&cfg.tun_name);
     if let Some(addr) = cfg.status {
         let addr = agent::serve_status(addr, a.status_board())?;
         info!(%addr, "http://{addr}/status");

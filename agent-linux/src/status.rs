@@ -28,6 +28,16 @@ pub fn status_json(core: &AgentCore, started: Instant, now: Instant) -> String {
                 "session": t.session.as_str(),
                 "proven": t.proven,
                 "stalled": t.stalled,
+                "via": if t.direct.is_some() { "direct" } else { "relay" },
+                "direct": t.direct.map(|a| a.to_string()),
+                "paths": t.paths.map(|c| json!({
+                    "rounds": c.rounds,
+                    "probes": c.probes,
+                    "to_direct": c.to_direct,
+                    "to_relay": c.to_relay,
+                    "direct_timeouts": c.direct_timeouts,
+                    "time_to_direct_ms": c.time_to_direct.map(|d| d.as_secs_f64() * 1e3),
+                })),
                 "path": t.path.map(|p| json!({
                     "rtt_ms": p.rtt.as_secs_f64() * 1e3,
                     "cwnd": p.cwnd,

@@ -274,6 +274,22 @@ impl Lab {
         );
     }
 
+    /// Drops every UDP datagram the NAT forwards between the agent's side
+    /// and `ip` (a firewall closing a direct path); [`Lab::unblock`] ends it.
+    pub fn block(&self, ip: &str) {
+        self.nft(
+            &self.nat,
+            &format!(
+                "table ip ztna_block {{\n chain block_direct {{\n  type filter hook forward priority -10; policy accept;\n  \
+                 ip daddr {ip} udp dport != 4433 counter drop\n  ip saddr {ip} udp sport != 4433 counter drop\n }}\n}}\n"
+            ),
+        );
+    }
+
+    pub fn unblock(&self) {
+        ok(in_ns(&self.nat, "nft").args(["delete", "table", "ip", "ztna_block"]));
+    }
+
     /// Packets the loss rules dropped so far.
     pub fn loss_drops(&self) -> u64 {
         let t = ok(in_ns(&self.nat, "nft").args(["list", "table", "ip", "ztna_loss"]));

@@ -32,6 +32,7 @@
 //! `ztna-bench` probes; the tests are in `single_relay` and `scale_out`.
 
 mod binaries;
+mod direct;
 mod lab;
 mod probe;
 mod scale_out;

@@ -90,7 +90,15 @@ pub struct Running {
     pub _echo: Proc,
 }
 
+/// [`bring_up_with`] with the agent on the relay path only (`relay-only`):
+/// what most tests here are about.
 pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
+    bring_up_with(lab, b, "relay-only")
+}
+
+/// Relay, echo service, connector and agent; the agent's service has path
+/// policy `path` (`auto`, `direct-only`, `relay-only`).
+pub fn bring_up_with(lab: &Lab, b: &Bins, path: &str) -> Running {
     let pki = ztna_relay::pki::generate(&lab.dir).unwrap();
     let (ccert, ckey) = pki.issue(ztna_control::identity::Kind::Connector, "site").unwrap();
     let (acert, akey) = pki.issue(ztna_control::identity::Kind::Agent, "laptop").unwrap();
@@ -122,7 +130,7 @@ pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
             "relay = \"{RELAY_IP}:4433\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              status = \"{AGENT_STATUS}\"\n\n\
              [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n\
-             [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\n",
+             [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\npath = \"{path}\"\n",
             pki.ca.display(),
             acert.display(),
             akey.display()

@@ -114,7 +114,7 @@ struct DirectPath {
     /// QUIC probe timeouts on the path: the latest count, and the count
     /// when something last arrived over it.
     ptos: u64,
-    ptos_at_rx: u64,
+    ptos_at_rx: Option<u64>,
 }
 
 /// Path preference: lower is better. Direct on the LAN (the peer's host
@@ -296,7 +296,7 @@ impl PathManager {
             return;
         }
         let kind = self.peer.iter().find(|c| c.addr == addr).map_or(CandidateKind::PeerReflexive, |c| c.kind);
-        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now, ptos: 0, ptos_at_rx: 0 });
+        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now, ptos: 0, ptos_at_rx: None });
     }
 
     /// Agent: an authenticated packet came over `addr`, a path quiche
@@ -319,10 +319,8 @@ impl PathManager {
     pub fn on_path_stats(&mut self, addr: SocketAddr, rtt: Duration, ptos: u64) {
         if let Some(p) = self.direct.get_mut(&addr) {
             p.rtt = rtt;
-            if p.ptos == 0 && p.ptos_at_rx == 0 {
-                // The first look: count from here.
-                p.ptos_at_rx = ptos;
-            }
+            // The first look: count from here.
+            p.ptos_at_rx.get_or_insert(ptos);
             p.ptos = ptos;
         }
     }
@@ -339,7 +337,7 @@ impl PathManager {
     pub fn on_rx(&mut self, from: Option<SocketAddr>, now: Instant) {
         if let Some(p) = from.and_then(|a| self.direct.get_mut(&a)) {
             p.last_rx = now;
-            p.ptos_at_rx = p.ptos;
+            p.ptos_at_rx = Some(p.ptos);
         }
     }
 
@@ -435,7 +433,7 @@ impl PathManager {
         if let Some(addr) = self.current {
             let dead = |p: &DirectPath| {
                 now >= p.last_rx + self.cfg.direct_timeout
-                    || p.ptos.saturating_sub(p.ptos_at_rx) >= self.cfg.pto_failover
+                    || p.ptos.saturating_sub(p.ptos_at_rx.unwrap_or(p.ptos)) >= self.cfg.pto_failover
             };
             if self.direct.get(&addr).is_none_or(dead) {
                 self.direct.remove(&addr);

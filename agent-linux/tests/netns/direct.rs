@@ -1,0 +1,79 @@
+//! Direct paths with the real agent (TUN), connector and relay: the agent
+//! behind the lab's NAT punches to the connector (which is not behind one)
+//! from its one socket, the session moves off the relay, falls back when a
+//! firewall closes the direct path, and returns when it opens again.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::lab::{can_run, Lab};
+use crate::probe::{agent_stats, relay_counter, udp_probe, udp_probe_from};
+use crate::start::{bins, bring_up_with, Running};
+use crate::{RELAY_IP, SITE_IP};
+
+fn direct_line(l: &str) -> bool {
+    l.starts_with("path service=echo via=direct")
+}
+
+#[test]
+fn the_agent_goes_direct_through_its_nat_falls_back_to_the_relay_and_returns() {
+    if !can_run() {
+        return;
+    }
+    let b = bins();
+    let lab = Lab::new("direct");
+    let Running { pki: _pki, relay: _relay, connector: _connector, mut agent, _echo } = bring_up_with(&lab, &b, "auto");
+    let metrics: SocketAddr = format!("{RELAY_IP}:9090").parse().unwrap();
+
+    // The first tunneled packets go through the relay; the session is
+    // direct (to the connector's address as the relay observed it) soon.
+    let t = Instant::now();
+    let (sent, got) = udp_probe(&lab, &b, 20, 20);
+    assert_eq!((sent, got), (20, 20));
+    let line = agent.wait_out(0, Duration::from_secs(5), direct_line).expect("direct path");
+    eprintln!("{line} ({:?} after the first packet)", t.elapsed());
+    assert!(line.contains(&format!("addr={SITE_IP}:4434")), "{line}");
+    let ttd: u64 = line.rsplit("time_to_direct_ms=").next().and_then(|v| v.parse().ok()).unwrap();
+    assert!(ttd < 3000, "time to direct {ttd} ms");
+
+    // On the direct path the relay forwards nothing.
+    std::thread::sleep(Duration::from_millis(1100)); // relay publishes counters every second
+    let before = relay_counter(&lab, metrics, "ztna_relay_datagrams_forwarded_total");
+    let (sent, got) = udp_probe(&lab, &b, 200, 5);
+    assert_eq!((sent, got), (200, 200), "UDP echo over the direct path");
+    std::thread::sleep(Duration::from_millis(1100));
+    let after = relay_counter(&lab, metrics, "ztna_relay_datagrams_forwarded_total");
+    assert_eq!(after, before, "nothing through the relay while direct");
+
+    // A firewall closes the direct path: the session falls back to the
+    // relay; echoes sent all along mostly arrive.
+    let mark = agent.out_len();
+    let (ns, bench) = (lab.agent.clone(), b.bench.clone());
+    let probe = std::thread::spawn(move || udp_probe_from(&ns, &bench, 600, 5));
+    std::thread::sleep(Duration::from_millis(500));
+    lab.block(SITE_IP);
+    let t = Instant::now();
+    let back = agent.wait_out(mark, Duration::from_secs(5), |l| l == "path service=echo via=relay");
+    let took = t.elapsed();
+    let (sent, got) = probe.join().unwrap();
+    eprintln!("fallback after {took:?}: {back:?}; UDP echo across it {got}/{sent} at 5 ms spacing");
+    assert!(back.is_some(), "back on the relay");
+    assert!(took < Duration::from_secs(2), "fallback took {took:?}");
+    assert!(got * 100 >= sent * 60, "echo across the fallback: {got}/{sent}");
+    let (sent, got) = udp_probe(&lab, &b, 100, 5);
+    assert_eq!((sent, got), (100, 100), "UDP echo on the relay");
+
+    // Open again: a later round takes it direct again, with the same
+    // session (no new handshake).
+    let mark = agent.out_len();
+    lab.unblock();
+    let t = Instant::now();
+    let again = agent.wait_out(mark, Duration::from_secs(75), direct_line);
+    eprintln!("direct again after {:?}: {again:?}", t.elapsed());
+    assert!(again.is_some(), "direct again");
+    let (sent, got) = udp_probe(&lab, &b, 100, 5);
+    assert_eq!((sent, got), (100, 100), "UDP echo, direct again");
+    let s = agent_stats(&mut agent);
+    assert_eq!(s["e2e_handshakes"], 1, "one session throughout: {s:?}");
+    assert!(s["direct_packets_in"] >= 300 && s["direct_packets_out"] >= 300, "{s:?}");
+}
