@@ -24,6 +24,9 @@ cargo build --workspace --bins
 ./deploy/ci/check-k8s.sh
 ./deploy/ci/check-ops.sh
 ./deploy/ci/check-nat-lab.sh
+# Direct paths through every ordered pair of NAT types, with the real agent,
+# connector and relay (docs/protocol/direct.md, deploy/nat-lab/README.md).
+./deploy/ci/check-p2p-matrix.sh
 cargo test --workspace
 # The Raspberry Pi binaries must keep building: cross-compile for aarch64
 # (build only, plus a --version/--check smoke run under qemu-user).

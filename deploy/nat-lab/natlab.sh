@@ -21,6 +21,10 @@
 #   natlab.sh ztna-start            relay, connector (site b), agent (site a) in the
 #                                   running lab, from target/release (or NATLAB_BIN)
 #   natlab.sh ztna-stop             stop them
+#   natlab.sh p2p-matrix [--json FILE]  the real agent, connector and relay
+#                                   for every ordered pair of NAT types (agent
+#                                   on site a, connector on site b): direct or
+#                                   relay, against RESULTS.md's punch matrix
 #
 # TYPE: full-cone (fc), restricted-cone (rc), port-restricted (prc),
 #       symmetric (sym), double[:OUTER[:INNER]] (two NATs, default both
@@ -475,6 +479,85 @@ cmd_ztna_stop() {
     done
 }
 
+# What RESULTS.md's punch matrix (routers drop unsolicited WAN input)
+# predicts for an agent behind TYPE_A (it probes first) and a connector
+# behind TYPE_B (it punches one relay RTT later). A public host (none) is
+# reachable from anyone and learns the other side's port as peer-reflexive.
+p2p_expected() {
+    local a=${1%%:*} b=${2%%:*}
+    case "$a $b" in
+        none\ *|*\ none) echo direct ;;
+        full-cone\ *|restricted-cone\ *|*\ full-cone|*\ restricted-cone) echo direct ;;
+        "port-restricted port-restricted"|"port-restricted double"|"double port-restricted"|"double double") echo direct ;;
+        *) echo relay ;;
+    esac
+}
+
+# p2p-matrix [--json FILE]: for each ordered pair, build the lab, start the
+# relay, connector and agent, send 400 UDP echoes (10 ms apart) through the
+# tunnel and see whether the agent reports a direct path within
+# NATLAB_P2P_WAIT seconds (default 6). Prints a markdown table; with
+# --json, one object per pair. Fails if a pair differs from the expectation
+# or more than 5 % of the echoes are lost (traffic must not stop while
+# punching).
+cmd_p2p_matrix() {
+    local json="" types ta tb d bin line ttd path exp sent got rows=() fails=0
+    [ "${1:-}" != "--json" ] || json=${2:?--json FILE}
+    read -ra types <<< "${NATLAB_P2P_TYPES:-$ALL_TYPES none}"
+    check_env
+    bin=$(ztna_bin_dir) || die "no ztna binaries (cargo build, or NATLAB_BIN=DIR)"
+    d=$STATE/ztna
+    for ta in "${types[@]}"; do
+        for tb in "${types[@]}"; do
+            NATLAB_QUIET=1 cmd_up "$ta" "$tb" >/dev/null
+            NATLAB_QUIET=1 cmd_ztna_start >/dev/null
+            in_ns a "$bin/ztna-bench" udp-probe --to 100.100.0.10:7 --count 400 --size 200 --interval-ms 10 \
+                --wait-ms 1000 --min 0 </dev/null >"$d/probe.out" 2>&1 &
+            local probe=$!
+            line=""
+            for _ in $(seq $((${NATLAB_P2P_WAIT:-6} * 10))); do
+                line=$(grep -m1 "^path service=echo via=direct" "$d/agent.log" 2>/dev/null || true)
+                [ -z "$line" ] || break
+                sleep 0.1
+            done
+            wait "$probe" || true
+            sent=$(sed -n 's/^udp-probe .*sent=\([0-9]*\).*/\1/p' "$d/probe.out")
+            got=$(sed -n 's/^udp-probe .*received=\([0-9]*\).*/\1/p' "$d/probe.out")
+            if [ -n "$line" ]; then path=direct ttd=${line##*time_to_direct_ms=}; else path=relay ttd=null; fi
+            exp=$(p2p_expected "$(canon_type "$ta")" "$(canon_type "$tb")")
+            local ok=yes
+            [ "$path" = "$exp" ] || ok=no
+            [ -n "$sent" ] && [ -n "$got" ] && [ $((got * 100)) -ge $((sent * 95)) ] || ok=no
+            [ "$ok" = yes ] || fails=$((fails + 1))
+            rows+=("$ta|$tb|$path|$exp|$ttd|${sent:-0}|${got:-0}|$ok")
+            log "p2p $ta -> $tb: $path (expected $exp), time_to_direct_ms=$ttd, echoes ${got:-?}/${sent:-?}"
+            cmd_ztna_stop
+            cmd_down >/dev/null 2>&1 || true
+        done
+    done
+    echo "| agent (a) | connector (b) | path | expected | time to direct (ms) | UDP echoes | ok |"
+    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    local r f
+    for r in "${rows[@]}"; do
+        IFS='|' read -ra f <<< "$r"
+        echo "| ${f[0]} | ${f[1]} | ${f[2]} | ${f[3]} | ${f[4]/null/-} | ${f[6]}/${f[5]} | ${f[7]} |"
+    done
+    if [ -n "$json" ]; then
+        printf '%s\n' "${rows[@]}" | "$PYTHON" -c '
+import json, sys
+out = []
+for line in sys.stdin.read().split():
+    a, b, path, exp, ttd, sent, got, ok = line.split("|")
+    out.append({"a": a, "b": b, "path": path, "expected": exp,
+                "time_to_direct_ms": None if ttd == "null" else int(ttd),
+                "echo_sent": int(sent), "echo_received": int(got), "ok": ok == "yes"})
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+' "$json"
+    fi
+    echo "p2p-matrix: $((${#rows[@]} - fails)) as expected, $fails not"
+    [ "$fails" -eq 0 ]
+}
+
 check_env() {
     [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, nftables)"
     command -v ip >/dev/null || die "needs iproute2 (ip)"
@@ -500,6 +583,7 @@ main() {
         punch-matrix) cmd_punch_matrix ;;
         ztna-start) cmd_ztna_start ;;
         ztna-stop) cmd_ztna_stop ;;
+        p2p-matrix) cmd_p2p_matrix "$@" ;;
         servers)
             lab_is_up || die "no lab is up"
             case ${1:-} in

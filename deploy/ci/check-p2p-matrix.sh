@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CI check of direct paths through real NATs: `natlab.sh p2p-matrix` runs the
+# real relay, connector and Linux agent (TUN) for every ordered pair of the
+# NAT lab's types and asserts the outcome RESULTS.md's punch matrix predicts
+# (direct or relay), that UDP echoes through the tunnel keep flowing while
+# punching, and records the time to direct per pair. About 3 minutes. The
+# table goes to stdout, the JSON to target/p2p-matrix.json.
+#
+# Skips (exit 0, with the reason) where the NAT lab cannot run (see
+# check-nat-lab.sh) or the binaries are not built.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+LAB=deploy/nat-lab/natlab.sh
+
+skip() { echo "p2p-matrix: SKIPPED: $*"; exit 0; }
+[ "$(id -u)" -eq 0 ] || skip "not root (network namespaces and nftables need root)"
+command -v nft >/dev/null || skip "nftables (nft) is not installed"
+command -v python3 >/dev/null || skip "python3 is not installed"
+ip netns list >/dev/null 2>&1 || skip "'ip netns' is not available"
+[ -x target/debug/ztna-agent ] || [ -x target/release/ztna-agent ] || skip "no built binaries (cargo build --bins)"
+
+trap '"$LAB" down >/dev/null 2>&1 || true' EXIT
+trap 'exit 130' INT TERM
+"$LAB" down >/dev/null 2>&1 || true
+mkdir -p target
+NATLAB_QUIET=1 "$LAB" p2p-matrix --json target/p2p-matrix.json
