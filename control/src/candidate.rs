@@ -1,4 +1,4 @@
-//! Direct-path candidates and path policy (docs/protocol/direct.md §9.2):
+//! Direct-path candidates and path policy (docs/protocol/direct.md §11.2):
 //! the addresses at which an end of an end-to-end session may be reachable
 //! without a relay, and whether it wants to be.
 //!

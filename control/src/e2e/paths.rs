@@ -18,7 +18,7 @@ use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
 use crate::rng::SplitMix64;
 
 /// Timings of direct paths. The defaults and where they come from are in
-/// docs/protocol/direct.md §9.4.
+/// docs/protocol/direct.md §11.4.
 #[derive(Debug, Clone)]
 pub struct DirectConfig {
     /// First probe interval of a round; it doubles up to `probe_max`.
