@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use ztna_agent::agent_core::AgentConfig;
 use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
 use ztna_control::candidate::PathPolicy;
+use ztna_control::e2e::DirectConfig;
 use ztna_control::ServiceName;
 
 /// The TUN device.
@@ -88,8 +90,45 @@ pub struct FileConfig {
     pub status: Option<SocketAddr>,
     #[serde(default)]
     pub tun: TunConfig,
+    /// Timings of direct paths (docs/protocol/direct.md §11.4).
+    #[serde(default)]
+    pub direct: DirectTimings,
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[direct]`: the timings of direct paths, in milliseconds; each key is
+/// optional (defaults and their reasons: docs/protocol/direct.md §11.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectTimings {
+    pub probe_first_ms: Option<u64>,
+    pub probe_max_ms: Option<u64>,
+    pub round_ms: Option<u64>,
+    pub min_round_gap_ms: Option<u64>,
+    pub second_round_ms: Option<u64>,
+    pub upgrade_every_ms: Option<u64>,
+    pub keepalive_ms: Option<u64>,
+    pub direct_timeout_ms: Option<u64>,
+}
+
+impl DirectTimings {
+    /// The defaults with what is set here replaced.
+    pub fn config(&self) -> DirectConfig {
+        let d = DirectConfig::default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        DirectConfig {
+            probe_first: ms(self.probe_first_ms, d.probe_first),
+            probe_max: ms(self.probe_max_ms, d.probe_max),
+            round_len: ms(self.round_ms, d.round_len),
+            min_round_gap: ms(self.min_round_gap_ms, d.min_round_gap),
+            second_round: ms(self.second_round_ms, d.second_round),
+            upgrade_every: ms(self.upgrade_every_ms, d.upgrade_every),
+            keepalive: ms(self.keepalive_ms, d.keepalive),
+            direct_timeout: ms(self.direct_timeout_ms, d.direct_timeout),
+            ..d
+        }
+    }
 }
 
 fn default_tun_name() -> String {
@@ -138,6 +177,7 @@ pub struct Config {
     pub pins: Vec<(ServiceName, String)>,
     /// Service → path policy (services not listed: auto).
     pub path_policies: Vec<(ServiceName, PathPolicy)>,
+    pub direct: DirectConfig,
 }
 
 /// Smallest MTU we accept (the IPv4 minimum datagram every host takes).
@@ -280,6 +320,7 @@ impl FileConfig {
             routes,
             pins,
             path_policies,
+            direct: self.direct.config(),
         })
     }
 }
@@ -306,7 +347,11 @@ impl Config {
             tls,
             routes: self.routes.clone(),
             pinned_connectors: self.pins.clone(),
-            paths: PathSettings { policies: self.path_policies.clone(), ..PathSettings::default() },
+            paths: PathSettings {
+                policies: self.path_policies.clone(),
+                timing: self.direct.clone(),
+                ..PathSettings::default()
+            },
         })
     }
 

@@ -93,12 +93,14 @@ pub struct Running {
 /// [`bring_up_with`] with the agent on the relay path only (`relay-only`):
 /// what most tests here are about.
 pub fn bring_up(lab: &Lab, b: &Bins) -> Running {
-    bring_up_with(lab, b, "relay-only")
+    bring_up_with(lab, b, "relay-only", "")
 }
 
 /// Relay, echo service, connector and agent; the agent's service has path
-/// policy `path` (`auto`, `direct-only`, `relay-only`).
-pub fn bring_up_with(lab: &Lab, b: &Bins, path: &str) -> Running {
+/// policy `path` (`auto`, `direct-only`, `relay-only`); `agent_extra` is
+/// appended to the agent's configuration before its services (a
+/// `[direct]` table, say).
+pub fn bring_up_with(lab: &Lab, b: &Bins, path: &str, agent_extra: &str) -> Running {
     let pki = ztna_relay::pki::generate(&lab.dir).unwrap();
     let (ccert, ckey) = pki.issue(ztna_control::identity::Kind::Connector, "site").unwrap();
     let (acert, akey) = pki.issue(ztna_control::identity::Kind::Agent, "laptop").unwrap();
@@ -129,7 +131,7 @@ pub fn bring_up_with(lab: &Lab, b: &Bins, path: &str) -> Running {
         &format!(
             "relay = \"{RELAY_IP}:4433\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              status = \"{AGENT_STATUS}\"\n\n\
-             [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n\
+             [tun]\nname = \"zt0\"\naddress = \"100.64.0.1/32\"\nmtu = 1280\n\n{agent_extra}\n\
              [[service]]\nname = \"echo\"\ncidrs = [\"{VIP}/32\"]\npath = \"{path}\"\n",
             pki.ca.display(),
             acert.display(),
