@@ -223,6 +223,7 @@ impl DrivenEngine for ClearEngine {
             relays,
             sessions_total: 0,
             sessions_up: 0,
+            sessions_direct: 0,
             sessions: Vec::new(),
             sessions_omitted: 0,
             udp_flows: self.gateway.udp_flows(),

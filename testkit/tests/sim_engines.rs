@@ -325,12 +325,20 @@ fn a_session_goes_direct_falls_back_to_the_relay_when_the_path_is_blocked_and_re
         phase(&mut sim, &mut traffic, &agents, Duration::from_secs(70), |s| direct_path(s, a).is_some());
     eprintln!("direct again: {took:?}, {echoed}/{sent} echoes");
     assert!(took.is_some(), "direct again");
+    // The connector follows at the agent's next packet.
+    phase(&mut sim, &mut traffic, &agents, Duration::from_millis(200), |_| false);
     let h = sim.host::<AgentHost>(a);
     assert_eq!(h.core.stats().e2e_handshakes, 1, "one session throughout");
     let paths = h.core.tunnel_status().first().and_then(|t| t.paths.clone()).unwrap();
     assert_eq!((paths.to_direct, paths.to_relay), (2, 1), "{paths:?}");
-    let conn = sim.host::<ConnectorHost>(c).engine.stats().snapshot();
+    let host = sim.host::<ConnectorHost>(c);
+    let conn = host.engine.stats().snapshot();
     assert!(conn.direct_packets_in > 0 && conn.direct_packets_out > 0, "{conn:?}");
+    assert!(conn.direct_bytes_in > conn.direct_packets_in * 20, "{conn:?}");
+    // The connector followed every switch, and timed the first.
+    assert_eq!((conn.path_to_direct, conn.path_to_relay), (2, 1), "{conn:?}");
+    assert_eq!(host.engine.direct_metrics().count(), 1);
+    assert_eq!(host.engine.status().sessions_direct, 1);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 

@@ -94,8 +94,24 @@ impl E2eSession {
         }
     }
 
+    /// Connector: the path quiche sends on. quiche reports a move to an
+    /// already validated path at once, but a move to a path it must
+    /// validate again (one it gave up) only if that validation completes
+    /// a fresh one; asking it is exact either way.
+    fn follow_active_path(&mut self, via: Via, now: Instant) {
+        if via.direct() == self.paths.current() {
+            return;
+        }
+        if let Some(active) = self.conn.path_stats().find(|p| p.active) {
+            self.paths.on_peer_migrated(Via::of_peer(active.peer_addr).direct(), now);
+        }
+    }
+
     /// An authenticated packet came `via`.
     pub(super) fn path_rx(&mut self, via: Via, now: Instant) {
+        if self.server {
+            self.follow_active_path(via, now);
+        }
         if let Via::Direct(a) = via {
             if !self.server && !self.paths.is_validated(a) {
                 // quiche reports a path's validation once; a path it still

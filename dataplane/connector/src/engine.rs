@@ -120,6 +120,7 @@ pub struct Engine {
     reset_key: e2e::ResetKey,
     resets: (Instant, u32),
     direct: direct::DirectState,
+    direct_metrics: Arc<crate::direct_metrics::DirectMetrics>,
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -171,6 +172,7 @@ impl Engine {
             reset_key,
             resets: (now, 0),
             direct: direct::DirectState::default(),
+            direct_metrics: Arc::default(),
             last_now: now,
         };
         // The configured candidates, until interfaces and relays add theirs.
@@ -322,6 +324,7 @@ impl Engine {
                 if let Some(dst) = out.get_mut(..pkt.len()) {
                     dst.copy_from_slice(&pkt);
                     inc(&self.stats.direct_packets_out);
+                    crate::add(&self.stats.direct_bytes_out, pkt.len() as u64);
                     return Some((pkt.len(), to));
                 }
                 continue;
@@ -589,6 +592,7 @@ impl Engine {
                 }
             }
         }
+        self.count_switches(slot);
         let Some(p) = self.peers.get_mut(slot) else { return };
         if p.session.is_finished() {
             if let Some(p) = self.peers.remove(slot) {

@@ -23,6 +23,9 @@ pub struct ConnectorHealth {
     pub(super) relays_connected: AtomicU64,
     /// UDP GSO/GRO on the relay socket.
     pub(super) offload: Arc<ztna_udp::offload::OffloadStats>,
+    /// The engine's time-to-direct histogram (engines without direct
+    /// paths have none).
+    direct: Option<Arc<crate::direct_metrics::DirectMetrics>>,
     started: Instant,
     /// The loop's latest [`ConnectorStatus`] (refreshed about once a second).
     status: Mutex<Option<ConnectorStatus>>,
@@ -36,8 +39,12 @@ struct StatusDoc<'a> {
 }
 
 impl ConnectorHealth {
-    pub(super) fn new(offload: Arc<ztna_udp::offload::OffloadStats>) -> ConnectorHealth {
+    pub(super) fn new(
+        offload: Arc<ztna_udp::offload::OffloadStats>,
+        direct: Option<Arc<crate::direct_metrics::DirectMetrics>>,
+    ) -> ConnectorHealth {
         ConnectorHealth {
+            direct,
             heartbeat: Heartbeat::new(),
             serving: AtomicBool::new(false),
             relays: AtomicU64::new(0),
@@ -92,7 +99,10 @@ pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<C
 fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    let sessions_direct =
+        h.status.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |s| s.sessions_direct);
     let gauges = [
+        ("ztna_connector_sessions_direct", sessions_direct as u64),
         ("ztna_connector_relays", h.relays.load(Ordering::Relaxed)),
         ("ztna_connector_relays_connected", h.relays_connected.load(Ordering::Relaxed)),
         ("ztna_connector_ready", u64::from(h.serving())),
@@ -116,6 +126,9 @@ fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     }
     for (field, v) in s.snapshot().fields() {
         let _ = writeln!(out, "# TYPE ztna_connector_{field}_total counter\nztna_connector_{field}_total {v}");
+    }
+    if let Some(d) = &h.direct {
+        d.render(&mut out);
     }
     out
 }

@@ -32,6 +32,7 @@
 
 pub mod backend;
 mod config;
+pub mod direct_metrics;
 mod driver;
 mod engine;
 mod fair;
@@ -129,6 +130,12 @@ ztna_ops::counters! {
     direct_packets_out,
     /// Direct-path packets a full direct queue dropped.
     drop_direct_queue_full,
+    /// Bytes of those packets (UDP payloads).
+    direct_bytes_in,
+    direct_bytes_out,
+    /// Sessions the agent moved onto a direct path, and back to a relay.
+    path_to_direct,
+    path_to_relay,
     /// Inner packets on a relay flow whose connection ID no session has.
     drop_unknown_cid,
     /// End-to-end sessions accepted (Initials that created one), admitted

@@ -64,6 +64,10 @@ pub trait DrivenEngine {
     /// The host's interface addresses (direct-path candidates); an engine
     /// without direct paths ignores them.
     fn set_host_addresses(&mut self, _ips: Vec<std::net::IpAddr>) {}
+    /// The time-to-direct histogram, if the engine has direct paths.
+    fn direct_metrics(&self) -> Option<Arc<crate::direct_metrics::DirectMetrics>> {
+        None
+    }
 }
 
 impl DrivenEngine for Engine {
@@ -125,5 +129,8 @@ impl DrivenEngine for Engine {
     }
     fn set_host_addresses(&mut self, ips: Vec<std::net::IpAddr>) {
         Engine::set_host_addresses(self, ips)
+    }
+    fn direct_metrics(&self) -> Option<Arc<crate::direct_metrics::DirectMetrics>> {
+        Some(Arc::clone(Engine::direct_metrics(self)))
     }
 }

@@ -128,6 +128,7 @@ impl<E: DrivenEngine> Connector<E> {
         let tls = tls_files.client_tls()?;
         let engine = build(EngineInputs { cfg, targets, local, tls, seed, now: Instant::now() })?;
         let (rx, tx) = Batch::offloaded_pair(&socket, ztna_udp::BATCH);
+        let direct_metrics = engine.direct_metrics();
         let o = rx.offload_stats().snapshot();
         info!(gso = o.gso, gro = o.gro, "UDP socket ready");
         let mut c = Connector {
@@ -137,7 +138,7 @@ impl<E: DrivenEngine> Connector<E> {
             backends,
             tls_files,
             resolver,
-            health: Arc::new(ConnectorHealth::new(rx.offload_stats())),
+            health: Arc::new(ConnectorHealth::new(rx.offload_stats(), direct_metrics)),
             buf: vec![0u8; 65_536],
             rx,
             tx,

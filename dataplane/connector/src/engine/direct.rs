@@ -10,8 +10,11 @@ use std::time::Instant;
 use ztna_control::candidate::{punch, usable_host_ip, Candidate, CandidateKind};
 use ztna_control::e2e::{self, Via};
 
+use std::sync::Arc;
+
 use super::Engine;
 use crate::backend::BackendIo;
+use crate::direct_metrics::DirectMetrics;
 use crate::inc;
 
 /// Inner packets waiting for the socket on direct paths (bounded: the
@@ -44,6 +47,30 @@ impl DirectState {
 }
 
 impl Engine {
+    /// The time-to-direct histogram (for `/metrics`).
+    pub fn direct_metrics(&self) -> &Arc<DirectMetrics> {
+        &self.direct_metrics
+    }
+
+    /// Counts the path switches the session in `slot` made since the last
+    /// look, and its time to direct at its first.
+    pub(super) fn count_switches(&mut self, slot: usize) {
+        let Some(p) = self.peers.get_mut(slot) else { return };
+        let c = p.session.path_counters();
+        let (to_direct, to_relay) = (c.to_direct, c.to_relay);
+        let (seen_direct, seen_relay) = p.switches_seen;
+        if to_direct > seen_direct {
+            crate::add(&self.stats.path_to_direct, to_direct - seen_direct);
+            if seen_direct == 0 {
+                if let Some(t) = c.time_to_direct {
+                    self.direct_metrics.observe(t);
+                }
+            }
+        }
+        crate::add(&self.stats.path_to_relay, to_relay.saturating_sub(seen_relay));
+        p.switches_seen = (to_direct, to_relay);
+    }
+
     /// The addresses of the host's interfaces (the driver enumerates them);
     /// host candidates pair them with the socket's port.
     pub fn set_host_addresses(&mut self, ips: Vec<IpAddr>) {
@@ -96,9 +123,11 @@ impl Engine {
             inc(&self.stats.drop_direct);
             return;
         };
+        let len = pkt.len() as u64;
         let Some(p) = self.peers.get_mut(slot) else { return };
         if p.session.recv_via(pkt, Via::Direct(from), now) {
             inc(&self.stats.direct_packets_in);
+            crate::add(&self.stats.direct_bytes_in, len);
         } else {
             inc(&self.stats.e2e_packets_rejected);
         }

@@ -39,6 +39,9 @@ pub struct SessionStatus {
     pub service: Option<String>,
     /// The relay whose flow carries it now (None between flows).
     pub relay: Option<SocketAddr>,
+    /// The agent's address when the session is on a direct path (None:
+    /// the relay carries it).
+    pub direct: Option<SocketAddr>,
 }
 
 /// The `/status` document of a connector.
@@ -47,6 +50,8 @@ pub struct ConnectorStatus {
     pub relays: Vec<RelayStatus>,
     pub sessions_total: usize,
     pub sessions_up: usize,
+    /// Sessions on a direct path.
+    pub sessions_direct: usize,
     pub sessions: Vec<SessionStatus>,
     pub sessions_omitted: usize,
     pub udp_flows: usize,
@@ -84,6 +89,7 @@ impl Engine {
                 up: p.session.is_up(),
                 service: p.service.and_then(service_name),
                 relay: p.via.and_then(|(link, _)| self.links.get(link)).map(|l| l.relay),
+                direct: p.session.current_path(),
             })
             .collect();
         sessions.sort_by(|a, b| (&a.agent, &a.service).cmp(&(&b.agent, &b.service)));
@@ -93,6 +99,12 @@ impl Engine {
             relays,
             sessions_total: total,
             sessions_up: self.peers.up(),
+            sessions_direct: self
+                .peers
+                .slots()
+                .filter_map(|s| self.peers.get(s))
+                .filter(|p| p.session.current_path().is_some())
+                .count(),
             sessions_omitted: total - sessions.len(),
             sessions,
             udp_flows: self.gateway.udp_flows(),
