@@ -132,7 +132,13 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         while true {
             let n = ztna_agent_poll_udp(agent, &out, out.count, nowUs())
             if n <= 0 { break }
-            for d in out.prefix(Int(n)) { udp?.send(content: Data(bytes: d.data, count: d.len), completion: .idempotent) }
+            // This example's one NWConnection reaches the relay only, so
+            // datagrams the core addresses to a connector directly (direct
+            // paths, docs/apple.md) are not sent: the sessions stay on the
+            // relay. A BSD UDP socket (sendto to d.addr) carries both.
+            for d in out.prefix(Int(n)) where d.addr.port == relayPort {
+                udp?.send(content: Data(bytes: d.data, count: d.len), completion: .idempotent)
+            }
             if n < out.count { break }
         }
         var pk = [ZtnaPacket]()

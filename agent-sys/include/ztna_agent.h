@@ -68,8 +68,9 @@
 #define ZTNA_ERR_NOT_PINNED -12
 
 // API version: major << 16 | minor. Bumped on any ABI change (minor:
-// additions only; 3.1 added `ztna_agent_last_failure`).
-#define ZTNA_API_VERSION ((3 << 16) | 1)
+// additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
+// counters of `ZtnaStats`).
+#define ZTNA_API_VERSION ((3 << 16) | 2)
 
 // Event kinds reported by `ztna_agent_poll_event`.
 #define ZTNA_EVENT_CONNECTED 1
@@ -219,7 +220,17 @@ typedef struct ZtnaStats {
   uint64_t e2e_pending_dropped;
   // End-to-end sessions up now.
   uint64_t e2e_sessions_up;
-  uint64_t reserved[8];
+  // Direct paths (3.2): inner packets authenticated over direct paths
+  // and sent over them, punch packets of a session's round, sessions on
+  // a direct path now, and sessions' moves onto a direct path and back
+  // to the relay.
+  uint64_t direct_packets_in;
+  uint64_t direct_packets_out;
+  uint64_t direct_punches_in;
+  uint64_t e2e_sessions_direct;
+  uint64_t path_to_direct;
+  uint64_t path_to_relay;
+  uint64_t reserved[2];
 } ZtnaStats;
 
 #ifdef __cplusplus

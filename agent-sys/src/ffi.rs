@@ -23,6 +23,7 @@ use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 
 use crate::agent_core::{AgentConfig, AgentCore, AgentError, AgentEvent, DropReason};
+pub use crate::ffi_stats::ZtnaStats;
 use crate::route::Cidr;
 
 pub const ZTNA_OK: i32 = 0;
@@ -53,8 +54,9 @@ pub const ZTNA_ERR_INVALID: i32 = -11;
 pub const ZTNA_ERR_NOT_PINNED: i32 = -12;
 
 /// API version: major << 16 | minor. Bumped on any ABI change (minor:
-/// additions only; 3.1 added `ztna_agent_last_failure`).
-pub const ZTNA_API_VERSION: u32 = 3 << 16 | 1;
+/// additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
+/// counters of `ZtnaStats`).
+pub const ZTNA_API_VERSION: u32 = 3 << 16 | 2;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of
 /// `ip` are used.
@@ -173,41 +175,6 @@ pub struct ZtnaEvent {
     /// reason (whole: `ztna_agent_last_failure`). NUL-terminated, cut at
     /// 255 bytes.
     pub text: [u8; 256],
-}
-
-/// Counters. `reserved` keeps room for new fields without an ABI break.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct ZtnaStats {
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub drop_malformed: u64,
-    pub drop_unmapped: u64,
-    pub drop_no_flow: u64,
-    pub drop_too_large: u64,
-    pub drop_backpressure: u64,
-    pub drop_unknown_flow: u64,
-    pub drop_truncated: u64,
-    pub connects: u64,
-    pub disconnects: u64,
-    /// 1 while connected to the relay.
-    pub connected: u64,
-    /// Inbound packets whose source is outside their flow's service.
-    pub drop_spoofed: u64,
-    pub drop_not_pinned: u64,
-    /// Datagrams from an address other than the relay's.
-    pub drop_direct: u64,
-    pub e2e_handshakes: u64,
-    pub e2e_established: u64,
-    pub e2e_cert_rejected: u64,
-    pub e2e_identity_mismatch: u64,
-    pub e2e_packets_rejected: u64,
-    pub e2e_pending_dropped: u64,
-    /// End-to-end sessions up now.
-    pub e2e_sessions_up: u64,
-    pub reserved: [u64; 8],
 }
 
 /// Opaque agent handle.
@@ -761,34 +728,7 @@ pub unsafe extern "C" fn ztna_agent_stats(agent: *const ZtnaAgent, out: *mut Ztn
         }
         // SAFETY: checked non-NULL.
         let a = unsafe { &*agent };
-        let s = a.core.stats();
-        let st = ZtnaStats {
-            packets_out: s.packets_out,
-            bytes_out: s.bytes_out,
-            packets_in: s.packets_in,
-            bytes_in: s.bytes_in,
-            drop_malformed: s.drop_malformed,
-            drop_unmapped: s.drop_unmapped,
-            drop_no_flow: s.drop_no_flow,
-            drop_too_large: s.drop_too_large,
-            drop_backpressure: s.drop_backpressure,
-            drop_unknown_flow: s.drop_unknown_flow,
-            drop_truncated: s.drop_truncated,
-            connects: s.connects,
-            disconnects: s.disconnects,
-            connected: u64::from(a.core.is_connected()),
-            drop_spoofed: s.drop_spoofed,
-            drop_not_pinned: s.drop_not_pinned,
-            drop_direct: s.drop_direct,
-            e2e_handshakes: s.e2e_handshakes,
-            e2e_established: s.e2e_established,
-            e2e_cert_rejected: s.e2e_cert_rejected,
-            e2e_identity_mismatch: s.e2e_identity_mismatch,
-            e2e_packets_rejected: s.e2e_packets_rejected,
-            e2e_pending_dropped: s.e2e_pending_dropped,
-            e2e_sessions_up: a.core.sessions_up() as u64,
-            reserved: [0; 8],
-        };
+        let st = ZtnaStats::of(&a.core);
         // SAFETY: checked non-NULL.
         unsafe { *out = st };
         ZTNA_OK

@@ -118,6 +118,15 @@ fn c_program_against_real_relay_and_connector() {
     let result = stdout.lines().find(|l| l.starts_with("RESULT")).expect("RESULT line");
     println!("{result}");
     assert!(result.contains("echoes=100 pongs=1"));
+    // The extension's one socket talked to the connector directly too: the
+    // relay observed the connector on loopback, reachable, so the session
+    // moved off the relay (docs/protocol/direct.md).
+    let field = |k: &str| -> u64 {
+        result.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(field("direct_in=") > 0 && field("direct_out=") > 0, "{result}");
+    assert_eq!(field("sessions_direct="), 1, "{result}");
+    assert!(field("path_to_direct=") >= 1, "{result}");
     // The agent with a wrong server_name got the whole reason.
     let refused = stdout.lines().find(|l| l.starts_with("REFUSED")).expect("REFUSED line");
     println!("{refused}");

@@ -137,7 +137,12 @@ impl AgentCore {
     pub fn stats(&self) -> AgentStats {
         let c = self.session.stats();
         let live: u64 = self.tunnels.values().filter_map(|t| t.session.as_ref()).map(E2eSession::rejected).sum();
+        let switches = |f: fn(&e2e::PathCounters) -> u64| -> u64 {
+            self.tunnels.values().filter_map(|t| t.session.as_ref()).map(|s| f(s.path_counters())).sum()
+        };
         AgentStats {
+            path_to_direct: self.stats.path_to_direct + switches(|c| c.to_direct),
+            path_to_relay: self.stats.path_to_relay + switches(|c| c.to_relay),
             connects: c.connects,
             disconnects: c.disconnects,
             drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
@@ -456,6 +461,10 @@ impl AgentCore {
         }
         if let Some(rejected) = finished {
             self.stats.e2e_packets_rejected += rejected;
+            if let Some(c) = t.session.as_ref().map(E2eSession::path_counters) {
+                self.stats.path_to_direct += c.to_direct;
+                self.stats.path_to_relay += c.to_relay;
+            }
             t.session = None;
             self.direct.by_cid.retain(|_, s| s != service);
         }
@@ -480,6 +489,8 @@ impl AgentCore {
                 s.close();
             }
             self.stats.e2e_packets_rejected += s.rejected();
+            self.stats.path_to_direct += s.path_counters().to_direct;
+            self.stats.path_to_relay += s.path_counters().to_relay;
         }
         let mut scid = [0u8; e2e::CID_LEN];
         self.rng.fill(&mut scid);
@@ -665,6 +676,11 @@ impl AgentCore {
             .collect();
         v.sort_by(|a, b| a.service.cmp(&b.service));
         v
+    }
+
+    /// End-to-end sessions on a direct path now.
+    pub fn sessions_direct(&self) -> usize {
+        self.tunnels.values().filter_map(|t| t.session.as_ref()).filter(|s| s.current_path().is_some()).count()
     }
 
     /// End-to-end sessions that are up.

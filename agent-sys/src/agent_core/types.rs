@@ -106,6 +106,9 @@ pub struct AgentStats {
     pub direct_packets_out: u64,
     /// Punch packets of a session's current round.
     pub direct_punches_in: u64,
+    /// Sessions' moves onto a direct path, and back to the relay.
+    pub path_to_direct: u64,
+    pub path_to_relay: u64,
     /// End-to-end sessions started, and those that came up.
     pub e2e_handshakes: u64,
     pub e2e_established: u64,

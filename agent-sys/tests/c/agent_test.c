@@ -244,7 +244,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s RELAY CA CERT KEY LOAD_SECONDS RSS_LIMIT_KB\n", argv[0]);
         return 2;
     }
-    if (ztna_version() >> 16 != 3) die("version", -1);
+    if (ztna_version() >> 16 != 3 || (ztna_version() & 0xffff) < 2) die("version", -1);
     struct ctx c;
     memset(&c, 0, sizeof c);
     c.fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -358,9 +358,12 @@ int main(int argc, char **argv) {
     if (st.e2e_handshakes != 1 || st.e2e_established != 1 || st.e2e_sessions_up != 1) die("e2e counters", (int32_t)st.e2e_handshakes);
     double calls_per_pkt = (double)(c.ffi_calls - calls_before) / (double)(sent + echoed);
     printf("RESULT observed_port=%u echoes=100 pongs=1 connector=%s load_sent=%llu load_echoed=%llu refused=%llu "
-           "rss_max_kb=%ld ffi_calls_per_packet=%.3f\n",
+           "rss_max_kb=%ld ffi_calls_per_packet=%.3f direct_in=%llu direct_out=%llu sessions_direct=%llu "
+           "path_to_direct=%llu\n",
            c.observed_addr.port, c.connector, (unsigned long long)sent, (unsigned long long)echoed,
-           (unsigned long long)refused, rss_max, calls_per_pkt);
+           (unsigned long long)refused, rss_max, calls_per_pkt, (unsigned long long)st.direct_packets_in,
+           (unsigned long long)st.direct_packets_out, (unsigned long long)st.e2e_sessions_direct,
+           (unsigned long long)st.path_to_direct);
     /* A relay name its certificate does not cover: refused, and the
      * reason says why, cut in the event, whole from last_failure. */
     char none[8] = {1};
