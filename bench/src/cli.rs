@@ -87,7 +87,7 @@ pub struct E2eSystemArgs {
     #[arg(long, default_value_t = 2)]
     pub rounds: u32,
     /// Run only this variant (to profile it).
-    #[arg(long, value_parser = ["cleartext", "end_to_end"])]
+    #[arg(long, value_parser = ["cleartext", "end_to_end", "direct"])]
     pub only: Option<String>,
     /// Write the report as JSON to this file.
     #[arg(long)]
@@ -545,9 +545,10 @@ pub fn main_with(cli: Cli) -> Result<ExitCode> {
                 tcp_bytes: a.tcp_bytes,
                 rounds: a.rounds,
                 relay_workers: a.workers,
-                skip: match a.only.as_deref() {
-                    Some("cleartext") => Some("end_to_end"),
-                    Some(_) => Some("cleartext"),
+                only: match a.only.as_deref() {
+                    Some("cleartext") => Some("cleartext"),
+                    Some("direct") => Some("direct"),
+                    Some(_) => Some("end_to_end"),
                     None => None,
                 },
             };

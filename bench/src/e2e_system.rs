@@ -9,7 +9,10 @@
 //!   DATAGRAMs) and the connector runs [`ClearEngine`];
 //! - **end to end**: the agent core ([`ztna_testkit::agent_link::AgentLink`])
 //!   and the product's connector [`ztna_connector::Engine`], the inner
-//!   session between them.
+//!   session between them, held on the relay path (`relay-only`);
+//! - **direct**: the same, with the session moved onto the direct path
+//!   (loopback: nothing stands between agent and connector), for direct
+//!   versus relay in the same run.
 //!
 //! Per variant: UDP echo round trips one at a time (RTT p50/p99), a UDP
 //! echo flood (`window` in flight) over which agent, connector and relay
@@ -29,6 +32,8 @@ use ztna_testkit::client_io::UdpClient;
 use ztna_testkit::tunnel_tcp::{FlowLink, IpLink};
 use ztna_udp::IoBackend;
 
+use ztna_control::candidate::PathPolicy;
+
 use crate::cleartext::ClearEngine;
 use crate::cpu;
 use crate::tunnel::{self, Rtt, TunnelEnv, SERVICE};
@@ -47,9 +52,10 @@ pub struct SystemPlan {
     pub tcp_bytes: usize,
     pub rounds: u32,
     pub relay_workers: usize,
-    /// Skip one variant (to profile the other): "cleartext" or "end_to_end".
+    /// Run only this variant (to profile it): "cleartext", "end_to_end"
+    /// or "direct".
     #[serde(skip)]
-    pub skip: Option<&'static str>,
+    pub only: Option<&'static str>,
 }
 
 /// One variant's totals over all rounds.
@@ -108,7 +114,10 @@ pub struct SystemReport {
     pub io_backend: String,
     pub cleartext: VariantReport,
     pub end_to_end: VariantReport,
+    pub direct: VariantReport,
     pub ratios: Ratios,
+    /// direct / end to end (relay path), the same measures.
+    pub direct_vs_relay: Ratios,
 }
 
 /// Sums of one variant.
@@ -219,13 +228,14 @@ fn measure<L: IpLink>(env: &TunnelEnv, link: L, plan: &SystemPlan, t: &mut Total
 }
 
 pub fn run(plan: SystemPlan, io_backend: IoBackend) -> Result<SystemReport> {
-    let (mut clear, mut e2e) = (Totals::new()?, Totals::new()?);
+    let (mut clear, mut e2e, mut direct) = (Totals::new()?, Totals::new()?, Totals::new()?);
     let mut backend = String::new();
     for round in 0..plan.rounds.max(1) {
-        // A B B A …: neither variant always goes first.
-        let order = if round % 2 == 0 { ["cleartext", "end_to_end"] } else { ["end_to_end", "cleartext"] };
+        // A B C C B A …: no variant always goes first.
+        let order = ["cleartext", "end_to_end", "direct"];
+        let order: Vec<&str> = if round % 2 == 0 { order.to_vec() } else { order.into_iter().rev().collect() };
         for variant in order {
-            if plan.skip == Some(variant) {
+            if plan.only.is_some_and(|o| o != variant) {
                 continue;
             }
             if variant == "cleartext" {
@@ -235,30 +245,46 @@ pub fn run(plan: SystemPlan, io_backend: IoBackend) -> Result<SystemReport> {
                 env.stop();
                 r.context("cleartext")?;
             } else {
+                let on_direct = variant == "direct";
                 let env = TunnelEnv::start(plan.relay_workers, io_backend)?;
                 backend = format!("{:?}", env.relay.backend).to_lowercase();
                 let r = (|| {
-                    let mut link = tunnel::agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
+                    let policy = if on_direct { PathPolicy::Auto } else { PathPolicy::RelayOnly };
+                    let mut link = tunnel::agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5, policy)?;
                     link.wait_ready(1, Duration::from_secs(10))?;
-                    measure(&env, link, &plan, &mut e2e)
+                    let end = Instant::now() + Duration::from_secs(5);
+                    while on_direct && link.core.sessions_direct() == 0 {
+                        if Instant::now() > end {
+                            bail!("the session did not go direct");
+                        }
+                        link.pump();
+                    }
+                    measure(&env, link, &plan, if on_direct { &mut direct } else { &mut e2e })
                 })();
                 env.stop();
-                r.context("end to end")?;
+                r.context(variant)?;
             }
         }
     }
-    let (c, e) = (clear.report("cleartext"), e2e.report("end_to_end"));
-    let ratio = |a: f64, b: f64| a / b.max(1e-9);
-    let ratios = Ratios {
-        agent_cpu: ratio(e.agent_cpu_us_per_packet, c.agent_cpu_us_per_packet),
-        connector_cpu: ratio(e.connector_cpu_us_per_packet, c.connector_cpu_us_per_packet),
-        relay_cpu: ratio(e.relay_cpu_us_per_datagram, c.relay_cpu_us_per_datagram),
-        relay_cpu_per_packet: ratio(e.relay_cpu_us_per_packet, c.relay_cpu_us_per_packet),
-        rtt_p50: ratio(e.rtt_us.p50 as f64, c.rtt_us.p50 as f64),
-        rtt_p99: ratio(e.rtt_us.p99 as f64, c.rtt_us.p99 as f64),
-        tcp_goodput: ratio(e.tcp_goodput_mbit_s, c.tcp_goodput_mbit_s),
-    };
-    Ok(SystemReport { plan, io_backend: backend, cleartext: c, end_to_end: e, ratios })
+    let (c, e, d) = (clear.report("cleartext"), e2e.report("end_to_end"), direct.report("direct"));
+    let (ratios, direct_vs_relay) = (Ratios::of(&e, &c), Ratios::of(&d, &e));
+    Ok(SystemReport { plan, io_backend: backend, cleartext: c, end_to_end: e, direct: d, ratios, direct_vs_relay })
+}
+
+impl Ratios {
+    /// `a` over `b`, measure by measure.
+    fn of(a: &VariantReport, b: &VariantReport) -> Ratios {
+        let ratio = |x: f64, y: f64| x / y.max(1e-9);
+        Ratios {
+            agent_cpu: ratio(a.agent_cpu_us_per_packet, b.agent_cpu_us_per_packet),
+            connector_cpu: ratio(a.connector_cpu_us_per_packet, b.connector_cpu_us_per_packet),
+            relay_cpu: ratio(a.relay_cpu_us_per_datagram, b.relay_cpu_us_per_datagram),
+            relay_cpu_per_packet: ratio(a.relay_cpu_us_per_packet, b.relay_cpu_us_per_packet),
+            rtt_p50: ratio(a.rtt_us.p50 as f64, b.rtt_us.p50 as f64),
+            rtt_p99: ratio(a.rtt_us.p99 as f64, b.rtt_us.p99 as f64),
+            tcp_goodput: ratio(a.tcp_goodput_mbit_s, b.tcp_goodput_mbit_s),
+        }
+    }
 }
 
 impl SystemReport {
@@ -280,7 +306,7 @@ impl SystemReport {
             "relay us/d",
             "tcp Mbit/s"
         );
-        for v in [&self.cleartext, &self.end_to_end] {
+        for v in [&self.cleartext, &self.end_to_end, &self.direct] {
             println!(
                 "{:<11} {:>9} {:>9} {:>10.0} {:>11.2} {:>11.2} {:>11.2} {:>11.2} {:>10.1}",
                 v.variant,
@@ -300,13 +326,19 @@ impl SystemReport {
              (per datagram {:.2}), rtt p50 {:.2} p99 {:.2}, TCP goodput {:.2}",
             r.agent_cpu, r.connector_cpu, r.relay_cpu_per_packet, r.relay_cpu, r.rtt_p50, r.rtt_p99, r.tcp_goodput
         );
+        let d = &self.direct_vs_relay;
+        println!(
+            "direct / end to end on the relay: agent CPU {:.2}, connector CPU {:.2}, rtt p50 {:.2} p99 {:.2}, \
+             TCP goodput {:.2}",
+            d.agent_cpu, d.connector_cpu, d.rtt_p50, d.rtt_p99, d.tcp_goodput
+        );
         for v in [&self.cleartext, &self.end_to_end] {
             println!(
                 "{:<11} per echo: relay forwarded {:.2} DATAGRAMs, received {:.2} UDP packets",
                 v.variant, v.relay_datagrams_per_echo, v.relay_packets_per_echo
             );
         }
-        for v in [&self.cleartext, &self.end_to_end] {
+        for v in [&self.cleartext, &self.end_to_end, &self.direct] {
             let rounds: Vec<String> = v.tcp_goodput_rounds.iter().map(|g| format!("{g:.0}")).collect();
             println!("{:<11} TCP Mbit/s per round: {}", v.variant, rounds.join(" "));
         }

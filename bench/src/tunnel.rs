@@ -3,6 +3,8 @@
 //! service, for UDP and TCP. Used by `ztna-bench demo` and
 //! `ztna-bench tunnel`.
 
+use ztna_agent::direct::PathSettings;
+use ztna_control::candidate::PathPolicy;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,13 +34,15 @@ pub const ECHO_PORT: u16 = 7;
 /// The agent's own tunnel address (source of its inner packets).
 pub const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 
-/// An agent routing [`SERVICE_IP`] to [`SERVICE`], as an [`IpLink`].
-pub fn agent_link(relay: SocketAddr, tls: TlsOptions, seed: u64) -> Result<AgentLink> {
+/// An agent routing [`SERVICE_IP`] to [`SERVICE`], as an [`IpLink`], with
+/// path policy `policy` (`RelayOnly` for what measures the relay path).
+pub fn agent_link(relay: SocketAddr, tls: TlsOptions, seed: u64, policy: PathPolicy) -> Result<AgentLink> {
     let routes = vec![(
         ServiceName::new(SERVICE).context("service name")?,
         ztna_agent::route::Cidr::new(SERVICE_IP.into(), 32).context("cidr")?,
     )];
-    Ok(AgentLink::new(relay, tls, routes, seed)?)
+    let paths = PathSettings { default_policy: policy, ..PathSettings::default() };
+    Ok(AgentLink::with_paths(relay, tls, routes, seed, paths)?)
 }
 
 /// Relay, echo service and connector, all in-process on loopback.
@@ -187,7 +191,9 @@ pub fn run(
 }
 
 fn run_in(env: &TunnelEnv, workers: usize, udp_count: u64, window: u64, tcp_bytes: usize) -> Result<TunnelReport> {
-    let mut link = agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5)?;
+    // The relay path: what `tunnel` and `demo` measure (e2e-system has a
+    // direct variant).
+    let mut link = agent_link(env.relay.local_addr, env.agent_tls("tunnel-agent")?, 5, PathPolicy::RelayOnly)?;
     let observed = link.wait_ready(1, Duration::from_secs(10))?;
     let relay_before = env.relay.totals();
     let cpu0 = crate::cpu::thread_cpu_time();

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use ztna_agent::agent_core::{AgentConfig, AgentCore, AgentEvent, DropReason};
+use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
 use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
@@ -33,6 +34,17 @@ impl AgentLink {
         routes: Vec<(ServiceName, Cidr)>,
         seed: u64,
     ) -> io::Result<AgentLink> {
+        AgentLink::with_paths(relay, tls, routes, seed, PathSettings::default())
+    }
+
+    /// [`AgentLink::new`] with direct-path settings (a policy, timings).
+    pub fn with_paths(
+        relay: SocketAddr,
+        tls: TlsOptions,
+        routes: Vec<(ServiceName, Cidr)>,
+        seed: u64,
+        paths: PathSettings,
+    ) -> io::Result<AgentLink> {
         let sock = ztna_udp::bind(SocketAddr::new(relay.ip(), 0))?;
         let cfg = AgentConfig {
             relay,
@@ -41,7 +53,7 @@ impl AgentLink {
             local: sock.local_addr()?,
             tls,
             pinned_connectors: Vec::new(),
-            paths: Default::default(),
+            paths,
             routes,
         };
         let core = AgentCore::new(cfg, seed, Instant::now()).map_err(io::Error::other)?;
