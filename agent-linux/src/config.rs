@@ -113,11 +113,27 @@ pub struct DirectTimings {
 }
 
 impl DirectTimings {
-    /// The defaults with what is set here replaced.
-    pub fn config(&self) -> DirectConfig {
+    /// The defaults with what is set here replaced. Every value must be
+    /// from 10 ms (keepalive: 100 ms) to one hour.
+    pub fn config(&self) -> Result<DirectConfig> {
+        let named = [
+            ("probe_first_ms", self.probe_first_ms, 10),
+            ("probe_max_ms", self.probe_max_ms, 10),
+            ("round_ms", self.round_ms, 10),
+            ("min_round_gap_ms", self.min_round_gap_ms, 10),
+            ("second_round_ms", self.second_round_ms, 10),
+            ("upgrade_every_ms", self.upgrade_every_ms, 10),
+            ("keepalive_ms", self.keepalive_ms, 100),
+            ("direct_timeout_ms", self.direct_timeout_ms, 100),
+        ];
+        for (name, v, min) in named {
+            if let Some(v) = v.filter(|v| !(min..=3_600_000).contains(v)) {
+                bail!("[direct] {name} = {v} is out of range ({min} to 3600000)");
+            }
+        }
         let d = DirectConfig::default();
         let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
-        DirectConfig {
+        Ok(DirectConfig {
             probe_first: ms(self.probe_first_ms, d.probe_first),
             probe_max: ms(self.probe_max_ms, d.probe_max),
             round_len: ms(self.round_ms, d.round_len),
@@ -127,7 +143,7 @@ impl DirectTimings {
             keepalive: ms(self.keepalive_ms, d.keepalive),
             direct_timeout: ms(self.direct_timeout_ms, d.direct_timeout),
             ..d
-        }
+        })
     }
 }
 
@@ -320,7 +336,7 @@ impl FileConfig {
             routes,
             pins,
             path_policies,
-            direct: self.direct.config(),
+            direct: self.direct.config()?,
         })
     }
 }
@@ -400,6 +416,29 @@ mod tests {
         // the error names the one missing.
         let e = c.agent_config("10.0.0.2:5000".parse().unwrap()).unwrap_err();
         assert!(format!("{e:#}").contains("/etc/ztna/ca.pem"), "{e:#}");
+    }
+
+    #[test]
+    fn direct_timings_and_path_policies_are_read_and_checked() {
+        let with =
+            |extra: &str| FileConfig::from_toml(&GOOD.replacen("[[service]]", &format!("{extra}\n[[service]]"), 1));
+        let c = with("[direct]\nsecond_round_ms = 4000\nkeepalive_ms = 500\n").unwrap().validate().unwrap();
+        assert_eq!(c.direct.second_round, Duration::from_secs(4));
+        assert_eq!(c.direct.keepalive, Duration::from_millis(500));
+        assert_eq!(c.direct.upgrade_every, DirectConfig::default().upgrade_every);
+        for bad in
+            ["[direct]\nprobe_first_ms = 0\n", "[direct]\nkeepalive_ms = 10\n", "[direct]\nround_ms = 99999999999\n"]
+        {
+            let e = with(bad).unwrap().validate().unwrap_err();
+            assert!(format!("{e:#}").contains("out of range"), "{bad}: {e:#}");
+        }
+        assert!(with("[direct]\nbogus = 1\n").is_err(), "unknown keys are errors");
+        let policy =
+            GOOD.replacen("cidrs = [\"fd00:64::/64\"]", "cidrs = [\"fd00:64::/64\"]\npath = \"relay-only\"", 1);
+        let c = FileConfig::from_toml(&policy).unwrap().validate().unwrap();
+        assert_eq!(c.path_policies, [(ServiceName::new("db").unwrap(), PathPolicy::RelayOnly)]);
+        let bad = GOOD.replacen("cidrs = [\"fd00:64::/64\"]", "cidrs = [\"fd00:64::/64\"]\npath = \"sometimes\"", 1);
+        assert!(FileConfig::from_toml(&bad).unwrap().validate().is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use ztna_control::candidate::{punch, usable_host_ip, Candidate, CandidateKind, PathPolicy};
+use ztna_control::candidate::{host_candidates, punch, Candidate, CandidateKind, PathPolicy};
 use ztna_control::e2e::{self, DirectConfig, Via};
 use ztna_control::ServiceName;
 
@@ -52,12 +52,7 @@ impl DirectState {
     /// The candidates for a socket at `local` that a relay sees at
     /// `observed`.
     pub fn candidates(&self, local: SocketAddr, observed: Option<SocketAddr>) -> Vec<Candidate> {
-        let mut list: Vec<Candidate> = self
-            .host_ips
-            .iter()
-            .filter(|ip| usable_host_ip(**ip))
-            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(*ip, local.port()) })
-            .collect();
+        let mut list = host_candidates(&self.host_ips, local);
         if let Some(o) = observed {
             list.push(Candidate { kind: CandidateKind::ServerReflexive, addr: o });
         }
@@ -99,7 +94,10 @@ impl AgentCore {
             self.pump_sessions_now(now);
             return;
         }
-        let service = (!e2e::is_initial(data))
+        // Direct paths carry only short-header (1-RTT) packets, with a CID
+        // issued for them: never the relay path's, which the relay knows.
+        let short = data.first().is_some_and(|f| f & 0x80 == 0);
+        let service = short
             .then(|| e2e::packet_dcid(data))
             .flatten()
             .and_then(|c| <[u8; e2e::CID_LEN]>::try_from(c).ok())

@@ -3,13 +3,13 @@
 //! service, for UDP and TCP. Used by `ztna-bench demo` and
 //! `ztna-bench tunnel`.
 
-use ztna_agent::direct::PathSettings;
-use ztna_control::candidate::PathPolicy;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use ztna_agent::direct::PathSettings;
+use ztna_control::candidate::PathPolicy;
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;

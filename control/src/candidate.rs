@@ -143,6 +143,22 @@ pub fn usable_host_ip(ip: IpAddr) -> bool {
     }
 }
 
+/// Host candidates for a socket bound to `local`: each usable address of
+/// `ips` of the socket's family (all of them for a wildcard IPv6 socket,
+/// which is dual-stack; only `local`'s own address when it is bound to
+/// one), with the socket's port.
+pub fn host_candidates(ips: &[IpAddr], local: SocketAddr) -> Vec<Candidate> {
+    ips.iter()
+        .filter(|ip| usable_host_ip(**ip))
+        .filter(|ip| match local.ip() {
+            IpAddr::V4(l) if l.is_unspecified() => ip.is_ipv4(),
+            IpAddr::V6(l) if l.is_unspecified() => true,
+            l => **ip == l,
+        })
+        .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(*ip, local.port()) })
+        .collect()
+}
+
 /// Punch packets: `[0x10]["ztnapnch"][round: u32 BE][nonce: u64 BE]`, 21
 /// bytes. The first byte has the QUIC fixed bit (0x40) clear.
 pub mod punch {
@@ -212,6 +228,20 @@ mod tests {
         ] {
             assert_eq!(usable_host_ip(ip.parse().unwrap()), want, "{ip}");
         }
+    }
+
+    #[test]
+    fn host_candidates_follow_the_sockets_family_and_address() {
+        let ips: Vec<IpAddr> = ["192.168.1.2", "10.0.0.2", "2001:db8::2", "127.0.0.1", "fe80::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let addrs = |local: &str| -> Vec<String> {
+            host_candidates(&ips, local.parse().unwrap()).iter().map(|c| c.addr.to_string()).collect()
+        };
+        assert_eq!(addrs("0.0.0.0:4434"), ["192.168.1.2:4434", "10.0.0.2:4434"]);
+        assert_eq!(addrs("[::]:4434"), ["192.168.1.2:4434", "10.0.0.2:4434", "[2001:db8::2]:4434"]);
+        assert_eq!(addrs("10.0.0.2:9"), ["10.0.0.2:9"]);
     }
 
     #[test]

@@ -389,14 +389,17 @@ impl AgentCore {
             // retransmits what matters once the next flow is bound.
             // A full relay queue leaves the inner packets with the inner
             // session (backpressure), rather than losing them.
-            // Direct-path packets go to their own bounded queue.
+            // Direct-path packets go to their own bounded queue; a full one
+            // holds the session back like a full relay queue.
             let direct = s.current_path().is_some();
-            while t.flow.is_none() || self.session.datagram_room() || (direct && self.direct.tx_room()) {
+            while t.flow.is_none() || if direct { self.direct.tx_room() } else { self.session.datagram_room() } {
                 let Some((n, via)) = s.poll_transmit(&mut buf, now) else { break };
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
                     if self.direct.tx_room() {
                         self.direct.tx.push_back((pkt.to_vec(), to));
                         moved = true;
+                    } else {
+                        self.stats.drop_backpressure += 1;
                     }
                     continue;
                 }
@@ -497,11 +500,13 @@ impl AgentCore {
         match E2eSession::connect(&mut self.e2e_cfg, scid, &self.trust_domain, &connector, service.clone(), now) {
             Ok(mut s) => {
                 let paths = &self.direct.settings;
-                s.set_direct_config(paths.timing.clone());
+                let loopback = self.session.relay().ip().is_loopback();
+                s.set_direct_config(e2e::DirectConfig { loopback, ..paths.timing.clone() });
                 s.set_path_policy(paths.policy(service));
                 s.set_candidates(self.direct.candidates(self.local, self.observed));
+                // Direct paths use the CIDs the session issues later
+                // (NewCid), never this one: the relay sees it.
                 self.direct.by_cid.retain(|_, s| s != service);
-                self.direct.by_cid.insert(scid, service.clone());
                 self.stats.e2e_handshakes += 1;
                 t.session = Some(s);
                 t.retry_at = None;

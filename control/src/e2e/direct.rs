@@ -84,10 +84,19 @@ impl E2eSession {
         while let Some(e) = self.conn.path_event_next() {
             match e {
                 PathEvent::Validated(_, peer) if peer != RELAY_PATH_PEER => {
-                    let rtt = self.path_rtt(peer).unwrap_or(Duration::from_millis(100));
-                    self.paths.on_validated(peer, rtt, now);
+                    let (rtt, ptos) = self.path_stat(peer);
+                    self.paths.on_validated(peer, rtt, ptos, now);
                 }
-                PathEvent::FailedValidation(_, peer) if peer != RELAY_PATH_PEER => self.paths.on_failed(peer),
+                PathEvent::FailedValidation(_, peer) if peer != RELAY_PATH_PEER => {
+                    self.paths.on_failed(peer);
+                    // Its CID goes back to the peer (which issues another):
+                    // a session has few paths, a failed one must not keep
+                    // one for good.
+                    if let Some(i) = self.probe_dcids.iter().position(|(a, _)| *a == peer) {
+                        let (_, seq) = self.probe_dcids.swap_remove(i);
+                        let _ = self.conn.retire_dcid(seq);
+                    }
+                }
                 PathEvent::PeerMigrated(_, peer) => self.paths.on_peer_migrated(Via::of_peer(peer).direct(), now),
                 _ => {}
             }
@@ -117,16 +126,20 @@ impl E2eSession {
                 // quiche reports a path's validation once; a path it still
                 // holds as validated answers a new round's probe silently.
                 if self.conn.is_path_validated(DIRECT_PATH_LOCAL, a).unwrap_or(false) {
-                    let rtt = self.path_rtt(a).unwrap_or(Duration::from_millis(100));
-                    self.paths.on_revalidated(a, rtt, now);
+                    let (rtt, ptos) = self.path_stat(a);
+                    self.paths.on_revalidated(a, rtt, ptos, now);
                 }
             }
         }
         self.paths.on_rx(via.direct(), now);
     }
 
-    fn path_rtt(&self, peer: SocketAddr) -> Option<Duration> {
-        self.conn.path_stats().find(|p| p.peer_addr == peer).map(|p| p.rtt)
+    /// quiche's RTT estimate and probe-timeout count of the path to `peer`.
+    fn path_stat(&self, peer: SocketAddr) -> (Duration, u64) {
+        self.conn
+            .path_stats()
+            .find(|p| p.peer_addr == peer)
+            .map_or((Duration::from_millis(100), 0), |p| (p.rtt, p.total_pto_count as u64))
     }
 
     /// Fresh RTT estimates and probe-timeout counts of the direct paths
@@ -184,13 +197,15 @@ impl E2eSession {
                     Message::Candidates { generation, policy, list }.encode(&mut self.tx);
                 }
                 PathAction::SendPunchNow { round, nonce } => Message::PunchNow { round, nonce }.encode(&mut self.tx),
-                PathAction::Probe(addr) => {
-                    if self.conn.probe_path(DIRECT_PATH_LOCAL, addr).is_err() {
-                        // No spare connection ID (or a server asked to
-                        // probe an unseen path): this probe is skipped.
-                        self.paths.counters.probes_skipped += 1;
+                PathAction::Probe(addr) => match self.conn.probe_path(DIRECT_PATH_LOCAL, addr) {
+                    Ok(seq) => {
+                        if !self.probe_dcids.iter().any(|(a, _)| *a == addr) {
+                            self.probe_dcids.push((addr, seq));
+                        }
                     }
-                }
+                    // No spare connection ID: this probe is skipped.
+                    Err(_) => self.paths.counters.probes_skipped += 1,
+                },
                 PathAction::Punch { to, round, nonce } => {
                     if let Some(n) = punch::write(round, nonce, out) {
                         return Some((n, Via::Direct(to)));

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::candidate::usable_host_ip;
 use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
-use crate::rng::SplitMix64;
 
 /// Timings of direct paths. The defaults and where they come from are in
 /// docs/protocol/direct.md §11.4.
@@ -44,6 +44,11 @@ pub struct DirectConfig {
     /// Another direct path is taken only if its RTT is below this fraction
     /// of the current one's (or it is of a better class).
     pub rtt_hysteresis: f64,
+    /// Peer candidates on loopback are probed too: only where the relay
+    /// itself is reached over loopback (one host: tests, labs). Otherwise
+    /// an agent could make its connector punch the connector host's own
+    /// services.
+    pub loopback: bool,
 }
 
 impl Default for DirectConfig {
@@ -59,6 +64,7 @@ impl Default for DirectConfig {
             direct_timeout: Duration::from_secs(3),
             pto_failover: 2,
             rtt_hysteresis: 0.75,
+            loopback: false,
         }
     }
 }
@@ -84,6 +90,9 @@ pub enum PathAction {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PathCounters {
     pub rounds: u64,
+    /// Connector: PunchNow messages refused (a round number not above the
+    /// last, or sooner than the least gap after it).
+    pub rounds_refused: u64,
     pub probes: u64,
     pub punches: u64,
     /// Probes quiche could not send (no spare connection ID).
@@ -104,6 +113,8 @@ struct Round {
     next: Instant,
     interval: Duration,
     targets: Vec<SocketAddr>,
+    /// Peer-reflexive targets punch packets added.
+    prflx: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +139,40 @@ fn class(kind: CandidateKind, addr: SocketAddr) -> u8 {
     }
 }
 
+/// Where round nonces come from.
+struct NonceSource(Box<dyn FnMut() -> u64 + Send>);
+
+impl std::fmt::Debug for NonceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceSource")
+    }
+}
+
+/// Most peer-reflexive targets punch packets may add to one round.
+const MAX_PRFLX_PER_ROUND: usize = 2;
+/// Most host candidates one end advertises (the rest of the
+/// [`MAX_CANDIDATES`] are kept for server-reflexive and configured ones,
+/// which cross NATs; a session has few QUIC paths to spend).
+const MAX_HOST_CANDIDATES: usize = 4;
+
+/// The order candidates are advertised and probed in: configured and
+/// server-reflexive addresses (they cross NATs) before host ones.
+fn probe_order(c: &Candidate) -> (u8, SocketAddr) {
+    let k = match c.kind {
+        CandidateKind::Configured => 0,
+        CandidateKind::ServerReflexive => 1,
+        CandidateKind::Host => 2,
+        CandidateKind::PeerReflexive => 3,
+    };
+    (k, c.addr)
+}
+
+/// Whether a peer's candidate may be probed or punched at: a usable
+/// unicast address (loopback only when `loopback`) and a port.
+fn probeable(c: &Candidate, loopback: bool) -> bool {
+    c.addr.port() != 0 && (usable_host_ip(c.addr.ip()) || (loopback && c.addr.ip().is_loopback()))
+}
+
 /// The direct paths of one session (module docs).
 #[derive(Debug)]
 pub struct PathManager {
@@ -143,7 +188,7 @@ pub struct PathManager {
     peer: Vec<Candidate>,
     peer_gen: Option<u32>,
     up: bool,
-    rng: SplitMix64,
+    nonces: NonceSource,
     round: Option<Round>,
     rounds_started: u32,
     first_round: Option<Instant>,
@@ -161,7 +206,9 @@ pub struct PathManager {
 }
 
 impl PathManager {
-    pub fn new(cfg: DirectConfig, agent: bool, seed: u64, now: Instant) -> PathManager {
+    /// `nonces` gives each round's PunchNow nonce: it must be
+    /// unpredictable (the session draws them from BoringSSL's RNG).
+    pub fn new(cfg: DirectConfig, agent: bool, nonces: Box<dyn FnMut() -> u64 + Send>, now: Instant) -> PathManager {
         PathManager {
             cfg,
             agent,
@@ -174,7 +221,7 @@ impl PathManager {
             peer: Vec::new(),
             peer_gen: None,
             up: false,
-            rng: SplitMix64::new(seed),
+            nonces: NonceSource(nonces),
             round: None,
             rounds_started: 0,
             first_round: None,
@@ -196,18 +243,25 @@ impl PathManager {
         self.local_dirty = true;
     }
 
+    /// This end's own policy.
+    pub fn own_policy(&self) -> PathPolicy {
+        self.policy
+    }
+
     /// The policy both ends' wishes leave.
     pub fn policy(&self) -> PathPolicy {
         self.policy.strictest(self.peer_policy)
     }
 
+    /// Neither end is `relay-only`.
     fn direct_allowed(&self) -> bool {
-        self.policy() != PathPolicy::RelayOnly
+        self.policy != PathPolicy::RelayOnly && self.peer_policy != PathPolicy::RelayOnly
     }
 
-    /// Whether tunneled packets may go through the relay now.
+    /// Whether tunneled packets may go through the relay: neither end is
+    /// `direct-only` (`relay-only` against `direct-only` leaves no path).
     pub fn relay_allowed(&self) -> bool {
-        self.policy() != PathPolicy::DirectOnly
+        self.policy != PathPolicy::DirectOnly && self.peer_policy != PathPolicy::DirectOnly
     }
 
     /// The path in use: `None` is the relay.
@@ -222,8 +276,13 @@ impl PathManager {
     /// This end's candidates, replacing the previous ones (cut to
     /// [`MAX_CANDIDATES`]). A change is announced and starts a round.
     pub fn set_candidates(&mut self, mut list: Vec<Candidate>) {
-        list.sort();
+        list.sort_by_key(probe_order);
         list.dedup();
+        let mut hosts = 0;
+        list.retain(|c| {
+            hosts += usize::from(c.kind == CandidateKind::Host);
+            c.kind != CandidateKind::Host || hosts <= MAX_HOST_CANDIDATES
+        });
         list.truncate(MAX_CANDIDATES);
         if list != self.local {
             self.local = list;
@@ -250,8 +309,15 @@ impl PathManager {
         }
         self.peer_gen = Some(generation);
         self.peer_policy = policy;
-        self.peer = list.into_iter().take(MAX_CANDIDATES).collect();
+        let loopback = self.cfg.loopback;
+        let mut list: Vec<Candidate> =
+            list.into_iter().filter(|c| probeable(c, loopback)).take(MAX_CANDIDATES).collect();
+        list.sort_by_key(probe_order);
+        self.peer = list;
         self.want_round = true;
+        // Paths validated toward the old candidates are validated again
+        // by the next round before they are taken.
+        self.direct.retain(|a, _| Some(*a) == self.current);
         if !self.direct_allowed() {
             self.round = None;
             if self.agent && self.current.is_some() {
@@ -265,9 +331,25 @@ impl PathManager {
         if self.agent || !self.direct_allowed() {
             return;
         }
+        // Rounds only go forward, and not faster than the agent may start
+        // them: an agent cannot make this end punch on demand.
+        let early = self.last_round.is_some_and(|t| now.saturating_duration_since(t) < self.cfg.min_round_gap);
+        if round <= self.rounds_started || early {
+            self.counters.rounds_refused += 1;
+            return;
+        }
+        self.rounds_started = round;
+        self.last_round = Some(now);
         let targets = self.peer.iter().map(|c| c.addr).collect();
-        self.round =
-            Some(Round { number: round, nonce, started: now, next: now, interval: self.cfg.probe_first, targets });
+        self.round = Some(Round {
+            number: round,
+            nonce,
+            started: now,
+            next: now,
+            interval: self.cfg.probe_first,
+            targets,
+            prflx: 0,
+        });
         self.counters.rounds += 1;
     }
 
@@ -275,37 +357,43 @@ impl PathManager {
     /// source is no candidate adds that source as a peer-reflexive target
     /// (the connector's NAT mapped it elsewhere than its relay saw).
     /// Returns whether it belonged to this session's round.
+    /// Only a source whose IP is one the connector advertised counts (its
+    /// NAT picked another port), at most [`MAX_PRFLX_PER_ROUND`] per round:
+    /// the nonce is visible on the wire, so a spoofed punch must not make
+    /// this end probe an address of someone else's choosing.
     pub fn on_punch(&mut self, from: SocketAddr, round: u32, nonce: u64) -> bool {
         let Some(r) = self.round.as_mut().filter(|r| r.number == round && r.nonce == nonce) else {
             return false;
         };
-        if !r.targets.contains(&from) && r.targets.len() < 2 * MAX_CANDIDATES {
+        let known_ip = self.peer.iter().any(|c| c.kind != CandidateKind::Host && c.addr.ip() == from.ip());
+        if known_ip && !r.targets.contains(&from) && r.prflx < MAX_PRFLX_PER_ROUND {
             r.targets.push(from);
-            if self.peer.len() < 2 * MAX_CANDIDATES && !self.peer.iter().any(|c| c.addr == from) {
-                self.peer.push(Candidate { kind: CandidateKind::PeerReflexive, addr: from });
-            }
+            r.prflx += 1;
         }
         true
     }
 
-    /// Agent: quiche validated the path to `addr`.
-    pub fn on_validated(&mut self, addr: SocketAddr, rtt: Duration, now: Instant) {
-        if !self.agent {
-            // The connector follows the agent's migrations; it keeps no
-            // direct paths of its own.
+    /// Agent: quiche validated the path to `addr`; `ptos` is its probe
+    /// timeouts so far. Only a target of the current round counts: quiche
+    /// validates any path a PATH_RESPONSE answers, and a relay could make
+    /// it validate one toward an address of its choosing.
+    pub fn on_validated(&mut self, addr: SocketAddr, rtt: Duration, ptos: u64, now: Instant) {
+        // The connector follows the agent's migrations; it keeps no
+        // direct paths of its own.
+        if !self.agent || !self.round.as_ref().is_some_and(|r| r.targets.contains(&addr)) {
             return;
         }
         let kind = self.peer.iter().find(|c| c.addr == addr).map_or(CandidateKind::PeerReflexive, |c| c.kind);
-        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now, ptos: 0, ptos_at_rx: None });
+        self.direct.insert(addr, DirectPath { kind, rtt, last_rx: now, ptos, ptos_at_rx: Some(ptos) });
     }
 
     /// Agent: an authenticated packet came over `addr`, a path quiche
     /// validated before but this manager gave up (it went silent). During
     /// a round that probes it, this answer to a probe validates it again;
     /// outside one (a late packet) it does not.
-    pub fn on_revalidated(&mut self, addr: SocketAddr, rtt: Duration, now: Instant) {
-        if !self.direct.contains_key(&addr) && self.round.as_ref().is_some_and(|r| r.targets.contains(&addr)) {
-            self.on_validated(addr, rtt, now);
+    pub fn on_revalidated(&mut self, addr: SocketAddr, rtt: Duration, ptos: u64, now: Instant) {
+        if !self.direct.contains_key(&addr) {
+            self.on_validated(addr, rtt, ptos, now);
         }
     }
 
@@ -330,6 +418,7 @@ impl PathManager {
         self.direct.remove(&addr);
         if self.current == Some(addr) {
             self.switch(None, self.last_keepalive);
+            self.want_round = true;
         }
     }
 
@@ -350,12 +439,7 @@ impl PathManager {
         match to {
             Some(_) => {
                 self.counters.to_direct += 1;
-                if self.counters.time_to_direct.is_none() {
-                    self.counters.time_to_direct =
-                        Some(self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)));
-                }
-                // The agent's NAT is open: no more punching this round.
-                self.round = None;
+                self.note_time_to_direct(now);
             }
             None => self.counters.to_relay += 1,
         }
@@ -384,19 +468,16 @@ impl PathManager {
 
     /// When the agent starts its next round, if it wants one.
     fn next_round_start(&self) -> Option<Instant> {
-        if !self.agent || !self.direct_allowed() || self.peer.is_empty() || self.round.is_some() {
+        let idle = self.round.is_none() && self.current.is_none();
+        if !self.agent || !self.direct_allowed() || self.peer.is_empty() || !idle {
             return None;
         }
         let gap = self.last_round.map(|t| t + self.cfg.min_round_gap);
         let wanted = if self.want_round {
             Some(gap)
-        } else if self.current.is_none() {
-            // On the relay: the second round, then upgrade attempts.
-            let second = self.first_round.filter(|_| !self.second_done).map(|t| t + self.cfg.second_round);
-            let upgrade = self.last_round.map(|t| t + self.cfg.upgrade_every);
-            second.or(upgrade).map(Some)
         } else {
-            None
+            // On the relay: the second round, then upgrade attempts.
+            self.second_round_at().or(self.last_round.map(|t| t + self.cfg.upgrade_every)).map(Some)
         };
         // `None` inside: at once (no earlier round to keep a gap from).
         wanted.map(|at| match (at, gap) {
@@ -428,6 +509,9 @@ impl PathManager {
     }
 
     fn agent_timers(&mut self, now: Instant) {
+        if self.round.as_ref().is_some_and(|r| now >= r.started + self.cfg.round_len) {
+            self.round = None;
+        }
         // Failure first: a dead direct path goes, and the relay (or
         // another direct path) takes over.
         if let Some(addr) = self.current {
@@ -436,7 +520,9 @@ impl PathManager {
                     || p.ptos.saturating_sub(p.ptos_at_rx.unwrap_or(p.ptos)) >= self.cfg.pto_failover
             };
             if self.direct.get(&addr).is_none_or(dead) {
-                self.direct.remove(&addr);
+                // Every direct path is validated again by a round before it
+                // is taken: the others went unheard all this time too.
+                self.direct.clear();
                 self.counters.direct_timeouts += 1;
                 self.switch(None, now);
                 self.want_round = true;
@@ -454,8 +540,10 @@ impl PathManager {
             self.last_keepalive = now;
             self.actions.push_back(PathAction::Keepalive);
         }
+        // A round runs its full length even once a path is taken: a
+        // better one (the LAN, IPv6) may validate later.
         let Some(r) = self.round.as_mut() else { return };
-        if now >= r.started + self.cfg.round_len || self.current.is_some() {
+        if now >= r.started + self.cfg.round_len {
             self.round = None;
             return;
         }
@@ -487,15 +575,20 @@ impl PathManager {
         }
     }
 
+    /// When the round 31 s after the first is due, until it ran.
+    fn second_round_at(&self) -> Option<Instant> {
+        self.first_round.filter(|_| !self.second_done).map(|t| t + self.cfg.second_round)
+    }
+
     fn start_round(&mut self, now: Instant) {
         self.want_round = false;
-        if self.first_round.is_some() && self.current.is_none() {
+        if self.second_round_at().is_some_and(|t| t <= now) {
             self.second_done = true;
         }
         self.first_round.get_or_insert(now);
         self.last_round = Some(now);
         self.rounds_started = self.rounds_started.wrapping_add(1);
-        let nonce = self.rng.next_u64();
+        let nonce = (self.nonces.0)();
         let targets = self.peer.iter().map(|c| c.addr).collect();
         self.round = Some(Round {
             number: self.rounds_started,
@@ -504,6 +597,7 @@ impl PathManager {
             next: now,
             interval: self.cfg.probe_first,
             targets,
+            prflx: 0,
         });
         self.counters.rounds += 1;
         self.actions.push_back(PathAction::SendPunchNow { round: self.rounds_started, nonce });
@@ -527,6 +621,15 @@ impl PathManager {
         nc < cc || (nc == cc && n.rtt.as_secs_f64() < c.rtt.as_secs_f64() * self.cfg.rtt_hysteresis)
     }
 
+    /// The first move to a direct path: the time since the first
+    /// tunneled packet (zero when it came before any).
+    fn note_time_to_direct(&mut self, now: Instant) {
+        if self.counters.time_to_direct.is_none() {
+            let since = self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            self.counters.time_to_direct = Some(since);
+        }
+    }
+
     /// Agent: moves the session (`None`: to the relay).
     fn switch(&mut self, to: Option<SocketAddr>, now: Instant) {
         if to == self.current {
@@ -535,14 +638,15 @@ impl PathManager {
         self.current = to;
         self.actions.push_back(PathAction::Migrate(to));
         match to {
-            Some(_) => {
+            Some(a) => {
                 self.counters.to_direct += 1;
-                self.round = None;
                 self.last_keepalive = now;
-                if self.counters.time_to_direct.is_none() {
-                    self.counters.time_to_direct =
-                        Some(self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)));
+                if let Some(p) = self.direct.get_mut(&a) {
+                    // Heard from now on: it was validated just now.
+                    p.last_rx = now;
+                    p.ptos_at_rx = Some(p.ptos);
                 }
+                self.note_time_to_direct(now);
             }
             None => self.counters.to_relay += 1,
         }

@@ -24,8 +24,17 @@ fn run(m: &mut PathManager, t0: Instant, from_ms: u64, to_ms: u64) -> Vec<(u64, 
     out
 }
 
+/// Nonces 1, 2, 3, … (tests only: the product's are random).
+fn counter() -> Box<dyn FnMut() -> u64 + Send> {
+    let mut n = 0;
+    Box::new(move || {
+        n += 1;
+        n
+    })
+}
+
 fn agent(t0: Instant) -> PathManager {
-    let mut m = PathManager::new(DirectConfig::default(), true, 7, t0);
+    let mut m = PathManager::new(DirectConfig::default(), true, counter(), t0);
     m.set_candidates(vec![cand(CandidateKind::Host, "192.168.1.2:5000")]);
     m.set_up();
     m
@@ -52,14 +61,20 @@ fn a_round_probes_with_backoff_and_the_first_validated_path_is_taken() {
     // 50 ms doubling up to 1 s.
     assert_eq!(probe_times, [11, 61, 161, 361, 761, 1561, 2561]);
     assert_eq!(m.counters().probes, 14);
-    // The LAN path validates: it is taken, the round ends.
+    // The LAN path validates: it is taken; the round goes on probing the
+    // other target until it ends (8 s), in case it is better.
     let now = t0 + Duration::from_millis(3000);
-    m.on_validated(addr("10.0.0.5:4000"), Duration::from_millis(2), now);
+    m.on_validated(addr("10.0.0.5:4000"), Duration::from_millis(2), 0, now);
     let got = run(&mut m, t0, 3001, 3001);
     assert_eq!(got, [(3001, PathAction::Migrate(Some(addr("10.0.0.5:4000"))))]);
     assert_eq!(m.current(), Some(addr("10.0.0.5:4000")));
     assert_eq!(m.counters().time_to_direct, Some(Duration::from_millis(2991)));
-    assert!(run(&mut m, t0, 3002, 3900).iter().all(|(_, a)| !matches!(a, PathAction::Probe(_))), "round over");
+    for ms in (3100..5900).step_by(500) {
+        m.on_rx(Some(addr("10.0.0.5:4000")), t0 + Duration::from_millis(ms));
+        let got = run(&mut m, t0, ms + 1, ms + 500);
+        let probed: Vec<&(u64, PathAction)> = got.iter().filter(|(_, a)| matches!(a, PathAction::Probe(_))).collect();
+        assert!(probed.iter().all(|(_, a)| *a == PathAction::Probe(addr("203.0.113.5:4000"))), "{probed:?}");
+    }
 }
 
 #[test]
@@ -69,7 +84,7 @@ fn a_silent_direct_path_falls_back_to_the_relay_and_a_new_round_follows() {
     let direct = addr("203.0.113.5:4000");
     m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
     run(&mut m, t0, 0, 100);
-    m.on_validated(direct, Duration::from_millis(20), t0 + Duration::from_millis(100));
+    m.on_validated(direct, Duration::from_millis(20), 0, t0 + Duration::from_millis(100));
     let got = run(&mut m, t0, 101, 101);
     assert_eq!(got, [(101, PathAction::Migrate(Some(direct)))]);
     // Alive while packets come over it; a keepalive every second.
@@ -86,8 +101,10 @@ fn a_silent_direct_path_falls_back_to_the_relay_and_a_new_round_follows() {
     assert_eq!(back, Some(7601));
     assert_eq!(m.current(), None);
     assert_eq!(m.counters().direct_timeouts, 1);
-    // A new round at once (the last started 7.6 s ago, more than the gap).
-    assert!(got.iter().any(|(t, a)| *t == 7601 && matches!(a, PathAction::SendPunchNow { round: 2, .. })), "{got:?}");
+    // The round still running (until 8 s) probes on; then a new one, at
+    // once (the last started 8 s ago, more than the gap).
+    let got = run(&mut m, t0, 7701, 8100);
+    assert!(got.iter().any(|(t, a)| *t == 8000 && matches!(a, PathAction::SendPunchNow { round: 2, .. })), "{got:?}");
 }
 
 #[test]
@@ -128,18 +145,18 @@ fn lan_beats_wan_ipv6_beats_ipv4_and_similar_rtts_do_not_flap() {
     m.on_candidates(1, PathPolicy::Auto, peer);
     run(&mut m, t0, 0, 10);
     let ms = Duration::from_millis;
-    m.on_validated(v4, ms(20), t0 + ms(10));
+    m.on_validated(v4, ms(20), 0, t0 + ms(10));
     assert_eq!(run(&mut m, t0, 11, 11), [(11, PathAction::Migrate(Some(v4)))]);
     // A similar IPv4 path: no switch; a much faster one: switch.
-    m.on_validated(v4b, ms(18), t0 + ms(12));
+    m.on_validated(v4b, ms(18), 0, t0 + ms(12));
     m.on_rx(Some(v4), t0 + ms(12));
     assert!(run(&mut m, t0, 12, 13).is_empty());
     m.on_path_stats(v4b, ms(10), 0);
     assert_eq!(run(&mut m, t0, 14, 14), [(14, PathAction::Migrate(Some(v4b)))]);
     // IPv6 beats IPv4 whatever the RTT; the LAN beats both.
-    m.on_validated(v6, ms(40), t0 + ms(15));
+    m.on_validated(v6, ms(40), 0, t0 + ms(15));
     assert_eq!(run(&mut m, t0, 15, 15), [(15, PathAction::Migrate(Some(v6)))]);
-    m.on_validated(lan, ms(1), t0 + ms(16));
+    m.on_validated(lan, ms(1), 0, t0 + ms(16));
     assert_eq!(run(&mut m, t0, 16, 16), [(16, PathAction::Migrate(Some(lan)))]);
     assert_eq!(m.counters().to_direct, 4);
 }
@@ -162,7 +179,7 @@ fn relay_only_on_either_side_means_no_rounds_and_no_candidates() {
     let direct = addr("203.0.113.5:4000");
     m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
     run(&mut m, t0, 0, 10);
-    m.on_validated(direct, Duration::from_millis(5), t0);
+    m.on_validated(direct, Duration::from_millis(5), 0, t0);
     run(&mut m, t0, 11, 11);
     assert_eq!(m.current(), Some(direct));
     m.on_candidates(2, PathPolicy::RelayOnly, Vec::new());
@@ -174,9 +191,9 @@ fn relay_only_on_either_side_means_no_rounds_and_no_candidates() {
 }
 
 #[test]
-fn the_connector_punches_toward_the_agent_until_it_migrates() {
+fn the_connector_punches_toward_the_agent_for_a_round_and_refuses_early_rounds() {
     let t0 = Instant::now();
-    let mut m = PathManager::new(DirectConfig::default(), false, 9, t0);
+    let mut m = PathManager::new(DirectConfig::default(), false, counter(), t0);
     m.set_candidates(vec![cand(CandidateKind::Configured, "198.51.100.1:443")]);
     m.set_up();
     m.on_candidates(
@@ -196,8 +213,17 @@ fn the_connector_punches_toward_the_agent_until_it_migrates() {
     assert_eq!(to_nat, [5, 55, 155, 355, 755]);
     assert_eq!(m.counters().punches, 10);
     m.on_peer_migrated(Some(addr("203.0.113.9:6000")), t0 + Duration::from_millis(1000));
-    assert!(run(&mut m, t0, 1001, 9000).is_empty(), "no punching once direct");
     assert_eq!(m.current(), Some(addr("203.0.113.9:6000")));
+    // The round runs its 8 s (the agent may still find a better path).
+    let got = run(&mut m, t0, 1001, 9000);
+    assert!(got.iter().all(|(t, _)| *t < 8005) && !got.is_empty(), "{got:?}");
+    // A PunchNow too soon after the last, or not above it, is refused.
+    m.on_punch_now(2, 43, t0 + Duration::from_millis(3000));
+    m.on_punch_now(1, 44, t0 + Duration::from_millis(9000));
+    assert!(run(&mut m, t0, 9000, 9100).is_empty());
+    assert_eq!(m.counters().rounds_refused, 2);
+    m.on_punch_now(2, 45, t0 + Duration::from_millis(9100));
+    assert!(!run(&mut m, t0, 9100, 9100).is_empty(), "a later round punches");
     m.on_peer_migrated(None, t0 + Duration::from_millis(9000));
     assert_eq!((m.counters().to_direct, m.counters().to_relay), (1, 1));
 }
@@ -217,7 +243,7 @@ fn punches_of_the_round_teach_the_agent_peer_reflexive_targets() {
     assert!(m.on_punch(prflx, round, nonce));
     let got = run(&mut m, t0, 1, 100);
     assert!(got.contains(&(50, PathAction::Probe(prflx))), "{got:?}");
-    m.on_validated(prflx, Duration::from_millis(9), t0 + Duration::from_millis(100));
+    m.on_validated(prflx, Duration::from_millis(9), 0, t0 + Duration::from_millis(100));
     run(&mut m, t0, 101, 101);
     assert_eq!(m.current(), Some(prflx));
 }
@@ -230,7 +256,7 @@ fn probe_timeouts_without_an_answer_fail_the_direct_path_over_at_once() {
     m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
     run(&mut m, t0, 0, 10);
     let ms = Duration::from_millis;
-    m.on_validated(direct, ms(20), t0 + ms(10));
+    m.on_validated(direct, ms(20), 0, t0 + ms(10));
     run(&mut m, t0, 11, 11);
     // quiche has counted 5 probe timeouts on the path so far (while it
     // was validated); one more with an answer in between changes nothing.
@@ -245,4 +271,66 @@ fn probe_timeouts_without_an_answer_fail_the_direct_path_over_at_once() {
     let got = run(&mut m, t0, 150, 150);
     assert_eq!(got.first(), Some(&(150, PathAction::Migrate(None))), "{got:?}");
     assert_eq!(m.counters().direct_timeouts, 1);
+}
+
+#[test]
+fn only_usable_candidates_are_probed_and_only_round_targets_are_taken() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    let peer = vec![
+        cand(CandidateKind::Configured, "0.0.0.0:4000"),
+        cand(CandidateKind::ServerReflexive, "127.0.0.1:4000"),
+        cand(CandidateKind::ServerReflexive, "203.0.113.5:0"),
+        cand(CandidateKind::ServerReflexive, "224.0.0.1:4000"),
+        cand(CandidateKind::ServerReflexive, "203.0.113.5:4000"),
+    ];
+    m.on_candidates(1, PathPolicy::Auto, peer);
+    let got = run(&mut m, t0, 0, 0);
+    let probes: Vec<&PathAction> = got.iter().map(|(_, a)| a).filter(|a| matches!(a, PathAction::Probe(_))).collect();
+    assert_eq!(probes, [&PathAction::Probe(addr("203.0.113.5:4000"))]);
+    // quiche validating some other address (a relay answering a challenge
+    // it provoked, say) moves nothing.
+    m.on_validated(addr("192.0.2.66:666"), Duration::from_millis(1), 0, t0);
+    assert!(run(&mut m, t0, 1, 1).iter().all(|(_, a)| !matches!(a, PathAction::Migrate(_))));
+    assert_eq!(m.current(), None);
+}
+
+#[test]
+fn punches_add_at_most_two_peer_reflexive_targets_and_only_at_the_connectors_ip() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    let got = run(&mut m, t0, 0, 0);
+    let Some((round, nonce)) = got.iter().find_map(|(_, a)| match a {
+        PathAction::SendPunchNow { round, nonce } => Some((*round, *nonce)),
+        _ => None,
+    }) else {
+        panic!("{got:?}")
+    };
+    // From a victim's address (spoofed, with the nonce seen on the wire):
+    // counted as the round's but never probed.
+    assert!(m.on_punch(addr("192.0.2.7:53"), round, nonce));
+    for port in [5001, 5002, 5003] {
+        m.on_punch(addr(&format!("203.0.113.5:{port}")), round, nonce);
+    }
+    let got = run(&mut m, t0, 1, 60);
+    let mut probed: Vec<String> =
+        got.iter().filter_map(|(_, a)| if let PathAction::Probe(t) = a { Some(t.to_string()) } else { None }).collect();
+    probed.sort();
+    probed.dedup();
+    assert_eq!(probed, ["203.0.113.5:4000", "203.0.113.5:5001", "203.0.113.5:5002"]);
+}
+
+#[test]
+fn relay_only_against_direct_only_leaves_no_path() {
+    let t0 = Instant::now();
+    let mut m = agent(t0);
+    m.set_policy(PathPolicy::RelayOnly);
+    m.on_candidates(1, PathPolicy::DirectOnly, Vec::new());
+    assert!(!m.relay_allowed(), "the peer keeps tunneled packets off the relay");
+    assert!(run(&mut m, t0, 0, 100_000).iter().all(|(_, a)| !matches!(a, PathAction::SendPunchNow { .. })));
+    let mut m = agent(t0);
+    m.on_candidates(1, PathPolicy::DirectOnly, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    assert!(!m.relay_allowed());
+    assert_eq!(m.policy(), PathPolicy::DirectOnly);
 }

@@ -50,11 +50,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACK_DELAY: Duration = Duration::from_millis(5);
 const ACK_EVERY: u32 = 2;
 
-/// Seeds the path manager's nonces (PunchNow): unpredictable to the relay.
-fn random_seed() -> u64 {
-    let mut seed = [0u8; 8];
-    let _ = boring::rand::rand_bytes(&mut seed);
-    u64::from_le_bytes(seed)
+/// A PunchNow nonce: unpredictable to anyone but this end (BoringSSL's
+/// RNG; it fails only when the process has no entropy source at all).
+fn random_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = boring::rand::rand_bytes(&mut b);
+    u64::from_le_bytes(b)
 }
 
 /// Where a session is (module docs).
@@ -146,6 +147,9 @@ pub struct E2eSession {
     pub(super) paths: PathManager,
     /// Connector: what the tokens of the connection IDs it issues derive from.
     pub(super) reset_key: Option<super::ResetKey>,
+    /// Agent: the destination CID (sequence number) each probed path took,
+    /// retired when its validation fails so quiche can drop the path.
+    pub(super) probe_dcids: Vec<(std::net::SocketAddr, u64)>,
     /// The latest `now` the session was given.
     now: Instant,
 }
@@ -222,15 +226,16 @@ impl E2eSession {
             unacked: 0,
             ack_due: None,
             must_send: false,
-            paths: PathManager::new(DirectConfig::default(), !server, random_seed(), now),
+            paths: PathManager::new(DirectConfig::default(), !server, Box::new(random_nonce), now),
             reset_key: None,
+            probe_dcids: Vec::new(),
             now,
         }
     }
 
     /// Timings of direct paths (before the session is up).
     pub fn set_direct_config(&mut self, cfg: DirectConfig) {
-        self.paths = PathManager::new(cfg, !self.server, random_seed(), self.now);
+        self.paths = PathManager::new(cfg, !self.server, Box::new(random_nonce), self.now);
     }
 
     pub fn state(&self) -> SessionState {
@@ -332,6 +337,15 @@ impl E2eSession {
             self.reset = true;
         }
         self.path_events(now);
+        if authentic && via == Via::Relay && self.state == SessionState::Up && !self.paths.relay_allowed() {
+            // A direct-only policy: tunneled packets that came through the
+            // relay anyway are dropped (counted as early drops).
+            let mut scratch = [0u8; 1];
+            while self.conn.dgram_recv_queue_len() > 0 {
+                let _ = self.conn.dgram_recv(&mut scratch);
+                self.early_dropped += 1;
+            }
+        }
         if authentic {
             self.path_rx(via, now);
             self.last_rx = now;
@@ -525,6 +539,8 @@ impl E2eSession {
                 Err(quiche::Error::BufferTooShort) => Err(SendIpError::TooLarge),
                 Err(_) => Err(SendIpError::Full),
             },
+            // direct-only: nothing waits to go out over the relay.
+            _ if self.paths.own_policy() == crate::candidate::PathPolicy::DirectOnly => Err(SendIpError::NoPath),
             _ if self.server || self.pending.len() >= MAX_PENDING => Err(SendIpError::Full),
             _ => {
                 self.pending.push_back(pkt.to_vec());
@@ -653,6 +669,12 @@ impl E2eSession {
         self.stalled && self.paths.current().is_none()
     }
 
+    /// Whether something carries the session: a relay flow, or a direct
+    /// path (which needs no relay flow).
+    fn carried_anyhow(&self) -> bool {
+        self.carried || self.paths.current().is_some()
+    }
+
     fn watches_silence(&self) -> bool {
         !self.server && self.carried && self.state == SessionState::Up
     }
@@ -666,7 +688,7 @@ impl E2eSession {
             // quiche's closing/draining timer: then the session is finished.
             return self.conn.timeout_instant();
         }
-        if !self.carried {
+        if !self.carried_anyhow() {
             return Some(self.uncarried_until());
         }
         let quic = self.conn.timeout_instant().filter(|_| !self.held());
@@ -686,7 +708,7 @@ impl E2eSession {
             }
             return;
         }
-        if !self.carried {
+        if !self.carried_anyhow() {
             if now >= self.uncarried_until() {
                 let _ = self.conn.close(false, 0, b"no relay flow");
                 self.state_closed("no relay flow for the idle timeout");

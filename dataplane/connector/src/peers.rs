@@ -174,6 +174,14 @@ impl Peers {
         self.by_cid.get(&cid).copied()
     }
 
+    /// The session of a CID it issued for direct paths (not its first,
+    /// which the relay path uses).
+    pub fn by_direct_cid(&self, cid: &[u8]) -> Option<usize> {
+        let slot = self.by_cid(cid)?;
+        let p = self.slots.get(slot)?.as_ref()?;
+        p.cids.iter().any(|c| c[..] == *cid).then_some(slot)
+    }
+
     /// The session in `slot` issued `cid` (for a direct path). A session
     /// holds at most [`ztna_control::e2e::ACTIVE_CIDS`] at a time.
     pub fn add_cid(&mut self, slot: usize, cid: [u8; CID_LEN]) {

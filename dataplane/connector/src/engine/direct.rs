@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use ztna_control::candidate::{punch, usable_host_ip, Candidate, CandidateKind};
+use ztna_control::candidate::{host_candidates, punch, Candidate, CandidateKind};
 use ztna_control::e2e::{self, Via};
 
 use std::sync::Arc;
@@ -81,14 +81,7 @@ impl Engine {
     /// Host addresses, the operator's `advertise` list and what the relays
     /// observe, told to every session when they change.
     pub(super) fn refresh_candidates(&mut self) {
-        let port = self.local.port();
-        let mut list: Vec<Candidate> = self
-            .direct
-            .host_ips
-            .iter()
-            .filter(|ip| usable_host_ip(**ip))
-            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(*ip, port) })
-            .collect();
+        let mut list = host_candidates(&self.direct.host_ips, self.local);
         list.extend(self.cfg.advertise.iter().map(|a| Candidate { kind: CandidateKind::Configured, addr: *a }));
         list.extend(
             self.links
@@ -115,11 +108,16 @@ impl Engine {
     /// (sessions start only on relay flows), punch packets (only agents
     /// receive them) and unknown CIDs are dropped and counted.
     pub(super) fn handle_direct(&mut self, now: Instant, from: SocketAddr, pkt: &mut [u8], io: &mut dyn BackendIo) {
-        if punch::parse(pkt).is_some() || e2e::is_initial(pkt) {
+        // Only short-header (1-RTT) packets, with a CID the session issued
+        // for direct paths: never the relay path's first one, which the
+        // relay knows (it could replay a packet from an address of its
+        // choosing and have quiche validate a path there).
+        let short = pkt.first().is_some_and(|f| f & 0x80 == 0);
+        if punch::parse(pkt).is_some() || !short {
             inc(&self.stats.drop_direct);
             return;
         }
-        let Some(slot) = e2e::packet_dcid(pkt).and_then(|c| self.peers.by_cid(c)) else {
+        let Some(slot) = e2e::packet_dcid(pkt).and_then(|c| self.peers.by_direct_cid(c)) else {
             inc(&self.stats.drop_direct);
             return;
         };
