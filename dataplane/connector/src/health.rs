@@ -132,3 +132,34 @@ fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connector family the dashboard relies on (listed in
+    /// deploy/observability/metrics.txt) is exported, with its type.
+    #[test]
+    fn metrics_export_every_connector_family_of_metrics_txt() {
+        let h = ConnectorHealth::new(Arc::default(), Some(Arc::default()));
+        h.set_status(ConnectorStatus {
+            relays: Vec::new(),
+            sessions_total: 0,
+            sessions_up: 0,
+            sessions_direct: 0,
+            sessions: Vec::new(),
+            sessions_omitted: 0,
+            udp_flows: 0,
+            tcp_connections: 0,
+        });
+        let out = render_metrics(&h, &ConnectorStats::default());
+        let listed = include_str!("../../../deploy/observability/metrics.txt");
+        let families: Vec<(&str, &str)> =
+            listed.lines().filter(|l| l.starts_with("ztna_connector_")).filter_map(|l| l.split_once(' ')).collect();
+        assert!(families.len() >= 6, "{families:?}");
+        for (name, kind) in families {
+            assert!(out.contains(&format!("# TYPE {name} {kind}\n")), "{name} {kind} not exported:\n{out}");
+        }
+        assert!(out.contains("ztna_connector_time_to_direct_seconds_bucket{le=\"+Inf\"} 0\n"));
+    }
+}
