@@ -338,18 +338,16 @@ impl PathManager {
             self.counters.rounds_refused += 1;
             return;
         }
-        self.rounds_started = round;
+        self.begin_round(round, nonce, now);
+    }
+
+    /// Round `number` starts now, toward the peer's candidates.
+    fn begin_round(&mut self, number: u32, nonce: u64, now: Instant) {
+        self.rounds_started = number;
         self.last_round = Some(now);
         let targets = self.peer.iter().map(|c| c.addr).collect();
-        self.round = Some(Round {
-            number: round,
-            nonce,
-            started: now,
-            next: now,
-            interval: self.cfg.probe_first,
-            targets,
-            prflx: 0,
-        });
+        let interval = self.cfg.probe_first;
+        self.round = Some(Round { number, nonce, started: now, next: now, interval, targets, prflx: 0 });
         self.counters.rounds += 1;
     }
 
@@ -586,21 +584,9 @@ impl PathManager {
             self.second_done = true;
         }
         self.first_round.get_or_insert(now);
-        self.last_round = Some(now);
-        self.rounds_started = self.rounds_started.wrapping_add(1);
-        let nonce = (self.nonces.0)();
-        let targets = self.peer.iter().map(|c| c.addr).collect();
-        self.round = Some(Round {
-            number: self.rounds_started,
-            nonce,
-            started: now,
-            next: now,
-            interval: self.cfg.probe_first,
-            targets,
-            prflx: 0,
-        });
-        self.counters.rounds += 1;
-        self.actions.push_back(PathAction::SendPunchNow { round: self.rounds_started, nonce });
+        let (number, nonce) = (self.rounds_started.wrapping_add(1), (self.nonces.0)());
+        self.begin_round(number, nonce, now);
+        self.actions.push_back(PathAction::SendPunchNow { round: number, nonce });
     }
 
     /// The best validated direct path.
