@@ -3,12 +3,12 @@
 //! and the packets its sessions send over direct paths. The one UDP socket
 //! carries all of it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use ztna_control::candidate::{host_candidates, punch, Candidate, CandidateKind, PathPolicy};
-use ztna_control::e2e::{self, DirectConfig, Via};
+use ztna_control::e2e::{self, DirectConfig, DirectQueue, Via};
 use ztna_control::ServiceName;
 
 use crate::agent_core::AgentCore;
@@ -29,24 +29,23 @@ impl PathSettings {
     }
 }
 
-/// Inner packets waiting for the socket on direct paths (bounded: the
-/// sessions' own queues hold the rest).
+/// Inner packets waiting for the socket on direct paths.
 const MAX_DIRECT_TX: usize = 256;
 
 /// The agent core's direct-path state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DirectState {
     pub settings: PathSettings,
     /// Connection IDs the agent's sessions issued → their service.
     pub by_cid: HashMap<[u8; e2e::CID_LEN], ServiceName>,
     /// Interface addresses the driver reported.
     pub host_ips: Vec<IpAddr>,
-    pub tx: VecDeque<(Vec<u8>, SocketAddr)>,
+    pub tx: DirectQueue,
 }
 
 impl DirectState {
-    pub fn tx_room(&self) -> bool {
-        self.tx.len() < MAX_DIRECT_TX
+    pub fn new(settings: PathSettings) -> DirectState {
+        DirectState { settings, by_cid: HashMap::new(), host_ips: Vec::new(), tx: DirectQueue::new(MAX_DIRECT_TX) }
     }
 
     /// The candidates for a socket at `local` that a relay sees at
@@ -94,14 +93,8 @@ impl AgentCore {
             self.pump_sessions_now(now);
             return;
         }
-        // Direct paths carry only short-header (1-RTT) packets, with a CID
-        // issued for them: never the relay path's, which the relay knows.
-        let short = data.first().is_some_and(|f| f & 0x80 == 0);
-        let service = short
-            .then(|| e2e::packet_dcid(data))
-            .flatten()
-            .and_then(|c| <[u8; e2e::CID_LEN]>::try_from(c).ok())
-            .and_then(|c| self.direct.by_cid.get(&c).cloned());
+        // `by_cid` holds only the CIDs sessions issued for direct paths.
+        let service = e2e::direct_dcid(data).and_then(|c| self.direct.by_cid.get(&c).cloned());
         let Some(service) = service else {
             self.stats_mut().drop_direct += 1;
             return;

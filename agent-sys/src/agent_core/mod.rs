@@ -130,7 +130,7 @@ impl AgentCore {
             local_replies: VecDeque::new(),
             last_failure: String::new(),
             local: cfg.local,
-            direct: DirectState { settings: cfg.paths, ..DirectState::default() },
+            direct: DirectState::new(cfg.paths),
         })
     }
 
@@ -350,13 +350,9 @@ impl AgentCore {
     /// Writes the next UDP datagram to send into `out`.
     pub fn poll_udp(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
         loop {
-            if let Some((pkt, to)) = self.direct.tx.pop_front() {
-                if let Some(dst) = out.get_mut(..pkt.len()) {
-                    dst.copy_from_slice(&pkt);
-                    self.stats.direct_packets_out += 1;
-                    return Some((pkt.len(), to));
-                }
-                continue;
+            if let Some(sent) = self.direct.tx.pop_into(out) {
+                self.stats.direct_packets_out += 1;
+                return Some(sent);
             }
             if let Some(sent) = self.session.poll_transmit(out, now) {
                 return Some(sent);
@@ -392,11 +388,10 @@ impl AgentCore {
             // Direct-path packets go to their own bounded queue; a full one
             // holds the session back like a full relay queue.
             let direct = s.current_path().is_some();
-            while t.flow.is_none() || if direct { self.direct.tx_room() } else { self.session.datagram_room() } {
+            while t.flow.is_none() || if direct { self.direct.tx.has_room() } else { self.session.datagram_room() } {
                 let Some((n, via)) = s.poll_transmit(&mut buf, now) else { break };
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
-                    if self.direct.tx_room() {
-                        self.direct.tx.push_back((pkt.to_vec(), to));
+                    if self.direct.tx.push(pkt, to) {
                         moved = true;
                     } else {
                         self.stats.drop_backpressure += 1;

@@ -3,6 +3,7 @@
 //! connection IDs for new paths) and feeds it what quiche reports
 //! (docs/protocol/direct.md).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ impl Via {
         }
     }
 
-    fn of_peer(peer: SocketAddr) -> Via {
+    pub(super) fn of_peer(peer: SocketAddr) -> Via {
         if peer == RELAY_PATH_PEER {
             Via::Relay
         } else {
@@ -45,6 +46,58 @@ impl Via {
             Via::Relay => None,
             Via::Direct(a) => Some(a),
         }
+    }
+}
+
+/// The destination CID of a datagram that may belong to a direct path:
+/// short-header (1-RTT) packets only (a session starts only on a relay
+/// flow, and punch packets are not QUIC). The engine then takes it only if
+/// a session issued the CID for direct paths (never the relay path's,
+/// which the relay sees). docs/protocol/direct.md §11.6.
+pub fn direct_dcid(pkt: &[u8]) -> Option<[u8; CID_LEN]> {
+    if pkt.first().is_none_or(|f| f & 0x80 != 0) {
+        return None;
+    }
+    super::packet_dcid(pkt).and_then(|c| c.try_into().ok())
+}
+
+/// Packets sessions sent over direct paths, waiting for the engine's one
+/// socket: bounded (the sessions' own queues hold the rest; an engine
+/// stops taking a session's packets while it is full).
+#[derive(Debug)]
+pub struct DirectQueue {
+    q: VecDeque<(Vec<u8>, SocketAddr)>,
+    cap: usize,
+}
+
+impl DirectQueue {
+    pub fn new(cap: usize) -> DirectQueue {
+        DirectQueue { q: VecDeque::new(), cap }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.q.len() < self.cap
+    }
+
+    /// Queues `pkt` for `to`; false (nothing queued) when full.
+    pub fn push(&mut self, pkt: &[u8], to: SocketAddr) -> bool {
+        let room = self.has_room();
+        if room {
+            self.q.push_back((pkt.to_vec(), to));
+        }
+        room
+    }
+
+    /// Copies the next packet into `out`: its length and destination (a
+    /// packet larger than `out`, which the sessions never make, is dropped).
+    pub fn pop_into(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        while let Some((pkt, to)) = self.q.pop_front() {
+            if let Some(dst) = out.get_mut(..pkt.len()) {
+                dst.copy_from_slice(&pkt);
+                return Some((pkt.len(), to));
+            }
+        }
+        None
     }
 }
 

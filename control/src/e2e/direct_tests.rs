@@ -139,3 +139,21 @@ fn a_replayed_packet_from_a_spoofed_source_does_not_move_the_connector() {
     let events: Vec<SessionEvent> = std::iter::from_fn(|| p.connector.poll_event()).collect();
     assert!(!events.iter().any(|e| matches!(e, SessionEvent::Closed { .. })), "{events:?}");
 }
+
+#[test]
+fn the_direct_queue_is_bounded_and_only_short_headers_name_a_direct_cid() {
+    use crate::e2e::{direct_dcid, DirectQueue};
+    let mut q = DirectQueue::new(2);
+    let to = addr(AGENT_ADDR);
+    assert!(q.push(&[1, 2, 3], to) && q.push(&[4], to));
+    assert!(!q.has_room() && !q.push(&[5], to), "full: refused, nothing queued");
+    let mut out = [0u8; 8];
+    assert_eq!(q.pop_into(&mut out), Some((3, to)));
+    assert_eq!(&out[..3], &[1, 2, 3]);
+    assert_eq!(q.pop_into(&mut out), Some((1, to)));
+    assert_eq!(q.pop_into(&mut out), None);
+    assert_eq!(direct_dcid(&[0x40, 1, 2, 3, 4, 5, 6, 7, 8, 9]), Some([1, 2, 3, 4, 5, 6, 7, 8]));
+    assert_eq!(direct_dcid(&[0xc0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8]), None, "long header");
+    assert_eq!(direct_dcid(&[0x40, 1, 2]), None);
+    assert_eq!(direct_dcid(&[]), None);
+}

@@ -31,7 +31,7 @@ use crate::cert::{self, PeerRule, Rejection};
 use crate::identity::{Identity, Kind};
 use crate::quic::{TlsConfigError, TlsOptions};
 
-pub use direct::Via;
+pub use direct::{direct_dcid, DirectQueue, Via};
 pub use paths::{DirectConfig, PathCounters};
 pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, ACK_DELAY, MAX_PENDING};
 

@@ -587,8 +587,7 @@ impl E2eSession {
             Ok((n, info)) => {
                 self.last_tx = now;
                 (self.unacked, self.ack_due, self.must_send) = (0, None, false);
-                let via = if info.to == RELAY_PATH_PEER { Via::Relay } else { Via::Direct(info.to) };
-                Some((n, via))
+                Some((n, Via::of_peer(info.to)))
             }
             Err(_) => {
                 // Nothing to send: no ACK is waiting any more either.

@@ -320,14 +320,10 @@ impl Engine {
     /// length in `out` and where to.
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
         loop {
-            if let Some((pkt, to)) = self.direct.tx.pop_front() {
-                if let Some(dst) = out.get_mut(..pkt.len()) {
-                    dst.copy_from_slice(&pkt);
-                    inc(&self.stats.direct_packets_out);
-                    crate::add(&self.stats.direct_bytes_out, pkt.len() as u64);
-                    return Some((pkt.len(), to));
-                }
-                continue;
+            if let Some((n, to)) = self.direct.tx.pop_into(out) {
+                inc(&self.stats.direct_packets_out);
+                crate::add(&self.stats.direct_bytes_out, n as u64);
+                return Some((n, to));
             }
             let n = self.links.len();
             for step in 0..n {
@@ -362,7 +358,7 @@ impl Engine {
             let mut blocked = false;
             loop {
                 let room = if p.session.current_path().is_some() {
-                    self.direct.tx_room()
+                    self.direct.tx.has_room()
                 } else {
                     p.via.and_then(|(link, _)| self.links.get(link)).is_none_or(|l| l.session.datagram_room())
                 };
@@ -372,7 +368,7 @@ impl Engine {
                 }
                 let Some((n, via)) = p.session.poll_transmit(&mut buf, now) else { break };
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
-                    if self.direct.push(pkt, to) {
+                    if self.direct.tx.push(pkt, to) {
                         moved = true;
                     } else {
                         inc(&self.stats.drop_direct_queue_full);
@@ -431,7 +427,7 @@ impl Engine {
             // The session's last packets, toward its relay flow.
             while let Some((n, via)) = p.session.poll_transmit(&mut buf, self.last_now) {
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
-                    self.direct.push(pkt, to);
+                    self.direct.tx.push(pkt, to);
                 } else if let (Some((link, flow)), Some(pkt)) = (p.via, buf.get(..n)) {
                     if let Some(l) = self.links.get_mut(link) {
                         let _ = l.session.send_datagram(flow, pkt);

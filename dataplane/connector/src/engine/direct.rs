@@ -3,12 +3,11 @@
 //! connector advertises, and the packets its sessions send over direct
 //! paths. The one UDP socket carries all of it.
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use ztna_control::candidate::{host_candidates, punch, Candidate, CandidateKind};
-use ztna_control::e2e::{self, Via};
+use ztna_control::candidate::{host_candidates, Candidate, CandidateKind};
+use ztna_control::e2e::{self, DirectQueue, Via};
 
 use std::sync::Arc;
 
@@ -17,32 +16,22 @@ use crate::backend::BackendIo;
 use crate::direct_metrics::DirectMetrics;
 use crate::inc;
 
-/// Inner packets waiting for the socket on direct paths (bounded: the
-/// sessions' own queues hold the rest).
+/// Inner packets waiting for the socket on direct paths.
 const MAX_DIRECT_TX: usize = 1024;
 
 /// The engine's direct-path state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct DirectState {
     /// Interface addresses the driver reported.
     pub host_ips: Vec<IpAddr>,
     /// The candidates sessions were last told.
     pub candidates: Vec<Candidate>,
-    pub tx: VecDeque<(Vec<u8>, SocketAddr)>,
+    pub tx: DirectQueue,
 }
 
-impl DirectState {
-    pub fn tx_room(&self) -> bool {
-        self.tx.len() < MAX_DIRECT_TX
-    }
-
-    /// Queues one packet for `to`; returns whether there was room.
-    pub fn push(&mut self, pkt: &[u8], to: SocketAddr) -> bool {
-        let room = self.tx_room();
-        if room {
-            self.tx.push_back((pkt.to_vec(), to));
-        }
-        room
+impl Default for DirectState {
+    fn default() -> DirectState {
+        DirectState { host_ips: Vec::new(), candidates: Vec::new(), tx: DirectQueue::new(MAX_DIRECT_TX) }
     }
 }
 
@@ -108,16 +97,10 @@ impl Engine {
     /// (sessions start only on relay flows), punch packets (only agents
     /// receive them) and unknown CIDs are dropped and counted.
     pub(super) fn handle_direct(&mut self, now: Instant, from: SocketAddr, pkt: &mut [u8], io: &mut dyn BackendIo) {
-        // Only short-header (1-RTT) packets, with a CID the session issued
-        // for direct paths: never the relay path's first one, which the
-        // relay knows (it could replay a packet from an address of its
-        // choosing and have quiche validate a path there).
-        let short = pkt.first().is_some_and(|f| f & 0x80 == 0);
-        if punch::parse(pkt).is_some() || !short {
-            inc(&self.stats.drop_direct);
-            return;
-        }
-        let Some(slot) = e2e::packet_dcid(pkt).and_then(|c| self.peers.by_direct_cid(c)) else {
+        // Never by the session's first CID, which the relay knows (it could
+        // replay a packet from an address of its choosing and have quiche
+        // validate a path there): `by_direct_cid`.
+        let Some(slot) = e2e::direct_dcid(pkt).and_then(|c| self.peers.by_direct_cid(&c)) else {
             inc(&self.stats.drop_direct);
             return;
         };
