@@ -19,6 +19,8 @@ use anyhow::Result;
 use tracing::{debug, info, warn};
 use tun_rs::SyncDevice;
 use ztna_agent::agent_core::{AgentCore, AgentEvent};
+use ztna_control::e2e::PathState;
+use ztna_control::ServiceName;
 
 use ztna_udp::batch::Batch;
 use ztna_udp::BATCH;
@@ -35,7 +37,6 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Largest IP packet the device can hand us (MTU is at most 9000).
 const PKT_BUF: usize = 65_536;
 /// How often the agent looks for path changes to report.
-const PATHS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the host's interface addresses are read again.
 const HOSTS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the loop refreshes what `/status` serves.
@@ -84,6 +85,20 @@ pub struct IoStats {
     pub tun_write_errors: u64,
 }
 
+impl IoStats {
+    pub fn fields(&self) -> [(&'static str, u64); 7] {
+        [
+            ("udp_rx", self.udp_rx),
+            ("udp_tx", self.udp_tx),
+            ("udp_send_errors", self.udp_send_errors),
+            ("udp_recv_errors", self.udp_recv_errors),
+            ("tun_rx", self.tun_rx),
+            ("tun_tx", self.tun_tx),
+            ("tun_write_errors", self.tun_write_errors),
+        ]
+    }
+}
+
 pub struct Agent {
     core: AgentCore,
     tun: SyncDevice,
@@ -106,10 +121,6 @@ pub struct Agent {
     /// Host candidates: the TUN device left out, read again now and then.
     tun_name: Option<String>,
     hosts_at: Instant,
-    /// Per service, the path last reported (`path` lines), checked every
-    /// [`PATHS_EVERY`].
-    paths: std::collections::HashMap<String, Option<SocketAddr>>,
-    paths_at: Instant,
 }
 
 fn out(line: std::fmt::Arguments<'_>) {
@@ -150,8 +161,6 @@ impl Agent {
             status_at: Instant::now(),
             tun_name: None,
             hosts_at: Instant::now(),
-            paths: std::collections::HashMap::new(),
-            paths_at: Instant::now(),
         }
     }
 
@@ -159,8 +168,15 @@ impl Agent {
     /// refreshes it.
     pub fn status_board(&mut self) -> StatusBoard {
         let board = StatusBoard::default();
-        status::publish(&board, status::status_json(&self.core, self.started, Instant::now()));
+        status::publish(&board, self.published(Instant::now()));
         Arc::clone(self.status.insert(board))
+    }
+
+    fn published(&self, now: Instant) -> status::Published {
+        status::Published {
+            status: status::status_json(&self.core, self.started, now),
+            metrics: status::metrics_text(&self.core, &self.io, &self.rx.offload_stats().snapshot()),
+        }
     }
 
     /// Advertises the host's interface addresses (all but the TUN device
@@ -172,31 +188,22 @@ impl Agent {
         self.hosts_at = Instant::now() + HOSTS_EVERY;
     }
 
-    /// Prints a `path` line for every service whose path changed:
+    /// Prints the `path` line of a move:
     /// `path service=S via=direct addr=A time_to_direct_ms=T` or
-    /// `path service=S via=relay`.
-    fn report_paths(&mut self) {
-        for t in self.core.tunnel_status() {
-            if self.paths.get(&t.service) == Some(&t.direct) {
-                continue;
+    /// `path service=S via=relay state=W` (W says why: docs/protocol/direct.md §11.6).
+    fn report_path(&self, service: &ServiceName, direct: Option<SocketAddr>, state: PathState) {
+        match direct {
+            Some(a) => {
+                let status = self.core.tunnel_status();
+                let t = status.iter().find(|t| t.service == service.as_str());
+                let ttd = t.and_then(|t| t.paths.as_ref()).and_then(|c| c.time_to_direct).map(|d| d.as_millis());
+                info!(%service, addr = %a, time_to_direct_ms = ?ttd, "direct path");
+                out(format_args!("path service={service} via=direct addr={a} time_to_direct_ms={}", ttd.unwrap_or(0)));
             }
-            let ttd = t.paths.as_ref().and_then(|c| c.time_to_direct).map(|d| d.as_millis());
-            match t.direct {
-                Some(a) => {
-                    info!(service = %t.service, addr = %a, time_to_direct_ms = ?ttd, "direct path");
-                    out(format_args!(
-                        "path service={} via=direct addr={a} time_to_direct_ms={}",
-                        t.service,
-                        ttd.unwrap_or(0)
-                    ));
-                }
-                None if self.paths.contains_key(&t.service) => {
-                    info!(service = %t.service, "relay path");
-                    out(format_args!("path service={} via=relay", t.service));
-                }
-                None => {}
+            None => {
+                info!(%service, state = state.as_str(), "relay path");
+                out(format_args!("path service={service} via=relay state={}", state.as_str()));
             }
-            self.paths.insert(t.service, t.direct);
         }
     }
 
@@ -225,10 +232,6 @@ impl Agent {
             self.events();
             self.deliver();
             self.transmit(now);
-            if now >= self.paths_at {
-                self.paths_at = now + PATHS_EVERY;
-                self.report_paths();
-            }
             if now >= self.hosts_at {
                 if let Some(name) = self.tun_name.clone() {
                     self.advertise_host_addresses(&name);
@@ -238,7 +241,7 @@ impl Agent {
                 self.status.as_ref().filter(|_| now.saturating_duration_since(self.status_at) >= STATUS_EVERY)
             {
                 self.status_at = now;
-                status::publish(board, status::status_json(&self.core, self.started, now));
+                status::publish(board, self.published(now));
             }
         }
         self.shutdown();
@@ -464,6 +467,7 @@ impl Agent {
                 AgentEvent::SessionClosed { service, reason } => {
                     out(format_args!("session closed {service} {reason}"));
                 }
+                AgentEvent::PathChanged { service, direct, state } => self.report_path(&service, direct, state),
             }
         }
     }
@@ -473,52 +477,18 @@ impl Agent {
         let io = self.io;
         let o = self.rx.offload_stats().snapshot();
         info!(?s, ?io, ?o, "stats");
-        out(format_args!(
-            "stats packets_out={} bytes_out={} packets_in={} bytes_in={} drop_malformed={} drop_unmapped={} \
-             drop_no_flow={} drop_too_large={} drop_backpressure={} drop_unknown_flow={} drop_truncated={} \
-             drop_spoofed={} drop_not_pinned={} drop_direct={} e2e_handshakes={} e2e_established={} \
-             e2e_cert_rejected={} e2e_identity_mismatch={} e2e_packets_rejected={} e2e_pending_dropped={} \
-             connects={} disconnects={} udp_rx={} udp_tx={} udp_send_errors={} udp_recv_errors={} tun_rx={} \
-             tun_tx={} tun_write_errors={} udp_gso={} udp_gro={} udp_gso_sends={} udp_gso_errors={} \
-             udp_gro_receives={} direct_packets_in={} direct_packets_out={} direct_punches_in={}",
-            s.packets_out,
-            s.bytes_out,
-            s.packets_in,
-            s.bytes_in,
-            s.drop_malformed,
-            s.drop_unmapped,
-            s.drop_no_flow,
-            s.drop_too_large,
-            s.drop_backpressure,
-            s.drop_unknown_flow,
-            s.drop_truncated,
-            s.drop_spoofed,
-            s.drop_not_pinned,
-            s.drop_direct,
-            s.e2e_handshakes,
-            s.e2e_established,
-            s.e2e_cert_rejected,
-            s.e2e_identity_mismatch,
-            s.e2e_packets_rejected,
-            s.e2e_pending_dropped,
-            s.connects,
-            s.disconnects,
-            io.udp_rx,
-            io.udp_tx,
-            io.udp_send_errors,
-            io.udp_recv_errors,
-            io.tun_rx,
-            io.tun_tx,
-            io.tun_write_errors,
-            u8::from(o.gso),
-            u8::from(o.gro),
-            o.gso_sends,
-            o.gso_errors,
-            o.gro_receives,
-            s.direct_packets_in,
-            s.direct_packets_out,
-            s.direct_punches_in,
-        ));
+        let offload = [
+            ("udp_gso", u64::from(o.gso)),
+            ("udp_gro", u64::from(o.gro)),
+            ("udp_gso_sends", o.gso_sends),
+            ("udp_gso_errors", o.gso_errors),
+            ("udp_gro_receives", o.gro_receives),
+        ];
+        let mut line = String::from("stats");
+        for (k, v) in s.fields().into_iter().chain(io.fields()).chain(offload) {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        out(format_args!("{line}"));
         out(format_args!("status {}", status::status_json(&self.core, self.started, Instant::now())));
     }
 

@@ -159,6 +159,10 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
             switch ev.kind {
             case UInt32(ZTNA_EVENT_SESSION_UP): NSLog("ztna end-to-end session up, connector %@", text)
             case UInt32(ZTNA_EVENT_SESSION_CLOSED): NSLog("ztna end-to-end session closed: %@", text)
+            case UInt32(ZTNA_EVENT_PATH_CHANGED):
+                // This example's one NWConnection talks to the relay only,
+                // so its sessions stay there; the text says why (API 3.3).
+                NSLog("ztna path: %@ (%@)", ev.addr.family == 0 ? "relay" : "direct", text)
             case UInt32(ZTNA_EVENT_DISCONNECTED):
                 // The whole reason (the event's text is cut at its buffer):
                 // show it to the user, e.g. a relay certificate that does not

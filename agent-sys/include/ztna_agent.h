@@ -69,8 +69,9 @@
 
 // API version: major << 16 | minor. Bumped on any ABI change (minor:
 // additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
-// counters of `ZtnaStats`).
-#define ZTNA_API_VERSION ((3 << 16) | 2)
+// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED` and
+// `ztna_agent_path_stats`).
+#define ZTNA_API_VERSION ((3 << 16) | 3)
 
 // Event kinds reported by `ztna_agent_poll_event`.
 #define ZTNA_EVENT_CONNECTED 1
@@ -92,6 +93,12 @@
 // The service's end-to-end session ended; `text` holds the reason. A new
 // one is tried after a backoff.
 #define ZTNA_EVENT_SESSION_CLOSED 8
+
+// The service's session moved between the relay and a direct path (3.3):
+// `addr` is the peer's address on the direct path (family 0: the relay
+// carries it now), `text` the path state (`direct`, or why the relay:
+// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.6).
+#define ZTNA_EVENT_PATH_CHANGED 9
 
 // Opaque agent handle.
 typedef struct ZtnaAgent ZtnaAgent;
@@ -174,7 +181,8 @@ typedef struct ZtnaPacket {
 // An event. Fields not used by `kind` are zero.
 typedef struct ZtnaEvent {
   uint32_t kind;
-  // OBSERVED_ADDRESS: the relay's view of our address.
+  // OBSERVED_ADDRESS: the relay's view of our address; PATH_CHANGED:
+  // the direct path's peer address (family 0: the relay).
   struct ZtnaAddr addr;
   // REGISTERED: flow id.
   uint32_t flow;
@@ -182,10 +190,12 @@ typedef struct ZtnaEvent {
   uint16_t code;
   // DISCONNECTED: milliseconds until the next connection attempt.
   uint64_t retry_in_ms;
-  // REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
+  // REGISTERED / REGISTER_FAILED / SESSION_* / PATH_CHANGED: service
+  // name, NUL-terminated.
   uint8_t service[65];
   // SESSION_UP: connector identity; SESSION_CLOSED, DISCONNECTED:
-  // reason (whole: `ztna_agent_last_failure`). NUL-terminated, cut at
+  // reason (whole: `ztna_agent_last_failure`); PATH_CHANGED: the path
+  // state. NUL-terminated, cut at
   // 255 bytes.
   uint8_t text[256];
 } ZtnaEvent;
@@ -232,6 +242,34 @@ typedef struct ZtnaStats {
   uint64_t path_to_relay;
   uint64_t reserved[2];
 } ZtnaStats;
+
+// Direct-path telemetry (3.3): punching rounds and their outcomes, bytes
+// over direct paths, and the time-to-direct histogram of the sessions so
+// far. `reserved` keeps room for new fields without an ABI break.
+typedef struct ZtnaPathStats {
+  // Sessions on a direct path now.
+  uint64_t sessions_direct;
+  // Rounds run, those that ended with the session on a direct path, and
+  // those that validated none.
+  uint64_t punch_rounds;
+  uint64_t punch_rounds_direct;
+  uint64_t punch_rounds_failed;
+  // UDP payload bytes of inner packets over direct paths.
+  uint64_t direct_bytes_in;
+  uint64_t direct_bytes_out;
+  // Moves onto a direct path, and back to the relay.
+  uint64_t path_to_direct;
+  uint64_t path_to_relay;
+  // Sessions that went direct, and the sum of their times to direct
+  // (ms; from the session's first tunneled packet).
+  uint64_t time_to_direct_count;
+  uint64_t time_to_direct_sum_ms;
+  // Cumulative: sessions that went direct within 50, 100, 250, 500,
+  // 1000, 2000, 3000, 10000 and 60000 ms; the tenth is
+  // `time_to_direct_count` (+Inf).
+  uint64_t time_to_direct_buckets[10];
+  uint64_t reserved[6];
+} ZtnaPathStats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -338,6 +376,12 @@ uintptr_t ztna_agent_last_failure(const struct ZtnaAgent *agent, char *buf, uint
 // # Safety
 // `agent` and `out` valid.
 int32_t ztna_agent_stats(const struct ZtnaAgent *agent, struct ZtnaStats *out);
+
+// Copies the direct-path telemetry into `*out` (3.3).
+//
+// # Safety
+// `agent` and `out` valid.
+int32_t ztna_agent_path_stats(const struct ZtnaAgent *agent, struct ZtnaPathStats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use ztna_control::candidate::{host_candidates, punch, Candidate, CandidateKind, PathPolicy};
-use ztna_control::e2e::{self, DirectConfig, DirectQueue, Via};
+use ztna_control::e2e::{self, DirectConfig, DirectQueue, PathState, TimeToDirect, Via};
 use ztna_control::ServiceName;
 
-use crate::agent_core::AgentCore;
+use crate::agent_core::{AgentCore, AgentEvent};
 
 /// Direct-path settings of an agent.
 #[derive(Debug, Clone, Default)]
@@ -41,11 +41,20 @@ pub(crate) struct DirectState {
     /// Interface addresses the driver reported.
     pub host_ips: Vec<IpAddr>,
     pub tx: DirectQueue,
+    /// Sessions' time from their first tunneled packet to their first
+    /// direct path.
+    pub time_to_direct: TimeToDirect,
 }
 
 impl DirectState {
     pub fn new(settings: PathSettings) -> DirectState {
-        DirectState { settings, by_cid: HashMap::new(), host_ips: Vec::new(), tx: DirectQueue::new(MAX_DIRECT_TX) }
+        DirectState {
+            settings,
+            by_cid: HashMap::new(),
+            host_ips: Vec::new(),
+            tx: DirectQueue::new(MAX_DIRECT_TX),
+            time_to_direct: TimeToDirect::default(),
+        }
     }
 
     /// The candidates for a socket at `local` that a relay sees at
@@ -66,6 +75,35 @@ impl AgentCore {
     pub fn set_host_addresses(&mut self, ips: Vec<IpAddr>) {
         self.direct.host_ips = ips;
         self.refresh_candidates();
+    }
+
+    /// Sessions' time to direct so far (`ztna_agent_time_to_direct_seconds`).
+    pub fn time_to_direct(&self) -> &TimeToDirect {
+        &self.direct.time_to_direct
+    }
+
+    /// Where each session's packets go and why (one entry per service
+    /// with a session).
+    pub fn path_states(&self) -> Vec<PathState> {
+        self.tunnel_status().into_iter().filter_map(|t| t.path_state).collect()
+    }
+
+    /// Reports a move of the session of `service` between the relay and a
+    /// direct path (PathChanged), and counts its time to direct once.
+    pub(crate) fn note_path(&mut self, service: &ServiceName) {
+        let Some(t) = self.tunnel_mut(service) else { return };
+        let s = t.session.as_ref();
+        let (direct, state) = s.map_or((None, PathState::Pending), |s| (s.current_path(), s.path_state()));
+        let ttd = s.and_then(|s| s.path_counters().time_to_direct).filter(|_| !t.direct_counted);
+        t.direct_counted |= ttd.is_some();
+        let moved = direct != t.reported_path;
+        t.reported_path = direct;
+        if let Some(d) = ttd {
+            self.direct.time_to_direct.observe(d);
+        }
+        if moved {
+            self.push_event(AgentEvent::PathChanged { service: service.clone(), direct, state });
+        }
     }
 
     /// Tells every session the agent's current candidates.
@@ -104,7 +142,9 @@ impl AgentCore {
             .and_then(|t| t.session.as_mut())
             .is_some_and(|s| s.recv_via(data, Via::Direct(from), now));
         if authentic {
-            self.stats_mut().direct_packets_in += 1;
+            let stats = self.stats_mut();
+            stats.direct_packets_in += 1;
+            stats.direct_bytes_in += data.len() as u64;
         }
         self.pump_sessions_now(now);
     }

@@ -23,7 +23,7 @@ use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 
 use crate::agent_core::{AgentConfig, AgentCore, AgentError, AgentEvent, DropReason};
-pub use crate::ffi_stats::ZtnaStats;
+pub use crate::ffi_stats::{ztna_agent_path_stats, ztna_agent_stats, ZtnaPathStats, ZtnaStats};
 use crate::route::Cidr;
 
 pub const ZTNA_OK: i32 = 0;
@@ -55,8 +55,9 @@ pub const ZTNA_ERR_NOT_PINNED: i32 = -12;
 
 /// API version: major << 16 | minor. Bumped on any ABI change (minor:
 /// additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
-/// counters of `ZtnaStats`).
-pub const ZTNA_API_VERSION: u32 = 3 << 16 | 2;
+/// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED` and
+/// `ztna_agent_path_stats`).
+pub const ZTNA_API_VERSION: u32 = 3 << 16 | 3;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of
 /// `ip` are used.
@@ -155,13 +156,19 @@ pub const ZTNA_EVENT_SESSION_UP: u32 = 7;
 /// The service's end-to-end session ended; `text` holds the reason. A new
 /// one is tried after a backoff.
 pub const ZTNA_EVENT_SESSION_CLOSED: u32 = 8;
+/// The service's session moved between the relay and a direct path (3.3):
+/// `addr` is the peer's address on the direct path (family 0: the relay
+/// carries it now), `text` the path state (`direct`, or why the relay:
+/// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.6).
+pub const ZTNA_EVENT_PATH_CHANGED: u32 = 9;
 
 /// An event. Fields not used by `kind` are zero.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ZtnaEvent {
     pub kind: u32,
-    /// OBSERVED_ADDRESS: the relay's view of our address.
+    /// OBSERVED_ADDRESS: the relay's view of our address; PATH_CHANGED:
+    /// the direct path's peer address (family 0: the relay).
     pub addr: ZtnaAddr,
     /// REGISTERED: flow id.
     pub flow: u32,
@@ -169,17 +176,19 @@ pub struct ZtnaEvent {
     pub code: u16,
     /// DISCONNECTED: milliseconds until the next connection attempt.
     pub retry_in_ms: u64,
-    /// REGISTERED / REGISTER_FAILED / SESSION_*: service name, NUL-terminated.
+    /// REGISTERED / REGISTER_FAILED / SESSION_* / PATH_CHANGED: service
+    /// name, NUL-terminated.
     pub service: [u8; 65],
     /// SESSION_UP: connector identity; SESSION_CLOSED, DISCONNECTED:
-    /// reason (whole: `ztna_agent_last_failure`). NUL-terminated, cut at
+    /// reason (whole: `ztna_agent_last_failure`); PATH_CHANGED: the path
+    /// state. NUL-terminated, cut at
     /// 255 bytes.
     pub text: [u8; 256],
 }
 
 /// Opaque agent handle.
 pub struct ZtnaAgent {
-    core: AgentCore,
+    pub(crate) core: AgentCore,
     base: Instant,
     base_us: u64,
     last_us: u64,
@@ -202,7 +211,7 @@ impl ZtnaAgent {
     }
 }
 
-fn guard(f: impl FnOnce() -> i32) -> i32 {
+pub(crate) fn guard(f: impl FnOnce() -> i32) -> i32 {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(ZTNA_ERR_PANIC)
 }
 
@@ -631,6 +640,14 @@ pub unsafe extern "C" fn ztna_agent_poll_event(agent: *mut ZtnaAgent, out: *mut 
                 set_service(&service, &mut ev);
                 set_text(&reason, &mut ev);
             }
+            AgentEvent::PathChanged { service, direct, state } => {
+                ev.kind = ZTNA_EVENT_PATH_CHANGED;
+                set_service(&service, &mut ev);
+                set_text(state.as_str(), &mut ev);
+                if let Some(a) = direct {
+                    ev.addr = ZtnaAddr::from(a);
+                }
+            }
         }
         // SAFETY: checked non-NULL.
         unsafe { *out = ev };
@@ -714,23 +731,4 @@ pub unsafe extern "C" fn ztna_agent_last_failure(agent: *const ZtnaAgent, buf: *
         text.len()
     }))
     .unwrap_or(0)
-}
-
-/// Copies the counters into `*out`.
-///
-/// # Safety
-/// `agent` and `out` valid.
-#[no_mangle]
-pub unsafe extern "C" fn ztna_agent_stats(agent: *const ZtnaAgent, out: *mut ZtnaStats) -> i32 {
-    guard(|| {
-        if agent.is_null() || out.is_null() {
-            return ZTNA_ERR_NULL;
-        }
-        // SAFETY: checked non-NULL.
-        let a = unsafe { &*agent };
-        let st = ZtnaStats::of(&a.core);
-        // SAFETY: checked non-NULL.
-        unsafe { *out = st };
-        ZTNA_OK
-    })
 }

@@ -1,6 +1,10 @@
-//! `ZtnaStats`, the C API's counters, and how they are read from the core.
+//! `ZtnaStats` and `ZtnaPathStats`, the C API's counters, and the calls
+//! that read them from the core.
+
+use ztna_control::e2e::path_telemetry::TIME_TO_DIRECT_BUCKETS_MS;
 
 use crate::agent_core::AgentCore;
+use crate::ffi::{guard, ZtnaAgent, ZTNA_ERR_NULL, ZTNA_OK};
 
 /// Counters. `reserved` keeps room for new fields without an ABI break.
 #[repr(C)]
@@ -84,4 +88,97 @@ impl ZtnaStats {
             reserved: [0; 2],
         }
     }
+}
+
+/// Copies the counters into `*out`.
+///
+/// # Safety
+/// `agent` and `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ztna_agent_stats(agent: *const ZtnaAgent, out: *mut ZtnaStats) -> i32 {
+    guard(|| {
+        if agent.is_null() || out.is_null() {
+            return ZTNA_ERR_NULL;
+        }
+        // SAFETY: checked non-NULL.
+        let a = unsafe { &*agent };
+        let st = ZtnaStats::of(&a.core);
+        // SAFETY: checked non-NULL.
+        unsafe { *out = st };
+        ZTNA_OK
+    })
+}
+
+/// Direct-path telemetry (3.3): punching rounds and their outcomes, bytes
+/// over direct paths, and the time-to-direct histogram of the sessions so
+/// far. `reserved` keeps room for new fields without an ABI break.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ZtnaPathStats {
+    /// Sessions on a direct path now.
+    pub sessions_direct: u64,
+    /// Rounds run, those that ended with the session on a direct path, and
+    /// those that validated none.
+    pub punch_rounds: u64,
+    pub punch_rounds_direct: u64,
+    pub punch_rounds_failed: u64,
+    /// UDP payload bytes of inner packets over direct paths.
+    pub direct_bytes_in: u64,
+    pub direct_bytes_out: u64,
+    /// Moves onto a direct path, and back to the relay.
+    pub path_to_direct: u64,
+    pub path_to_relay: u64,
+    /// Sessions that went direct, and the sum of their times to direct
+    /// (ms; from the session's first tunneled packet).
+    pub time_to_direct_count: u64,
+    pub time_to_direct_sum_ms: u64,
+    /// Cumulative: sessions that went direct within 50, 100, 250, 500,
+    /// 1000, 2000, 3000, 10000 and 60000 ms; the tenth is
+    /// `time_to_direct_count` (+Inf).
+    pub time_to_direct_buckets: [u64; 10],
+    pub reserved: [u64; 6],
+}
+
+const _: () = assert!(TIME_TO_DIRECT_BUCKETS_MS.len() + 1 == 10);
+
+impl ZtnaPathStats {
+    pub(crate) fn of(core: &AgentCore) -> ZtnaPathStats {
+        let s = core.stats();
+        let h = core.time_to_direct();
+        let mut buckets = [h.count; 10];
+        buckets[..h.buckets.len()].copy_from_slice(&h.buckets);
+        ZtnaPathStats {
+            sessions_direct: core.sessions_direct() as u64,
+            punch_rounds: s.punch_rounds,
+            punch_rounds_direct: s.punch_rounds_direct,
+            punch_rounds_failed: s.punch_rounds_failed,
+            direct_bytes_in: s.direct_bytes_in,
+            direct_bytes_out: s.direct_bytes_out,
+            path_to_direct: s.path_to_direct,
+            path_to_relay: s.path_to_relay,
+            time_to_direct_count: h.count,
+            time_to_direct_sum_ms: h.sum_ms,
+            time_to_direct_buckets: buckets,
+            reserved: [0; 6],
+        }
+    }
+}
+
+/// Copies the direct-path telemetry into `*out` (3.3).
+///
+/// # Safety
+/// `agent` and `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ztna_agent_path_stats(agent: *const ZtnaAgent, out: *mut ZtnaPathStats) -> i32 {
+    guard(|| {
+        if agent.is_null() || out.is_null() {
+            return ZTNA_ERR_NULL;
+        }
+        // SAFETY: checked non-NULL.
+        let a = unsafe { &*agent };
+        let st = ZtnaPathStats::of(&a.core);
+        // SAFETY: checked non-NULL.
+        unsafe { *out = st };
+        ZTNA_OK
+    })
 }

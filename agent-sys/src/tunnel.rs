@@ -4,6 +4,7 @@
 //! agent moves to another relay and the new flow is bound to the same
 //! connector identity, the same session goes on over it.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ztna_control::backoff::Backoff;
@@ -25,6 +26,10 @@ pub(crate) struct Tunnel {
     backoff: Backoff,
     /// A failed session is retried no earlier than this.
     pub retry_at: Option<Instant>,
+    /// The path last reported (PathChanged), and whether the session's
+    /// time to direct was counted.
+    pub reported_path: Option<SocketAddr>,
+    pub direct_counted: bool,
 }
 
 impl Tunnel {
@@ -36,6 +41,8 @@ impl Tunnel {
             session: None,
             backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
             retry_at: None,
+            reported_path: None,
+            direct_counted: false,
         }
     }
 

@@ -127,6 +127,11 @@ fn c_program_against_real_relay_and_connector() {
     assert!(field("direct_in=") > 0 && field("direct_out=") > 0, "{result}");
     assert_eq!(field("sessions_direct="), 1, "{result}");
     assert!(field("path_to_direct=") >= 1, "{result}");
+    // 3.3: the move was an event, and the path telemetry counts it.
+    assert!(field("path_events=") >= 1, "{result}");
+    assert!(field("ttd_count=") >= 1 && field("ttd_le_3s=") >= 1, "{result}");
+    assert!(field("rounds=") >= 1 && field("rounds_direct=") + 1 >= field("rounds="), "{result}");
+    assert!(field("direct_bytes_in=") > field("direct_in="), "{result}");
     // The agent with a wrong server_name got the whole reason.
     let refused = stdout.lines().find(|l| l.starts_with("REFUSED")).expect("REFUSED line");
     println!("{refused}");

@@ -224,6 +224,7 @@ impl DrivenEngine for ClearEngine {
             sessions_total: 0,
             sessions_up: 0,
             sessions_direct: 0,
+            sessions_by_path: Default::default(),
             sessions: Vec::new(),
             sessions_omitted: 0,
             udp_flows: self.gateway.udp_flows(),

@@ -9,11 +9,12 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ztna_agent::agent_core::{AgentConfig, AgentCore};
+use ztna_agent::agent_core::{AgentConfig, AgentCore, AgentEvent};
 use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
 use ztna_connector::{BackendRoute, ConnectorConfig, PathMode, Proto, ServiceConfig, Target};
 use ztna_control::candidate::PathPolicy;
+use ztna_control::e2e::PathState;
 use ztna_control::identity::Kind;
 use ztna_control::packet::{self, Transport};
 use ztna_control::ServiceName;
@@ -331,14 +332,34 @@ fn a_session_goes_direct_falls_back_to_the_relay_when_the_path_is_blocked_and_re
     assert_eq!(h.core.stats().e2e_handshakes, 1, "one session throughout");
     let paths = h.core.tunnel_status().first().and_then(|t| t.paths.clone()).unwrap();
     assert_eq!((paths.to_direct, paths.to_relay), (2, 1), "{paths:?}");
+    // Each move was an event, the fallback with its reason; the first
+    // went into the time-to-direct histogram.
+    let moves: Vec<(Option<SocketAddr>, PathState)> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::PathChanged { direct, state, .. } => Some((*direct, *state)),
+            _ => None,
+        })
+        .collect();
+    let d = Some("127.0.0.3:4434".parse().unwrap());
+    assert_eq!(moves, [(d, PathState::Direct), (None, PathState::Lost), (d, PathState::Direct)]);
+    assert_eq!(h.core.time_to_direct().count, 1);
+    assert_eq!(h.core.time_to_direct().buckets[4], 1, "within a second");
+    let st = h.core.stats();
+    assert!(st.punch_rounds_direct >= 1 && st.punch_rounds >= st.punch_rounds_direct, "{st:?}");
+    assert!(st.direct_bytes_in > st.direct_packets_in * 20 && st.direct_bytes_out > 0, "{st:?}");
     let host = sim.host::<ConnectorHost>(c);
     let conn = host.engine.stats().snapshot();
     assert!(conn.direct_packets_in > 0 && conn.direct_packets_out > 0, "{conn:?}");
     assert!(conn.direct_bytes_in > conn.direct_packets_in * 20, "{conn:?}");
     // The connector followed every switch, and timed the first.
     assert_eq!((conn.path_to_direct, conn.path_to_relay), (2, 1), "{conn:?}");
-    assert_eq!(host.engine.direct_metrics().count(), 1);
+    assert_eq!(host.engine.direct_metrics().snapshot().count, 1);
     assert_eq!(host.engine.status().sessions_direct, 1);
+    assert_eq!(host.engine.status().sessions_by_path.get("direct"), Some(&1));
+    assert_eq!(host.engine.status().sessions.first().map(|s| s.path), Some("direct"));
+    assert_eq!(conn.punch_rounds_direct, st.punch_rounds_direct, "{conn:?}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
@@ -356,6 +377,8 @@ fn a_relay_only_service_never_goes_direct() {
     let (_, sent, echoed) = phase(&mut sim, &mut traffic, &agents, Duration::from_secs(12), |_| false);
     assert!(sent > 500 && echoed + 3 >= sent, "{echoed}/{sent}");
     assert_eq!(direct_path(&mut sim, agents[0]), None);
+    let state = sim.host::<AgentHost>(agents[0]).core.tunnel_status().first().and_then(|t| t.path_state);
+    assert_eq!(state, Some(PathState::RelayOnly));
     let conn = sim.host::<ConnectorHost>(c).engine.stats().snapshot();
     assert_eq!((conn.direct_packets_in, conn.direct_packets_out), (0, 0), "{conn:?}");
     assert!(forwarded(&mut sim, r) >= 2 * u64::from(echoed));

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::lab::{can_run, Lab};
-use crate::probe::{agent_stats, relay_counter, tcp_probe_from, udp_probe, udp_probe_from};
-use crate::start::{bins, bring_up_with, Running};
+use crate::probe::{agent_stats, http_get_in, relay_counter, tcp_probe_from, udp_probe, udp_probe_from};
+use crate::start::{bins, bring_up_with, Running, AGENT_STATUS, CONNECTOR_HEALTH};
 use crate::{RELAY_IP, SITE_IP};
 
 fn direct_line(l: &str) -> bool {
@@ -54,7 +54,7 @@ fn the_agent_goes_direct_through_its_nat_falls_back_to_the_relay_and_returns() {
     std::thread::sleep(Duration::from_millis(500));
     lab.block(SITE_IP);
     let t = Instant::now();
-    let back = agent.wait_out(mark, Duration::from_secs(5), |l| l == "path service=echo via=relay");
+    let back = agent.wait_out(mark, Duration::from_secs(5), |l| l == "path service=echo via=relay state=lost");
     let took = t.elapsed();
     let (sent, got) = probe.join().unwrap();
     eprintln!("fallback after {took:?}: {back:?}; UDP echo across it {got}/{sent} at 5 ms spacing");
@@ -77,6 +77,28 @@ fn the_agent_goes_direct_through_its_nat_falls_back_to_the_relay_and_returns() {
     let s = agent_stats(&mut agent);
     assert_eq!(s["e2e_handshakes"], 1, "one session throughout: {s:?}");
     assert!(s["direct_packets_in"] >= 300 && s["direct_packets_out"] >= 300, "{s:?}");
+
+    // Both ends export it: the agent's /metrics (its status listener) and
+    // the connector's.
+    std::thread::sleep(Duration::from_millis(1100)); // published every second
+    let (code, m) = http_get_in(&lab.agent, AGENT_STATUS.parse().unwrap(), "/metrics");
+    assert_eq!(code, 200, "{m}");
+    let value = |m: &str, k: &str| -> f64 {
+        let line = m.lines().find(|l| l.starts_with(k) && l[k.len()..].starts_with(' '));
+        line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+    };
+    assert_eq!(value(&m, "ztna_agent_sessions_direct"), 1.0, "{m}");
+    assert_eq!(value(&m, "ztna_agent_sessions_by_path{state=\"direct\"}"), 1.0, "{m}");
+    assert_eq!(value(&m, "ztna_agent_path_to_direct_total"), 2.0, "{m}");
+    assert_eq!(value(&m, "ztna_agent_path_to_relay_total"), 1.0, "{m}");
+    assert_eq!(value(&m, "ztna_agent_time_to_direct_seconds_count"), 1.0, "{m}");
+    assert_eq!(value(&m, "ztna_agent_time_to_direct_seconds_bucket{le=\"3\"}"), 1.0, "{m}");
+    assert!(value(&m, "ztna_agent_direct_bytes_in_total") > 300.0 * 40.0, "{m}");
+    let (code, c) = http_get_in(&lab.site, CONNECTOR_HEALTH.parse().unwrap(), "/metrics");
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(value(&c, "ztna_connector_sessions_by_path{state=\"direct\"}"), 1.0, "{c}");
+    assert_eq!(value(&c, "ztna_connector_time_to_direct_seconds_count"), 1.0, "{c}");
+    assert!(value(&c, "ztna_connector_punch_rounds_direct_total") >= 1.0, "{c}");
 }
 
 /// 10 MB through the tunnel's TCP while the session goes relay → direct →
@@ -109,7 +131,7 @@ fn a_tcp_transfer_survives_every_path_switch() {
     std::thread::sleep(Duration::from_millis(500));
     mark = agent.out_len();
     lab.block(SITE_IP);
-    let back = agent.wait_out(mark, Duration::from_secs(4), |l| l == "path service=echo via=relay");
+    let back = agent.wait_out(mark, Duration::from_secs(4), |l| l == "path service=echo via=relay state=lost");
     eprintln!("direct -> relay at {:?}", t.elapsed());
     assert!(back.is_some(), "fallback to the relay");
     std::thread::sleep(Duration::from_millis(1000));

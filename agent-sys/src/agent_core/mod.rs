@@ -137,12 +137,16 @@ impl AgentCore {
     pub fn stats(&self) -> AgentStats {
         let c = self.session.stats();
         let live: u64 = self.tunnels.values().filter_map(|t| t.session.as_ref()).map(E2eSession::rejected).sum();
-        let switches = |f: fn(&e2e::PathCounters) -> u64| -> u64 {
-            self.tunnels.values().filter_map(|t| t.session.as_ref()).map(|s| f(s.path_counters())).sum()
-        };
+        let mut paths = self.stats;
+        for s in self.tunnels.values().filter_map(|t| t.session.as_ref()) {
+            paths.add_paths(s.path_counters());
+        }
         AgentStats {
-            path_to_direct: self.stats.path_to_direct + switches(|c| c.to_direct),
-            path_to_relay: self.stats.path_to_relay + switches(|c| c.to_relay),
+            path_to_direct: paths.path_to_direct,
+            path_to_relay: paths.path_to_relay,
+            punch_rounds: paths.punch_rounds,
+            punch_rounds_direct: paths.punch_rounds_direct,
+            punch_rounds_failed: paths.punch_rounds_failed,
             connects: c.connects,
             disconnects: c.disconnects,
             drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
@@ -170,6 +174,10 @@ impl AgentCore {
 
     pub(crate) fn tunnel_mut(&mut self, service: &ServiceName) -> Option<&mut Tunnel> {
         self.tunnels.get_mut(service)
+    }
+
+    pub(crate) fn push_event(&mut self, e: AgentEvent) {
+        self.events.push_back(e);
     }
 
     pub(crate) fn stats_mut(&mut self) -> &mut AgentStats {
@@ -352,6 +360,7 @@ impl AgentCore {
         loop {
             if let Some(sent) = self.direct.tx.pop_into(out) {
                 self.stats.direct_packets_out += 1;
+                self.stats.direct_bytes_out += sent.0 as u64;
                 return Some(sent);
             }
             if let Some(sent) = self.session.poll_transmit(out, now) {
@@ -460,12 +469,12 @@ impl AgentCore {
         if let Some(rejected) = finished {
             self.stats.e2e_packets_rejected += rejected;
             if let Some(c) = t.session.as_ref().map(E2eSession::path_counters) {
-                self.stats.path_to_direct += c.to_direct;
-                self.stats.path_to_relay += c.to_relay;
+                self.stats.add_paths(c);
             }
             t.session = None;
             self.direct.by_cid.retain(|_, s| s != service);
         }
+        self.note_path(service);
     }
 
     /// Starts the session of `service` with the connector its flow is
@@ -487,8 +496,7 @@ impl AgentCore {
                 s.close();
             }
             self.stats.e2e_packets_rejected += s.rejected();
-            self.stats.path_to_direct += s.path_counters().to_direct;
-            self.stats.path_to_relay += s.path_counters().to_relay;
+            self.stats.add_paths(s.path_counters());
         }
         let mut scid = [0u8; e2e::CID_LEN];
         self.rng.fill(&mut scid);
@@ -504,6 +512,7 @@ impl AgentCore {
                 self.direct.by_cid.retain(|_, s| s != service);
                 self.stats.e2e_handshakes += 1;
                 t.session = Some(s);
+                t.direct_counted = false;
                 t.retry_at = None;
             }
             Err(e) => {
@@ -672,6 +681,7 @@ impl AgentCore {
                 stalled: t.session.as_ref().is_some_and(E2eSession::is_stalled),
                 direct: t.session.as_ref().and_then(E2eSession::current_path),
                 paths: t.session.as_ref().map(|s| s.path_counters().clone()),
+                path_state: t.session.as_ref().map(E2eSession::path_state),
             })
             .collect();
         v.sort_by(|a, b| a.service.cmp(&b.service));

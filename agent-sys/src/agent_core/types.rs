@@ -46,6 +46,13 @@ pub enum AgentEvent {
         service: ServiceName,
         reason: String,
     },
+    /// The session of `service` moved to the direct path to `direct`, or
+    /// (`None`) to the relay, for the reason `state` gives.
+    PathChanged {
+        service: ServiceName,
+        direct: Option<SocketAddr>,
+        state: e2e::PathState,
+    },
 }
 
 /// Why an outbound packet was not sent (each is counted).
@@ -106,9 +113,18 @@ pub struct AgentStats {
     pub direct_packets_out: u64,
     /// Punch packets of a session's current round.
     pub direct_punches_in: u64,
+    /// Bytes of the inner packets counted in `direct_packets_in/_out`
+    /// (UDP payloads).
+    pub direct_bytes_in: u64,
+    pub direct_bytes_out: u64,
     /// Sessions' moves onto a direct path, and back to the relay.
     pub path_to_direct: u64,
     pub path_to_relay: u64,
+    /// Punching rounds the sessions ran, those that ended on a direct path
+    /// and those that validated none.
+    pub punch_rounds: u64,
+    pub punch_rounds_direct: u64,
+    pub punch_rounds_failed: u64,
     /// End-to-end sessions started, and those that came up.
     pub e2e_handshakes: u64,
     pub e2e_established: u64,
@@ -122,6 +138,55 @@ pub struct AgentStats {
     /// Packets dropped because the session was not up: its queue was full,
     /// or it came up with no room in the DATAGRAM queue for them.
     pub e2e_pending_dropped: u64,
+}
+
+impl AgentStats {
+    /// Every counter with its name (for `stats` lines and `/metrics`).
+    pub fn fields(&self) -> [(&'static str, u64); 32] {
+        [
+            ("packets_out", self.packets_out),
+            ("bytes_out", self.bytes_out),
+            ("packets_in", self.packets_in),
+            ("bytes_in", self.bytes_in),
+            ("drop_malformed", self.drop_malformed),
+            ("drop_unmapped", self.drop_unmapped),
+            ("drop_no_flow", self.drop_no_flow),
+            ("drop_too_large", self.drop_too_large),
+            ("drop_backpressure", self.drop_backpressure),
+            ("drop_unknown_flow", self.drop_unknown_flow),
+            ("drop_truncated", self.drop_truncated),
+            ("drop_spoofed", self.drop_spoofed),
+            ("connects", self.connects),
+            ("disconnects", self.disconnects),
+            ("drop_not_pinned", self.drop_not_pinned),
+            ("drop_direct", self.drop_direct),
+            ("direct_packets_in", self.direct_packets_in),
+            ("direct_packets_out", self.direct_packets_out),
+            ("direct_punches_in", self.direct_punches_in),
+            ("direct_bytes_in", self.direct_bytes_in),
+            ("direct_bytes_out", self.direct_bytes_out),
+            ("path_to_direct", self.path_to_direct),
+            ("path_to_relay", self.path_to_relay),
+            ("punch_rounds", self.punch_rounds),
+            ("punch_rounds_direct", self.punch_rounds_direct),
+            ("punch_rounds_failed", self.punch_rounds_failed),
+            ("e2e_handshakes", self.e2e_handshakes),
+            ("e2e_established", self.e2e_established),
+            ("e2e_cert_rejected", self.e2e_cert_rejected),
+            ("e2e_identity_mismatch", self.e2e_identity_mismatch),
+            ("e2e_packets_rejected", self.e2e_packets_rejected),
+            ("e2e_pending_dropped", self.e2e_pending_dropped),
+        ]
+    }
+
+    /// Adds the path counters of one session.
+    pub(crate) fn add_paths(&mut self, c: &e2e::PathCounters) {
+        self.path_to_direct += c.to_direct;
+        self.path_to_relay += c.to_relay;
+        self.punch_rounds += c.rounds;
+        self.punch_rounds_direct += c.rounds_direct;
+        self.punch_rounds_failed += c.rounds_failed;
+    }
 }
 
 /// The state of a service's end-to-end session.
@@ -164,4 +229,6 @@ pub struct TunnelStatus {
     pub direct: Option<SocketAddr>,
     /// Direct-path counters of the session.
     pub paths: Option<e2e::PathCounters>,
+    /// Where its packets go and, on the relay, why.
+    pub path_state: Option<e2e::PathState>,
 }

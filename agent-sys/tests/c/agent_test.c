@@ -128,6 +128,7 @@ struct ctx {
     ZtnaAddr observed_addr;
     int disconnected;
     char reason[256];
+    int path_events;
 };
 
 /* One event-loop turn: socket → agent, timers, agent → socket, events. */
@@ -196,6 +197,8 @@ static void pump(struct ctx *c, int wait_ms) {
             memcpy(c->connector, ev.text, sizeof c->connector);
             c->connector[sizeof c->connector - 1] = 0;
         }
+        if (ev.kind == ZTNA_EVENT_PATH_CHANGED && ev.addr.family != 0 && strcmp((const char *)ev.text, "direct") == 0)
+            c->path_events++;
         if (ev.kind == ZTNA_EVENT_SESSION_CLOSED) fprintf(stderr, "session closed: %s\n", (const char *)ev.text);
         if (ev.kind == ZTNA_EVENT_OBSERVED_ADDRESS) {
             c->observed = 1;
@@ -356,14 +359,20 @@ int main(int argc, char **argv) {
     if (ztna_agent_stats(c.agent, &st) != ZTNA_OK) die("stats", -1);
     if (st.drop_unmapped != 1 || st.drop_malformed != 1) die("drop counters", (int32_t)st.drop_unmapped);
     if (st.e2e_handshakes != 1 || st.e2e_established != 1 || st.e2e_sessions_up != 1) die("e2e counters", (int32_t)st.e2e_handshakes);
+    ZtnaPathStats ps;
+    if (ztna_agent_path_stats(c.agent, &ps) != ZTNA_OK) die("path_stats", -1);
+    if (ps.time_to_direct_buckets[9] != ps.time_to_direct_count) die("time_to_direct +Inf bucket", -1);
     double calls_per_pkt = (double)(c.ffi_calls - calls_before) / (double)(sent + echoed);
     printf("RESULT observed_port=%u echoes=100 pongs=1 connector=%s load_sent=%llu load_echoed=%llu refused=%llu "
            "rss_max_kb=%ld ffi_calls_per_packet=%.3f direct_in=%llu direct_out=%llu sessions_direct=%llu "
-           "path_to_direct=%llu\n",
+           "path_to_direct=%llu path_events=%d ttd_count=%llu ttd_le_3s=%llu rounds=%llu rounds_direct=%llu "
+           "direct_bytes_in=%llu\n",
            c.observed_addr.port, c.connector, (unsigned long long)sent, (unsigned long long)echoed,
            (unsigned long long)refused, rss_max, calls_per_pkt, (unsigned long long)st.direct_packets_in,
            (unsigned long long)st.direct_packets_out, (unsigned long long)st.e2e_sessions_direct,
-           (unsigned long long)st.path_to_direct);
+           (unsigned long long)st.path_to_direct, c.path_events, (unsigned long long)ps.time_to_direct_count,
+           (unsigned long long)ps.time_to_direct_buckets[6], (unsigned long long)ps.punch_rounds,
+           (unsigned long long)ps.punch_rounds_direct, (unsigned long long)ps.direct_bytes_in);
     /* A relay name its certificate does not cover: refused, and the
      * reason says why, cut in the event, whole from last_failure. */
     char none[8] = {1};

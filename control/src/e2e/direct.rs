@@ -126,6 +126,11 @@ impl E2eSession {
         self.paths.counters()
     }
 
+    /// Where tunneled packets go and, on the relay, why.
+    pub fn path_state(&self) -> super::PathState {
+        self.paths.state()
+    }
+
     /// Agent: a punch packet from `from`. Returns whether it belongs to
     /// this session's current round.
     pub fn on_punch(&mut self, from: SocketAddr, pkt: &[u8]) -> bool {

@@ -13,6 +13,7 @@
 //! whatever relay carries them, so a relay change is not a QUIC migration.
 
 mod direct;
+pub mod path_telemetry;
 pub mod paths;
 mod session;
 #[cfg(test)]
@@ -32,6 +33,7 @@ use crate::identity::{Identity, Kind};
 use crate::quic::{TlsConfigError, TlsOptions};
 
 pub use direct::{direct_dcid, DirectQueue, Via};
+pub use path_telemetry::{PathState, TimeToDirect};
 pub use paths::{DirectConfig, PathCounters};
 pub use session::{E2eSession, SendIpError, SessionEvent, SessionState, ACK_DELAY, MAX_PENDING};
 

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::path_telemetry::PathState;
 use crate::candidate::usable_host_ip;
 use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
 
@@ -90,6 +91,10 @@ pub enum PathAction {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PathCounters {
     pub rounds: u64,
+    /// Rounds during which the session took a direct path (counted when
+    /// it does), and rounds that ended without one.
+    pub rounds_direct: u64,
+    pub rounds_failed: u64,
     /// Connector: PunchNow messages refused (a round number not above the
     /// last, or sooner than the least gap after it).
     pub rounds_refused: u64,
@@ -115,6 +120,8 @@ struct Round {
     targets: Vec<SocketAddr>,
     /// Peer-reflexive targets punch packets added.
     prflx: usize,
+    /// The session took a direct path during the round.
+    took_direct: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +206,9 @@ pub struct PathManager {
     direct: BTreeMap<SocketAddr, DirectPath>,
     /// The path in use: `None` is the relay.
     current: Option<SocketAddr>,
+    /// Why the session is on the relay after a round or a direct path
+    /// ended ([`PathState::NoAnswer`] or [`PathState::Lost`]).
+    fallback: Option<PathState>,
     last_keepalive: Instant,
     first_tunneled: Option<Instant>,
     actions: VecDeque<PathAction>,
@@ -230,6 +240,7 @@ impl PathManager {
             want_round: false,
             direct: BTreeMap::new(),
             current: None,
+            fallback: None,
             last_keepalive: now,
             first_tunneled: None,
             actions: VecDeque::new(),
@@ -271,6 +282,37 @@ impl PathManager {
 
     pub fn counters(&self) -> &PathCounters {
         &self.counters
+    }
+
+    /// Where the session's packets go and, on the relay, why.
+    pub fn state(&self) -> PathState {
+        if self.current.is_some() {
+            PathState::Direct
+        } else if !self.direct_allowed() {
+            PathState::RelayOnly
+        } else if !self.up || self.peer_gen.is_none() {
+            PathState::Pending
+        } else if self.peer.is_empty() {
+            PathState::NoCandidates
+        } else if let Some(why) = self.fallback {
+            // Why it is on the relay says more than that a round runs.
+            why
+        } else if self.round.is_some() {
+            PathState::Punching
+        } else {
+            PathState::Pending
+        }
+    }
+
+    /// The round ends: counted by its outcome.
+    fn end_round(&mut self) {
+        let Some(r) = self.round.take() else { return };
+        if !r.took_direct {
+            self.counters.rounds_failed += 1;
+            if self.current.is_none() {
+                self.fallback = Some(PathState::NoAnswer);
+            }
+        }
     }
 
     /// This end's candidates, replacing the previous ones (cut to
@@ -347,7 +389,9 @@ impl PathManager {
         self.last_round = Some(now);
         let targets = self.peer.iter().map(|c| c.addr).collect();
         let interval = self.cfg.probe_first;
-        self.round = Some(Round { number, nonce, started: now, next: now, interval, targets, prflx: 0 });
+        self.end_round();
+        let took_direct = false;
+        self.round = Some(Round { number, nonce, started: now, next: now, interval, targets, prflx: 0, took_direct });
         self.counters.rounds += 1;
     }
 
@@ -433,13 +477,30 @@ impl PathManager {
         if self.agent || to == self.current {
             return;
         }
+        self.moved(to, now);
+    }
+
+    /// The session moved to `to` (`None`: the relay): counted, and the
+    /// time to direct noted at the first direct path.
+    fn moved(&mut self, to: Option<SocketAddr>, now: Instant) {
         self.current = to;
         match to {
             Some(_) => {
                 self.counters.to_direct += 1;
-                self.note_time_to_direct(now);
+                self.fallback = None;
+                if let Some(r) = self.round.as_mut().filter(|r| !r.took_direct) {
+                    r.took_direct = true;
+                    self.counters.rounds_direct += 1;
+                }
+                if self.counters.time_to_direct.is_none() {
+                    let since = self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                    self.counters.time_to_direct = Some(since);
+                }
             }
-            None => self.counters.to_relay += 1,
+            None => {
+                self.counters.to_relay += 1;
+                self.fallback = Some(PathState::Lost);
+            }
         }
     }
 
@@ -508,7 +569,7 @@ impl PathManager {
 
     fn agent_timers(&mut self, now: Instant) {
         if self.round.as_ref().is_some_and(|r| now >= r.started + self.cfg.round_len) {
-            self.round = None;
+            self.end_round();
         }
         // Failure first: a dead direct path goes, and the relay (or
         // another direct path) takes over.
@@ -542,7 +603,7 @@ impl PathManager {
         // better one (the LAN, IPv6) may validate later.
         let Some(r) = self.round.as_mut() else { return };
         if now >= r.started + self.cfg.round_len {
-            self.round = None;
+            self.end_round();
             return;
         }
         if now >= r.next {
@@ -560,7 +621,7 @@ impl PathManager {
     fn connector_timers(&mut self, now: Instant) {
         let Some(r) = self.round.as_mut() else { return };
         if now >= r.started + self.cfg.round_len {
-            self.round = None;
+            self.end_round();
             return;
         }
         if now >= r.next {
@@ -607,34 +668,20 @@ impl PathManager {
         nc < cc || (nc == cc && n.rtt.as_secs_f64() < c.rtt.as_secs_f64() * self.cfg.rtt_hysteresis)
     }
 
-    /// The first move to a direct path: the time since the first
-    /// tunneled packet (zero when it came before any).
-    fn note_time_to_direct(&mut self, now: Instant) {
-        if self.counters.time_to_direct.is_none() {
-            let since = self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-            self.counters.time_to_direct = Some(since);
-        }
-    }
-
     /// Agent: moves the session (`None`: to the relay).
     fn switch(&mut self, to: Option<SocketAddr>, now: Instant) {
         if to == self.current {
             return;
         }
-        self.current = to;
         self.actions.push_back(PathAction::Migrate(to));
-        match to {
-            Some(a) => {
-                self.counters.to_direct += 1;
-                self.last_keepalive = now;
-                if let Some(p) = self.direct.get_mut(&a) {
-                    // Heard from now on: it was validated just now.
-                    p.last_rx = now;
-                    p.ptos_at_rx = Some(p.ptos);
-                }
-                self.note_time_to_direct(now);
-            }
-            None => self.counters.to_relay += 1,
+        self.moved(to, now);
+        if to.is_some() {
+            self.last_keepalive = now;
+        }
+        if let Some(p) = to.and_then(|a| self.direct.get_mut(&a)) {
+            // Heard from now on: it was validated just now.
+            p.last_rx = now;
+            p.ptos_at_rx = Some(p.ptos);
         }
     }
 }

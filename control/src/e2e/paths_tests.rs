@@ -334,3 +334,61 @@ fn relay_only_against_direct_only_leaves_no_path() {
     assert!(!m.relay_allowed());
     assert_eq!(m.policy(), PathPolicy::DirectOnly);
 }
+
+#[test]
+fn the_path_state_says_why_a_session_is_on_the_relay_and_rounds_count_their_outcome() {
+    let t0 = Instant::now();
+    let mut m = PathManager::new(DirectConfig::default(), true, counter(), t0);
+    m.set_candidates(vec![cand(CandidateKind::Host, "192.168.1.2:5000")]);
+    assert_eq!(m.state(), PathState::Pending);
+    m.set_up();
+    run(&mut m, t0, 0, 10);
+    assert_eq!(m.state(), PathState::Pending, "no candidates from the peer yet");
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::Host, "127.0.0.1:9")]);
+    assert_eq!(m.state(), PathState::NoCandidates, "loopback is not probed");
+    let direct = addr("203.0.113.5:4000");
+    m.on_candidates(2, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    run(&mut m, t0, 11, 20);
+    assert_eq!(m.state(), PathState::Punching);
+    // The first round (from 11 ms) validates nothing.
+    run(&mut m, t0, 21, 8100);
+    assert_eq!(m.state(), PathState::NoAnswer);
+    assert_eq!((m.counters().rounds, m.counters().rounds_direct, m.counters().rounds_failed), (1, 0, 1));
+    // The second round (31 s after the first) does.
+    run(&mut m, t0, 8101, 31_100);
+    assert_eq!((m.counters().rounds, m.state()), (2, PathState::NoAnswer), "the last outcome, while round 2 runs");
+    m.on_validated(direct, Duration::from_millis(20), 0, t0 + Duration::from_millis(31_100));
+    run(&mut m, t0, 31_101, 31_101);
+    assert_eq!(m.state(), PathState::Direct);
+    assert_eq!((m.counters().rounds_direct, m.counters().rounds_failed), (1, 1), "counted when taken");
+    for ms in (31_200..39_200).step_by(500) {
+        m.on_rx(Some(direct), t0 + Duration::from_millis(ms));
+        run(&mut m, t0, ms + 1, ms + 500);
+    }
+    assert_eq!((m.counters().rounds, m.counters().rounds_direct, m.counters().rounds_failed), (2, 1, 1));
+    // Silence: back on the relay ("lost" while the new round, at once,
+    // runs); it validates nothing.
+    run(&mut m, t0, 39_201, 42_800);
+    assert_eq!((m.counters().direct_timeouts, m.state()), (1, PathState::Lost));
+    run(&mut m, t0, 42_801, 51_000);
+    assert_eq!(m.state(), PathState::NoAnswer);
+    // A relay-only peer wins over everything.
+    m.on_candidates(3, PathPolicy::RelayOnly, Vec::new());
+    assert_eq!(m.state(), PathState::RelayOnly);
+}
+
+#[test]
+fn the_connector_s_state_follows_the_agent_s_moves() {
+    let t0 = Instant::now();
+    let mut m = PathManager::new(DirectConfig::default(), false, counter(), t0);
+    m.set_up();
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:4000")]);
+    m.on_punch_now(1, 7, t0);
+    assert_eq!(m.state(), PathState::Punching);
+    m.on_peer_migrated(Some(addr("203.0.113.5:4000")), t0 + Duration::from_millis(40));
+    assert_eq!(m.state(), PathState::Direct);
+    m.on_peer_migrated(None, t0 + Duration::from_secs(20));
+    run(&mut m, t0, 20_000, 20_001);
+    assert_eq!(m.state(), PathState::Lost);
+    assert_eq!((m.counters().rounds_direct, m.counters().rounds_failed), (1, 0));
+}

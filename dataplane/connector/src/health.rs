@@ -9,6 +9,8 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::{ConnectorStats, ConnectorStatus};
+use ztna_control::e2e::path_telemetry::render_path_states;
+use ztna_control::e2e::PathState;
 use ztna_ops::heartbeat::Heartbeat;
 
 /// Liveness and readiness of a running connector, shared with its HTTP
@@ -99,8 +101,9 @@ pub fn serve_health(addr: SocketAddr, health: Arc<ConnectorHealth>, stats: Arc<C
 fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let sessions_direct =
-        h.status.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |s| s.sessions_direct);
+    let by_path = h.status.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|s| s.sessions_by_path.clone());
+    let by_path = by_path.unwrap_or_default();
+    let sessions_direct = by_path.get(PathState::Direct.as_str()).copied().unwrap_or(0);
     let gauges = [
         ("ztna_connector_sessions_direct", sessions_direct as u64),
         ("ztna_connector_relays", h.relays.load(Ordering::Relaxed)),
@@ -130,6 +133,8 @@ fn render_metrics(h: &ConnectorHealth, s: &ConnectorStats) -> String {
     if let Some(d) = &h.direct {
         d.render(&mut out);
     }
+    let count = |s: PathState| by_path.get(s.as_str()).copied().unwrap_or(0) as u64;
+    render_path_states("ztna_connector_sessions_by_path", count, &mut out);
     out
 }
 
@@ -146,7 +151,8 @@ mod tests {
             relays: Vec::new(),
             sessions_total: 0,
             sessions_up: 0,
-            sessions_direct: 0,
+            sessions_direct: 1,
+            sessions_by_path: [("direct", 1), ("no_answer", 2)].into(),
             sessions: Vec::new(),
             sessions_omitted: 0,
             udp_flows: 0,
@@ -161,5 +167,8 @@ mod tests {
             assert!(out.contains(&format!("# TYPE {name} {kind}\n")), "{name} {kind} not exported:\n{out}");
         }
         assert!(out.contains("ztna_connector_time_to_direct_seconds_bucket{le=\"+Inf\"} 0\n"));
+        assert!(out.contains("ztna_connector_sessions_direct 1\n"), "{out}");
+        assert!(out.contains("ztna_connector_sessions_by_path{state=\"no_answer\"} 2\n"), "{out}");
+        assert!(out.contains("ztna_connector_sessions_by_path{state=\"lost\"} 0\n"), "{out}");
     }
 }

@@ -136,6 +136,10 @@ ztna_ops::counters! {
     /// Sessions the agent moved onto a direct path, and back to a relay.
     path_to_direct,
     path_to_relay,
+    /// Punching rounds the agent started with this connector that ended
+    /// with the session on a direct path, and those that did not.
+    punch_rounds_direct,
+    punch_rounds_failed,
     /// Inner packets on a relay flow whose connection ID no session has.
     drop_unknown_cid,
     /// End-to-end sessions accepted (Initials that created one), admitted

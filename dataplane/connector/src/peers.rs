@@ -39,8 +39,8 @@ pub(crate) struct Peer {
     pub key: FlowKey,
     /// Connection IDs it issued for direct paths (besides its first).
     cids: Vec<[u8; CID_LEN]>,
-    /// The session's path switches (to direct, to relay) already counted.
-    pub switches_seen: (u64, u64),
+    /// The session's path counters as last counted into the stats.
+    pub paths_seen: ztna_control::e2e::PathCounters,
     /// Its entry in the timer set, and whether it is on the send list.
     armed: Option<Instant>,
     queued: bool,
@@ -234,7 +234,7 @@ impl Peers {
             service: None,
             key,
             cids: Vec::new(),
-            switches_seen: (0, 0),
+            paths_seen: Default::default(),
             armed: None,
             queued: false,
         };

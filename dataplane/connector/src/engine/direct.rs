@@ -41,23 +41,25 @@ impl Engine {
         &self.direct_metrics
     }
 
-    /// Counts the path switches the session in `slot` made since the last
-    /// look, and its time to direct at its first.
+    /// Counts the path switches and round outcomes of the session in
+    /// `slot` since the last look, and its time to direct at its first.
     pub(super) fn count_switches(&mut self, slot: usize) {
         let Some(p) = self.peers.get_mut(slot) else { return };
-        let c = p.session.path_counters();
-        let (to_direct, to_relay) = (c.to_direct, c.to_relay);
-        let (seen_direct, seen_relay) = p.switches_seen;
-        if to_direct > seen_direct {
-            crate::add(&self.stats.path_to_direct, to_direct - seen_direct);
-            if seen_direct == 0 {
-                if let Some(t) = c.time_to_direct {
-                    self.direct_metrics.observe(t);
-                }
+        let (c, seen) = (p.session.path_counters(), &p.paths_seen);
+        if c == seen {
+            return;
+        }
+        if seen.time_to_direct.is_none() {
+            if let Some(t) = c.time_to_direct {
+                self.direct_metrics.observe(t);
             }
         }
-        crate::add(&self.stats.path_to_relay, to_relay.saturating_sub(seen_relay));
-        p.switches_seen = (to_direct, to_relay);
+        let s = &self.stats;
+        crate::add(&s.path_to_direct, c.to_direct.saturating_sub(seen.to_direct));
+        crate::add(&s.path_to_relay, c.to_relay.saturating_sub(seen.to_relay));
+        crate::add(&s.punch_rounds_direct, c.rounds_direct.saturating_sub(seen.rounds_direct));
+        crate::add(&s.punch_rounds_failed, c.rounds_failed.saturating_sub(seen.rounds_failed));
+        p.paths_seen = c.clone();
     }
 
     /// The addresses of the host's interfaces (the driver enumerates them);

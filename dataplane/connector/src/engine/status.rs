@@ -4,9 +4,11 @@
 //! the relay named it during the handshake, the service, the relay
 //! carrying it).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::Serialize;
+use ztna_control::e2e::PathState;
 
 use super::Engine;
 
@@ -42,6 +44,9 @@ pub struct SessionStatus {
     /// The agent's address when the session is on a direct path (None:
     /// the relay carries it).
     pub direct: Option<SocketAddr>,
+    /// Where its packets go and, on the relay, why
+    /// ([`ztna_control::e2e::PathState`]).
+    pub path: &'static str,
 }
 
 /// The `/status` document of a connector.
@@ -52,6 +57,8 @@ pub struct ConnectorStatus {
     pub sessions_up: usize,
     /// Sessions on a direct path.
     pub sessions_direct: usize,
+    /// Sessions per path state (every state listed).
+    pub sessions_by_path: BTreeMap<&'static str, usize>,
     pub sessions: Vec<SessionStatus>,
     pub sessions_omitted: usize,
     pub udp_flows: usize,
@@ -90,21 +97,22 @@ impl Engine {
                 service: p.service.and_then(service_name),
                 relay: p.via.and_then(|(link, _)| self.links.get(link)).map(|l| l.relay),
                 direct: p.session.current_path(),
+                path: p.session.path_state().as_str(),
             })
             .collect();
         sessions.sort_by(|a, b| (&a.agent, &a.service).cmp(&(&b.agent, &b.service)));
+        let mut sessions_by_path: BTreeMap<&'static str, usize> = PathState::ALL.map(|s| (s.as_str(), 0)).into();
+        for p in self.peers.slots().filter_map(|s| self.peers.get(s)) {
+            *sessions_by_path.entry(p.session.path_state().as_str()).or_default() += 1;
+        }
         let total = sessions.len();
         sessions.truncate(MAX_LISTED);
         ConnectorStatus {
             relays,
             sessions_total: total,
             sessions_up: self.peers.up(),
-            sessions_direct: self
-                .peers
-                .slots()
-                .filter_map(|s| self.peers.get(s))
-                .filter(|p| p.session.current_path().is_some())
-                .count(),
+            sessions_direct: sessions_by_path.get(PathState::Direct.as_str()).copied().unwrap_or(0),
+            sessions_by_path,
             sessions_omitted: total - sessions.len(),
             sessions,
             udp_flows: self.gateway.udp_flows(),
