@@ -11,6 +11,7 @@ use ztna_agent::agent_core::AgentConfig;
 use ztna_agent::direct::PathSettings;
 use ztna_agent::route::Cidr;
 use ztna_control::candidate::PathPolicy;
+use ztna_control::candidate::MAX_PORT_PREDICTION;
 use ztna_control::e2e::DirectConfig;
 use ztna_control::ServiceName;
 
@@ -110,6 +111,9 @@ pub struct DirectTimings {
     pub upgrade_every_ms: Option<u64>,
     pub keepalive_ms: Option<u64>,
     pub direct_timeout_ms: Option<u64>,
+    /// Port prediction for hard NATs (off: 0; at most 1024 punches per
+    /// round; docs/protocol/direct.md §11.9).
+    pub port_prediction: Option<u16>,
 }
 
 impl DirectTimings {
@@ -131,6 +135,9 @@ impl DirectTimings {
                 bail!("[direct] {name} = {v} is out of range ({min} to 3600000)");
             }
         }
+        if let Some(n) = self.port_prediction.filter(|n| *n > MAX_PORT_PREDICTION) {
+            bail!("[direct] port_prediction = {n} is out of range (0 to {MAX_PORT_PREDICTION})");
+        }
         let d = DirectConfig::default();
         let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
         Ok(DirectConfig {
@@ -142,6 +149,7 @@ impl DirectTimings {
             upgrade_every: ms(self.upgrade_every_ms, d.upgrade_every),
             keepalive: ms(self.keepalive_ms, d.keepalive),
             direct_timeout: ms(self.direct_timeout_ms, d.direct_timeout),
+            port_prediction: self.port_prediction.unwrap_or(d.port_prediction),
             ..d
         })
     }
@@ -426,9 +434,15 @@ mod tests {
         assert_eq!(c.direct.second_round, Duration::from_secs(4));
         assert_eq!(c.direct.keepalive, Duration::from_millis(500));
         assert_eq!(c.direct.upgrade_every, DirectConfig::default().upgrade_every);
-        for bad in
-            ["[direct]\nprobe_first_ms = 0\n", "[direct]\nkeepalive_ms = 10\n", "[direct]\nround_ms = 99999999999\n"]
-        {
+        assert_eq!(c.direct.port_prediction, 0, "off by default");
+        let c = with("[direct]\nport_prediction = 512\n").unwrap().validate().unwrap();
+        assert_eq!(c.direct.port_prediction, 512);
+        for bad in [
+            "[direct]\nprobe_first_ms = 0\n",
+            "[direct]\nkeepalive_ms = 10\n",
+            "[direct]\nround_ms = 99999999999\n",
+            "[direct]\nport_prediction = 1025\n",
+        ] {
             let e = with(bad).unwrap().validate().unwrap_err();
             assert!(format!("{e:#}").contains("out of range"), "{bad}: {e:#}");
         }

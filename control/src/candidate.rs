@@ -159,6 +159,25 @@ pub fn host_candidates(ips: &[IpAddr], local: SocketAddr) -> Vec<Candidate> {
         .collect()
 }
 
+/// Most predicted ports one end punches at per round
+/// (`DirectConfig::port_prediction`).
+pub const MAX_PORT_PREDICTION: u16 = 1024;
+
+/// Port prediction for a peer behind a NAT whose mapping depends on the
+/// destination: the `n` ports nearest `center`'s (+1, −1, +2, −2, …;
+/// never `center` itself, nor a port below 1024), at `center`'s IP. A NAT
+/// that allocates sequentially, or from a small block (carrier-grade NATs
+/// with port-block allocation), gives the peer's next mapping one of them.
+pub fn predicted_ports(center: SocketAddr, n: u16) -> Vec<SocketAddr> {
+    let c = i32::from(center.port());
+    (1..=i32::from(MAX_PORT_PREDICTION))
+        .flat_map(|d| [c + d, c - d])
+        .filter_map(|p| u16::try_from(p).ok().filter(|p| *p >= 1024))
+        .take(usize::from(n.min(MAX_PORT_PREDICTION)))
+        .map(|p| SocketAddr::new(center.ip(), p))
+        .collect()
+}
+
 /// Punch packets: `[0x10]["ztnapnch"][round: u32 BE][nonce: u64 BE]`, 21
 /// bytes. The first byte has the QUIC fixed bit (0x40) clear.
 pub mod punch {
@@ -191,6 +210,18 @@ pub mod punch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn predicted_ports_are_the_nearest_first_within_the_unprivileged_range() {
+        let ports =
+            |c: &str, n| -> Vec<u16> { predicted_ports(c.parse().unwrap(), n).into_iter().map(|a| a.port()).collect() };
+        assert_eq!(ports("203.0.113.5:40000", 5), [40001, 39999, 40002, 39998, 40003]);
+        assert_eq!(ports("203.0.113.5:1025", 4), [1026, 1024, 1027, 1028]);
+        assert_eq!(ports("203.0.113.5:65534", 3), [65535, 65533, 65532]);
+        assert_eq!(ports("203.0.113.5:40000", 0), Vec::<u16>::new());
+        assert_eq!(predicted_ports("203.0.113.5:40000".parse().unwrap(), u16::MAX).len(), 1024);
+        assert!(predicted_ports("[2001:db8::1]:5000".parse().unwrap(), 2).iter().all(|a| a.is_ipv6()));
+    }
 
     #[test]
     fn strictest_policy_wins() {

@@ -6,6 +6,12 @@
 # punching, and records the time to direct per pair. About 3 minutes. The
 # table goes to stdout, the JSON to target/p2p-matrix.json.
 #
+# Then port prediction (opt-in, docs/protocol/direct.md §11.9): with
+# port_prediction = 512 at both ends and symmetric NATs that map into a
+# 256-port block (as carrier-grade NATs with port-block allocation do),
+# every pair of port-restricted and symmetric must go direct, symmetric to
+# symmetric included (target/p2p-prediction.json; about 25 s).
+#
 # Skips (exit 0, with the reason) where the NAT lab cannot run (see
 # check-nat-lab.sh) or the binaries are not built.
 set -uo pipefail
@@ -24,3 +30,14 @@ trap 'exit 130' INT TERM
 "$LAB" down >/dev/null 2>&1 || true
 mkdir -p target
 NATLAB_QUIET=1 "$LAB" p2p-matrix --json target/p2p-matrix.json
+matrix=$?
+NATLAB_QUIET=1 NATLAB_PORT_PREDICTION=512 NATLAB_SYMMETRIC_PORTS=40000-40255 \
+    NATLAB_P2P_TYPES="port-restricted symmetric" "$LAB" p2p-matrix --json target/p2p-prediction.json || matrix=1
+python3 - target/p2p-prediction.json <<'EOF' || matrix=1
+import json, sys
+rows = json.load(open(sys.argv[1]))
+relayed = [f"{r['a']} -> {r['b']}" for r in rows if r["path"] != "direct"]
+assert len(rows) == 4 and not relayed, f"port prediction: still on the relay: {relayed}"
+print(f"p2p-prediction: {len(rows)} pairs direct with port prediction against a port-block NAT")
+EOF
+exit $matrix

@@ -22,6 +22,9 @@
 #       matters to hole punching.
 #   NATLAB_SYMMETRIC_FLAGS   masquerade flags of the symmetric type
 #       (default "random,fully-random"; try "random" or "fully-random").
+#   NATLAB_SYMMETRIC_PORTS   LO-HI: the symmetric type maps into this port
+#       block only (like a carrier-grade NAT with port-block allocation;
+#       default: the whole range). Port prediction can cover a small block.
 #   NATLAB_MAP_TIMEOUT   lifetime of an idle full-cone/restricted-cone
 #       mapping in the dynamic sets (default 120s, the kernel's assured UDP
 #       conntrack timeout; refreshed by every outbound packet).
@@ -32,10 +35,12 @@ usage() { echo "usage: $0 full-cone|restricted-cone|port-restricted|symmetric WA
 type=$1 wan=$2
 wan_input=${NATLAB_WAN_INPUT:-drop}
 sym_flags=${NATLAB_SYMMETRIC_FLAGS:-random,fully-random}
+sym_ports=${NATLAB_SYMMETRIC_PORTS:-}
 map_timeout=${NATLAB_MAP_TIMEOUT:-120s}
 case $wan_input in drop|accept) ;; *) echo "NATLAB_WAN_INPUT must be drop or accept" >&2; exit 2 ;; esac
 case $wan in *[!A-Za-z0-9_.-]*|'') echo "bad interface name: $wan" >&2; exit 2 ;; esac
 case $sym_flags in *[!a-z,-]*) echo "bad NATLAB_SYMMETRIC_FLAGS: $sym_flags" >&2; exit 2 ;; esac
+case $sym_ports in '') ;; *[!0-9-]*|-*|*-) echo "bad NATLAB_SYMMETRIC_PORTS: $sym_ports (LO-HI)" >&2; exit 2 ;; esac
 
 # Masquerade, the source NAT of every type. Without flags Linux keeps the
 # client's source port whenever the resulting tuple is unique (port
@@ -98,6 +103,12 @@ cat <<EOF
 
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
+EOF
+# A port block applies to UDP and TCP (ports need a transport match); the
+# rest (ICMP) is masqueraded as before.
+[ -z "$sym_ports" ] || [ "$type" != symmetric ] ||
+    echo "        oifname \"$wan\" meta l4proto { tcp, udp } masquerade to :$sym_ports $sym_flags"
+cat <<EOF
         oifname "$wan" $masq
     }
 EOF

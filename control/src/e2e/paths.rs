@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::path_telemetry::PathState;
-use crate::candidate::usable_host_ip;
+use crate::candidate::{predicted_ports, usable_host_ip};
 use crate::candidate::{Candidate, CandidateKind, PathPolicy, MAX_CANDIDATES};
 
 /// Timings of direct paths. The defaults and where they come from are in
@@ -45,6 +45,13 @@ pub struct DirectConfig {
     /// Another direct path is taken only if its RTT is below this fraction
     /// of the current one's (or it is of a better class).
     pub rtt_hysteresis: f64,
+    /// Port prediction (off: 0): at the start of each round, this many
+    /// punch packets to the ports nearest the peer's server-reflexive
+    /// port ([`crate::candidate::predicted_ports`]), for NATs whose
+    /// mapping depends on the destination but whose ports are sequential
+    /// or from a small block. At most
+    /// [`crate::candidate::MAX_PORT_PREDICTION`].
+    pub port_prediction: u16,
     /// Peer candidates on loopback are probed too: only where the relay
     /// itself is reached over loopback (one host: tests, labs). Otherwise
     /// an agent could make its connector punch the connector host's own
@@ -65,6 +72,7 @@ impl Default for DirectConfig {
             direct_timeout: Duration::from_secs(3),
             pto_failover: 2,
             rtt_hysteresis: 0.75,
+            port_prediction: 0,
             loopback: false,
         }
     }
@@ -100,6 +108,8 @@ pub struct PathCounters {
     pub rounds_refused: u64,
     pub probes: u64,
     pub punches: u64,
+    /// Punch packets to predicted ports (`port_prediction`).
+    pub predicted: u64,
     /// Probes quiche could not send (no spare connection ID).
     pub probes_skipped: u64,
     pub to_direct: u64,
@@ -122,6 +132,10 @@ struct Round {
     prflx: usize,
     /// The session took a direct path during the round.
     took_direct: bool,
+    /// Predicted ports still to punch at (last first), and when the next
+    /// burst goes.
+    predict: Vec<SocketAddr>,
+    predict_next: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +168,12 @@ impl std::fmt::Debug for NonceSource {
         f.write_str("NonceSource")
     }
 }
+
+/// Predicted-port punches sent at once, and the pause between bursts:
+/// the engines' direct-path queues (agent 256 packets) take a burst
+/// whole, and 1024 predictions go out within 16 ms.
+const PREDICT_BURST: usize = 128;
+const PREDICT_EVERY: Duration = Duration::from_millis(2);
 
 /// Most peer-reflexive targets punch packets may add to one round.
 const MAX_PRFLX_PER_ROUND: usize = 2;
@@ -391,8 +411,46 @@ impl PathManager {
         let interval = self.cfg.probe_first;
         self.end_round();
         let took_direct = false;
-        self.round = Some(Round { number, nonce, started: now, next: now, interval, targets, prflx: 0, took_direct });
+        self.round = Some(Round {
+            number,
+            nonce,
+            started: now,
+            next: now,
+            interval,
+            targets,
+            prflx: 0,
+            took_direct,
+            predict: Vec::new(),
+            predict_next: now,
+        });
         self.counters.rounds += 1;
+        self.predict_ports();
+    }
+
+    /// Port prediction's punches of the round that just began, toward
+    /// the ports nearest each of the peer's server-reflexive candidates
+    /// (the budget shared among them), sent [`PREDICT_BURST`] at a time.
+    fn predict_ports(&mut self) {
+        let srflx: Vec<SocketAddr> =
+            self.peer.iter().filter(|c| c.kind == CandidateKind::ServerReflexive).map(|c| c.addr).collect();
+        let Some(each) = u16::try_from(srflx.len()).ok().filter(|n| *n > 0).map(|n| self.cfg.port_prediction / n)
+        else {
+            return;
+        };
+        if let Some(r) = self.round.as_mut() {
+            r.predict = srflx.into_iter().flat_map(|c| predicted_ports(c, each)).rev().collect();
+        }
+    }
+
+    /// The next burst of predicted-port punches, if the round has any left.
+    fn spray(&mut self, now: Instant) {
+        let Some(r) = self.round.as_mut().filter(|r| !r.predict.is_empty() && now >= r.predict_next) else { return };
+        for _ in 0..PREDICT_BURST {
+            let Some(to) = r.predict.pop() else { break };
+            self.actions.push_back(PathAction::Punch { to, round: r.number, nonce: r.nonce });
+            self.counters.predicted += 1;
+        }
+        r.predict_next = now + PREDICT_EVERY;
     }
 
     /// Agent: a punch packet from `from`. One of the current round whose
@@ -517,7 +575,10 @@ impl PathManager {
             // Candidates to announce: at once.
             return Some(self.created);
         }
-        let round = self.round.as_ref().map(|r| r.next.min(r.started + self.cfg.round_len));
+        let round = self.round.as_ref().map(|r| {
+            let spray = (!r.predict.is_empty()).then_some(r.predict_next);
+            spray.into_iter().chain([r.next, r.started + self.cfg.round_len]).min().unwrap_or(r.next)
+        });
         let start = self.next_round_start();
         let keepalive = self.current.map(|_| self.last_keepalive + self.cfg.keepalive).filter(|_| self.agent);
         let dead = self.current.and_then(|a| self.direct.get(&a)).map(|p| p.last_rx + self.cfg.direct_timeout);
@@ -565,6 +626,7 @@ impl PathManager {
         } else {
             self.connector_timers(now);
         }
+        self.spray(now);
     }
 
     fn agent_timers(&mut self, now: Instant) {

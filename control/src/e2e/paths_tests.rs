@@ -392,3 +392,43 @@ fn the_connector_s_state_follows_the_agent_s_moves() {
     assert_eq!(m.state(), PathState::Lost);
     assert_eq!((m.counters().rounds_direct, m.counters().rounds_failed), (1, 0));
 }
+
+#[test]
+fn port_prediction_punches_the_ports_nearest_the_peers_reflexive_one_in_bursts() {
+    let t0 = Instant::now();
+    let cfg = DirectConfig { port_prediction: 300, ..DirectConfig::default() };
+    for agent_side in [true, false] {
+        let mut m = PathManager::new(cfg.clone(), agent_side, counter(), t0);
+        m.set_candidates(vec![cand(CandidateKind::Host, "192.168.1.2:5000")]);
+        m.set_up();
+        let peer =
+            vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:40000"), cand(CandidateKind::Host, "10.0.0.5:4000")];
+        m.on_candidates(1, PathPolicy::Auto, peer);
+        if !agent_side {
+            m.on_punch_now(1, 9, t0);
+        }
+        let got = run(&mut m, t0, 0, 100);
+        let predicted: Vec<(u64, SocketAddr)> = got
+            .iter()
+            .filter_map(|(t, a)| match a {
+                PathAction::Punch { to, .. } if *to != addr("10.0.0.5:4000") && *to != addr("203.0.113.5:40000") => {
+                    Some((*t, *to))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(predicted.len(), 300, "agent {agent_side}");
+        assert_eq!(m.counters().predicted, 300);
+        assert_eq!(predicted[0].1, addr("203.0.113.5:40001"));
+        assert_eq!(predicted[1].1, addr("203.0.113.5:39999"));
+        assert!(predicted.iter().all(|(_, a)| a.ip() == addr("203.0.113.5:1").ip()));
+        // In bursts of 128, 2 ms apart: all within a few ms of the start.
+        assert_eq!(predicted.iter().filter(|(t, _)| *t == predicted[0].0).count(), 128);
+        assert!(predicted.iter().all(|(t, _)| *t <= predicted[0].0 + 4), "{predicted:?}");
+    }
+    // Off by default.
+    let mut m = agent(t0);
+    m.on_candidates(1, PathPolicy::Auto, vec![cand(CandidateKind::ServerReflexive, "203.0.113.5:40000")]);
+    run(&mut m, t0, 0, 100);
+    assert_eq!(m.counters().predicted, 0);
+}

@@ -147,6 +147,10 @@ pub struct ConnectorConfig {
     /// advertised as configured candidates, besides the host's own
     /// addresses and the ones the relays observe.
     pub advertise: Vec<SocketAddr>,
+    /// Port prediction for hard NATs: punch packets per round to the
+    /// ports nearest the agent's server-reflexive one (0: off; at most
+    /// 1024; docs/protocol/direct.md §11.9).
+    pub port_prediction: u16,
     /// The TLS name the relays' certificate must cover: a DNS name or an
     /// IP address (checked against its IP SANs). Default: the host of
     /// `relays` when they are one DNS name; required when a relay is
@@ -239,6 +243,7 @@ impl Default for ConnectorConfig {
             health: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             advertise: Vec::new(),
+            port_prediction: 0,
             server_name: None,
             ca: None,
             cert: None,
@@ -338,6 +343,9 @@ impl ConnectorConfig {
                 }
             }
         }
+        if self.port_prediction > ztna_control::candidate::MAX_PORT_PREDICTION {
+            bail!("port_prediction must be at most {}", ztna_control::candidate::MAX_PORT_PREDICTION);
+        }
         if !(4096..=16 << 20).contains(&self.tcp_buffer_bytes) {
             bail!("tcp_buffer_bytes must be between 4096 and 16 MiB");
         }
@@ -397,6 +405,18 @@ mod tests {
         assert!(toml::from_str::<ConnectorConfig>(&format!("max_udp_flowz = 1\n{toml}")).is_err());
         let no_relay: ConnectorConfig = toml::from_str("insecure = true\n[[service]]\nname = \"echo\"\n").unwrap();
         assert!(no_relay.validate().is_err(), "a relay is required");
+        assert_eq!(c.port_prediction, 0, "port prediction is off by default");
+    }
+
+    #[test]
+    fn port_prediction_is_bounded() {
+        let base = "relays = [\"127.0.0.1:4433\"]\nserver_name = \"relay\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+        let with = |n: u32| -> ConnectorConfig {
+            toml::from_str(&format!("{base}port_prediction = {n}\n[[service]]\nname = \"echo\"\n")).unwrap()
+        };
+        assert!(with(1024).validate().is_ok());
+        let e = with(1025).validate().unwrap_err();
+        assert!(format!("{e:#}").contains("port_prediction"), "{e:#}");
     }
 
     #[test]

@@ -551,7 +551,8 @@ impl Engine {
         match E2eSession::accept(&mut self.e2e_cfg, scid, &self.trust_domain, &self.reset_key, now) {
             Ok(mut s) => {
                 let loopback = self.links.get(via.0).is_some_and(|l| l.relay.ip().is_loopback());
-                s.set_direct_config(e2e::DirectConfig { loopback, ..e2e::DirectConfig::default() });
+                let port_prediction = self.cfg.port_prediction;
+                s.set_direct_config(e2e::DirectConfig { loopback, port_prediction, ..e2e::DirectConfig::default() });
                 inc(&self.stats.e2e_handshakes);
                 Some(self.peers.insert(s, via, Arc::clone(&f.agent_id)))
             }
