@@ -7,7 +7,10 @@
 //! retry_in_ms=N`, `stats k=v …` and `status {JSON}` on SIGUSR1 and at
 //! exit); logs go to stderr (`RUST_LOG`, default info; `--log-format
 //! json`). With `status = "127.0.0.1:9092"` the same JSON is served at
-//! `GET /status`.
+//! `GET /status`, and the counters at `GET /metrics` (Prometheus,
+//! `ztna_agent_*`). Direct paths print `path service=S via=direct addr=A
+//! time_to_direct_ms=T` and `path service=S via=relay state=W` (W says
+//! why: docs/protocol/direct.md §11.8).
 //!
 //! ```toml
 //! relay = "203.0.113.7:4433"
@@ -27,6 +30,13 @@
 //! [[service]]
 //! name = "echo"
 //! cidrs = ["100.100.0.10/32"]
+//! # path = "auto"                     # or "direct-only", "relay-only"
+//!
+//! [direct]                            # all optional (docs/protocol/direct.md §11.4, §11.9)
+//! # probe_first_ms = 50, probe_max_ms = 1000, round_ms = 8000,
+//! # min_round_gap_ms = 5000, second_round_ms = 31000,
+//! # upgrade_every_ms = 60000, keepalive_ms = 1000, direct_timeout_ms = 3000
+//! # port_prediction = 0               # hard NATs, opt-in: punches per round (at most 1024)
 //! ```
 //!
 //! Flags (`--relay`, `--server-name`, `--ca`, `--cert`, `--key`, `--insecure`, `--listen`,
