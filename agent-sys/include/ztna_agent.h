@@ -49,7 +49,9 @@
 // No route for the packet's destination (dropped, never sent).
 #define ZTNA_ERR_UNMAPPED -6
 
-// The destination's service is not registered yet.
+// The destination's service is not registered yet, its end-to-end
+// session is not up (and its queue is full), or its policy is
+// `direct-only` and no direct path is up.
 #define ZTNA_ERR_NO_FLOW -7
 
 // The packet exceeds what the path to the relay carries.

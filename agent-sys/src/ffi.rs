@@ -40,7 +40,9 @@ pub const ZTNA_ERR_BUFFER: i32 = -4;
 pub const ZTNA_ERR_MALFORMED: i32 = -5;
 /// No route for the packet's destination (dropped, never sent).
 pub const ZTNA_ERR_UNMAPPED: i32 = -6;
-/// The destination's service is not registered yet.
+/// The destination's service is not registered yet, its end-to-end
+/// session is not up (and its queue is full), or its policy is
+/// `direct-only` and no direct path is up.
 pub const ZTNA_ERR_NO_FLOW: i32 = -7;
 /// The packet exceeds what the path to the relay carries.
 pub const ZTNA_ERR_TOO_LARGE: i32 = -8;

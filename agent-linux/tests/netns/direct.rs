@@ -146,3 +146,41 @@ fn a_tcp_transfer_survives_every_path_switch() {
     let s = agent_stats(&mut agent);
     assert_eq!(s["e2e_handshakes"], 1, "one session throughout: {s:?}");
 }
+
+/// `direct-only` at the agent: tunneled packets wait for the direct path
+/// (refused until then, counted), none ever crosses the relay (the
+/// connector drops and counts any that would), and when the direct path
+/// closes the service stops rather than falling back to the relay.
+#[test]
+fn a_direct_only_service_never_carries_data_through_the_relay() {
+    if !can_run() {
+        return;
+    }
+    let b = bins();
+    let lab = Lab::new("dironly");
+    let Running { pki: _pki, relay: _relay, connector: _connector, mut agent, _echo } =
+        bring_up_with(&lab, &b, "direct-only", "");
+    let (ns, bench) = (lab.agent.clone(), b.bench.clone());
+    let first = std::thread::spawn(move || udp_probe_from(&ns, &bench, 50, 20));
+    agent.wait_out(0, Duration::from_secs(5), direct_line).expect("direct path");
+    let (sent, got) = first.join().unwrap();
+    eprintln!("while punching: {got}/{sent} echoes");
+    let (sent, got) = udp_probe(&lab, &b, 200, 5);
+    assert_eq!((sent, got), (200, 200), "UDP echo over the direct path");
+
+    // The direct path closes: the session goes back to the relay for its
+    // control traffic, the service's packets are refused.
+    let mark = agent.out_len();
+    lab.block(SITE_IP);
+    agent.wait_out(mark, Duration::from_secs(5), |l| l.starts_with("path service=echo via=relay")).expect("fallback");
+    let refused_before = agent_stats(&mut agent)["drop_no_flow"];
+    let (sent, got) = udp_probe(&lab, &b, 50, 10);
+    assert_eq!((sent, got), (50, 0), "nothing through the relay while the direct path is closed");
+    let s = agent_stats(&mut agent);
+    assert!(s["drop_no_flow"] >= refused_before + 50, "refused in the agent and counted: {s:?}");
+    std::thread::sleep(Duration::from_millis(1100)); // connector publishes every second
+    let (code, m) = http_get_in(&lab.site, CONNECTOR_HEALTH.parse().unwrap(), "/metrics");
+    assert_eq!(code, 200);
+    let early = m.lines().find_map(|l| l.strip_prefix("ztna_connector_e2e_early_dropped_total "));
+    assert_eq!(early, Some("0"), "the agent sent no tunneled packet through the relay:\n{m}");
+}

@@ -33,6 +33,7 @@
 
 mod binaries;
 mod direct;
+mod direct_attack;
 mod lab;
 mod probe;
 mod scale_out;

@@ -297,6 +297,8 @@ impl AgentCore {
         match s.send_ip(pkt) {
             Ok(()) => Ok(()),
             Err(e2e::SendIpError::TooLarge) => Err(DropReason::TooLarge),
+            // direct-only and no direct path (docs/protocol/direct.md §11.5).
+            Err(e2e::SendIpError::NoPath) => Err(DropReason::NoFlow),
             Err(_) if !up => {
                 self.stats.e2e_pending_dropped += 1;
                 Err(DropReason::NoFlow)

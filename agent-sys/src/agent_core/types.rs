@@ -63,7 +63,8 @@ pub enum DropReason {
     /// No route for the destination: never leaves the device.
     Unmapped,
     /// The service is mapped but not (yet) registered, or its end-to-end
-    /// session is not up and its queue is full.
+    /// session is not up and its queue is full, or its path policy is
+    /// `direct-only` and no direct path is up.
     NoFlow,
     /// The relay bound the service to a connector its pins do not accept.
     NotPinned,
