@@ -71,8 +71,8 @@
 
 // API version: major << 16 | minor. Bumped on any ABI change (minor:
 // additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
-// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED` and
-// `ztna_agent_path_stats`).
+// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED`,
+// `ztna_agent_path_stats` and `ztna_agent_set_host_addresses`).
 #define ZTNA_API_VERSION ((3 << 16) | 3)
 
 // Event kinds reported by `ztna_agent_poll_event`.
@@ -101,6 +101,10 @@
 // carries it now), `text` the path state (`direct`, or why the relay:
 // `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.6).
 #define ZTNA_EVENT_PATH_CHANGED 9
+
+// Most addresses one call takes (the core advertises at most 4 host
+// candidates).
+#define ZTNA_MAX_HOST_ADDRESSES 64
 
 // Opaque agent handle.
 typedef struct ZtnaAgent ZtnaAgent;
@@ -372,6 +376,19 @@ int32_t ztna_agent_on_timeout(struct ZtnaAgent *agent, uint64_t now_us);
 // # Safety
 // `agent` valid; `buf` valid for `len` bytes.
 uintptr_t ztna_agent_last_failure(const struct ZtnaAgent *agent, char *buf, uintptr_t len);
+
+// Replaces the device's interface addresses (3.3): `count` entries at
+// `addrs` (family 4 or 6; ports are ignored). Loopback, link-local,
+// multicast and unspecified addresses are left out by the core; leave out
+// the tunnel's own address. `count` 0 (and `addrs` NULL) clears them.
+// Returns `ZTNA_ERR_INVALID` for a bad family or more than
+// `ZTNA_MAX_HOST_ADDRESSES` entries (nothing changes then).
+//
+// # Safety
+// `agent` valid; `addrs` valid for `count` entries.
+int32_t ztna_agent_set_host_addresses(struct ZtnaAgent *agent,
+                                      const struct ZtnaAddr *addrs,
+                                      uintptr_t count);
 
 // Copies the counters into `*out`.
 //

@@ -23,6 +23,7 @@ use ztna_control::quic::TlsOptions;
 use ztna_control::ServiceName;
 
 use crate::agent_core::{AgentConfig, AgentCore, AgentError, AgentEvent, DropReason};
+pub use crate::ffi_direct::{ztna_agent_set_host_addresses, ZTNA_MAX_HOST_ADDRESSES};
 pub use crate::ffi_stats::{ztna_agent_path_stats, ztna_agent_stats, ZtnaPathStats, ZtnaStats};
 use crate::route::Cidr;
 
@@ -57,8 +58,8 @@ pub const ZTNA_ERR_NOT_PINNED: i32 = -12;
 
 /// API version: major << 16 | minor. Bumped on any ABI change (minor:
 /// additions only; 3.1 added `ztna_agent_last_failure`, 3.2 the direct-path
-/// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED` and
-/// `ztna_agent_path_stats`).
+/// counters of `ZtnaStats`, 3.3 `ZTNA_EVENT_PATH_CHANGED`,
+/// `ztna_agent_path_stats` and `ztna_agent_set_host_addresses`).
 pub const ZTNA_API_VERSION: u32 = 3 << 16 | 3;
 
 /// A network address: `family` is 4 or 6; for IPv4 the first 4 bytes of

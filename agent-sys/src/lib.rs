@@ -4,6 +4,7 @@
 pub mod agent_core;
 pub mod direct;
 pub mod ffi;
+mod ffi_direct;
 mod ffi_stats;
 pub mod route;
 mod tunnel;

@@ -281,6 +281,16 @@ int main(int argc, char **argv) {
     int32_t rc = ztna_agent_new(&cfg, &c.agent);
     if (rc != ZTNA_OK) die("new", rc);
     if (ztna_agent_send_ip(NULL, NULL, 0, NULL) != ZTNA_ERR_NULL) die("send_ip(NULL)", -1);
+    /* 3.3: the device's interface addresses (host candidates). Loopback is
+     * left out by the core; a bad family changes nothing. */
+    ZtnaAddr host[2] = {{.family = 4, .ip = {127, 0, 0, 1}}, {.family = 6, .ip = {0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7}}};
+    if (ztna_agent_set_host_addresses(c.agent, NULL, 1) != ZTNA_ERR_NULL) die("set_host_addresses(NULL)", -1);
+    ZtnaAddr bad_family = {.family = 5};
+    if (ztna_agent_set_host_addresses(c.agent, &bad_family, 1) != ZTNA_ERR_INVALID) die("set_host_addresses(bad)", -1);
+    if (ztna_agent_set_host_addresses(c.agent, host, ZTNA_MAX_HOST_ADDRESSES + 1) != ZTNA_ERR_INVALID)
+        die("set_host_addresses(too many)", -1);
+    rc = ztna_agent_set_host_addresses(c.agent, host, 2);
+    if (rc != ZTNA_OK) die("set_host_addresses", rc);
 
     uint64_t t0 = now_us();
     /* Registered, and the end-to-end session with the connector up: the
