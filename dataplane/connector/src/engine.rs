@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tracing::{debug, info, warn};
+use ztna_control::candidate::punch;
 use ztna_control::client::{ClientConfig, ClientSession, Event, SendError};
 use ztna_control::e2e::{self, E2eSession, Rejections, SendIpError, SessionEvent, Via};
 use ztna_control::quic::{self, TlsOptions};
@@ -121,6 +122,7 @@ pub struct Engine {
     resets: (Instant, u32),
     direct: direct::DirectState,
     direct_metrics: Arc<crate::direct_metrics::DirectMetrics>,
+    punch_budget: crate::punch_budget::PunchBudget,
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -173,6 +175,7 @@ impl Engine {
             resets: (now, 0),
             direct: direct::DirectState::default(),
             direct_metrics: Arc::default(),
+            punch_budget: crate::punch_budget::PunchBudget::new(now),
             last_now: now,
         };
         // The configured candidates, until interfaces and relays add theirs.
@@ -368,7 +371,9 @@ impl Engine {
                 }
                 let Some((n, via)) = p.session.poll_transmit(&mut buf, now) else { break };
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
-                    if self.direct.tx.push(pkt, to) {
+                    if punch::parse(pkt).is_some() && !self.punch_budget.allow(&p.agent_id, now) {
+                        inc(&self.stats.drop_punch_budget);
+                    } else if self.direct.tx.push(pkt, to) {
                         moved = true;
                     } else {
                         inc(&self.stats.drop_direct_queue_full);

@@ -40,6 +40,7 @@ mod gateway;
 mod health;
 pub mod memory_backends;
 mod peers;
+pub mod punch_budget;
 mod tcp;
 mod udp;
 pub mod vdev;
@@ -140,6 +141,9 @@ ztna_ops::counters! {
     /// with the session on a direct path, and those that did not.
     punch_rounds_direct,
     punch_rounds_failed,
+    /// Punch packets not sent: their agent identity, or all agents
+    /// together, used up the punch budget (punch_budget.rs).
+    drop_punch_budget,
     /// Inner packets on a relay flow whose connection ID no session has.
     drop_unknown_cid,
     /// End-to-end sessions accepted (Initials that created one), admitted
