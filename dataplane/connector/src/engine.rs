@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::budget::{self, IdentityBudget};
 use anyhow::Result;
 use tracing::{debug, info, warn};
 use ztna_control::candidate::punch;
@@ -57,10 +58,9 @@ struct AgentFlow {
 
 /// Stateless resets for inner packets of sessions this connector does not
 /// hold: at most one per relay flow per [`RESET_EVERY`] (an agent's junk
-/// earns it nothing but its own, rare, resets), and [`RESETS_PER_SEC`] in
-/// total (CPU).
+/// earns it nothing but its own, rare, resets), and within
+/// [`budget::RESETS`] per agent identity and in total (CPU).
 const RESET_EVERY: Duration = Duration::from_secs(1);
-const RESETS_PER_SEC: u32 = 256;
 
 /// A relay session and what it learned.
 struct RelayLink {
@@ -116,13 +116,12 @@ pub struct Engine {
     ip: Vec<u8>,
     /// Reused for the due and send lists.
     slots_scratch: Vec<usize>,
-    /// Stateless resets for unknown sessions: the key, and (window start,
-    /// resets sent in it).
+    /// Stateless resets for unknown sessions: the key.
     reset_key: e2e::ResetKey,
-    resets: (Instant, u32),
     direct: direct::DirectState,
     direct_metrics: Arc<crate::direct_metrics::DirectMetrics>,
-    punch_budget: crate::punch_budget::PunchBudget,
+    punch_budget: IdentityBudget,
+    reset_budget: IdentityBudget,
     /// The latest `now` passed in.
     last_now: Instant,
 }
@@ -172,10 +171,10 @@ impl Engine {
             ip: vec![0u8; 2048],
             slots_scratch: Vec::new(),
             reset_key,
-            resets: (now, 0),
             direct: direct::DirectState::default(),
             direct_metrics: Arc::default(),
-            punch_budget: crate::punch_budget::PunchBudget::new(now),
+            punch_budget: IdentityBudget::new(budget::PUNCHES, now),
+            reset_budget: IdentityBudget::new(budget::RESETS, now),
             last_now: now,
         };
         // The configured candidates, until interfaces and relays add theirs.
@@ -529,10 +528,8 @@ impl Engine {
         if f.last_reset.is_some_and(|t| now.saturating_duration_since(t) < RESET_EVERY) {
             return;
         }
-        if now.saturating_duration_since(self.resets.0) >= Duration::from_secs(1) {
-            self.resets = (now, 0);
-        }
-        if self.resets.1 >= RESETS_PER_SEC {
+        if !self.reset_budget.allow(&f.agent_id, now) {
+            inc(&self.stats.e2e_resets_suppressed);
             return;
         }
         let mut out = [0u8; ztna_control::reset::MAX_RESET_LEN];
@@ -540,7 +537,6 @@ impl Engine {
         if let Some(reset) = out.get(..n) {
             if l.session.send_datagram(flow, reset).is_ok() {
                 f.last_reset = Some(now);
-                self.resets.1 += 1;
                 inc(&self.stats.e2e_resets_sent);
             }
         }

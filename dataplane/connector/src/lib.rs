@@ -31,6 +31,7 @@
 //!   the clock, the resolver, health.
 
 pub mod backend;
+pub mod budget;
 mod config;
 pub mod direct_metrics;
 mod driver;
@@ -40,7 +41,6 @@ mod gateway;
 mod health;
 pub mod memory_backends;
 mod peers;
-pub mod punch_budget;
 mod tcp;
 mod udp;
 pub mod vdev;
@@ -142,7 +142,7 @@ ztna_ops::counters! {
     punch_rounds_direct,
     punch_rounds_failed,
     /// Punch packets not sent: their agent identity, or all agents
-    /// together, used up the punch budget (punch_budget.rs).
+    /// together, used up the punch budget (budget.rs).
     drop_punch_budget,
     /// Inner packets on a relay flow whose connection ID no session has.
     drop_unknown_cid,
@@ -164,6 +164,9 @@ ztna_ops::counters! {
     /// Stateless resets sent for inner packets of sessions this connector
     /// does not hold (after a restart, or from a same-identity replica).
     e2e_resets_sent,
+    /// Resets not sent: their agent identity, or all agents together, used
+    /// up the reset budget (budget.rs).
+    e2e_resets_suppressed,
     /// Tunneled packets an agent sent before the connector admitted its
     /// session (dropped: nothing passes before admission).
     e2e_early_dropped,
