@@ -67,6 +67,28 @@ pub struct Limits {
     /// would exceed it is dropped (`drop_dgram_queue_full`), so a receiver
     /// that stops acknowledging loses only its own datagrams.
     pub max_dgram_queue_bytes: usize,
+    /// Congestion control of the relay's connections: "cubic" (default)
+    /// or "bbr2". Only BBR2 paces in quiche (its `SendInfo.at` lies
+    /// ahead); the workers hold a connection's sending until then
+    /// (`paced_holds`), so forwarded bursts leave spaced over the RTT.
+    pub congestion_control: CongestionControl,
+}
+
+/// The congestion controllers quiche offers the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionControl {
+    Cubic,
+    Bbr2,
+}
+
+impl CongestionControl {
+    pub fn quiche(self) -> quiche::CongestionControlAlgorithm {
+        match self {
+            CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
+            CongestionControl::Bbr2 => quiche::CongestionControlAlgorithm::Bbr2Gcongestion,
+        }
+    }
 }
 
 impl Limits {
@@ -100,6 +122,7 @@ impl Default for Limits {
             memory_budget_mib: 0,
             max_conns_per_identity: crate::security::DEFAULT_MAX_CONNS_PER_IDENTITY,
             max_dgram_queue_bytes: 256 * 1024,
+            congestion_control: CongestionControl::Cubic,
         }
     }
 }

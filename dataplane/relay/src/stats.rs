@@ -127,6 +127,9 @@ counters! {
     /// Connections whose sending stopped at 3× the bytes received before
     /// their address was validated (counted once per connection).
     amplification_limited,
+    /// Sends held back until quiche's pacing time (`SendInfo.at`) because
+    /// it was more than [`crate::worker::PACING_SLACK`] ahead.
+    paced_holds,
     /// Agent connections looked at to re-bind their flows after a
     /// ConnectorUp/Down (only those holding a flow for that service).
     rebind_visits,

@@ -297,6 +297,7 @@ impl Worker {
             cids,
             timer: None,
             dirty: false,
+            paced_until: None,
             close_at: None,
             stopped: false,
             reg_tokens: (self.cfg.limits.max_registrations as f64, self.now),

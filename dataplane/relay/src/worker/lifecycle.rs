@@ -56,7 +56,11 @@ impl Worker {
             let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(Option::take) else { continue };
             conn.dirty = false;
             self.flush_control(&mut conn);
-            loop {
+            // Paced: its timer releases it (`SendInfo.at`, RFC 9002 §7.7).
+            if conn.paced_until.is_some_and(|t| t <= now) {
+                conn.paced_until = None;
+            }
+            while conn.paced_until.is_none() {
                 let buf = tx.buf();
                 let room = match conn.amplification {
                     // Enforced here, at the I/O boundary, because quiche's
@@ -79,6 +83,14 @@ impl Worker {
                             *sent += n as u64;
                         }
                         self.stats.packets_tx.fetch_add(1, Ordering::Relaxed);
+                        // quiche's pacer spaces packets after this one: the
+                        // rest waits rather than leaving as a burst (one
+                        // packet may leave early by up to the slack).
+                        if info.at > now + PACING_SLACK {
+                            conn.paced_until = Some(info.at);
+                            self.stats.paced_holds.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                     }
                     Err(quiche::Error::Done | quiche::Error::BufferTooShort) => break,
                     Err(e) => {
@@ -184,7 +196,8 @@ impl Worker {
 
     pub(super) fn update_timer(&mut self, conn: &mut Conn) {
         let close = conn.close_at.map(|(t, _)| t);
-        let next = [conn.quic.timeout_instant(), close, conn.handshake_deadline].into_iter().flatten().min();
+        let next =
+            [conn.quic.timeout_instant(), close, conn.handshake_deadline, conn.paced_until].into_iter().flatten().min();
         if next != conn.timer {
             if let Some(old) = conn.timer {
                 self.timers.remove(&(old, conn.key.slot));

@@ -39,6 +39,10 @@ const SPARE_CIDS: usize = 3;
 const INBOX_BATCH: usize = 4096;
 /// Smallest UDP payload that may carry a client Initial (RFC 9000 §14.1).
 const MIN_INITIAL_LEN: usize = 1200;
+/// quiche's pacing times (`SendInfo.at`) at most this far ahead are sent
+/// at once; a later one holds the connection's sending until then. Below
+/// a millisecond the loop's timers would cost more than the burst.
+pub const PACING_SLACK: Duration = Duration::from_millis(1);
 /// How long a connection that failed keeps running so its Error message
 /// reaches the client before CONNECTION_CLOSE (quiche sends no stream data
 /// once closing).
@@ -134,6 +138,9 @@ struct Conn {
     cids: Vec<CidKey>,
     timer: Option<Instant>,
     dirty: bool,
+    /// quiche's pacer wants the next packet no earlier than this: nothing
+    /// is sent before (the timer set releases it).
+    paced_until: Option<Instant>,
     /// Close with this code once the instant passes (after Error/Goodbye).
     close_at: Option<(Instant, Code)>,
     /// Set once the relay decided to close: nothing the peer sends is
@@ -247,7 +254,8 @@ impl Worker {
         let (generation, security) = shared.security.current();
         // CIDs carry cfg.node_id; the reset key answers only its own.
         anyhow::ensure!(cfg.node_id == security.reset.node_id(), "worker node id is not the reset key's");
-        let quic_cfg = security.tls.server_config(Arc::clone(&stats))?;
+        let mut quic_cfg = security.tls.server_config(Arc::clone(&stats))?;
+        quic_cfg.set_cc_algorithm(cfg.limits.congestion_control.quiche());
         let now = Instant::now();
         let hs = f64::from(cfg.limits.retry_above_handshakes_per_sec);
         let resets = f64::from(cfg.limits.stateless_resets_per_sec.max(1));

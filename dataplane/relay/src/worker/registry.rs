@@ -177,7 +177,10 @@ impl Worker {
         let (generation, security) = self.shared.security.current();
         self.generation = generation;
         match security.tls.server_config(Arc::clone(&self.stats)) {
-            Ok(cfg) => self.quic_cfg = cfg,
+            Ok(mut cfg) => {
+                cfg.set_cc_algorithm(self.cfg.limits.congestion_control.quiche());
+                self.quic_cfg = cfg;
+            }
             Err(e) => warn!(worker = self.cfg.index, error = %e, "new TLS material refused; keeping the old"),
         }
         self.security = security;
