@@ -36,7 +36,6 @@ const UDP_BATCHES: usize = 4;
 const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Largest IP packet the device can hand us (MTU is at most 9000).
 const PKT_BUF: usize = 65_536;
-/// How often the agent looks for path changes to report.
 /// How often the host's interface addresses are read again.
 const HOSTS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the loop refreshes what `/status` serves.
@@ -190,7 +189,7 @@ impl Agent {
 
     /// Prints the `path` line of a move:
     /// `path service=S via=direct addr=A time_to_direct_ms=T` or
-    /// `path service=S via=relay state=W` (W says why: docs/protocol/direct.md §11.6).
+    /// `path service=S via=relay state=W` (W says why: docs/protocol/direct.md §11.8).
     fn report_path(&self, service: &ServiceName, direct: Option<SocketAddr>, state: PathState) {
         match direct {
             Some(a) => {

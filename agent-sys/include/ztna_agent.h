@@ -99,7 +99,7 @@
 // The service's session moved between the relay and a direct path (3.3):
 // `addr` is the peer's address on the direct path (family 0: the relay
 // carries it now), `text` the path state (`direct`, or why the relay:
-// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.6).
+// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.8).
 #define ZTNA_EVENT_PATH_CHANGED 9
 
 // Most addresses one call takes (the core advertises at most 4 host
@@ -260,7 +260,8 @@ typedef struct ZtnaPathStats {
   uint64_t punch_rounds;
   uint64_t punch_rounds_direct;
   uint64_t punch_rounds_failed;
-  // UDP payload bytes of inner packets over direct paths.
+  // UDP payload bytes over direct paths: inner QUIC packets (data,
+  // acknowledgements, probes) and, outbound, punch packets.
   uint64_t direct_bytes_in;
   uint64_t direct_bytes_out;
   // Moves onto a direct path, and back to the relay.

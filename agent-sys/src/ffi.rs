@@ -162,7 +162,7 @@ pub const ZTNA_EVENT_SESSION_CLOSED: u32 = 8;
 /// The service's session moved between the relay and a direct path (3.3):
 /// `addr` is the peer's address on the direct path (family 0: the relay
 /// carries it now), `text` the path state (`direct`, or why the relay:
-/// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.6).
+/// `lost`, `no_answer`, `relay_only`, ...; docs/protocol/direct.md §11.8).
 pub const ZTNA_EVENT_PATH_CHANGED: u32 = 9;
 
 /// An event. Fields not used by `kind` are zero.

@@ -122,7 +122,8 @@ pub struct ZtnaPathStats {
     pub punch_rounds: u64,
     pub punch_rounds_direct: u64,
     pub punch_rounds_failed: u64,
-    /// UDP payload bytes of inner packets over direct paths.
+    /// UDP payload bytes over direct paths: inner QUIC packets (data,
+    /// acknowledgements, probes) and, outbound, punch packets.
     pub direct_bytes_in: u64,
     pub direct_bytes_out: u64,
     /// Moves onto a direct path, and back to the relay.

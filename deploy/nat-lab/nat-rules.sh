@@ -40,7 +40,12 @@ map_timeout=${NATLAB_MAP_TIMEOUT:-120s}
 case $wan_input in drop|accept) ;; *) echo "NATLAB_WAN_INPUT must be drop or accept" >&2; exit 2 ;; esac
 case $wan in *[!A-Za-z0-9_.-]*|'') echo "bad interface name: $wan" >&2; exit 2 ;; esac
 case $sym_flags in *[!a-z,-]*) echo "bad NATLAB_SYMMETRIC_FLAGS: $sym_flags" >&2; exit 2 ;; esac
-case $sym_ports in '') ;; *[!0-9-]*|-*|*-) echo "bad NATLAB_SYMMETRIC_PORTS: $sym_ports (LO-HI)" >&2; exit 2 ;; esac
+if [ -n "$sym_ports" ]; then
+    lo=${sym_ports%%-*} hi=${sym_ports#*-}
+    case "$lo$hi" in *[!0-9]*|'') echo "bad NATLAB_SYMMETRIC_PORTS: $sym_ports (LO-HI)" >&2; exit 2 ;; esac
+    [ "$lo" -ge 1024 ] && [ "$lo" -le "$hi" ] && [ "$hi" -le 65535 ] ||
+        { echo "bad NATLAB_SYMMETRIC_PORTS: $sym_ports (1024 <= LO <= HI <= 65535)" >&2; exit 2; }
+fi
 
 # Masquerade, the source NAT of every type. Without flags Linux keeps the
 # client's source port whenever the resulting tuple is unique (port

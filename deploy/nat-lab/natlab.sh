@@ -430,6 +430,7 @@ protocol = "tcp"
 port = 7
 target = "127.0.0.1:7007"
 EOF
+    case ${NATLAB_PORT_PREDICTION:-0} in *[!0-9]*|'') die "NATLAB_PORT_PREDICTION must be a number" ;; esac
     [ -z "${NATLAB_PORT_PREDICTION:-}" ] || sed -i "1i port_prediction = $NATLAB_PORT_PREDICTION" "$d/connector.toml"
     cat > "$d/agent.toml" <<EOF
 relay = "$RELAY_IP:4433"

@@ -114,8 +114,9 @@ pub struct AgentStats {
     pub direct_packets_out: u64,
     /// Punch packets of a session's current round.
     pub direct_punches_in: u64,
-    /// Bytes of the inner packets counted in `direct_packets_in/_out`
-    /// (UDP payloads).
+    /// UDP payload bytes of the datagrams counted in
+    /// `direct_packets_in/_out` (inner QUIC packets; outbound, punch
+    /// packets too).
     pub direct_bytes_in: u64,
     pub direct_bytes_out: u64,
     /// Sessions' moves onto a direct path, and back to the relay.

@@ -116,7 +116,8 @@ pub struct PathCounters {
     pub to_relay: u64,
     /// Direct paths given up because nothing came over them.
     pub direct_timeouts: u64,
-    /// From the first tunneled packet to the first direct path.
+    /// From the first tunneled packet (before any: the session's start)
+    /// to the first direct path.
     pub time_to_direct: Option<Duration>,
 }
 
@@ -381,7 +382,7 @@ impl PathManager {
         // by the next round before they are taken.
         self.direct.retain(|a, _| Some(*a) == self.current);
         if !self.direct_allowed() {
-            self.round = None;
+            self.end_round();
             if self.agent && self.current.is_some() {
                 self.switch(None, self.last_keepalive);
             }
@@ -410,7 +411,12 @@ impl PathManager {
         let targets = self.peer.iter().map(|c| c.addr).collect();
         let interval = self.cfg.probe_first;
         self.end_round();
-        let took_direct = false;
+        // Connector: the agent may have moved before its PunchNow arrived
+        // (a LAN or public address validates faster than the relay relays).
+        let took_direct = self.current.is_some();
+        if took_direct {
+            self.counters.rounds_direct += 1;
+        }
         self.round = Some(Round {
             number,
             nonce,
@@ -551,7 +557,9 @@ impl PathManager {
                     self.counters.rounds_direct += 1;
                 }
                 if self.counters.time_to_direct.is_none() {
-                    let since = self.first_tunneled.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                    // From the first tunneled packet, or, before any, from
+                    // the session's start.
+                    let since = now.saturating_duration_since(self.first_tunneled.unwrap_or(self.created));
                     self.counters.time_to_direct = Some(since);
                 }
             }

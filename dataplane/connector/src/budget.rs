@@ -24,7 +24,7 @@ pub struct Limits {
 
 /// Punch packets.
 pub const PUNCHES: Limits =
-    Limits { per_identity_rate: 512.0, per_identity_burst: 2048.0, total_rate: 4096.0, total_burst: 8192.0 };
+    Limits { per_identity_rate: 1024.0, per_identity_burst: 4096.0, total_rate: 8192.0, total_burst: 16384.0 };
 /// Stateless resets.
 pub const RESETS: Limits =
     Limits { per_identity_rate: 16.0, per_identity_burst: 32.0, total_rate: 256.0, total_burst: 256.0 };

@@ -370,7 +370,9 @@ impl Engine {
                 }
                 let Some((n, via)) = p.session.poll_transmit(&mut buf, now) else { break };
                 if let (Via::Direct(to), Some(pkt)) = (via, buf.get(..n)) {
-                    if punch::parse(pkt).is_some() && !self.punch_budget.allow(&p.agent_id, now) {
+                    // A punch takes budget only when there is room to send it.
+                    let punch = punch::parse(pkt).is_some() && self.direct.tx.has_room();
+                    if punch && !self.punch_budget.allow(&p.agent_id, now) {
                         inc(&self.stats.drop_punch_budget);
                     } else if self.direct.tx.push(pkt, to) {
                         moved = true;

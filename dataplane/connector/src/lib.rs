@@ -139,8 +139,11 @@ ztna_ops::counters! {
     path_to_relay,
     /// Punching rounds the agent started with this connector that ended
     /// with the session on a direct path, and those that did not.
+    punch_rounds,
     punch_rounds_direct,
     punch_rounds_failed,
+    /// Punch packets to predicted ports (`port_prediction`).
+    punch_predicted,
     /// Punch packets not sent: their agent identity, or all agents
     /// together, used up the punch budget (budget.rs).
     drop_punch_budget,

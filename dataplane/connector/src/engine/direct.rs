@@ -57,6 +57,8 @@ impl Engine {
         let s = &self.stats;
         crate::add(&s.path_to_direct, c.to_direct.saturating_sub(seen.to_direct));
         crate::add(&s.path_to_relay, c.to_relay.saturating_sub(seen.to_relay));
+        crate::add(&s.punch_rounds, c.rounds.saturating_sub(seen.rounds));
+        crate::add(&s.punch_predicted, c.predicted.saturating_sub(seen.predicted));
         crate::add(&s.punch_rounds_direct, c.rounds_direct.saturating_sub(seen.rounds_direct));
         crate::add(&s.punch_rounds_failed, c.rounds_failed.saturating_sub(seen.rounds_failed));
         p.paths_seen = c.clone();

@@ -86,8 +86,12 @@ impl Worker {
                         // quiche's pacer spaces packets after this one: the
                         // rest waits rather than leaving as a burst (one
                         // packet may leave early by up to the slack).
-                        if info.at > now + PACING_SLACK {
-                            conn.paced_until = Some(info.at);
+                        // `info.at` is on quiche's clock (its own
+                        // Instant::now()), not this turn's `now`: the wait
+                        // is measured against a fresh reading.
+                        let wait = info.at.saturating_duration_since(Instant::now());
+                        if wait > PACING_SLACK {
+                            conn.paced_until = Some(now + wait);
                             self.stats.paced_holds.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
