@@ -137,23 +137,19 @@ impl AgentCore {
     pub fn stats(&self) -> AgentStats {
         let c = self.session.stats();
         let live: u64 = self.tunnels.values().filter_map(|t| t.session.as_ref()).map(E2eSession::rejected).sum();
-        let mut paths = self.stats;
-        for s in self.tunnels.values().filter_map(|t| t.session.as_ref()) {
-            paths.add_paths(s.path_counters());
-        }
-        AgentStats {
-            path_to_direct: paths.path_to_direct,
-            path_to_relay: paths.path_to_relay,
-            punch_rounds: paths.punch_rounds,
-            punch_rounds_direct: paths.punch_rounds_direct,
-            punch_rounds_failed: paths.punch_rounds_failed,
+        let mut st = AgentStats {
             connects: c.connects,
             disconnects: c.disconnects,
             drop_truncated: self.stats.drop_truncated + c.datagrams_dropped_too_large,
             e2e_cert_rejected: self.rejections.total(),
             e2e_packets_rejected: self.stats.e2e_packets_rejected + live,
             ..self.stats
+        };
+        // Ended sessions' path counters are in `self.stats`; live ones add theirs.
+        for s in self.tunnels.values().filter_map(|t| t.session.as_ref()) {
+            st.add_paths(s.path_counters());
         }
+        st
     }
 
     /// The driver rebound its UDP socket: the next connection attempt uses

@@ -87,9 +87,12 @@ impl Worker {
                         // rest waits rather than leaving as a burst (one
                         // packet may leave early by up to the slack).
                         // `info.at` is on quiche's clock (its own
-                        // Instant::now()), not this turn's `now`: the wait
-                        // is measured against a fresh reading.
-                        let wait = info.at.saturating_duration_since(Instant::now());
+                        // Instant::now()), not this turn's `now`: only a
+                        // time ahead of `now` (rare) is measured against a
+                        // fresh reading, which is never earlier than `now`.
+                        let ahead = info.at > now + PACING_SLACK;
+                        let wait =
+                            if ahead { info.at.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
                         if wait > PACING_SLACK {
                             conn.paced_until = Some(now + wait);
                             self.stats.paced_holds.fetch_add(1, Ordering::Relaxed);
