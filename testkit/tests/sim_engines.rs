@@ -384,3 +384,66 @@ fn a_relay_only_service_never_goes_direct() {
     assert!(forwarded(&mut sim, r) >= 2 * u64::from(echoed));
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+#[test]
+fn a_move_onto_a_connector_replica_of_the_same_identity_starts_a_new_session_within_seconds() {
+    // Two replicas of connector "c" (one certificate and key, as one
+    // Kubernetes Secret gives them), each on its own relay. When the agent
+    // moves from relay A to relay B its inner packets reach replica 2,
+    // which does not hold the session: its stateless reset (from the
+    // identity's key, which both replicas share) makes the agent handshake
+    // again at once instead of after its silence timeout.
+    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
+    let (relay_a, relay_b): (SocketAddr, SocketAddr) =
+        ("127.0.0.1:4433".parse().unwrap(), "127.0.0.1:4435".parse().unwrap());
+    let cfg = NetConfig { delay: Duration::from_millis(2), jitter: Duration::from_millis(4), ..NetConfig::default() };
+    let mut sim = Sim::new(cfg);
+    let a = sim.add(RelayHost::new(RelaySpec::dev(relay_a, 1, &pki, POLICY).unwrap(), sim.now()).unwrap());
+    let mut spec_b = RelaySpec::dev(relay_b, 1, &pki, POLICY).unwrap();
+    spec_b.node_id = 1;
+    sim.add(RelayHost::new(spec_b, sim.now()).unwrap());
+    let now = sim.now();
+    let c1 = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay_a], now));
+    let c2 = sim.add(connector(&pki, "127.0.0.4:4434".parse().unwrap(), &[relay_b], now));
+    let agents = vec![sim.add(agent(&pki, 0, relay_a, vec![relay_b], now))];
+
+    let mut traffic = Traffic::new(Duration::from_millis(10), 400);
+    sim.max_step = Duration::from_millis(5);
+    assert!(sim.run_until(Duration::from_secs(20), |sim| {
+        traffic.step(sim, &agents);
+        traffic.echoed(0) >= 10
+    }));
+    assert_eq!(sim.host::<ConnectorHost>(c1).engine.stats().snapshot().e2e_established, 1);
+
+    let moved_at = sim.now();
+    for w in sim.host::<RelayHost>(a).workers_mut() {
+        w.begin_drain(moved_at);
+    }
+    let mut on_b = None;
+    let mut echoed_at_move = 0;
+    assert!(
+        sim.run_until(Duration::from_secs(40), |sim| {
+            traffic.step(sim, &agents);
+            if on_b.is_none() && sim.host::<AgentHost>(agents[0]).core.relay() == relay_b {
+                on_b = Some(sim.now());
+                echoed_at_move = traffic.echoed(0);
+            }
+            on_b.is_some() && traffic.echoed(0) >= echoed_at_move + 10
+        }),
+        "echoes {}; replica 2 {:?}",
+        traffic.echoed(0),
+        sim.host::<ConnectorHost>(c2).engine.stats().snapshot()
+    );
+    let on_b = on_b.unwrap();
+    let resumed = sim.now().saturating_duration_since(on_b);
+    let replica2 = sim.host::<ConnectorHost>(c2).engine.stats().snapshot();
+    assert!(replica2.e2e_resets_sent >= 1, "replica 2 told the agent it holds no such session: {replica2:?}");
+    assert_eq!((replica2.e2e_handshakes, replica2.e2e_established), (1, 1), "{replica2:?}");
+    let agent_handshakes = sim.host::<AgentHost>(agents[0]).core.stats().e2e_handshakes;
+    assert_eq!(agent_handshakes, 2, "one session per replica");
+    // Ten echoes at 10 ms after the new handshake; the silence timeout
+    // (25 s) is what it would have taken without the reset.
+    assert!(resumed < Duration::from_secs(5), "10 echoes through replica 2 took {resumed:?} after the move");
+    eprintln!("moved after {:?}; 10 echoes through replica 2 {resumed:?} later", on_b - moved_at);
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
