@@ -131,6 +131,11 @@ pub struct LoadArgs {
     /// UDP GSO (the default, as modern QUIC clients send).
     #[arg(long)]
     pub no_client_gso: bool,
+    /// Clients receive one datagram per call instead of with UDP GRO (the
+    /// default, as modern QUIC clients receive); then a target that sends
+    /// with GSO pays the kernel's software segmentation on loopback.
+    #[arg(long)]
+    pub no_client_gro: bool,
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -152,6 +157,7 @@ impl LoadArgs {
             duration: Duration::from_secs_f64(self.duration),
             window: self.window,
             client_gso: !self.no_client_gso,
+            client_gro: !self.no_client_gro,
             progress: !self.quiet,
             ..LoadConfig::default()
         };

@@ -37,6 +37,8 @@ pub struct LoadConfig {
     pub window: u64,
     /// QUIC clients send with UDP GSO (see `ClientSetup::gso`).
     pub client_gso: bool,
+    /// Clients receive with UDP GRO (see `ClientSetup::gro`).
+    pub client_gro: bool,
     /// Stop each agent after this many datagrams (the demo).
     pub max_per_agent: Option<u64>,
     /// Wait for stragglers after the send phase (ends early when nothing
@@ -62,6 +64,7 @@ impl Default for LoadConfig {
             duration: Duration::from_secs(5),
             window: DEFAULT_WINDOW,
             client_gso: true,
+            client_gro: true,
             max_per_agent: None,
             grace: DEFAULT_GRACE,
             progress: true,

@@ -360,6 +360,7 @@ pub fn run(mode: NaiveMode, load: &LoadConfig) -> Result<Report> {
         agents: load.agents,
         timeout: Duration::from_secs(15),
         gso: load.client_gso,
+        gro: load.client_gro,
     };
     let mut clients = QuicClients::connect(&setup)?;
     let mut probe = || Sample::in_process(h.forwarded(), h.cpu_time());

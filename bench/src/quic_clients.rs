@@ -26,6 +26,8 @@ const SOCKET_BUF: usize = 4 << 20;
 const RX_BATCH: usize = 64;
 /// Packets a client queues before a sendmmsg.
 const TX_BATCH: usize = 64;
+/// Receives per `recvmmsg` with GRO (each up to 64 KiB).
+const RX_GRO_BATCH: usize = 8;
 
 /// Where and how the clients connect.
 #[derive(Debug, Clone)]
@@ -42,9 +44,14 @@ pub struct ClientSetup {
     /// Give up on connecting and registering after this long.
     pub timeout: Duration,
     /// Send each client's packets with UDP GSO (as a modern QUIC client
-    /// does); receives stay one datagram per call, so a target that sends
-    /// with GSO still pays the kernel's segmentation.
+    /// does).
     pub gso: bool,
+    /// Receive with UDP GRO (as a modern QUIC client does): a target's GSO
+    /// send then reaches the client whole over loopback, as it leaves a
+    /// host whole for a NIC that segments (USO). Off: one datagram per
+    /// call, and a target that sends with GSO pays the kernel's software
+    /// segmentation.
+    pub gro: bool,
 }
 
 /// What one client saw while connecting and registering.
@@ -76,6 +83,9 @@ pub struct QuicClients {
     pkt: Vec<u8>,
     /// Per client: its send batch (GSO when `ClientSetup::gso`).
     tx: Vec<Batch>,
+    /// Receives of all clients, one client at a time (GRO on every socket
+    /// when `ClientSetup::gro`), or None: one `recv_from` per datagram.
+    rx: Option<Batch>,
     echo_drops: u64,
     send_errors: u64,
     udp_send_errors: u64,
@@ -145,6 +155,13 @@ impl QuicClients {
                 b
             })
             .collect();
+        let rx = s.gro.then(|| {
+            let mut b = Batch::new(RX_GRO_BATCH);
+            for c in &clients {
+                b.enable_gro(c.socket());
+            }
+            b
+        });
         Ok(QuicClients {
             clients,
             connectors: s.connectors,
@@ -155,6 +172,7 @@ impl QuicClients {
             buf: vec![0u8; 65_536],
             pkt: vec![0u8; 65_536],
             tx,
+            rx,
             echo_drops: 0,
             send_errors: 0,
             udp_send_errors: 0,
@@ -328,6 +346,20 @@ impl Transport for QuicClients {
                 let mut got = 0;
                 let now = Instant::now();
                 while got < RX_BATCH {
+                    if let Some(rx) = self.rx.as_mut() {
+                        let Ok(n) = rx.recv(c.socket()) else { break };
+                        if n == 0 {
+                            break;
+                        }
+                        for k in 0..n {
+                            let Some((datagrams, Some(from))) = rx.received(k) else { continue };
+                            for d in datagrams {
+                                got += 1;
+                                c.session.recv(d, from, now);
+                            }
+                        }
+                        continue;
+                    }
                     let Ok((n, from)) = c.socket().recv_from(&mut self.pkt) else { break };
                     got += 1;
                     if let Some(b) = self.pkt.get_mut(..n) {

@@ -155,6 +155,7 @@ fn setup(relay: SocketAddr, server_name: &str, tls: (TlsOptions, TlsOptions), lo
         agents: load.agents,
         timeout: Duration::from_secs(15),
         gso: load.client_gso,
+        gro: load.client_gro,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::forwarder::{self, ForwarderHandle, HEADER_LEN, HELLO_FLOW};
 use anyhow::{bail, Context, Result};
+use ztna_udp::batch::Batch;
 use ztna_udp::IoBackend;
 
 use crate::load::{self, is_ready, LoadConfig, Sample, Transport};
@@ -26,7 +27,40 @@ pub struct UdpClients {
     peers: Vec<UdpSocket>,
     buf: Vec<u8>,
     tx: Vec<u8>,
+    /// With GRO (`LoadConfig::client_gro`): receives of every socket, one
+    /// socket at a time; None: one `recv` per datagram.
+    rx: Option<Batch>,
     echo_drops: u64,
+}
+
+/// Receives per `recvmmsg` with GRO (each up to 64 datagrams).
+const RX_GRO_BATCH: usize = 4;
+
+/// Takes up to `max` datagrams from `s` (through `rx` when it does GRO)
+/// and hands each to `f`.
+fn receive_from(s: &UdpSocket, mut rx: Option<&mut Batch>, buf: &mut [u8], max: usize, f: &mut dyn FnMut(&[u8])) {
+    let mut got = 0;
+    while got < max {
+        if let Some(rx) = rx.as_mut() {
+            let n = rx.recv(s).unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            for k in 0..n {
+                let Some((datagrams, _)) = rx.received(k) else { continue };
+                for d in datagrams {
+                    got += 1;
+                    f(d);
+                }
+            }
+        } else {
+            let Ok(n) = s.recv(buf) else { return };
+            got += 1;
+            if let Some(p) = buf.get(..n) {
+                f(p);
+            }
+        }
+    }
 }
 
 fn bench_socket() -> Result<UdpSocket> {
@@ -45,7 +79,7 @@ pub fn agent_flow(a: usize) -> u32 {
 impl UdpClients {
     /// Registers `peers` echo peers (hello until acknowledged) and binds
     /// `agents` agent sockets.
-    pub fn connect(forwarder: SocketAddr, agents: usize, peers: usize) -> Result<Self> {
+    pub fn connect(forwarder: SocketAddr, agents: usize, peers: usize, gro: bool) -> Result<Self> {
         let mut ps = Vec::with_capacity(peers);
         for i in 0..peers {
             let s = bench_socket()?;
@@ -71,7 +105,15 @@ impl UdpClients {
             s.set_nonblocking(true)?;
             ags.push(s);
         }
+        let rx = gro.then(|| {
+            let mut b = Batch::new(RX_GRO_BATCH);
+            for s in ps.iter().chain(&ags) {
+                b.enable_gro(s);
+            }
+            b
+        });
         Ok(UdpClients {
+            rx,
             forwarder,
             agents: ags,
             peers: ps,
@@ -92,34 +134,29 @@ impl Transport for UdpClients {
     }
 
     fn receive(&mut self, ready: Option<&[libc::pollfd]>, on_echo: &mut dyn FnMut(usize, &[u8])) {
+        let forwarder = self.forwarder;
         for (i, s) in self.peers.iter().enumerate() {
             if !is_ready(ready, i) {
                 continue;
             }
-            for _ in 0..RX_PER_TURN {
-                let Ok(n) = s.recv(&mut self.buf) else { break };
-                let Some(p) = self.buf.get(..n) else { break };
-                if p.len() < HEADER_LEN {
-                    continue;
+            let drops = &mut self.echo_drops;
+            receive_from(s, self.rx.as_mut(), &mut self.buf, RX_PER_TURN, &mut |p| {
+                if p.len() >= HEADER_LEN && s.send_to(p, forwarder).is_err() {
+                    *drops += 1;
                 }
-                if s.send_to(p, self.forwarder).is_err() {
-                    self.echo_drops += 1;
-                }
-            }
+            });
         }
         for (a, s) in self.agents.iter().enumerate() {
             if !is_ready(ready, self.peers.len() + a) {
                 continue;
             }
-            for _ in 0..RX_PER_TURN {
-                let Ok(n) = s.recv(&mut self.buf) else { break };
-                let Some(p) = self.buf.get(..n) else { break };
+            receive_from(s, self.rx.as_mut(), &mut self.buf, RX_PER_TURN, &mut |p| {
                 match p.split_first_chunk::<HEADER_LEN>() {
                     Some((h, payload)) if u32::from_be_bytes(*h) == agent_flow(a) => on_echo(a, payload),
                     // Another agent's flow: the generator counts it as misrouted.
                     _ => on_echo(a, &[]),
                 }
-            }
+            });
         }
     }
 
@@ -153,7 +190,7 @@ pub fn run(io_backend: IoBackend, load: &LoadConfig) -> Result<Report> {
 
 /// Runs the load against a running forwarder.
 pub fn run_with(fwd: &ForwarderHandle, load: &LoadConfig) -> Result<Report> {
-    let mut clients = UdpClients::connect(fwd.local_addr, load.agents, load.connectors)?;
+    let mut clients = UdpClients::connect(fwd.local_addr, load.agents, load.connectors, load.client_gro)?;
     let before = fwd.stats();
     let mut probe = || Sample::in_process(fwd.forwarded(), fwd.cpu_time());
     let (result, samples) = load::run_load(&mut clients, load, &mut probe)?;

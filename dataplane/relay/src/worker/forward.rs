@@ -21,22 +21,22 @@ impl Worker {
     }
 
     pub(super) fn read_datagrams(&mut self, conn: &mut Conn, now: Instant) {
-        let mut buf = std::mem::take(&mut self.dgram_buf);
-        while let Ok(n) = conn.quic.dgram_recv(&mut buf) {
-            let Some(d) = buf.get_mut(..n) else { break };
+        // quiche hands over the buffer it parsed the frame into, and the
+        // rewritten datagram goes back to it as is: no copy on the way
+        // through (dgram_recv/dgram_send would copy twice).
+        while let Ok(mut d) = conn.quic.dgram_recv_buf() {
             if let Some(tap) = self.tap.as_mut() {
-                tap(d);
+                tap(d.as_mut_slice());
             }
             self.forward(conn, d, now);
         }
-        self.dgram_buf = buf;
     }
 
     /// Forwards one datagram received on `conn` to the other leg of its
     /// flow. Its flow id is decoded once, here: the rewrite and the
     /// receiving worker (after a hand-off) use the lengths found now.
-    pub(super) fn forward(&mut self, conn: &mut Conn, d: &mut [u8], now: Instant) {
-        let (flow, payload_len) = match datagram::parse(d) {
+    pub(super) fn forward(&mut self, conn: &mut Conn, mut d: Vec<u8>, now: Instant) {
+        let (flow, payload_len) = match datagram::parse(&d) {
             Ok((f, p)) => (f, p.len()),
             Err(_) => {
                 self.stats.drop_bad_datagram.fetch_add(1, Ordering::Relaxed);
@@ -59,29 +59,29 @@ impl Worker {
                 return;
             }
         };
-        let mut scratch = std::mem::take(&mut self.scratch);
         let header_len = d.len().saturating_sub(payload_len);
-        let bytes: &[u8] = if datagram::rewrite_in_place(d, header_len, to_flow) {
-            d
-        } else {
-            let payload = d.get(d.len() - payload_len..).unwrap_or_default();
-            datagram::encode_into(to_flow, payload, &mut scratch);
-            &scratch
-        };
-        self.deliver(conn, to, bytes, payload_len, now);
-        self.scratch = scratch;
+        if !datagram::rewrite_in_place(&mut d, header_len, to_flow) {
+            // The other leg's flow id has another varint length.
+            let mut re = Vec::with_capacity(payload_len + 8);
+            datagram::encode_into(to_flow, d.get(header_len..).unwrap_or_default(), &mut re);
+            d = re;
+        }
+        self.deliver(conn, to, d, payload_len, now);
     }
 
-    pub(super) fn deliver(&mut self, conn: &mut Conn, to: ConnKey, bytes: &[u8], payload_len: usize, now: Instant) {
+    /// Queues `bytes` (a whole datagram, flow id rewritten) on `to`. On
+    /// this worker the buffer moves into quiche's send queue as it is;
+    /// across workers it is copied into a mesh buffer.
+    pub(super) fn deliver(&mut self, conn: &mut Conn, to: ConnKey, bytes: Vec<u8>, payload_len: usize, now: Instant) {
         if usize::from(to.worker) == self.cfg.index {
             if to == conn.key {
                 if self.admit(conn, bytes.len()) {
-                    let r = conn.quic.dgram_send(bytes);
+                    let r = conn.quic.dgram_send_buf(bytes);
                     self.count_delivery(r, payload_len, now);
                 }
             } else if let Some(mut dst) = self.take(to) {
                 if self.admit(&dst, bytes.len()) {
-                    let r = dst.quic.dgram_send(bytes);
+                    let r = dst.quic.dgram_send_buf(bytes);
                     self.count_delivery(r, payload_len, now);
                 }
                 self.put(dst);
@@ -98,7 +98,9 @@ impl Worker {
         let charged = bytes.len() as i64;
         let msg = Data::Datagram {
             to,
-            bytes: self.mesh.buffer(self.cfg.index, bytes),
+            // A copy into a buffer of this worker's recycle queue: the
+            // quiche buffer is freed here, so no allocation crosses threads.
+            bytes: self.mesh.buffer(self.cfg.index, &bytes),
             payload_len,
             received: now,
             sender: self.cfg.index as u16,

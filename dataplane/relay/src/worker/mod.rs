@@ -209,8 +209,6 @@ pub struct Worker {
     /// Packets outside any connection: (bytes, to, from our address).
     pending_tx: Vec<(Vec<u8>, SocketAddr, SocketAddr)>,
     delivered_at: Vec<Instant>,
-    scratch: Vec<u8>,
-    dgram_buf: Vec<u8>,
     tap: Option<DatagramTap>,
     stats: Arc<WorkerStats>,
     latency: metrics::Histogram,
@@ -282,8 +280,6 @@ impl Worker {
             dirty: Vec::new(),
             pending_tx: Vec::new(),
             delivered_at: Vec::new(),
-            scratch: Vec::with_capacity(2048),
-            dgram_buf: vec![0u8; 65_536],
             tap: None,
             stats,
             latency,
