@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ztna_relay::limits::CongestionControl;
 use ztna_udp::IoBackend;
 
 use crate::handshakes::{FloodSource, HandshakeConfig, RetryModeName};
@@ -199,6 +200,10 @@ pub struct RelayArgs {
     /// Do not pin the in-process relay's workers to cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Congestion controller of the in-process relay (`[limits]
+    /// congestion_control`; quiche paces only with bbr2).
+    #[arg(long, value_enum, default_value_t = CongestionControl::Cubic)]
+    pub congestion_control: CongestionControl,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -426,7 +431,12 @@ fn relay_config(a: &RelayArgs) -> Result<RelayBenchConfig> {
             if a.ca.is_some() || a.insecure || a.relay_pid.is_some() || a.certs.is_some() {
                 bail!("--ca, --insecure, --certs and --relay-pid apply to an external relay (--relay)");
             }
-            RelayTarget::InProcess { workers: a.workers, io_backend: a.io_backend, pin_cores: !a.no_pin }
+            RelayTarget::InProcess {
+                workers: a.workers,
+                io_backend: a.io_backend,
+                pin_cores: !a.no_pin,
+                congestion_control: a.congestion_control,
+            }
         }
         Some(r) => {
             if a.ca.is_none() && !a.insecure {

@@ -11,6 +11,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
+use ztna_relay::limits::CongestionControl;
 use ztna_udp::IoBackend;
 
 use crate::load::LoadConfig;
@@ -84,7 +85,12 @@ pub fn run(requested: &[IoBackend], workers: usize, load: &LoadConfig) -> Result
     let mut results = Vec::new();
     for b in backends(requested) {
         let relay = relay_bench::run(&RelayBenchConfig {
-            target: RelayTarget::InProcess { workers, io_backend: b, pin_cores: true },
+            target: RelayTarget::InProcess {
+                workers,
+                io_backend: b,
+                pin_cores: true,
+                congestion_control: CongestionControl::Cubic,
+            },
             load: load.clone(),
         })?;
         let udp_forwarder = udp_bench::run(b, load)?;

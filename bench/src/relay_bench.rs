@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use ztna_control::identity::Kind;
 use ztna_control::quic::TlsOptions;
+use ztna_relay::limits::{CongestionControl, Limits};
 use ztna_relay::server::{self, RelayConfig, RelayHandle};
 use ztna_relay::stats::StatsSnapshot;
 use ztna_udp::IoBackend;
@@ -24,7 +25,7 @@ pub const SERVICE: &str = "bench";
 #[derive(Debug, Clone)]
 pub enum RelayTarget {
     /// Start one here (dev certificates, 127.0.0.1, ephemeral port).
-    InProcess { workers: usize, io_backend: IoBackend, pin_cores: bool },
+    InProcess { workers: usize, io_backend: IoBackend, pin_cores: bool, congestion_control: CongestionControl },
     /// A running relay.
     External {
         addr: SocketAddr,
@@ -46,8 +47,15 @@ pub struct RelayBenchConfig {
 }
 
 /// Starts an in-process development relay on 127.0.0.1.
-pub fn start_dev_relay(workers: usize, io_backend: IoBackend, pin_cores: bool) -> Result<RelayHandle> {
+pub fn start_dev_relay(
+    workers: usize,
+    io_backend: IoBackend,
+    pin_cores: bool,
+    congestion_control: CongestionControl,
+) -> Result<RelayHandle> {
+    let limits = Limits { congestion_control, ..Limits::default() };
     let cfg = RelayConfig {
+        limits,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         workers: Some(workers),
         dev: true,
@@ -106,9 +114,12 @@ pub fn counter_deltas(
 pub fn run(cfg: &RelayBenchConfig) -> Result<Report> {
     cfg.load.validate()?;
     match &cfg.target {
-        RelayTarget::InProcess { workers, io_backend, pin_cores } => {
-            let h = start_dev_relay(*workers, *io_backend, *pin_cores)?;
-            let r = run_in_process(&h, *workers, &cfg.load);
+        RelayTarget::InProcess { workers, io_backend, pin_cores, congestion_control } => {
+            let h = start_dev_relay(*workers, *io_backend, *pin_cores, *congestion_control)?;
+            let r = run_in_process(&h, *workers, &cfg.load).map(|mut report| {
+                report.notes.push(format!("relay congestion control: {congestion_control:?}"));
+                report
+            });
             h.shutdown();
             r
         }

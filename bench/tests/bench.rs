@@ -7,12 +7,18 @@ use ztna_bench::load::LoadConfig;
 use ztna_bench::naive::{self, NaiveMode};
 use ztna_bench::relay_bench::{self, RelayBenchConfig, RelayTarget};
 use ztna_bench::{demo, udp_bench};
+use ztna_relay::limits::CongestionControl;
 use ztna_udp::IoBackend;
 
 #[test]
 fn relay_bench_moderate_rate() {
     let cfg = RelayBenchConfig {
-        target: RelayTarget::InProcess { workers: 1, io_backend: IoBackend::Auto, pin_cores: false },
+        target: RelayTarget::InProcess {
+            workers: 1,
+            io_backend: IoBackend::Auto,
+            pin_cores: false,
+            congestion_control: CongestionControl::Cubic,
+        },
         load: LoadConfig {
             agents: 2,
             connectors: 1,

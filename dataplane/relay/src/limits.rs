@@ -75,7 +75,7 @@ pub struct Limits {
 }
 
 /// The congestion controllers quiche offers the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CongestionControl {
     Cubic,
