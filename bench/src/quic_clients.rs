@@ -26,8 +26,10 @@ const SOCKET_BUF: usize = 4 << 20;
 const RX_BATCH: usize = 64;
 /// Packets a client queues before a sendmmsg.
 const TX_BATCH: usize = 64;
-/// Receives per `recvmmsg` with GRO (each up to 64 KiB).
-const RX_GRO_BATCH: usize = 8;
+/// Receives per `recvmmsg` with GRO: one (up to 64 datagrams), so a
+/// session gets at most RX_BATCH + 64 packets before its datagrams are
+/// taken out and quiche's DATAGRAM queue (1024) cannot overflow.
+const RX_GRO_BATCH: usize = 1;
 
 /// Where and how the clients connect.
 #[derive(Debug, Clone)]

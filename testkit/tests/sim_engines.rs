@@ -200,8 +200,9 @@ fn relay_connector_and_agents_deliver_each_echo_to_its_agent_over_a_lossy_networ
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
-#[test]
-fn an_agent_that_moves_to_another_relay_keeps_its_end_to_end_session_and_flow_state() {
+/// A network with relays A (returned as a host) and B, and the PKI they
+/// share.
+fn two_relays() -> (DevPki, Sim, HostId, SocketAddr, SocketAddr) {
     let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
     let (relay_a, relay_b): (SocketAddr, SocketAddr) =
         ("127.0.0.1:4433".parse().unwrap(), "127.0.0.1:4435".parse().unwrap());
@@ -211,6 +212,12 @@ fn an_agent_that_moves_to_another_relay_keeps_its_end_to_end_session_and_flow_st
     let mut spec_b = RelaySpec::dev(relay_b, 1, &pki, POLICY).unwrap();
     spec_b.node_id = 1;
     sim.add(RelayHost::new(spec_b, sim.now()).unwrap());
+    (pki, sim, a, relay_a, relay_b)
+}
+
+#[test]
+fn an_agent_that_moves_to_another_relay_keeps_its_end_to_end_session_and_flow_state() {
+    let (pki, mut sim, a, relay_a, relay_b) = two_relays();
     let now = sim.now();
     let c = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay_a, relay_b], now));
     let agents = vec![sim.add(agent(&pki, 0, relay_a, vec![relay_b], now))];
@@ -393,15 +400,7 @@ fn a_move_onto_a_connector_replica_of_the_same_identity_starts_a_new_session_wit
     // which does not hold the session: its stateless reset (from the
     // identity's key, which both replicas share) makes the agent handshake
     // again at once instead of after its silence timeout.
-    let pki = ztna_relay::pki::generate(&std::env::temp_dir()).unwrap();
-    let (relay_a, relay_b): (SocketAddr, SocketAddr) =
-        ("127.0.0.1:4433".parse().unwrap(), "127.0.0.1:4435".parse().unwrap());
-    let cfg = NetConfig { delay: Duration::from_millis(2), jitter: Duration::from_millis(4), ..NetConfig::default() };
-    let mut sim = Sim::new(cfg);
-    let a = sim.add(RelayHost::new(RelaySpec::dev(relay_a, 1, &pki, POLICY).unwrap(), sim.now()).unwrap());
-    let mut spec_b = RelaySpec::dev(relay_b, 1, &pki, POLICY).unwrap();
-    spec_b.node_id = 1;
-    sim.add(RelayHost::new(spec_b, sim.now()).unwrap());
+    let (pki, mut sim, a, relay_a, relay_b) = two_relays();
     let now = sim.now();
     let c1 = sim.add(connector(&pki, "127.0.0.3:4434".parse().unwrap(), &[relay_a], now));
     let c2 = sim.add(connector(&pki, "127.0.0.4:4434".parse().unwrap(), &[relay_b], now));
